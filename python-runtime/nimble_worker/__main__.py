@@ -1,0 +1,142 @@
+"""Entry point: `python -m nimble_worker`, driven by the provider over fd 3.
+
+Waits for `init`, answers `ready`, then serves sync / step / eval / state /
+load_state / stop (docs/protocol.md, "Worker link"). Exit codes: 0 after `stop`,
+3 after sending `error`, 4 if the provider closed the link without `stop`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import traceback
+
+import torch
+
+from .config import JobConfig
+from .link import Link, LinkClosed, LinkError
+from .task import Task, TaskError
+from .train import Trainer
+
+
+class Stop(Exception):
+    """The provider sent `stop`."""
+
+
+class Worker:
+    def __init__(self, link: Link):
+        self.link = link
+        self.trainer: Trainer | None = None
+        self.next_id = 0
+
+    def allreduce(self, buf: torch.Tensor) -> torch.Tensor:
+        rid, count = self.next_id, buf.numel()
+        self.next_id += 1
+        self.link.send({"op": "allreduce", "id": rid, "dtype": "float32", "count": count},
+                       buf.contiguous().numpy().tobytes())
+        header, payload = self.link.recv()
+        if header["op"] == "stop":
+            raise Stop()
+        if header["op"] != "allreduce_result" or header.get("id") != rid:
+            raise LinkError(f"expected allreduce_result {rid}, got {header['op']} "
+                            f"id={header.get('id')}")
+        if header.get("dtype") != "float32" or header.get("count") != count \
+                or len(payload) != 4 * count:
+            raise LinkError(f"allreduce_result {rid}: expected {count} float32 "
+                            f"({4 * count} bytes), got dtype={header.get('dtype')} "
+                            f"count={header.get('count')} and {len(payload)} bytes")
+        if count == 0:
+            return torch.zeros(0, dtype=torch.float32)
+        return torch.frombuffer(bytearray(payload), dtype=torch.float32)
+
+    def init(self, h: dict) -> None:
+        torch.set_num_threads(max(1, int(h.get("threads") or 1)))
+        cfg = JobConfig.from_dict(h["config"])
+        task = Task(h["task_path"], cfg.task_args)
+        self.trainer = Trainer(cfg, task, int(h["rank"]), int(h["world_size"]),
+                               str(h.get("device") or "cpu"), self.allreduce)
+        self.link.send({"op": "ready", **self.trainer.describe()})
+
+    def serve(self) -> None:
+        header, _ = self.link.recv()
+        if header["op"] == "stop":
+            raise Stop()
+        if header["op"] != "init":
+            raise LinkError(f"expected init, got {header['op']}")
+        self.init(header)
+        tr = self.trainer
+        assert tr is not None
+        while True:
+            h, payload = self.link.recv()
+            op = h["op"]
+            if op == "stop":
+                raise Stop()
+            elif op == "sync":
+                self.link.send({"op": "synced", "hash": tr.sync()})
+            elif op == "step":
+                report = tr.step(int(h["step"]), [int(s) for s in h["shares"]],
+                                 bool(h.get("want_hash")))
+                self.link.send({"op": "step_done", **report})
+            elif op == "eval":
+                count, sums = tr.eval(int(h["start"]), int(h["count"]), int(h["batch_size"]))
+                self.link.send({"op": "eval_done", "step": h["step"], "count": count,
+                                "sums": sums})
+            elif op == "state":
+                files = tr.state(h["kind"])
+                self.link.send({"op": "state", "kind": h["kind"], "step": tr.next_step,
+                                "files": [{"name": n, "size": len(b)} for n, b in files]},
+                               b"".join(b for _, b in files))
+            elif op == "load_state":
+                self.link.send({"op": "loaded", "step": tr.load_state(split_files(h, payload))})
+            else:
+                raise LinkError(f"unexpected op {op!r}")
+
+
+def split_files(h: dict, payload: bytes) -> dict[str, bytes]:
+    files, offset = {}, 0
+    for f in h.get("files") or []:
+        size = int(f["size"])
+        if size < 0 or offset + size > len(payload):
+            raise LinkError(f"load_state: file {f.get('name')} overruns the payload")
+        files[str(f["name"])] = payload[offset:offset + size]
+        offset += size
+    if offset != len(payload):
+        raise LinkError(f"load_state: files cover {offset} bytes, payload has {len(payload)}")
+    return files
+
+
+def _error(link: Link, message: str, where: str, kind: str) -> None:
+    print(f"nimble_worker: {kind} error at {where}: {message}", file=sys.stderr, flush=True)
+    try:
+        link.send({"op": "error", "message": message, "where": where, "kind": kind})
+    except OSError:
+        pass
+
+
+def main() -> int:
+    link = Link(socket.socket(fileno=3))
+    worker = Worker(link)
+    try:
+        worker.serve()
+    except Stop:
+        return 0
+    except LinkClosed:
+        print("nimble_worker: provider closed the link without stop", file=sys.stderr)
+        return 4
+    except TaskError as e:
+        _error(link, e.message, e.where, "task")
+        return 3
+    except Exception as e:  # noqa: BLE001 - everything else is our bug or a bad message
+        tb = traceback.format_exception(type(e), e, e.__traceback__)
+        summary = "".join(tb[-3:]).rstrip()
+        _error(link, f"{type(e).__name__}: {e}\n{summary}", "nimble_worker", "internal")
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

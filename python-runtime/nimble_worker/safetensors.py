@@ -1,0 +1,88 @@
+"""The safetensors format, by hand (no dependency on the safetensors package).
+
+File: u64 LE header length N | N bytes of JSON header (padded with spaces to a multiple
+of 8) | raw little-endian tensor data. The header maps each name to
+{"dtype", "shape", "data_offsets": [begin, end]} (offsets relative to the data start),
+plus an optional "__metadata__" of string -> string.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Mapping
+
+import torch
+
+DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+FROM_NAME = {v: k for k, v in DTYPES.items()}
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().to("cpu").contiguous()
+    if t.numel() == 0:
+        return b""
+    # view as bytes keeps bf16 and friends exact; the host is little-endian (x86/arm)
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def dumps(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.dtype not in DTYPES:
+            raise ValueError(f"{name}: dtype {t.dtype} is not supported by safetensors")
+        b = _bytes(t)
+        header[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(b)]}
+        blobs.append(b)
+        offset += len(b)
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head + b"".join(blobs)
+
+
+def loads(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) from a safetensors file's bytes; validates offsets."""
+    if len(data) < 8:
+        raise ValueError("safetensors: file shorter than 8 bytes")
+    (n,) = struct.unpack_from("<Q", data, 0)
+    if 8 + n > len(data):
+        raise ValueError("safetensors: header length exceeds file")
+    header = json.loads(data[8:8 + n].decode("utf-8"))
+    base, size = 8 + n, len(data) - 8 - n
+    meta = header.pop("__metadata__", {}) or {}
+    out: dict[str, torch.Tensor] = {}
+    for name, info in header.items():
+        dtype = FROM_NAME.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"safetensors: {name}: unknown dtype {info['dtype']}")
+        b, e = info["data_offsets"]
+        shape = [int(s) for s in info["shape"]]
+        numel = 1
+        for s in shape:
+            numel *= s
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if not (0 <= b <= e <= size) or e - b != numel * itemsize:
+            raise ValueError(f"safetensors: {name}: bad data_offsets {info['data_offsets']}")
+        raw = bytearray(data[base + b:base + e])
+        t = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+        out[name] = t.view(dtype).reshape(shape).clone()
+    return out, meta
+
+
+def save_file(tensors: Mapping[str, torch.Tensor], path: str, metadata=None) -> None:
+    with open(path, "wb") as f:
+        f.write(dumps(tensors, metadata))
+
+
+def load_file(path: str) -> dict[str, torch.Tensor]:
+    with open(path, "rb") as f:
+        return loads(f.read())[0]

@@ -1,0 +1,251 @@
+"""The Trainer: one data-parallel replica and its step loop.
+
+The communication backend is a single callable, `allreduce(buf) -> summed buf`
+(a flat float32 CPU tensor in, the elementwise sum over all workers out), so the
+Trainer can be driven by the fd-3 link or directly by tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import random
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import safetensors
+from .config import JobConfig
+from .data import GlobalSampler, collate, derive_seed
+from .task import Task, TaskError
+
+AllReduce = Callable[[torch.Tensor], torch.Tensor]
+CHECKPOINT_FILES = ("model.pt", "optimizer.pt", "schedule.pt", "data.json", "rng.pt", "meta.json")
+
+
+def build_optimizer(cfg: JobConfig, params) -> torch.optim.Optimizer:
+    o = cfg.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                               weight_decay=o.weight_decay)
+    if o.name in ("adam", "adamw"):
+        kind = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+        return kind(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    raise ValueError(f"unknown optimizer {o.name!r} (sgd, adam, adamw)")
+
+
+def lr_factor(cfg: JobConfig) -> Callable[[int], float]:
+    """Multiplier of the peak lr at scheduler step s (s = the optimizer step about to run)."""
+    s_cfg, peak, total = cfg.lr_schedule, cfg.optimizer.lr, cfg.steps
+    if s_cfg.name == "constant":
+        return lambda s: 1.0
+    if s_cfg.name != "warmup_cosine":
+        raise ValueError(f"unknown lr_schedule {s_cfg.name!r} (constant, warmup_cosine)")
+    warm, floor = s_cfg.warmup_steps, (s_cfg.min_lr / peak if peak else 0.0)
+
+    def f(s: int) -> float:
+        if s < warm:
+            return (s + 1) / warm
+        progress = min(1.0, (s - warm) / max(1, total - warm))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return f
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        items = [to_device(v, device) for v in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+    return batch
+
+
+def flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float32)
+    return torch.cat([t.detach().reshape(-1).to("cpu", torch.float32) for t in tensors])
+
+
+def params_hash(params: Sequence[torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for p in params:
+        h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _save(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig, task: Task, rank: int, world_size: int,
+                 device: str, allreduce: AllReduce):
+        self.cfg, self.task, self.rank, self.world_size = cfg, task, rank, world_size
+        self.device = torch.device(device)
+        self.allreduce = allreduce
+        self.train_ds = task.build_dataset("train")
+        self.val_ds = task.build_dataset("val")
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.model = task.build_model().to(self.device)
+        self.model.train()
+        self.params = list(self.model.parameters())
+        self.trainable = [p for p in self.params if p.requires_grad]
+        self.optimizer = build_optimizer(cfg, self.trainable)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg))
+        self.sampler = GlobalSampler(len(self.train_ds), cfg.batch_size, cfg.seed)
+        self.next_step = 0
+
+    # ---- description -------------------------------------------------------------
+    def describe(self) -> dict:
+        n = sum(p.numel() for p in self.params)
+        return {
+            "params": n,
+            "param_bytes": sum(p.numel() * p.element_size() for p in self.params),
+            "model": f"{type(self.model).__name__} ({n:,} parameters)",
+            "train_size": len(self.train_ds),
+            "val_size": len(self.val_ds),
+        }
+
+    def hash(self) -> str:
+        return params_hash(self.params)
+
+    # ---- collective helpers ------------------------------------------------------
+    def _write_back(self, tensors: Sequence[torch.Tensor], summed: torch.Tensor, grad: bool):
+        offset = 0
+        for t in tensors:
+            chunk = summed[offset:offset + t.numel()].view(t.shape).to(t.device, t.dtype)
+            offset += t.numel()
+            if grad:
+                t.grad = chunk
+            else:
+                with torch.no_grad():
+                    t.copy_(chunk)
+
+    def sync(self) -> str:
+        """Everyone ends with rank 0's parameters (one all-reduce of rank-0-or-zeros)."""
+        buf = flat(self.params)
+        if self.rank != 0:
+            buf.zero_()
+        self._write_back(self.params, self.allreduce(buf), grad=False)
+        return self.hash()
+
+    # ---- training step -----------------------------------------------------------
+    def backward(self, t: int, shares: Sequence[int]) -> tuple[float, torch.Tensor]:
+        """Forward/backward over this worker's slice of step t.
+
+        Returns (unscaled mean loss, flat float32 gradient scaled by share / batch_size);
+        a share of 0 gives a zero gradient. Summing the gradients of all workers gives
+        the gradient of the mean loss over the whole global batch.
+        """
+        if len(shares) != self.world_size:
+            raise ValueError(f"got {len(shares)} shares for world_size {self.world_size}")
+        indices = self.sampler.indices(t, shares, self.rank)  # also validates shares
+        torch.manual_seed(derive_seed("step", self.cfg.seed, t, self.rank))
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_value = 0.0
+        if indices:
+            batch = to_device(collate(self.train_ds, indices), self.device)
+            loss = self.task.compute_loss(self.model, batch)
+            (loss * (len(indices) / self.cfg.batch_size)).backward()
+            loss_value = float(loss.detach())
+        grads = flat([p.grad if p.grad is not None else torch.zeros_like(p)
+                      for p in self.trainable])
+        return loss_value, grads
+
+    def step(self, t: int, shares: Sequence[int], want_hash: bool = False) -> dict:
+        lr = self.optimizer.param_groups[0]["lr"]
+        t0 = time.perf_counter()
+        loss_value, grads = self.backward(t, shares)
+        t1 = time.perf_counter()
+        summed = self.allreduce(grads)  # every worker joins, even with share 0 or a bad loss
+        t2 = time.perf_counter()
+        if not math.isfinite(loss_value):
+            raise TaskError(f"loss is {loss_value} at step {t}", self.task.where("compute_loss"))
+        self._write_back(self.trainable, summed, grad=True)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.next_step = t + 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t3 = time.perf_counter()
+        out = {"step": t, "loss": loss_value, "samples": int(shares[self.rank]), "lr": lr,
+               "compute_s": (t1 - t0) + (t3 - t2), "comm_s": t2 - t1}
+        if want_hash:
+            out["hash"] = self.hash()
+        return out
+
+    # ---- evaluation --------------------------------------------------------------
+    def eval(self, start: int, count: int, batch_size: int) -> tuple[int, dict[str, float]]:
+        end = min(start + max(0, count), len(self.val_ds))
+        batch_size = max(1, batch_size)
+        sums: dict[str, float] = {}
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for b in range(start, end, batch_size):
+                    idx = range(b, min(b + batch_size, end))
+                    batch = to_device(collate(self.val_ds, idx), self.device)
+                    for k, v in self.task.evaluate(self.model, batch).items():
+                        sums[k] = sums.get(k, 0.0) + v * len(idx)
+        finally:
+            self.model.train()
+        return max(0, end - start), sums
+
+    # ---- state -------------------------------------------------------------------
+    def state(self, kind: str) -> list[tuple[str, bytes]]:
+        if kind == "final":
+            tensors = {k: v for k, v in self.model.state_dict().items()
+                       if v.dtype in safetensors.DTYPES}
+            meta = {"step": str(self.next_step), "name": self.cfg.name,
+                    "model": self.describe()["model"]}
+            return [("model.safetensors", safetensors.dumps(tensors, meta))]
+        if kind != "checkpoint":
+            raise ValueError(f"unknown state kind {kind!r}")
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        meta = {"step": self.next_step, "world_size": self.world_size, "config": self.cfg_dict()}
+        return [
+            ("model.pt", _save(self.model.state_dict())),
+            ("optimizer.pt", _save(self.optimizer.state_dict())),
+            ("schedule.pt", _save(self.scheduler.state_dict())),
+            ("data.json", json.dumps({"step": self.next_step}).encode()),
+            ("rng.pt", _save(rng)),
+            ("meta.json", json.dumps(meta).encode()),
+        ]
+
+    def load_state(self, files: dict[str, bytes]) -> int:
+        missing = [f for f in CHECKPOINT_FILES if f not in files]
+        if missing:
+            raise ValueError(f"checkpoint is missing {', '.join(missing)}")
+
+        def load(name: str) -> Any:
+            return torch.load(io.BytesIO(files[name]), map_location=self.device, weights_only=True)
+
+        self.model.load_state_dict(load("model.pt"))
+        self.optimizer.load_state_dict(load("optimizer.pt"))
+        self.scheduler.load_state_dict(load("schedule.pt"))
+        self.next_step = int(json.loads(files["data.json"])["step"])
+        rng = torch.load(io.BytesIO(files["rng.pt"]), map_location="cpu", weights_only=True)
+        torch.set_rng_state(rng["torch"].cpu())
+        random.setstate(_to_tuple(rng["python"]))
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)
+        return self.next_step
+
+    def cfg_dict(self) -> dict:
+        from dataclasses import asdict
+        return asdict(self.cfg)
+
+
+def _to_tuple(x: Any) -> Any:
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x

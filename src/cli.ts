@@ -1,0 +1,68 @@
+#!/usr/bin/env node
+import { Command, InvalidArgumentError } from "commander";
+import { envCommand } from "./commands/env.js";
+import { provideCommand } from "./commands/provide.js";
+import { trainCommand } from "./commands/train.js";
+import { UserError } from "./errors.js";
+
+function positiveInt(value: string): number {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 1) throw new InvalidArgumentError("expected a whole number >= 1");
+  return n;
+}
+
+function port(value: string): number {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 0 || n > 65535) throw new InvalidArgumentError("expected a port number 0-65535");
+  return n;
+}
+
+const program = new Command()
+  .name("nimble")
+  .description("Train one PyTorch model across many GPU hosts over ordinary internet links")
+  .version("0.1.0")
+  .showHelpAfterError();
+
+program
+  .command("train")
+  .description("run a training job from a YAML config, on the providers it names or on local ones")
+  .argument("<config>", "job config (YAML)")
+  .option("--local <n>", "number of local providers to start (overrides local_workers)", positiveInt)
+  .option("--python <path>", "interpreter with torch for local workers (default: $NIMBLE_PYTHON or a managed environment)")
+  .option("--torch <requirement>", "torch requirement for the managed environment (default: $NIMBLE_TORCH or torch==2.13.0)")
+  .option("--json", "print one JSON event per line instead of the live view")
+  .action((config: string, opts) => trainCommand(config, opts));
+
+program
+  .command("provide")
+  .description("make this host a training provider: listen for jobs and run their workers")
+  .option("--host <address>", "address to listen on (use 0.0.0.0 to accept other hosts)", "127.0.0.1")
+  .option("--port <port>", "port to listen on (0 picks a free one)", port, 7070)
+  .option("--token <token>", "token coordinators must present (default: $NIMBLE_TOKEN or a random one, printed)")
+  .option("--python <path>", "interpreter with torch for the workers (default: $NIMBLE_PYTHON or a managed environment)")
+  .option("--torch <requirement>", "torch requirement for the managed environment")
+  .option("--threads <n>", "torch threads per worker", positiveInt)
+  .option("--json", "print one JSON event per line")
+  .action((opts) => provideCommand(opts));
+
+program
+  .command("env")
+  .description("find or make the Python environment workers run in, and print it")
+  .option("--python <path>", "check this interpreter instead")
+  .option("--torch <requirement>", "torch requirement for the managed environment")
+  .option("--json", "print JSON")
+  .action((opts) => envCommand(opts));
+
+/** The one place errors become exit codes: user errors print their hint, anything else its stack. */
+program.parseAsync(process.argv).then(
+  () => process.exit(process.exitCode ?? 0),
+  (err: unknown) => {
+    if (err instanceof UserError) {
+      process.stderr.write(`error: ${err.message}\n`);
+      if (err.hint) process.stderr.write(`hint: ${err.hint}\n`);
+      process.exit(err.exitCode);
+    }
+    process.stderr.write(`nimble: internal error: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
+    process.exit(1);
+  },
+);

@@ -1,0 +1,72 @@
+import { Provider, type ProviderEvent } from "../job/provider.js";
+import { probeDevices } from "../runtime/devices.js";
+import { resolvePython } from "../runtime/python.js";
+
+export interface ProvideCommandOptions {
+  host: string;
+  port: number;
+  token?: string;
+  python?: string;
+  torch?: string;
+  threads?: number;
+  json?: boolean;
+}
+
+function printEvent(event: ProviderEvent, json: boolean) {
+  if (json) {
+    process.stdout.write(JSON.stringify(event) + "\n");
+    return;
+  }
+  switch (event.type) {
+    case "listening":
+      process.stdout.write(
+        [
+          `nimble provider listening on ${event.url}`,
+          `  token:   ${event.token}`,
+          ...event.devices.map((d) => `  device:  ${d.id} (${d.name})`),
+          `Give the address and token to the researcher (config \`providers:\`). Ctrl-C stops.`,
+          "",
+        ].join("\n"),
+      );
+      return;
+    case "job":
+      process.stdout.write(`job ${event.job} (${event.name}): ranks ${event.ranks.join(", ")} of ${event.world_size}\n`);
+      return;
+    case "job_end":
+      process.stdout.write(`job ${event.job} ended: ${event.reason}\n`);
+      return;
+    case "log":
+      process.stdout.write(`${event.line}\n`);
+      return;
+  }
+}
+
+/** `nimble provide`: run the provider agent until Ctrl-C or SIGTERM. */
+export async function provideCommand(options: ProvideCommandOptions): Promise<void> {
+  const json = Boolean(options.json);
+  const python = await resolvePython({
+    python: options.python,
+    torchSpec: options.torch,
+    onProgress: (line) => printEvent({ type: "log", line }, json),
+  });
+  const devices = await probeDevices(python.python);
+  const provider = new Provider({
+    host: options.host,
+    port: options.port,
+    token: options.token ?? process.env.NIMBLE_TOKEN,
+    python,
+    devices,
+    threads: options.threads,
+    onEvent: (event) => printEvent(event, json),
+  });
+  await provider.start();
+  await new Promise<void>((resolve) => {
+    const stop = () => {
+      process.off("SIGINT", stop);
+      process.off("SIGTERM", stop);
+      void provider.close().then(resolve);
+    };
+    process.on("SIGINT", stop);
+    process.on("SIGTERM", stop);
+  });
+}

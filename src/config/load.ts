@@ -1,0 +1,284 @@
+/**
+ * Read and validate a job config. Every problem is reported as
+ * `file:line:col: field: what was found, what is allowed`, all of them at once
+ * (up to MAX_REPORTED), in one ConfigError (exit code 2).
+ */
+import { existsSync, statSync } from "node:fs";
+import { readFile } from "node:fs/promises";
+import path from "node:path";
+import { isMap, isPair, isScalar, isSeq, LineCounter, parseDocument, type Node } from "yaml";
+import { z } from "zod";
+import { ConfigError, errorMessage } from "../errors.js";
+import {
+  allowedKeysAt,
+  crossFieldIssues,
+  describeSchema,
+  jobConfigSchema,
+  schemaAt,
+  type JobConfig,
+  type RawIssue,
+} from "./schema.js";
+
+export interface LoadedConfig {
+  /** Absolute path of the config file. */
+  path: string;
+  /** Absolute directory holding the config file. */
+  dir: string;
+  config: JobConfig;
+  /** Absolute path of the task file (resolved relative to `dir`). */
+  taskPath: string;
+  /** The config file's text, as read. */
+  text: string;
+}
+
+export interface ConfigIssue {
+  /** 1-based. */
+  line: number;
+  /** 1-based. */
+  col: number;
+  /** Dotted field path, e.g. `optimizer.lr` or `providers[0].address`; "" for the document. */
+  field: string;
+  message: string;
+}
+
+/** A ConfigError that also carries the individual issues, in file order. */
+export class ConfigIssuesError extends ConfigError {
+  constructor(
+    readonly file: string,
+    readonly issues: ConfigIssue[],
+  ) {
+    super(formatIssues(file, issues), "fix the fields named above and run again");
+    this.name = "ConfigError";
+  }
+}
+
+export const MAX_REPORTED = 10;
+
+export async function loadConfig(file: string): Promise<LoadedConfig> {
+  let text: string;
+  try {
+    text = await readFile(file, "utf8");
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    const why = code === "ENOENT" ? "no such file" : code === "EISDIR" ? "is a directory" : errorMessage(err);
+    throw new ConfigError(`${file}: cannot read config: ${why}`, "pass the path of a YAML job config");
+  }
+  return parseConfigText(text, file);
+}
+
+/**
+ * Validate config text as if read from `file` (which names it in messages and
+ * anchors the task path; the task file itself must exist).
+ */
+export function parseConfigText(text: string, file: string): LoadedConfig {
+  const abs = path.resolve(file);
+  const dir = path.dirname(abs);
+  const lineCounter = new LineCounter();
+  const doc = parseDocument(text, { lineCounter, prettyErrors: true, uniqueKeys: true });
+
+  if (doc.errors.length > 0) {
+    const issues = doc.errors.map((e): ConfigIssue => {
+      const pos = e.linePos?.[0] ?? lineCounter.linePos(e.pos[0]);
+      return { line: pos.line || 1, col: pos.col || 1, field: "", message: `invalid YAML: ${firstLine(e.message)}` };
+    });
+    throw new ConfigIssuesError(file, issues);
+  }
+
+  let raw: unknown;
+  try {
+    raw = doc.toJS({ maxAliasCount: 1000 });
+  } catch (err) {
+    throw new ConfigIssuesError(file, [{ line: 1, col: 1, field: "", message: `invalid YAML: ${errorMessage(err)}` }]);
+  }
+
+  const locate = (p: (string | number)[], at: "key" | "value" = "value") => locateIn(doc.contents, lineCounter, p, at);
+  const issues: ConfigIssue[] = [];
+  const add = (p: (string | number)[], message: string, at: "key" | "value" = "value") => {
+    const { line, col } = locate(p, at);
+    issues.push({ line, col, field: fieldName(p), message });
+  };
+
+  const result = jobConfigSchema.safeParse(raw);
+  if (!result.success) {
+    for (const issue of result.error.issues) {
+      for (const r of describeIssue(issue, raw)) add(r.path, r.message, r.at);
+    }
+  }
+  for (const r of crossFieldIssues(raw)) add(r.path, r.message);
+
+  // The task file: checked whenever `task` itself is a usable string.
+  let taskPath = "";
+  const task = isRecord(raw) ? raw.task : undefined;
+  if (typeof task === "string" && task.length > 0) {
+    taskPath = path.resolve(dir, task);
+    if (!existsSync(taskPath)) {
+      add(["task"], `task file not found: ${JSON.stringify(task)} (looked for ${taskPath})`);
+    } else if (!statSync(taskPath).isFile()) {
+      add(["task"], `task must name a Python file, found a directory: ${taskPath}`);
+    }
+  }
+
+  if (issues.length > 0 || !result.success) {
+    issues.sort((a, b) => a.line - b.line || a.col - b.col);
+    throw new ConfigIssuesError(file, dedupe(issues));
+  }
+  return { path: abs, dir, config: result.data, taskPath, text };
+}
+
+function formatIssues(file: string, issues: ConfigIssue[]): string {
+  const shown = issues.slice(0, MAX_REPORTED).map((i) => {
+    const where = `${file}:${i.line}:${i.col}`;
+    return i.field ? `${where}: ${i.field}: ${i.message}` : `${where}: ${i.message}`;
+  });
+  if (issues.length > MAX_REPORTED) shown.push(`... and ${issues.length - MAX_REPORTED} more problems`);
+  const head = issues.length === 1 ? `invalid config ${file}:` : `invalid config ${file} (${issues.length} problems):`;
+  return [head, ...shown.map((s) => `  ${s}`)].join("\n");
+}
+
+function dedupe(issues: ConfigIssue[]): ConfigIssue[] {
+  const seen = new Set<string>();
+  return issues.filter((i) => {
+    const k = `${i.line}:${i.col}:${i.field}:${i.message}`;
+    if (seen.has(k)) return false;
+    seen.add(k);
+    return true;
+  });
+}
+
+function firstLine(s: string): string {
+  return s
+    .split("\n")[0]!
+    .replace(/ at line \d+, column \d+:?\s*$/, "")
+    .trim();
+}
+
+function isRecord(v: unknown): v is Record<string, unknown> {
+  return typeof v === "object" && v !== null && !Array.isArray(v);
+}
+
+export function fieldName(p: (string | number)[]): string {
+  let out = "";
+  for (const seg of p) out += typeof seg === "number" ? `[${seg}]` : out ? `.${seg}` : seg;
+  return out;
+}
+
+function valueAt(raw: unknown, p: (string | number)[]): unknown {
+  let v: unknown = raw;
+  for (const seg of p) {
+    if (v === null || typeof v !== "object") return undefined;
+    v = (v as Record<string | number, unknown>)[seg];
+  }
+  return v;
+}
+
+/** How a found value reads in a message: `"ten" (a string)`, `-1`, `a mapping`. */
+export function describeFound(v: unknown): string {
+  if (v === undefined) return "nothing";
+  if (v === null) return "an empty value";
+  if (typeof v === "string") return `${JSON.stringify(v)} (a string)`;
+  if (typeof v === "number" || typeof v === "boolean") return String(v);
+  if (Array.isArray(v)) return `a list of ${v.length}`;
+  if (typeof v === "object") return "a mapping";
+  return typeof v;
+}
+
+interface Described extends RawIssue {
+  at?: "key" | "value";
+}
+
+function describeIssue(issue: z.ZodIssue, raw: unknown): Described[] {
+  const p = issue.path;
+  const found = valueAt(raw, p);
+  const expected = describeSchema(schemaAt(p, raw));
+  const expect = (fallback: string) => `expected ${expected ?? fallback}, found ${describeFound(found)}`;
+
+  switch (issue.code) {
+    case "unrecognized_keys": {
+      const allowed = allowedKeysAt(p, raw) ?? [];
+      const where = p.length ? ` in ${fieldName(p)}` : "";
+      const disc = valueAt(raw, [...p, "name"]);
+      const variant = typeof disc === "string" && p.length ? ` (name: ${disc})` : "";
+      return issue.keys.map((k) => ({
+        path: [...p, k],
+        at: "key" as const,
+        message: `unknown key ${JSON.stringify(k)}${where}${variant}; allowed keys: ${allowed.join(", ")}`,
+      }));
+    }
+    case "invalid_type":
+      if (found === undefined) {
+        return [{ path: p, message: `missing required field; expected ${expected ?? issue.expected}` }];
+      }
+      if (p.length === 0) {
+        const what = found === null ? "an empty document" : describeFound(found);
+        return [{ path: p, message: `expected a mapping of settings (name, task, steps, batch_size, ...), found ${what}` }];
+      }
+      return [{ path: p, message: expect(issue.expected) }];
+    case "invalid_union_discriminator":
+      return [
+        {
+          path: p,
+          message: `${found === undefined ? "missing; expected" : "expected"} one of ${issue.options
+            .map(String)
+            .join(" | ")}${found === undefined ? "" : `, found ${describeFound(found)}`}`,
+        },
+      ];
+    case "invalid_literal":
+      return [{ path: p, message: `expected ${JSON.stringify(issue.expected)}, found ${describeFound(found)}` }];
+    case "too_small":
+    case "too_big":
+      if (issue.type === "array" && Array.isArray(found)) {
+        return [{ path: p, message: `expected ${expected ?? "a different number of items"}, found ${describeFound(found)}` }];
+      }
+      return [{ path: p, message: expect(issue.message) }];
+    case "invalid_string":
+    case "not_finite":
+    case "not_multiple_of":
+    case "invalid_enum_value":
+      return [{ path: p, message: expect(issue.message) }];
+    default:
+      return [{ path: p, message: `${issue.message}, found ${describeFound(found)}` }];
+  }
+}
+
+/**
+ * Position of the node at `p` (its key when `at` is "key" or the value is empty);
+ * when the path runs out (a missing field), the closest existing ancestor's key.
+ */
+function locateIn(
+  root: Node | null,
+  lc: LineCounter,
+  p: (string | number)[],
+  at: "key" | "value",
+): { line: number; col: number } {
+  const pos = (n: Node | null | undefined) => {
+    const off = n?.range?.[0];
+    if (off === undefined) return undefined;
+    const lp = lc.linePos(off);
+    return { line: lp.line || 1, col: lp.col || 1 };
+  };
+  let node: Node | null = root;
+  let best = pos(root) ?? { line: 1, col: 1 };
+  for (let i = 0; i < p.length; i++) {
+    const seg = p[i]!;
+    const last = i === p.length - 1;
+    if (isMap(node)) {
+      const pair = node.items.find((it) => isPair(it) && isScalar(it.key) && String(it.key.value) === String(seg));
+      if (!pair) return best;
+      const keyPos = pos(pair.key as Node) ?? best;
+      const val = pair.value as Node | null;
+      const valPos = val && !(isScalar(val) && val.value === null && val.source === "") ? pos(val) : undefined;
+      if (last) return at === "key" ? keyPos : (valPos ?? keyPos);
+      best = keyPos;
+      node = val;
+    } else if (isSeq(node) && typeof seg === "number") {
+      const item = node.items[seg] as Node | undefined;
+      if (!item) return best;
+      best = pos(item) ?? best;
+      if (last) return best;
+      node = item;
+    } else {
+      return best;
+    }
+  }
+  return best;
+}

@@ -1,0 +1,282 @@
+/**
+ * The job config (`nimble.yaml`): its schema, defaults and output type.
+ *
+ * Keys are snake_case and exactly these; unknown keys are rejected at every level.
+ * Cross-field rules (nesterov needs momentum, warmup_steps < steps, providers xor
+ * local_workers) live in `crossFieldIssues` so that they are reported together with
+ * the schema's own issues even when some other field is invalid.
+ */
+import { z } from "zod";
+
+export const NAME_PATTERN = /^[A-Za-z0-9._-]{1,64}$/;
+
+/** `host:port`, `[v6]:port`, `ws://host:port` or `wss://host:port`. */
+export const ADDRESS_PATTERN =
+  /^(?:wss?:\/\/)?(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?):([0-9]{1,5})\/?$/;
+
+/** YAML writes an empty section (`eval:` with nothing under it) as null: treat it as absent. */
+function nullAsAbsent<T extends z.ZodTypeAny>(schema: T) {
+  return z.preprocess((v) => (v === null ? undefined : v), schema);
+}
+
+/** A discriminated section may leave out its `name`: it then defaults to `name`. */
+function defaultName<T extends z.ZodTypeAny>(name: string, schema: T) {
+  return z.preprocess((v) => {
+    if (v === null) return undefined;
+    if (typeof v === "object" && !Array.isArray(v) && !("name" in (v as object))) {
+      return { name, ...(v as object) };
+    }
+    return v;
+  }, schema);
+}
+
+const positive = z.number().gt(0);
+const nonNegInt = z.number().int().gte(0);
+const posInt = z.number().int().gte(1);
+const unit = z.number().gte(0).lt(1);
+
+const sgd = z
+  .object({
+    name: z.literal("sgd"),
+    lr: positive.default(0.01),
+    momentum: unit.default(0),
+    nesterov: z.boolean().default(false),
+    weight_decay: z.number().gte(0).default(0),
+  })
+  .strict();
+
+function adamLike<N extends "adam" | "adamw">(name: N, weightDecay: number) {
+  return z
+    .object({
+      name: z.literal(name),
+      lr: positive.default(0.001),
+      betas: z.tuple([unit, unit]).default([0.9, 0.999]),
+      eps: positive.default(1e-8),
+      weight_decay: z.number().gte(0).default(weightDecay),
+    })
+    .strict();
+}
+
+export const OPTIMIZER_NAMES = ["sgd", "adam", "adamw"] as const;
+
+export const optimizerSchema = z.discriminatedUnion("name", [
+  sgd,
+  adamLike("adam", 0),
+  adamLike("adamw", 0.01),
+]);
+
+export const LR_SCHEDULE_NAMES = ["constant", "warmup_cosine"] as const;
+
+export const lrScheduleSchema = z.discriminatedUnion("name", [
+  z.object({ name: z.literal("constant") }).strict(),
+  z
+    .object({
+      name: z.literal("warmup_cosine"),
+      warmup_steps: nonNegInt.default(0),
+      min_lr: z.number().gte(0).default(0),
+    })
+    .strict(),
+]);
+
+export const providerSchema = z
+  .object({
+    address: z.string().regex(ADDRESS_PATTERN),
+    token: z.string().min(1).optional(),
+  })
+  .strict();
+
+export const jobConfigSchema = z
+  .object({
+    name: z.string().regex(NAME_PATTERN),
+    task: z.string().min(1),
+    task_args: nullAsAbsent(z.record(z.unknown()).default({})),
+    steps: posInt,
+    batch_size: posInt,
+    seed: nonNegInt.default(0),
+    optimizer: defaultName("sgd", optimizerSchema.default({ name: "sgd" })),
+    lr_schedule: defaultName("constant", lrScheduleSchema.default({ name: "constant" })),
+    eval: nullAsAbsent(
+      z
+        .object({
+          every: nonNegInt.default(0),
+          samples: posInt.default(1000),
+          batch_size: posInt.default(256),
+        })
+        .strict()
+        .default({}),
+    ),
+    checkpoint: nullAsAbsent(
+      z
+        .object({
+          every: nonNegInt.default(0),
+          keep: posInt.default(3),
+        })
+        .strict()
+        .default({}),
+    ),
+    providers: nullAsAbsent(z.array(providerSchema).default([])),
+    local_workers: z.number().int().gte(1).lte(64).default(2),
+    output: z.string().min(1).default("runs"),
+  })
+  .strict();
+
+/** The validated config with every default filled in. */
+export type JobConfig = z.output<typeof jobConfigSchema>;
+export type OptimizerConfig = JobConfig["optimizer"];
+export type LrScheduleConfig = JobConfig["lr_schedule"];
+export type ProviderConfig = JobConfig["providers"][number];
+
+export interface RawIssue {
+  path: (string | number)[];
+  message: string;
+}
+
+function isRecord(v: unknown): v is Record<string, unknown> {
+  return typeof v === "object" && v !== null && !Array.isArray(v);
+}
+
+function isInt(v: unknown): v is number {
+  return typeof v === "number" && Number.isInteger(v);
+}
+
+/** Rules that span fields, checked on the raw (unvalidated) document. */
+export function crossFieldIssues(raw: unknown): RawIssue[] {
+  const issues: RawIssue[] = [];
+  if (!isRecord(raw)) return issues;
+
+  const opt = raw.optimizer;
+  if (isRecord(opt) && (opt.name === undefined || opt.name === "sgd") && opt.nesterov === true) {
+    const m = opt.momentum;
+    if (m === undefined || (typeof m === "number" && m <= 0)) {
+      issues.push({
+        path: ["optimizer", "nesterov"],
+        message: `true requires momentum > 0, found momentum ${m === undefined ? "absent (default 0)" : String(m)}`,
+      });
+    }
+  }
+
+  const sched = raw.lr_schedule;
+  if (isRecord(sched) && sched.name === "warmup_cosine" && isInt(sched.warmup_steps) && isInt(raw.steps)) {
+    if (sched.warmup_steps >= raw.steps) {
+      issues.push({
+        path: ["lr_schedule", "warmup_steps"],
+        message: `expected an integer < steps (${raw.steps}), found ${sched.warmup_steps}`,
+      });
+    }
+  }
+
+  if (Array.isArray(raw.providers) && raw.providers.length > 0 && raw.local_workers !== undefined) {
+    issues.push({
+      path: ["local_workers"],
+      message: `cannot be combined with a non-empty providers list (${raw.providers.length} given); remove one of them`,
+    });
+  }
+  return issues;
+}
+
+/** The keys a mapping at `path` may hold, given the raw document (for discriminated sections). */
+export function allowedKeysAt(path: (string | number)[], raw: unknown): string[] | undefined {
+  let schema: z.ZodTypeAny = jobConfigSchema;
+  let value: unknown = raw;
+  const steps = [...path];
+  for (;;) {
+    schema = unwrap(schema);
+    if (schema instanceof z.ZodDiscriminatedUnion) {
+      const disc = isRecord(value) ? value[schema.discriminator] : undefined;
+      const option = schema.optionsMap.get(disc as z.Primitive);
+      if (!option) return undefined;
+      schema = option;
+      continue;
+    }
+    if (steps.length === 0) break;
+    const seg = steps.shift()!;
+    if (schema instanceof z.ZodObject) {
+      const next = (schema.shape as Record<string, z.ZodTypeAny>)[String(seg)];
+      if (!next) return undefined;
+      schema = next;
+    } else if (schema instanceof z.ZodArray) {
+      schema = schema.element;
+    } else {
+      return undefined;
+    }
+    value = isRecord(value) || Array.isArray(value) ? (value as Record<string | number, unknown>)[seg] : undefined;
+  }
+  return schema instanceof z.ZodObject ? Object.keys(schema.shape as object) : undefined;
+}
+
+/** The schema of the field at `path` (for "what is allowed" in messages). */
+export function schemaAt(path: (string | number)[], raw: unknown): z.ZodTypeAny | undefined {
+  let schema: z.ZodTypeAny = jobConfigSchema;
+  let value: unknown = raw;
+  for (const seg of path) {
+    schema = unwrap(schema);
+    if (schema instanceof z.ZodDiscriminatedUnion) {
+      const disc = isRecord(value) ? value[schema.discriminator] : undefined;
+      const option = schema.optionsMap.get(disc as z.Primitive);
+      if (!option) return seg === schema.discriminator ? schema : undefined;
+      schema = unwrap(option);
+    }
+    if (schema instanceof z.ZodObject) {
+      const next = (schema.shape as Record<string, z.ZodTypeAny>)[String(seg)];
+      if (!next) return undefined;
+      schema = next;
+    } else if (schema instanceof z.ZodArray) {
+      schema = schema.element;
+    } else if (schema instanceof z.ZodTuple) {
+      const items = schema.items as z.ZodTypeAny[];
+      const next = typeof seg === "number" ? items[seg] : undefined;
+      if (!next) return undefined;
+      schema = next;
+    } else {
+      return undefined;
+    }
+    value = isRecord(value) || Array.isArray(value) ? (value as Record<string | number, unknown>)[seg] : undefined;
+  }
+  return unwrap(schema);
+}
+
+export function unwrap(schema: z.ZodTypeAny): z.ZodTypeAny {
+  for (;;) {
+    if (schema instanceof z.ZodDefault) schema = schema._def.innerType;
+    else if (schema instanceof z.ZodOptional) schema = schema._def.innerType;
+    else if (schema instanceof z.ZodNullable) schema = schema._def.innerType;
+    else if (schema instanceof z.ZodEffects) schema = schema._def.schema;
+    else return schema;
+  }
+}
+
+/** A short human description of what a schema accepts: "an integer >= 1", "a number > 0". */
+export function describeSchema(schema: z.ZodTypeAny | undefined): string | undefined {
+  if (!schema) return undefined;
+  schema = unwrap(schema);
+  if (schema instanceof z.ZodNumber) {
+    const checks = schema._def.checks;
+    const isInteger = checks.some((c) => c.kind === "int");
+    const parts: string[] = [];
+    for (const c of checks) {
+      if (c.kind === "min") parts.push(`${c.inclusive ? ">=" : ">"} ${c.value}`);
+      if (c.kind === "max") parts.push(`${c.inclusive ? "<=" : "<"} ${c.value}`);
+    }
+    return `${isInteger ? "an integer" : "a number"}${parts.length ? " " + parts.join(" and ") : ""}`;
+  }
+  if (schema instanceof z.ZodString) {
+    const regex = schema._def.checks.find((c) => c.kind === "regex");
+    if (regex && regex.kind === "regex") {
+      if (regex.regex === NAME_PATTERN) return "1 to 64 characters from A-Z a-z 0-9 . _ -";
+      if (regex.regex === ADDRESS_PATTERN) return "host:port or ws://host:port";
+    }
+    return "a non-empty string";
+  }
+  if (schema instanceof z.ZodBoolean) return "true or false";
+  if (schema instanceof z.ZodLiteral) return JSON.stringify(schema.value);
+  if (schema instanceof z.ZodDiscriminatedUnion) {
+    return `one of ${[...schema.optionsMap.keys()].map(String).join(" | ")}`;
+  }
+  if (schema instanceof z.ZodTuple) {
+    const items = schema.items as z.ZodTypeAny[];
+    return `a list of ${items.length} items, each ${describeSchema(items[0]) ?? "a value"}`;
+  }
+  if (schema instanceof z.ZodArray) return "a list";
+  if (schema instanceof z.ZodRecord || schema instanceof z.ZodObject) return "a mapping";
+  return undefined;
+}

@@ -1,0 +1,436 @@
+import { randomBytes, randomUUID } from "node:crypto";
+import { readFile } from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import type { LoadedConfig } from "../config/load.js";
+import { UserError, errorMessage } from "../errors.js";
+import type { ToCoordinator } from "../protocol/messages.js";
+import { resolvePython } from "../runtime/python.js";
+import { equalShares, slicesFor } from "../schedule/shares.js";
+import type { Reporter, WorkerRow } from "../ui/events.js";
+import { startLocalProviders } from "./localProviders.js";
+import { ProviderClient, ringUrl } from "./providerClient.js";
+import { RunDir, type StepMetrics } from "./runDir.js";
+
+export interface TrainOptions {
+  loaded: LoadedConfig;
+  /** --local N: number of local providers, overriding config local_workers. */
+  local?: number;
+  python?: string;
+  torchSpec?: string;
+  reporter: Reporter;
+  /** Aborted on Ctrl-C / SIGTERM. */
+  signal?: AbortSignal;
+  env?: NodeJS.ProcessEnv;
+}
+
+export interface TrainSummary {
+  name: string;
+  status: "completed" | "failed" | "cancelled";
+  error?: string;
+  steps: number;
+  samples: number;
+  wall_s: number;
+  final_loss: number | null;
+  eval: Record<string, number> | null;
+  eval_step: number | null;
+  bytes_sent: number;
+  workers: { id: string; rank: number; provider: string; device: string; samples: number; share: number }[];
+  run_dir: string;
+  started_at: string;
+}
+
+/** How often replicas compare parameter hashes (and always on the last step). */
+export const HASH_EVERY = 10;
+/** Workers import torch and build the datasets before they are ready: allow for a slow first start. */
+const READY_TIMEOUT_MS = 300_000;
+const STEP_TIMEOUT_MS = 600_000;
+
+type Kind = ToCoordinator["t"];
+type MessageOf<K extends Kind> = Extract<ToCoordinator, { t: K }>;
+
+interface Rank {
+  rank: number;
+  client: ProviderClient;
+  device: string;
+  row: WorkerRow;
+}
+
+export class JobFailed extends UserError {}
+
+/** Collects one message of a kind from every rank; any failure or lost provider rejects it. */
+class Gather {
+  private wait: {
+    kind: Kind;
+    match: (m: ToCoordinator) => boolean;
+    got: Map<number, ToCoordinator>;
+    from: number[];
+    resolve: (m: Map<number, ToCoordinator>) => void;
+    reject: (err: Error) => void;
+    timer: NodeJS.Timeout;
+  } | null = null;
+  private failure: Error | null = null;
+
+  constructor(private readonly ranks: () => number) {}
+
+
+  expect<K extends Kind>(
+    kind: K,
+    what: string,
+    timeoutMs: number,
+    match: (m: MessageOf<K>) => boolean = () => true,
+    from: number[] = [...Array(this.ranks()).keys()],
+  ): Promise<Map<number, MessageOf<K>>> {
+    if (this.failure) return Promise.reject(this.failure);
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        const missing = from.filter((r) => !this.wait?.got.has(r));
+        this.wait = null;
+        reject(new JobFailed(`Timed out after ${timeoutMs / 1000} s waiting for ${what} from rank(s) ${missing.join(", ")}`));
+      }, timeoutMs);
+      this.wait = {
+        kind,
+        match: match as (m: ToCoordinator) => boolean,
+        got: new Map(),
+        from,
+        resolve: resolve as (m: Map<number, ToCoordinator>) => void,
+        reject,
+        timer,
+      };
+    });
+  }
+
+  deliver(message: ToCoordinator & { rank: number }) {
+    const w = this.wait;
+    if (!w || w.kind !== message.t || !w.from.includes(message.rank) || !w.match(message)) return;
+    w.got.set(message.rank, message);
+    if (w.got.size === w.from.length) {
+      clearTimeout(w.timer);
+      this.wait = null;
+      w.resolve(w.got);
+    }
+  }
+
+  fail(err: Error) {
+    if (this.failure) return;
+    this.failure = err;
+    const w = this.wait;
+    this.wait = null;
+    if (w) {
+      clearTimeout(w.timer);
+      w.reject(err);
+    }
+  }
+}
+
+function taskErrorHint(kind: string) {
+  return kind === "task" ? "The error is in the task file: fix it and run `nimble train` again." : undefined;
+}
+
+/**
+ * `nimble train`: find or start providers, ship the task, assign ranks and the ring, drive
+ * the step loop, and write the run directory.
+ */
+export async function runTraining(opts: TrainOptions): Promise<{ runDir: string; summary: TrainSummary }> {
+  const { loaded, reporter } = opts;
+  const config = loaded.config;
+  const env = opts.env ?? process.env;
+  const status = (message: string) => reporter.handle({ type: "status", message });
+  const cleanups: (() => Promise<void> | void)[] = [];
+  const cleanup = async () => {
+    for (const fn of cleanups.reverse()) await fn();
+    cleanups.length = 0;
+  };
+
+  let runDir: RunDir | null = null;
+  const ranks: Rank[] = [];
+  const gather = new Gather(() => ranks.length);
+  const started = Date.now();
+  const startedAt = new Date().toISOString();
+  let stepsDone = 0;
+  let samplesDone = 0;
+  let bytesSent = 0;
+  let lastLoss: number | null = null;
+  let lastEval: Record<string, number> | null = null;
+  let lastEvalStep: number | null = null;
+
+  const summary = (status: TrainSummary["status"], error?: string): TrainSummary => ({
+    name: config.name,
+    status,
+    ...(error ? { error } : {}),
+    steps: stepsDone,
+    samples: samplesDone,
+    wall_s: (Date.now() - started) / 1000,
+    final_loss: lastLoss,
+    eval: lastEval,
+    eval_step: lastEvalStep,
+    bytes_sent: bytesSent,
+    workers: ranks.map((r) => ({
+      id: r.row.id,
+      rank: r.rank,
+      provider: r.row.provider,
+      device: r.device,
+      samples: r.row.samples,
+      share: samplesDone > 0 ? r.row.samples / samplesDone : 0,
+    })),
+    run_dir: runDir?.dir ?? "",
+    started_at: startedAt,
+  });
+
+  const onAbort = () => gather.fail(new UserError("Training cancelled", "Checkpoints already written are kept in the run directory.", 130));
+  opts.signal?.addEventListener("abort", onAbort);
+  if (opts.signal?.aborted) onAbort();
+
+  try {
+    // 1. Providers: the ones the config names, or local ones started here.
+    let targets: { address: string; token: string }[];
+    if (config.providers.length > 0) {
+      targets = config.providers.map((p, i) => {
+        const token = p.token ?? env.NIMBLE_TOKEN;
+        if (!token) {
+          throw new UserError(
+            `${loaded.path}: providers[${i}] (${p.address}) has no token`,
+            "Add `token:` to the entry (the one `nimble provide` printed) or set NIMBLE_TOKEN.",
+            2,
+          );
+        }
+        return { address: p.address, token };
+      });
+    } else {
+      const count = opts.local ?? config.local_workers;
+      const python = await resolvePython({ python: opts.python, torchSpec: opts.torchSpec, env, onProgress: status });
+      status(`Starting ${count} local provider${count === 1 ? "" : "s"} (python ${python.pythonVersion}, torch ${python.torchVersion})`);
+      const threads = Math.max(1, Math.floor(os.cpus().length / count));
+      const local = await startLocalProviders({
+        count,
+        python: python.python,
+        threads,
+        env,
+        onLog: (source, line) => reporter.handle({ type: "log", source, line }),
+      });
+      cleanups.push(local.stop);
+      targets = local.providers.map((p) => ({ address: p.address, token: p.token }));
+    }
+
+    // 2. Connect and authenticate.
+    status(`Connecting to ${targets.length} provider${targets.length === 1 ? "" : "s"}`);
+    const settled = await Promise.allSettled(targets.map((t) => ProviderClient.connect(t.address, t.token)));
+    const clients = settled.flatMap((s) => (s.status === "fulfilled" ? [s.value] : []));
+    cleanups.push(() => clients.forEach((c) => c.close()));
+    const refused = settled.find((s) => s.status === "rejected");
+    if (refused) throw (refused as PromiseRejectedResult).reason;
+
+    // 3. Ranks, in provider order, one per device; the ring follows rank order.
+    for (const client of clients) {
+      client.info.devices.forEach((device, index) => {
+        const rank = ranks.length;
+        ranks.push({
+          rank,
+          client,
+          device: device.id,
+          row: {
+            id: `${client.address.replace(/^wss?:\/\//, "")}#${index}`,
+            rank,
+            provider: client.address,
+            device: `${device.id} (${device.name})`,
+            state: "starting",
+            share: 0,
+            samples: 0,
+            compute_s: 0,
+            comm_s: 0,
+            bytes_sent: 0,
+          },
+        });
+      });
+    }
+    const rows = () => ranks.map((r) => ({ ...r.row }));
+    reporter.handle({ type: "workers", workers: rows() });
+    for (const client of clients) {
+      client.on("lost", (reason) => gather.fail(new JobFailed(`Lost provider ${client.address}: ${reason}`)));
+      client.on("message", (m) => {
+        if (m.t === "log") reporter.handle({ type: "log", source: client.address, line: m.line });
+        else if (m.t === "failed") {
+          const who = m.rank !== undefined ? `rank ${m.rank} on provider ${client.address}` : `provider ${client.address}`;
+          gather.fail(new JobFailed(`${who} failed: ${m.where ? `${m.where}: ` : ""}${m.message}`, taskErrorHint(m.kind)));
+        } else if ("rank" in m) gather.deliver(m);
+      });
+    }
+
+    // 4. Run directory and job spec.
+    runDir = await RunDir.create(path.resolve(config.output), config.name);
+    const run = runDir;
+    await run.copyInputs(loaded.path, loaded.taskPath);
+    const code = await readFile(loaded.taskPath);
+    const job = randomUUID();
+    const secret = randomBytes(24).toString("hex");
+    const ring = ranks.map((r) => ({ rank: r.rank, url: ringUrl(r.client.address) }));
+    const ready = gather.expect("ready", "worker start", READY_TIMEOUT_MS);
+    status(`Starting ${ranks.length} worker${ranks.length === 1 ? "" : "s"}; run directory ${run.dir}`);
+    for (const client of clients) {
+      client.send({
+        t: "job",
+        job,
+        secret,
+        task: { filename: path.basename(loaded.taskPath), code },
+        config: config as unknown as Record<string, unknown>,
+        world_size: ranks.length,
+        ranks: ranks.filter((r) => r.client === client).map((r) => ({ rank: r.rank, device: r.device })),
+        ring,
+      });
+    }
+    cleanups.push(() => clients.forEach((c) => c.send({ t: "cancel", reason: "job over" })));
+    const readyInfo = await ready;
+    const info = readyInfo.get(0)!.info;
+    status(`Workers ready: ${info.model}; ${info.train_size} training and ${info.val_size} validation samples`);
+
+    // 5. Every replica starts from rank 0's weights.
+    const synced = gather.expect("synced", "initial weight sync", STEP_TIMEOUT_MS);
+    clients.forEach((c) => c.send({ t: "sync" }));
+    checkHashes(await synced, "after the initial weight sync");
+    for (const r of ranks) r.row.state = "training";
+
+    // 6. The step loop.
+    const batch = config.batch_size;
+    const recent: { samples: number; seconds: number }[] = [];
+    for (let step = 0; step < config.steps; step++) {
+      const stepStart = Date.now();
+      const shares = equalShares(batch, ranks.length);
+      const wantHash = (step + 1) % HASH_EVERY === 0 || step === config.steps - 1;
+      const done = gather.expect("step_done", `step ${step}`, STEP_TIMEOUT_MS, (m) => m.step === step);
+      clients.forEach((c) => c.send({ t: "step", step, shares, want_hash: wantHash }));
+      const reports = await done;
+      if (wantHash) checkHashes(reports, `after step ${step}`);
+
+      let loss = 0;
+      let stepBytes = 0;
+      let lr = 0;
+      for (const r of ranks) {
+        const rep = reports.get(r.rank)!;
+        loss += (rep.loss * rep.samples) / batch;
+        stepBytes += rep.bytes_sent;
+        lr = rep.lr;
+        Object.assign(r.row, {
+          share: rep.samples,
+          samples: r.row.samples + rep.samples,
+          compute_s: rep.compute_s,
+          comm_s: rep.comm_s,
+          bytes_sent: r.row.bytes_sent + rep.bytes_sent,
+        });
+      }
+      stepsDone = step + 1;
+      samplesDone += batch;
+      bytesSent += stepBytes;
+      lastLoss = loss;
+
+      const isLast = step === config.steps - 1;
+      let evalMetrics: Record<string, number> | undefined;
+      if ((config.eval.every > 0 && (step + 1) % config.eval.every === 0) || isLast) {
+        evalMetrics = await evaluate(step, Math.min(config.eval.samples, info.val_size));
+        lastEval = evalMetrics;
+        lastEvalStep = step;
+      }
+      const now = Date.now();
+      const stepSeconds = (now - stepStart) / 1000;
+      recent.push({ samples: batch, seconds: stepSeconds });
+      if (recent.length > 20) recent.shift();
+      const rate = recent.reduce((a, b) => a + b.samples, 0) / Math.max(1e-9, recent.reduce((a, b) => a + b.seconds, 0));
+      const metrics: StepMetrics = {
+        step,
+        loss,
+        lr,
+        samples: batch,
+        wall_s: (now - started) / 1000,
+        step_s: stepSeconds,
+        bytes_sent: stepBytes,
+        ...(evalMetrics ? { eval: evalMetrics } : {}),
+        workers: ranks.map((r) => {
+          const rep = reports.get(r.rank)!;
+          return { rank: r.rank, samples: rep.samples, compute_s: rep.compute_s, comm_s: rep.comm_s, bytes_sent: rep.bytes_sent };
+        }),
+      };
+      run.appendMetrics(metrics);
+      reporter.handle({
+        type: "step",
+        step: step + 1,
+        steps: config.steps,
+        loss,
+        lr,
+        samples: samplesDone,
+        samples_per_s: rate,
+        wall_s: metrics.wall_s,
+        bytes_sent: bytesSent,
+        workers: rows(),
+      });
+      if (evalMetrics) reporter.handle({ type: "eval", step: step + 1, metrics: evalMetrics });
+      if (config.checkpoint.every > 0 && (step + 1) % config.checkpoint.every === 0) {
+        const state = gather.expect("state", `checkpoint at step ${step + 1}`, STEP_TIMEOUT_MS, (m) => m.kind === "checkpoint", [0]);
+        ranks[0].client.send({ t: "state", rank: 0, kind: "checkpoint" });
+        const files = (await stateFrom(state)).files;
+        const where = await run.writeCheckpoint(step + 1, files, config.checkpoint.keep);
+        reporter.handle({ type: "checkpoint", step: step + 1, path: where });
+      }
+    }
+
+    // 7. Final weights and summary.
+    const final = gather.expect("state", "final weights", STEP_TIMEOUT_MS, (m) => m.kind === "final", [0]);
+    ranks[0].client.send({ t: "state", rank: 0, kind: "final" });
+    for (const f of (await stateFrom(final)).files) await run.writeFile(f.name, f.data);
+    for (const r of ranks) r.row.state = "done";
+    const result = summary("completed");
+    await run.writeSummary(result as unknown as Record<string, unknown>);
+    await run.close();
+    reporter.handle({ type: "workers", workers: rows() });
+    reporter.handle({ type: "done", run_dir: run.dir, summary: result as unknown as Record<string, unknown> });
+    return { runDir: run.dir, summary: result };
+  } catch (err) {
+    const cancelled = err instanceof UserError && err.exitCode === 130;
+    for (const r of ranks) if (r.row.state !== "done") r.row.state = "failed";
+    gather.fail(err instanceof Error ? err : new Error(String(err)));
+    if (runDir) {
+      await runDir.writeSummary(summary(cancelled ? "cancelled" : "failed", errorMessage(err)) as unknown as Record<string, unknown>).catch(() => {});
+      await runDir.close().catch(() => {});
+      if (err instanceof UserError && !cancelled && !err.hint) {
+        throw new JobFailed(err.message, `Metrics and checkpoints so far are in ${runDir.dir}.`, err.exitCode);
+      }
+    }
+    throw err;
+  } finally {
+    opts.signal?.removeEventListener("abort", onAbort);
+    await cleanup();
+  }
+
+  async function evaluate(step: number, samples: number): Promise<Record<string, number>> {
+    const slices = slicesFor(samples, ranks.map(() => 1));
+    const done = gather.expect("eval_done", `evaluation after step ${step + 1}`, STEP_TIMEOUT_MS, (m) => m.step === step);
+    for (const client of new Set(ranks.map((r) => r.client))) {
+      client.send({
+        t: "eval",
+        step,
+        batch_size: config.eval.batch_size,
+        slices: ranks.filter((r) => r.client === client).map((r) => ({ rank: r.rank, ...slices[r.rank] })),
+      });
+    }
+    const results = await done;
+    const totals: Record<string, number> = {};
+    let count = 0;
+    for (const rep of results.values()) {
+      count += rep.count;
+      for (const [k, v] of Object.entries(rep.sums)) totals[k] = (totals[k] ?? 0) + v;
+    }
+    return Object.fromEntries(Object.entries(totals).map(([k, v]) => [k, v / Math.max(1, count)]));
+  }
+
+  function checkHashes(reports: Map<number, { hash?: string }>, when: string) {
+    const hashes = ranks.map((r) => reports.get(r.rank)?.hash);
+    const first = hashes[0];
+    const differing = hashes.map((h, rank) => ({ h, rank })).filter((x) => x.h !== first);
+    if (!first || differing.length > 0) {
+      const list = hashes.map((h, rank) => `rank ${rank} ${h?.slice(0, 12) ?? "(none)"}`).join(", ");
+      throw new JobFailed(`Replicas diverged ${when}: parameter hashes ${list}`, "This is a bug in nimble or a nondeterministic task; please report it with the run directory.");
+    }
+  }
+
+  async function stateFrom(p: Promise<Map<number, MessageOf<"state">>>): Promise<MessageOf<"state">> {
+    return (await p).get(0)!;
+  }
+}

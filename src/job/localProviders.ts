@@ -1,0 +1,89 @@
+import { execa } from "execa";
+import { UserError } from "../errors.js";
+import { CLI_PATH } from "../runtime/paths.js";
+
+export interface LocalProvider {
+  address: string;
+  token: string;
+  pid: number | undefined;
+}
+
+export interface LocalProviderOptions {
+  count: number;
+  python: string;
+  /** torch threads per worker, so N local workers share this host's cores instead of fighting. */
+  threads: number;
+  onLog: (source: string, line: string) => void;
+  env?: NodeJS.ProcessEnv;
+}
+
+/**
+ * Start `count` `nimble provide` processes on loopback (each on a free port, with its own
+ * token) for a job that names no providers. stop() ends them and everything they started.
+ */
+export async function startLocalProviders(opts: LocalProviderOptions): Promise<{ providers: LocalProvider[]; stop: () => Promise<void> }> {
+  const children = Array.from({ length: opts.count }, (_, i) => {
+    const child = execa(
+      process.execPath,
+      [CLI_PATH, "provide", "--host", "127.0.0.1", "--port", "0", "--json", "--python", opts.python, "--threads", String(opts.threads)],
+      { env: { ...opts.env, NIMBLE_PYTHON: opts.python }, buffer: false, reject: false, stdin: "ignore", cleanup: true },
+    );
+    return { child, label: `provider ${i}` };
+  });
+  const stop = async () => {
+    for (const { child } of children) if (child.exitCode === null) child.kill("SIGTERM");
+    const timer = setTimeout(() => children.forEach(({ child }) => child.kill("SIGKILL")), 8000);
+    await Promise.all(children.map(({ child }) => child.catch(() => undefined)));
+    clearTimeout(timer);
+  };
+  try {
+    const providers = await Promise.all(children.map(({ child, label }) => waitForListening(child, label, opts.onLog)));
+    return { providers, stop };
+  } catch (err) {
+    await stop();
+    throw err;
+  }
+}
+
+function waitForListening(child: ReturnType<typeof execa>, label: string, onLog: LocalProviderOptions["onLog"]): Promise<LocalProvider> {
+  return new Promise((resolve, reject) => {
+    let pending = "";
+    let listening = false;
+    const stderrTail: string[] = [];
+    child.stderr?.setEncoding("utf8");
+    child.stderr?.on("data", (chunk: string) => {
+      for (const line of chunk.split("\n")) {
+        if (!line.trim()) continue;
+        stderrTail.push(line);
+        if (stderrTail.length > 10) stderrTail.shift();
+        onLog(label, line);
+      }
+    });
+    child.stdout?.setEncoding("utf8");
+    child.stdout?.on("data", (chunk: string) => {
+      pending += chunk;
+      const lines = pending.split("\n");
+      pending = lines.pop() ?? "";
+      for (const line of lines) {
+        let event: { type?: string; url?: string; token?: string; line?: string };
+        try {
+          event = JSON.parse(line);
+        } catch {
+          onLog(label, line);
+          continue;
+        }
+        if (event.type === "listening" && !listening) {
+          listening = true;
+          resolve({ address: event.url!, token: event.token!, pid: child.pid });
+        }
+        // Worker output reaches the coordinator over the control plane; printing the
+        // provider's own copy too would show every line twice.
+      }
+    });
+    void child.then((result) => {
+      if (!listening) {
+        reject(new UserError(`Local ${label} exited before listening (code ${result.exitCode}): ${stderrTail.join("\n")}`));
+      }
+    });
+  });
+}

@@ -1,0 +1,478 @@
+import { randomBytes, timingSafeEqual } from "node:crypto";
+import { createServer, type IncomingMessage, type Server } from "node:http";
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import type { Duplex } from "node:stream";
+import { WebSocketServer, type WebSocket } from "ws";
+import { RingAllReduce } from "../collective/ring.js";
+import { errorMessage } from "../errors.js";
+import { acceptRingPeer, connectRingPeer, type FrameLink } from "../net/link.js";
+import { MAX_FRAME_BYTES } from "../protocol/frames.js";
+import {
+  decodeToProvider,
+  encodeMessage,
+  MAX_CONTROL_BYTES,
+  PROTOCOL_VERSION,
+  type DeviceInfo,
+  type ToCoordinator,
+  type ToProvider,
+} from "../protocol/messages.js";
+import type { PythonEnv } from "../runtime/python.js";
+import { WorkerProcess } from "../runtime/worker.js";
+import { parseWorkerMessage, type FromWorker } from "../runtime/workerMessages.js";
+
+export type ProviderEvent =
+  | { type: "listening"; url: string; host: string; port: number; token: string; devices: DeviceInfo[] }
+  | { type: "log"; line: string }
+  | { type: "job"; job: string; name: string; ranks: number[]; world_size: number }
+  | { type: "job_end"; job: string; reason: string };
+
+export interface ProviderOptions {
+  host: string;
+  port: number;
+  token?: string;
+  python: PythonEnv;
+  devices: DeviceInfo[];
+  /** torch intra-op threads per worker; default: this host's cores divided among its workers. */
+  threads?: number;
+  onEvent: (event: ProviderEvent) => void;
+}
+
+type JobSpec = Extract<ToProvider, { t: "job" }>;
+
+/** How long a ring neighbour may take to connect once a job starts. */
+const RING_CONNECT_TIMEOUT_MS = 60_000;
+
+/**
+ * `nimble provide`: a long-running agent. One WebSocket server carries the control plane
+ * (`/control`, one coordinator at a time, token required) and the data plane (`/ring`,
+ * neighbours in the current job's ring, job secret required).
+ */
+export class Provider {
+  readonly token: string;
+  private server: Server | null = null;
+  private readonly controlServer = new WebSocketServer({ noServer: true, maxPayload: MAX_CONTROL_BYTES });
+  private readonly ringServer = new WebSocketServer({ noServer: true, maxPayload: MAX_FRAME_BYTES });
+  private job: ProviderJob | null = null;
+  /** Ring connections that arrived before their job: held until it does, or time out. */
+  private pendingRing: WebSocket[] = [];
+
+  constructor(private readonly opts: ProviderOptions) {
+    this.token = opts.token ?? randomBytes(16).toString("hex");
+  }
+
+  async start(): Promise<{ url: string; port: number }> {
+    const server = createServer((_req, res) => {
+      res.writeHead(426, { "content-type": "text/plain" });
+      res.end("nimble provider: connect with a WebSocket to /control\n");
+    });
+    server.on("upgrade", (req: IncomingMessage, socket: Duplex, head: Buffer) => {
+      const pathname = new URL(req.url ?? "/", "http://x").pathname;
+      const target = pathname === "/control" ? this.controlServer : pathname === "/ring" ? this.ringServer : null;
+      if (!target) {
+        socket.end("HTTP/1.1 404 Not Found\r\n\r\n");
+        return;
+      }
+      target.handleUpgrade(req, socket, head, (ws) => (target === this.controlServer ? this.onControl(ws, req) : this.onRing(ws)));
+    });
+    await new Promise<void>((resolve, reject) => {
+      server.once("error", reject);
+      server.listen(this.opts.port, this.opts.host, () => resolve());
+    });
+    this.server = server;
+    const address = server.address();
+    const port = typeof address === "object" && address ? address.port : this.opts.port;
+    const hostForUrl = this.opts.host.includes(":") ? `[${this.opts.host}]` : this.opts.host;
+    const url = `ws://${hostForUrl}:${port}`;
+    this.opts.onEvent({ type: "listening", url, host: this.opts.host, port, token: this.token, devices: this.opts.devices });
+    return { url, port };
+  }
+
+  async close(): Promise<void> {
+    await this.job?.end("provider shutting down");
+    for (const ws of this.pendingRing) ws.terminate();
+    for (const ws of this.controlServer.clients) ws.terminate();
+    for (const ws of this.ringServer.clients) ws.terminate();
+    this.controlServer.close();
+    this.ringServer.close();
+    await new Promise<void>((resolve) => (this.server ? this.server.close(() => resolve()) : resolve()));
+  }
+
+  private log(line: string) {
+    this.opts.onEvent({ type: "log", line });
+  }
+
+  private onControl(ws: WebSocket, req: IncomingMessage) {
+    const from = `coordinator ${req.socket.remoteAddress}:${req.socket.remotePort}`;
+    let authenticated = false;
+    const send = (m: ToCoordinator) => {
+      if (ws.readyState === ws.OPEN) ws.send(encodeMessage(m));
+    };
+    const helloTimer = setTimeout(() => ws.close(4003, "no hello"), 10_000);
+    ws.on("message", (data, isBinary) => {
+      let message: ToProvider;
+      try {
+        message = decodeToProvider(isBinary ? data : String(data), from);
+      } catch (err) {
+        this.log(`dropping ${from}: ${errorMessage(err)}`);
+        ws.close(4000, "invalid message");
+        return;
+      }
+      if (!authenticated) {
+        clearTimeout(helloTimer);
+        if (message.t !== "hello") {
+          ws.close(4000, "expected hello");
+          return;
+        }
+        if (!tokensEqual(message.token, this.token)) {
+          this.log(`rejected ${from}: wrong token`);
+          send({ t: "reject", reason: "wrong token" });
+          ws.close(4001, "wrong token");
+          return;
+        }
+        if (this.job) {
+          send({ t: "reject", reason: `busy with job ${this.job.spec.job}` });
+          ws.close(4009, "busy");
+          return;
+        }
+        authenticated = true;
+        send({
+          t: "welcome",
+          version: PROTOCOL_VERSION,
+          provider: {
+            id: `${os.hostname()}:${this.opts.port}`,
+            hostname: os.hostname(),
+            python: this.opts.python.pythonVersion,
+            torch: this.opts.python.torchVersion,
+            devices: this.opts.devices,
+          },
+        });
+        return;
+      }
+      if (message.t === "job") {
+        if (this.job) {
+          send({ t: "failed", message: `already running job ${this.job.spec.job}`, kind: "internal" });
+          return;
+        }
+        this.startJob(message, send, ws);
+        return;
+      }
+      if (!this.job) {
+        send({ t: "failed", message: `no job is running; got ${message.t}`, kind: "internal" });
+        return;
+      }
+      if (message.t === "cancel") {
+        void this.job.end(`cancelled by coordinator: ${message.reason}`);
+        return;
+      }
+      if (message.t !== "hello") this.job.handle(message);
+    });
+    ws.on("close", () => {
+      clearTimeout(helloTimer);
+      if (this.job && this.job.control === ws) void this.job.end("coordinator disconnected");
+    });
+    ws.on("error", () => {});
+  }
+
+  private startJob(spec: JobSpec, send: (m: ToCoordinator) => void, ws: WebSocket) {
+    const job = new ProviderJob(spec, this.opts, send, ws, (line) => this.log(line));
+    this.job = job;
+    this.opts.onEvent({ type: "job", job: spec.job, name: String(spec.config.name ?? ""), ranks: spec.ranks.map((r) => r.rank), world_size: spec.world_size });
+    job.onEnd = (reason) => {
+      if (this.job === job) this.job = null;
+      this.opts.onEvent({ type: "job_end", job: spec.job, reason });
+    };
+    void job.start().catch((err) => {
+      send({ t: "failed", message: errorMessage(err), kind: "internal" });
+      void job.end(errorMessage(err));
+    });
+    const pending = this.pendingRing;
+    this.pendingRing = [];
+    for (const ringWs of pending) job.acceptRing(ringWs);
+  }
+
+  private onRing(ws: WebSocket) {
+    if (this.job) {
+      this.job.acceptRing(ws);
+      return;
+    }
+    this.pendingRing.push(ws);
+    const timer = setTimeout(() => {
+      this.pendingRing = this.pendingRing.filter((w) => w !== ws);
+      ws.close(4004, "no such job");
+    }, RING_CONNECT_TIMEOUT_MS);
+    ws.once("close", () => {
+      clearTimeout(timer);
+      this.pendingRing = this.pendingRing.filter((w) => w !== ws);
+    });
+    ws.on("error", () => {});
+  }
+}
+
+function tokensEqual(given: string, expected: string): boolean {
+  const a = Buffer.from(given);
+  const b = Buffer.from(expected);
+  return a.length === b.length && timingSafeEqual(a, b);
+}
+
+interface LocalRank {
+  rank: number;
+  device: string;
+  worker: WorkerProcess | null;
+  ready: boolean;
+  next: FrameLink | null;
+  prev: FrameLink | null;
+  ring: RingAllReduce | null;
+  /** Ring bytes sent since the last step report. */
+  bytesSinceReport: number;
+  /** all-reduce requests, served one at a time in order. */
+  queue: Promise<void>;
+  readyInfo: Extract<FromWorker, { op: "ready" }> | null;
+}
+
+/** One job on this provider: its workers, their ring links, and the messages between them. */
+class ProviderJob {
+  private dir = "";
+  private readonly ranks: LocalRank[];
+  private ended = false;
+  onEnd: (reason: string) => void = () => {};
+
+  constructor(
+    readonly spec: JobSpec,
+    private readonly opts: ProviderOptions,
+    private readonly send: (m: ToCoordinator) => void,
+    readonly control: WebSocket,
+    private readonly log: (line: string) => void,
+  ) {
+    this.ranks = spec.ranks.map((r) => ({
+      rank: r.rank,
+      device: r.device,
+      worker: null,
+      ready: false,
+      next: null,
+      prev: null,
+      ring: null,
+      bytesSinceReport: 0,
+      queue: Promise.resolve(),
+      readyInfo: null,
+    }));
+  }
+
+  private fail(message: string, kind: "task" | "worker" | "ring" | "internal", rank?: number, where?: string) {
+    if (this.ended) return;
+    this.send({ t: "failed", rank, message, where, kind });
+    void this.end(message);
+  }
+
+  async start() {
+    const { spec } = this;
+    this.dir = await mkdtemp(path.join(os.tmpdir(), "nimble-job-"));
+    const taskPath = path.join(this.dir, spec.task.filename);
+    await writeFile(taskPath, spec.task.code);
+    const threads = this.opts.threads ?? spec.threads ?? Math.max(1, Math.floor(os.cpus().length / this.ranks.length));
+    for (const local of this.ranks) {
+      const label = `rank ${local.rank}`;
+      const worker = new WorkerProcess({
+        python: this.opts.python.python,
+        cwd: this.dir,
+        label,
+        onLog: (line) => {
+          this.log(line);
+          this.send({ t: "log", line });
+        },
+      });
+      local.worker = worker;
+      worker.on("message", (m) => {
+        let message: FromWorker;
+        try {
+          message = parseWorkerMessage(m, label);
+        } catch (err) {
+          this.fail(errorMessage(err), "internal", local.rank);
+          return;
+        }
+        this.onWorkerMessage(local, message, m.payload);
+      });
+      worker.on("error", (err) => this.fail(`${label}: ${errorMessage(err)}`, "internal", local.rank));
+      worker.on("exit", (exit) => {
+        if (exit.expected || this.ended) return;
+        const how = exit.signal ? `was killed by ${exit.signal}` : `exited with code ${exit.code}`;
+        this.fail(`worker for rank ${local.rank} on ${os.hostname()} ${how}`, "worker", local.rank);
+      });
+      worker.send({
+        op: "init",
+        task_path: taskPath,
+        config: spec.config,
+        rank: local.rank,
+        world_size: spec.world_size,
+        device: local.device,
+        threads,
+      });
+      if (spec.world_size > 1) void this.connectNext(local);
+    }
+  }
+
+  private async connectNext(local: LocalRank) {
+    const nextRank = (local.rank + 1) % this.spec.world_size;
+    const target = this.spec.ring.find((r) => r.rank === nextRank);
+    if (!target) return this.fail(`the job names no address for rank ${nextRank}`, "internal", local.rank);
+    const deadline = Date.now() + RING_CONNECT_TIMEOUT_MS;
+    for (let attempt = 0; ; attempt++) {
+      try {
+        const link = await connectRingPeer(target.url, {
+          job: this.spec.job,
+          secret: this.spec.secret,
+          from: local.rank,
+          to: nextRank,
+        });
+        if (this.ended) {
+          link.close(1000, "job ended");
+          return;
+        }
+        local.next = link;
+        link.onClose(() => {
+          if (!this.ended) this.fail(`lost the ring link from rank ${local.rank} to rank ${nextRank} (${target.url})`, "ring", local.rank);
+        });
+        this.maybeReady(local);
+        return;
+      } catch (err) {
+        if (this.ended) return;
+        if (Date.now() > deadline) {
+          return this.fail(`rank ${local.rank} cannot reach rank ${nextRank} at ${target.url}: ${errorMessage(err)}`, "ring", local.rank);
+        }
+        await new Promise((r) => setTimeout(r, Math.min(2000, 100 * 2 ** attempt)));
+      }
+    }
+  }
+
+  acceptRing(ws: WebSocket) {
+    const ranks = new Set(this.ranks.map((r) => r.rank));
+    acceptRingPeer(ws, { job: this.spec.job, secret: this.spec.secret, ranks }, 10_000).then(
+      ({ from, to, link }) => {
+        const local = this.ranks.find((r) => r.rank === to)!;
+        const expectedFrom = (to - 1 + this.spec.world_size) % this.spec.world_size;
+        if (this.ended || from !== expectedFrom || local.prev) {
+          link.close(4002, "unexpected ring peer");
+          return;
+        }
+        local.prev = link;
+        link.onClose(() => {
+          if (!this.ended) this.fail(`lost the ring link into rank ${to} from rank ${from}`, "ring", to);
+        });
+        this.maybeReady(local);
+      },
+      (err) => this.log(`refused a ring connection: ${errorMessage(err)}`),
+    );
+  }
+
+  private maybeReady(local: LocalRank) {
+    if (local.ready || !local.readyInfo) return;
+    const size = this.spec.world_size;
+    if (size > 1 && (!local.next || !local.prev)) return;
+    local.ring = new RingAllReduce({ rank: local.rank, size, next: local.next, prev: local.prev });
+    local.ready = true;
+    const { op: _op, ...info } = local.readyInfo;
+    this.send({ t: "ready", rank: local.rank, info });
+  }
+
+  private onWorkerMessage(local: LocalRank, m: FromWorker, payload: Buffer) {
+    switch (m.op) {
+      case "ready":
+        local.readyInfo = m;
+        this.maybeReady(local);
+        return;
+      case "allreduce":
+        local.queue = local.queue.then(() => this.allReduce(local, m.id, m.count, payload));
+        return;
+      case "synced":
+        this.send({ t: "synced", rank: local.rank, hash: m.hash });
+        return;
+      case "step_done": {
+        const { op: _op, ...report } = m;
+        // Report after the all-reduces this step queued have finished counting their bytes.
+        void local.queue.then(() => {
+          this.send({ t: "step_done", rank: local.rank, ...report, bytes_sent: local.bytesSinceReport });
+          local.bytesSinceReport = 0;
+        });
+        return;
+      }
+      case "eval_done":
+        this.send({ t: "eval_done", rank: local.rank, step: m.step, count: m.count, sums: m.sums });
+        return;
+      case "state": {
+        let offset = 0;
+        const files = m.files.map((f) => {
+          const data = payload.subarray(offset, offset + f.size);
+          offset += f.size;
+          return { name: f.name, data };
+        });
+        this.send({ t: "state", rank: local.rank, kind: m.kind, step: m.step, files });
+        return;
+      }
+      case "loaded":
+        return;
+      case "error":
+        this.fail(m.message, m.kind === "task" ? "task" : "worker", local.rank, m.where);
+        return;
+    }
+  }
+
+  private async allReduce(local: LocalRank, id: number, count: number, payload: Buffer) {
+    if (this.ended || !local.ring || !local.worker) return;
+    // Float32Array needs 4-byte alignment; the link decoder's slices need not have it.
+    const data =
+      payload.byteOffset % 4 === 0
+        ? new Float32Array(payload.buffer, payload.byteOffset, count)
+        : new Float32Array(payload.buffer.slice(payload.byteOffset, payload.byteOffset + count * 4));
+    try {
+      const stats = await local.ring.allReduce(data);
+      local.bytesSinceReport += stats.bytesSent;
+    } catch (err) {
+      this.fail(`ring all-reduce failed on rank ${local.rank}: ${errorMessage(err)}`, "ring", local.rank);
+      return;
+    }
+    local.worker.send({ op: "allreduce_result", id, dtype: "float32", count }, new Uint8Array(data.buffer, data.byteOffset, data.byteLength));
+  }
+
+  handle(message: ToProvider) {
+    switch (message.t) {
+      case "sync":
+        for (const r of this.ranks) r.worker?.send({ op: "sync" });
+        return;
+      case "step":
+        if (message.shares.length !== this.spec.world_size) {
+          this.fail(`step ${message.step} names ${message.shares.length} shares for ${this.spec.world_size} ranks`, "internal");
+          return;
+        }
+        for (const r of this.ranks) r.worker?.send({ op: "step", step: message.step, shares: message.shares, want_hash: message.want_hash });
+        return;
+      case "eval":
+        for (const slice of message.slices) {
+          const local = this.ranks.find((r) => r.rank === slice.rank);
+          local?.worker?.send({ op: "eval", step: message.step, start: slice.start, count: slice.count, batch_size: message.batch_size });
+        }
+        return;
+      case "state": {
+        const local = this.ranks.find((r) => r.rank === message.rank);
+        if (!local) return this.fail(`asked for the state of rank ${message.rank}, which this provider does not host`, "internal");
+        local.worker?.send({ op: "state", kind: message.kind });
+        return;
+      }
+      default:
+        return;
+    }
+  }
+
+  async end(reason: string) {
+    if (this.ended) return;
+    this.ended = true;
+    for (const r of this.ranks) r.ring?.abort(reason);
+    await Promise.all(this.ranks.map((r) => r.worker?.stop()));
+    for (const r of this.ranks) {
+      r.next?.close(1000, "job ended");
+      r.prev?.close(1000, "job ended");
+    }
+    if (this.dir) await rm(this.dir, { recursive: true, force: true });
+    this.onEnd(reason);
+  }
+}

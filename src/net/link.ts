@@ -1,0 +1,361 @@
+/**
+ * FrameLink: one WebSocket carrying binary data-plane frames, with send-side
+ * backpressure, and the helpers that open and authenticate ring connections.
+ */
+import { createHash, timingSafeEqual } from "node:crypto";
+import WebSocket from "ws";
+import { ProtocolError } from "../errors.js";
+import { decodeFrame, encodeControl, MAX_FRAME_BYTES } from "../protocol/frames.js";
+
+/** Bytes handed to ws whose send callback has not fired, above which `send` waits. */
+export const DEFAULT_HIGH_WATER_MARK = 4 * 1024 * 1024;
+
+/** Close codes used on ring links (docs/protocol.md). */
+export const CLOSE_AUTH_FAILED = 4001; // bad hello: wrong job or secret, malformed first frame
+export const CLOSE_BAD_RANK = 4002; // hello names a rank this provider does not host, or no hello in time
+export const CLOSE_PROTOCOL = 4003; // a frame violated the ring protocol
+export const CLOSE_ABORTED = 4004; // the local side aborted the ring
+
+export interface LinkOptions {
+  highWaterMark?: number;
+}
+
+export interface ConnectOptions extends LinkOptions {
+  /** Largest incoming message; larger ones close the socket with 1009. */
+  maxPayload?: number;
+  handshakeTimeoutMs?: number;
+}
+
+export interface RingHello {
+  job: string;
+  secret: string;
+  from: number;
+  to: number;
+}
+
+export interface RingExpectation {
+  job: string;
+  secret: string;
+  /** Ranks this provider hosts: a hello's `to` must be one of them. */
+  ranks: Set<number>;
+}
+
+/** A send on a link that is closed (or closing). */
+export class LinkClosedError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "LinkClosedError";
+  }
+}
+
+/** WebSocket close reasons are limited to 123 bytes of UTF-8. */
+function closeReason(reason: string): string {
+  let r = reason;
+  while (Buffer.byteLength(r) > 123) r = r.slice(0, -1);
+  return r;
+}
+
+export class FrameLink {
+  readonly highWaterMark: number;
+  /** Whole frames handed to ws, in bytes. */
+  bytesSent = 0;
+  framesSent = 0;
+  bytesReceived = 0;
+  framesReceived = 0;
+  /** The most bytes ever outstanding (handed to ws, callback not yet fired). */
+  peakPendingBytes = 0;
+  /** The last 'error' the socket reported, if any. */
+  lastError: Error | null = null;
+
+  private pending = 0;
+  private drainWaiters: Array<{ resolve: () => void; reject: (err: Error) => void }> = [];
+  private frameListener: ((bytes: Uint8Array) => void) | null = null;
+  private queue: Uint8Array[] = [];
+  private flushScheduled = false;
+  private closeListeners: Array<(code: number, reason: string) => void> = [];
+  private closeInfo: { code: number; reason: string } | null = null;
+
+  constructor(
+    readonly ws: WebSocket,
+    opts: LinkOptions = {},
+  ) {
+    this.highWaterMark = opts.highWaterMark ?? DEFAULT_HIGH_WATER_MARK;
+    ws.binaryType = "nodebuffer";
+    ws.on("error", (err: Error) => {
+      this.lastError = err;
+    });
+    ws.on("message", (data: WebSocket.RawData, isBinary: boolean) => {
+      if (!isBinary) {
+        this.close(CLOSE_PROTOCOL, "text message on a binary ring link");
+        return;
+      }
+      const bytes = Array.isArray(data)
+        ? Buffer.concat(data)
+        : data instanceof ArrayBuffer
+          ? new Uint8Array(data)
+          : (data as Buffer);
+      this.bytesReceived += bytes.byteLength;
+      this.framesReceived += 1;
+      this.deliver(bytes);
+    });
+    ws.on("close", (code: number, reason: Buffer) => this.handleClose(code, reason.toString()));
+    if (ws.readyState === WebSocket.CLOSED) this.handleClose(1006, "closed before use");
+  }
+
+  /** Bytes handed to ws whose send callback has not fired yet. */
+  get pendingBytes(): number {
+    return this.pending;
+  }
+
+  get closed(): boolean {
+    return this.closeInfo !== null || this.ws.readyState !== WebSocket.OPEN;
+  }
+
+  /**
+   * Hand one frame to the socket (frames go out in call order). Resolves at once while
+   * the outstanding bytes are at or below the high-water mark, else when they drain
+   * back to it. Rejects on a closed link. Callers that await every send keep at most
+   * highWaterMark + one frame outstanding.
+   */
+  send(bytes: Uint8Array): Promise<void> {
+    if (this.closed) {
+      return Promise.reject(new LinkClosedError(this.describeClosed()));
+    }
+    const n = bytes.byteLength;
+    this.pending += n;
+    if (this.pending > this.peakPendingBytes) this.peakPendingBytes = this.pending;
+    this.bytesSent += n;
+    this.framesSent += 1;
+    this.ws.send(bytes, { binary: true }, (err) => {
+      this.pending -= n;
+      if (err && !this.lastError) this.lastError = err;
+      this.wakeDrainWaiters();
+    });
+    if (this.pending <= this.highWaterMark) return Promise.resolve();
+    return new Promise<void>((resolve, reject) => this.drainWaiters.push({ resolve, reject }));
+  }
+
+  /**
+   * The one frame listener (a new one replaces the old). Frames that arrive while no
+   * listener is set are queued and delivered, in order, once one is. Returns a function
+   * that removes this listener.
+   */
+  onFrame(cb: (bytes: Uint8Array) => void): () => void {
+    this.frameListener = cb;
+    if (this.queue.length > 0) this.scheduleFlush();
+    return () => {
+      if (this.frameListener === cb) this.frameListener = null;
+    };
+  }
+
+  /** Called once when the socket closes (at once, asynchronously, if already closed). */
+  onClose(cb: (code: number, reason: string) => void): () => void {
+    if (this.closeInfo) {
+      const { code, reason } = this.closeInfo;
+      queueMicrotask(() => cb(code, reason));
+      return () => {};
+    }
+    this.closeListeners.push(cb);
+    return () => {
+      this.closeListeners = this.closeListeners.filter((l) => l !== cb);
+    };
+  }
+
+  /** Start the closing handshake (idempotent). Pending and future sends reject. */
+  close(code = 1000, reason = ""): void {
+    if (this.ws.readyState === WebSocket.CONNECTING || this.ws.readyState === WebSocket.OPEN) {
+      this.ws.close(code, closeReason(reason));
+    }
+    this.rejectDrainWaiters(new LinkClosedError(`link closed locally (${code}${reason ? `: ${reason}` : ""})`));
+  }
+
+  /** Drop the connection at once, without a closing handshake. */
+  terminate(): void {
+    this.ws.terminate();
+    this.rejectDrainWaiters(new LinkClosedError("link terminated locally"));
+  }
+
+  private describeClosed(): string {
+    if (this.closeInfo) {
+      const { code, reason } = this.closeInfo;
+      return `link closed (code ${code}${reason ? `: ${reason}` : ""})`;
+    }
+    return "link is closing";
+  }
+
+  private deliver(bytes: Uint8Array): void {
+    if (this.frameListener && this.queue.length === 0) {
+      this.frameListener(bytes);
+    } else {
+      this.queue.push(bytes);
+      if (this.frameListener) this.scheduleFlush();
+    }
+  }
+
+  private scheduleFlush(): void {
+    if (this.flushScheduled) return;
+    this.flushScheduled = true;
+    queueMicrotask(() => {
+      this.flushScheduled = false;
+      while (this.frameListener && this.queue.length > 0) {
+        const bytes = this.queue.shift()!;
+        this.frameListener(bytes);
+      }
+    });
+  }
+
+  private wakeDrainWaiters(): void {
+    if (this.pending > this.highWaterMark || this.drainWaiters.length === 0) return;
+    const waiters = this.drainWaiters;
+    this.drainWaiters = [];
+    for (const w of waiters) w.resolve();
+  }
+
+  private rejectDrainWaiters(err: Error): void {
+    const waiters = this.drainWaiters;
+    this.drainWaiters = [];
+    for (const w of waiters) w.reject(err);
+  }
+
+  private handleClose(code: number, reason: string): void {
+    if (this.closeInfo) return;
+    const why = reason || this.lastError?.message || "";
+    this.closeInfo = { code, reason: why };
+    this.queue = [];
+    this.rejectDrainWaiters(new LinkClosedError(this.describeClosed()));
+    const listeners = this.closeListeners;
+    this.closeListeners = [];
+    for (const l of listeners) l(code, why);
+  }
+}
+
+/** Open a client WebSocket (no compression, bounded message size) as a FrameLink. */
+export function connectLink(url: string, opts: ConnectOptions = {}): Promise<FrameLink> {
+  const ws = new WebSocket(url, {
+    perMessageDeflate: false,
+    maxPayload: opts.maxPayload ?? MAX_FRAME_BYTES,
+    handshakeTimeout: opts.handshakeTimeoutMs ?? 10_000,
+  });
+  // Errors after a failed connect must not become uncaught exceptions.
+  ws.on("error", () => {});
+  return new Promise<FrameLink>((resolve, reject) => {
+    const onOpen = () => {
+      cleanup();
+      resolve(new FrameLink(ws, opts));
+    };
+    const onError = (err: Error) => {
+      cleanup();
+      ws.terminate();
+      reject(new Error(`cannot connect to ${url}: ${err.message}`));
+    };
+    const onClose = (code: number) => {
+      cleanup();
+      reject(new Error(`cannot connect to ${url}: closed (${code}) before open`));
+    };
+    const cleanup = () => {
+      ws.off("open", onOpen);
+      ws.off("error", onError);
+      ws.off("close", onClose);
+    };
+    ws.on("open", onOpen);
+    ws.on("error", onError);
+    ws.on("close", onClose);
+  });
+}
+
+/** Open the ring connection to the next rank (`url` ends in `/ring`) and say hello. */
+export async function connectRingPeer(
+  url: string,
+  hello: RingHello,
+  opts: ConnectOptions = {},
+): Promise<FrameLink> {
+  const path = new URL(url).pathname;
+  if (!path.endsWith("/ring")) throw new Error(`ring URL must end in /ring: ${url}`);
+  const frame = encodeControl({ t: "hello", ...hello });
+  const link = await connectLink(url, opts);
+  try {
+    await link.send(frame);
+  } catch (err) {
+    link.terminate();
+    throw err;
+  }
+  return link;
+}
+
+function digest(s: string): Buffer {
+  return createHash("sha256").update(s, "utf8").digest();
+}
+
+/** Constant-time string comparison (both sides hashed to equal-length buffers). */
+export function secretsEqual(a: string, b: string): boolean {
+  return timingSafeEqual(digest(a), digest(b));
+}
+
+/**
+ * Authenticate an incoming ring connection: its first frame must be a valid hello with
+ * our job id and secret and a `to` rank we host, within timeoutMs. On failure the
+ * socket is closed (4001 bad job/secret/frame, 4002 unknown rank or timeout) and the
+ * promise rejects with ProtocolError. Frames after the hello stay queued on the link
+ * until someone calls link.onFrame.
+ */
+export function acceptRingPeer(
+  ws: WebSocket,
+  expect: RingExpectation,
+  timeoutMs: number,
+  opts: LinkOptions = {},
+): Promise<{ from: number; to: number; link: FrameLink }> {
+  const link = new FrameLink(ws, opts);
+  return new Promise((resolve, reject) => {
+    let settled = false;
+    const finish = () => {
+      settled = true;
+      clearTimeout(timer);
+      offFrame();
+      offClose();
+    };
+    const fail = (code: number, message: string) => {
+      if (settled) return;
+      finish();
+      link.close(code, message);
+      reject(new ProtocolError(message));
+    };
+    const timer = setTimeout(
+      () => fail(CLOSE_BAD_RANK, `ring peer sent no hello within ${timeoutMs} ms`),
+      timeoutMs,
+    );
+    const offClose = link.onClose((code, reason) => {
+      if (settled) return;
+      finish();
+      reject(new ProtocolError(`ring peer closed (${code}${reason ? `: ${reason}` : ""}) before hello`));
+    });
+    const offFrame = link.onFrame((bytes) => {
+      if (settled) return;
+      offFrame();
+      let frame;
+      try {
+        frame = decodeFrame(bytes);
+      } catch (err) {
+        fail(CLOSE_AUTH_FAILED, `bad ring hello: ${err instanceof Error ? err.message : String(err)}`);
+        return;
+      }
+      if (frame.kind !== "control" || frame.msg.t !== "hello") {
+        fail(CLOSE_AUTH_FAILED, "first frame on a ring connection must be hello");
+        return;
+      }
+      const hello = frame.msg;
+      // Evaluate both comparisons so timing does not reveal which one failed.
+      const jobOk = secretsEqual(hello.job, expect.job);
+      const secretOk = secretsEqual(hello.secret, expect.secret);
+      if (!jobOk || !secretOk) {
+        fail(CLOSE_AUTH_FAILED, jobOk ? "ring hello rejected: wrong secret" : "ring hello rejected: wrong job");
+        return;
+      }
+      if (!expect.ranks.has(hello.to)) {
+        fail(CLOSE_BAD_RANK, `ring hello for rank ${hello.to}, which this provider does not host`);
+        return;
+      }
+      finish();
+      resolve({ from: hello.from, to: hello.to, link });
+    });
+  });
+}

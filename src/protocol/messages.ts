@@ -1,0 +1,133 @@
+import { decode, encode } from "@msgpack/msgpack";
+import { z } from "zod";
+import { ProtocolError } from "../errors.js";
+
+/**
+ * Control plane: coordinator <-> provider, one msgpack map per binary WebSocket message,
+ * validated here before anything acts on it.
+ */
+export const PROTOCOL_VERSION = 1;
+/** Control messages carry the task file and checkpoints; bound them all the same. */
+export const MAX_CONTROL_BYTES = 512 * 1024 * 1024;
+
+const finite = z.number().finite();
+const count = z.number().int().min(0);
+const bytes = z.custom<Uint8Array>((value) => value instanceof Uint8Array, "expected binary data");
+
+export const deviceSchema = z.object({
+  id: z.string().max(64),
+  kind: z.string().max(32),
+  name: z.string().max(256),
+  memory_bytes: count.optional(),
+  cores: count.optional(),
+});
+export type DeviceInfo = z.infer<typeof deviceSchema>;
+
+export const workerInfoSchema = z.object({
+  params: count,
+  param_bytes: count,
+  model: z.string().max(1000),
+  train_size: count,
+  val_size: count,
+});
+export type WorkerInfo = z.infer<typeof workerInfoSchema>;
+
+const metricsSchema = z.record(z.string().max(128), finite);
+
+export const toProviderSchema = z.discriminatedUnion("t", [
+  z.object({ t: z.literal("hello"), token: z.string().max(512), version: z.number().int() }),
+  z.object({
+    t: z.literal("job"),
+    job: z.string().max(128),
+    secret: z.string().max(256),
+    task: z.object({ filename: z.string().regex(/^[A-Za-z0-9._-]{1,128}\.py$/), code: bytes }),
+    config: z.record(z.string(), z.unknown()),
+    world_size: z.number().int().min(1).max(4096),
+    /** The ranks this provider hosts, each on one of its devices. */
+    ranks: z.array(z.object({ rank: count, device: z.string().max(64) })).min(1),
+    /** Every rank's data-plane URL, in ring order. */
+    ring: z.array(z.object({ rank: count, url: z.string().max(1024) })),
+    threads: z.number().int().min(1).max(1024).optional(),
+  }),
+  z.object({ t: z.literal("sync") }),
+  z.object({ t: z.literal("step"), step: count, shares: z.array(count), want_hash: z.boolean() }),
+  z.object({
+    t: z.literal("eval"),
+    step: count,
+    slices: z.array(z.object({ rank: count, start: count, count })),
+    batch_size: z.number().int().min(1),
+  }),
+  z.object({ t: z.literal("state"), rank: count, kind: z.enum(["checkpoint", "final"]) }),
+  z.object({ t: z.literal("cancel"), reason: z.string().max(1000) }),
+]);
+export type ToProvider = z.infer<typeof toProviderSchema>;
+
+export const toCoordinatorSchema = z.discriminatedUnion("t", [
+  z.object({
+    t: z.literal("welcome"),
+    version: z.number().int(),
+    provider: z.object({
+      id: z.string().max(128),
+      hostname: z.string().max(256),
+      python: z.string().max(64),
+      torch: z.string().max(64),
+      devices: z.array(deviceSchema).min(1).max(64),
+    }),
+  }),
+  z.object({ t: z.literal("reject"), reason: z.string().max(1000) }),
+  z.object({ t: z.literal("ready"), rank: count, info: workerInfoSchema }),
+  z.object({ t: z.literal("synced"), rank: count, hash: z.string().max(128) }),
+  z.object({
+    t: z.literal("step_done"),
+    rank: count,
+    step: count,
+    loss: finite,
+    samples: count,
+    lr: finite,
+    compute_s: finite,
+    comm_s: finite,
+    bytes_sent: count,
+    hash: z.string().max(128).optional(),
+  }),
+  z.object({ t: z.literal("eval_done"), rank: count, step: count, count, sums: metricsSchema }),
+  z.object({
+    t: z.literal("state"),
+    rank: count,
+    kind: z.enum(["checkpoint", "final"]),
+    step: count,
+    files: z.array(z.object({ name: z.string().regex(/^[A-Za-z0-9._-]{1,128}$/), data: bytes })),
+  }),
+  z.object({ t: z.literal("log"), line: z.string().max(64 * 1024) }),
+  z.object({
+    t: z.literal("failed"),
+    rank: count.optional(),
+    message: z.string().max(64 * 1024),
+    where: z.string().max(1024).optional(),
+    kind: z.enum(["task", "worker", "ring", "internal"]),
+  }),
+]);
+export type ToCoordinator = z.infer<typeof toCoordinatorSchema>;
+
+export function encodeMessage(message: ToProvider | ToCoordinator): Uint8Array {
+  return encode(message);
+}
+
+function decodeWith<T>(schema: z.ZodType<T>, data: unknown, from: string): T {
+  if (!(data instanceof Uint8Array)) throw new ProtocolError(`${from} sent a text frame; control messages are binary msgpack`);
+  if (data.byteLength > MAX_CONTROL_BYTES) throw new ProtocolError(`${from} sent a ${data.byteLength}-byte message`);
+  let raw: unknown;
+  try {
+    raw = decode(data);
+  } catch (err) {
+    throw new ProtocolError(`${from} sent a message that is not msgpack: ${(err as Error).message}`);
+  }
+  const parsed = schema.safeParse(raw);
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0];
+    throw new ProtocolError(`${from} sent an invalid message: ${issue.path.join(".") || "(root)"}: ${issue.message}`);
+  }
+  return parsed.data;
+}
+
+export const decodeToProvider = (data: unknown, from = "coordinator") => decodeWith(toProviderSchema, data, from);
+export const decodeToCoordinator = (data: unknown, from: string) => decodeWith(toCoordinatorSchema, data, from);

@@ -1,0 +1,126 @@
+import { createHash } from "node:crypto";
+import { existsSync } from "node:fs";
+import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
+import path from "node:path";
+import { execa } from "execa";
+import { UserError, errorMessage } from "../errors.js";
+import { cacheDir, PYTHON_RUNTIME_DIR } from "./paths.js";
+
+/** What installs fast on the development machines; override with --torch / NIMBLE_TORCH. */
+export const DEFAULT_TORCH_SPEC = "torch==2.13.0";
+
+export interface PythonEnv {
+  /** Interpreter the workers run under. */
+  python: string;
+  pythonVersion: string;
+  torchVersion: string;
+  /** Where it came from: --python, $NIMBLE_PYTHON, or the managed virtual environment. */
+  source: "option" | "env" | "managed";
+}
+
+export interface ResolvePythonOptions {
+  python?: string;
+  torchSpec?: string;
+  env?: NodeJS.ProcessEnv;
+  /** Called with each line of progress while a managed environment is being made. */
+  onProgress?: (line: string) => void;
+}
+
+const PROBE = "import json, sys, torch; print(json.dumps({'python': sys.version.split()[0], 'torch': torch.__version__}))";
+
+async function probeInterpreter(python: string): Promise<{ python: string; torch: string }> {
+  const result = await execa(python, ["-c", PROBE], { reject: false, timeout: 120_000 });
+  if (result.exitCode !== 0 || result.failed) {
+    const tail = String(result.stderr || result.message || "").trim().split("\n").slice(-3).join("\n");
+    throw new UserError(
+      `The Python interpreter ${python} cannot run nimble's workers: ${tail}`,
+      "Point --python (or NIMBLE_PYTHON) at an interpreter that has torch installed, or leave both unset to let nimble make its own environment.",
+    );
+  }
+  return JSON.parse(String(result.stdout).trim().split("\n").pop()!);
+}
+
+/** The managed environment's folder: one per torch requirement, so changing it makes a new one. */
+export function managedEnvDir(torchSpec: string, env: NodeJS.ProcessEnv = process.env): string {
+  const slug = createHash("sha256").update(torchSpec).digest("hex").slice(0, 10);
+  return path.join(cacheDir(env), "python", `env-${slug}`);
+}
+
+function venvPython(dir: string): string {
+  return process.platform === "win32" ? path.join(dir, "Scripts", "python.exe") : path.join(dir, "bin", "python");
+}
+
+interface Marker {
+  torchSpec: string;
+  python: string;
+  torch: string;
+}
+
+/**
+ * Find or make the interpreter the workers use: --python, then $NIMBLE_PYTHON, then a virtual
+ * environment under the user's cache with torch installed on first use. A managed environment
+ * counts as ready only once its marker file is written, so an interrupted install is redone.
+ */
+export async function resolvePython(opts: ResolvePythonOptions = {}): Promise<PythonEnv> {
+  const env = opts.env ?? process.env;
+  const explicit = opts.python ?? env.NIMBLE_PYTHON;
+  if (explicit) {
+    const info = await probeInterpreter(explicit);
+    return { python: explicit, pythonVersion: info.python, torchVersion: info.torch, source: opts.python ? "option" : "env" };
+  }
+  const torchSpec = opts.torchSpec ?? env.NIMBLE_TORCH ?? DEFAULT_TORCH_SPEC;
+  const dir = managedEnvDir(torchSpec, env);
+  const markerPath = path.join(dir, "nimble-env.json");
+  if (existsSync(markerPath) && existsSync(venvPython(dir))) {
+    try {
+      const marker = JSON.parse(await readFile(markerPath, "utf8")) as Marker;
+      if (marker.torchSpec === torchSpec) {
+        return { python: venvPython(dir), pythonVersion: marker.python, torchVersion: marker.torch, source: "managed" };
+      }
+    } catch {
+      // unreadable marker: rebuild below
+    }
+  }
+  await provision(dir, torchSpec, env, opts.onProgress ?? (() => {}));
+  const info = await probeInterpreter(venvPython(dir));
+  const marker: Marker = { torchSpec, python: info.python, torch: info.torch };
+  await writeFile(markerPath, JSON.stringify(marker, null, 2));
+  return { python: venvPython(dir), pythonVersion: info.python, torchVersion: info.torch, source: "managed" };
+}
+
+async function provision(dir: string, torchSpec: string, env: NodeJS.ProcessEnv, progress: (line: string) => void) {
+  const basePython = env.NIMBLE_BASE_PYTHON ?? "python3";
+  progress(`Making a Python environment for the workers in ${dir} (first run only)`);
+  await rm(dir, { recursive: true, force: true });
+  await mkdir(path.dirname(dir), { recursive: true });
+  await runStep(basePython, ["-m", "venv", dir], `create a virtual environment with ${basePython}`, progress,
+    `Install Python 3.9+ with venv (Debian: apt-get install python3-venv), set NIMBLE_BASE_PYTHON, or pass --python.`);
+  progress(`Installing ${torchSpec} and numpy (set NIMBLE_TORCH or --torch to change the requirement)`);
+  await runStep(venvPython(dir), ["-m", "pip", "install", "--progress-bar", "off", torchSpec, "numpy"],
+    `install ${torchSpec}`, progress,
+    `Check the requirement (NIMBLE_TORCH / --torch) and that pip can reach its index, or pass --python with an interpreter that already has torch.`);
+  void PYTHON_RUNTIME_DIR; // the worker package is loaded from the nimble install through PYTHONPATH, not installed
+}
+
+async function runStep(cmd: string, args: string[], what: string, progress: (line: string) => void, hint: string) {
+  const tail: string[] = [];
+  try {
+    const child = execa(cmd, args, { all: true, buffer: false, reject: true });
+    child.all?.setEncoding("utf8");
+    let pending = "";
+    child.all?.on("data", (chunk: string) => {
+      pending += chunk;
+      const lines = pending.split("\n");
+      pending = lines.pop() ?? "";
+      for (const line of lines) {
+        if (!line.trim()) continue;
+        tail.push(line);
+        if (tail.length > 15) tail.shift();
+        progress(`  ${line}`);
+      }
+    });
+    await child;
+  } catch (err) {
+    throw new UserError(`Could not ${what}: ${tail.slice(-8).join("\n") || errorMessage(err)}`, hint);
+  }
+}

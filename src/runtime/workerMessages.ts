@@ -1,0 +1,51 @@
+import { z } from "zod";
+import { ProtocolError } from "../errors.js";
+import { workerInfoSchema } from "../protocol/messages.js";
+import type { WorkerMessage } from "./workerLink.js";
+
+/** Headers a Python worker may send on its link (docs/protocol.md, "Worker link"). */
+const count = z.number().int().min(0);
+const finite = z.number().finite();
+
+export const fromWorkerSchema = z.discriminatedUnion("op", [
+  workerInfoSchema.extend({ op: z.literal("ready") }),
+  z.object({ op: z.literal("allreduce"), id: count, dtype: z.literal("float32"), count }),
+  z.object({ op: z.literal("synced"), hash: z.string() }),
+  z.object({
+    op: z.literal("step_done"),
+    step: count,
+    loss: finite,
+    samples: count,
+    lr: finite,
+    compute_s: finite,
+    comm_s: finite,
+    hash: z.string().optional(),
+  }),
+  z.object({ op: z.literal("eval_done"), step: count, count, sums: z.record(z.string(), finite) }),
+  z.object({
+    op: z.literal("state"),
+    kind: z.enum(["checkpoint", "final"]),
+    step: count,
+    files: z.array(z.object({ name: z.string(), size: count })),
+  }),
+  z.object({ op: z.literal("loaded"), step: count }),
+  z.object({ op: z.literal("error"), message: z.string(), where: z.string().optional(), kind: z.string().optional() }),
+]);
+export type FromWorker = z.infer<typeof fromWorkerSchema>;
+
+export function parseWorkerMessage(message: WorkerMessage, label: string): FromWorker {
+  const parsed = fromWorkerSchema.safeParse(message.header);
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0];
+    throw new ProtocolError(`${label} sent an invalid ${String(message.header.op)} message: ${issue.path.join(".")}: ${issue.message}`);
+  }
+  const m = parsed.data;
+  if (m.op === "allreduce" && message.payload.byteLength !== m.count * 4) {
+    throw new ProtocolError(`${label} sent an allreduce of ${message.payload.byteLength} bytes for ${m.count} float32 elements`);
+  }
+  if (m.op === "state") {
+    const total = m.files.reduce((sum, f) => sum + f.size, 0);
+    if (total !== message.payload.byteLength) throw new ProtocolError(`${label} sent state files totalling ${total} bytes in a ${message.payload.byteLength}-byte payload`);
+  }
+  return m;
+}

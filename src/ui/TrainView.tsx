@@ -1,0 +1,196 @@
+/** The live terminal view of `nimble train`, and the Reporter that drives it. */
+import { Box, render, Text, type Instance } from "ink";
+import type { Reporter, TrainEvent, WorkerRow, WorkerState } from "./events.js";
+import {
+  estimateEta,
+  formatBytes,
+  formatCount,
+  formatDuration,
+  formatMetric,
+  formatRate,
+  formatSci,
+  progressBar,
+  sparkline,
+} from "./format.js";
+import { formatMetrics } from "./plain.js";
+import { initialViewState, reduceView, type TrainViewState } from "./state.js";
+
+export { initialViewState, reduceView, type TrainViewState } from "./state.js";
+
+const STATE_COLOR: Record<WorkerState, string> = {
+  starting: "yellow",
+  ready: "cyan",
+  training: "green",
+  done: "gray",
+  failed: "red",
+};
+
+const COLUMNS = ["worker", "device", "state", "share", "samples", "compute", "comm", "MB sent"] as const;
+const RIGHT = new Set([3, 4, 5, 6, 7]);
+
+function workerCells(w: WorkerRow): string[] {
+  return [
+    w.id,
+    w.device,
+    w.state,
+    formatCount(w.share),
+    formatCount(w.samples),
+    `${formatCount(w.compute_s * 1000)} ms`,
+    `${formatCount(w.comm_s * 1000)} ms`,
+    (w.bytes_sent / 1e6).toFixed(1),
+  ];
+}
+
+function WorkerTable({ workers }: { workers: WorkerRow[] }) {
+  const rows = workers.map(workerCells);
+  const widths = COLUMNS.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
+  const cell = (text: string, i: number) => (RIGHT.has(i) ? text.padStart(widths[i]!) : text.padEnd(widths[i]!));
+  return (
+    <Box flexDirection="column" marginTop={1}>
+      <Text bold wrap="truncate">
+        {COLUMNS.map((h, i) => cell(h, i)).join("  ")}
+      </Text>
+      {rows.map((r, k) => {
+        const state = workers[k]!.state;
+        return (
+          <Text key={workers[k]!.id} wrap="truncate">
+            {cell(r[0]!, 0)}
+            {"  "}
+            {cell(r[1]!, 1)}
+            {"  "}
+            <Text color={STATE_COLOR[state] ?? undefined}>{cell(r[2]!, 2)}</Text>
+            {"  "}
+            {r
+              .slice(3)
+              .map((c, j) => cell(c, j + 3))
+              .join("  ")}
+          </Text>
+        );
+      })}
+    </Box>
+  );
+}
+
+export function TrainView({ state }: { state: TrainViewState }) {
+  const s = state;
+  const fraction = s.steps > 0 ? s.step / s.steps : 0;
+  const eta = estimateEta(s.wallS, s.step, s.steps);
+  const width = String(s.steps || 0).length;
+  return (
+    <Box flexDirection="column">
+      <Text wrap="truncate">
+        <Text bold>nimble train</Text>
+        {s.name ? <Text bold color="cyan">{` ${s.name}`}</Text> : null}
+        {s.runDir ? <Text dimColor>{`  → ${s.runDir}`}</Text> : null}
+      </Text>
+      <Text wrap="truncate">
+        {`${progressBar(fraction, 30)} step ${String(s.step).padStart(width)}/${s.steps}  ${Math.floor(fraction * 100)}%`}
+        {`  elapsed ${formatDuration(s.wallS)}`}
+        {eta !== undefined && !s.done ? `  ETA ${formatDuration(eta)}` : ""}
+      </Text>
+      <Text wrap="truncate">
+        {`loss ${s.loss !== undefined ? formatMetric(s.loss) : "-"} `}
+        <Text color="magenta">{sparkline(s.losses)}</Text>
+      </Text>
+      <Text wrap="truncate">
+        {`lr ${s.lr !== undefined ? formatSci(s.lr) : "-"}  `}
+        {`${s.samplesPerS !== undefined ? formatRate(s.samplesPerS) : "-"} samples/s  `}
+        {`${formatCount(s.samples)} samples  sent ${formatBytes(s.bytesSent)}`}
+      </Text>
+      {s.eval ? (
+        <Text wrap="truncate" color="blue">{`eval @ step ${s.eval.step}: ${formatMetrics(s.eval.metrics)}`}</Text>
+      ) : null}
+      {s.workers.length > 0 ? <WorkerTable workers={s.workers} /> : null}
+      {s.lines.length > 0 ? (
+        <Box flexDirection="column" marginTop={1}>
+          {s.lines.map((l, i) => (
+            <Text key={i} dimColor wrap="truncate">
+              {l}
+            </Text>
+          ))}
+        </Box>
+      ) : null}
+      {s.done ? (
+        <Box flexDirection="column" marginTop={1}>
+          {s.done.map((l, i) => (
+            <Text key={i} color="green">
+              {l}
+            </Text>
+          ))}
+        </Box>
+      ) : null}
+      {s.error ? <Text color="red">{`error: ${s.error}`}</Text> : null}
+    </Box>
+  );
+}
+
+export interface InkReporterOptions {
+  /** Terminal to draw on. Default process.stdout. */
+  stdout?: NodeJS.WriteStream;
+  stderr?: NodeJS.WriteStream;
+  stdin?: NodeJS.ReadStream;
+  /** Header: the job name and run directory, when known before the first event. */
+  name?: string;
+  runDir?: string;
+  /** Minimum ms between re-renders. Default 100 (10 per second). */
+  throttleMs?: number;
+  /** Let ink capture console.* output above the view. Default true. */
+  patchConsole?: boolean;
+}
+
+export class InkReporter implements Reporter {
+  private state: TrainViewState;
+  private readonly instance: Instance;
+  private readonly throttleMs: number;
+  private lastRender = 0;
+  private timer: NodeJS.Timeout | undefined;
+  private closed = false;
+
+  constructor(options: InkReporterOptions = {}) {
+    this.state = initialViewState({ name: options.name, runDir: options.runDir });
+    this.throttleMs = options.throttleMs ?? 100;
+    this.instance = render(<TrainView state={this.state} />, {
+      stdout: options.stdout ?? process.stdout,
+      stderr: options.stderr ?? process.stderr,
+      stdin: options.stdin,
+      exitOnCtrlC: false,
+      patchConsole: options.patchConsole ?? true,
+    });
+    this.lastRender = Date.now();
+  }
+
+  /** The state as of the last event (for tests and for callers that want a final look). */
+  get viewState(): TrainViewState {
+    return this.state;
+  }
+
+  handle(event: TrainEvent): void {
+    if (this.closed) return;
+    this.state = reduceView(this.state, event);
+    const urgent = event.type === "done" || event.type === "error";
+    const wait = this.throttleMs - (Date.now() - this.lastRender);
+    if (urgent || wait <= 0) {
+      this.flush();
+    } else if (!this.timer) {
+      this.timer = setTimeout(() => this.flush(), wait);
+      this.timer.unref?.();
+    }
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.flush();
+    this.closed = true;
+    this.instance.unmount();
+  }
+
+  private flush(): void {
+    if (this.timer) {
+      clearTimeout(this.timer);
+      this.timer = undefined;
+    }
+    if (this.closed) return;
+    this.lastRender = Date.now();
+    this.instance.rerender(<TrainView state={this.state} />);
+  }
+}

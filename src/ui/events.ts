@@ -1,0 +1,49 @@
+/**
+ * What the coordinator reports while a job runs. Collected by `job/`, printed by `ui/`
+ * (ink view on a terminal, plain lines otherwise, one JSON object per line with --json).
+ */
+export type WorkerState = "starting" | "ready" | "training" | "done" | "failed";
+
+export interface WorkerRow {
+  /** Stable id: `<provider address>#<local index>`. */
+  id: string;
+  rank: number;
+  provider: string;
+  device: string;
+  state: WorkerState;
+  /** Samples of the last step's global batch this worker computed. */
+  share: number;
+  /** Samples this worker has computed over the whole run. */
+  samples: number;
+  compute_s: number;
+  comm_s: number;
+  /** Bytes this worker's agent sent on the ring over the whole run. */
+  bytes_sent: number;
+}
+
+export type TrainEvent =
+  | { type: "status"; message: string }
+  | { type: "log"; source: string; line: string }
+  | { type: "workers"; workers: WorkerRow[] }
+  | {
+      type: "step";
+      step: number;
+      steps: number;
+      loss: number;
+      lr: number;
+      samples: number;
+      samples_per_s: number;
+      wall_s: number;
+      bytes_sent: number;
+      workers: WorkerRow[];
+    }
+  | { type: "eval"; step: number; metrics: Record<string, number> }
+  | { type: "checkpoint"; step: number; path: string }
+  | { type: "done"; run_dir: string; summary: Record<string, unknown> }
+  | { type: "error"; message: string };
+
+export interface Reporter {
+  handle(event: TrainEvent): void;
+  /** Flush and release the terminal. */
+  close(): void;
+}

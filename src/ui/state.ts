@@ -1,0 +1,108 @@
+/** What the live view shows, and how each event changes it (pure, no React). */
+import type { TrainEvent, WorkerRow } from "./events.js";
+import { formatSummary, type RunTotals } from "./plain.js";
+
+export const LOSS_HISTORY = 40;
+export const MAX_LINES = 6;
+
+export interface TrainViewState {
+  /** Job name and run directory for the header, when known. */
+  name?: string;
+  runDir?: string;
+  step: number;
+  steps: number;
+  loss?: number;
+  /** The last LOSS_HISTORY losses, oldest first. */
+  losses: number[];
+  lr?: number;
+  samples: number;
+  samplesPerS?: number;
+  wallS: number;
+  bytesSent: number;
+  eval?: { step: number; metrics: Record<string, number> };
+  checkpoint?: { step: number; path: string };
+  workers: WorkerRow[];
+  /** The last MAX_LINES status and log lines, oldest first. */
+  lines: string[];
+  /** Summary lines once the run is done. */
+  done?: string[];
+  error?: string;
+}
+
+export function initialViewState(init: { name?: string; runDir?: string; steps?: number } = {}): TrainViewState {
+  return {
+    name: init.name,
+    runDir: init.runDir,
+    step: 0,
+    steps: init.steps ?? 0,
+    losses: [],
+    samples: 0,
+    wallS: 0,
+    bytesSent: 0,
+    workers: [],
+    lines: [],
+  };
+}
+
+function pushLine(lines: string[], line: string): string[] {
+  const next = [...lines, line];
+  return next.length > MAX_LINES ? next.slice(next.length - MAX_LINES) : next;
+}
+
+export function reduceView(s: TrainViewState, e: TrainEvent): TrainViewState {
+  switch (e.type) {
+    case "status":
+      return { ...s, lines: pushLine(s.lines, e.message) };
+    case "log":
+      return { ...s, lines: pushLine(s.lines, `[${e.source}] ${e.line}`) };
+    case "workers":
+      return { ...s, workers: e.workers };
+    case "step": {
+      const losses = [...s.losses, e.loss];
+      return {
+        ...s,
+        step: e.step,
+        steps: e.steps,
+        loss: e.loss,
+        losses: losses.length > LOSS_HISTORY ? losses.slice(losses.length - LOSS_HISTORY) : losses,
+        lr: e.lr,
+        samples: e.samples,
+        samplesPerS: e.samples_per_s,
+        wallS: e.wall_s,
+        bytesSent: e.bytes_sent,
+        workers: e.workers.length > 0 ? e.workers : s.workers,
+      };
+    }
+    case "eval":
+      return { ...s, eval: { step: e.step, metrics: e.metrics } };
+    case "checkpoint":
+      return {
+        ...s,
+        checkpoint: { step: e.step, path: e.path },
+        lines: pushLine(s.lines, `checkpoint @ step ${e.step}: ${e.path}`),
+      };
+    case "done": {
+      const seen: RunTotals = {
+        eval: s.eval,
+        step:
+          s.step > 0
+            ? {
+                type: "step",
+                step: s.step,
+                steps: s.steps,
+                loss: s.loss ?? NaN,
+                lr: s.lr ?? 0,
+                samples: s.samples,
+                samples_per_s: s.samplesPerS ?? 0,
+                wall_s: s.wallS,
+                bytes_sent: s.bytesSent,
+                workers: s.workers,
+              }
+            : undefined,
+      };
+      return { ...s, runDir: e.run_dir, done: formatSummary(e, seen) };
+    }
+    case "error":
+      return { ...s, error: e.message };
+  }
+}

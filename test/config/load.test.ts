@@ -1,0 +1,309 @@
+import { mkdtempSync, mkdirSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { ConfigError } from "../../src/errors.js";
+import { ConfigIssuesError, loadConfig, parseConfigText, type ConfigIssue } from "../../src/config/load.js";
+
+let dir: string;
+let file: string;
+
+beforeAll(() => {
+  dir = mkdtempSync(path.join(tmpdir(), "nimble-config-"));
+  writeFileSync(path.join(dir, "task.py"), "def build_model(args): pass\n");
+  mkdirSync(path.join(dir, "adir"));
+  file = path.join(dir, "nimble.yaml");
+});
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+const BASE = `name: mnist-cnn
+task: task.py
+steps: 300
+batch_size: 64
+`;
+
+function issuesOf(text: string): { err: ConfigIssuesError; issues: ConfigIssue[] } {
+  try {
+    parseConfigText(text, file);
+  } catch (err) {
+    expect(err).toBeInstanceOf(ConfigError);
+    expect(err).toBeInstanceOf(ConfigIssuesError);
+    expect((err as ConfigError).exitCode).toBe(2);
+    return { err: err as ConfigIssuesError, issues: (err as ConfigIssuesError).issues };
+  }
+  throw new Error("expected a ConfigError");
+}
+
+describe("parseConfigText", () => {
+  it("fills in every default", () => {
+    const loaded = parseConfigText(BASE, file);
+    expect(loaded.path).toBe(file);
+    expect(loaded.dir).toBe(dir);
+    expect(loaded.taskPath).toBe(path.join(dir, "task.py"));
+    expect(loaded.text).toBe(BASE);
+    expect(loaded.config).toEqual({
+      name: "mnist-cnn",
+      task: "task.py",
+      task_args: {},
+      steps: 300,
+      batch_size: 64,
+      seed: 0,
+      optimizer: { name: "sgd", lr: 0.01, momentum: 0, nesterov: false, weight_decay: 0 },
+      lr_schedule: { name: "constant" },
+      eval: { every: 0, samples: 1000, batch_size: 256 },
+      checkpoint: { every: 0, keep: 3 },
+      providers: [],
+      local_workers: 2,
+      output: "runs",
+    });
+  });
+
+  it("fills in defaults inside given sections, per optimizer kind", () => {
+    const { config } = parseConfigText(
+      BASE +
+        `optimizer:
+  name: adamw
+  lr: 3.0e-4
+lr_schedule:
+  name: warmup_cosine
+  warmup_steps: 30
+eval:
+  every: 100
+checkpoint:
+task_args:
+  hidden: 128
+providers:
+  - address: 127.0.0.1:7070
+    token: abc
+  - address: ws://gpu.example.org:7071
+`,
+      file,
+    );
+    expect(config.optimizer).toEqual({ name: "adamw", lr: 3e-4, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.01 });
+    expect(config.lr_schedule).toEqual({ name: "warmup_cosine", warmup_steps: 30, min_lr: 0 });
+    expect(config.eval).toEqual({ every: 100, samples: 1000, batch_size: 256 });
+    expect(config.checkpoint).toEqual({ every: 0, keep: 3 });
+    expect(config.task_args).toEqual({ hidden: 128 });
+    expect(config.providers).toEqual([
+      { address: "127.0.0.1:7070", token: "abc" },
+      { address: "ws://gpu.example.org:7071" },
+    ]);
+  });
+
+  it("defaults an optimizer without a name to sgd", () => {
+    const { config } = parseConfigText(BASE + "optimizer:\n  lr: 0.1\n  momentum: 0.9\n  nesterov: true\n", file);
+    expect(config.optimizer).toEqual({ name: "sgd", lr: 0.1, momentum: 0.9, nesterov: true, weight_decay: 0 });
+  });
+
+  it("reports malformed YAML with its line", () => {
+    const { err, issues } = issuesOf("name: x\ntask: task.py\nsteps: [1, 2\nbatch_size: 4\n");
+    expect(issues.length).toBeGreaterThan(0);
+    expect(issues[0]!.line).toBe(4);
+    expect(issues[0]!.message).toMatch(/^invalid YAML: /);
+    expect(err.message).toContain(`${file}:4:`);
+  });
+
+  it("reports duplicate keys as malformed YAML", () => {
+    const { issues } = issuesOf(BASE + "steps: 5\n");
+    expect(issues[0]!.line).toBe(5);
+    expect(issues[0]!.message).toMatch(/invalid YAML: .*unique/i);
+  });
+
+  it("names line, field, what was found and what is expected for a wrong type", () => {
+    const { err, issues } = issuesOf("name: x\ntask: task.py\nsteps: \"ten\"\nbatch_size: 4\n");
+    expect(issues).toEqual([
+      { line: 3, col: 8, field: "steps", message: 'expected an integer >= 1, found "ten" (a string)' },
+    ]);
+    expect(err.message).toContain(`${file}:3:8: steps: expected an integer >= 1, found "ten" (a string)`);
+  });
+
+  it("rejects non-integers and out-of-range numbers", () => {
+    const { issues } = issuesOf(BASE.replace("batch_size: 64", "batch_size: 6.5") + "seed: -1\nlocal_workers: 65\n");
+    expect(issues.map((i) => [i.line, i.field, i.message])).toEqual([
+      [4, "batch_size", "expected an integer >= 1, found 6.5"],
+      [5, "seed", "expected an integer >= 0, found -1"],
+      [6, "local_workers", "expected an integer >= 1 and <= 64, found 65"],
+    ]);
+  });
+
+  it("rejects an unknown top-level key, naming it and the allowed keys", () => {
+    const { issues } = issuesOf(BASE + "stpes: 10\n");
+    expect(issues).toHaveLength(1);
+    expect(issues[0]).toMatchObject({ line: 5, col: 1, field: "stpes" });
+    expect(issues[0]!.message).toContain('unknown key "stpes"');
+    expect(issues[0]!.message).toContain(
+      "allowed keys: name, task, task_args, steps, batch_size, seed, optimizer, lr_schedule, eval, checkpoint, providers, local_workers, output",
+    );
+  });
+
+  it("rejects unknown nested keys, listing the keys allowed there", () => {
+    const { issues } = issuesOf(
+      BASE + "eval:\n  every: 10\n  sample: 5\noptimizer:\n  name: adam\n  momentum: 0.9\nproviders:\n  - address: h:1\n    tokn: x\n",
+    );
+    expect(issues.map((i) => [i.line, i.col, i.field])).toEqual([
+      [7, 3, "eval.sample"],
+      [10, 3, "optimizer.momentum"],
+      [13, 5, "providers[0].tokn"],
+    ]);
+    expect(issues[0]!.message).toBe('unknown key "sample" in eval; allowed keys: every, samples, batch_size');
+    expect(issues[1]!.message).toBe(
+      'unknown key "momentum" in optimizer (name: adam); allowed keys: name, lr, betas, eps, weight_decay',
+    );
+    expect(issues[2]!.message).toContain("allowed keys: address, token");
+  });
+
+  it("names the task line when the task file is missing", () => {
+    const { err, issues } = issuesOf("name: x\nsteps: 3\nbatch_size: 4\ntask: nothere.py\n");
+    expect(issues).toHaveLength(1);
+    expect(issues[0]).toMatchObject({ line: 4, col: 7, field: "task" });
+    expect(issues[0]!.message).toContain("task file not found");
+    expect(issues[0]!.message).toContain(path.join(dir, "nothere.py"));
+    expect(err.message).toContain(`${file}:4:7: task: task file not found`);
+  });
+
+  it("rejects a task that is a directory", () => {
+    const { issues } = issuesOf(BASE.replace("task.py", "adir"));
+    expect(issues[0]).toMatchObject({ line: 2, field: "task" });
+    expect(issues[0]!.message).toContain("directory");
+  });
+
+  it("lists the optimizer names for a bad optimizer", () => {
+    const { issues } = issuesOf(BASE + "optimizer:\n  name: rmsprop\n  lr: 0.1\n");
+    expect(issues).toEqual([
+      { line: 6, col: 9, field: "optimizer.name", message: 'expected one of sgd | adam | adamw, found "rmsprop" (a string)' },
+    ]);
+  });
+
+  it("lists the schedule names for a bad lr_schedule", () => {
+    const { issues } = issuesOf(BASE + "lr_schedule: {name: cosine}\n");
+    expect(issues[0]).toMatchObject({ line: 5, field: "lr_schedule.name" });
+    expect(issues[0]!.message).toContain("constant | warmup_cosine");
+  });
+
+  it("requires momentum > 0 for nesterov", () => {
+    const { issues } = issuesOf(BASE + "optimizer:\n  name: sgd\n  lr: 0.1\n  nesterov: true\n");
+    expect(issues).toHaveLength(1);
+    expect(issues[0]).toMatchObject({ line: 8, col: 13, field: "optimizer.nesterov" });
+    expect(issues[0]!.message).toContain("momentum > 0");
+  });
+
+  it("checks the optimizer's ranges", () => {
+    const { issues } = issuesOf(BASE + "optimizer:\n  name: adam\n  lr: 0\n  betas: [0.9, 1.0]\n  eps: 0\n");
+    expect(issues.map((i) => [i.line, i.field, i.message])).toEqual([
+      [7, "optimizer.lr", "expected a number > 0, found 0"],
+      [8, "optimizer.betas[1]", "expected a number >= 0 and < 1, found 1"],
+      [9, "optimizer.eps", "expected a number > 0, found 0"],
+    ]);
+  });
+
+  it("requires warmup_steps < steps", () => {
+    const { issues } = issuesOf(BASE + "lr_schedule:\n  name: warmup_cosine\n  warmup_steps: 300\n");
+    expect(issues).toEqual([
+      {
+        line: 7,
+        col: 17,
+        field: "lr_schedule.warmup_steps",
+        message: "expected an integer < steps (300), found 300",
+      },
+    ]);
+  });
+
+  it("rejects providers together with local_workers", () => {
+    const { issues } = issuesOf(BASE + "providers:\n  - address: 10.0.0.2:7070\nlocal_workers: 4\n");
+    expect(issues).toHaveLength(1);
+    expect(issues[0]).toMatchObject({ line: 7, col: 16, field: "local_workers" });
+    expect(issues[0]!.message).toContain("providers");
+    // An empty providers list is the same as none.
+    expect(parseConfigText(BASE + "providers: []\nlocal_workers: 4\n", file).config.local_workers).toBe(4);
+  });
+
+  it("validates provider addresses", () => {
+    const { issues } = issuesOf(BASE + "providers:\n  - address: gpu-box\n  - address: '[::1]:7070'\n");
+    expect(issues).toHaveLength(1);
+    expect(issues[0]).toMatchObject({ line: 6, col: 14, field: "providers[0].address" });
+    expect(issues[0]!.message).toBe('expected host:port or ws://host:port, found "gpu-box" (a string)');
+  });
+
+  it("reports missing required fields", () => {
+    const { issues } = issuesOf("name: x\ntask: task.py\n");
+    expect(issues.map((i) => [i.field, i.message])).toEqual([
+      ["steps", "missing required field; expected an integer >= 1"],
+      ["batch_size", "missing required field; expected an integer >= 1"],
+    ]);
+  });
+
+  it("reports a missing nested field at its section", () => {
+    const { issues } = issuesOf(BASE + "providers:\n  - token: abc\n");
+    expect(issues[0]).toMatchObject({ line: 6, field: "providers[0].address" });
+    expect(issues[0]!.message).toContain("missing required field");
+  });
+
+  it("rejects an empty document and a non-mapping", () => {
+    expect(issuesOf("").issues[0]!.message).toContain("found an empty document");
+    expect(issuesOf("- a\n- b\n").issues[0]!.message).toContain("found a list of 2");
+  });
+
+  it("reports all issues together, in file order, one per line", () => {
+    const text = `name: "bad name!"
+task: missing.py
+steps: 0
+batch_size: big
+optimizer:
+  name: sgd
+  lr: -0.1
+  bogus: 1
+eval:
+  every: -5
+color: blue
+`;
+    const { err, issues } = issuesOf(text);
+    expect(issues.map((i) => [i.line, i.field])).toEqual([
+      [1, "name"],
+      [2, "task"],
+      [3, "steps"],
+      [4, "batch_size"],
+      [7, "optimizer.lr"],
+      [8, "optimizer.bogus"],
+      [10, "eval.every"],
+      [11, "color"],
+    ]);
+    const lines = err.message.split("\n");
+    expect(lines[0]).toBe(`invalid config ${file} (8 problems):`);
+    expect(lines.slice(1).map((l) => l.trim().split(": ")[0])).toEqual([
+      `${file}:1:7`,
+      `${file}:2:7`,
+      `${file}:3:8`,
+      `${file}:4:13`,
+      `${file}:7:7`,
+      `${file}:8:3`,
+      `${file}:10:10`,
+      `${file}:11:1`,
+    ]);
+  });
+
+  it("caps the listing at 10 problems", () => {
+    const extra = Array.from({ length: 14 }, (_, i) => `k${i}: 1`).join("\n");
+    const { err, issues } = issuesOf(BASE + extra + "\n");
+    expect(issues).toHaveLength(14);
+    const lines = err.message.split("\n");
+    expect(lines).toHaveLength(12);
+    expect(lines[11]!.trim()).toBe("... and 4 more problems");
+  });
+});
+
+describe("loadConfig", () => {
+  it("loads a file, resolving the task next to it", async () => {
+    writeFileSync(file, BASE);
+    const rel = path.relative(process.cwd(), file);
+    const loaded = await loadConfig(rel);
+    expect(loaded.path).toBe(file);
+    expect(loaded.taskPath).toBe(path.join(dir, "task.py"));
+    expect(loaded.config.steps).toBe(300);
+  });
+
+  it("throws a ConfigError for a missing config file", async () => {
+    const missing = path.join(dir, "nope.yaml");
+    await expect(loadConfig(missing)).rejects.toThrow(ConfigError);
+    await expect(loadConfig(missing)).rejects.toThrow(/no such file/);
+  });
+});

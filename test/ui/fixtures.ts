@@ -1,0 +1,35 @@
+import type { TrainEvent, WorkerRow } from "../../src/ui/events.js";
+
+export function worker(i: number, over: Partial<WorkerRow> = {}): WorkerRow {
+  return {
+    id: `127.0.0.1:7070#${i}`,
+    rank: i,
+    provider: "127.0.0.1:7070",
+    device: `cuda:${i}`,
+    state: "training",
+    share: 32,
+    samples: 3840,
+    compute_s: 0.012,
+    comm_s: 0.004,
+    bytes_sent: 2_100_000,
+    ...over,
+  };
+}
+
+export function stepEvent(step: number, steps = 300, over: Partial<Extract<TrainEvent, { type: "step" }>> = {}) {
+  return {
+    type: "step" as const,
+    step,
+    steps,
+    loss: 0.4312,
+    lr: 1.2e-3,
+    samples: step * 64,
+    samples_per_s: 312,
+    wall_s: step * 0.2,
+    bytes_sent: 4_100_000,
+    workers: [worker(0), worker(1), worker(2)],
+    ...over,
+  };
+}
+
+export const stripAnsi = (s: string) => s.replace(/\u001b\[[0-9;?]*[A-Za-z]/g, "");
