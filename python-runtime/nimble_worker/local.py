@@ -10,8 +10,6 @@ import json
 import sys
 import time
 
-import torch
-
 from .config import JobConfig
 from .task import Task
 from .train import Trainer
@@ -22,6 +20,9 @@ def run(task_path: str, config: dict, log=print) -> dict:
     t0 = time.perf_counter()
     tr = Trainer(cfg, Task(task_path, cfg.task_args), 0, 1, "cpu", lambda b: b.clone())
     log(json.dumps({"ready": tr.describe(), "setup_s": round(time.perf_counter() - t0, 2)}))
+    t0 = time.perf_counter()
+    n, sums = tr.eval(0, cfg.eval.samples, cfg.eval.batch_size)
+    log(json.dumps({"step": 0, **{k: round(v / max(n, 1), 4) for k, v in sums.items()}}))
     t0 = time.perf_counter()
     result: dict = {}
     for t in range(cfg.steps):
@@ -37,5 +38,4 @@ def run(task_path: str, config: dict, log=print) -> dict:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(torch.get_num_threads())
     run(sys.argv[1], json.loads(sys.argv[2]) if len(sys.argv) > 2 else {})

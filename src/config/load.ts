@@ -19,6 +19,8 @@ import {
   type RawIssue,
 } from "./schema.js";
 
+export type { JobConfig } from "./schema.js";
+
 export interface LoadedConfig {
   /** Absolute path of the config file. */
   path: string;

@@ -277,6 +277,7 @@ class ProviderJob {
         python: this.opts.python.python,
         cwd: this.dir,
         label,
+        env: { NIMBLE_RANK: String(local.rank), NIMBLE_WORLD_SIZE: String(spec.world_size) },
         onLog: (line) => {
           this.log(line);
           this.send({ t: "log", line });

@@ -217,8 +217,11 @@ export class FrameLink {
     for (const w of waiters) w.reject(err);
   }
 
-  private handleClose(code: number, reason: string): void {
+  private handleClose(wsCode: number, reason: string): void {
     if (this.closeInfo) return;
+    // When ws itself rejected an incoming frame (e.g. 1009, larger than maxPayload) it
+    // sends that close code but stops reading, so its own 'close' often says 1006.
+    const code = wsCode === 1006 ? (statusCodeOf(this.lastError) ?? wsCode) : wsCode;
     const why = reason || this.lastError?.message || "";
     this.closeInfo = { code, reason: why };
     this.queue = [];
@@ -227,6 +230,18 @@ export class FrameLink {
     this.closeListeners = [];
     for (const l of listeners) l(code, why);
   }
+}
+
+/** The close code ws attaches to the errors its receiver raises (1002, 1007, 1009...). */
+function statusCodeOf(err: Error | null): number | undefined {
+  if (!err) return undefined;
+  for (const sym of Object.getOwnPropertySymbols(err)) {
+    if (sym.description === "status-code") {
+      const v = (err as unknown as Record<symbol, unknown>)[sym];
+      if (typeof v === "number") return v;
+    }
+  }
+  return undefined;
 }
 
 /** Open a client WebSocket (no compression, bounded message size) as a FrameLink. */

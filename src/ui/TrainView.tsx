@@ -149,10 +149,12 @@ export class InkReporter implements Reporter {
   constructor(options: InkReporterOptions = {}) {
     this.state = initialViewState({ name: options.name, runDir: options.runDir });
     this.throttleMs = options.throttleMs ?? 100;
+    // Ink spreads these over its defaults: leave out what is not given (an explicit
+    // `stdin: undefined` would replace process.stdin and break rendering).
     this.instance = render(<TrainView state={this.state} />, {
       stdout: options.stdout ?? process.stdout,
       stderr: options.stderr ?? process.stderr,
-      stdin: options.stdin,
+      ...(options.stdin ? { stdin: options.stdin } : {}),
       exitOnCtrlC: false,
       patchConsole: options.patchConsole ?? true,
     });

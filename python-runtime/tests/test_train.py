@@ -1,0 +1,106 @@
+import threading
+
+import pytest
+import torch
+
+from conftest import TINY_CONFIG
+from nimble_worker.config import JobConfig
+from nimble_worker.task import Task
+from nimble_worker.train import Trainer, lr_factor
+
+
+def trainer(task_path, rank=0, world=1, allreduce=lambda b: b.clone(), **over):
+    cfg = JobConfig.from_dict({**TINY_CONFIG, **over})
+    return Trainer(cfg, Task(task_path, cfg.task_args), rank, world, "cpu", allreduce)
+
+
+def test_config_defaults_and_extra_keys():
+    cfg = JobConfig.from_dict({"name": "x", "task": "t.py", "steps": 5, "batch_size": 4,
+                               "optimizer": {"name": "adam"}, "providers": ["a"], "output": "o"})
+    assert cfg.seed == 0 and cfg.optimizer.lr == 0.01 and cfg.optimizer.betas == (0.9, 0.999)
+    assert cfg.optimizer.eps == 1e-8 and cfg.lr_schedule.name == "constant"
+    assert (cfg.eval.every, cfg.eval.samples, cfg.eval.batch_size) == (0, 1000, 256)
+    assert (cfg.checkpoint.every, cfg.checkpoint.keep) == (0, 3)
+
+
+def test_warmup_cosine_schedule():
+    cfg = JobConfig.from_dict({"steps": 100, "optimizer": {"lr": 0.1},
+                               "lr_schedule": {"name": "warmup_cosine", "warmup_steps": 10,
+                                               "min_lr": 0.01}})
+    f = lr_factor(cfg)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert f(100) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(10, 100))
+
+
+def test_scaled_gradients_of_workers_sum_to_the_global_gradient(tiny_task):
+    shares = [1, 7, 0, 24]
+    one = trainer(tiny_task, batch_size=32)
+    for t in (0, 3):  # step 3 wraps into epoch 1 of the 50-item dataset
+        loss1, g1 = one.backward(t, [32])
+        parts = [trainer(tiny_task, rank=r, world=4, batch_size=32).backward(t, shares)
+                 for r in range(4)]
+        assert parts[2][1].abs().sum() == 0 and parts[2][0] == 0.0
+        assert torch.allclose(sum(g for _, g in parts), g1, atol=1e-6)
+        mean = sum(l * s for (l, _), s in zip(parts, shares)) / 32
+        assert mean == pytest.approx(loss1, abs=1e-5)
+
+
+class ThreadRing:
+    """An in-process all-reduce for N threads (a barrier and a shared sum)."""
+
+    def __init__(self, n):
+        self.n, self.bufs, self.lock = n, {}, threading.Lock()
+        self.barrier = threading.Barrier(n)
+
+    def member(self, rank):
+        def allreduce(buf):
+            with self.lock:
+                self.bufs[rank] = buf.clone()
+            self.barrier.wait()
+            out = sum(self.bufs[r] for r in range(self.n))  # same order on every rank
+            self.barrier.wait()
+            return out
+        return allreduce
+
+
+def test_three_workers_match_one_worker(tiny_task):
+    steps, B = 6, 12
+    ref = trainer(tiny_task, batch_size=B)
+    ref.sync()
+    for t in range(steps):
+        ref.step(t, [B])
+    ring = ThreadRing(3)
+    trs = [trainer(tiny_task, rank=r, world=3, allreduce=ring.member(r), batch_size=B)
+           for r in range(3)]
+    with torch.no_grad():  # rank 1 and 2 start from different weights: sync must fix it
+        for p in trs[1].params + trs[2].params:
+            p.add_(1.0)
+    shares = [[2, 3, 7], [12, 0, 0], [0, 6, 6], [4, 4, 4], [1, 1, 10], [11, 1, 0]]
+    reports = [[] for _ in range(3)]
+
+    def run(r):
+        reports[r].append(trs[r].sync())
+        for t in range(steps):
+            reports[r].append(trs[r].step(t, shares[t], want_hash=True))
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(3)]
+    [th.start() for th in threads]
+    [th.join() for th in threads]
+    assert len({rep[0] for rep in reports}) == 1  # same synced hash
+    assert len({rep[-1]["hash"] for rep in reports}) == 1  # replicas identical
+    for p, q in zip(trs[0].params, ref.params):
+        assert torch.allclose(p, q, atol=1e-5)
+    assert reports[1][2]["samples"] == 0 and reports[1][2]["loss"] == 0.0
+
+
+def test_eval_sums_cover_disjoint_slices(tiny_task):
+    tr = trainer(tiny_task)
+    n_all, all_sums = tr.eval(0, 20, 7)
+    n_a, a = tr.eval(0, 9, 4)
+    n_b, b = tr.eval(9, 100, 5)  # clipped to the 20 validation items
+    assert (n_all, n_a, n_b) == (20, 9, 11)
+    for k in all_sums:
+        assert a[k] + b[k] == pytest.approx(all_sums[k], abs=1e-4)
+    assert tr.model.training

@@ -1,0 +1,157 @@
+"""The worker as the provider sees it: a subprocess speaking frames on fd 3."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+
+from conftest import ROOT, TINY_CONFIG
+from nimble_worker import safetensors
+from nimble_worker.link import Link, LinkClosed
+
+STEPS = 6
+
+
+class FakeProvider:
+    """Starts `python -m nimble_worker` with a socketpair on fd 3; world_size 1, so an
+    all-reduce is answered with the same bytes."""
+
+    def __init__(self, cwd):
+        ours, theirs = socket.socketpair()
+        env = {**os.environ, "PYTHONPATH": ROOT, "NIMBLE_HOME": str(cwd)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "import os, sys; os.dup2(int(sys.argv[1]), 3); "
+             "import runpy; runpy.run_module('nimble_worker', run_name='__main__')",
+             str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),), cwd=cwd, env=env,
+            stdout=None, stderr=None)
+        theirs.close()
+        self.sock = ours
+        self.link = Link(ours)
+        self.allreduces = []
+
+    def request(self, header, payload=b""):
+        self.link.send(header, payload)
+        while True:
+            h, p = self.link.recv()
+            if h["op"] != "allreduce":
+                return h, p
+            assert h["dtype"] == "float32" and len(p) == 4 * h["count"]
+            self.allreduces.append(h)
+            self.link.send({"op": "allreduce_result", "id": h["id"], "dtype": "float32",
+                            "count": h["count"]}, p)
+
+    def init(self, task_path, **over):
+        return self.request({"op": "init", "task_path": task_path,
+                             "config": {**TINY_CONFIG, **over}, "rank": 0, "world_size": 1,
+                             "device": "cpu", "threads": 1})
+
+    def stop(self):
+        self.link.send({"op": "stop"})
+        return self.proc.wait(timeout=30)
+
+
+def steps(w, start, stop):
+    out = []
+    for t in range(start, stop):
+        h, _ = w.request({"op": "step", "step": t, "shares": [8], "want_hash": True})
+        assert h["op"] == "step_done", h
+        out.append(h)
+    return out
+
+
+def test_full_session_and_resume_from_checkpoint(tiny_task, tmp_path):
+    # uninterrupted run
+    w = FakeProvider(tmp_path)
+    ready, _ = w.init(tiny_task)
+    assert ready == {"op": "ready", "params": 58, "param_bytes": 232,
+                     "model": "Sequential (58 parameters)", "train_size": 50, "val_size": 20}
+    synced, _ = w.request({"op": "sync"})
+    assert synced["op"] == "synced" and len(synced["hash"]) == 64
+    full = steps(w, 0, STEPS)
+    assert [r["step"] for r in full] == list(range(STEPS))
+    assert all(r["samples"] == 8 and r["comm_s"] >= 0 and r["compute_s"] > 0 for r in full)
+    assert full[0]["lr"] == 0.005 and full[1]["lr"] == 0.01  # 2 warmup steps of lr 0.01
+    ids = [h["id"] for h in w.allreduces]
+    assert ids == list(range(STEPS + 1)) and {h["count"] for h in w.allreduces} == {58}
+    h, _ = w.request({"op": "eval", "step": STEPS, "start": 0, "count": 20, "batch_size": 7})
+    assert h["op"] == "eval_done" and h["count"] == 20 and set(h["sums"]) == {"loss", "accuracy"}
+    assert 0 <= h["sums"]["accuracy"] <= 20
+    h, p = w.request({"op": "state", "kind": "final"})
+    assert h["kind"] == "final" and h["step"] == STEPS
+    assert h["files"] == [{"name": "model.safetensors", "size": len(p)}]
+    tensors, meta = safetensors.loads(p)
+    assert set(tensors) == {"0.weight", "0.bias", "2.weight", "2.bias"} and meta["step"] == "6"
+    assert w.stop() == 0
+
+    # interrupted: 3 steps, checkpoint, stop; a fresh worker resumes
+    w = FakeProvider(tmp_path)
+    w.init(tiny_task)
+    w.request({"op": "sync"})
+    first = steps(w, 0, 3)
+    h, ckpt = w.request({"op": "state", "kind": "checkpoint"})
+    assert [f["name"] for f in h["files"]] == ["model.pt", "optimizer.pt", "schedule.pt",
+                                               "data.json", "rng.pt", "meta.json"]
+    assert h["step"] == 3 and sum(f["size"] for f in h["files"]) == len(ckpt)
+    assert w.stop() == 0
+    offsets = {}
+    at = 0
+    for f in h["files"]:
+        offsets[f["name"]] = ckpt[at:at + f["size"]]
+        at += f["size"]
+    assert json.loads(offsets["data.json"]) == {"step": 3}
+    assert json.loads(offsets["meta.json"])["world_size"] == 1
+
+    w = FakeProvider(tmp_path)
+    w.init(tiny_task)
+    loaded, _ = w.request({"op": "load_state", "files": h["files"]}, ckpt)
+    assert loaded == {"op": "loaded", "step": 3}
+    rest = steps(w, 3, STEPS)
+    assert [r["hash"] for r in first + rest] == [r["hash"] for r in full]
+    assert [r["loss"] for r in first + rest] == [r["loss"] for r in full]
+    assert [r["lr"] for r in first + rest] == [r["lr"] for r in full]
+    assert w.stop() == 0
+
+
+def test_task_error_is_reported_and_exits_3(tmp_path):
+    task = tmp_path / "bad.py"
+    task.write_text("import torch\n"
+                    "def build_model(args):\n    raise RuntimeError('no GPU for you')\n"
+                    "def build_dataset(split, args):\n    return [(torch.zeros(2), 0)]\n")
+    w = FakeProvider(tmp_path)
+    h, _ = w.init(str(task))
+    assert h["op"] == "error" and h["kind"] == "task" and h["where"] == "bad.py: build_model"
+    assert "RuntimeError: no GPU for you" in h["message"]
+    assert w.proc.wait(timeout=30) == 3
+
+
+def test_nan_loss_still_joins_the_allreduce_then_errors(tmp_path):
+    task = tmp_path / "task.py"
+    task.write_text("import torch, torch.nn as nn\n"
+                    "def build_model(args):\n    return nn.Linear(2, 1)\n"
+                    "def build_dataset(split, args):\n    return [(torch.ones(2), 0.0)] * 4\n"
+                    "def compute_loss(model, batch):\n"
+                    "    x, y = batch\n    return (model(x).sum() * float('nan'))\n")
+    w = FakeProvider(tmp_path)
+    assert w.init(str(task), batch_size=2)[0]["op"] == "ready"
+    h, _ = w.request({"op": "step", "step": 0, "shares": [2], "want_hash": False})
+    assert len(w.allreduces) == 1
+    assert h == {"op": "error", "message": "loss is nan at step 0",
+                 "where": "task.py: compute_loss", "kind": "task"}
+    assert w.proc.wait(timeout=30) == 3
+
+
+def test_bad_message_is_internal_error_and_closed_link_exits_4(tiny_task, tmp_path):
+    w = FakeProvider(tmp_path)
+    w.init(tiny_task)
+    h, _ = w.request({"op": "frobnicate"})
+    assert h["op"] == "error" and h["kind"] == "internal" and "frobnicate" in h["message"]
+    assert w.proc.wait(timeout=30) == 3
+
+    w = FakeProvider(tmp_path)
+    w.init(tiny_task)
+    w.sock.close()
+    assert w.proc.wait(timeout=30) == 4

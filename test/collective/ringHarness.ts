@@ -1,0 +1,129 @@
+/**
+ * Test harness: N real WebSocket servers on 127.0.0.1 (port 0), rank r connected to
+ * rank r+1 through connectRingPeer / acceptRingPeer. `close()` tears everything down.
+ */
+import type { AddressInfo } from "node:net";
+import WebSocket, { WebSocketServer } from "ws";
+import { RingAllReduce } from "../../src/collective/ring.js";
+import { acceptRingPeer, connectRingPeer, type FrameLink } from "../../src/net/link.js";
+import { MAX_FRAME_BYTES } from "../../src/protocol/frames.js";
+
+export const JOB = "job-test";
+export const SECRET = "s3cret-ring-token";
+
+export interface HarnessOptions {
+  chunkBytes?: number;
+  maxPayload?: number;
+  highWaterMark?: number;
+  /** Ranks that get links but no RingAllReduce (the test drives them by hand). */
+  manual?: number[];
+}
+
+export interface RingNode {
+  rank: number;
+  server: WebSocketServer;
+  url: string;
+  next: FrameLink;
+  prev: FrameLink;
+  ring: RingAllReduce | null;
+}
+
+export interface Harness {
+  nodes: RingNode[];
+  rings: RingAllReduce[];
+  close(): Promise<void>;
+}
+
+const live = new Set<Harness>();
+
+export function startServer(maxPayload = MAX_FRAME_BYTES): Promise<{ server: WebSocketServer; url: string }> {
+  return new Promise((resolve, reject) => {
+    const server = new WebSocketServer({ host: "127.0.0.1", port: 0, path: "/ring", maxPayload, perMessageDeflate: false });
+    server.once("error", reject);
+    server.once("listening", () => {
+      const { port } = server.address() as AddressInfo;
+      resolve({ server, url: `ws://127.0.0.1:${port}/ring` });
+    });
+  });
+}
+
+export async function closeServer(server: WebSocketServer): Promise<void> {
+  for (const client of server.clients) client.terminate();
+  await new Promise<void>((resolve) => server.close(() => resolve()));
+}
+
+export async function startRing(size: number, opts: HarnessOptions = {}): Promise<Harness> {
+  const servers = await Promise.all(Array.from({ length: size }, () => startServer(opts.maxPayload)));
+  const clientLinks: FrameLink[] = [];
+  const accepted = servers.map(
+    ({ server }, rank) =>
+      new Promise<FrameLink>((resolve, reject) => {
+        server.on("connection", (ws: WebSocket) => {
+          acceptRingPeer(ws, { job: JOB, secret: SECRET, ranks: new Set([rank]) }, 2000, {
+            highWaterMark: opts.highWaterMark,
+          }).then(({ from, to, link }) => {
+            if (from !== (rank - 1 + size) % size || to !== rank) reject(new Error(`bad hello ${from}->${to}`));
+            else resolve(link);
+          }, reject);
+        });
+      }),
+  );
+  for (let rank = 0; rank < size; rank++) {
+    const to = (rank + 1) % size;
+    clientLinks.push(
+      await connectRingPeer(
+        servers[to].url,
+        { job: JOB, secret: SECRET, from: rank, to },
+        { highWaterMark: opts.highWaterMark, maxPayload: opts.maxPayload },
+      ),
+    );
+  }
+  const prevLinks = await Promise.all(accepted);
+  const manual = new Set(opts.manual ?? []);
+  const nodes: RingNode[] = servers.map(({ server, url }, rank) => ({
+    rank,
+    server,
+    url,
+    next: clientLinks[rank],
+    prev: prevLinks[rank],
+    ring: manual.has(rank)
+      ? null
+      : new RingAllReduce({ rank, size, next: clientLinks[rank], prev: prevLinks[rank], chunkBytes: opts.chunkBytes }),
+  }));
+  const harness: Harness = {
+    nodes,
+    rings: nodes.map((n) => n.ring).filter((r): r is RingAllReduce => r !== null),
+    async close() {
+      live.delete(harness);
+      for (const n of nodes) {
+        n.ring?.close();
+        n.next.terminate();
+        n.prev.terminate();
+      }
+      await Promise.all(nodes.map((n) => closeServer(n.server)));
+    },
+  };
+  live.add(harness);
+  return harness;
+}
+
+/** Close every harness still open (call from afterEach). */
+export async function closeAll(): Promise<void> {
+  await Promise.all([...live].map((h) => h.close()));
+}
+
+export function randomBuffer(length: number, seed: number): Float32Array {
+  let s = seed >>> 0 || 1;
+  const out = new Float32Array(length);
+  for (let i = 0; i < length; i++) {
+    s ^= s << 13;
+    s >>>= 0;
+    s ^= s >>> 17;
+    s ^= s << 5;
+    s >>>= 0;
+    out[i] = (s / 0x100000000) * 2 - 1;
+  }
+  return out;
+}
+
+export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));

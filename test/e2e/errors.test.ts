@@ -1,0 +1,94 @@
+import { writeFile } from "node:fs/promises";
+import path from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { nimble, startProvider, tempDir, testPython } from "../helpers/processes.js";
+
+let python = "";
+let tmp: Awaited<ReturnType<typeof tempDir>>;
+beforeAll(async () => {
+  python = await testPython();
+  tmp = await tempDir();
+}, 600_000);
+afterAll(() => tmp?.remove());
+
+const TINY_TASK = `
+import torch
+
+class Items(torch.utils.data.Dataset):
+    def __init__(self, n):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 4, generator=g)
+        self.y = (self.x.sum(1) > 0).long()
+    def __len__(self):
+        return len(self.x)
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+def build_model(args):
+    return torch.nn.Linear(4, 2)
+
+def build_dataset(split, args):
+    return Items(256 if split == "train" else 64)
+`;
+
+async function setup(name: string, task: string, extraConfig: string[] = []): Promise<string> {
+  const dir = path.join(tmp.dir, name);
+  await import("node:fs/promises").then((fs) => fs.mkdir(dir, { recursive: true }));
+  await writeFile(path.join(dir, "task.py"), task);
+  const config = path.join(dir, "nimble.yaml");
+  await writeFile(config, [`name: ${name}`, "task: task.py", "steps: 6", "batch_size: 16", "eval: {samples: 32}", `output: ${path.join(dir, "runs")}`, ...extraConfig].join("\n") + "\n");
+  return config;
+}
+
+describe("nimble train: bad input gets a clear message and a non-zero exit", () => {
+  it("names an unreachable provider", async () => {
+    const config = await setup("unreachable", TINY_TASK, ["providers:", "  - {address: 127.0.0.1:9, token: x}"]);
+    const r = await nimble(["train", config, "--python", python], { timeout: 60_000 });
+    expect(r.exitCode).not.toBe(0);
+    expect(String(r.stderr)).toMatch(/Cannot reach provider 127\.0\.0\.1:9/);
+    expect(String(r.stderr)).toMatch(/hint:/);
+  });
+
+  it("reports a wrong token", async () => {
+    const p = await startProvider(python, "the-right-token");
+    const config = await setup("token", TINY_TASK, ["providers:", `  - {address: "${p.address}", token: not-the-token}`]);
+    const r = await nimble(["train", config, "--python", python], { timeout: 60_000 });
+    expect(r.exitCode).not.toBe(0);
+    expect(String(r.stderr)).toContain("refused the job: wrong token");
+  });
+
+  it("names the task file and the missing function", async () => {
+    const config = await setup("nofn", TINY_TASK.replace("def build_model", "def build_modle"));
+    const r = await nimble(["train", config, "--python", python, "--local", "2"], { timeout: 120_000 });
+    expect(r.exitCode).not.toBe(0);
+    expect(String(r.stderr)).toMatch(/task\.py/);
+    expect(String(r.stderr)).toMatch(/build_model/);
+  }, 180_000);
+
+  it("fails when a worker dies mid-run, naming its rank, and keeps the metrics so far", async () => {
+    const dying = `${TINY_TASK}
+import os, signal
+_calls = 0
+def compute_loss(model, batch):
+    global _calls
+    _calls += 1
+    if os.environ.get("NIMBLE_RANK") == "1" and _calls == 4:
+        os.kill(os.getpid(), signal.SIGKILL)
+    x, y = batch
+    return torch.nn.functional.cross_entropy(model(x), y)
+`;
+    const config = await setup("dies", dying);
+    const r = await nimble(["train", config, "--python", python, "--local", "2"], { timeout: 120_000 });
+    expect(r.exitCode).not.toBe(0);
+    expect(String(r.stderr)).toMatch(/rank 1/);
+    expect(String(r.stderr)).toMatch(/SIGKILL/);
+  }, 180_000);
+
+  it("rejects a config error with exit code 2, naming file, line and field", async () => {
+    const config = await setup("badconfig", TINY_TASK, ["stepz: 3"]);
+    const r = await nimble(["train", config, "--python", python], { timeout: 30_000 });
+    expect(r.exitCode).toBe(2);
+    expect(String(r.stderr)).toContain(`${config}:7`);
+    expect(String(r.stderr)).toContain("stepz");
+  });
+});

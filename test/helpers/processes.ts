@@ -1,0 +1,81 @@
+import { execa, type Options, type ResultPromise } from "execa";
+import { mkdtemp, rm } from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import { afterAll } from "vitest";
+import { resolvePython } from "../../src/runtime/python.js";
+import { CLI_PATH } from "../../src/runtime/paths.js";
+
+export const REPO_ROOT = path.resolve(import.meta.dirname, "..", "..");
+
+/**
+ * Every process a test starts goes through here, and all of them (with their process
+ * groups: providers start workers) are killed when the file's tests end, pass or fail.
+ */
+const started: ResultPromise[] = [];
+
+function killGroup(pid: number | undefined) {
+  if (!pid) return;
+  for (const target of [-pid, pid]) {
+    try {
+      process.kill(target, "SIGKILL");
+    } catch {
+      // gone
+    }
+  }
+}
+
+afterAll(async () => {
+  for (const child of started) {
+    if (child.exitCode === null) killGroup(child.pid);
+  }
+  await Promise.all(started.map((c) => c.catch(() => undefined)));
+  started.length = 0;
+});
+
+let pythonPromise: Promise<string> | null = null;
+/** The interpreter with torch the e2e tests use: $NIMBLE_PYTHON or the managed environment. */
+export function testPython(): Promise<string> {
+  pythonPromise ??= resolvePython({ onProgress: (line) => process.stderr.write(`${line}\n`) }).then((env) => env.python);
+  return pythonPromise;
+}
+
+/** Run the built CLI (dist/cli.js) as a user would. The process leads its own group. */
+export function nimble(args: string[], options: Options = {}): ResultPromise {
+  const child = execa(process.execPath, [CLI_PATH, ...args], { reject: false, detached: true, cwd: REPO_ROOT, ...options });
+  started.push(child as ResultPromise);
+  return child as ResultPromise;
+}
+
+export async function tempDir(prefix = "nimble-test-"): Promise<{ dir: string; remove: () => Promise<void> }> {
+  const dir = await mkdtemp(path.join(os.tmpdir(), prefix));
+  return { dir, remove: () => rm(dir, { recursive: true, force: true }) };
+}
+
+/** Start `nimble provide` on a free loopback port and wait for its listening event. */
+export async function startProvider(python: string, token: string, extra: string[] = []): Promise<{ address: string; child: ResultPromise }> {
+  const child = nimble(["provide", "--host", "127.0.0.1", "--port", "0", "--token", token, "--python", python, "--json", "--threads", "1", ...extra], {
+    buffer: false,
+  });
+  const address = await new Promise<string>((resolve, reject) => {
+    let pending = "";
+    child.stdout?.setEncoding("utf8");
+    child.stdout?.on("data", (chunk: string) => {
+      pending += chunk;
+      const lines = pending.split("\n");
+      pending = lines.pop() ?? "";
+      for (const line of lines) {
+        try {
+          const event = JSON.parse(line);
+          if (event.type === "listening") resolve(event.url);
+        } catch {
+          // not an event line
+        }
+      }
+    });
+    void child.then((r) => reject(new Error(`provider exited early with code ${r.exitCode}`)));
+  });
+  return { address, child };
+}
+
+export { execa };

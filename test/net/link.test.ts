@@ -1,0 +1,107 @@
+import { afterEach, describe, expect, it } from "vitest";
+import WebSocket, { type WebSocketServer } from "ws";
+import { ProtocolError } from "../../src/errors.js";
+import {
+  acceptRingPeer,
+  connectLink,
+  connectRingPeer,
+  type FrameLink,
+  LinkClosedError,
+  secretsEqual,
+} from "../../src/net/link.js";
+import { encodeControl } from "../../src/protocol/frames.js";
+import { closeServer, startServer } from "../collective/ringHarness.js";
+
+const servers: WebSocketServer[] = [];
+const links: FrameLink[] = [];
+
+afterEach(async () => {
+  for (const l of links.splice(0)) l.terminate();
+  await Promise.all(servers.splice(0).map(closeServer));
+});
+
+/** A server whose connections go through acceptRingPeer for job "j", secret "s", rank 1. */
+async function ringServer(timeoutMs = 2000) {
+  const { server, url } = await startServer();
+  servers.push(server);
+  const accepted: Array<Promise<{ from: number; to: number; link: FrameLink }>> = [];
+  server.on("connection", (ws: WebSocket) => {
+    const p = acceptRingPeer(ws, { job: "j", secret: "s", ranks: new Set([1]) }, timeoutMs);
+    p.then(({ link }) => links.push(link), () => {});
+    accepted.push(p);
+  });
+  const nextAccepted = async () => {
+    while (accepted.length === 0) await new Promise((r) => setTimeout(r, 5));
+    return accepted.shift()!;
+  };
+  return { url, nextAccepted };
+}
+
+function closeCode(link: FrameLink): Promise<number> {
+  return new Promise((resolve) => link.onClose((code) => resolve(code)));
+}
+
+describe("ring connection auth", () => {
+  it("accepts a good hello and delivers later frames in order", async () => {
+    const { url, nextAccepted } = await ringServer();
+    const link = await connectRingPeer(url, { job: "j", secret: "s", from: 0, to: 1 });
+    links.push(link);
+    for (let i = 0; i < 3; i++) await link.send(encodeControl({ t: "op", op: i, count: 1, dtype: "float32" }));
+    const { from, to, link: server } = await nextAccepted();
+    expect([from, to]).toEqual([0, 1]);
+    await new Promise((r) => setTimeout(r, 30)); // frames queue until a listener is set
+    const got: number[] = [];
+    await new Promise<void>((resolve) => {
+      server.onFrame((bytes) => {
+        got.push(bytes[bytes.length - 10]); // not decoded: just count them
+        if (got.length === 3) resolve();
+      });
+    });
+    expect(got).toHaveLength(3);
+    expect(server.framesReceived).toBe(4);
+    expect(link.bytesSent).toBeGreaterThan(0);
+  });
+
+  for (const [name, hello, code, message] of [
+    ["wrong secret", { job: "j", secret: "nope", from: 0, to: 1 }, 4001, /wrong secret/],
+    ["wrong job", { job: "other", secret: "s", from: 0, to: 1 }, 4001, /wrong job/],
+    ["a rank not hosted here", { job: "j", secret: "s", from: 0, to: 2 }, 4002, /rank 2/],
+  ] as const) {
+    it(`rejects ${name}`, async () => {
+      const { url, nextAccepted } = await ringServer();
+      const link = await connectRingPeer(url, hello);
+      links.push(link);
+      const closed = closeCode(link);
+      const err = await (await nextAccepted()).catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(ProtocolError);
+      expect((err as Error).message).toMatch(message);
+      expect(await closed).toBe(code);
+      await expect(link.send(new Uint8Array([1]))).rejects.toBeInstanceOf(LinkClosedError);
+    });
+  }
+
+  it("rejects a first frame that is not hello, and a silent peer", async () => {
+    const { url, nextAccepted } = await ringServer(100);
+    const a = await connectLink(url);
+    links.push(a);
+    const closedA = closeCode(a);
+    await a.send(encodeControl({ t: "op", op: 0, count: 1, dtype: "float32" }));
+    await expect(await nextAccepted()).rejects.toThrow(/must be hello/);
+    expect(await closedA).toBe(4001);
+
+    const b = await connectLink(url);
+    links.push(b);
+    const closedB = closeCode(b);
+    await expect(await nextAccepted()).rejects.toThrow(/no hello within 100 ms/);
+    expect(await closedB).toBe(4002);
+  });
+
+  it("refuses URLs that are not /ring and compares secrets", async () => {
+    await expect(connectRingPeer("ws://127.0.0.1:1/other", { job: "j", secret: "s", from: 0, to: 1 })).rejects.toThrow(
+      /must end in \/ring/,
+    );
+    await expect(connectLink("ws://127.0.0.1:1/ring", { handshakeTimeoutMs: 500 })).rejects.toThrow(/cannot connect/);
+    expect(secretsEqual("abc", "abc")).toBe(true);
+    expect(secretsEqual("abc", "abcd")).toBe(false);
+  });
+});
