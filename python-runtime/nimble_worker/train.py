@@ -13,6 +13,7 @@ import json
 import math
 import random
 import time
+from dataclasses import asdict
 from typing import Any, Callable, Sequence
 
 import torch
@@ -243,7 +244,6 @@ class Trainer:
         return self.next_step
 
     def cfg_dict(self) -> dict:
-        from dataclasses import asdict
         return asdict(self.cfg)
 
 

@@ -1,6 +1,5 @@
 import { Provider, type ProviderEvent } from "../job/provider.js";
-import { probeDevices } from "../runtime/devices.js";
-import { resolvePython } from "../runtime/python.js";
+import { probeHost, resolvePython } from "../runtime/python.js";
 
 export interface ProvideCommandOptions {
   host: string;
@@ -49,7 +48,7 @@ export async function provideCommand(options: ProvideCommandOptions): Promise<vo
     torchSpec: options.torch,
     onProgress: (line) => printEvent({ type: "log", line }, json),
   });
-  const devices = await probeDevices(python.python);
+  const { devices } = python.probe ?? (await probeHost(python.python));
   const provider = new Provider({
     host: options.host,
     port: options.port,

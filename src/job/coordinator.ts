@@ -286,7 +286,10 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
     // 5. Every replica starts from rank 0's weights.
     const synced = gather.expect("synced", "initial weight sync", STEP_TIMEOUT_MS);
     clients.forEach((c) => c.send({ t: "sync" }));
-    checkHashes(await synced, "after the initial weight sync");
+    const syncReports = await synced;
+    checkHashes(syncReports, "after the initial weight sync");
+    // The initial broadcast is an all-reduce too: it counts in the run's bytes, not a step's.
+    bytesSent += [...syncReports.values()].reduce((sum, m) => sum + m.bytes_sent, 0);
     for (const r of ranks) r.row.state = "training";
 
     // 6. The step loop.

@@ -386,7 +386,10 @@ class ProviderJob {
         local.queue = local.queue.then(() => this.allReduce(local, m.id, m.count, payload));
         return;
       case "synced":
-        this.send({ t: "synced", rank: local.rank, hash: m.hash });
+        void local.queue.then(() => {
+          this.send({ t: "synced", rank: local.rank, hash: m.hash, bytes_sent: local.bytesSinceReport });
+          local.bytesSinceReport = 0;
+        });
         return;
       case "step_done": {
         const { op: _op, ...report } = m;

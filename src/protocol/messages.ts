@@ -76,7 +76,7 @@ export const toCoordinatorSchema = z.discriminatedUnion("t", [
   }),
   z.object({ t: z.literal("reject"), reason: z.string().max(1000) }),
   z.object({ t: z.literal("ready"), rank: count, info: workerInfoSchema }),
-  z.object({ t: z.literal("synced"), rank: count, hash: z.string().max(128) }),
+  z.object({ t: z.literal("synced"), rank: count, hash: z.string().max(128), bytes_sent: count }),
   z.object({
     t: z.literal("step_done"),
     rank: count,

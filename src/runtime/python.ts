@@ -3,7 +3,9 @@ import { existsSync } from "node:fs";
 import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { execa } from "execa";
+import { z } from "zod";
 import { UserError, errorMessage } from "../errors.js";
+import { deviceSchema, type DeviceInfo } from "../protocol/messages.js";
 import { cacheDir, PYTHON_RUNTIME_DIR } from "./paths.js";
 
 /** What installs fast on the development machines; override with --torch / NIMBLE_TORCH. */
@@ -16,6 +18,8 @@ export interface PythonEnv {
   torchVersion: string;
   /** Where it came from: --python, $NIMBLE_PYTHON, or the managed virtual environment. */
   source: "option" | "env" | "managed";
+  /** The host's devices, when they were probed while resolving (not for a cached managed env). */
+  probe?: HostProbe;
 }
 
 export interface ResolvePythonOptions {
@@ -26,18 +30,38 @@ export interface ResolvePythonOptions {
   onProgress?: (line: string) => void;
 }
 
-const PROBE = "import json, sys, torch; print(json.dumps({'python': sys.version.split()[0], 'torch': torch.__version__}))";
+const hostProbeSchema = z.object({ python: z.string(), torch: z.string(), devices: z.array(deviceSchema.passthrough()).min(1) });
+export interface HostProbe {
+  python: string;
+  torch: string;
+  devices: DeviceInfo[];
+}
 
-async function probeInterpreter(python: string): Promise<{ python: string; torch: string }> {
-  const result = await execa(python, ["-c", PROBE], { reject: false, timeout: 120_000 });
-  if (result.exitCode !== 0 || result.failed) {
+/**
+ * Run `python -m nimble_worker.probe` (imports torch, lists devices): checks the interpreter can
+ * run workers and says what they will run on, in one torch import.
+ */
+export async function probeHost(python: string): Promise<HostProbe> {
+  const result = await execa(python, ["-m", "nimble_worker.probe"], {
+    env: { PYTHONPATH: [PYTHON_RUNTIME_DIR, process.env.PYTHONPATH].filter(Boolean).join(":") },
+    reject: false,
+    timeout: 120_000,
+  });
+  let parsed: z.infer<typeof hostProbeSchema> | undefined;
+  try {
+    parsed = hostProbeSchema.parse(JSON.parse(String(result.stdout).trim().split("\n").pop() ?? ""));
+  } catch {
+    parsed = undefined;
+  }
+  if (result.exitCode !== 0 || result.failed || !parsed) {
     const tail = String(result.stderr || result.message || "").trim().split("\n").slice(-3).join("\n");
     throw new UserError(
       `The Python interpreter ${python} cannot run nimble's workers: ${tail}`,
       "Point --python (or NIMBLE_PYTHON) at an interpreter that has torch installed, or leave both unset to let nimble make its own environment.",
     );
   }
-  return JSON.parse(String(result.stdout).trim().split("\n").pop()!);
+  const devices = parsed.devices.map((d) => ({ id: d.id, kind: d.kind, name: d.name, memory_bytes: d.memory_bytes, cores: d.cores }));
+  return { python: parsed.python, torch: parsed.torch, devices };
 }
 
 /** The managed environment's folder: one per torch requirement, so changing it makes a new one. */
@@ -65,8 +89,8 @@ export async function resolvePython(opts: ResolvePythonOptions = {}): Promise<Py
   const env = opts.env ?? process.env;
   const explicit = opts.python ?? env.NIMBLE_PYTHON;
   if (explicit) {
-    const info = await probeInterpreter(explicit);
-    return { python: explicit, pythonVersion: info.python, torchVersion: info.torch, source: opts.python ? "option" : "env" };
+    const info = await probeHost(explicit);
+    return { python: explicit, pythonVersion: info.python, torchVersion: info.torch, source: opts.python ? "option" : "env", probe: info };
   }
   const torchSpec = opts.torchSpec ?? env.NIMBLE_TORCH ?? DEFAULT_TORCH_SPEC;
   const dir = managedEnvDir(torchSpec, env);
@@ -82,10 +106,10 @@ export async function resolvePython(opts: ResolvePythonOptions = {}): Promise<Py
     }
   }
   await provision(dir, torchSpec, env, opts.onProgress ?? (() => {}));
-  const info = await probeInterpreter(venvPython(dir));
+  const info = await probeHost(venvPython(dir));
   const marker: Marker = { torchSpec, python: info.python, torch: info.torch };
   await writeFile(markerPath, JSON.stringify(marker, null, 2));
-  return { python: venvPython(dir), pythonVersion: info.python, torchVersion: info.torch, source: "managed" };
+  return { python: venvPython(dir), pythonVersion: info.python, torchVersion: info.torch, source: "managed", probe: info };
 }
 
 async function provision(dir: string, torchSpec: string, env: NodeJS.ProcessEnv, progress: (line: string) => void) {
@@ -99,7 +123,6 @@ async function provision(dir: string, torchSpec: string, env: NodeJS.ProcessEnv,
   await runStep(venvPython(dir), ["-m", "pip", "install", "--progress-bar", "off", torchSpec, "numpy"],
     `install ${torchSpec}`, progress,
     `Check the requirement (NIMBLE_TORCH / --torch) and that pip can reach its index, or pass --python with an interpreter that already has torch.`);
-  void PYTHON_RUNTIME_DIR; // the worker package is loaded from the nimble install through PYTHONPATH, not installed
 }
 
 async function runStep(cmd: string, args: string[], what: string, progress: (line: string) => void, hint: string) {
