@@ -189,8 +189,8 @@ export class RingAllReduce {
         this.next.onFrame(() =>
           this.violation(new ProtocolError(`unexpected frame from next (rank ${nextRank}): ring links are one-way`)),
         ),
-        this.prev.onClose((code, reason) => this.fail(new LinkLostError("prev", prevRank, code, reason), CLOSE_PROTOCOL)),
-        this.next.onClose((code, reason) => this.fail(new LinkLostError("next", nextRank, code, reason), CLOSE_PROTOCOL)),
+        this.prev.onClose((code, reason) => this.fail(new LinkLostError("prev", prevRank, code, reason), CLOSE_ABORTED)),
+        this.next.onClose((code, reason) => this.fail(new LinkLostError("next", nextRank, code, reason), CLOSE_ABORTED)),
       );
     }
   }

@@ -7,7 +7,7 @@ import type { Duplex } from "node:stream";
 import { WebSocketServer, type WebSocket } from "ws";
 import { RingAllReduce } from "../collective/ring.js";
 import { errorMessage } from "../errors.js";
-import { acceptRingPeer, connectRingPeer, type FrameLink } from "../net/link.js";
+import { acceptRingPeer, connectRingPeer, FrameLink } from "../net/link.js";
 import { MAX_FRAME_BYTES } from "../protocol/frames.js";
 import {
   decodeToProvider,
@@ -41,6 +41,8 @@ export interface ProviderOptions {
 
 type JobSpec = Extract<ToProvider, { t: "job" }>;
 
+/** Close code for a ring connection whose job never arrived here. */
+const CLOSE_NO_SUCH_JOB = 4005;
 /** How long a ring neighbour may take to connect once a job starts. */
 const RING_CONNECT_TIMEOUT_MS = 60_000;
 
@@ -56,7 +58,7 @@ export class Provider {
   private readonly ringServer = new WebSocketServer({ noServer: true, maxPayload: MAX_FRAME_BYTES });
   private job: ProviderJob | null = null;
   /** Ring connections that arrived before their job: held until it does, or time out. */
-  private pendingRing: WebSocket[] = [];
+  private pendingRing: FrameLink[] = [];
 
   constructor(private readonly opts: ProviderOptions) {
     this.token = opts.token ?? randomBytes(16).toString("hex");
@@ -91,7 +93,7 @@ export class Provider {
 
   async close(): Promise<void> {
     await this.job?.end("provider shutting down");
-    for (const ws of this.pendingRing) ws.terminate();
+    for (const link of this.pendingRing) link.terminate();
     for (const ws of this.controlServer.clients) ws.terminate();
     for (const ws of this.ringServer.clients) ws.terminate();
     this.controlServer.close();
@@ -193,20 +195,21 @@ export class Provider {
   }
 
   private onRing(ws: WebSocket) {
+    // Wrap at once: a FrameLink keeps frames (the hello) that arrive before anyone listens.
+    const link = new FrameLink(ws);
     if (this.job) {
-      this.job.acceptRing(ws);
+      this.job.acceptRing(link);
       return;
     }
-    this.pendingRing.push(ws);
+    this.pendingRing.push(link);
     const timer = setTimeout(() => {
-      this.pendingRing = this.pendingRing.filter((w) => w !== ws);
-      ws.close(4004, "no such job");
+      this.pendingRing = this.pendingRing.filter((l) => l !== link);
+      link.close(CLOSE_NO_SUCH_JOB, "no such job");
     }, RING_CONNECT_TIMEOUT_MS);
-    ws.once("close", () => {
+    link.onClose(() => {
       clearTimeout(timer);
-      this.pendingRing = this.pendingRing.filter((w) => w !== ws);
+      this.pendingRing = this.pendingRing.filter((l) => l !== link);
     });
-    ws.on("error", () => {});
   }
 }
 
@@ -346,9 +349,9 @@ class ProviderJob {
     }
   }
 
-  acceptRing(ws: WebSocket) {
+  acceptRing(incoming: FrameLink) {
     const ranks = new Set(this.ranks.map((r) => r.rank));
-    acceptRingPeer(ws, { job: this.spec.job, secret: this.spec.secret, ranks }, 10_000).then(
+    acceptRingPeer(incoming, { job: this.spec.job, secret: this.spec.secret, ranks }, 10_000).then(
       ({ from, to, link }) => {
         const local = this.ranks.find((r) => r.rank === to)!;
         const expectedFrom = (to - 1 + this.spec.world_size) % this.spec.world_size;

@@ -14,7 +14,7 @@ export const DEFAULT_HIGH_WATER_MARK = 4 * 1024 * 1024;
 export const CLOSE_AUTH_FAILED = 4001; // bad hello: wrong job or secret, malformed first frame
 export const CLOSE_BAD_RANK = 4002; // hello names a rank this provider does not host, or no hello in time
 export const CLOSE_PROTOCOL = 4003; // a frame violated the ring protocol
-export const CLOSE_ABORTED = 4004; // the local side aborted the ring
+export const CLOSE_ABORTED = 4004; // the ring was aborted locally, or a neighbour was lost (passed on)
 
 export interface LinkOptions {
   highWaterMark?: number;
@@ -317,15 +317,17 @@ export function secretsEqual(a: string, b: string): boolean {
  * our job id and secret and a `to` rank we host, within timeoutMs. On failure the
  * socket is closed (4001 bad job/secret/frame, 4002 unknown rank or timeout) and the
  * promise rejects with ProtocolError. Frames after the hello stay queued on the link
- * until someone calls link.onFrame.
+ * until someone calls link.onFrame. `ws` may be a FrameLink already wrapping the socket.
  */
 export function acceptRingPeer(
-  ws: WebSocket,
+  ws: WebSocket | FrameLink,
   expect: RingExpectation,
   timeoutMs: number,
   opts: LinkOptions = {},
 ): Promise<{ from: number; to: number; link: FrameLink }> {
-  const link = new FrameLink(ws, opts);
+  // Pass a FrameLink made when the socket arrived if authentication starts later: a bare
+  // ws drops messages that arrive while it has no 'message' listener, the link queues them.
+  const link = ws instanceof FrameLink ? ws : new FrameLink(ws, opts);
   return new Promise((resolve, reject) => {
     let settled = false;
     const finish = () => {

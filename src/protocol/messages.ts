@@ -109,7 +109,7 @@ export const toCoordinatorSchema = z.discriminatedUnion("t", [
 export type ToCoordinator = z.infer<typeof toCoordinatorSchema>;
 
 export function encodeMessage(message: ToProvider | ToCoordinator): Uint8Array {
-  return encode(message);
+  return encode(message, { ignoreUndefined: true });
 }
 
 function decodeWith<T>(schema: z.ZodType<T>, data: unknown, from: string): T {

@@ -5,7 +5,7 @@ import {
   acceptRingPeer,
   connectLink,
   connectRingPeer,
-  type FrameLink,
+  FrameLink,
   LinkClosedError,
   secretsEqual,
 } from "../../src/net/link.js";
@@ -96,6 +96,24 @@ describe("ring connection auth", () => {
     const closedB = closeCode(b);
     await expect((await nextAccepted()).p).rejects.toThrow(/no hello within 100 ms/);
     expect(await closedB).toBe(4002);
+  });
+
+  it("authenticates a link whose hello arrived before acceptRingPeer was called", async () => {
+    const { server, url } = await startServer();
+    servers.push(server);
+    const early = new Promise<FrameLink>((resolve) =>
+      server.on("connection", (ws: WebSocket) => resolve(new FrameLink(ws))),
+    );
+    const client = await connectRingPeer(url, { job: "j", secret: "s", from: 4, to: 5 });
+    links.push(client);
+    await client.send(encodeControl({ t: "op", op: 0, count: 3, dtype: "float32" }));
+    const held = await early;
+    links.push(held);
+    await new Promise((r) => setTimeout(r, 50)); // hello and op have arrived by now
+    const { from, to, link } = await acceptRingPeer(held, { job: "j", secret: "s", ranks: new Set([5]) }, 1000);
+    expect([from, to, link]).toEqual([4, 5, held]);
+    const frame = await new Promise<Uint8Array>((resolve) => link.onFrame(resolve));
+    expect(decodeFrame(frame)).toMatchObject({ kind: "control", msg: { t: "op", count: 3 } });
   });
 
   it("refuses URLs that are not /ring and compares secrets", async () => {
