@@ -7,7 +7,7 @@ import { UserError, errorMessage } from "../errors.js";
 import type { ToCoordinator } from "../protocol/messages.js";
 import { resolvePython } from "../runtime/python.js";
 import { equalShares, slicesFor } from "../schedule/shares.js";
-import type { Reporter, WorkerRow } from "../ui/events.js";
+import type { Reporter, WorkerRow } from "./events.js";
 import { startLocalProviders } from "./localProviders.js";
 import { ProviderClient, ringUrl } from "./providerClient.js";
 import { RunDir, type StepMetrics } from "./runDir.js";

@@ -1,5 +1,6 @@
 import { execa } from "execa";
 import { UserError } from "../errors.js";
+import { forEachLine } from "../runtime/lines.js";
 import { CLI_PATH } from "../runtime/paths.js";
 
 export interface LocalProvider {
@@ -47,38 +48,27 @@ export async function startLocalProviders(opts: LocalProviderOptions): Promise<{
 
 function waitForListening(child: ReturnType<typeof execa>, label: string, onLog: LocalProviderOptions["onLog"]): Promise<LocalProvider> {
   return new Promise((resolve, reject) => {
-    let pending = "";
     let listening = false;
     const stderrTail: string[] = [];
-    child.stderr?.setEncoding("utf8");
-    child.stderr?.on("data", (chunk: string) => {
-      for (const line of chunk.split("\n")) {
-        if (!line.trim()) continue;
-        stderrTail.push(line);
-        if (stderrTail.length > 10) stderrTail.shift();
-        onLog(label, line);
-      }
+    forEachLine(child.stderr, (line) => {
+      stderrTail.push(line);
+      if (stderrTail.length > 10) stderrTail.shift();
+      onLog(label, line);
     });
-    child.stdout?.setEncoding("utf8");
-    child.stdout?.on("data", (chunk: string) => {
-      pending += chunk;
-      const lines = pending.split("\n");
-      pending = lines.pop() ?? "";
-      for (const line of lines) {
-        let event: { type?: string; url?: string; token?: string; line?: string };
-        try {
-          event = JSON.parse(line);
-        } catch {
-          onLog(label, line);
-          continue;
-        }
-        if (event.type === "listening" && !listening) {
-          listening = true;
-          resolve({ address: event.url!, token: event.token!, pid: child.pid });
-        }
-        // Worker output reaches the coordinator over the control plane; printing the
-        // provider's own copy too would show every line twice.
+    forEachLine(child.stdout, (line) => {
+      let event: { type?: string; url?: string; token?: string };
+      try {
+        event = JSON.parse(line);
+      } catch {
+        onLog(label, line);
+        return;
       }
+      if (event.type === "listening" && !listening) {
+        listening = true;
+        resolve({ address: event.url!, token: event.token!, pid: child.pid });
+      }
+      // Worker output reaches the coordinator over the control plane; printing the
+      // provider's own copy too would show every line twice.
     });
     void child.then((result) => {
       if (!listening) {

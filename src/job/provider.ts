@@ -6,7 +6,7 @@ import path from "node:path";
 import type { Duplex } from "node:stream";
 import { WebSocketServer, type WebSocket } from "ws";
 import { RingAllReduce } from "../collective/ring.js";
-import { errorMessage } from "../errors.js";
+import { errorMessage, UserError } from "../errors.js";
 import { acceptRingPeer, connectRingPeer, FrameLink } from "../net/link.js";
 import { MAX_FRAME_BYTES } from "../protocol/frames.js";
 import {
@@ -79,7 +79,13 @@ export class Provider {
       target.handleUpgrade(req, socket, head, (ws) => (target === this.controlServer ? this.onControl(ws, req) : this.onRing(ws)));
     });
     await new Promise<void>((resolve, reject) => {
-      server.once("error", reject);
+      server.once("error", (err: NodeJS.ErrnoException) => {
+        const where = `${this.opts.host}:${this.opts.port}`;
+        if (err.code === "EADDRINUSE") reject(new UserError(`Port ${where} is already in use`, "Pass another --port, or --port 0 to pick a free one."));
+        else if (err.code === "EACCES") reject(new UserError(`Not allowed to listen on ${where}`, "Ports below 1024 need privileges: pass a --port above 1024."));
+        else if (err.code === "EADDRNOTAVAIL") reject(new UserError(`${this.opts.host} is not an address of this host`, "Use --host 0.0.0.0 to listen on every interface."));
+        else reject(err);
+      });
       server.listen(this.opts.port, this.opts.host, () => resolve());
     });
     this.server = server;
@@ -133,23 +139,8 @@ export class Provider {
           ws.close(4001, "wrong token");
           return;
         }
-        if (this.job) {
-          send({ t: "reject", reason: `busy with job ${this.job.spec.job}` });
-          ws.close(4009, "busy");
-          return;
-        }
         authenticated = true;
-        send({
-          t: "welcome",
-          version: PROTOCOL_VERSION,
-          provider: {
-            id: `${os.hostname()}:${this.opts.port}`,
-            hostname: os.hostname(),
-            python: this.opts.python.pythonVersion,
-            torch: this.opts.python.torchVersion,
-            devices: this.opts.devices,
-          },
-        });
+        void this.welcome(ws, send);
         return;
       }
       if (message.t === "job") {
@@ -175,6 +166,31 @@ export class Provider {
       if (this.job && this.job.control === ws) void this.job.end("coordinator disconnected");
     });
     ws.on("error", () => {});
+  }
+
+  /**
+   * Welcome an authenticated coordinator, or refuse it while another job runs. A job that is
+   * only winding down (workers stopping after a cancel) is waited for, so a coordinator that
+   * reconnects right after its previous job is not turned away.
+   */
+  private async welcome(ws: WebSocket, send: (m: ToCoordinator) => void) {
+    if (this.job?.ending) await Promise.race([this.job.ending, new Promise((r) => setTimeout(r, 10_000))]);
+    if (this.job) {
+      send({ t: "reject", reason: `busy with job ${this.job.spec.job}` });
+      ws.close(4009, "busy");
+      return;
+    }
+    send({
+      t: "welcome",
+      version: PROTOCOL_VERSION,
+      provider: {
+        id: `${os.hostname()}:${this.opts.port}`,
+        hostname: os.hostname(),
+        python: this.opts.python.pythonVersion,
+        torch: this.opts.python.torchVersion,
+        devices: this.opts.devices,
+      },
+    });
   }
 
   private startJob(spec: JobSpec, send: (m: ToCoordinator) => void, ws: WebSocket) {
@@ -470,8 +486,15 @@ class ProviderJob {
     }
   }
 
-  async end(reason: string) {
-    if (this.ended) return;
+  /** Set once the job starts winding down; resolves when it has. */
+  ending: Promise<void> | null = null;
+
+  end(reason: string): Promise<void> {
+    this.ending ??= this.finish(reason);
+    return this.ending;
+  }
+
+  private async finish(reason: string) {
     this.ended = true;
     for (const r of this.ranks) r.ring?.abort(reason);
     await Promise.all(this.ranks.map((r) => r.worker?.stop()));

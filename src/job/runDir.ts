@@ -71,7 +71,8 @@ export class RunDir {
     for (const f of files) await writeFile(path.join(tmp, path.basename(f.name)), f.data);
     await rm(final, { recursive: true, force: true });
     await rename(tmp, final);
-    const all = (await readdir(root)).filter((n) => /^step-\d+$/.test(n)).sort();
+    // By step number: past step 999999 the names gain a digit and no longer sort as text.
+    const all = (await readdir(root)).filter((n) => /^step-\d+$/.test(n)).sort((a, b) => Number(a.slice(5)) - Number(b.slice(5)));
     for (const old of all.slice(0, Math.max(0, all.length - keep))) await rm(path.join(root, old), { recursive: true, force: true });
     return final;
   }

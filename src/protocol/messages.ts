@@ -34,6 +34,20 @@ export type WorkerInfo = z.infer<typeof workerInfoSchema>;
 
 const metricsSchema = z.record(z.string().max(128), finite);
 
+/** A worker's report of one step, as its worker sends it and as its provider forwards it. */
+export const stepReportSchema = z.object({
+  step: count,
+  /** Mean loss over this worker's samples, before scaling by its share. */
+  loss: finite,
+  samples: count,
+  lr: finite,
+  compute_s: finite,
+  /** Seconds spent waiting for all-reduces. */
+  comm_s: finite,
+  /** sha256 of all parameters, when the step asked for it. */
+  hash: z.string().max(128).optional(),
+});
+
 export const toProviderSchema = z.discriminatedUnion("t", [
   z.object({ t: z.literal("hello"), token: z.string().max(512), version: z.number().int() }),
   z.object({
@@ -77,18 +91,7 @@ export const toCoordinatorSchema = z.discriminatedUnion("t", [
   z.object({ t: z.literal("reject"), reason: z.string().max(1000) }),
   z.object({ t: z.literal("ready"), rank: count, info: workerInfoSchema }),
   z.object({ t: z.literal("synced"), rank: count, hash: z.string().max(128), bytes_sent: count }),
-  z.object({
-    t: z.literal("step_done"),
-    rank: count,
-    step: count,
-    loss: finite,
-    samples: count,
-    lr: finite,
-    compute_s: finite,
-    comm_s: finite,
-    bytes_sent: count,
-    hash: z.string().max(128).optional(),
-  }),
+  stepReportSchema.extend({ t: z.literal("step_done"), rank: count, bytes_sent: count }),
   z.object({ t: z.literal("eval_done"), rank: count, step: count, count, sums: metricsSchema }),
   z.object({
     t: z.literal("state"),

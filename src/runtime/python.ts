@@ -6,6 +6,7 @@ import { execa } from "execa";
 import { z } from "zod";
 import { UserError, errorMessage } from "../errors.js";
 import { deviceSchema, type DeviceInfo } from "../protocol/messages.js";
+import { forEachLine } from "./lines.js";
 import { cacheDir, PYTHON_RUNTIME_DIR } from "./paths.js";
 
 /** What installs fast on the development machines; override with --torch / NIMBLE_TORCH. */
@@ -129,18 +130,10 @@ async function runStep(cmd: string, args: string[], what: string, progress: (lin
   const tail: string[] = [];
   try {
     const child = execa(cmd, args, { all: true, buffer: false, reject: true });
-    child.all?.setEncoding("utf8");
-    let pending = "";
-    child.all?.on("data", (chunk: string) => {
-      pending += chunk;
-      const lines = pending.split("\n");
-      pending = lines.pop() ?? "";
-      for (const line of lines) {
-        if (!line.trim()) continue;
-        tail.push(line);
-        if (tail.length > 15) tail.shift();
-        progress(`  ${line}`);
-      }
+    forEachLine(child.all, (line) => {
+      tail.push(line);
+      if (tail.length > 15) tail.shift();
+      progress(`  ${line}`);
     });
     await child;
   } catch (err) {

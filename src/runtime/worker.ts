@@ -2,6 +2,7 @@ import { EventEmitter } from "node:events";
 import type { Socket } from "node:net";
 import { execa } from "execa";
 import { ProtocolError, errorMessage } from "../errors.js";
+import { forEachLine } from "./lines.js";
 import { PACKAGE_ROOT, PYTHON_RUNTIME_DIR } from "./paths.js";
 import { encodeWorkerFrame, WorkerFrameDecoder, type WorkerMessage } from "./workerLink.js";
 
@@ -51,16 +52,7 @@ export class WorkerProcess extends EventEmitter<{ message: [WorkerMessage]; exit
     const pythonPath = [PYTHON_RUNTIME_DIR, opts.env?.PYTHONPATH ?? process.env.PYTHONPATH].filter(Boolean).join(":");
     this.child = startWorkerProcess(opts.python, opts.cwd, { ...opts.env, PYTHONPATH: pythonPath, NIMBLE_HOME: PACKAGE_ROOT, PYTHONUNBUFFERED: "1" });
     this.link = this.child.stdio[3] as Socket;
-    for (const stream of [this.child.stdout, this.child.stderr]) {
-      let pending = "";
-      stream?.setEncoding("utf8");
-      stream?.on("data", (chunk: string) => {
-        pending += chunk;
-        const lines = pending.split("\n");
-        pending = lines.pop() ?? "";
-        for (const line of lines) if (line.trim()) opts.onLog(`[${opts.label}] ${line}`);
-      });
-    }
+    for (const stream of [this.child.stdout, this.child.stderr]) forEachLine(stream, (line) => opts.onLog(`[${opts.label}] ${line}`));
     this.link.on("data", (chunk: Buffer) => {
       let messages: WorkerMessage[];
       try {

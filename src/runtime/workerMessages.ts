@@ -1,6 +1,6 @@
 import { z } from "zod";
 import { ProtocolError } from "../errors.js";
-import { workerInfoSchema } from "../protocol/messages.js";
+import { stepReportSchema, workerInfoSchema } from "../protocol/messages.js";
 import type { WorkerMessage } from "./workerLink.js";
 
 /** Headers a Python worker may send on its link (docs/protocol.md, "Worker link"). */
@@ -11,16 +11,7 @@ export const fromWorkerSchema = z.discriminatedUnion("op", [
   workerInfoSchema.extend({ op: z.literal("ready") }),
   z.object({ op: z.literal("allreduce"), id: count, dtype: z.literal("float32"), count }),
   z.object({ op: z.literal("synced"), hash: z.string() }),
-  z.object({
-    op: z.literal("step_done"),
-    step: count,
-    loss: finite,
-    samples: count,
-    lr: finite,
-    compute_s: finite,
-    comm_s: finite,
-    hash: z.string().optional(),
-  }),
+  stepReportSchema.extend({ op: z.literal("step_done") }),
   z.object({ op: z.literal("eval_done"), step: count, count, sums: z.record(z.string(), finite) }),
   z.object({
     op: z.literal("state"),

@@ -1,6 +1,6 @@
 /** The live terminal view of `nimble train`, and the Reporter that drives it. */
 import { Box, render, Text, type Instance } from "ink";
-import type { Reporter, TrainEvent, WorkerRow, WorkerState } from "./events.js";
+import type { Reporter, TrainEvent, WorkerRow, WorkerState } from "../job/events.js";
 import {
   estimateEta,
   formatBytes,

@@ -1,5 +1,5 @@
 /** `--json`: every event, unthrottled, as one JSON object per line (JSON Lines). */
-import type { Reporter, TrainEvent } from "./events.js";
+import type { Reporter, TrainEvent } from "../job/events.js";
 import type { TextSink } from "./plain.js";
 
 export interface JsonReporterOptions {

@@ -2,7 +2,7 @@
  * Plain-text progress for non-terminals (CI logs, pipes): one human line per
  * noteworthy event, step lines throttled so that a long run stays readable.
  */
-import type { Reporter, TrainEvent, WorkerRow } from "./events.js";
+import type { Reporter, TrainEvent, WorkerRow } from "../job/events.js";
 import { formatBytes, formatCount, formatDuration, formatMetric, formatRate, formatSci } from "./format.js";
 
 /** Anything with a string `write` (process.stdout, a file stream, a test buffer). */

@@ -1,5 +1,5 @@
 /** Pick how `nimble train` shows progress: JSON lines, the ink view, or plain lines. */
-import type { Reporter } from "./events.js";
+import type { Reporter } from "../job/events.js";
 import { JsonReporter } from "./json.js";
 import { PlainReporter } from "./plain.js";
 import { InkReporter } from "./TrainView.js";

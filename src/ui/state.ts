@@ -1,5 +1,5 @@
 /** What the live view shows, and how each event changes it (pure, no React). */
-import type { TrainEvent, WorkerRow } from "./events.js";
+import type { TrainEvent, WorkerRow } from "../job/events.js";
 import { formatSummary, type RunTotals } from "./plain.js";
 
 export const LOSS_HISTORY = 40;

@@ -3,6 +3,7 @@ import { mkdtemp, rm } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { afterAll } from "vitest";
+import { forEachLine } from "../../src/runtime/lines.js";
 import { resolvePython } from "../../src/runtime/python.js";
 import { CLI_PATH } from "../../src/runtime/paths.js";
 
@@ -58,19 +59,12 @@ export async function startProvider(python: string, token: string, extra: string
     buffer: false,
   });
   const address = await new Promise<string>((resolve, reject) => {
-    let pending = "";
-    child.stdout?.setEncoding("utf8");
-    child.stdout?.on("data", (chunk: string) => {
-      pending += chunk;
-      const lines = pending.split("\n");
-      pending = lines.pop() ?? "";
-      for (const line of lines) {
-        try {
-          const event = JSON.parse(line);
-          if (event.type === "listening") resolve(event.url);
-        } catch {
-          // not an event line
-        }
+    forEachLine(child.stdout, (line) => {
+      try {
+        const event = JSON.parse(line);
+        if (event.type === "listening") resolve(event.url);
+      } catch {
+        // not an event line
       }
     });
     void child.then((r) => reject(new Error(`provider exited early with code ${r.exitCode}`)));

@@ -2,7 +2,7 @@ import { EventEmitter } from "node:events";
 import { render } from "ink-testing-library";
 import { describe, expect, it } from "vitest";
 import { InkReporter, TrainView, initialViewState, reduceView } from "../../src/ui/TrainView.js";
-import type { TrainEvent } from "../../src/ui/events.js";
+import type { TrainEvent } from "../../src/job/events.js";
 import { stepEvent, stripAnsi, worker } from "./fixtures.js";
 
 function stateAfter(events: TrainEvent[]) {

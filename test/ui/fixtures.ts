@@ -1,4 +1,4 @@
-import type { TrainEvent, WorkerRow } from "../../src/ui/events.js";
+import type { TrainEvent, WorkerRow } from "../../src/job/events.js";
 
 export function worker(i: number, over: Partial<WorkerRow> = {}): WorkerRow {
   return {

@@ -1,7 +1,7 @@
 import { describe, expect, it } from "vitest";
 import { JsonReporter } from "../../src/ui/json.js";
 import { PlainReporter } from "../../src/ui/plain.js";
-import type { TrainEvent } from "../../src/ui/events.js";
+import type { TrainEvent } from "../../src/job/events.js";
 import { stepEvent, worker } from "./fixtures.js";
 
 function sink() {

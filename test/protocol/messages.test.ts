@@ -1,0 +1,210 @@
+import { decode, encode } from "@msgpack/msgpack";
+import { describe, expect, it } from "vitest";
+import { ProtocolError } from "../../src/errors.js";
+import {
+  decodeToCoordinator,
+  decodeToProvider,
+  encodeMessage,
+  PROTOCOL_VERSION,
+  type ToCoordinator,
+  type ToProvider,
+} from "../../src/protocol/messages.js";
+
+const code = new TextEncoder().encode("import torch\n\ndef build_model(args):\n    return torch.nn.Linear(2, 2)\n");
+
+const toProvider: ToProvider[] = [
+  { t: "hello", token: "secret-token", version: PROTOCOL_VERSION },
+  {
+    t: "job",
+    job: "3f1c-job",
+    secret: "ring-secret",
+    task: { filename: "task.py", code },
+    config: { name: "mnist", steps: 10, optimizer: { name: "adam", lr: 0.001 }, task_args: {} },
+    world_size: 3,
+    ranks: [
+      { rank: 0, device: "cpu" },
+      { rank: 1, device: "cuda:0" },
+    ],
+    ring: [
+      { rank: 0, url: "ws://127.0.0.1:7070/ring" },
+      { rank: 1, url: "ws://127.0.0.1:7070/ring" },
+      { rank: 2, url: "ws://10.0.0.2:7070/ring" },
+    ],
+    threads: 4,
+  },
+  { t: "sync" },
+  { t: "step", step: 7, shares: [11, 11, 10], want_hash: true },
+  { t: "eval", step: 9, slices: [{ rank: 0, start: 0, count: 500 }, { rank: 1, start: 500, count: 500 }], batch_size: 256 },
+  { t: "state", rank: 0, kind: "checkpoint" },
+  { t: "state", rank: 2, kind: "final" },
+  { t: "cancel", reason: "user pressed Ctrl-C" },
+];
+
+const stateFiles = [
+  { name: "model.pt", data: new Uint8Array([0, 1, 2, 3, 255, 254]) },
+  { name: "data.json", data: new TextEncoder().encode('{"step": 5}') },
+  { name: "empty.bin", data: new Uint8Array(0) },
+];
+
+const toCoordinator: ToCoordinator[] = [
+  {
+    t: "welcome",
+    version: PROTOCOL_VERSION,
+    provider: {
+      id: "host:7070",
+      hostname: "host",
+      python: "3.11.9",
+      torch: "2.13.0",
+      devices: [
+        { id: "cuda:0", kind: "cuda", name: "NVIDIA H100", memory_bytes: 80 * 2 ** 30 },
+        { id: "cpu", kind: "cpu", name: "x86_64", cores: 16 },
+      ],
+    },
+  },
+  { t: "reject", reason: "wrong token" },
+  { t: "ready", rank: 1, info: { params: 1234, param_bytes: 4936, model: "Linear(4, 2)", train_size: 60000, val_size: 10000 } },
+  { t: "synced", rank: 0, hash: "ab".repeat(32), bytes_sent: 4096 },
+  { t: "step_done", rank: 2, step: 3, loss: 0.6931, samples: 21, lr: 0.001, compute_s: 0.12, comm_s: 0.03, bytes_sent: 2048, hash: "cd".repeat(32) },
+  { t: "step_done", rank: 0, step: 4, loss: 0, samples: 0, lr: 0.01, compute_s: 0, comm_s: 0, bytes_sent: 0 },
+  { t: "eval_done", rank: 0, step: 9, count: 500, sums: { loss: 123.5, accuracy: 480 } },
+  { t: "state", rank: 0, kind: "checkpoint", step: 5, files: stateFiles },
+  { t: "log", line: "[rank 0] epoch 1" },
+  { t: "failed", rank: 1, message: "boom", where: "task.py: build_model", kind: "task" },
+  { t: "failed", message: "no job is running", kind: "internal" },
+];
+
+function expectProtocolError(fn: () => unknown, ...patterns: RegExp[]) {
+  let caught: unknown;
+  try {
+    fn();
+  } catch (err) {
+    caught = err;
+  }
+  expect(caught).toBeInstanceOf(ProtocolError);
+  for (const p of patterns) expect((caught as Error).message).toMatch(p);
+}
+
+describe("control messages: round trip", () => {
+  it.each(toProvider.map((m) => [`${m.t}${"kind" in m ? ` ${m.kind}` : ""}`, m] as const))("coordinator -> provider %s", (_name, message) => {
+    const bytes = encodeMessage(message);
+    expect(bytes).toBeInstanceOf(Uint8Array);
+    expect(decodeToProvider(bytes)).toEqual(message);
+  });
+
+  it.each(toCoordinator.map((m, i) => [`${i} ${m.t}`, m] as const))("provider -> coordinator %s", (_name, message) => {
+    expect(decodeToCoordinator(encodeMessage(message), "provider p1")).toEqual(message);
+  });
+
+  it("carries the task code as bytes, byte for byte", () => {
+    const binary = new Uint8Array(256).map((_, i) => i);
+    const job = { ...toProvider[1], task: { filename: "task.py", code: binary } } as ToProvider;
+    const back = decodeToProvider(encodeMessage(job));
+    if (back.t !== "job") throw new Error("expected a job");
+    expect(back.task.code).toBeInstanceOf(Uint8Array);
+    expect([...back.task.code]).toEqual([...binary]);
+  });
+
+  it("carries state files as bytes, byte for byte, in order", () => {
+    const big = new Uint8Array(1 << 20);
+    for (let i = 0; i < big.length; i++) big[i] = (i * 31) & 0xff;
+    const m: ToCoordinator = { t: "state", rank: 0, kind: "final", step: 100, files: [{ name: "model.safetensors", data: big }, ...stateFiles] };
+    const back = decodeToCoordinator(encodeMessage(m), "provider p1");
+    if (back.t !== "state") throw new Error("expected state");
+    expect(back.files.map((f) => f.name)).toEqual(["model.safetensors", "model.pt", "data.json", "empty.bin"]);
+    for (const f of back.files) expect(f.data).toBeInstanceOf(Uint8Array);
+    expect(Buffer.from(back.files[0].data).equals(Buffer.from(big))).toBe(true);
+    expect([...back.files[1].data]).toEqual([0, 1, 2, 3, 255, 254]);
+    expect(back.files[3].data.byteLength).toBe(0);
+  });
+
+  it("omits undefined optional fields instead of sending null", () => {
+    const failed: ToCoordinator = { t: "failed", rank: undefined, message: "x", where: undefined, kind: "worker" };
+    const raw = decode(encodeMessage(failed)) as Record<string, unknown>;
+    expect(Object.keys(raw).sort()).toEqual(["kind", "message", "t"]);
+    expect(decodeToCoordinator(encodeMessage(failed), "provider p1")).toEqual({ t: "failed", message: "x", kind: "worker" });
+
+    const step: ToCoordinator = { t: "step_done", rank: 0, step: 0, loss: 1, samples: 1, lr: 1, compute_s: 0, comm_s: 0, bytes_sent: 0, hash: undefined };
+    expect("hash" in (decode(encodeMessage(step)) as object)).toBe(false);
+    expect(decodeToCoordinator(encodeMessage(step), "p")).not.toHaveProperty("hash");
+  });
+
+  it("rejects null where an optional field is expected (a sender that writes null is wrong)", () => {
+    const bytes = encode({ t: "failed", message: "x", kind: "task", where: null });
+    expectProtocolError(() => decodeToCoordinator(bytes, "provider p1"), /where/);
+  });
+});
+
+describe("control messages: rejection", () => {
+  it("rejects a text frame, naming the sender", () => {
+    expectProtocolError(() => decodeToProvider(JSON.stringify({ t: "sync" }), "coordinator 10.0.0.1:5000"), /coordinator 10\.0\.0\.1:5000/, /text frame/);
+    expectProtocolError(() => decodeToCoordinator('{"t":"reject","reason":"x"}', "provider ws://h:1"), /provider ws:\/\/h:1/);
+  });
+
+  it("defaults the provider-side sender name to `coordinator`", () => {
+    expectProtocolError(() => decodeToProvider("hi"), /^coordinator /);
+  });
+
+  it("rejects bytes that are not msgpack, naming the sender", () => {
+    // 0xc1 is the one byte msgpack never uses.
+    expectProtocolError(() => decodeToProvider(new Uint8Array([0xc1, 0x00, 0x01]), "coordinator A"), /coordinator A/, /not msgpack/);
+    // A truncated map.
+    const truncated = encodeMessage({ t: "cancel", reason: "abcdef" }).subarray(0, 5);
+    expectProtocolError(() => decodeToProvider(truncated, "coordinator A"), /coordinator A/, /not msgpack/);
+  });
+
+  it("rejects msgpack that is not a map", () => {
+    expectProtocolError(() => decodeToProvider(encode([1, 2, 3]), "coordinator A"), /coordinator A/, /invalid message/);
+    expectProtocolError(() => decodeToCoordinator(encode("welcome"), "provider B"), /provider B/, /invalid message/);
+  });
+
+  it("rejects an unknown `t`, naming the sender and the field", () => {
+    expectProtocolError(() => decodeToProvider(encode({ t: "shutdown" }), "coordinator A"), /coordinator A/, /\bt\b/);
+    expectProtocolError(() => decodeToCoordinator(encode({ t: "hello", token: "x", version: 1 }), "provider B"), /provider B/, /\bt\b/);
+    expectProtocolError(() => decodeToProvider(encode({ step: 1 }), "coordinator A"), /\bt\b/);
+  });
+
+  it("a provider does not accept coordinator-bound messages and vice versa", () => {
+    expectProtocolError(() => decodeToProvider(encodeMessage({ t: "reject", reason: "x" }), "coordinator A"));
+    expectProtocolError(() => decodeToCoordinator(encodeMessage({ t: "sync" }), "provider B"));
+  });
+
+  it.each([
+    ["step.step as a string", { t: "step", step: "1", shares: [1], want_hash: false }, /step/],
+    ["step.step negative", { t: "step", step: -1, shares: [1], want_hash: false }, /step/],
+    ["step.step fractional", { t: "step", step: 1.5, shares: [1], want_hash: false }, /step/],
+    ["step.shares with a string", { t: "step", step: 1, shares: [1, "2"], want_hash: false }, /shares\.1/],
+    ["step.want_hash as 0", { t: "step", step: 1, shares: [1], want_hash: 0 }, /want_hash/],
+    ["hello.token as a number", { t: "hello", token: 1234, version: 1 }, /token/],
+    ["state.kind unknown", { t: "state", rank: 0, kind: "everything" }, /kind/],
+    ["job.task.code as a string", { ...toProvider[1], task: { filename: "task.py", code: "import os" } }, /task\.code/],
+    ["job.world_size 0", { ...toProvider[1], world_size: 0 }, /world_size/],
+    ["job.ranks empty", { ...toProvider[1], ranks: [] }, /ranks/],
+    ["eval.batch_size 0", { t: "eval", step: 0, slices: [], batch_size: 0 }, /batch_size/],
+  ] as const)("rejects %s, naming the field", (_name, message, field) => {
+    expectProtocolError(() => decodeToProvider(encode(message), "coordinator A"), /coordinator A/, /invalid message/, field);
+  });
+
+  it.each([
+    ["step_done.loss as a string", { ...toCoordinator[4], loss: "0.5" }, /loss/],
+    ["step_done.rank missing", { ...toCoordinator[4], rank: undefined }, /rank/],
+    ["welcome with no devices", { ...toCoordinator[0], provider: { ...(toCoordinator[0] as { provider: object }).provider, devices: [] } }, /provider\.devices/],
+    ["state.files[].data as a string", { t: "state", rank: 0, kind: "final", step: 1, files: [{ name: "model.safetensors", data: "AAAA" }] }, /files\.0\.data/],
+    ["state file name with a slash", { t: "state", rank: 0, kind: "final", step: 1, files: [{ name: "../../etc/passwd", data: new Uint8Array(1) }] }, /files\.0\.name/],
+    ["eval_done.sums with a string", { t: "eval_done", rank: 0, step: 1, count: 1, sums: { accuracy: "1" } }, /sums\.accuracy/],
+    ["failed.kind unknown", { t: "failed", message: "x", kind: "cosmic-ray" }, /kind/],
+  ] as const)("rejects %s from a provider, naming the field", (_name, message, field) => {
+    expectProtocolError(() => decodeToCoordinator(encode(message, { ignoreUndefined: true }), "provider ws://p:1"), /provider ws:\/\/p:1/, field);
+  });
+
+  it.each(["../x.py", "sub/task.py", "..\\x.py", "/etc/task.py", "task.txt", ".py", "a b.py"])("rejects the task filename %j", (filename) => {
+    const job = { ...toProvider[1], task: { filename, code } };
+    expectProtocolError(() => decodeToProvider(encode(job), "coordinator A"), /coordinator A/, /task\.filename/);
+  });
+
+  it("accepts ordinary task filenames", () => {
+    for (const filename of ["task.py", "my_task-v2.py", "a.b.py"]) {
+      const back = decodeToProvider(encodeMessage({ ...(toProvider[1] as Extract<ToProvider, { t: "job" }>), task: { filename, code } }));
+      expect(back.t === "job" && back.task.filename).toBe(filename);
+    }
+  });
+});

@@ -1,0 +1,80 @@
+import { describe, expect, it } from "vitest";
+import { ProtocolError } from "../../src/errors.js";
+import type { WorkerMessage } from "../../src/runtime/workerLink.js";
+import { parseWorkerMessage } from "../../src/runtime/workerMessages.js";
+
+const msg = (header: Record<string, unknown> & { op: string }, payload = Buffer.alloc(0)): WorkerMessage => ({ header, payload });
+
+function expectProtocolError(fn: () => unknown, pattern: RegExp) {
+  expect(fn).toThrow(ProtocolError);
+  expect(fn).toThrow(pattern);
+}
+
+describe("worker messages", () => {
+  it("accepts an allreduce whose payload is count x 4 bytes", () => {
+    const m = parseWorkerMessage(msg({ op: "allreduce", id: 2, dtype: "float32", count: 3 }, Buffer.alloc(12)), "rank 0");
+    expect(m).toEqual({ op: "allreduce", id: 2, dtype: "float32", count: 3 });
+    expect(parseWorkerMessage(msg({ op: "allreduce", id: 0, dtype: "float32", count: 0 }), "rank 0").op).toBe("allreduce");
+  });
+
+  it.each([11, 13, 3, 0, 24])("rejects an allreduce of 3 elements with a %i-byte payload, naming the worker", (bytes) => {
+    expectProtocolError(
+      () => parseWorkerMessage(msg({ op: "allreduce", id: 0, dtype: "float32", count: 3 }, Buffer.alloc(bytes)), "rank 4"),
+      new RegExp(`rank 4 sent an allreduce of ${bytes} bytes for 3 float32`),
+    );
+  });
+
+  it("rejects an allreduce in a dtype other than float32", () => {
+    expectProtocolError(() => parseWorkerMessage(msg({ op: "allreduce", id: 0, dtype: "float64", count: 1 }, Buffer.alloc(8)), "rank 1"), /rank 1 .*dtype/);
+  });
+
+  it("accepts state whose file sizes sum to the payload", () => {
+    const m = parseWorkerMessage(
+      msg({ op: "state", kind: "checkpoint", step: 5, files: [{ name: "model.pt", size: 10 }, { name: "data.json", size: 0 }, { name: "rng.pt", size: 6 }] }, Buffer.alloc(16)),
+      "rank 0",
+    );
+    expect(m).toMatchObject({ op: "state", kind: "checkpoint", step: 5 });
+    expect(m.op === "state" && m.files.map((f) => f.size)).toEqual([10, 0, 6]);
+  });
+
+  it.each([
+    ["fewer", 15],
+    ["more", 17],
+  ])("rejects state whose file sizes sum to %s bytes than the payload", (_name, payloadBytes) => {
+    expectProtocolError(
+      () => parseWorkerMessage(msg({ op: "state", kind: "final", step: 1, files: [{ name: "a", size: 10 }, { name: "b", size: 6 }] }, Buffer.alloc(payloadBytes)), "rank 2"),
+      new RegExp(`rank 2 sent state files totalling 16 bytes in a ${payloadBytes}-byte payload`),
+    );
+  });
+
+  it("rejects state with a negative file size (which could otherwise make the sums agree)", () => {
+    expectProtocolError(
+      () => parseWorkerMessage(msg({ op: "state", kind: "final", step: 1, files: [{ name: "a", size: 20 }, { name: "b", size: -4 }] }, Buffer.alloc(16)), "rank 0"),
+      /files\.1\.size/,
+    );
+  });
+
+  it.each([
+    ["ready", { op: "ready", params: 100, param_bytes: 400, model: "Linear", train_size: 10, val_size: 2 }],
+    ["synced", { op: "synced", hash: "ab12" }],
+    ["step_done", { op: "step_done", step: 0, loss: 2.3, samples: 16, lr: 0.1, compute_s: 0.5, comm_s: 0.1 }],
+    ["step_done with hash", { op: "step_done", step: 9, loss: 0, samples: 0, lr: 0.1, compute_s: 0.5, comm_s: 0.1, hash: "ff" }],
+    ["eval_done", { op: "eval_done", step: 3, count: 100, sums: { loss: 12.5, accuracy: 91 } }],
+    ["loaded", { op: "loaded", step: 12 }],
+    ["error", { op: "error", message: "boom", where: "task.py: build_model", kind: "task" }],
+  ] as const)("accepts a valid %s", (_name, header) => {
+    expect(parseWorkerMessage(msg({ ...header }), "rank 0")).toEqual(header);
+  });
+
+  it.each([
+    ["an unknown op", { op: "launch" }, /rank 3 sent an invalid launch message/],
+    ["ready without params", { op: "ready", param_bytes: 4, model: "m", train_size: 1, val_size: 1 }, /params/],
+    ["step_done with a string loss", { op: "step_done", step: 0, loss: "nan", samples: 1, lr: 0.1, compute_s: 0, comm_s: 0 }, /loss/],
+    ["step_done with a negative step", { op: "step_done", step: -1, loss: 1, samples: 1, lr: 0.1, compute_s: 0, comm_s: 0 }, /step/],
+    ["eval_done with a non-numeric sum", { op: "eval_done", step: 0, count: 1, sums: { acc: "1" } }, /sums\.acc/],
+    ["error without a message", { op: "error", where: "x" }, /message/],
+  ] as const)("rejects %s, naming the worker and the field", (_name, header, pattern) => {
+    expectProtocolError(() => parseWorkerMessage(msg({ ...header } as WorkerMessage["header"]), "rank 3"), /rank 3/);
+    expectProtocolError(() => parseWorkerMessage(msg({ ...header } as WorkerMessage["header"]), "rank 3"), pattern);
+  });
+});
