@@ -31,12 +31,12 @@ def build_dataset(split, args):
     return Items(256 if split == "train" else 64)
 `;
 
-async function setup(name: string, task: string, extraConfig: string[] = []): Promise<string> {
+async function setup(name: string, task: string, extraConfig: string[] = [], steps = 6): Promise<string> {
   const dir = path.join(tmp.dir, name);
   await import("node:fs/promises").then((fs) => fs.mkdir(dir, { recursive: true }));
   await writeFile(path.join(dir, "task.py"), task);
   const config = path.join(dir, "nimble.yaml");
-  await writeFile(config, [`name: ${name}`, "task: task.py", "steps: 6", "batch_size: 16", "eval: {samples: 32}", `output: ${path.join(dir, "runs")}`, ...extraConfig].join("\n") + "\n");
+  await writeFile(config, [`name: ${name}`, "task: task.py", `steps: ${steps}`, "batch_size: 16", "eval: {samples: 32}", `output: ${path.join(dir, "runs")}`, ...extraConfig].join("\n") + "\n");
   return config;
 }
 
@@ -82,6 +82,33 @@ def compute_loss(model, batch):
     expect(r.exitCode).not.toBe(0);
     expect(String(r.stderr)).toMatch(/rank 1/);
     expect(String(r.stderr)).toMatch(/SIGKILL/);
+    const runDir = /so far are in (\S+)\./.exec(String(r.stderr))?.[1];
+    expect(runDir).toBeTruthy();
+    const { readFile } = await import("node:fs/promises");
+    const metrics = (await readFile(path.join(runDir!, "metrics.jsonl"), "utf8")).trim().split("\n");
+    expect(metrics).toHaveLength(3); // steps 0-2 completed before rank 1 died in step 3
+    const summary = JSON.parse(await readFile(path.join(runDir!, "summary.json"), "utf8"));
+    expect(summary).toMatchObject({ status: "failed", steps: 3 });
+  }, 180_000);
+
+  it("fails loudly when replicas diverge, at the next parameter-hash check", async () => {
+    // Rank 1 nudges its own weights outside the optimizer: its replica no longer matches.
+    const drifting = `${TINY_TASK}
+import os
+_calls = 0
+def compute_loss(model, batch):
+    global _calls
+    _calls += 1
+    if os.environ.get("NIMBLE_RANK") == "1" and _calls == 3:
+        with torch.no_grad():
+            model.weight[0, 0] += 1e-3
+    x, y = batch
+    return torch.nn.functional.cross_entropy(model(x), y)
+`;
+    const config = await setup("diverge", drifting, [], 12);
+    const r = await nimble(["train", config, "--python", python, "--local", "2"], { timeout: 120_000 });
+    expect(r.exitCode).not.toBe(0);
+    expect(String(r.stderr)).toMatch(/Replicas diverged after step 9/);
   }, 180_000);
 
   it("rejects a config error with exit code 2, naming file, line and field", async () => {

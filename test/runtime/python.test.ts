@@ -90,6 +90,18 @@ describe("resolvePython", () => {
   }, 120_000);
 });
 
+describe("managed environment", () => {
+  it("reports a torch requirement pip cannot install, naming it, and is not marked ready", async () => {
+    const cache = path.join(tmp, "bad-requirement");
+    const spec = "torch==0.0.1";
+    const err = await rejection(resolvePython({ torchSpec: spec, env: { ...process.env, NIMBLE_PYTHON: "", NIMBLE_CACHE_DIR: cache } }));
+    expect(err.message).toContain(`Could not install ${spec}`);
+    expect(err.hint).toMatch(/NIMBLE_TORCH|--python/);
+    // An interrupted or failed install never counts as a ready environment.
+    await expect(import("node:fs/promises").then((fs) => fs.access(path.join(managedEnvDir(spec, { NIMBLE_CACHE_DIR: cache }), "nimble-env.json")))).rejects.toThrow();
+  }, 180_000);
+});
+
 describe("managedEnvDir", () => {
   it("lives under NIMBLE_CACHE_DIR and differs per torch requirement", () => {
     const env = { NIMBLE_CACHE_DIR: path.join(tmp, "cache") };
