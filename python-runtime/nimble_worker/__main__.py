@@ -14,6 +14,7 @@ import traceback
 
 import torch
 
+from .compress import ConfigError
 from .config import JobConfig
 from .link import Link, LinkClosed, LinkError
 from .task import Task, TaskError
@@ -30,32 +31,56 @@ class Worker:
         self.trainer: Trainer | None = None
         self.next_id = 0
 
-    def allreduce(self, buf: torch.Tensor) -> torch.Tensor:
-        rid, count = self.next_id, buf.numel()
-        self.next_id += 1
-        self.link.send({"op": "allreduce", "id": rid, "dtype": "float32", "count": count},
-                       buf.contiguous().numpy().tobytes())
+    # ---- the Comm the trainer and its compressor use (nimble_worker/compress) --------
+    world_size = 1
+
+    def _reply(self, op: str, rid: int) -> tuple[dict, bytes]:
         header, payload = self.link.recv()
         if header["op"] == "stop":
             raise Stop()
-        if header["op"] != "allreduce_result" or header.get("id") != rid:
-            raise LinkError(f"expected allreduce_result {rid}, got {header['op']} "
-                            f"id={header.get('id')}")
+        if header["op"] != op or header.get("id") != rid:
+            raise LinkError(f"expected {op} {rid}, got {header['op']} id={header.get('id')}")
+        return header, payload
+
+    def allreduce(self, buf: torch.Tensor, codec: str = "f32") -> torch.Tensor:
+        rid, count = self.next_id, buf.numel()
+        self.next_id += 1
+        self.link.send({"op": "allreduce", "id": rid, "dtype": "float32", "count": count,
+                        "codec": codec}, buf.contiguous().numpy().tobytes())
+        header, payload = self._reply("allreduce_result", rid)
         if header.get("dtype") != "float32" or header.get("count") != count \
-                or len(payload) != 4 * count:
+                or header.get("codec", codec) != codec or len(payload) != 4 * count:
             raise LinkError(f"allreduce_result {rid}: expected {count} float32 "
                             f"({4 * count} bytes), got dtype={header.get('dtype')} "
-                            f"count={header.get('count')} and {len(payload)} bytes")
+                            f"count={header.get('count')} codec={header.get('codec')} and {len(payload)} bytes")
         if count == 0:
             return torch.zeros(0, dtype=torch.float32)
         return torch.frombuffer(bytearray(payload), dtype=torch.float32)
+
+    def allgather(self, blob: bytes) -> list[bytes]:
+        rid = self.next_id
+        self.next_id += 1
+        self.link.send({"op": "allgather", "id": rid, "size": len(blob)}, blob)
+        header, payload = self._reply("allgather_result", rid)
+        sizes = header.get("sizes")
+        if not isinstance(sizes, list) or len(sizes) != self.world_size \
+                or not all(isinstance(s, int) and s >= 0 for s in sizes) \
+                or sum(sizes) != len(payload):
+            raise LinkError(f"allgather_result {rid}: sizes {sizes!r} do not split "
+                            f"{len(payload)} bytes between {self.world_size} workers")
+        out, at = [], 0
+        for s in sizes:
+            out.append(payload[at:at + s])
+            at += s
+        return out
 
     def init(self, h: dict) -> None:
         torch.set_num_threads(max(1, int(h.get("threads") or 1)))
         cfg = JobConfig.from_dict(h["config"])
         task = Task(h["task_path"], cfg.task_args)
+        self.world_size = int(h["world_size"])
         self.trainer = Trainer(cfg, task, int(h["rank"]), int(h["world_size"]),
-                               str(h.get("device") or "cpu"), self.allreduce)
+                               str(h.get("device") or "cpu"), self)
         self.link.send({"op": "ready", **self.trainer.describe()})
 
     def serve(self) -> None:
@@ -106,10 +131,10 @@ def split_files(h: dict, payload: bytes) -> dict[str, bytes]:
     return files
 
 
-def _error(link: Link, message: str, where: str, kind: str) -> None:
+def _error(link: Link, message: str, where: str, kind: str, **extra) -> None:
     print(f"nimble_worker: {kind} error at {where}: {message}", file=sys.stderr, flush=True)
     try:
-        link.send({"op": "error", "message": message, "where": where, "kind": kind})
+        link.send({"op": "error", "message": message, "where": where, "kind": kind, **extra})
     except OSError:
         pass
 
@@ -126,6 +151,9 @@ def main() -> int:
         return 4
     except TaskError as e:
         _error(link, e.message, e.where, "task")
+        return 3
+    except ConfigError as e:
+        _error(link, e.message, "config", "config", field=e.field)
         return 3
     except Exception as e:  # noqa: BLE001 - everything else is our bug or a bad message
         tb = traceback.format_exception(type(e), e, e.__traceback__)

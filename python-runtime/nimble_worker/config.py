@@ -58,6 +58,28 @@ class CheckpointConfig:
 
 
 @dataclass
+class CompressionConfig:
+    method: str = "powersgd"
+    """How gradients travel: none (float32), fp16, bf16, int8 (lossy wire codecs of one
+    all-reduce), powersgd (low-rank, torch's powerSGD_hook semantics) or topk (sparse)."""
+    rank: int = 4
+    """PowerSGD: rank of the approximation P Q^T of each compressed weight matrix."""
+    start_step: int = 10
+    """powersgd/topk: steps before this one use one plain float32 all-reduce (like torch's
+    start_powerSGD_iter); error-feedback memories start at this step."""
+    min_compression_rate: float = 2.0
+    """PowerSGD: a matrix (n, m) is compressed only if r (n + m) x this < n m."""
+    error_feedback: bool = True
+    """powersgd/topk: carry what compression left out into the next step's gradient."""
+    warm_start: bool = True
+    """PowerSGD: reuse last step's Q (else a fresh random Q every step)."""
+    ratio: float = 0.01
+    """topk: fraction of the flattened gradient each worker sends, in (0, 1]."""
+    seed: int = 0
+    """PowerSGD: seed of the generator that draws the initial Q (the same on every worker)."""
+
+
+@dataclass
 class JobConfig:
     name: str = "job"
     """The job's name."""
@@ -79,11 +101,14 @@ class JobConfig:
     """Periodic evaluation settings."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Periodic checkpoint settings."""
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    """Gradient compression settings (nimble_worker/compress)."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "JobConfig":
         sub = {"optimizer": OptimizerConfig, "lr_schedule": ScheduleConfig,
-               "eval": EvalConfig, "checkpoint": CheckpointConfig}
+               "eval": EvalConfig, "checkpoint": CheckpointConfig,
+               "compression": CompressionConfig}
         kw: dict[str, Any] = {}
         for f in fields(cls):
             if f.name not in d or d[f.name] is None:

@@ -1,8 +1,9 @@
 """The Trainer: one data-parallel replica and its step loop.
 
-The communication backend is a single callable, `allreduce(buf) -> summed buf`
-(a flat float32 CPU tensor in, the elementwise sum over all workers out), so the
-Trainer can be driven by the fd-3 link or directly by tests.
+The communication backend is a `compress.Comm` (allreduce with a wire codec, allgather)
+or a plain callable `allreduce(buf) -> summed buf` (a flat float32 CPU tensor in, the
+elementwise sum over all workers out), so the Trainer can be driven by the fd-3 link or
+directly by tests. The step's gradients go through the configured compressor.
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import safetensors
+from .compress import Comm, as_comm, build_compressor
 from .config import JobConfig
 from .data import GlobalSampler, collate, derive_seed
-from .task import Task, TaskError
+from .task import Task
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
-CHECKPOINT_FILES = ("model.pt", "optimizer.pt", "schedule.pt", "data.json", "rng.pt", "meta.json")
+CHECKPOINT_FILES = ("model.pt", "optimizer.pt", "schedule.pt", "data.json", "rng.pt", "meta.json",
+                    "compressor.pt")
+OPTIONAL_FILES = ("compressor.pt",)  # older checkpoints lack it: fresh compressor state
 
 
 def build_optimizer(cfg: JobConfig, params) -> torch.optim.Optimizer:
@@ -87,10 +91,10 @@ def _save(obj: Any) -> bytes:
 
 class Trainer:
     def __init__(self, cfg: JobConfig, task: Task, rank: int, world_size: int,
-                 device: str, allreduce: AllReduce):
+                 device: str, comm: "Comm | AllReduce"):
         self.cfg, self.task, self.rank, self.world_size = cfg, task, rank, world_size
         self.device = torch.device(device)
-        self.allreduce = allreduce
+        self.comm = _TimedComm(as_comm(comm, world_size))
         self.train_ds = task.build_dataset("train")
         self.val_ds = task.build_dataset("val")
         torch.manual_seed(cfg.seed)
@@ -98,7 +102,11 @@ class Trainer:
         self.model = task.build_model().to(self.device)
         self.model.train()
         self.params = list(self.model.parameters())
-        self.trainable = [p for p in self.params if p.requires_grad]
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.trainable = [p for _, p in named]
+        self.names = [n for n, _ in named]
+        self.compressor = build_compressor(cfg.compression, self.comm,
+                                           [(n, p.shape) for n, p in named])
         self.optimizer = build_optimizer(cfg, self.trainable)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg))
         self.sampler = GlobalSampler(len(self.train_ds), cfg.batch_size, cfg.seed)
@@ -135,7 +143,7 @@ class Trainer:
         buf = flat(self.params)
         if self.rank != 0:
             buf.zero_()
-        self._write_back(self.params, self.allreduce(buf), grad=False)
+        self._write_back(self.params, self.comm.allreduce(buf), grad=False)
         return self.hash()
 
     # ---- training step -----------------------------------------------------------
@@ -146,6 +154,11 @@ class Trainer:
         a share of 0 gives a zero gradient. Summing the gradients of all workers gives
         the gradient of the mean loss over the whole global batch.
         """
+        loss_value, grads = self.grads(t, shares)
+        return loss_value, flat(grads)
+
+    def grads(self, t: int, shares: Sequence[int]) -> tuple[float, list[torch.Tensor]]:
+        """As `backward`, the gradients one tensor per trainable parameter (on device)."""
         if len(shares) != self.world_size:
             raise ValueError(f"got {len(shares)} shares for world_size {self.world_size}")
         indices = self.sampler.indices(t, shares, self.rank)  # also validates shares
@@ -158,28 +171,41 @@ class Trainer:
             loss = self.task.compute_loss(self.model, batch)
             (loss * (len(indices) / self.cfg.batch_size)).backward()
             loss_value = float(loss.detach())
-        grads = flat([p.grad if p.grad is not None else torch.zeros_like(p)
-                      for p in self.trainable])
+        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).detach()
+                 .to(torch.float32) for p in self.trainable]
         return loss_value, grads
 
     def step(self, t: int, shares: Sequence[int], want_hash: bool = False) -> dict:
+        """One step. Every worker joins the same collectives, even with share 0 or a bad
+        loss. A non-finite gradient (or loss) anywhere skips the update on every worker:
+        no optimizer step and no compressor state change, but the schedule and the step
+        counter advance, and the report says `skipped`."""
         lr = self.optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
-        loss_value, grads = self.backward(t, shares)
-        t1 = time.perf_counter()
-        summed = self.allreduce(grads)  # every worker joins, even with share 0 or a bad loss
-        t2 = time.perf_counter()
-        if not math.isfinite(loss_value):
-            raise TaskError(f"loss is {loss_value} at step {t}", self.task.where("compute_loss"))
-        self._write_back(self.trainable, summed, grad=True)
-        self.optimizer.step()
+        loss_value, grads = self.grads(t, shares)
+        self.comm.seconds = 0.0
+        bad_loss = not math.isfinite(loss_value)
+        res = self.compressor.reduce(t, self.names, grads, shares[self.rank] / self.cfg.batch_size,
+                                     poison=bad_loss)
+        if not res.skipped:
+            assert res.grads is not None
+            for p, g in zip(self.trainable, res.grads):
+                p.grad = g.to(p.device, p.dtype).view(p.shape)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.next_step = t + 1
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t3 = time.perf_counter()
-        out = {"step": t, "loss": loss_value, "samples": int(shares[self.rank]), "lr": lr,
-               "compute_s": (t1 - t0) + (t3 - t2), "comm_s": t2 - t1}
+        comm_s = self.comm.seconds
+        out = {"step": t, "loss": 0.0 if bad_loss else loss_value,
+               "samples": int(shares[self.rank]), "lr": lr,
+               "compute_s": max(0.0, (t3 - t0) - comm_s), "comm_s": comm_s,
+               "dense_count": sum(p.numel() for p in self.trainable),
+               "skipped": res.skipped}
+        if res.skipped:
+            out["nonfinite"] = (["loss"] if bad_loss else []) + res.nonfinite
         if want_hash:
             out["hash"] = self.hash()
         return out
@@ -222,10 +248,13 @@ class Trainer:
             ("data.json", json.dumps({"step": self.next_step}).encode()),
             ("rng.pt", _save(rng)),
             ("meta.json", json.dumps(meta).encode()),
+            ("compressor.pt", _save({"rank": self.rank, "world_size": self.world_size,
+                                     "method": self.cfg.compression.method,
+                                     "state": self.compressor.state_dict()})),
         ]
 
     def load_state(self, files: dict[str, bytes]) -> int:
-        missing = [f for f in CHECKPOINT_FILES if f not in files]
+        missing = [f for f in CHECKPOINT_FILES if f not in files and f not in OPTIONAL_FILES]
         if missing:
             raise ValueError(f"checkpoint is missing {', '.join(missing)}")
 
@@ -236,6 +265,14 @@ class Trainer:
         self.optimizer.load_state_dict(load("optimizer.pt"))
         self.scheduler.load_state_dict(load("schedule.pt"))
         self.next_step = int(json.loads(files["data.json"])["step"])
+        if "compressor.pt" in files:
+            # Error-feedback memories are per worker; the coordinator checkpoints one
+            # rank, so only that rank (in a run of the same size) gets its memories back.
+            c = torch.load(io.BytesIO(files["compressor.pt"]), map_location="cpu",
+                           weights_only=True)
+            if c.get("method") == self.cfg.compression.method:
+                same = c.get("rank") == self.rank and c.get("world_size") == self.world_size
+                self.compressor.load_state_dict(c["state"], same)
         rng = torch.load(io.BytesIO(files["rng.pt"]), map_location="cpu", weights_only=True)
         torch.set_rng_state(rng["torch"].cpu())
         random.setstate(_to_tuple(rng["python"]))
@@ -245,6 +282,27 @@ class Trainer:
 
     def cfg_dict(self) -> dict:
         return asdict(self.cfg)
+
+
+class _TimedComm:
+    """Counts the seconds spent inside collectives (`comm_s`)."""
+
+    def __init__(self, inner: Comm):
+        self.inner, self.world_size, self.seconds = inner, inner.world_size, 0.0
+
+    def allreduce(self, buf: torch.Tensor, codec: str = "f32") -> torch.Tensor:
+        t0 = time.perf_counter()
+        try:
+            return self.inner.allreduce(buf, codec)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def allgather(self, blob: bytes) -> list[bytes]:
+        t0 = time.perf_counter()
+        try:
+            return self.inner.allgather(blob)
+        finally:
+            self.seconds += time.perf_counter() - t0
 
 
 def _to_tuple(x: Any) -> Any:

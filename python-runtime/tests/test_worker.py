@@ -1,5 +1,6 @@
 """The worker as the provider sees it: a subprocess speaking frames on fd 3."""
 
+import io
 import json
 import os
 import socket
@@ -13,6 +14,9 @@ from nimble_worker import safetensors
 from nimble_worker.link import Link, LinkClosed
 
 STEPS = 6
+CODECS = ("f32", "f16", "bf16", "int8")
+# rank 1 compresses the (8, 4) weight of the tiny model (1 x 12 x 2 < 32), not the (2, 8)
+PSGD = {"method": "powersgd", "rank": 1, "start_step": 2}
 
 
 class FakeProvider:
@@ -37,14 +41,20 @@ class FakeProvider:
         self.link.send(header, payload)
         while True:
             h, p = self.link.recv()
+            if h["op"] == "allgather":
+                assert len(p) == h["size"]
+                self.allreduces.append(h)
+                self.link.send({"op": "allgather_result", "id": h["id"], "sizes": [len(p)]}, p)
+                continue
             if h["op"] != "allreduce":
                 return h, p
-            assert h["dtype"] == "float32" and len(p) == 4 * h["count"]
+            assert h["dtype"] == "float32" and len(p) == 4 * h["count"] and h["codec"] in CODECS
             self.allreduces.append(h)
             self.link.send({"op": "allreduce_result", "id": h["id"], "dtype": "float32",
-                            "count": h["count"]}, p)
+                            "count": h["count"], "codec": h["codec"]}, p)
 
     def init(self, task_path, **over):
+        over.setdefault("compression", PSGD)
         return self.request({"op": "init", "task_path": task_path,
                              "config": {**TINY_CONFIG, **over}, "rank": 0, "world_size": 1,
                              "device": "cpu", "threads": 1})
@@ -74,9 +84,12 @@ def test_full_session_and_resume_from_checkpoint(tiny_task, tmp_path):
     full = steps(w, 0, STEPS)
     assert [r["step"] for r in full] == list(range(STEPS))
     assert all(r["samples"] == 8 and r["comm_s"] >= 0 and r["compute_s"] > 0 for r in full)
+    assert all(r["dense_count"] == 58 and r["skipped"] is False for r in full)
     assert full[0]["lr"] == 0.005 and full[1]["lr"] == 0.01  # 2 warmup steps of lr 0.01
     ids = [h["id"] for h in w.allreduces]
-    assert ids == list(range(STEPS + 1)) and {h["count"] for h in w.allreduces} == {58}
+    assert ids == list(range(1 + 2 + 3 * (STEPS - 2)))
+    # sync, 2 plain steps, then per step: uncompressed pack (8 + 16 + 2), P (8 x 1), Q (4 x 1)
+    assert [h["count"] for h in w.allreduces] == [58, 58, 58] + [26, 8, 4] * (STEPS - 2)
     h, _ = w.request({"op": "eval", "step": STEPS, "start": 0, "count": 20, "batch_size": 7})
     assert h["op"] == "eval_done" and h["count"] == 20 and set(h["sums"]) == {"loss", "accuracy"}
     assert 0 <= h["sums"]["accuracy"] <= 20
@@ -94,7 +107,8 @@ def test_full_session_and_resume_from_checkpoint(tiny_task, tmp_path):
     first = steps(w, 0, 3)
     h, ckpt = w.request({"op": "state", "kind": "checkpoint"})
     assert [f["name"] for f in h["files"]] == ["model.pt", "optimizer.pt", "schedule.pt",
-                                               "data.json", "rng.pt", "meta.json"]
+                                               "data.json", "rng.pt", "meta.json",
+                                               "compressor.pt"]
     assert h["step"] == 3 and sum(f["size"] for f in h["files"]) == len(ckpt)
     assert w.stop() == 0
     offsets = {}
@@ -104,6 +118,13 @@ def test_full_session_and_resume_from_checkpoint(tiny_task, tmp_path):
         at += f["size"]
     assert json.loads(offsets["data.json"]) == {"step": 3}
     assert json.loads(offsets["meta.json"])["world_size"] == 1
+    comp = torch.load(io.BytesIO(offsets["compressor.pt"]), weights_only=True)
+    assert comp["rank"] == 0 and comp["method"] == "powersgd"
+    assert set(comp["state"]["q"]) == {"0.weight"} and comp["state"]["q"]["0.weight"].shape == (4, 1)
+    mem = comp["state"]["memory"]
+    assert set(mem) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert mem["0.weight"].abs().sum() > 0  # the rank-1 residual of the compressed weight
+    assert mem["2.weight"].abs().sum() == 0  # one worker: uncompressed tensors leave none
 
     w = FakeProvider(tmp_path)
     w.init(tiny_task)
@@ -128,7 +149,7 @@ def test_task_error_is_reported_and_exits_3(tmp_path):
     assert w.proc.wait(timeout=30) == 3
 
 
-def test_nan_loss_still_joins_the_allreduce_then_errors(tmp_path):
+def test_nan_loss_joins_the_allreduce_and_skips_the_step(tmp_path):
     task = tmp_path / "task.py"
     task.write_text("import torch, torch.nn as nn\n"
                     "def build_model(args):\n    return nn.Linear(2, 1)\n"
@@ -137,10 +158,21 @@ def test_nan_loss_still_joins_the_allreduce_then_errors(tmp_path):
                     "    x, y = batch\n    return (model(x).sum() * float('nan'))\n")
     w = FakeProvider(tmp_path)
     assert w.init(str(task), batch_size=2)[0]["op"] == "ready"
-    h, _ = w.request({"op": "step", "step": 0, "shares": [2], "want_hash": False})
-    assert len(w.allreduces) == 1
-    assert h == {"op": "error", "message": "loss is nan at step 0",
-                 "where": "task.py: compute_loss", "kind": "task"}
+    before, _ = w.request({"op": "sync"})
+    for t in range(3):  # plain steps, then powersgd steps: skipped at the first all-reduce
+        h, _ = w.request({"op": "step", "step": t, "shares": [2], "want_hash": True})
+        assert h["op"] == "step_done" and h["skipped"] is True and h["loss"] == 0
+        assert h["nonfinite"] == ["loss", "weight", "bias"] and h["hash"] == before["hash"]
+    assert len(w.allreduces) == 4
+    assert w.stop() == 0
+
+
+def test_impossible_powersgd_rank_is_a_config_error(tiny_task, tmp_path):
+    w = FakeProvider(tmp_path)
+    h, _ = w.init(tiny_task, compression={"method": "powersgd", "rank": 128})
+    assert h["op"] == "error" and h["kind"] == "config" and h["field"] == "compression.rank"
+    assert h["message"] == ("compression.rank 128 is larger than the smaller dimension of every "
+                            "weight matrix worth compressing (largest possible: 4)")
     assert w.proc.wait(timeout=30) == 3
 
 
@@ -155,3 +187,24 @@ def test_bad_message_is_internal_error_and_closed_link_exits_4(tiny_task, tmp_pa
     w.init(tiny_task)
     w.sock.close()
     assert w.proc.wait(timeout=30) == 4
+
+
+def test_topk_and_codecs_on_the_link(tiny_task, tmp_path):
+    w = FakeProvider(tmp_path)
+    w.init(tiny_task, compression={"method": "topk", "ratio": 0.1, "start_step": 1})
+    w.request({"op": "sync"})
+    reports = steps(w, 0, 3)
+    assert all(not r["skipped"] and r["dense_count"] == 58 for r in reports)
+    ops = [(h["op"], h["id"]) for h in w.allreduces]
+    assert ops == [("allreduce", 0), ("allreduce", 1), ("allgather", 2), ("allgather", 3)]
+    assert {h["size"] for h in w.allreduces[2:]} == {1 + 8 * 6}  # flag, 6 indices, 6 values
+    assert w.stop() == 0
+
+
+def test_int8_codec_is_announced(tiny_task, tmp_path):
+    w = FakeProvider(tmp_path)
+    w.init(tiny_task, compression={"method": "int8"})
+    w.request({"op": "sync"})
+    steps(w, 0, 2)
+    assert [h["codec"] for h in w.allreduces] == ["f32", "int8", "int8"]
+    assert w.stop() == 0

@@ -1,31 +1,58 @@
 /**
- * Ring all-reduce (sum, float32) over FrameLinks: reduce-scatter then all-gather,
+ * Ring all-reduce (sum, float32) and ring all-gather (byte blobs) over FrameLinks,
  * chunked and pipelined. See docs/protocol.md, "Data plane (ring)".
  *
- * The buffer of L elements is cut into N segments (sizes differ by at most one). In
- * phase p (0 .. 2(N-1)-1) rank r sends segment (r - p) mod N to next and receives
- * segment (r - 1 - p) mod N from prev; phases 0 .. N-2 are the reduce-scatter (the
- * received chunk is added), phases N-1 .. 2N-3 the all-gather (it is copied). Each
- * segment travels as chunks of chunkBytes. Received chunk c of phase p is exactly what
- * rank r sends as chunk c of phase p+1, so the sender streams: a chunk goes out as soon
- * as it has been summed, while later chunks are still arriving.
+ * All-reduce: the buffer of L elements is cut into N segments (sizes differ by at most
+ * one). In phase p (0 .. 2(N-1)-1) rank r sends segment (r - p) mod N to next and
+ * receives segment (r - 1 - p) mod N from prev; phases 0 .. N-2 are the reduce-scatter
+ * (the received chunk is decoded and added), phases N-1 .. 2N-3 the all-gather (it is
+ * decoded into the buffer). Each segment travels as chunks of at most chunkBytes wire
+ * bytes. Received chunk c of phase p is exactly what rank r sends as chunk c of phase
+ * p+1, so the sender streams: a chunk goes out as soon as it has been summed, while
+ * later chunks are still arriving.
+ *
+ * Wire codecs (codecs.ts): the buffer stays float32, each chunk travels as f32, f16,
+ * bf16 or int8. Reduce-scatter chunks are encoded from the running partial sums. The
+ * owner of a fully reduced segment (rank r owns segment (r + 1) mod N) replaces its
+ * values with decode(encode(values)) as it sends them in phase N-1, and all-gather
+ * chunks are forwarded as the very bytes received, so every member decodes the same
+ * bytes into the same bits: all replicas end bitwise identical, whatever the codec.
+ *
+ * All-gather of blobs: N-1 phases; in phase p rank r forwards the blob of rank
+ * (r - p) mod N (its own in phase 0), in chunks of at most chunkBytes, each forwarded as
+ * soon as it arrives. All-reduces and all-gathers share one op counter.
  *
  * Flow control: received frames are always consumed at once (summed into the buffer,
  * never queued behind a send), and the sender reads the buffer only when the next link
- * has room (FrameLink backpressure). Nothing can deadlock and memory stays bounded.
+ * has room (FrameLink backpressure). Nothing can deadlock and memory stays bounded
+ * (received frames that are to be forwarded unchanged are held until sent: at most the
+ * op's own wire bytes).
  */
 import { ProtocolError } from "../errors.js";
 import type { FrameLink } from "../net/link.js";
 import { CLOSE_ABORTED, CLOSE_PROTOCOL } from "../net/link.js";
 import {
+  BLOB_HEADER_BYTES,
+  type BlobChunkFrame,
+  CHUNK_HEADER_BYTES,
   type ChunkFrame,
+  chunkCodec,
   DEFAULT_CHUNK_BYTES,
   decodeFrame,
+  encodeBlobChunk,
   encodeChunk,
   encodeControl,
   type Frame,
   MAX_CHUNK_BYTES,
+  newChunkFrame,
+  setFramePhase,
+  WIRE_CODECS,
+  type WireCodec,
+  wirePayloadBytes,
 } from "../protocol/frames.js";
+import { chunkElements, decodePayload, encodePayload } from "./codecs.js";
+
+export type { WireCodec } from "../protocol/frames.js";
 
 export interface RingOptions {
   rank: number;
@@ -34,21 +61,34 @@ export interface RingOptions {
   next: FrameLink | null;
   /** Link from rank (rank - 1) mod size; null only when size is 1. */
   prev: FrameLink | null;
-  /** Payload bytes per chunk frame (multiple of 4); all members must use the same. */
+  /** Wire payload bytes per chunk frame (multiple of 4); all members must use the same. */
   chunkBytes?: number;
   /** Cap on chunk bytes buffered for an op that prev started before we did. */
   maxBufferedBytes?: number;
+  /** Largest blob an all-gather accepts (any rank's); all members must use the same. */
+  maxBlobBytes?: number;
+}
+
+export interface AllReduceOptions {
+  /** How chunks travel (default "f32": exact). All members must pass the same codec. */
+  codec?: WireCodec;
 }
 
 export interface RingStats {
   op: number;
   /** Every byte this rank sent for the op, frame headers and the op frame included. */
   bytesSent: number;
-  /** Tensor bytes this rank sent (count x 4 summed over its chunks). */
+  /** Wire payload bytes this rank sent (chunk payloads summed; blob bytes for all-gather). */
   payloadBytes: number;
   /** Frames sent, the op control frame included. */
   frames: number;
   seconds: number;
+}
+
+export interface AllGatherResult {
+  /** Every rank's blob, in rank order (fresh copies, this rank's included). */
+  blobs: Uint8Array[];
+  stats: RingStats;
 }
 
 export interface SegmentBounds {
@@ -74,6 +114,7 @@ export class LinkLostError extends Error {
 }
 
 export const DEFAULT_MAX_BUFFERED_BYTES = 1024 * 1024 * 1024;
+export const DEFAULT_MAX_BLOB_BYTES = 256 * 1024 * 1024;
 
 /** Split L elements into N contiguous segments whose sizes differ by at most one. */
 export function segmentBounds(length: number, size: number): SegmentBounds[] {
@@ -100,36 +141,130 @@ export function sentSegment(rank: number, phase: number, size: number): number {
   return mod(rank - phase, size);
 }
 
-/** Tensor payload bytes rank sends in one all-reduce of L float32 values on N ranks. */
-export function expectedBytesPerNode(length: number, size: number, rank: number): number {
-  const segs = segmentBounds(length, size);
-  let elems = 0;
-  for (let p = 0; p < 2 * (size - 1); p++) {
-    const s = segs[sentSegment(rank, p, size)];
-    elems += s.end - s.start;
-  }
-  return elems * 4;
+function chunksIn(len: number, chunkElems: number): number {
+  return len === 0 ? 0 : Math.ceil(len / chunkElems);
 }
 
-/** Receive-side cursor over one op's expected chunk sequence (from prev). */
-interface RxState {
+/** Visit every chunk (as its element count) that `rank` sends in one all-reduce. */
+function forEachSentChunk(
+  length: number,
+  size: number,
+  rank: number,
+  codec: WireCodec,
+  chunkBytes: number,
+  visit: (count: number) => void,
+): void {
+  const segs = segmentBounds(length, size);
+  const per = chunkElements(codec, chunkBytes);
+  for (let p = 0; p < 2 * (size - 1); p++) {
+    const s = segs[sentSegment(rank, p, size)];
+    const len = s.end - s.start;
+    const full = Math.floor(len / per);
+    for (let c = 0; c < full; c++) visit(per);
+    if (len % per !== 0) visit(len % per);
+  }
+}
+
+/**
+ * Wire payload bytes rank sends in one all-reduce of L float32 values on N ranks
+ * (RingStats.payloadBytes). For f32, f16 and bf16 this does not depend on chunkBytes.
+ */
+export function expectedBytesPerNode(
+  length: number,
+  size: number,
+  rank: number,
+  codec: WireCodec = "f32",
+  chunkBytes: number = DEFAULT_CHUNK_BYTES,
+): number {
+  let bytes = 0;
+  forEachSentChunk(length, size, rank, codec, chunkBytes, (count) => {
+    bytes += wirePayloadBytes(codec, count);
+  });
+  return bytes;
+}
+
+/**
+ * Every byte rank sends in one all-reduce of L elements on N ranks with `codec`: the op
+ * control frame, chunk headers and payloads, exactly as RingStats.bytesSent counts them
+ * (0 when N is 1). With codec "f32" it is what the all-reduce costs uncompressed.
+ */
+export function expectedFrameBytesPerNode(
+  length: number,
+  size: number,
+  rank: number,
+  codec: WireCodec = "f32",
+  chunkBytes: number = DEFAULT_CHUNK_BYTES,
+): number {
+  if (size === 1) return 0;
+  let bytes = encodeControl({ t: "op", op: 0, kind: "allreduce", count: length, dtype: "float32", codec }).byteLength;
+  forEachSentChunk(length, size, rank, codec, chunkBytes, (count) => {
+    bytes += CHUNK_HEADER_BYTES + wirePayloadBytes(codec, count);
+  });
+  return bytes;
+}
+
+/**
+ * Every byte rank sends in one all-gather where rank i contributes sizes[i] bytes (the
+ * op frame, blob chunk headers and bytes), as RingStats.bytesSent counts them.
+ */
+export function expectedAllGatherBytesPerNode(
+  sizes: number[],
+  rank: number,
+  chunkBytes: number = DEFAULT_CHUNK_BYTES,
+): number {
+  const size = sizes.length;
+  if (size <= 1) return 0;
+  let bytes = encodeControl({ t: "op", op: 0, kind: "allgather", size: sizes[rank] }).byteLength;
+  for (let p = 0; p < size - 1; p++) {
+    const total = sizes[mod(rank - p, size)];
+    bytes += Math.max(1, Math.ceil(total / chunkBytes)) * BLOB_HEADER_BYTES + total;
+  }
+  return bytes;
+}
+
+type OpKind = "allreduce" | "allgather";
+
+interface Early {
+  frame: ChunkFrame | BlobChunkFrame;
+  bytes: Uint8Array;
+}
+
+/** Receive-side cursor over one op's expected frame sequence (from prev). */
+interface RxBase {
   op: number;
-  count: number;
-  segs: SegmentBounds[];
-  /** next expected (phase, chunk); phase === phases when done */
+  /** next expected phase; phases done when it reaches the op's phase count */
   phase: number;
+  /** next expected chunk within the phase */
   chunk: number;
   done: boolean;
-  /** chunks received before the local op started (validated, not yet applied) */
-  early: ChunkFrame[];
+  /** frames received before the local op started (validated, not yet applied) */
+  early: Early[];
   earlyBytes: number;
   target: OpState | null;
 }
 
-interface OpState {
-  op: number;
-  data: Float32Array;
+interface ReduceRx extends RxBase {
+  kind: "allreduce";
+  count: number;
+  codec: WireCodec;
+  chunkElems: number;
   segs: SegmentBounds[];
+}
+
+interface GatherRx extends RxBase {
+  kind: "allgather";
+  /** prev's own blob length, as announced */
+  size: number;
+  /** the current phase's blob length; -1 before its first chunk */
+  total: number;
+  /** next expected byte of the current phase's blob */
+  offset: number;
+}
+
+type RxState = ReduceRx | GatherRx;
+
+interface OpBase {
+  op: number;
   started: number;
   rx: RxState | null;
   rxDone: boolean;
@@ -138,21 +273,55 @@ interface OpState {
   bytesSent: number;
   payloadBytes: number;
   frames: number;
+  /** received frames to send on unchanged, in order, with the phase they go out in */
+  forward: Array<{ bytes: Uint8Array; phase: number }>;
   wake: (() => void) | null;
-  resolve: (s: RingStats) => void;
   reject: (e: Error) => void;
+}
+
+interface ReduceOp extends OpBase {
+  kind: "allreduce";
+  data: Float32Array;
+  codec: WireCodec;
+  chunkElems: number;
+  segs: SegmentBounds[];
+  resolve: (s: RingStats) => void;
+}
+
+interface GatherOp extends OpBase {
+  kind: "allgather";
+  /** this rank's blob (a copy) */
+  blob: Uint8Array;
+  /** received chunks of each rank's blob, until it is complete */
+  parts: Uint8Array[][];
+  blobs: Array<Uint8Array | null>;
+  resolve: (r: AllGatherResult) => void;
+}
+
+type OpState = ReduceOp | GatherOp;
+
+function concat(parts: Uint8Array[], total: number): Uint8Array {
+  const out = new Uint8Array(total);
+  let o = 0;
+  for (const p of parts) {
+    out.set(p, o);
+    o += p.byteLength;
+  }
+  return out;
 }
 
 export class RingAllReduce {
   readonly rank: number;
   readonly size: number;
   readonly chunkBytes: number;
+  /** float32 elements per chunk (codec f32) */
   readonly chunkElems: number;
+  readonly maxBlobBytes: number;
   private readonly next: FrameLink | null;
   private readonly prev: FrameLink | null;
   private readonly phases: number;
   private readonly maxBufferedBytes: number;
-  /** op id the next local allReduce gets */
+  /** op id the next local op gets */
   private nextOp = 0;
   /** op id prev must announce next */
   private rxNextOp = 0;
@@ -170,6 +339,10 @@ export class RingAllReduce {
     if (!Number.isInteger(chunkBytes) || chunkBytes < 4 || chunkBytes % 4 !== 0 || chunkBytes > MAX_CHUNK_BYTES) {
       throw new RangeError(`chunkBytes must be a multiple of 4 in [4, ${MAX_CHUNK_BYTES}], got ${chunkBytes}`);
     }
+    const maxBlobBytes = opts.maxBlobBytes ?? DEFAULT_MAX_BLOB_BYTES;
+    if (!Number.isInteger(maxBlobBytes) || maxBlobBytes < 0 || maxBlobBytes > 0xffffffff) {
+      throw new RangeError(`maxBlobBytes must be an integer in [0, 2^32 - 1], got ${maxBlobBytes}`);
+    }
     if (size > 1 && (!opts.next || !opts.prev)) {
       throw new Error(`ring of ${size} needs both next and prev links`);
     }
@@ -177,6 +350,7 @@ export class RingAllReduce {
     this.size = size;
     this.chunkBytes = chunkBytes;
     this.chunkElems = chunkBytes / 4;
+    this.maxBlobBytes = maxBlobBytes;
     this.phases = 2 * (size - 1);
     this.maxBufferedBytes = opts.maxBufferedBytes ?? DEFAULT_MAX_BUFFERED_BYTES;
     this.next = size > 1 ? opts.next : null;
@@ -195,7 +369,7 @@ export class RingAllReduce {
     }
   }
 
-  /** Number of all-reduces completed. */
+  /** Number of ops (all-reduces and all-gathers) completed. */
   get opsCompleted(): number {
     return this.completed;
   }
@@ -207,15 +381,18 @@ export class RingAllReduce {
 
   /**
    * Sum `data` in place across all members. Ops are sequential: call again only after
-   * the previous promise settled. Every member ends with bitwise identical values.
-   * On failure the ring is dead (links closed) and the promise rejects: with
-   * ProtocolError for a frame that broke the protocol (nothing from it was summed),
-   * LinkLostError when a neighbour went away.
+   * the previous promise settled. Every member ends with bitwise identical values; with
+   * a lossy codec they are the owner's decode(encode(sum)) of each segment. On failure
+   * the ring is dead (links closed) and the promise rejects: with ProtocolError for a
+   * frame that broke the protocol (nothing from it was summed), LinkLostError when a
+   * neighbour went away. A ring of one sends nothing and leaves `data` as it is.
    */
-  allReduce(data: Float32Array): Promise<RingStats> {
+  allReduce(data: Float32Array, opts: AllReduceOptions = {}): Promise<RingStats> {
     if (!(data instanceof Float32Array)) return Promise.reject(new TypeError("allReduce takes a Float32Array"));
-    if (this.dead) return Promise.reject(this.dead);
-    if (this.cur) return Promise.reject(new Error("allReduce already in progress: ops are sequential"));
+    const codec = opts.codec ?? "f32";
+    if (!WIRE_CODECS.includes(codec)) return Promise.reject(new TypeError(`unknown wire codec ${String(codec)}`));
+    const check = this.checkStart();
+    if (check) return Promise.reject(check);
     if (data.length > 0xffffffff) return Promise.reject(new RangeError("buffer too large for the ring protocol"));
     const op = this.nextOp++;
     const started = performance.now();
@@ -224,9 +401,12 @@ export class RingAllReduce {
       return Promise.resolve({ op, bytesSent: 0, payloadBytes: 0, frames: 0, seconds: (performance.now() - started) / 1000 });
     }
     return new Promise<RingStats>((resolve, reject) => {
-      const state: OpState = {
+      const state: ReduceOp = {
+        kind: "allreduce",
         op,
         data,
+        codec,
+        chunkElems: chunkElements(codec, this.chunkBytes),
         segs: segmentBounds(data.length, this.size),
         started,
         rx: null,
@@ -236,23 +416,60 @@ export class RingAllReduce {
         bytesSent: 0,
         payloadBytes: 0,
         frames: 0,
+        forward: [],
         wake: null,
         resolve,
         reject,
       };
-      this.cur = state;
-      if (this.rx && this.rx.op === op) {
-        try {
-          this.attach(this.rx, state);
-        } catch (err) {
-          this.violation(err);
-          return;
-        }
-      }
-      this.pump(state).catch((err: unknown) => {
-        if (state.settled) return;
-        this.fail(err instanceof Error ? err : new Error(String(err)), CLOSE_PROTOCOL);
+      this.begin(state, () => this.pumpReduce(state));
+    });
+  }
+
+  /**
+   * Every member contributes a blob (any length up to maxBlobBytes, 0 included, lengths
+   * may differ); every member gets all blobs in rank order. Sequential with allReduce
+   * (one op at a time, one shared op counter); failures as for allReduce.
+   */
+  allGather(blob: Uint8Array): Promise<AllGatherResult> {
+    if (!(blob instanceof Uint8Array)) return Promise.reject(new TypeError("allGather takes a Uint8Array"));
+    const check = this.checkStart();
+    if (check) return Promise.reject(check);
+    if (blob.byteLength > this.maxBlobBytes) {
+      return Promise.reject(new RangeError(`blob of ${blob.byteLength} bytes exceeds maxBlobBytes ${this.maxBlobBytes}`));
+    }
+    const op = this.nextOp++;
+    const started = performance.now();
+    const own = blob.slice();
+    if (this.size === 1) {
+      this.completed++;
+      return Promise.resolve({
+        blobs: [own],
+        stats: { op, bytesSent: 0, payloadBytes: 0, frames: 0, seconds: (performance.now() - started) / 1000 },
       });
+    }
+    return new Promise<AllGatherResult>((resolve, reject) => {
+      const blobs: Array<Uint8Array | null> = new Array(this.size).fill(null);
+      blobs[this.rank] = own;
+      const state: GatherOp = {
+        kind: "allgather",
+        op,
+        blob: own,
+        parts: Array.from({ length: this.size }, () => []),
+        blobs,
+        started,
+        rx: null,
+        rxDone: false,
+        sendDone: false,
+        settled: false,
+        bytesSent: 0,
+        payloadBytes: 0,
+        frames: 0,
+        forward: [],
+        wake: null,
+        resolve,
+        reject,
+      };
+      this.begin(state, () => this.pumpGather(state));
     });
   }
 
@@ -266,12 +483,29 @@ export class RingAllReduce {
     this.fail(new Error("ring closed"), 1000);
   }
 
-  // ---- receive side -------------------------------------------------------------
-
-  private chunksIn(seg: SegmentBounds): number {
-    const len = seg.end - seg.start;
-    return len === 0 ? 0 : Math.ceil(len / this.chunkElems);
+  private checkStart(): Error | null {
+    if (this.dead) return this.dead;
+    if (this.cur) return new Error("a ring op (allReduce or allGather) is already in progress: ops are sequential");
+    return null;
   }
+
+  private begin(state: OpState, pump: () => Promise<void>): void {
+    this.cur = state;
+    if (this.rx && this.rx.op === state.op) {
+      try {
+        this.attach(this.rx, state);
+      } catch (err) {
+        this.violation(err);
+        return;
+      }
+    }
+    pump().catch((err: unknown) => {
+      if (state.settled) return;
+      this.fail(err instanceof Error ? err : new Error(String(err)), CLOSE_PROTOCOL);
+    });
+  }
+
+  // ---- receive side -------------------------------------------------------------
 
   /** Segment received in `phase` from prev. */
   private rxSegment(segs: SegmentBounds[], phase: number): SegmentBounds {
@@ -279,8 +513,10 @@ export class RingAllReduce {
   }
 
   /** Skip past finished (or empty) phases. */
-  private normalize(rx: RxState): void {
-    while (rx.phase < this.phases && rx.chunk >= this.chunksIn(this.rxSegment(rx.segs, rx.phase))) {
+  private normalize(rx: ReduceRx): void {
+    while (rx.phase < this.phases) {
+      const seg = this.rxSegment(rx.segs, rx.phase);
+      if (rx.chunk < chunksIn(seg.end - seg.start, rx.chunkElems)) break;
       rx.phase++;
       rx.chunk = 0;
     }
@@ -290,13 +526,13 @@ export class RingAllReduce {
   private onPrevFrame(bytes: Uint8Array): void {
     if (this.dead) return;
     try {
-      this.handleFrame(decodeFrame(bytes));
+      this.handleFrame(decodeFrame(bytes), bytes);
     } catch (err) {
       this.violation(err);
     }
   }
 
-  private handleFrame(frame: Frame): void {
+  private handleFrame(frame: Frame, bytes: Uint8Array): void {
     const prevRank = mod(this.rank - 1, this.size);
     if (frame.kind === "control") {
       const m = frame.msg;
@@ -310,18 +546,25 @@ export class RingAllReduce {
       if (m.op !== this.rxNextOp) {
         throw new ProtocolError(`prev announced op ${m.op}, expected op ${this.rxNextOp}`);
       }
-      const rx: RxState = {
-        op: m.op,
-        count: m.count,
-        segs: segmentBounds(m.count, this.size),
-        phase: 0,
-        chunk: 0,
-        done: false,
-        early: [],
-        earlyBytes: 0,
-        target: null,
-      };
-      this.normalize(rx);
+      let rx: RxState;
+      const base = { op: m.op, phase: 0, chunk: 0, done: false, early: [], earlyBytes: 0, target: null };
+      if (m.kind === "allgather") {
+        if (m.size > this.maxBlobBytes) {
+          throw new ProtocolError(`prev announced all-gather op ${m.op} with a blob of ${m.size} bytes, more than maxBlobBytes ${this.maxBlobBytes}`);
+        }
+        rx = { ...base, kind: "allgather", size: m.size, total: -1, offset: 0 };
+      } else {
+        const codec = m.codec ?? "f32";
+        rx = {
+          ...base,
+          kind: "allreduce",
+          count: m.count,
+          codec,
+          chunkElems: chunkElements(codec, this.chunkBytes),
+          segs: segmentBounds(m.count, this.size),
+        };
+        this.normalize(rx);
+      }
       this.rxNextOp++;
       this.rx = rx;
       if (this.cur && this.cur.op === m.op) this.attach(rx, this.cur);
@@ -330,13 +573,68 @@ export class RingAllReduce {
 
     const rx = this.rx;
     if (!rx || rx.done) {
+      const what = frame.kind === "chunk" ? `tensor chunk (op ${frame.op}, phase ${frame.phase}, chunk ${frame.chunk})` : `blob chunk (op ${frame.op}, phase ${frame.phase}, owner ${frame.owner})`;
+      throw new ProtocolError(`${what} without an op announcement`);
+    }
+    let wire: number;
+    if (frame.kind === "chunk") {
+      if (rx.kind !== "allreduce") {
+        throw new ProtocolError(`tensor chunk from prev (rank ${prevRank}) during all-gather op ${rx.op}`);
+      }
+      this.checkChunk(rx, frame, prevRank);
+      wire = bytes.byteLength - CHUNK_HEADER_BYTES;
+    } else {
+      if (rx.kind !== "allgather") {
+        throw new ProtocolError(`blob chunk from prev (rank ${prevRank}) during all-reduce op ${rx.op}`);
+      }
+      this.checkBlob(rx, frame, prevRank);
+      wire = frame.length;
+    }
+    if (rx.target) {
+      this.apply(rx.target, frame, bytes);
+    } else {
+      if (rx.earlyBytes + wire > this.maxBufferedBytes) {
+        throw new ProtocolError(`prev sent more than ${this.maxBufferedBytes} bytes ahead of the local op`);
+      }
+      rx.early.push({ frame, bytes });
+      rx.earlyBytes += wire;
+    }
+    if (rx.kind === "allreduce") {
+      rx.chunk++;
+      this.normalize(rx);
+    } else {
+      rx.chunk++;
+      rx.offset += (frame as BlobChunkFrame).length;
+      if (rx.offset === rx.total) {
+        rx.phase++;
+        rx.chunk = 0;
+        rx.offset = 0;
+        rx.total = -1;
+        rx.done = rx.phase >= this.size - 1;
+      }
+    }
+    if (rx.target) {
+      // the gather sender waits on the receive phase; a reduce sender on the chunk
+      this.wake(rx.target);
+      if (rx.done) {
+        rx.target.rxDone = true;
+        this.maybeFinish(rx.target);
+      }
+    }
+  }
+
+  /** The tensor chunk must be exactly the next one expected, in the announced codec. */
+  private checkChunk(rx: ReduceRx, frame: ChunkFrame, prevRank: number): void {
+    const codec = chunkCodec(frame);
+    if (codec !== rx.codec) {
       throw new ProtocolError(
-        `tensor chunk (op ${frame.op}, phase ${frame.phase}, chunk ${frame.chunk}) without an op announcement`,
+        `tensor chunk from prev (rank ${prevRank}) is ${codec} but op ${rx.op} was announced as ${rx.codec} ` +
+          `(op ${frame.op}, phase ${frame.phase}, chunk ${frame.chunk})`,
       );
     }
     const seg = this.rxSegment(rx.segs, rx.phase);
-    const offset = seg.start + rx.chunk * this.chunkElems;
-    const count = Math.min(this.chunkElems, seg.end - offset);
+    const offset = seg.start + rx.chunk * rx.chunkElems;
+    const count = Math.min(rx.chunkElems, seg.end - offset);
     if (
       frame.op !== rx.op ||
       frame.phase !== rx.phase ||
@@ -350,50 +648,93 @@ export class RingAllReduce {
           `offset ${frame.offset} count ${frame.count}`,
       );
     }
-    if (rx.target) {
-      this.apply(rx.target, frame);
-    } else {
-      if (rx.earlyBytes + frame.count * 4 > this.maxBufferedBytes) {
-        throw new ProtocolError(`prev sent more than ${this.maxBufferedBytes} bytes ahead of the local op`);
-      }
-      rx.early.push(frame);
-      rx.earlyBytes += frame.count * 4;
+  }
+
+  /** The blob chunk must be the next one of the blob prev forwards in this phase. */
+  private checkBlob(rx: GatherRx, frame: BlobChunkFrame, prevRank: number): void {
+    const owner = mod(this.rank - 1 - rx.phase, this.size);
+    const where = `(op ${frame.op}, phase ${frame.phase}, owner ${frame.owner}, offset ${frame.offset})`;
+    if (frame.op !== rx.op || frame.phase !== rx.phase || frame.owner !== owner) {
+      throw new ProtocolError(
+        `out-of-sequence blob chunk from prev (rank ${prevRank}): expected op ${rx.op} phase ${rx.phase} owner ${owner}, ` +
+          `got op ${frame.op} phase ${frame.phase} owner ${frame.owner}`,
+      );
     }
-    rx.chunk++;
-    this.normalize(rx);
-    if (rx.done && rx.target) {
-      rx.target.rxDone = true;
-      this.maybeFinish(rx.target);
+    if (rx.total < 0) {
+      if (frame.total > this.maxBlobBytes) {
+        throw new ProtocolError(`blob of rank ${owner} is ${frame.total} bytes, more than maxBlobBytes ${this.maxBlobBytes} ${where}`);
+      }
+      if (rx.phase === 0 && frame.total !== rx.size) {
+        throw new ProtocolError(`blob of rank ${owner} is ${frame.total} bytes but its op frame announced ${rx.size} ${where}`);
+      }
+      rx.total = frame.total;
+    } else if (frame.total !== rx.total) {
+      throw new ProtocolError(`blob of rank ${owner} changed its length from ${rx.total} to ${frame.total} bytes ${where}`);
+    }
+    if (frame.offset !== rx.offset) {
+      throw new ProtocolError(`non-contiguous blob chunk: expected offset ${rx.offset} ${where}`);
+    }
+    const length = Math.min(this.chunkBytes, rx.total - rx.offset);
+    if (frame.length !== length) {
+      throw new ProtocolError(`blob chunk carries ${frame.length} bytes, expected ${length} ${where}`);
     }
   }
 
-  /** Bind prev's announced op to the local one; checks the count before touching data. */
+  /** Bind prev's announced op to the local one; checks kind, count and codec before touching data. */
   private attach(rx: RxState, op: OpState): void {
-    if (rx.count !== op.data.length) {
-      throw new ProtocolError(
-        `prev announced op ${rx.op} with ${rx.count} elements, the local buffer has ${op.data.length}`,
-      );
+    if (rx.kind !== op.kind) {
+      throw new ProtocolError(`prev announced op ${rx.op} as ${rx.kind}, the local op is ${op.kind}`);
+    }
+    if (rx.kind === "allreduce" && op.kind === "allreduce") {
+      if (rx.count !== op.data.length) {
+        throw new ProtocolError(
+          `prev announced op ${rx.op} with ${rx.count} elements, the local buffer has ${op.data.length}`,
+        );
+      }
+      if (rx.codec !== op.codec) {
+        throw new ProtocolError(`prev announced op ${rx.op} with codec ${rx.codec}, the local op uses ${op.codec}`);
+      }
     }
     rx.target = op;
     op.rx = rx;
     const early = rx.early;
     rx.early = [];
     rx.earlyBytes = 0;
-    for (const frame of early) this.apply(op, frame);
+    for (const { frame, bytes } of early) this.apply(op, frame, bytes);
     if (rx.done) op.rxDone = true;
     this.wake(op);
     this.maybeFinish(op);
   }
 
-  /** Sum (reduce-scatter) or copy (all-gather) one validated chunk into the buffer. */
-  private apply(op: OpState, frame: ChunkFrame): void {
-    const dst = op.data;
-    const src = frame.data;
+  /** Use one validated frame: sum or decode it into the buffer, or collect a blob chunk. */
+  private apply(op: OpState, frame: ChunkFrame | BlobChunkFrame, bytes: Uint8Array): void {
+    if (frame.kind === "blob") {
+      if (op.kind !== "allgather") throw new Error("internal: blob chunk applied to an all-reduce");
+      const parts = op.parts[frame.owner];
+      parts.push(frame.data);
+      if (frame.offset + frame.length === frame.total) {
+        op.blobs[frame.owner] = concat(parts, frame.total);
+        op.parts[frame.owner] = [];
+      }
+      if (frame.phase < this.size - 2) op.forward.push({ bytes, phase: frame.phase + 1 });
+      this.wake(op);
+      return;
+    }
+    if (op.kind !== "allreduce") throw new Error("internal: tensor chunk applied to an all-gather");
     const o = frame.offset;
-    if (frame.phase < this.size - 1) {
-      for (let i = 0, n = src.length; i < n; i++) dst[o + i] += src[i];
+    const reduce = frame.phase < this.size - 1;
+    if (frame.dtype === "float32") {
+      const dst = op.data;
+      const src = frame.data;
+      if (reduce) {
+        for (let i = 0, n = src.length; i < n; i++) dst[o + i] += src[i];
+      } else {
+        dst.set(src, o);
+      }
     } else {
-      dst.set(src, o);
+      decodePayload(frame.codec, frame.payload, op.data.subarray(o, o + frame.count), reduce ? "add" : "set");
+      // all-gather chunks travel on as the same bytes (only the phase changes)
+      if (!reduce && frame.phase < this.phases - 1) op.forward.push({ bytes, phase: frame.phase + 1 });
     }
     this.wake(op);
   }
@@ -406,8 +747,14 @@ export class RingAllReduce {
     if (w) w();
   }
 
+  private sleep(op: OpState): Promise<void> {
+    return new Promise<void>((resolve) => {
+      op.wake = resolve;
+    });
+  }
+
   /** Chunk c of phase p may go out: phase 0 at once, later phases once (p-1, c) arrived. */
-  private ready(op: OpState, phase: number, chunk: number): boolean {
+  private ready(op: ReduceOp, phase: number, chunk: number): boolean {
     if (phase === 0) return true;
     const rx = op.rx;
     if (!rx) return false;
@@ -420,26 +767,90 @@ export class RingAllReduce {
     await this.next!.send(bytes);
   }
 
-  private async pump(op: OpState): Promise<void> {
-    await this.send(op, encodeControl({ t: "op", op: op.op, count: op.data.length, dtype: "float32" }));
+  private async pumpReduce(op: ReduceOp): Promise<void> {
+    const { codec } = op;
+    await this.send(
+      op,
+      encodeControl({ t: "op", op: op.op, kind: "allreduce", count: op.data.length, dtype: "float32", codec }),
+    );
     for (let p = 0; p < this.phases; p++) {
       const seg = op.segs[sentSegment(this.rank, p, this.size)];
-      const n = this.chunksIn(seg);
+      const n = chunksIn(seg.end - seg.start, op.chunkElems);
       for (let c = 0; c < n; c++) {
-        while (!op.settled && !this.ready(op, p, c)) {
-          await new Promise<void>((resolve) => {
-            op.wake = resolve;
-          });
-        }
+        while (!op.settled && !this.ready(op, p, c)) await this.sleep(op);
         if (op.settled) return;
-        const offset = seg.start + c * this.chunkElems;
-        const count = Math.min(this.chunkElems, seg.end - offset);
-        const frame = encodeChunk({ phase: p, op: op.op, chunk: c, offset, count }, op.data.subarray(offset, offset + count));
-        op.payloadBytes += count * 4;
+        const offset = seg.start + c * op.chunkElems;
+        const count = Math.min(op.chunkElems, seg.end - offset);
+        const header = { phase: p, op: op.op, chunk: c, offset, count };
+        let frame: Uint8Array;
+        if (codec === "f32") {
+          frame = encodeChunk(header, op.data.subarray(offset, offset + count));
+        } else if (p >= this.size) {
+          frame = this.takeForward(op, p, c, offset);
+        } else {
+          frame = newChunkFrame(header, codec);
+          const values = op.data.subarray(offset, offset + count);
+          const payload = frame.subarray(CHUNK_HEADER_BYTES);
+          encodePayload(codec, values, payload);
+          // the segment's owner keeps what everyone else will decode
+          if (p === this.size - 1) decodePayload(codec, payload, values, "set");
+        }
+        op.payloadBytes += frame.byteLength - CHUNK_HEADER_BYTES;
         await this.send(op, frame);
         if (op.settled) return;
       }
     }
+    op.sendDone = true;
+    this.maybeFinish(op);
+  }
+
+  /** The received all-gather chunk (p-1, c), re-labelled as phase p. */
+  private takeForward(op: OpState, phase: number, chunk: number, offset: number): Uint8Array {
+    const entry = op.forward.shift();
+    if (!entry || entry.phase !== phase) {
+      throw new Error(`internal: no received chunk to forward as phase ${phase} chunk ${chunk}`);
+    }
+    const view = new DataView(entry.bytes.buffer, entry.bytes.byteOffset, entry.bytes.byteLength);
+    if (view.getUint32(8, true) !== chunk || view.getUint32(12, true) !== offset) {
+      throw new Error(`internal: forward queue out of step at phase ${phase} chunk ${chunk}`);
+    }
+    setFramePhase(entry.bytes, phase);
+    return entry.bytes;
+  }
+
+  /** Every chunk this rank has to forward has arrived (phases 0 .. N-3 received). */
+  private forwardsComplete(op: GatherOp): boolean {
+    if (this.size <= 2) return true;
+    const rx = op.rx;
+    return rx !== null && (rx.done || rx.phase >= this.size - 2);
+  }
+
+  private async pumpGather(op: GatherOp): Promise<void> {
+    const { blob } = op;
+    const total = blob.byteLength;
+    await this.send(op, encodeControl({ t: "op", op: op.op, kind: "allgather", size: total }));
+    const n = Math.max(1, Math.ceil(total / this.chunkBytes));
+    for (let c = 0; c < n; c++) {
+      if (op.settled) return;
+      const offset = c * this.chunkBytes;
+      const length = Math.min(this.chunkBytes, total - offset);
+      const frame = encodeBlobChunk(
+        { phase: 0, op: op.op, owner: this.rank, total, offset, length },
+        blob.subarray(offset, offset + length),
+      );
+      op.payloadBytes += length;
+      await this.send(op, frame);
+    }
+    for (;;) {
+      while (!op.settled && op.forward.length === 0 && !this.forwardsComplete(op)) await this.sleep(op);
+      if (op.settled) return;
+      const entry = op.forward.shift();
+      if (!entry) break;
+      setFramePhase(entry.bytes, entry.phase);
+      op.payloadBytes += entry.bytes.byteLength - BLOB_HEADER_BYTES;
+      await this.send(op, entry.bytes);
+    }
+    if (op.settled) return;
     op.sendDone = true;
     this.maybeFinish(op);
   }
@@ -449,13 +860,22 @@ export class RingAllReduce {
     op.settled = true;
     if (this.cur === op) this.cur = null;
     this.completed++;
-    op.resolve({
+    const stats: RingStats = {
       op: op.op,
       bytesSent: op.bytesSent,
       payloadBytes: op.payloadBytes,
       frames: op.frames,
       seconds: (performance.now() - op.started) / 1000,
+    };
+    if (op.kind === "allreduce") {
+      op.resolve(stats);
+      return;
+    }
+    const blobs = op.blobs.map((b, r) => {
+      if (!b) throw new Error(`internal: all-gather op ${op.op} finished without the blob of rank ${r}`);
+      return b;
     });
+    op.resolve({ blobs, stats });
   }
 
   // ---- failure ------------------------------------------------------------------
@@ -481,6 +901,7 @@ export class RingAllReduce {
     this.cur = null;
     if (op && !op.settled) {
       op.settled = true;
+      op.forward = [];
       this.wake(op);
       op.reject(err);
     }

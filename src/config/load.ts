@@ -284,3 +284,15 @@ function locateIn(
   }
   return best;
 }
+
+/**
+ * A problem found after loading (e.g. by a worker that built the model: a PowerSGD rank no
+ * weight matrix can take), reported like a load error: file, line and field.
+ */
+export function configErrorAt(loaded: LoadedConfig, field: string, message: string): ConfigIssuesError {
+  const lineCounter = new LineCounter();
+  const doc = parseDocument(loaded.text, { lineCounter });
+  const p = field.split(".").map((seg) => (/^\d+$/.test(seg) ? Number(seg) : seg));
+  const { line, col } = locateIn(doc.contents, lineCounter, p, "value");
+  return new ConfigIssuesError(loaded.path, [{ line, col, field, message }]);
+}

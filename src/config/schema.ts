@@ -19,12 +19,12 @@ function nullAsAbsent<T extends z.ZodTypeAny>(schema: T) {
   return z.preprocess((v) => (v === null ? undefined : v), schema);
 }
 
-/** A discriminated section may leave out its `name`: it then defaults to `name`. */
-function defaultName<T extends z.ZodTypeAny>(name: string, schema: T) {
+/** A discriminated section may leave out its discriminator (`name`, `method`): it then takes `value`. */
+function defaultName<T extends z.ZodTypeAny>(value: string, schema: T, key = "name") {
   return z.preprocess((v) => {
     if (v === null) return undefined;
-    if (typeof v === "object" && !Array.isArray(v) && !("name" in (v as object))) {
-      return { name, ...(v as object) };
+    if (typeof v === "object" && !Array.isArray(v) && !(key in (v as object))) {
+      return { [key]: value, ...(v as object) };
     }
     return v;
   }, schema);
@@ -78,6 +78,35 @@ export const lrScheduleSchema = z.discriminatedUnion("name", [
     .strict(),
 ]);
 
+export const COMPRESSION_METHODS = ["none", "fp16", "bf16", "int8", "powersgd", "topk"] as const;
+
+/** Gradient compression: how each step's gradients travel (python-runtime/nimble_worker/compress). */
+export const compressionSchema = z.discriminatedUnion("method", [
+  z.object({ method: z.literal("none") }).strict(),
+  z.object({ method: z.literal("fp16") }).strict(),
+  z.object({ method: z.literal("bf16") }).strict(),
+  z.object({ method: z.literal("int8") }).strict(),
+  z
+    .object({
+      method: z.literal("powersgd"),
+      rank: z.number().int().gte(1).lte(1024).default(4),
+      start_step: nonNegInt.default(10),
+      min_compression_rate: z.number().gte(1).default(2),
+      error_feedback: z.boolean().default(true),
+      warm_start: z.boolean().default(true),
+      seed: nonNegInt.default(0),
+    })
+    .strict(),
+  z
+    .object({
+      method: z.literal("topk"),
+      ratio: z.number().gt(0).lte(1).default(0.01),
+      start_step: nonNegInt.default(10),
+      error_feedback: z.boolean().default(true),
+    })
+    .strict(),
+]);
+
 export const providerSchema = z
   .object({
     address: z.string().regex(ADDRESS_PATTERN),
@@ -95,6 +124,7 @@ export const jobConfigSchema = z
     seed: nonNegInt.default(0),
     optimizer: defaultName("sgd", optimizerSchema.default({ name: "sgd" })),
     lr_schedule: defaultName("constant", lrScheduleSchema.default({ name: "constant" })),
+    compression: defaultName("powersgd", compressionSchema.default({ method: "powersgd" }), "method"),
     eval: nullAsAbsent(
       z
         .object({
@@ -123,6 +153,7 @@ export const jobConfigSchema = z
 /** The validated config with every default filled in. */
 export type JobConfig = z.output<typeof jobConfigSchema>;
 export type OptimizerConfig = JobConfig["optimizer"];
+export type CompressionConfig = JobConfig["compression"];
 export type LrScheduleConfig = JobConfig["lr_schedule"];
 export type ProviderConfig = JobConfig["providers"][number];
 

@@ -2,7 +2,7 @@ import { randomBytes, randomUUID } from "node:crypto";
 import { readFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
-import type { LoadedConfig } from "../config/load.js";
+import { configErrorAt, type LoadedConfig } from "../config/load.js";
 import { UserError, errorMessage } from "../errors.js";
 import type { ToCoordinator } from "../protocol/messages.js";
 import { resolvePython } from "../runtime/python.js";
@@ -35,6 +35,12 @@ export interface TrainSummary {
   eval: Record<string, number> | null;
   eval_step: number | null;
   bytes_sent: number;
+  /** What the same all-reduces would have sent as plain float32 (the initial sync excluded). */
+  uncompressed_bytes: number;
+  compression_ratio: number;
+  compression: LoadedConfig["config"]["compression"];
+  /** Steps whose update every worker skipped because of non-finite gradients. */
+  steps_skipped: number[];
   workers: { id: string; rank: number; provider: string; device: string; samples: number; share: number }[];
   run_dir: string;
   started_at: string;
@@ -150,7 +156,11 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
   let stepsDone = 0;
   let samplesDone = 0;
   let bytesSent = 0;
+  let uncompressedBytes = 0;
+  const stepsSkipped: number[] = [];
   let lastLoss: number | null = null;
+  // Uncompressed / actual bytes on the wire; 1 when nothing travelled (one worker).
+  const compressionRatio = () => (bytesSent > 0 ? uncompressedBytes / bytesSent : 1);
   let lastEval: Record<string, number> | null = null;
   let lastEvalStep: number | null = null;
 
@@ -165,6 +175,10 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
     eval: lastEval,
     eval_step: lastEvalStep,
     bytes_sent: bytesSent,
+    uncompressed_bytes: uncompressedBytes,
+    compression_ratio: compressionRatio(),
+    compression: config.compression,
+    steps_skipped: stepsSkipped,
     workers: ranks.map((r) => ({
       id: r.row.id,
       rank: r.rank,
@@ -251,7 +265,9 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
         if (m.t === "log") reporter.handle({ type: "log", source: client.address, line: m.line });
         else if (m.t === "failed") {
           const who = m.rank !== undefined ? `rank ${m.rank} on provider ${client.address}` : `provider ${client.address}`;
-          gather.fail(new JobFailed(`${who} failed: ${m.where ? `${m.where}: ` : ""}${m.message}`, taskErrorHint(m.kind)));
+          // A worker that found the config impossible for this model: report it like a load error.
+          if (m.kind === "config" && m.field) gather.fail(configErrorAt(loaded, m.field, m.message));
+          else gather.fail(new JobFailed(`${who} failed: ${m.where ? `${m.where}: ` : ""}${m.message}`, taskErrorHint(m.kind)));
         } else if ("rank" in m) gather.deliver(m);
       });
     }
@@ -306,11 +322,19 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
 
       let loss = 0;
       let stepBytes = 0;
+      let stepUncompressed = 0;
       let lr = 0;
+      const skipped = reports.get(0)!.skipped;
+      const nonfinite: string[] = [];
       for (const r of ranks) {
         const rep = reports.get(r.rank)!;
+        if (rep.skipped !== skipped) {
+          throw new JobFailed(`Replicas disagree about skipping step ${step}: rank 0 ${skipped ? "skipped" : "applied"} it, rank ${r.rank} did not`);
+        }
+        for (const name of rep.nonfinite ?? []) nonfinite.push(`${name} (rank ${r.rank})`);
         loss += (rep.loss * rep.samples) / batch;
         stepBytes += rep.bytes_sent;
+        stepUncompressed += rep.uncompressed_bytes;
         lr = rep.lr;
         Object.assign(r.row, {
           share: rep.samples,
@@ -323,7 +347,11 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
       stepsDone = step + 1;
       samplesDone += batch;
       bytesSent += stepBytes;
-      lastLoss = loss;
+      uncompressedBytes += stepUncompressed;
+      if (skipped) {
+        stepsSkipped.push(step);
+        status(`Step ${step} skipped on every worker: non-finite ${nonfinite.length ? nonfinite.join(", ") : "values in the reduced gradient"}`);
+      } else lastLoss = loss;
 
       const isLast = step === config.steps - 1;
       let evalMetrics: Record<string, number> | undefined;
@@ -339,12 +367,14 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
       const rate = recent.reduce((a, b) => a + b.samples, 0) / Math.max(1e-9, recent.reduce((a, b) => a + b.seconds, 0));
       const metrics: StepMetrics = {
         step,
-        loss,
+        loss: skipped ? null : loss,
         lr,
         samples: batch,
         wall_s: (now - started) / 1000,
         step_s: stepSeconds,
         bytes_sent: stepBytes,
+        uncompressed_bytes: stepUncompressed,
+        ...(skipped ? { skipped: true, nonfinite } : {}),
         ...(evalMetrics ? { eval: evalMetrics } : {}),
         workers: ranks.map((r) => {
           const rep = reports.get(r.rank)!;
@@ -356,12 +386,13 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
         type: "step",
         step: step + 1,
         steps: config.steps,
-        loss,
+        loss: lastLoss ?? loss,
         lr,
         samples: samplesDone,
         samples_per_s: rate,
         wall_s: metrics.wall_s,
         bytes_sent: bytesSent,
+        compression_ratio: compressionRatio(),
         workers: rows(),
       });
       if (evalMetrics) reporter.handle({ type: "eval", step: step + 1, metrics: evalMetrics });

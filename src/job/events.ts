@@ -35,6 +35,8 @@ export type TrainEvent =
       samples_per_s: number;
       wall_s: number;
       bytes_sent: number;
+      /** Uncompressed bytes / bytes actually sent, so far (1 with one worker). */
+      compression_ratio: number;
       workers: WorkerRow[];
     }
   | { type: "eval"; step: number; metrics: Record<string, number> }

@@ -5,7 +5,7 @@ import os from "node:os";
 import path from "node:path";
 import type { Duplex } from "node:stream";
 import { WebSocketServer, type WebSocket } from "ws";
-import { RingAllReduce } from "../collective/ring.js";
+import { expectedFrameBytesPerNode, RingAllReduce, type WireCodec } from "../collective/ring.js";
 import { errorMessage, UserError } from "../errors.js";
 import { acceptRingPeer, connectRingPeer, FrameLink } from "../net/link.js";
 import { MAX_FRAME_BYTES } from "../protocol/frames.js";
@@ -402,7 +402,10 @@ class ProviderJob {
         this.maybeReady(local);
         return;
       case "allreduce":
-        local.queue = local.queue.then(() => this.allReduce(local, m.id, m.count, payload));
+        local.queue = local.queue.then(() => this.allReduce(local, m.id, m.count, m.codec, payload));
+        return;
+      case "allgather":
+        local.queue = local.queue.then(() => this.allGather(local, m.id, payload));
         return;
       case "synced":
         void local.queue.then(() => {
@@ -411,10 +414,13 @@ class ProviderJob {
         });
         return;
       case "step_done": {
-        const { op: _op, ...report } = m;
-        // Report after the all-reduces this step queued have finished counting their bytes.
+        const { op: _op, dense_count, ...report } = m;
+        const size = this.spec.world_size;
+        // What one plain float32 all-reduce of the whole gradient would have sent from here.
+        const uncompressed = size > 1 && dense_count > 0 ? expectedFrameBytesPerNode(dense_count, size, local.rank, "f32") : 0;
+        // Report after the collectives this step queued have finished counting their bytes.
         void local.queue.then(() => {
-          this.send({ t: "step_done", rank: local.rank, ...report, bytes_sent: local.bytesSinceReport });
+          this.send({ t: "step_done", rank: local.rank, ...report, bytes_sent: local.bytesSinceReport, uncompressed_bytes: uncompressed });
           local.bytesSinceReport = 0;
         });
         return;
@@ -435,12 +441,26 @@ class ProviderJob {
       case "loaded":
         return;
       case "error":
-        this.fail(m.message, m.kind === "task" ? "task" : "worker", local.rank, m.where);
+        if (m.kind === "config") {
+          this.send({ t: "failed", rank: local.rank, message: m.message, field: m.field, kind: "config" });
+          void this.end(m.message);
+        } else this.fail(m.message, m.kind === "task" ? "task" : "worker", local.rank, m.where);
         return;
     }
   }
 
-  private async allReduce(local: LocalRank, id: number, count: number, payload: Buffer) {
+  private async allGather(local: LocalRank, id: number, payload: Buffer) {
+    if (this.ended || !local.ring || !local.worker) return;
+    try {
+      const { blobs, stats } = await local.ring.allGather(payload);
+      local.bytesSinceReport += stats.bytesSent;
+      local.worker.send({ op: "allgather_result", id, sizes: blobs.map((b) => b.byteLength) }, Buffer.concat(blobs));
+    } catch (err) {
+      this.fail(`ring all-gather failed on rank ${local.rank}: ${errorMessage(err)}`, "ring", local.rank);
+    }
+  }
+
+  private async allReduce(local: LocalRank, id: number, count: number, codec: WireCodec, payload: Buffer) {
     if (this.ended || !local.ring || !local.worker) return;
     // Float32Array needs 4-byte alignment; the link decoder's slices need not have it.
     const data =
@@ -448,13 +468,13 @@ class ProviderJob {
         ? new Float32Array(payload.buffer, payload.byteOffset, count)
         : new Float32Array(payload.buffer.slice(payload.byteOffset, payload.byteOffset + count * 4));
     try {
-      const stats = await local.ring.allReduce(data);
+      const stats = await local.ring.allReduce(data, { codec });
       local.bytesSinceReport += stats.bytesSent;
     } catch (err) {
       this.fail(`ring all-reduce failed on rank ${local.rank}: ${errorMessage(err)}`, "ring", local.rank);
       return;
     }
-    local.worker.send({ op: "allreduce_result", id, dtype: "float32", count }, new Uint8Array(data.buffer, data.byteOffset, data.byteLength));
+    local.worker.send({ op: "allreduce_result", id, dtype: "float32", count, codec }, new Uint8Array(data.buffer, data.byteOffset, data.byteLength));
   }
 
   handle(message: ToProvider) {

@@ -5,7 +5,8 @@ import path from "node:path";
 /** One line of metrics.jsonl: one per optimizer step. */
 export interface StepMetrics {
   step: number;
-  loss: number;
+  /** Global batch loss; null on a step skipped for non-finite gradients. */
+  loss: number | null;
   lr: number;
   /** Samples in this step's global batch. */
   samples: number;
@@ -15,6 +16,11 @@ export interface StepMetrics {
   step_s: number;
   /** Bytes all workers sent on the ring during this step. */
   bytes_sent: number;
+  /** What the same all-reduces would have sent as plain float32. */
+  uncompressed_bytes: number;
+  skipped?: boolean;
+  /** On a skipped step: the non-finite tensors, with the rank that found them. */
+  nonfinite?: string[];
   /** Validation metrics, on the steps where evaluation ran. */
   eval?: Record<string, number>;
   workers: { rank: number; samples: number; compute_s: number; comm_s: number; bytes_sent: number }[];

@@ -46,6 +46,10 @@ export const stepReportSchema = z.object({
   comm_s: finite,
   /** sha256 of all parameters, when the step asked for it. */
   hash: z.string().max(128).optional(),
+  /** True when a non-finite gradient made every worker skip this step's update. */
+  skipped: z.boolean().default(false),
+  /** Names of this worker's non-finite gradients (or "loss"), on a skipped step. */
+  nonfinite: z.array(z.string().max(256)).max(4096).optional(),
 });
 
 export const toProviderSchema = z.discriminatedUnion("t", [
@@ -91,7 +95,13 @@ export const toCoordinatorSchema = z.discriminatedUnion("t", [
   z.object({ t: z.literal("reject"), reason: z.string().max(1000) }),
   z.object({ t: z.literal("ready"), rank: count, info: workerInfoSchema }),
   z.object({ t: z.literal("synced"), rank: count, hash: z.string().max(128), bytes_sent: count }),
-  stepReportSchema.extend({ t: z.literal("step_done"), rank: count, bytes_sent: count }),
+  stepReportSchema.extend({
+    t: z.literal("step_done"),
+    rank: count,
+    bytes_sent: count,
+    /** What the same all-reduces would have sent uncompressed (float32 ring). */
+    uncompressed_bytes: count,
+  }),
   z.object({ t: z.literal("eval_done"), rank: count, step: count, count, sums: metricsSchema }),
   z.object({
     t: z.literal("state"),
@@ -106,7 +116,9 @@ export const toCoordinatorSchema = z.discriminatedUnion("t", [
     rank: count.optional(),
     message: z.string().max(64 * 1024),
     where: z.string().max(1024).optional(),
-    kind: z.enum(["task", "worker", "ring", "internal"]),
+    /** For kind "config": the config field at fault, e.g. `compression.rank`. */
+    field: z.string().max(256).optional(),
+    kind: z.enum(["task", "config", "worker", "ring", "internal"]),
   }),
 ]);
 export type ToCoordinator = z.infer<typeof toCoordinatorSchema>;
@@ -115,7 +127,7 @@ export function encodeMessage(message: ToProvider | ToCoordinator): Uint8Array {
   return encode(message, { ignoreUndefined: true });
 }
 
-function decodeWith<T>(schema: z.ZodType<T>, data: unknown, from: string): T {
+function decodeWith<S extends z.ZodTypeAny>(schema: S, data: unknown, from: string): z.output<S> {
   if (!(data instanceof Uint8Array)) throw new ProtocolError(`${from} sent a text frame; control messages are binary msgpack`);
   if (data.byteLength > MAX_CONTROL_BYTES) throw new ProtocolError(`${from} sent a ${data.byteLength}-byte message`);
   let raw: unknown;

@@ -9,9 +9,20 @@ const finite = z.number().finite();
 
 export const fromWorkerSchema = z.discriminatedUnion("op", [
   workerInfoSchema.extend({ op: z.literal("ready") }),
-  z.object({ op: z.literal("allreduce"), id: count, dtype: z.literal("float32"), count }),
+  z.object({
+    op: z.literal("allreduce"),
+    id: count,
+    dtype: z.literal("float32"),
+    count,
+    codec: z.enum(["f32", "f16", "bf16", "int8"]).default("f32"),
+  }),
+  z.object({ op: z.literal("allgather"), id: count, size: count }),
   z.object({ op: z.literal("synced"), hash: z.string() }),
-  stepReportSchema.extend({ op: z.literal("step_done") }),
+  stepReportSchema.extend({
+    op: z.literal("step_done"),
+    /** float32 elements the step's gradient would all-reduce uncompressed. */
+    dense_count: count.default(0),
+  }),
   z.object({ op: z.literal("eval_done"), step: count, count, sums: z.record(z.string(), finite) }),
   z.object({
     op: z.literal("state"),
@@ -20,7 +31,13 @@ export const fromWorkerSchema = z.discriminatedUnion("op", [
     files: z.array(z.object({ name: z.string(), size: count })),
   }),
   z.object({ op: z.literal("loaded"), step: count }),
-  z.object({ op: z.literal("error"), message: z.string(), where: z.string().optional(), kind: z.string().optional() }),
+  z.object({
+    op: z.literal("error"),
+    message: z.string(),
+    where: z.string().optional(),
+    kind: z.string().optional(),
+    field: z.string().optional(),
+  }),
 ]);
 export type FromWorker = z.infer<typeof fromWorkerSchema>;
 
@@ -33,6 +50,9 @@ export function parseWorkerMessage(message: WorkerMessage, label: string): FromW
   const m = parsed.data;
   if (m.op === "allreduce" && message.payload.byteLength !== m.count * 4) {
     throw new ProtocolError(`${label} sent an allreduce of ${message.payload.byteLength} bytes for ${m.count} float32 elements`);
+  }
+  if (m.op === "allgather" && message.payload.byteLength !== m.size) {
+    throw new ProtocolError(`${label} sent an allgather of ${message.payload.byteLength} bytes announced as ${m.size}`);
   }
   if (m.op === "state") {
     const total = m.files.reduce((sum, f) => sum + f.size, 0);

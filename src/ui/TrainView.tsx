@@ -8,6 +8,7 @@ import {
   formatDuration,
   formatMetric,
   formatRate,
+  formatRatio,
   formatSci,
   progressBar,
   sparkline,
@@ -95,7 +96,7 @@ export function TrainView({ state }: { state: TrainViewState }) {
       <Text wrap="truncate">
         {`lr ${s.lr !== undefined ? formatSci(s.lr) : "-"}  `}
         {`${s.samplesPerS !== undefined ? formatRate(s.samplesPerS) : "-"} samples/s  `}
-        {`${formatCount(s.samples)} samples  sent ${formatBytes(s.bytesSent)}`}
+        {`${formatCount(s.samples)} samples  sent ${formatBytes(s.bytesSent)} (${formatRatio(s.compressionRatio)} compression)`}
       </Text>
       {s.eval ? (
         <Text wrap="truncate" color="blue">{`eval @ step ${s.eval.step}: ${formatMetrics(s.eval.metrics)}`}</Text>

@@ -110,3 +110,9 @@ export function progressBar(fraction: number, width = 30): string {
   const full = Math.round(f * width);
   return "█".repeat(full) + "░".repeat(width - full);
 }
+
+/** A compression ratio: "31.2x", "1.0x". */
+export function formatRatio(ratio: number): string {
+  if (!Number.isFinite(ratio)) return "-";
+  return `${ratio >= 100 ? ratio.toFixed(0) : ratio.toFixed(1)}x`;
+}

@@ -3,7 +3,7 @@
  * noteworthy event, step lines throttled so that a long run stays readable.
  */
 import type { Reporter, TrainEvent, WorkerRow } from "../job/events.js";
-import { formatBytes, formatCount, formatDuration, formatMetric, formatRate, formatSci } from "./format.js";
+import { formatBytes, formatCount, formatDuration, formatMetric, formatRate, formatRatio, formatSci } from "./format.js";
 
 /** Anything with a string `write` (process.stdout, a file stream, a test buffer). */
 export interface TextSink {
@@ -30,7 +30,7 @@ export function formatStepLine(e: StepEvent): string {
     `loss ${formatMetric(e.loss)}`,
     `lr ${formatSci(e.lr)}`,
     `${formatRate(e.samples_per_s)} samples/s`,
-    `sent ${formatBytes(e.bytes_sent)}`,
+    `sent ${formatBytes(e.bytes_sent)} (${formatRatio(e.compression_ratio)})`,
     `[${n} worker${n === 1 ? "" : "s"}]`,
   ].join("  ");
 }

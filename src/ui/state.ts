@@ -19,6 +19,7 @@ export interface TrainViewState {
   samplesPerS?: number;
   wallS: number;
   bytesSent: number;
+  compressionRatio: number;
   eval?: { step: number; metrics: Record<string, number> };
   checkpoint?: { step: number; path: string };
   workers: WorkerRow[];
@@ -38,6 +39,7 @@ export function initialViewState(init: { name?: string; runDir?: string; steps?:
     losses: [],
     samples: 0,
     wallS: 0,
+    compressionRatio: 1,
     bytesSent: 0,
     workers: [],
     lines: [],
@@ -70,6 +72,7 @@ export function reduceView(s: TrainViewState, e: TrainEvent): TrainViewState {
         samplesPerS: e.samples_per_s,
         wallS: e.wall_s,
         bytesSent: e.bytes_sent,
+        compressionRatio: e.compression_ratio,
         workers: e.workers.length > 0 ? e.workers : s.workers,
       };
     }
@@ -96,6 +99,7 @@ export function reduceView(s: TrainViewState, e: TrainEvent): TrainViewState {
                 samples_per_s: s.samplesPerS ?? 0,
                 wall_s: s.wallS,
                 bytes_sent: s.bytesSent,
+                compression_ratio: s.compressionRatio,
                 workers: s.workers,
               }
             : undefined,

@@ -15,6 +15,8 @@ export interface HarnessOptions {
   chunkBytes?: number;
   maxPayload?: number;
   highWaterMark?: number;
+  /** RingOptions.maxBlobBytes for every ring */
+  maxBlobBytes?: number;
   /** Ranks that get links but no RingAllReduce (the test drives them by hand). */
   manual?: number[];
 }
@@ -88,7 +90,14 @@ export async function startRing(size: number, opts: HarnessOptions = {}): Promis
     prev: prevLinks[rank],
     ring: manual.has(rank)
       ? null
-      : new RingAllReduce({ rank, size, next: clientLinks[rank], prev: prevLinks[rank], chunkBytes: opts.chunkBytes }),
+      : new RingAllReduce({
+          rank,
+          size,
+          next: clientLinks[rank],
+          prev: prevLinks[rank],
+          chunkBytes: opts.chunkBytes,
+          maxBlobBytes: opts.maxBlobBytes,
+        }),
   }));
   const harness: Harness = {
     nodes,

@@ -50,6 +50,7 @@ describe("parseConfigText", () => {
       seed: 0,
       optimizer: { name: "sgd", lr: 0.01, momentum: 0, nesterov: false, weight_decay: 0 },
       lr_schedule: { name: "constant" },
+      compression: { method: "powersgd", rank: 4, start_step: 10, min_compression_rate: 2, error_feedback: true, warm_start: true, seed: 0 },
       eval: { every: 0, samples: 1000, batch_size: 256 },
       checkpoint: { every: 0, keep: 3 },
       providers: [],
@@ -132,7 +133,7 @@ providers:
     expect(issues[0]).toMatchObject({ line: 5, col: 1, field: "stpes" });
     expect(issues[0]!.message).toContain('unknown key "stpes"');
     expect(issues[0]!.message).toContain(
-      "allowed keys: name, task, task_args, steps, batch_size, seed, optimizer, lr_schedule, eval, checkpoint, providers, local_workers, output",
+      "allowed keys: name, task, task_args, steps, batch_size, seed, optimizer, lr_schedule, compression, eval, checkpoint, providers, local_workers, output",
     );
   });
 
@@ -305,5 +306,47 @@ describe("loadConfig", () => {
     const missing = path.join(dir, "nope.yaml");
     await expect(loadConfig(missing)).rejects.toThrow(ConfigError);
     await expect(loadConfig(missing)).rejects.toThrow(/no such file/);
+  });
+});
+
+describe("compression section", () => {
+  const file = "/tmp/nimble-compression-test/nimble.yaml";
+  const body = (section: string) => `name: c\ntask: ${__filename}\nsteps: 10\nbatch_size: 8\n${section}`;
+
+  it("defaults to PowerSGD rank 4 and fills each method's own defaults", () => {
+    expect(parseConfigText(body(""), file).config.compression).toEqual({
+      method: "powersgd",
+      rank: 4,
+      start_step: 10,
+      min_compression_rate: 2,
+      error_feedback: true,
+      warm_start: true,
+      seed: 0,
+    });
+    expect(parseConfigText(body("compression: {method: topk}\n"), file).config.compression).toEqual({
+      method: "topk",
+      ratio: 0.01,
+      start_step: 10,
+      error_feedback: true,
+    });
+    expect(parseConfigText(body("compression: {method: int8}\n"), file).config.compression).toEqual({ method: "int8" });
+    expect(parseConfigText(body("compression: {rank: 2}\n"), file).config.compression).toMatchObject({ method: "powersgd", rank: 2 });
+  });
+
+  it("names an unknown method with its line and the allowed ones", () => {
+    expect(() => parseConfigText(body("compression:\n  method: zip\n"), file)).toThrow(
+      `${file}:6:11: compression.method: expected one of none | fp16 | bf16 | int8 | powersgd | topk, found "zip"`,
+    );
+  });
+
+  it("rejects a rank below 1 and keys that belong to another method, with their lines", () => {
+    let message = "";
+    try {
+      parseConfigText(body("compression:\n  method: powersgd\n  rank: 0\n  ratio: 0.1\n"), file);
+    } catch (err) {
+      message = (err as Error).message;
+    }
+    expect(message).toContain(`${file}:7:9: compression.rank: expected an integer >= 1`);
+    expect(message).toMatch(new RegExp(`${file}:8:\\d+: compression.ratio: unknown key "ratio"`));
   });
 });

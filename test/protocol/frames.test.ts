@@ -2,12 +2,18 @@ import { encode as msgpackEncode } from "@msgpack/msgpack";
 import { describe, expect, it } from "vitest";
 import { ProtocolError } from "../../src/errors.js";
 import {
+  BLOB_HEADER_BYTES,
   CHUNK_HEADER_BYTES,
   DEFAULT_CHUNK_BYTES,
   decodeFrame,
+  encodeBlobChunk,
   encodeChunk,
+  encodeCodedChunk,
   encodeControl,
   MAX_FRAME_BYTES,
+  newChunkFrame,
+  setFramePhase,
+  wirePayloadBytes,
 } from "../../src/protocol/frames.js";
 
 function control(value: unknown): Uint8Array {
@@ -98,8 +104,10 @@ describe("data-plane frames", () => {
   it("rejects a bad dtype code and a non-zero reserved field", () => {
     const bytes = encodeChunk({ phase: 0, op: 0, chunk: 0, offset: 0, count: 1 }, new Float32Array(1));
     const badDtype = bytes.slice();
-    badDtype[1] = 2;
-    expectProtocolError(badDtype, /unknown dtype code 2/);
+    badDtype[1] = 5; // 2..4 are float16, bfloat16 and int8 now
+    expectProtocolError(badDtype, /unknown dtype code 5/);
+    badDtype[1] = 0;
+    expectProtocolError(badDtype, /unknown dtype code 0/);
     const reserved = bytes.slice();
     reserved[20] = 1;
     expectProtocolError(reserved, /reserved field is 1/);
@@ -126,5 +134,117 @@ describe("data-plane frames", () => {
 
   it("refuses to encode invalid control messages", () => {
     expect(() => encodeControl({ t: "op", op: 1, count: -1, dtype: "float32" })).toThrow(/invalid control frame/);
+  });
+});
+
+describe("coded tensor chunks", () => {
+  const header = { phase: 2, op: 5, chunk: 1, offset: 1000, count: 300 };
+
+  it("carry the codec in the dtype byte and an exact payload", () => {
+    for (const [codec, dtype, name, bytes] of [
+      ["f16", 2, "float16", 600],
+      ["bf16", 3, "bfloat16", 600],
+      ["int8", 4, "int8", 8 + 300],
+    ] as const) {
+      expect(wirePayloadBytes(codec, 300)).toBe(bytes);
+      const payload = new Uint8Array(bytes).map((_, i) => (i * 7) & 0x7f);
+      const frame = encodeCodedChunk(header, codec, payload);
+      expect(frame.byteLength).toBe(CHUNK_HEADER_BYTES + bytes);
+      expect(frame[0]).toBe(2);
+      expect(frame[1]).toBe(dtype);
+      const decoded = decodeFrame(frame);
+      expect(decoded).toMatchObject({ kind: "chunk", dtype: name, codec, ...header });
+      if (decoded.kind !== "chunk" || decoded.dtype === "float32") throw new Error("not a coded chunk");
+      expect(Array.from(decoded.payload)).toEqual(Array.from(payload));
+      expect(newChunkFrame(header, codec).byteLength).toBe(frame.byteLength);
+    }
+  });
+
+  it("rejects a payload of the wrong length for its codec", () => {
+    const f16 = encodeCodedChunk(header, "f16", new Uint8Array(600));
+    expectProtocolError(f16.subarray(0, f16.length - 2), /payload is 598 bytes but count 300 needs 600 as float16/);
+    // int8 with one scale too few: 257 values need 2 scales
+    const h257 = { ...header, count: 257 };
+    const short = new Uint8Array(CHUNK_HEADER_BYTES + 4 + 257);
+    short.set(newChunkFrame(h257, "int8").subarray(0, CHUNK_HEADER_BYTES));
+    expectProtocolError(short, /payload is 261 bytes but count 257 needs 2 scales \+ 257 int8 values = 265 as int8/);
+  });
+
+  it("rejects int8 scales that are negative or infinite, and the value -128", () => {
+    const frame = newChunkFrame({ ...header, count: 10 }, "int8");
+    const view = new DataView(frame.buffer);
+    view.setFloat32(CHUNK_HEADER_BYTES, 0.5, true);
+    expect(decodeFrame(frame)).toMatchObject({ codec: "int8", count: 10 });
+    view.setFloat32(CHUNK_HEADER_BYTES, NaN, true); // a non-finite block: allowed
+    expect(decodeFrame(frame)).toMatchObject({ codec: "int8" });
+    view.setFloat32(CHUNK_HEADER_BYTES, -1, true);
+    expectProtocolError(frame, /bad scale -1 in block 0/);
+    view.setFloat32(CHUNK_HEADER_BYTES, Infinity, true);
+    expectProtocolError(frame, /bad scale Infinity/);
+    view.setFloat32(CHUNK_HEADER_BYTES, 1, true);
+    frame[CHUNK_HEADER_BYTES + 4 + 3] = 0x80;
+    expectProtocolError(frame, /value -128 at element 3/);
+  });
+
+  it("setFramePhase relabels a chunk without touching the rest", () => {
+    const frame = encodeCodedChunk(header, "bf16", new Uint8Array(600).fill(9));
+    setFramePhase(frame, 0x1234);
+    expect(decodeFrame(frame)).toMatchObject({ phase: 0x1234, op: 5, chunk: 1, offset: 1000, count: 300 });
+  });
+});
+
+describe("op control frames", () => {
+  it("round-trip all-reduce ops with a codec and all-gather ops", () => {
+    for (const msg of [
+      { t: "op", op: 3, kind: "allreduce", count: 12, dtype: "float32", codec: "int8" },
+      { t: "op", op: 3, kind: "allgather", size: 0 },
+      { t: "op", op: 0xffffffff, kind: "allgather", size: 123456 },
+    ] as const) {
+      expect(decodeFrame(encodeControl(msg))).toEqual({ kind: "control", msg });
+    }
+  });
+
+  it("have a length that does not depend on the op number", () => {
+    const len = (op: number) =>
+      encodeControl({ t: "op", op, kind: "allreduce", count: 1000, dtype: "float32", codec: "f16" }).byteLength;
+    for (const op of [0, 1, 127, 128, 255, 256, 65535, 65536, 0xffffffff]) expect(len(op)).toBe(len(0));
+  });
+
+  it("reject unknown codecs and mixed-up fields", () => {
+    expectProtocolError(control({ t: "op", op: 1, count: 10, dtype: "float32", codec: "fp8" }), /codec/);
+    expectProtocolError(control({ t: "op", op: 1, kind: "allgather", count: 10 }), /size: Required/);
+    expectProtocolError(control({ t: "op", op: 1, kind: "allgather", size: 1, codec: "f16" }), /Unrecognized key/);
+    expectProtocolError(control({ t: "op", op: 1, kind: "reduce", count: 1, dtype: "float32" }), /kind/);
+    expectProtocolError(control({ t: "op", op: 1, kind: "allgather", size: -1 }), /size/);
+  });
+});
+
+describe("blob chunks", () => {
+  const header = { phase: 1, op: 9, owner: 3, total: 10, offset: 4, length: 5 };
+
+  it("round-trip", () => {
+    const data = new Uint8Array([1, 2, 3, 4, 5]);
+    const frame = encodeBlobChunk(header, data);
+    expect(frame.byteLength).toBe(BLOB_HEADER_BYTES + 5);
+    expect(frame[0]).toBe(3);
+    const decoded = decodeFrame(frame);
+    expect(decoded).toMatchObject({ kind: "blob", ...header });
+    if (decoded.kind !== "blob") throw new Error("not a blob");
+    expect(Array.from(decoded.data)).toEqual([1, 2, 3, 4, 5]);
+    expect(decodeFrame(encodeBlobChunk({ ...header, total: 0, offset: 0, length: 0 }, new Uint8Array(0)))).toMatchObject({
+      kind: "blob",
+      total: 0,
+      length: 0,
+    });
+  });
+
+  it("reject a wrong length, bytes past the total, a short header and a reserved byte", () => {
+    const frame = encodeBlobChunk(header, new Uint8Array(5));
+    expectProtocolError(frame.subarray(0, frame.length - 1), /payload is 4 bytes but its header says 5/);
+    expectProtocolError(encodeBlobChunk({ ...header, offset: 6 }, new Uint8Array(5)), /bytes 6..11 run past the blob's 10 bytes/);
+    expectProtocolError(frame.subarray(0, 20), /blob chunk too short/);
+    const reserved = frame.slice();
+    reserved[1] = 1;
+    expectProtocolError(reserved, /reserved byte is 1/);
   });
 });

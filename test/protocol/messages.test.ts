@@ -64,8 +64,8 @@ const toCoordinator: ToCoordinator[] = [
   { t: "reject", reason: "wrong token" },
   { t: "ready", rank: 1, info: { params: 1234, param_bytes: 4936, model: "Linear(4, 2)", train_size: 60000, val_size: 10000 } },
   { t: "synced", rank: 0, hash: "ab".repeat(32), bytes_sent: 4096 },
-  { t: "step_done", rank: 2, step: 3, loss: 0.6931, samples: 21, lr: 0.001, compute_s: 0.12, comm_s: 0.03, bytes_sent: 2048, hash: "cd".repeat(32) },
-  { t: "step_done", rank: 0, step: 4, loss: 0, samples: 0, lr: 0.01, compute_s: 0, comm_s: 0, bytes_sent: 0 },
+  { t: "step_done", rank: 2, step: 3, loss: 0.6931, samples: 21, lr: 0.001, compute_s: 0.12, comm_s: 0.03, bytes_sent: 2048, uncompressed_bytes: 40960, skipped: false, hash: "cd".repeat(32) },
+  { t: "step_done", rank: 0, step: 4, loss: 0, samples: 0, lr: 0.01, compute_s: 0, comm_s: 0, bytes_sent: 0, uncompressed_bytes: 0, skipped: true, nonfinite: ["fc.weight"] },
   { t: "eval_done", rank: 0, step: 9, count: 500, sums: { loss: 123.5, accuracy: 480 } },
   { t: "state", rank: 0, kind: "checkpoint", step: 5, files: stateFiles },
   { t: "log", line: "[rank 0] epoch 1" },
@@ -123,7 +123,7 @@ describe("control messages: round trip", () => {
     expect(Object.keys(raw).sort()).toEqual(["kind", "message", "t"]);
     expect(decodeToCoordinator(encodeMessage(failed), "provider p1")).toEqual({ t: "failed", message: "x", kind: "worker" });
 
-    const step: ToCoordinator = { t: "step_done", rank: 0, step: 0, loss: 1, samples: 1, lr: 1, compute_s: 0, comm_s: 0, bytes_sent: 0, hash: undefined };
+    const step: ToCoordinator = { t: "step_done", rank: 0, step: 0, loss: 1, samples: 1, lr: 1, compute_s: 0, comm_s: 0, bytes_sent: 0, uncompressed_bytes: 0, skipped: false, hash: undefined };
     expect("hash" in (decode(encodeMessage(step)) as object)).toBe(false);
     expect(decodeToCoordinator(encodeMessage(step), "p")).not.toHaveProperty("hash");
   });

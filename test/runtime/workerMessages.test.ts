@@ -13,7 +13,11 @@ function expectProtocolError(fn: () => unknown, pattern: RegExp) {
 describe("worker messages", () => {
   it("accepts an allreduce whose payload is count x 4 bytes", () => {
     const m = parseWorkerMessage(msg({ op: "allreduce", id: 2, dtype: "float32", count: 3 }, Buffer.alloc(12)), "rank 0");
-    expect(m).toEqual({ op: "allreduce", id: 2, dtype: "float32", count: 3 });
+    // A worker that names no codec means plain float32 on the wire.
+    expect(m).toEqual({ op: "allreduce", id: 2, dtype: "float32", count: 3, codec: "f32" });
+    const coded = parseWorkerMessage(msg({ op: "allreduce", id: 3, dtype: "float32", count: 3, codec: "int8" }, Buffer.alloc(12)), "rank 0");
+    expect(coded).toMatchObject({ codec: "int8" });
+    expect(() => parseWorkerMessage(msg({ op: "allreduce", id: 4, dtype: "float32", count: 3, codec: "zip" }, Buffer.alloc(12)), "rank 2")).toThrow(/codec/);
     expect(parseWorkerMessage(msg({ op: "allreduce", id: 0, dtype: "float32", count: 0 }), "rank 0").op).toBe("allreduce");
   });
 
@@ -57,8 +61,10 @@ describe("worker messages", () => {
   it.each([
     ["ready", { op: "ready", params: 100, param_bytes: 400, model: "Linear", train_size: 10, val_size: 2 }],
     ["synced", { op: "synced", hash: "ab12" }],
-    ["step_done", { op: "step_done", step: 0, loss: 2.3, samples: 16, lr: 0.1, compute_s: 0.5, comm_s: 0.1 }],
-    ["step_done with hash", { op: "step_done", step: 9, loss: 0, samples: 0, lr: 0.1, compute_s: 0.5, comm_s: 0.1, hash: "ff" }],
+    ["step_done", { op: "step_done", step: 0, loss: 2.3, samples: 16, lr: 0.1, compute_s: 0.5, comm_s: 0.1, skipped: false, dense_count: 100 }],
+    ["step_done with hash", { op: "step_done", step: 9, loss: 0, samples: 0, lr: 0.1, compute_s: 0.5, comm_s: 0.1, hash: "ff", skipped: false, dense_count: 7 }],
+    ["skipped step_done", { op: "step_done", step: 4, loss: 0, samples: 8, lr: 0.1, compute_s: 0.5, comm_s: 0.1, skipped: true, nonfinite: ["loss", "fc.weight"], dense_count: 7 }],
+    ["allgather", { op: "allgather", id: 3, size: 0 }],
     ["eval_done", { op: "eval_done", step: 3, count: 100, sums: { loss: 12.5, accuracy: 91 } }],
     ["loaded", { op: "loaded", step: 12 }],
     ["error", { op: "error", message: "boom", where: "task.py: build_model", kind: "task" }],
@@ -73,6 +79,7 @@ describe("worker messages", () => {
     ["step_done with a negative step", { op: "step_done", step: -1, loss: 1, samples: 1, lr: 0.1, compute_s: 0, comm_s: 0 }, /step/],
     ["eval_done with a non-numeric sum", { op: "eval_done", step: 0, count: 1, sums: { acc: "1" } }, /sums\.acc/],
     ["error without a message", { op: "error", where: "x" }, /message/],
+    ["allgather with a negative size", { op: "allgather", id: 0, size: -1 }, /size/],
   ] as const)("rejects %s, naming the worker and the field", (_name, header, pattern) => {
     expectProtocolError(() => parseWorkerMessage(msg({ ...header } as WorkerMessage["header"]), "rank 3"), /rank 3/);
     expectProtocolError(() => parseWorkerMessage(msg({ ...header } as WorkerMessage["header"]), "rank 3"), pattern);

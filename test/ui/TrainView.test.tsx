@@ -34,7 +34,7 @@ describe("TrainView", () => {
     expect(frame).toMatch(/[▁▂▃▄▅▆▇█]{10,}/);
     expect(frame).toContain("lr 1.2e-3");
     expect(frame).toContain("312 samples/s");
-    expect(frame).toContain("sent 4.1 MB");
+    expect(frame).toContain("sent 4.1 MB (24.5x compression)");
     expect(frame).toContain("eval @ step 100: accuracy 0.9712  loss 0.0931");
     const rows = frame.split("\n").filter((l) => l.startsWith("127.0.0.1:7070#"));
     expect(rows).toHaveLength(3);

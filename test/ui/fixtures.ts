@@ -27,6 +27,7 @@ export function stepEvent(step: number, steps = 300, over: Partial<Extract<Train
     samples_per_s: 312,
     wall_s: step * 0.2,
     bytes_sent: 4_100_000,
+    compression_ratio: 24.5,
     workers: [worker(0), worker(1), worker(2)],
     ...over,
   };

@@ -27,7 +27,7 @@ describe("PlainReporter", () => {
       "worker 127.0.0.1:7070#0 (rank 0, cuda:0): training",
       "worker 127.0.0.1:7070#1 (rank 1, cuda:1): training",
       "worker 127.0.0.1:7070#2 (rank 2, cuda:2): training",
-      "step 120/300  loss 0.4312  lr 1.2e-3  312 samples/s  sent 4.1 MB  [3 workers]",
+      "step 120/300  loss 0.4312  lr 1.2e-3  312 samples/s  sent 4.1 MB (24.5x)  [3 workers]",
       "eval @ step 100: accuracy 0.9712  loss 0.0931",
       "checkpoint @ step 100: runs/x/ckpt-100.pt",
       "error: provider vanished",
@@ -57,7 +57,7 @@ describe("PlainReporter", () => {
     }
     const printed = lines().map((l) => Number(/^step +(\d+)\//.exec(l)![1]));
     expect(printed).toEqual([1, 4, 7, 10, 13, 16, 19, 22, 25, 28]);
-    expect(lines()[0]).toBe("step    1/1000  loss 0.4312  lr 1.2e-3  312 samples/s  sent 4.1 MB  [0 workers]");
+    expect(lines()[0]).toBe("step    1/1000  loss 0.4312  lr 1.2e-3  312 samples/s  sent 4.1 MB (24.5x)  [0 workers]");
   });
 
   it("shows the latest unprinted step before the summary, then the summary", () => {
@@ -74,8 +74,8 @@ describe("PlainReporter", () => {
     });
     expect(lines()).toEqual([
       "worker 127.0.0.1:7070#0 (rank 0, cuda:0): training",
-      "step   1/300  loss 0.4312  lr 1.2e-3  312 samples/s  sent 4.1 MB  [1 worker]",
-      "step   2/300  loss 0.2500  lr 1.2e-3  312 samples/s  sent 4.1 MB  [1 worker]",
+      "step   1/300  loss 0.4312  lr 1.2e-3  312 samples/s  sent 4.1 MB (24.5x)  [1 worker]",
+      "step   2/300  loss 0.2500  lr 1.2e-3  312 samples/s  sent 4.1 MB (24.5x)  [1 worker]",
       "eval @ step 2: accuracy 0.5000",
       "done in 1m02s: 300 steps, 19,200 samples (310 samples/s)",
       "  final loss 0.0412",

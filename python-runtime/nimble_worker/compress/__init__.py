@@ -1,0 +1,175 @@
+"""Gradient compression: how one step's gradients are summed over the workers.
+
+A compressor gets this worker's gradients (one float32 tensor per trainable parameter,
+already scaled by share / batch_size, so that their SUM over workers is the large-batch
+mean gradient) and returns the reduced dense gradients, identical on every worker, or a
+skipped step. It talks to the other workers only through a `Comm`:
+
+- `allreduce(buf, codec="f32")`: elementwise sum of a flat float32 CPU tensor over all
+  workers (lossy on the wire for codec f16 / bf16 / int8); bitwise identical everywhere,
+  and non-finite wherever any input was.
+- `allgather(blob) -> [blob of rank 0, rank 1, ...]`.
+
+Methods: none / fp16 / bf16 / int8 (`Dense` below), powersgd (`powersgd.py`, the default),
+topk (`topk.py`). Every decision to skip a step is taken from reduced buffers, which are
+the same on every worker, so all workers issue the same collectives and skip together.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+from ..config import CompressionConfig
+
+METHODS = ("none", "fp16", "bf16", "int8", "powersgd", "topk")
+CODECS = ("f32", "f16", "bf16", "int8")
+
+
+class Comm(Protocol):
+    world_size: int
+
+    def allreduce(self, buf: torch.Tensor, codec: str = "f32") -> torch.Tensor: ...
+
+    def allgather(self, blob: bytes) -> list[bytes]: ...
+
+
+class FnComm:
+    """A Comm around a plain `allreduce(buf) -> sum` callable (float32 only). With one
+    worker, allgather is the identity; with more it is not available."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], world_size: int = 1):
+        self.fn, self.world_size = fn, world_size
+
+    def allreduce(self, buf: torch.Tensor, codec: str = "f32") -> torch.Tensor:
+        if codec != "f32" and self.world_size == 1:
+            from .fake import encode
+            return encode(buf, codec)
+        if codec != "f32":
+            raise ValueError(f"this all-reduce callable only takes float32, not {codec}")
+        return self.fn(buf)
+
+    def allgather(self, blob: bytes) -> list[bytes]:
+        if self.world_size != 1:
+            raise ValueError("this communicator has no allgather")
+        return [bytes(blob)]
+
+
+def as_comm(x, world_size: int) -> Comm:
+    return x if hasattr(x, "allgather") else FnComm(x, world_size)
+
+
+class ConfigError(Exception):
+    """A config value the worker cannot use; sent as `error` with kind `config`."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field, self.message = field, message
+
+
+@dataclass
+class Reduced:
+    grads: list[torch.Tensor] | None
+    """The summed gradients (one per input, same shapes), or None for a skipped step."""
+    nonfinite: list[str] = field(default_factory=list)
+    """Names of this worker's non-finite input gradients."""
+    allreduces: int = 0
+    """How many collectives this step issued (the same on every worker)."""
+
+    @property
+    def skipped(self) -> bool:
+        return self.grads is None
+
+
+def finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all()) if t.numel() else True
+
+
+def local_nonfinite(names: Sequence[str], grads: Sequence[torch.Tensor]) -> list[str]:
+    return [n for n, g in zip(names, grads) if not finite(g)]
+
+
+def flat_cpu(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float32)
+    return torch.cat([t.detach().reshape(-1).to("cpu", torch.float32) for t in tensors])
+
+
+def unflat(buf: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    out, at = [], 0
+    for t in like:
+        out.append(buf[at:at + t.numel()].view(t.shape).to(t.device))
+        at += t.numel()
+    return out
+
+
+def dense_allreduce(comm: Comm, names, grads, codec: str, poison: bool) -> Reduced:
+    """One all-reduce of every gradient packed into a flat buffer (the plain path)."""
+    bad = local_nonfinite(names, grads)
+    buf = flat_cpu(grads)
+    if poison and buf.numel():
+        buf[0] = math.nan  # make sure every worker sees this worker's bad step
+    summed = comm.allreduce(buf, codec)
+    if not finite(summed):
+        return Reduced(None, bad, 1)
+    return Reduced(unflat(summed, grads), bad, 1)
+
+
+class Compressor:
+    """Base: subclasses override `reduce`, and the state methods if they keep state."""
+
+    def __init__(self, cfg: CompressionConfig, comm: Comm):
+        self.cfg, self.comm = cfg, comm
+
+    def reduce(self, step: int, names: Sequence[str], grads: Sequence[torch.Tensor],
+               share: float, poison: bool = False) -> Reduced:
+        """Sum `grads` over the workers. `share` is this worker's share / batch_size;
+        `poison` forces the step to be skipped everywhere (e.g. a non-finite loss)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict, same_worker: bool) -> None:
+        """`same_worker`: the state was saved by this rank in a run of the same size, so
+        its error-feedback memories (which are per worker) apply here."""
+
+
+class Dense(Compressor):
+    codec = {"none": "f32", "fp16": "f16", "bf16": "bf16", "int8": "int8"}
+
+    def reduce(self, step, names, grads, share, poison=False):
+        return dense_allreduce(self.comm, names, grads, self.codec[self.cfg.method], poison)
+
+
+def validate(cfg: CompressionConfig) -> None:
+    c = cfg
+    if c.method not in METHODS:
+        raise ConfigError("compression.method",
+                          f"compression.method {c.method!r} is not one of {', '.join(METHODS)}")
+    checks = [("rank", isinstance(c.rank, int) and c.rank >= 1, "an integer >= 1"),
+              ("start_step", isinstance(c.start_step, int) and c.start_step >= 0,
+               "an integer >= 0"),
+              ("min_compression_rate", isinstance(c.min_compression_rate, (int, float))
+               and c.min_compression_rate > 0, "a number > 0"),
+              ("ratio", isinstance(c.ratio, (int, float)) and 0 < c.ratio <= 1, "in (0, 1]"),
+              ("seed", isinstance(c.seed, int) and c.seed >= 0, "an integer >= 0")]
+    for name, ok, want in checks:
+        if not ok or isinstance(getattr(c, name), bool):
+            raise ConfigError(f"compression.{name}",
+                              f"compression.{name} {getattr(c, name)!r} must be {want}")
+
+
+def build_compressor(cfg: CompressionConfig, comm: Comm,
+                     named_shapes: Sequence[tuple[str, torch.Size]]) -> Compressor:
+    validate(cfg)
+    if cfg.method == "powersgd":
+        from .powersgd import PowerSGD
+        return PowerSGD(cfg, comm, named_shapes)
+    if cfg.method == "topk":
+        from .topk import TopK
+        return TopK(cfg, comm, named_shapes)
+    return Dense(cfg, comm)
