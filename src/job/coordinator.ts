@@ -35,8 +35,11 @@ export interface TrainSummary {
   eval: Record<string, number> | null;
   eval_step: number | null;
   bytes_sent: number;
-  /** What the same all-reduces would have sent as plain float32 (the initial sync excluded). */
+  /** Of bytes_sent, the initial broadcast of rank 0's weights. */
+  sync_bytes: number;
+  /** What the steps' collectives would have sent as plain float32 all-reduces. */
   uncompressed_bytes: number;
+  /** uncompressed_bytes / (bytes_sent - sync_bytes). */
   compression_ratio: number;
   compression: LoadedConfig["config"]["compression"];
   /** Steps whose update every worker skipped because of non-finite gradients. */
@@ -157,10 +160,12 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
   let samplesDone = 0;
   let bytesSent = 0;
   let uncompressedBytes = 0;
+  /** The initial weight broadcast: counted in bytes_sent, not in the compression ratio. */
+  let syncBytes = 0;
   const stepsSkipped: number[] = [];
   let lastLoss: number | null = null;
   // Uncompressed / actual bytes on the wire; 1 when nothing travelled (one worker).
-  const compressionRatio = () => (bytesSent > 0 ? uncompressedBytes / bytesSent : 1);
+  const compressionRatio = () => (bytesSent - syncBytes > 0 ? uncompressedBytes / (bytesSent - syncBytes) : 1);
   let lastEval: Record<string, number> | null = null;
   let lastEvalStep: number | null = null;
 
@@ -175,6 +180,7 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
     eval: lastEval,
     eval_step: lastEvalStep,
     bytes_sent: bytesSent,
+    sync_bytes: syncBytes,
     uncompressed_bytes: uncompressedBytes,
     compression_ratio: compressionRatio(),
     compression: config.compression,
@@ -305,7 +311,8 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
     const syncReports = await synced;
     checkHashes(syncReports, "after the initial weight sync");
     // The initial broadcast is an all-reduce too: it counts in the run's bytes, not a step's.
-    bytesSent += [...syncReports.values()].reduce((sum, m) => sum + m.bytes_sent, 0);
+    syncBytes = [...syncReports.values()].reduce((sum, m) => sum + m.bytes_sent, 0);
+    bytesSent += syncBytes;
     for (const r of ranks) r.row.state = "training";
 
     // 6. The step loop.
@@ -378,7 +385,14 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
         ...(evalMetrics ? { eval: evalMetrics } : {}),
         workers: ranks.map((r) => {
           const rep = reports.get(r.rank)!;
-          return { rank: r.rank, samples: rep.samples, compute_s: rep.compute_s, comm_s: rep.comm_s, bytes_sent: rep.bytes_sent };
+          return {
+            rank: r.rank,
+            samples: rep.samples,
+            compute_s: rep.compute_s,
+            comm_s: rep.comm_s,
+            bytes_sent: rep.bytes_sent,
+            uncompressed_bytes: rep.uncompressed_bytes,
+          };
         }),
       };
       run.appendMetrics(metrics);

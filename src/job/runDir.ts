@@ -23,7 +23,7 @@ export interface StepMetrics {
   nonfinite?: string[];
   /** Validation metrics, on the steps where evaluation ran. */
   eval?: Record<string, number>;
-  workers: { rank: number; samples: number; compute_s: number; comm_s: number; bytes_sent: number }[];
+  workers: { rank: number; samples: number; compute_s: number; comm_s: number; bytes_sent: number; uncompressed_bytes: number }[];
 }
 
 function stamp(date: Date): string {
