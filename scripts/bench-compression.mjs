@@ -4,7 +4,8 @@
 //   npm run bench:compression [-- --workers 2 --examples mnist,brown-charlm --out results/compression.json]
 //
 // Prints a table per example and writes JSON. steps/s counts the training loop only
-// (sum of per-step times from metrics.jsonl), not worker start-up.
+// (sum of per-step times from metrics.jsonl), not worker start-up. "ratio (run)" is over
+// the whole run, the plain start_step steps included; "ratio (per step)" is the last step's.
 import { execFileSync } from "node:child_process";
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import os from "node:os";
@@ -70,6 +71,8 @@ try {
         .split("\n")
         .map((l) => JSON.parse(l));
       const loopSeconds = steps.reduce((a, s) => a + s.step_s, 0);
+      // The last step: compression in steady state (after start_step's plain steps).
+      const last = steps[steps.length - 1];
       const row = {
         method: m.label,
         compression: m.compression,
@@ -81,6 +84,7 @@ try {
         bytes_sent: summary.bytes_sent,
         uncompressed_bytes: summary.uncompressed_bytes,
         compression_ratio: summary.compression_ratio,
+        step_ratio: last.uncompressed_bytes / last.bytes_sent,
         steps_per_s: summary.steps / loopSeconds,
         skipped: summary.steps_skipped.length,
       };
@@ -98,15 +102,15 @@ console.log(`\nGradient compression, ${workers} local workers, ${os.cpus().lengt
 for (const r of results) {
   const ref = r.rows[0];
   console.log(`\n${r.example} (${r.rows[0].steps} steps)`);
-  console.log(`| method | val ${r.metric} | vs none | MB sent | ratio | steps/s |`);
-  console.log("| --- | --- | --- | --- | --- | --- |");
+  console.log(`| method | val ${r.metric} | vs none | MB sent | ratio (run) | ratio (per step) | steps/s |`);
+  console.log("| --- | --- | --- | --- | --- | --- | --- |");
   for (const row of r.rows) {
     const delta =
       r.metric === "accuracy"
         ? `${((row.val - ref.val) * 100).toFixed(2)} pp`
         : `${(((row.val - ref.val) / ref.val) * 100).toFixed(2)} %`;
     console.log(
-      `| ${row.method} | ${row.val.toFixed(4)} | ${delta} | ${(row.bytes_sent / 1e6).toFixed(2)} | ${row.compression_ratio.toFixed(1)}x | ${row.steps_per_s.toFixed(1)} |`,
+      `| ${row.method} | ${row.val.toFixed(4)} | ${delta} | ${(row.bytes_sent / 1e6).toFixed(2)} | ${row.compression_ratio.toFixed(1)}x | ${row.step_ratio.toFixed(1)}x | ${row.steps_per_s.toFixed(1)} |`,
     );
   }
 }

@@ -2,6 +2,7 @@ import { mkdir, readdir, readFile, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { execa, nimble, startProvider, tempDir, testPython } from "../helpers/processes.js";
+import { tinyTask } from "../helpers/tasks.js";
 
 /**
  * Cancelling a run (Ctrl-C, SIGTERM) must leave nothing behind: no provider started for it,
@@ -16,31 +17,15 @@ beforeAll(async () => {
 }, 600_000);
 afterAll(() => tmp?.remove());
 
-const SLOW_TASK = `
-import time
-import torch
-
-class Items(torch.utils.data.Dataset):
-    def __init__(self, n):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(n, 4, generator=g)
-        self.y = (self.x.sum(1) > 0).long()
-    def __len__(self):
-        return len(self.x)
-    def __getitem__(self, i):
-        return self.x[i], self.y[i]
-
-def build_model(args):
-    return torch.nn.Linear(4, 2)
-
-def build_dataset(split, args):
-    return Items(256 if split == "train" else 32)
-
+const SLOW_TASK = tinyTask({
+  val: 32,
+  extra: `
 def compute_loss(model, batch):
     time.sleep(0.02)
     x, y = batch
     return torch.nn.functional.cross_entropy(model(x), y)
-`;
+`,
+});
 
 async function setup(name: string, extra: string[] = []): Promise<{ config: string; runs: string }> {
   const dir = path.join(tmp.dir, name);

@@ -2,6 +2,7 @@ import { readFile, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { execa, nimble, REPO_ROOT, tempDir, testPython } from "../helpers/processes.js";
+import { tinyTask } from "../helpers/tasks.js";
 
 const MNIST_TASK = path.join(REPO_ROOT, "examples", "mnist", "task.py");
 
@@ -100,20 +101,11 @@ describe("gradient compression, end to end", () => {
     const task = path.join(tmp.dir, "nan_task.py");
     await writeFile(
       task,
-      `import os, torch
-class Items(torch.utils.data.Dataset):
-    def __init__(self, n):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(n, 16, generator=g)
-        self.y = (self.x.sum(1) > 0).long()
-    def __len__(self):
-        return len(self.x)
-    def __getitem__(self, i):
-        return self.x[i], self.y[i]
-def build_model(args):
-    return torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))
-def build_dataset(split, args):
-    return Items(512 if split == "train" else 64)
+      tinyTask({
+        features: 16,
+        model: "torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))",
+        train: 512,
+        extra: `
 _calls = 0
 def compute_loss(model, batch):
     global _calls
@@ -124,6 +116,7 @@ def compute_loss(model, batch):
         loss = loss * float("nan")
     return loss
 `,
+      }),
     );
     for (const method of ["powersgd", "int8", "topk"]) {
       // int8 has no start_step: it compresses from the first step.

@@ -2,6 +2,7 @@ import { writeFile } from "node:fs/promises";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { nimble, startProvider, tempDir, testPython } from "../helpers/processes.js";
+import { tinyTask } from "../helpers/tasks.js";
 
 let python = "";
 let tmp: Awaited<ReturnType<typeof tempDir>>;
@@ -11,25 +12,7 @@ beforeAll(async () => {
 }, 600_000);
 afterAll(() => tmp?.remove());
 
-const TINY_TASK = `
-import torch
-
-class Items(torch.utils.data.Dataset):
-    def __init__(self, n):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(n, 4, generator=g)
-        self.y = (self.x.sum(1) > 0).long()
-    def __len__(self):
-        return len(self.x)
-    def __getitem__(self, i):
-        return self.x[i], self.y[i]
-
-def build_model(args):
-    return torch.nn.Linear(4, 2)
-
-def build_dataset(split, args):
-    return Items(256 if split == "train" else 64)
-`;
+const TINY_TASK = tinyTask();
 
 async function setup(name: string, task: string, extraConfig: string[] = [], steps = 6): Promise<string> {
   const dir = path.join(tmp.dir, name);
@@ -67,7 +50,7 @@ describe("nimble train: bad input gets a clear message and a non-zero exit", () 
 
   it("fails when a worker dies mid-run, naming its rank, and keeps the metrics so far", async () => {
     const dying = `${TINY_TASK}
-import os, signal
+import signal
 _calls = 0
 def compute_loss(model, batch):
     global _calls
@@ -94,7 +77,6 @@ def compute_loss(model, batch):
   it("fails loudly when replicas diverge, at the next parameter-hash check", async () => {
     // Rank 1 nudges its own weights outside the optimizer: its replica no longer matches.
     const drifting = `${TINY_TASK}
-import os
 _calls = 0
 def compute_loss(model, batch):
     global _calls

@@ -7,30 +7,19 @@ import { Provider, type ProviderEvent } from "../../src/job/provider.js";
 import { decodeToCoordinator, encodeMessage, PROTOCOL_VERSION, type ToCoordinator, type ToProvider } from "../../src/protocol/messages.js";
 import { resolvePython, type PythonEnv } from "../../src/runtime/python.js";
 import { testPython } from "../helpers/processes.js";
+import { tinyTask } from "../helpers/tasks.js";
 
 const TOKEN = "provider-test-token";
 
-const GOOD_TASK = `
-import torch
+const GOOD_TASK = tinyTask({ train: 64, val: 16 });
 
-class Items(torch.utils.data.Dataset):
-    def __init__(self, n):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(n, 4, generator=g)
-        self.y = (self.x.sum(1) > 0).long()
-    def __len__(self):
-        return len(self.x)
-    def __getitem__(self, i):
-        return self.x[i], self.y[i]
-
+// A later definition wins: this task's build_model raises.
+const BAD_TASK = tinyTask({
+  extra: `
 def build_model(args):
-    return torch.nn.Linear(4, 2)
-
-def build_dataset(split, args):
-    return Items(64 if split == "train" else 16)
-`;
-
-const BAD_TASK = GOOD_TASK.replace("    return torch.nn.Linear(4, 2)", '    raise RuntimeError("no model today")');
+    raise RuntimeError("no model today")
+`,
+});
 
 let python: PythonEnv;
 beforeAll(async () => {
