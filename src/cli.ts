@@ -1,5 +1,6 @@
 #!/usr/bin/env node
 import { Command, InvalidArgumentError } from "commander";
+import { benchCommand } from "./commands/bench.js";
 import { envCommand } from "./commands/env.js";
 import { provideCommand } from "./commands/provide.js";
 import { trainCommand } from "./commands/train.js";
@@ -8,6 +9,12 @@ import { UserError } from "./errors.js";
 function positiveInt(value: string): number {
   const n = Number(value);
   if (!Number.isInteger(n) || n < 1) throw new InvalidArgumentError("expected a whole number >= 1");
+  return n;
+}
+
+function fraction(value: string): number {
+  const n = Number(value);
+  if (!(n > 0 && n <= 1)) throw new InvalidArgumentError("expected a number in (0, 1]");
   return n;
 }
 
@@ -42,8 +49,25 @@ program
   .option("--python <path>", "interpreter with torch for the workers (default: $NIMBLE_PYTHON or a managed environment)")
   .option("--torch <requirement>", "torch requirement for the managed environment")
   .option("--threads <n>", "torch threads per worker", positiveInt)
+  .option("--max-micro-batch <n>", "largest micro-batch a worker runs at once (larger shares accumulate)", positiveInt)
+  .option("--no-profile", "do not measure or advertise this host's profile")
+  .option("--speed <fraction>", "testing aid: run workers at this fraction of their speed (0-1]", fraction)
+  .option("--speed-file <path>", "testing aid: re-read the speed fraction from this file every 0.5 s, mid-run too")
   .option("--json", "print one JSON event per line")
   .action((opts) => provideCommand(opts));
+
+program
+  .command("bench")
+  .description("measure this host: devices, matmul and memory throughput, the task's own samples/s, links to providers")
+  .argument("[config]", "job config: also measure its task's training throughput")
+  .option("--peer <address...>", "measure latency and throughput to these providers (host:port)")
+  .option("--token <token>", "token for --peer providers (default: $NIMBLE_TOKEN)")
+  .option("--python <path>", "interpreter with torch (default: $NIMBLE_PYTHON or a managed environment)")
+  .option("--torch <requirement>", "torch requirement for the managed environment")
+  .option("--device <id>", "device to measure (default: the first)")
+  .option("--quick", "short measurements (less accurate)")
+  .option("--json", "print JSON")
+  .action((config: string | undefined, opts) => benchCommand(config, opts));
 
 program
   .command("env")

@@ -1,7 +1,7 @@
 """Entry point: `python -m nimble_worker`, driven by the provider over fd 3.
 
 Waits for `init`, answers `ready`, then serves sync / step / eval / state /
-load_state / stop (docs/protocol.md, "Worker link"). Exit codes: 0 after `stop`,
+load_state / set_speed / stop (docs/protocol.md, "Worker link"). Exit codes: 0 after `stop`,
 3 after sending `error`, 4 if the provider closed the link without `stop`.
 """
 
@@ -36,6 +36,9 @@ class Worker:
 
     def _reply(self, op: str, rid: int) -> tuple[dict, bytes]:
         header, payload = self.link.recv()
+        while header["op"] == "set_speed":  # may arrive at any time; no reply
+            self.set_speed(header)
+            header, payload = self.link.recv()
         if header["op"] == "stop":
             raise Stop()
         if header["op"] != op or header.get("id") != rid:
@@ -80,8 +83,15 @@ class Worker:
         task = Task(h["task_path"], cfg.task_args)
         self.world_size = int(h["world_size"])
         self.trainer = Trainer(cfg, task, int(h["rank"]), int(h["world_size"]),
-                               str(h.get("device") or "cpu"), self)
+                               str(h.get("device") or "cpu"), self,
+                               max_micro_batch=h.get("max_micro_batch"),
+                               speed=1.0 if h.get("speed") is None else h["speed"])
         self.link.send({"op": "ready", **self.trainer.describe()})
+
+    def set_speed(self, h: dict) -> None:
+        if self.trainer is None:
+            raise LinkError("set_speed before init")
+        self.trainer.set_speed(h.get("speed"))  # type: ignore[arg-type]
 
     def serve(self) -> None:
         header, _ = self.link.recv()
@@ -97,6 +107,8 @@ class Worker:
             op = h["op"]
             if op == "stop":
                 raise Stop()
+            elif op == "set_speed":
+                self.set_speed(h)
             elif op == "sync":
                 self.link.send({"op": "synced", "hash": tr.sync()})
             elif op == "step":

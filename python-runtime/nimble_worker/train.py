@@ -91,8 +91,17 @@ def _save(obj: Any) -> bytes:
 
 class Trainer:
     def __init__(self, cfg: JobConfig, task: Task, rank: int, world_size: int,
-                 device: str, comm: "Comm | AllReduce"):
+                 device: str, comm: "Comm | AllReduce", max_micro_batch: int | None = None,
+                 speed: float = 1.0):
         self.cfg, self.task, self.rank, self.world_size = cfg, task, rank, world_size
+        if max_micro_batch is not None and (isinstance(max_micro_batch, bool)
+                                            or not isinstance(max_micro_batch, int)
+                                            or max_micro_batch < 1):
+            raise ValueError(f"max_micro_batch must be a positive integer, got {max_micro_batch!r}")
+        self.max_micro_batch = max_micro_batch
+        self.speed = 1.0
+        self.set_speed(speed)
+        self.micro_batches = 0  # of the last grads() call
         self.device = torch.device(device)
         self.comm = _TimedComm(as_comm(comm, world_size))
         self.train_ds = task.build_dataset("train")
@@ -111,6 +120,14 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg))
         self.sampler = GlobalSampler(len(self.train_ds), cfg.batch_size, cfg.seed)
         self.next_step = 0
+
+    def set_speed(self, speed: float) -> None:
+        """Simulated slowness: after each step's forward/backward the worker sleeps
+        (1/speed - 1) x its compute time (a testing aid for heterogeneous clusters)."""
+        if isinstance(speed, bool) or not isinstance(speed, (int, float)) \
+                or not (0.0 < float(speed) <= 1.0):
+            raise ValueError(f"speed must be a number in (0, 1], got {speed!r}")
+        self.speed = float(speed)
 
     # ---- description -------------------------------------------------------------
     def describe(self) -> dict:
@@ -166,11 +183,19 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss_value = 0.0
-        if indices:
-            batch = to_device(collate(self.train_ds, indices), self.device)
+        size = len(indices)
+        micro = self.max_micro_batch or max(1, size)
+        self.micro_batches = 0
+        for start in range(0, size, micro):
+            # micro-batches: each loss scaled by its size / batch_size, gradients accumulate
+            chunk = indices[start:start + micro]
+            batch = to_device(collate(self.train_ds, chunk), self.device)
             loss = self.task.compute_loss(self.model, batch)
-            (loss * (len(indices) / self.cfg.batch_size)).backward()
-            loss_value = float(loss.detach())
+            (loss * (len(chunk) / self.cfg.batch_size)).backward()
+            loss_value += float(loss.detach()) * len(chunk)
+            self.micro_batches += 1
+        if size:
+            loss_value /= size
         grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).detach()
                  .to(torch.float32) for p in self.trainable]
         return loss_value, grads
@@ -183,6 +208,10 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
         loss_value, grads = self.grads(t, shares)
+        if self.speed < 1.0:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            time.sleep((1.0 / self.speed - 1.0) * (time.perf_counter() - t0))
         self.comm.seconds = 0.0
         bad_loss = not math.isfinite(loss_value)
         res = self.compressor.reduce(t, self.names, grads, shares[self.rank] / self.cfg.batch_size,
@@ -200,7 +229,8 @@ class Trainer:
         t3 = time.perf_counter()
         comm_s = self.comm.seconds
         out = {"step": t, "loss": 0.0 if bad_loss else loss_value,
-               "samples": int(shares[self.rank]), "lr": lr,
+               "samples": int(shares[self.rank]), "micro_batches": self.micro_batches,
+               "lr": lr,
                "compute_s": max(0.0, (t3 - t0) - comm_s), "comm_s": comm_s,
                "dense_count": sum(p.numel() for p in self.trainable),
                "skipped": res.skipped}

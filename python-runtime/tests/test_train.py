@@ -9,9 +9,11 @@ from nimble_worker.task import Task
 from nimble_worker.train import Trainer, lr_factor
 
 
-def trainer(task_path, rank=0, world=1, allreduce=lambda b: b.clone(), **over):
+def trainer(task_path, rank=0, world=1, allreduce=lambda b: b.clone(), max_micro_batch=None,
+            speed=1.0, **over):
     cfg = JobConfig.from_dict({**TINY_CONFIG, **over})
-    return Trainer(cfg, Task(task_path, cfg.task_args), rank, world, "cpu", allreduce)
+    return Trainer(cfg, Task(task_path, cfg.task_args), rank, world, "cpu", allreduce,
+                   max_micro_batch=max_micro_batch, speed=speed)
 
 
 def test_config_defaults_and_extra_keys():
@@ -104,3 +106,48 @@ def test_eval_sums_cover_disjoint_slices(tiny_task):
     for k in all_sums:
         assert a[k] + b[k] == pytest.approx(all_sums[k], abs=1e-4)
     assert tr.model.training
+
+
+def test_micro_batches_accumulate_the_one_batch_gradient(tiny_task):
+    whole = trainer(tiny_task, batch_size=24)
+    micro = trainer(tiny_task, batch_size=24, max_micro_batch=5)
+    for t in (0, 2):  # step 2 wraps into epoch 1 of the 50-item dataset
+        loss1, g1 = whole.backward(t, [24])
+        assert whole.micro_batches == 1
+        loss5, g5 = micro.backward(t, [24])
+        assert micro.micro_batches == 5  # 5 + 5 + 5 + 5 + 4
+        assert torch.allclose(g5, g1, atol=1e-6, rtol=0)
+        assert loss5 == pytest.approx(loss1, abs=1e-6)
+    rep = micro.step(3, [24])
+    assert rep["micro_batches"] == 5 and rep["samples"] == 24
+    assert trainer(tiny_task, batch_size=24, max_micro_batch=24).step(0, [24])["micro_batches"] == 1
+    split = trainer(tiny_task, rank=1, world=2, batch_size=24, max_micro_batch=5)
+    assert split.step(0, [24, 0])["micro_batches"] == 0  # share 0: nothing to compute
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="max_micro_batch"):
+            trainer(tiny_task, max_micro_batch=bad)
+
+
+def test_speed_stretches_compute_time(tiny_task):
+    tr = trainer(tiny_task, batch_size=256, compression={"method": "none"})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # less scheduling noise on a busy host
+    try:
+        tr.step(0, [256])  # warm-up
+
+        def compute(start):  # the least disturbed of 5 steps
+            return min(tr.step(t, [256])["compute_s"] for t in range(start, start + 5))
+
+        fast = compute(1)
+        tr.set_speed(0.25)  # takes effect on the next step
+        slow = compute(6)
+    finally:
+        torch.set_num_threads(threads)
+    assert slow > 2.5 * fast, (fast, slow)
+    tr.set_speed(1)
+    assert tr.speed == 1.0
+    for bad in (0, -0.5, 1.5, "fast", None):
+        with pytest.raises(ValueError, match="speed"):
+            tr.set_speed(bad)
+    with pytest.raises(ValueError, match="speed"):
+        trainer(tiny_task, speed=2.0)

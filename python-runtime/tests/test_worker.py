@@ -208,3 +208,26 @@ def test_int8_codec_is_announced(tiny_task, tmp_path):
     steps(w, 0, 2)
     assert [h["codec"] for h in w.allreduces] == ["f32", "int8", "int8"]
     assert w.stop() == 0
+
+
+def test_micro_batches_and_set_speed_on_the_link(tiny_task, tmp_path):
+    w = FakeProvider(tmp_path)
+    ready, _ = w.request({"op": "init", "task_path": tiny_task, "rank": 0, "world_size": 1,
+                         "device": "cpu", "threads": 1, "max_micro_batch": 3, "speed": 0.5,
+                         "config": {**TINY_CONFIG, "compression": {"method": "none"}}})
+    assert ready["op"] == "ready", ready
+    w.link.send({"op": "set_speed", "speed": 1})  # no reply
+    h, _ = w.request({"op": "step", "step": 0, "shares": [8], "want_hash": False})
+    assert h["op"] == "step_done" and h["micro_batches"] == 3 and h["samples"] == 8
+    # set_speed may also arrive while the worker waits for an allreduce_result
+    w.link.send({"op": "step", "step": 1, "shares": [8], "want_hash": False})
+    ar, p = w.link.recv()
+    assert ar["op"] == "allreduce"
+    w.link.send({"op": "set_speed", "speed": 0.25})
+    w.link.send({"op": "allreduce_result", "id": ar["id"], "dtype": "float32",
+                 "count": ar["count"], "codec": ar["codec"]}, p)
+    h, _ = w.link.recv()
+    assert h["op"] == "step_done" and h["step"] == 1
+    h, _ = w.request({"op": "set_speed", "speed": 0})  # out of (0, 1]: internal error
+    assert h["op"] == "error" and h["kind"] == "internal" and "speed" in h["message"]
+    assert w.proc.wait(timeout=30) == 3

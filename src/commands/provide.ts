@@ -1,4 +1,5 @@
 import { Provider, type ProviderEvent } from "../job/provider.js";
+import { loadOrMeasureProfile } from "../runtime/profile.js";
 import { probeHost, resolvePython } from "../runtime/python.js";
 
 export interface ProvideCommandOptions {
@@ -8,6 +9,11 @@ export interface ProvideCommandOptions {
   python?: string;
   torch?: string;
   threads?: number;
+  speed?: number;
+  speedFile?: string;
+  maxMicroBatch?: number;
+  /** commander's --no-profile: false skips measuring (or loading) this host's profile. */
+  profile?: boolean;
   json?: boolean;
 }
 
@@ -49,6 +55,10 @@ export async function provideCommand(options: ProvideCommandOptions): Promise<vo
     onProgress: (line) => printEvent({ type: "log", line }, json),
   });
   const { devices } = python.probe ?? (await probeHost(python.python));
+  const profile =
+    options.profile === false
+      ? undefined
+      : (await loadOrMeasureProfile({ python: python.python, torch: python.torchVersion, devices, onProgress: (line) => printEvent({ type: "log", line }, json) })).profile;
   const provider = new Provider({
     host: options.host,
     port: options.port,
@@ -56,6 +66,10 @@ export async function provideCommand(options: ProvideCommandOptions): Promise<vo
     python,
     devices,
     threads: options.threads,
+    speed: options.speed,
+    speedFile: options.speedFile,
+    maxMicroBatch: options.maxMicroBatch,
+    profile,
     onEvent: (event) => printEvent(event, json),
   });
   await provider.start();

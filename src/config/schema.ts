@@ -125,6 +125,8 @@ export const jobConfigSchema = z
     optimizer: defaultName("sgd", optimizerSchema.default({ name: "sgd" })),
     lr_schedule: defaultName("constant", lrScheduleSchema.default({ name: "constant" })),
     compression: defaultName("powersgd", compressionSchema.default({ method: "powersgd" }), "method"),
+    /** How each step's batch is split: by measured worker speed (default) or equally. */
+    balance: z.enum(["measured", "equal"]).default("measured"),
     eval: nullAsAbsent(
       z
         .object({

@@ -6,6 +6,7 @@ import { configErrorAt, type LoadedConfig } from "../config/load.js";
 import { UserError, errorMessage } from "../errors.js";
 import type { ToCoordinator } from "../protocol/messages.js";
 import { resolvePython } from "../runtime/python.js";
+import { Rebalancer } from "../schedule/rebalance.js";
 import { equalShares, slicesFor } from "../schedule/shares.js";
 import type { Reporter, WorkerRow } from "./events.js";
 import { startLocalProviders } from "./localProviders.js";
@@ -258,6 +259,7 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
             samples: 0,
             compute_s: 0,
             comm_s: 0,
+            idle_s: 0,
             bytes_sent: 0,
           },
         });
@@ -317,10 +319,15 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
 
     // 6. The step loop.
     const batch = config.batch_size;
+    // Shares follow each worker's measured speed (profiles first, then every step's compute
+    // times), so that all finish their compute together; `balance: equal` splits evenly.
+    const profileRates = ranks.map((r) => r.client.info.profile?.matmul_gflops_fp32 ?? 0);
+    const initialRates = profileRates.every((x) => x > 0) ? profileRates : ranks.map(() => 1);
+    const rebalancer = config.balance === "measured" ? new Rebalancer(batch, initialRates) : null;
+    let shares = rebalancer ? rebalancer.shares : equalShares(batch, ranks.length);
     const recent: { samples: number; seconds: number }[] = [];
     for (let step = 0; step < config.steps; step++) {
       const stepStart = Date.now();
-      const shares = equalShares(batch, ranks.length);
       const wantHash = (step + 1) % HASH_EVERY === 0 || step === config.steps - 1;
       const done = gather.expect("step_done", `step ${step}`, STEP_TIMEOUT_MS, (m) => m.step === step);
       clients.forEach((c) => c.send({ t: "step", step, shares, want_hash: wantHash }));
@@ -332,6 +339,8 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
       let stepUncompressed = 0;
       let lr = 0;
       const skipped = reports.get(0)!.skipped;
+      // A worker idles while the slowest one computes: the ring waits for every member.
+      const maxCompute = Math.max(...[...reports.values()].map((rep) => rep.compute_s));
       const nonfinite: string[] = [];
       for (const r of ranks) {
         const rep = reports.get(r.rank)!;
@@ -348,8 +357,17 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
           samples: r.row.samples + rep.samples,
           compute_s: rep.compute_s,
           comm_s: rep.comm_s,
+          idle_s: maxCompute - rep.compute_s,
           bytes_sent: r.row.bytes_sent + rep.bytes_sent,
         });
+      }
+      if (rebalancer) {
+        const before = shares.join(":");
+        shares = rebalancer.observe(
+          ranks.map((r) => reports.get(r.rank)!.samples),
+          ranks.map((r) => reports.get(r.rank)!.compute_s),
+        );
+        if (shares.join(":") !== before) status(`Step ${step + 1}: shares ${shares.join(" : ")} (measured samples/s ${rebalancer.rates.map((x) => x.toFixed(0)).join(" : ")})`);
       }
       stepsDone = step + 1;
       samplesDone += batch;
@@ -388,8 +406,10 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
           return {
             rank: r.rank,
             samples: rep.samples,
+            share: rep.samples,
             compute_s: rep.compute_s,
             comm_s: rep.comm_s,
+            idle_s: maxCompute - rep.compute_s,
             bytes_sent: rep.bytes_sent,
             uncompressed_bytes: rep.uncompressed_bytes,
           };

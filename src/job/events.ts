@@ -17,6 +17,8 @@ export interface WorkerRow {
   samples: number;
   compute_s: number;
   comm_s: number;
+  /** Seconds of the last step this worker waited for slower ones to finish computing. */
+  idle_s: number;
   /** Bytes this worker's agent sent on the ring over the whole run. */
   bytes_sent: number;
 }

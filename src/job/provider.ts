@@ -1,6 +1,6 @@
 import { randomBytes, timingSafeEqual } from "node:crypto";
 import { createServer, type IncomingMessage, type Server } from "node:http";
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import type { Duplex } from "node:stream";
@@ -8,6 +8,7 @@ import { WebSocketServer, type WebSocket } from "ws";
 import { expectedFrameBytesPerNode, RingAllReduce, type WireCodec } from "../collective/ring.js";
 import { errorMessage, UserError } from "../errors.js";
 import { acceptRingPeer, connectRingPeer, FrameLink } from "../net/link.js";
+import { BENCH_FRAME_BYTES, servePeerBench } from "../net/peerBench.js";
 import { MAX_FRAME_BYTES } from "../protocol/frames.js";
 import {
   decodeToProvider,
@@ -15,6 +16,7 @@ import {
   MAX_CONTROL_BYTES,
   PROTOCOL_VERSION,
   type DeviceInfo,
+  type ProviderProfile,
   type ToCoordinator,
   type ToProvider,
 } from "../protocol/messages.js";
@@ -36,6 +38,16 @@ export interface ProviderOptions {
   devices: DeviceInfo[];
   /** torch intra-op threads per worker; default: this host's cores divided among its workers. */
   threads?: number;
+  /**
+   * Testing and benchmarking aid: run workers at this fraction of their speed (0 < s <= 1).
+   * With `speedFile`, the file's number is re-read every half second and applied mid-run.
+   */
+  speed?: number;
+  speedFile?: string;
+  /** Largest micro-batch a worker runs at once; a larger share accumulates over several. */
+  maxMicroBatch?: number;
+  /** This host's measured profile, advertised to coordinators. */
+  profile?: ProviderProfile;
   onEvent: (event: ProviderEvent) => void;
 }
 
@@ -56,6 +68,7 @@ export class Provider {
   private server: Server | null = null;
   private readonly controlServer = new WebSocketServer({ noServer: true, maxPayload: MAX_CONTROL_BYTES });
   private readonly ringServer = new WebSocketServer({ noServer: true, maxPayload: MAX_FRAME_BYTES });
+  private readonly benchServer = new WebSocketServer({ noServer: true, maxPayload: BENCH_FRAME_BYTES, perMessageDeflate: false });
   private job: ProviderJob | null = null;
   /** Ring connections that arrived before their job: held until it does, or time out. */
   private pendingRing: FrameLink[] = [];
@@ -71,6 +84,10 @@ export class Provider {
     });
     server.on("upgrade", (req: IncomingMessage, socket: Duplex, head: Buffer) => {
       const pathname = new URL(req.url ?? "/", "http://x").pathname;
+      if (pathname === "/bench") {
+        this.benchServer.handleUpgrade(req, socket, head, (ws) => servePeerBench(ws, this.token));
+        return;
+      }
       const target = pathname === "/control" ? this.controlServer : pathname === "/ring" ? this.ringServer : null;
       if (!target) {
         socket.end("HTTP/1.1 404 Not Found\r\n\r\n");
@@ -102,6 +119,8 @@ export class Provider {
     for (const link of this.pendingRing) link.terminate();
     for (const ws of this.controlServer.clients) ws.terminate();
     for (const ws of this.ringServer.clients) ws.terminate();
+    for (const ws of this.benchServer.clients) ws.terminate();
+    this.benchServer.close();
     this.controlServer.close();
     this.ringServer.close();
     await new Promise<void>((resolve) => (this.server ? this.server.close(() => resolve()) : resolve()));
@@ -189,6 +208,7 @@ export class Provider {
         python: this.opts.python.pythonVersion,
         torch: this.opts.python.torchVersion,
         devices: this.opts.devices,
+        ...(this.opts.profile ? { profile: this.opts.profile } : {}),
       },
     });
   }
@@ -284,8 +304,33 @@ class ProviderJob {
     void this.end(message);
   }
 
+  private speed: number | undefined;
+  private speedTimer: NodeJS.Timeout | null = null;
+
+  private currentSpeed(): number {
+    return this.speed ?? this.opts.speed ?? 1;
+  }
+
+  /** Re-read the speed file; tell the workers when the number in it changes. */
+  private async pollSpeed() {
+    if (!this.opts.speedFile) return;
+    let text: string;
+    try {
+      text = await readFile(this.opts.speedFile, "utf8");
+    } catch {
+      return; // absent: keep the current speed
+    }
+    const value = Number(text.trim());
+    if (!(value > 0 && value <= 1) || value === this.currentSpeed()) return;
+    this.speed = value;
+    this.log(`speed set to ${value} from ${this.opts.speedFile}`);
+    for (const r of this.ranks) r.worker?.send({ op: "set_speed", speed: value });
+  }
+
   async start() {
     const { spec } = this;
+    await this.pollSpeed();
+    if (this.opts.speedFile) this.speedTimer = setInterval(() => void this.pollSpeed(), 500);
     this.dir = await mkdtemp(path.join(os.tmpdir(), "nimble-job-"));
     const taskPath = path.join(this.dir, spec.task.filename);
     await writeFile(taskPath, spec.task.code);
@@ -327,6 +372,8 @@ class ProviderJob {
         world_size: spec.world_size,
         device: local.device,
         threads,
+        speed: this.currentSpeed(),
+        ...(this.opts.maxMicroBatch ? { max_micro_batch: this.opts.maxMicroBatch } : {}),
       });
       if (spec.world_size > 1) void this.connectNext(local);
     }
@@ -516,6 +563,7 @@ class ProviderJob {
 
   private async finish(reason: string) {
     this.ended = true;
+    if (this.speedTimer) clearInterval(this.speedTimer);
     for (const r of this.ranks) r.ring?.abort(reason);
     await Promise.all(this.ranks.map((r) => r.worker?.stop()));
     for (const r of this.ranks) {

@@ -23,7 +23,18 @@ export interface StepMetrics {
   nonfinite?: string[];
   /** Validation metrics, on the steps where evaluation ran. */
   eval?: Record<string, number>;
-  workers: { rank: number; samples: number; compute_s: number; comm_s: number; bytes_sent: number; uncompressed_bytes: number }[];
+  workers: {
+    rank: number;
+    samples: number;
+    /** This worker's share of the global batch this step. */
+    share: number;
+    compute_s: number;
+    comm_s: number;
+    /** Waiting for the slowest worker's compute. */
+    idle_s: number;
+    bytes_sent: number;
+    uncompressed_bytes: number;
+  }[];
 }
 
 function stamp(date: Date): string {

@@ -23,6 +23,15 @@ export const deviceSchema = z.object({
 });
 export type DeviceInfo = z.infer<typeof deviceSchema>;
 
+/** What a provider measured of itself (`nimble bench`), cached per set of devices. */
+export const providerProfileSchema = z.object({
+  device: z.string().max(64),
+  matmul_gflops_fp32: z.number().finite().nonnegative().nullable(),
+  memory_gbps: z.number().finite().nonnegative().nullable(),
+  measured_at: z.string().max(64),
+});
+export type ProviderProfile = z.infer<typeof providerProfileSchema>;
+
 export const workerInfoSchema = z.object({
   params: count,
   param_bytes: count,
@@ -90,6 +99,7 @@ export const toCoordinatorSchema = z.discriminatedUnion("t", [
       python: z.string().max(64),
       torch: z.string().max(64),
       devices: z.array(deviceSchema).min(1).max(64),
+      profile: providerProfileSchema.optional(),
     }),
   }),
   z.object({ t: z.literal("reject"), reason: z.string().max(1000) }),

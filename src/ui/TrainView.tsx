@@ -26,8 +26,8 @@ const STATE_COLOR: Record<WorkerState, string> = {
   failed: "red",
 };
 
-const COLUMNS = ["worker", "device", "state", "share", "samples", "compute", "comm", "MB sent"] as const;
-const RIGHT = new Set([3, 4, 5, 6, 7]);
+const COLUMNS = ["worker", "device", "state", "share", "samples", "compute", "comm", "idle", "MB sent"] as const;
+const RIGHT = new Set([3, 4, 5, 6, 7, 8]);
 
 function workerCells(w: WorkerRow): string[] {
   return [
@@ -38,6 +38,7 @@ function workerCells(w: WorkerRow): string[] {
     formatCount(w.samples),
     `${formatCount(w.compute_s * 1000)} ms`,
     `${formatCount(w.comm_s * 1000)} ms`,
+    `${formatCount(w.idle_s * 1000)} ms`,
     (w.bytes_sent / 1e6).toFixed(1),
   ];
 }

@@ -51,6 +51,7 @@ describe("parseConfigText", () => {
       optimizer: { name: "sgd", lr: 0.01, momentum: 0, nesterov: false, weight_decay: 0 },
       lr_schedule: { name: "constant" },
       compression: { method: "powersgd", rank: 4, start_step: 10, min_compression_rate: 2, error_feedback: true, warm_start: true, seed: 0 },
+      balance: "measured",
       eval: { every: 0, samples: 1000, batch_size: 256 },
       checkpoint: { every: 0, keep: 3 },
       providers: [],
@@ -133,7 +134,7 @@ providers:
     expect(issues[0]).toMatchObject({ line: 5, col: 1, field: "stpes" });
     expect(issues[0]!.message).toContain('unknown key "stpes"');
     expect(issues[0]!.message).toContain(
-      "allowed keys: name, task, task_args, steps, batch_size, seed, optimizer, lr_schedule, compression, eval, checkpoint, providers, local_workers, output",
+      "allowed keys: name, task, task_args, steps, batch_size, seed, optimizer, lr_schedule, compression, balance, eval, checkpoint, providers, local_workers, output",
     );
   });
 

@@ -54,9 +54,17 @@ export async function tempDir(prefix = "nimble-test-"): Promise<{ dir: string; r
 }
 
 /** Start `nimble provide` on a free loopback port and wait for its listening event. */
-export async function startProvider(python: string, token: string, extra: string[] = []): Promise<{ address: string; child: ResultPromise }> {
-  const child = nimble(["provide", "--host", "127.0.0.1", "--port", "0", "--token", token, "--python", python, "--json", "--threads", "1", ...extra], {
+export async function startProvider(
+  python: string,
+  token: string,
+  extra: string[] = [],
+  opts: { profile?: boolean; env?: NodeJS.ProcessEnv } = {},
+): Promise<{ address: string; child: ResultPromise }> {
+  // Measuring the host's profile takes seconds; only the tests about profiles ask for it.
+  const profile = opts.profile ? [] : ["--no-profile"];
+  const child = nimble(["provide", "--host", "127.0.0.1", "--port", "0", "--token", token, "--python", python, "--json", "--threads", "1", ...profile, ...extra], {
     buffer: false,
+    ...(opts.env ? { env: opts.env } : {}),
   });
   const address = await new Promise<string>((resolve, reject) => {
     forEachLine(child.stdout, (line) => {

@@ -38,10 +38,10 @@ describe("TrainView", () => {
     expect(frame).toContain("eval @ step 100: accuracy 0.9712  loss 0.0931");
     const rows = frame.split("\n").filter((l) => l.startsWith("127.0.0.1:7070#"));
     expect(rows).toHaveLength(3);
-    expect(rows[0]).toMatch(/^127\.0\.0\.1:7070#0\s+cuda:0\s+training\s+32\s+3,840\s+12 ms\s+4 ms\s+2\.1$/);
+    expect(rows[0]).toMatch(/^127\.0\.0\.1:7070#0\s+cuda:0\s+training\s+32\s+3,840\s+12 ms\s+4 ms\s+2 ms\s+2\.1$/);
     expect(rows[1]).toMatch(/#1\s+mps\s+ready/);
     expect(rows[2]).toMatch(/#2\s+cuda:2\s+failed.*0\.0$/);
-    expect(frame).toMatch(/worker\s+device\s+state\s+share\s+samples\s+compute\s+comm\s+MB sent/);
+    expect(frame).toMatch(/worker\s+device\s+state\s+share\s+samples\s+compute\s+comm\s+idle\s+MB sent/);
     expect(frame).toContain("starting 3 local workers");
     expect(frame).toContain("[127.0.0.1:7070#1] warming up");
   });

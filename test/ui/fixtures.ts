@@ -11,6 +11,7 @@ export function worker(i: number, over: Partial<WorkerRow> = {}): WorkerRow {
     samples: 3840,
     compute_s: 0.012,
     comm_s: 0.004,
+    idle_s: 0.002,
     bytes_sent: 2_100_000,
     ...over,
   };

@@ -1,0 +1,176 @@
+import { timingSafeEqual } from "node:crypto";
+import WebSocket from "ws";
+import { ProtocolError, UserError, errorMessage } from "../errors.js";
+
+/**
+ * Link measurement over the transport training uses: `/bench` on a provider, token first,
+ * then round trips (latency) and a timed bulk upload (throughput). Messages are small JSON
+ * texts; bulk data are binary frames the provider only counts.
+ */
+export const BENCH_FRAME_BYTES = 256 * 1024;
+/** A bench upload is bounded so a client cannot make a provider read forever. */
+export const MAX_BENCH_BYTES = 1024 * 1024 * 1024;
+
+export interface PeerMeasurement {
+  address: string;
+  /** Round-trip times of small messages, milliseconds. */
+  rtt_ms: { median: number; min: number; max: number; samples: number };
+  /** Bulk upload rate to the peer: bytes it acknowledged / seconds until its acknowledgement. */
+  upload_bytes_per_s: number;
+  upload_bytes: number;
+}
+
+type BenchMessage =
+  | { t: "hello"; token: string }
+  | { t: "ping"; i: number }
+  | { t: "bulk"; bytes: number }
+  | { t: "pong"; i: number }
+  | { t: "ready" }
+  | { t: "got"; bytes: number };
+
+function parse(data: WebSocket.RawData, isBinary: boolean): BenchMessage {
+  if (isBinary) throw new ProtocolError("unexpected binary frame");
+  let m: unknown;
+  try {
+    m = JSON.parse(String(data));
+  } catch {
+    throw new ProtocolError("bench message is not JSON");
+  }
+  const t = (m as { t?: unknown }).t;
+  if (typeof m !== "object" || m === null || typeof t !== "string") throw new ProtocolError("bench message has no type");
+  return m as BenchMessage;
+}
+
+/** Provider side of `/bench`: authenticate, answer pings, count a bulk upload. */
+export function servePeerBench(ws: WebSocket, token: string): void {
+  let authed = false;
+  let expecting = 0;
+  let received = 0;
+  const fail = (code: number, why: string) => ws.close(code, why);
+  const timer = setTimeout(() => fail(4003, "no hello"), 10_000);
+  ws.on("message", (data, isBinary) => {
+    if (isBinary) {
+      if (!authed || expecting === 0) return fail(4000, "unexpected data");
+      received += (data as Buffer).length;
+      if (received >= expecting) {
+        ws.send(JSON.stringify({ t: "got", bytes: received }));
+        expecting = 0;
+        received = 0;
+      }
+      return;
+    }
+    let m: BenchMessage;
+    try {
+      m = parse(data, false);
+    } catch {
+      return fail(4000, "invalid message");
+    }
+    if (!authed) {
+      clearTimeout(timer);
+      const given = Buffer.from(m.t === "hello" && typeof m.token === "string" ? m.token : "");
+      const want = Buffer.from(token);
+      if (given.length !== want.length || !timingSafeEqual(given, want)) return fail(4001, "wrong token");
+      authed = true;
+      ws.send(JSON.stringify({ t: "ready" }));
+      return;
+    }
+    if (m.t === "ping" && Number.isInteger(m.i)) ws.send(JSON.stringify({ t: "pong", i: m.i }));
+    else if (m.t === "bulk" && Number.isInteger(m.bytes) && m.bytes > 0 && m.bytes <= MAX_BENCH_BYTES) {
+      expecting = m.bytes;
+      received = 0;
+    } else fail(4000, "invalid message");
+  });
+  ws.on("close", () => clearTimeout(timer));
+  ws.on("error", () => {});
+}
+
+/** Client side: measure latency and upload throughput to a provider's `/bench`. */
+export async function measurePeer(address: string, token: string, opts: { pings?: number; bytes?: number } = {}): Promise<PeerMeasurement> {
+  const withScheme = /^wss?:\/\//.test(address) ? address : `ws://${address}`;
+  const url = new URL(withScheme);
+  url.pathname = "/bench";
+  const ws = new WebSocket(url.toString(), { perMessageDeflate: false, handshakeTimeout: 10_000 });
+  const inbox: BenchMessage[] = [];
+  const waiters: { resolve: (m: BenchMessage) => void; reject: (err: Error) => void }[] = [];
+  let closed: Error | null = null;
+  const next = () =>
+    new Promise<BenchMessage>((resolve, reject) => {
+      const m = inbox.shift();
+      if (m) resolve(m);
+      else if (closed) reject(closed);
+      else waiters.push({ resolve, reject });
+    });
+  await new Promise<void>((resolve, reject) => {
+    ws.once("open", () => resolve());
+    ws.once("error", (err) => reject(new UserError(`Cannot reach ${address}: ${errorMessage(err)}`, "Is `nimble provide` running there?")));
+  });
+  ws.on("message", (data, isBinary) => {
+    let m: BenchMessage;
+    try {
+      m = parse(data, isBinary);
+    } catch {
+      ws.terminate();
+      return;
+    }
+    const w = waiters.shift();
+    if (w) w.resolve(m);
+    else inbox.push(m);
+  });
+  ws.on("close", (code, reason) => {
+    closed = new UserError(
+      code === 4001 ? `${address} refused the bench: wrong token` : `${address} closed the bench connection (${code} ${reason})`,
+      code === 4001 ? "Pass the token `nimble provide` printed (--token or NIMBLE_TOKEN)." : undefined,
+    );
+    for (const w of waiters.splice(0)) w.reject(closed);
+  });
+  try {
+    ws.send(JSON.stringify({ t: "hello", token }));
+    const hello = await withTimeout(next(), 10_000, address);
+    if (hello.t !== "ready") throw new UserError(`${address} answered the bench hello with ${hello.t}`);
+    const rtts: number[] = [];
+    for (let i = 0; i < (opts.pings ?? 20); i++) {
+      const t0 = performance.now();
+      ws.send(JSON.stringify({ t: "ping", i }));
+      const pong = await withTimeout(next(), 10_000, address);
+      if (pong.t !== "pong" || pong.i !== i) throw new UserError(`${address} answered ping ${i} with ${JSON.stringify(pong)}`);
+      rtts.push(performance.now() - t0);
+    }
+    const total = opts.bytes ?? 32 * 1024 * 1024;
+    const frame = new Uint8Array(BENCH_FRAME_BYTES);
+    ws.send(JSON.stringify({ t: "bulk", bytes: total }));
+    const t0 = performance.now();
+    for (let sent = 0; sent < total; ) {
+      const n = Math.min(frame.length, total - sent);
+      await new Promise<void>((resolve, reject) => ws.send(frame.subarray(0, n), (err) => (err ? reject(err) : resolve())));
+      sent += n;
+    }
+    const got = await withTimeout(next(), 120_000, address);
+    const seconds = (performance.now() - t0) / 1000;
+    if (got.t !== "got" || got.bytes !== total) throw new UserError(`${address} acknowledged ${JSON.stringify(got)} of ${total} bytes`);
+    rtts.sort((a, b) => a - b);
+    return {
+      address,
+      rtt_ms: { median: rtts[Math.floor(rtts.length / 2)], min: rtts[0], max: rtts[rtts.length - 1], samples: rtts.length },
+      upload_bytes_per_s: total / seconds,
+      upload_bytes: total,
+    };
+  } finally {
+    ws.close();
+  }
+}
+
+function withTimeout<T>(p: Promise<T>, ms: number, address: string): Promise<T> {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new UserError(`${address} did not answer within ${ms / 1000} s`)), ms);
+    p.then(
+      (v) => {
+        clearTimeout(timer);
+        resolve(v);
+      },
+      (e) => {
+        clearTimeout(timer);
+        reject(e);
+      },
+    );
+  });
+}
