@@ -5,6 +5,7 @@ import { envCommand } from "./commands/env.js";
 import { provideCommand } from "./commands/provide.js";
 import { trainCommand } from "./commands/train.js";
 import { UserError } from "./errors.js";
+import { parseRate } from "./net/rateLimit.js";
 
 function positiveInt(value: string): number {
   const n = Number(value);
@@ -16,6 +17,14 @@ function fraction(value: string): number {
   const n = Number(value);
   if (!(n > 0 && n <= 1)) throw new InvalidArgumentError("expected a number in (0, 1]");
   return n;
+}
+
+function rate(value: string): number {
+  try {
+    return parseRate(value);
+  } catch (err) {
+    throw new InvalidArgumentError((err as Error).message);
+  }
 }
 
 function port(value: string): number {
@@ -53,6 +62,7 @@ program
   .option("--no-profile", "do not measure or advertise this host's profile")
   .option("--speed <fraction>", "testing aid: run workers at this fraction of their speed (0-1]", fraction)
   .option("--speed-file <path>", "testing aid: re-read the speed fraction from this file every 0.5 s, mid-run too")
+  .option("--link-rate <rate>", "testing aid: pace this host's uploads to a rate in bytes/s or with a unit (20Mbit, 2.5MB)", rate)
   .option("--json", "print one JSON event per line")
   .action((opts) => provideCommand(opts));
 

@@ -110,7 +110,13 @@ class Worker:
             elif op == "set_speed":
                 self.set_speed(h)
             elif op == "sync":
-                self.link.send({"op": "synced", "hash": tr.sync()})
+                self.link.send({"op": "synced", "hash": tr.sync(int(h.get("source") or 0))})
+            elif op == "ring":
+                # The ring re-formed without some ranks: all-gathers now return this many blobs.
+                size = h.get("size")
+                if not isinstance(size, int) or not 1 <= size <= tr.world_size:
+                    raise LinkError(f"ring: bad size {size!r} for {tr.world_size} ranks")
+                self.world_size = size
             elif op == "step":
                 report = tr.step(int(h["step"]), [int(s) for s in h["shares"]],
                                  bool(h.get("want_hash")))

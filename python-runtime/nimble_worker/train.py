@@ -83,6 +83,17 @@ def params_hash(params: Sequence[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA raises torch.OutOfMemoryError; MPS and some allocators a RuntimeError."""
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    seen: BaseException | None = err
+    while seen is not None:  # also when raised inside the task (wrapped in a TaskError)
+        if isinstance(seen, oom) or (type(seen) is RuntimeError and "out of memory" in str(seen)):
+            return True
+        seen = seen.__cause__
+    return False
+
+
 def _save(obj: Any) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -102,6 +113,8 @@ class Trainer:
         self.speed = 1.0
         self.set_speed(speed)
         self.micro_batches = 0  # of the last grads() call
+        # (step, new cap) each time running out of device memory lowered max_micro_batch
+        self.memory_caps: list[tuple[int, int]] = []
         self.device = torch.device(device)
         self.comm = _TimedComm(as_comm(comm, world_size))
         self.train_ds = task.build_dataset("train")
@@ -155,10 +168,10 @@ class Trainer:
                 with torch.no_grad():
                     t.copy_(chunk)
 
-    def sync(self) -> str:
-        """Everyone ends with rank 0's parameters (one all-reduce of rank-0-or-zeros)."""
+    def sync(self, source: int = 0) -> str:
+        """Everyone ends with rank `source`'s parameters (one all-reduce of source-or-zeros)."""
         buf = flat(self.params)
-        if self.rank != 0:
+        if self.rank != source:
             buf.zero_()
         self._write_back(self.params, self.comm.allreduce(buf), grad=False)
         return self.hash()
@@ -181,25 +194,41 @@ class Trainer:
         indices = self.sampler.indices(t, shares, self.rank)  # also validates shares
         torch.manual_seed(derive_seed("step", self.cfg.seed, t, self.rank))
         self.model.train()
+        size = len(indices)
+        while True:
+            micro = min(self.max_micro_batch or size, size) or 1
+            try:
+                loss_value = self._accumulate(indices, micro)
+                break
+            except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
+                if not is_out_of_memory(err) or micro <= 1:
+                    raise
+            # Out of device memory: the share is redone in micro-batches half the size (the
+            # accumulated gradient is the same) and the cap kept for the rest of the job.
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.max_micro_batch = micro // 2
+            self.memory_caps.append((t, self.max_micro_batch))
+            torch.manual_seed(derive_seed("step", self.cfg.seed, t, self.rank))
+        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).detach()
+                 .to(torch.float32) for p in self.trainable]
+        return loss_value, grads
+
+    def _accumulate(self, indices: Sequence[int], micro: int) -> float:
+        """Forward/backward over `indices` in micro-batches of at most `micro`: each loss
+        scaled by its size / batch_size, gradients accumulating. Returns the mean loss."""
         self.optimizer.zero_grad(set_to_none=True)
         loss_value = 0.0
-        size = len(indices)
-        micro = self.max_micro_batch or max(1, size)
         self.micro_batches = 0
-        for start in range(0, size, micro):
-            # micro-batches: each loss scaled by its size / batch_size, gradients accumulate
+        for start in range(0, len(indices), micro):
             chunk = indices[start:start + micro]
             batch = to_device(collate(self.train_ds, chunk), self.device)
             loss = self.task.compute_loss(self.model, batch)
             (loss * (len(chunk) / self.cfg.batch_size)).backward()
             loss_value += float(loss.detach()) * len(chunk)
             self.micro_batches += 1
-        if size:
-            loss_value /= size
-        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).detach()
-                 .to(torch.float32) for p in self.trainable]
-        return loss_value, grads
-
+        return loss_value / len(indices) if len(indices) else 0.0
     def step(self, t: int, shares: Sequence[int], want_hash: bool = False) -> dict:
         """One step. Every worker joins the same collectives, even with share 0 or a bad
         loss. A non-finite gradient (or loss) anywhere skips the update on every worker:
@@ -230,6 +259,7 @@ class Trainer:
         comm_s = self.comm.seconds
         out = {"step": t, "loss": 0.0 if bad_loss else loss_value,
                "samples": int(shares[self.rank]), "micro_batches": self.micro_batches,
+               "max_micro_batch": self.max_micro_batch,
                "lr": lr,
                "compute_s": max(0.0, (t3 - t0) - comm_s), "comm_s": comm_s,
                "dense_count": sum(p.numel() for p in self.trainable),
@@ -318,7 +348,12 @@ class _TimedComm:
     """Counts the seconds spent inside collectives (`comm_s`)."""
 
     def __init__(self, inner: Comm):
-        self.inner, self.world_size, self.seconds = inner, inner.world_size, 0.0
+        self.inner, self.seconds = inner, 0.0
+
+    @property
+    def world_size(self) -> int:
+        """Members of the ring now: fewer than the job's ranks once some have left."""
+        return self.inner.world_size
 
     def allreduce(self, buf: torch.Tensor, codec: str = "f32") -> torch.Tensor:
         t0 = time.perf_counter()

@@ -151,3 +151,42 @@ def test_speed_stretches_compute_time(tiny_task):
             tr.set_speed(bad)
     with pytest.raises(ValueError, match="speed"):
         trainer(tiny_task, speed=2.0)
+
+
+def test_running_out_of_memory_halves_the_micro_batch_and_keeps_the_update(tmp_path):
+    # A task whose "device" holds at most 7 samples at once: larger micro-batches raise the
+    # error CUDA raises, after part of the backward work, as a real allocator would.
+    from conftest import TINY_TASK
+    path = tmp_path / "small_memory.py"
+    path.write_text(TINY_TASK + '''
+_compute_loss = compute_loss
+def compute_loss(model, batch):
+    if len(batch["x"]) > 7:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return _compute_loss(model, batch)
+''')
+    whole = trainer(tiny_task_path := str(path), batch_size=24, max_micro_batch=None)
+    assert whole.max_micro_batch is None
+    reference = trainer(tiny_task_path, batch_size=24, max_micro_batch=6)
+    rep = whole.step(0, [24])
+    ref = reference.step(0, [24])
+    # 24 -> 12 -> 6: the share is redone in micro-batches of 6, and the cap stays.
+    assert rep["max_micro_batch"] == 6 and whole.memory_caps == [(0, 12), (0, 6)]
+    assert rep["micro_batches"] == 4 and rep["loss"] == pytest.approx(ref["loss"], abs=1e-6)
+    for p, q in zip(whole.params, reference.params):
+        assert torch.allclose(p, q, atol=1e-6, rtol=0)
+    assert whole.step(1, [24])["micro_batches"] == 4 and whole.memory_caps == [(0, 12), (0, 6)]
+
+
+def test_errors_other_than_out_of_memory_are_not_retried(tmp_path):
+    from conftest import TINY_TASK
+    path = tmp_path / "broken.py"
+    path.write_text(TINY_TASK + '''
+def compute_loss(model, batch):
+    raise RuntimeError("shape mismatch")
+''')
+    tr = trainer(str(path), batch_size=8)
+    from nimble_worker.task import TaskError
+    with pytest.raises(TaskError, match="shape mismatch"):
+        tr.step(0, [8])
+    assert tr.memory_caps == [] and tr.max_micro_batch is None

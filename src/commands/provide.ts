@@ -12,6 +12,7 @@ export interface ProvideCommandOptions {
   speed?: number;
   speedFile?: string;
   maxMicroBatch?: number;
+  linkRate?: number;
   /** commander's --no-profile: false skips measuring (or loading) this host's profile. */
   profile?: boolean;
   json?: boolean;
@@ -69,10 +70,13 @@ export async function provideCommand(options: ProvideCommandOptions): Promise<vo
     speed: options.speed,
     speedFile: options.speedFile,
     maxMicroBatch: options.maxMicroBatch,
+    linkRate: options.linkRate,
     profile,
     onEvent: (event) => printEvent(event, json),
   });
   await provider.start();
+  if (options.linkRate) printEvent({ type: "log", line: `testing aid: uploads paced to ${(options.linkRate / 1e6).toFixed(2)} MB/s (--link-rate)` }, json);
+  if (options.speed !== undefined && options.speed < 1) printEvent({ type: "log", line: `testing aid: workers run at ${options.speed} of their speed (--speed)` }, json);
   await new Promise<void>((resolve) => {
     const stop = () => {
       process.off("SIGINT", stop);

@@ -127,6 +127,11 @@ export const jobConfigSchema = z
     compression: defaultName("powersgd", compressionSchema.default({ method: "powersgd" }), "method"),
     /** How each step's batch is split: by measured worker speed (default) or equally. */
     balance: z.enum(["measured", "equal"]).default("measured"),
+    /**
+     * With measured balance: once the first steps are measured, leave out workers whose compute
+     * or link would slow every step more than they add (the message says why, with figures).
+     */
+    leave_out_slow: z.boolean().default(true),
     eval: nullAsAbsent(
       z
         .object({

@@ -6,6 +6,7 @@ import { configErrorAt, type LoadedConfig } from "../config/load.js";
 import { UserError, errorMessage } from "../errors.js";
 import type { ToCoordinator } from "../protocol/messages.js";
 import { resolvePython } from "../runtime/python.js";
+import { allocate } from "../schedule/allocate.js";
 import { Rebalancer } from "../schedule/rebalance.js";
 import { equalShares, slicesFor } from "../schedule/shares.js";
 import type { Reporter, WorkerRow } from "./events.js";
@@ -45,6 +46,10 @@ export interface TrainSummary {
   compression: LoadedConfig["config"]["compression"];
   /** Steps whose update every worker skipped because of non-finite gradients. */
   steps_skipped: number[];
+  /** Workers left out of the ring because they would have slowed every step, and why. */
+  left_out: { rank: number; id: string; after_step: number; reason: string }[];
+  /** Each provider's measured upload to its ring successor (none for a single host). */
+  links: { rank: number; to: number; rtt_ms: number | null; upload_bytes_per_s: number | null }[];
   workers: { id: string; rank: number; provider: string; device: string; samples: number; share: number }[];
   run_dir: string;
   started_at: string;
@@ -55,6 +60,18 @@ export const HASH_EVERY = 10;
 /** Workers import torch and build the datasets before they are ready: allow for a slow first start. */
 const READY_TIMEOUT_MS = 300_000;
 const STEP_TIMEOUT_MS = 600_000;
+/** Bytes each host uploads to its ring successor to measure the link. */
+const LINK_PROBE_BYTES = 4 * 1024 * 1024;
+const LINK_PROBE_TIMEOUT_MS = 180_000;
+const RING_TIMEOUT_MS = 60_000;
+/** Steps measured before deciding whether a worker costs the job more than it adds. */
+const LEAVE_OUT_AFTER_STEPS = 3;
+
+function formatRate(bytesPerS: number): string {
+  if (bytesPerS >= 1e9) return `${(bytesPerS / 1e9).toFixed(2)} GB/s`;
+  if (bytesPerS >= 1e6) return `${(bytesPerS / 1e6).toFixed(1)} MB/s`;
+  return `${(bytesPerS / 1e3).toFixed(0)} kB/s`;
+}
 
 type Kind = ToCoordinator["t"];
 type MessageOf<K extends Kind> = Extract<ToCoordinator, { t: K }>;
@@ -64,6 +81,8 @@ interface Rank {
   client: ProviderClient;
   device: string;
   row: WorkerRow;
+  /** The worker's micro-batch cap as last reported (null: none; undefined: no report yet). */
+  maxMicroBatch: number | null | undefined;
 }
 
 export class JobFailed extends UserError {}
@@ -81,7 +100,7 @@ class Gather {
   } | null = null;
   private failure: Error | null = null;
 
-  constructor(private readonly ranks: () => number) {}
+  constructor(private readonly ranks: () => number[]) {}
 
 
   expect<K extends Kind>(
@@ -89,7 +108,7 @@ class Gather {
     what: string,
     timeoutMs: number,
     match: (m: MessageOf<K>) => boolean = () => true,
-    from: number[] = [...Array(this.ranks()).keys()],
+    from: number[] = this.ranks(),
   ): Promise<Map<number, MessageOf<K>>> {
     if (this.failure) return Promise.reject(this.failure);
     return new Promise((resolve, reject) => {
@@ -154,7 +173,12 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
 
   let runDir: RunDir | null = null;
   const ranks: Rank[] = [];
-  const gather = new Gather(() => ranks.length);
+  /** Ranks in the ring now, in ring order: all of them until some are left out. */
+  let active: Rank[] = [];
+  let epoch = 0;
+  const gather = new Gather(() => active.map((r) => r.rank));
+  const leftOut: TrainSummary["left_out"] = [];
+  const links: TrainSummary["links"] = [];
   const started = Date.now();
   const startedAt = new Date().toISOString();
   let stepsDone = 0;
@@ -186,6 +210,8 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
     compression_ratio: compressionRatio(),
     compression: config.compression,
     steps_skipped: stepsSkipped,
+    left_out: leftOut,
+    links,
     workers: ranks.map((r) => ({
       id: r.row.id,
       rank: r.rank,
@@ -249,6 +275,7 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
           rank,
           client,
           device: device.id,
+          maxMicroBatch: undefined,
           row: {
             id: `${client.address.replace(/^wss?:\/\//, "")}#${index}`,
             rank,
@@ -265,6 +292,7 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
         });
       });
     }
+    active = [...ranks];
     const rows = () => ranks.map((r) => ({ ...r.row }));
     reporter.handle({ type: "workers", workers: rows() });
     for (const client of clients) {
@@ -309,7 +337,7 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
 
     // 5. Every replica starts from rank 0's weights.
     const synced = gather.expect("synced", "initial weight sync", STEP_TIMEOUT_MS);
-    clients.forEach((c) => c.send({ t: "sync" }));
+    clients.forEach((c) => c.send({ t: "sync", source: 0 }));
     const syncReports = await synced;
     checkHashes(syncReports, "after the initial weight sync");
     // The initial broadcast is an all-reduce too: it counts in the run's bytes, not a step's.
@@ -317,20 +345,44 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
     bytesSent += syncBytes;
     for (const r of ranks) r.row.state = "training";
 
+    // Leaving out slow workers weighs each one's link: measure each host's upload to the next.
+    const mayLeaveOut = config.balance === "measured" && config.leave_out_slow && clients.length > 1;
+    if (mayLeaveOut) {
+      const probed = gather.expect("link", "link measurements", LINK_PROBE_TIMEOUT_MS);
+      clients.forEach((c) => c.send({ t: "probe_links", bytes: LINK_PROBE_BYTES }));
+      for (const [rank, m] of await probed) links.push({ rank, to: m.to, rtt_ms: m.rtt_ms, upload_bytes_per_s: m.upload_bytes_per_s });
+      links.sort((a, b) => a.rank - b.rank);
+      const between = links.filter((l) => l.upload_bytes_per_s !== null);
+      if (between.length > 0) {
+        status(`Links: ${between.map((l) => `rank ${l.rank} -> ${l.to} ${formatRate(l.upload_bytes_per_s!)}, rtt ${l.rtt_ms!.toFixed(1)} ms`).join("; ")}`);
+      }
+    }
+
     // 6. The step loop.
     const batch = config.batch_size;
     // Shares follow each worker's measured speed (profiles first, then every step's compute
     // times), so that all finish their compute together; `balance: equal` splits evenly.
     const profileRates = ranks.map((r) => r.client.info.profile?.matmul_gflops_fp32 ?? 0);
     const initialRates = profileRates.every((x) => x > 0) ? profileRates : ranks.map(() => 1);
-    const rebalancer = config.balance === "measured" ? new Rebalancer(batch, initialRates) : null;
+    let rebalancer = config.balance === "measured" ? new Rebalancer(batch, initialRates) : null;
+    /** Shares of the active ranks, in their order. */
     let shares = rebalancer ? rebalancer.shares : equalShares(batch, ranks.length);
+    /** Shares indexed by rank (0 for ranks left out), as workers take them. */
+    const byRank = (part: number[]) => {
+      const all = new Array<number>(ranks.length).fill(0);
+      active.forEach((r, k) => (all[r.rank] = part[k]));
+      return all;
+    };
+    // Compressed steps are the ones to weigh links against: decide once they are measured.
+    const compressedFrom = config.compression.method === "powersgd" || config.compression.method === "topk" ? config.compression.start_step : 0;
+    const leaveOutAfter = Math.max(LEAVE_OUT_AFTER_STEPS, compressedFrom + 2) - 1;
     const recent: { samples: number; seconds: number }[] = [];
     for (let step = 0; step < config.steps; step++) {
       const stepStart = Date.now();
       const wantHash = (step + 1) % HASH_EVERY === 0 || step === config.steps - 1;
       const done = gather.expect("step_done", `step ${step}`, STEP_TIMEOUT_MS, (m) => m.step === step);
-      clients.forEach((c) => c.send({ t: "step", step, shares, want_hash: wantHash }));
+      const stepShares = byRank(shares);
+      for (const c of new Set(active.map((r) => r.client))) c.send({ t: "step", step, shares: stepShares, want_hash: wantHash });
       const reports = await done;
       if (wantHash) checkHashes(reports, `after step ${step}`);
 
@@ -338,16 +390,23 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
       let stepBytes = 0;
       let stepUncompressed = 0;
       let lr = 0;
-      const skipped = reports.get(0)!.skipped;
+      const skipped = reports.get(active[0].rank)!.skipped;
       // A worker idles while the slowest one computes: the ring waits for every member.
       const maxCompute = Math.max(...[...reports.values()].map((rep) => rep.compute_s));
       const nonfinite: string[] = [];
-      for (const r of ranks) {
+      for (const r of active) {
         const rep = reports.get(r.rank)!;
         if (rep.skipped !== skipped) {
-          throw new JobFailed(`Replicas disagree about skipping step ${step}: rank 0 ${skipped ? "skipped" : "applied"} it, rank ${r.rank} did not`);
+          throw new JobFailed(`Replicas disagree about skipping step ${step}: rank ${active[0].rank} ${skipped ? "skipped" : "applied"} it, rank ${r.rank} did not`);
         }
         for (const name of rep.nonfinite ?? []) nonfinite.push(`${name} (rank ${r.rank})`);
+        if (rep.max_micro_batch !== r.maxMicroBatch) {
+          // The first report gives the provider's configured cap; a lower one later means memory ran out.
+          if (r.maxMicroBatch !== undefined && rep.max_micro_batch !== null && (r.maxMicroBatch === null || rep.max_micro_batch < r.maxMicroBatch)) {
+            status(`Rank ${r.rank} (${r.row.device}) ran out of device memory at step ${step}: it now accumulates micro-batches of at most ${rep.max_micro_batch} samples`);
+          }
+          r.maxMicroBatch = rep.max_micro_batch;
+        }
         loss += (rep.loss * rep.samples) / batch;
         stepBytes += rep.bytes_sent;
         stepUncompressed += rep.uncompressed_bytes;
@@ -364,8 +423,8 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
       if (rebalancer) {
         const before = shares.join(":");
         shares = rebalancer.observe(
-          ranks.map((r) => reports.get(r.rank)!.samples),
-          ranks.map((r) => reports.get(r.rank)!.compute_s),
+          active.map((r) => reports.get(r.rank)!.samples),
+          active.map((r) => reports.get(r.rank)!.compute_s),
         );
         if (shares.join(":") !== before) status(`Step ${step + 1}: shares ${shares.join(" : ")} (measured samples/s ${rebalancer.rates.map((x) => x.toFixed(0)).join(" : ")})`);
       }
@@ -401,7 +460,7 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
         uncompressed_bytes: stepUncompressed,
         ...(skipped ? { skipped: true, nonfinite } : {}),
         ...(evalMetrics ? { eval: evalMetrics } : {}),
-        workers: ranks.map((r) => {
+        workers: active.map((r) => {
           const rep = reports.get(r.rank)!;
           return {
             rank: r.rank,
@@ -412,6 +471,8 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
             idle_s: maxCompute - rep.compute_s,
             bytes_sent: rep.bytes_sent,
             uncompressed_bytes: rep.uncompressed_bytes,
+            micro_batches: rep.micro_batches,
+            max_micro_batch: rep.max_micro_batch,
           };
         }),
       };
@@ -430,9 +491,14 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
         workers: rows(),
       });
       if (evalMetrics) reporter.handle({ type: "eval", step: step + 1, metrics: evalMetrics });
+      if (rebalancer && mayLeaveOut && step === leaveOutAfter && active.length > 1 && step < config.steps - 1) {
+        rebalancer = await leaveOutSlow(step, rebalancer, Math.max(...active.map((r) => reports.get(r.rank)!.bytes_sent))) ?? rebalancer;
+        shares = rebalancer.shares;
+      }
       if (config.checkpoint.every > 0 && (step + 1) % config.checkpoint.every === 0) {
-        const state = gather.expect("state", `checkpoint at step ${step + 1}`, STEP_TIMEOUT_MS, (m) => m.kind === "checkpoint", [0]);
-        ranks[0].client.send({ t: "state", rank: 0, kind: "checkpoint" });
+        const source = active[0].rank;
+        const state = gather.expect("state", `checkpoint at step ${step + 1}`, STEP_TIMEOUT_MS, (m) => m.kind === "checkpoint", [source]);
+        active[0].client.send({ t: "state", rank: source, kind: "checkpoint" });
         const files = (await stateFrom(state)).files;
         const where = await run.writeCheckpoint(step + 1, files, config.checkpoint.keep);
         reporter.handle({ type: "checkpoint", step: step + 1, path: where });
@@ -440,10 +506,10 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
     }
 
     // 7. Final weights and summary.
-    const final = gather.expect("state", "final weights", STEP_TIMEOUT_MS, (m) => m.kind === "final", [0]);
-    ranks[0].client.send({ t: "state", rank: 0, kind: "final" });
+    const final = gather.expect("state", "final weights", STEP_TIMEOUT_MS, (m) => m.kind === "final", [active[0].rank]);
+    active[0].client.send({ t: "state", rank: active[0].rank, kind: "final" });
     for (const f of (await stateFrom(final)).files) await run.writeFile(f.name, f.data);
-    for (const r of ranks) r.row.state = "done";
+    for (const r of active) r.row.state = "done";
     const result = summary("completed");
     await run.writeSummary(result as unknown as Record<string, unknown>);
     await run.close();
@@ -452,7 +518,7 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
     return { runDir: run.dir, summary: result };
   } catch (err) {
     const cancelled = err instanceof UserError && err.exitCode === 130;
-    for (const r of ranks) if (r.row.state !== "done") r.row.state = "failed";
+    for (const r of active) if (r.row.state !== "done") r.row.state = "failed";
     gather.fail(err instanceof Error ? err : new Error(String(err)));
     if (runDir) {
       await runDir.writeSummary(summary(cancelled ? "cancelled" : "failed", errorMessage(err)) as unknown as Record<string, unknown>).catch(() => {});
@@ -468,14 +534,14 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
   }
 
   async function evaluate(step: number, samples: number): Promise<Record<string, number>> {
-    const slices = slicesFor(samples, ranks.map(() => 1));
+    const slices = slicesFor(samples, active.map(() => 1));
     const done = gather.expect("eval_done", `evaluation after step ${step + 1}`, STEP_TIMEOUT_MS, (m) => m.step === step);
-    for (const client of new Set(ranks.map((r) => r.client))) {
+    for (const client of new Set(active.map((r) => r.client))) {
       client.send({
         t: "eval",
         step,
         batch_size: config.eval.batch_size,
-        slices: ranks.filter((r) => r.client === client).map((r) => ({ rank: r.rank, ...slices[r.rank] })),
+        slices: active.flatMap((r, k) => (r.client === client ? [{ rank: r.rank, ...slices[k] }] : [])),
       });
     }
     const results = await done;
@@ -489,16 +555,52 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
   }
 
   function checkHashes(reports: Map<number, { hash?: string }>, when: string) {
-    const hashes = ranks.map((r) => reports.get(r.rank)?.hash);
+    const hashes = active.map((r) => reports.get(r.rank)?.hash);
     const first = hashes[0];
-    const differing = hashes.map((h, rank) => ({ h, rank })).filter((x) => x.h !== first);
+    const differing = hashes.filter((h) => h !== first);
     if (!first || differing.length > 0) {
-      const list = hashes.map((h, rank) => `rank ${rank} ${h?.slice(0, 12) ?? "(none)"}`).join(", ");
+      const list = active.map((r, k) => `rank ${r.rank} ${hashes[k]?.slice(0, 12) ?? "(none)"}`).join(", ");
       throw new JobFailed(`Replicas diverged ${when}: parameter hashes ${list}`, "This is a bug in nimble or a nondeterministic task; please report it with the run directory.");
     }
   }
 
   async function stateFrom(p: Promise<Map<number, MessageOf<"state">>>): Promise<MessageOf<"state">> {
-    return (await p).get(0)!;
+    return [...(await p).values()][0];
+  }
+
+  /**
+   * Weigh each active worker's measured speed and link against what it adds; leave out those
+   * that make every step slower, re-form the ring without them, and return a rebalancer for
+   * the rest (null when everyone stays).
+   */
+  async function leaveOutSlow(step: number, current: Rebalancer, stepBytesPerWorker: number): Promise<Rebalancer | null> {
+    const rates = current.rates;
+    const decision = allocate({
+      batchSize: config.batch_size,
+      stepBytesPerWorker,
+      workers: active.map((r, k) => ({
+        id: `rank ${r.rank} (${r.row.id})`,
+        samplesPerS: rates[k],
+        linkBytesPerS: links.find((l) => l.rank === r.rank)?.upload_bytes_per_s ?? undefined,
+      })),
+    });
+    if (decision.excluded.length === 0) return null;
+    const out = new Set(decision.excluded.map((e) => e.index));
+    for (const e of decision.excluded) {
+      const r = active[e.index];
+      r.row.state = "left out";
+      r.row.share = 0;
+      leftOut.push({ rank: r.rank, id: r.row.id, after_step: step, reason: e.reason });
+      status(`Leaving out ${e.reason}`);
+    }
+    const stay = active.filter((_, k) => !out.has(k));
+    const stayRates = rates.filter((_, k) => !out.has(k));
+    active = stay;
+    epoch += 1;
+    const formed = gather.expect("ring_ready", `the ring re-formed without rank(s) ${[...out].join(", ")}`, RING_TIMEOUT_MS);
+    for (const c of new Set(ranks.map((r) => r.client))) c.send({ t: "ring", epoch, members: stay.map((r) => r.rank) });
+    await formed;
+    reporter.handle({ type: "workers", workers: ranks.map((r) => ({ ...r.row })) });
+    return new Rebalancer(config.batch_size, stayRates);
   }
 }

@@ -2,7 +2,8 @@
  * What the coordinator reports while a job runs. Collected by `job/`, printed by `ui/`
  * (ink view on a terminal, plain lines otherwise, one JSON object per line with --json).
  */
-export type WorkerState = "starting" | "ready" | "training" | "done" | "failed";
+/** "left out": removed from the ring because it would slow every step more than it adds. */
+export type WorkerState = "starting" | "ready" | "training" | "left out" | "done" | "failed";
 
 export interface WorkerRow {
   /** Stable id: `<provider address>#<local index>`. */

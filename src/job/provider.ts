@@ -7,8 +7,9 @@ import type { Duplex } from "node:stream";
 import { WebSocketServer, type WebSocket } from "ws";
 import { expectedFrameBytesPerNode, RingAllReduce, type WireCodec } from "../collective/ring.js";
 import { errorMessage, UserError } from "../errors.js";
-import { acceptRingPeer, connectRingPeer, FrameLink } from "../net/link.js";
-import { BENCH_FRAME_BYTES, servePeerBench } from "../net/peerBench.js";
+import { acceptRingPeer, connectRingPeer, FrameLink, secretsEqual } from "../net/link.js";
+import { BENCH_FRAME_BYTES, measurePeer, servePeerBench } from "../net/peerBench.js";
+import { RateLimit } from "../net/rateLimit.js";
 import { MAX_FRAME_BYTES } from "../protocol/frames.js";
 import {
   decodeToProvider,
@@ -48,6 +49,11 @@ export interface ProviderOptions {
   maxMicroBatch?: number;
   /** This host's measured profile, advertised to coordinators. */
   profile?: ProviderProfile;
+  /**
+   * Testing and benchmarking aid: pace everything this host uploads (ring frames, bench
+   * uploads) to this many bytes/s, to reproduce a slow internet link over loopback.
+   */
+  linkRate?: number;
   onEvent: (event: ProviderEvent) => void;
 }
 
@@ -57,6 +63,8 @@ type JobSpec = Extract<ToProvider, { t: "job" }>;
 const CLOSE_NO_SUCH_JOB = 4005;
 /** How long a ring neighbour may take to connect once a job starts. */
 const RING_CONNECT_TIMEOUT_MS = 60_000;
+/** Close code for a ring link dropped because the ring re-forms: not a fault. */
+const CLOSE_REFORM = 4006;
 
 /**
  * `nimble provide`: a long-running agent. One WebSocket server carries the control plane
@@ -72,9 +80,17 @@ export class Provider {
   private job: ProviderJob | null = null;
   /** Ring connections that arrived before their job: held until it does, or time out. */
   private pendingRing: FrameLink[] = [];
+  private readonly uplink: RateLimit | null;
 
   constructor(private readonly opts: ProviderOptions) {
     this.token = opts.token ?? randomBytes(16).toString("hex");
+    this.uplink = opts.linkRate ? new RateLimit(opts.linkRate) : null;
+  }
+
+  /** Upload pacing for every link of this host (the --link-rate testing aid), if any. */
+  private get throttle(): ((bytes: number) => Promise<void>) | undefined {
+    const uplink = this.uplink;
+    return uplink ? (bytes) => uplink.take(bytes) : undefined;
   }
 
   async start(): Promise<{ url: string; port: number }> {
@@ -85,7 +101,9 @@ export class Provider {
     server.on("upgrade", (req: IncomingMessage, socket: Duplex, head: Buffer) => {
       const pathname = new URL(req.url ?? "/", "http://x").pathname;
       if (pathname === "/bench") {
-        this.benchServer.handleUpgrade(req, socket, head, (ws) => servePeerBench(ws, this.token));
+        // The provider's token, or the secret of the job it runs (ring members measuring their links).
+        const accepts = (given: string) => tokensEqual(given, this.token) || (this.job !== null && secretsEqual(given, this.job.spec.secret));
+        this.benchServer.handleUpgrade(req, socket, head, (ws) => servePeerBench(ws, accepts));
         return;
       }
       const target = pathname === "/control" ? this.controlServer : pathname === "/ring" ? this.ringServer : null;
@@ -214,7 +232,7 @@ export class Provider {
   }
 
   private startJob(spec: JobSpec, send: (m: ToCoordinator) => void, ws: WebSocket) {
-    const job = new ProviderJob(spec, this.opts, send, ws, (line) => this.log(line));
+    const job = new ProviderJob(spec, this.opts, send, ws, (line) => this.log(line), this.throttle);
     this.job = job;
     this.opts.onEvent({ type: "job", job: spec.job, name: String(spec.config.name ?? ""), ranks: spec.ranks.map((r) => r.rank), world_size: spec.world_size });
     job.onEnd = (reason) => {
@@ -232,7 +250,7 @@ export class Provider {
 
   private onRing(ws: WebSocket) {
     // Wrap at once: a FrameLink keeps frames (the hello) that arrive before anyone listens.
-    const link = new FrameLink(ws);
+    const link = new FrameLink(ws, { throttle: this.throttle });
     if (this.job) {
       this.job.acceptRing(link);
       return;
@@ -259,7 +277,12 @@ interface LocalRank {
   rank: number;
   device: string;
   worker: WorkerProcess | null;
+  /** Sent "ready" (the worker loaded and its first ring formed). */
   ready: boolean;
+  /** The ring epoch its links and `ring` belong to (-1: none formed yet). */
+  formed: number;
+  /** Left out of the ring by the coordinator: its worker is stopped. */
+  left: boolean;
   next: FrameLink | null;
   prev: FrameLink | null;
   ring: RingAllReduce | null;
@@ -275,6 +298,11 @@ class ProviderJob {
   private dir = "";
   private readonly ranks: LocalRank[];
   private ended = false;
+  /** Ring order of the ranks taking part now; the ring re-forms (a new epoch) when it changes. */
+  private members: number[];
+  private epoch = 0;
+  /** Incoming ring links for an epoch this provider has not been told of yet. */
+  private early: { from: number; to: number; epoch: number; link: FrameLink }[] = [];
   onEnd: (reason: string) => void = () => {};
 
   constructor(
@@ -283,12 +311,16 @@ class ProviderJob {
     private readonly send: (m: ToCoordinator) => void,
     readonly control: WebSocket,
     private readonly log: (line: string) => void,
+    private readonly throttle?: (bytes: number) => Promise<void>,
   ) {
+    this.members = [...Array(spec.world_size).keys()];
     this.ranks = spec.ranks.map((r) => ({
       rank: r.rank,
       device: r.device,
       worker: null,
       ready: false,
+      formed: -1,
+      left: false,
       next: null,
       prev: null,
       ring: null,
@@ -379,31 +411,42 @@ class ProviderJob {
     }
   }
 
+  /** The members before and after `rank` in the current ring. */
+  private neighbours(rank: number): { prev: number; next: number; position: number } {
+    const n = this.members.length;
+    const position = this.members.indexOf(rank);
+    return { position, prev: this.members[(position - 1 + n) % n], next: this.members[(position + 1) % n] };
+  }
+
   private async connectNext(local: LocalRank) {
-    const nextRank = (local.rank + 1) % this.spec.world_size;
+    const epoch = this.epoch;
+    const nextRank = this.neighbours(local.rank).next;
     const target = this.spec.ring.find((r) => r.rank === nextRank);
     if (!target) return this.fail(`the job names no address for rank ${nextRank}`, "internal", local.rank);
+    const stale = () => this.ended || local.left || this.epoch !== epoch;
     const deadline = Date.now() + RING_CONNECT_TIMEOUT_MS;
     for (let attempt = 0; ; attempt++) {
       try {
-        const link = await connectRingPeer(target.url, {
-          job: this.spec.job,
-          secret: this.spec.secret,
-          from: local.rank,
-          to: nextRank,
-        });
-        if (this.ended) {
-          link.close(1000, "job ended");
+        const link = await connectRingPeer(
+          target.url,
+          { job: this.spec.job, secret: this.spec.secret, from: local.rank, to: nextRank, epoch },
+          { throttle: this.throttle },
+        );
+        if (stale()) {
+          link.close(CLOSE_REFORM, "ring re-formed");
           return;
         }
         local.next = link;
-        link.onClose(() => {
-          if (!this.ended) this.fail(`lost the ring link from rank ${local.rank} to rank ${nextRank} (${target.url})`, "ring", local.rank);
+        link.onClose((code) => {
+          if (this.ended || local.next !== link) return;
+          // The neighbour re-formed first: our own "ring" message is on its way.
+          if (code === CLOSE_REFORM) local.next = null;
+          else this.fail(`lost the ring link from rank ${local.rank} to rank ${nextRank} (${target.url})`, "ring", local.rank);
         });
         this.maybeReady(local);
         return;
       } catch (err) {
-        if (this.ended) return;
+        if (stale()) return;
         if (Date.now() > deadline) {
           return this.fail(`rank ${local.rank} cannot reach rank ${nextRank} at ${target.url}: ${errorMessage(err)}`, "ring", local.rank);
         }
@@ -415,31 +458,118 @@ class ProviderJob {
   acceptRing(incoming: FrameLink) {
     const ranks = new Set(this.ranks.map((r) => r.rank));
     acceptRingPeer(incoming, { job: this.spec.job, secret: this.spec.secret, ranks }, 10_000).then(
-      ({ from, to, link }) => {
-        const local = this.ranks.find((r) => r.rank === to)!;
-        const expectedFrom = (to - 1 + this.spec.world_size) % this.spec.world_size;
-        if (this.ended || from !== expectedFrom || local.prev) {
-          link.close(4002, "unexpected ring peer");
-          return;
-        }
-        local.prev = link;
-        link.onClose(() => {
-          if (!this.ended) this.fail(`lost the ring link into rank ${to} from rank ${from}`, "ring", to);
-        });
-        this.maybeReady(local);
-      },
+      (hello) => this.attachIncoming(hello),
       (err) => this.log(`refused a ring connection: ${errorMessage(err)}`),
     );
   }
 
+  private attachIncoming(hello: { from: number; to: number; epoch: number; link: FrameLink }) {
+    const { from, to, epoch, link } = hello;
+    if (this.ended || epoch < this.epoch) {
+      link.close(CLOSE_REFORM, "ring re-formed");
+      return;
+    }
+    if (epoch > this.epoch) {
+      // The neighbour heard of the new ring before we did: hold the link until we do.
+      this.early.push(hello);
+      link.onClose(() => (this.early = this.early.filter((e) => e !== hello)));
+      return;
+    }
+    const local = this.ranks.find((r) => r.rank === to)!;
+    if (local.left || !this.members.includes(to) || from !== this.neighbours(to).prev || local.prev) {
+      link.close(4002, "unexpected ring peer");
+      return;
+    }
+    local.prev = link;
+    link.onClose((code) => {
+      if (this.ended || local.prev !== link) return;
+      if (code === CLOSE_REFORM) local.prev = null;
+      else this.fail(`lost the ring link into rank ${to} from rank ${from}`, "ring", to);
+    });
+    this.maybeReady(local);
+  }
+
   private maybeReady(local: LocalRank) {
-    if (local.ready || !local.readyInfo) return;
-    const size = this.spec.world_size;
+    if (local.left || !local.readyInfo || local.formed === this.epoch) return;
+    const size = this.members.length;
     if (size > 1 && (!local.next || !local.prev)) return;
-    local.ring = new RingAllReduce({ rank: local.rank, size, next: local.next, prev: local.prev });
-    local.ready = true;
-    const { op: _op, ...info } = local.readyInfo;
-    this.send({ t: "ready", rank: local.rank, info });
+    const { position } = this.neighbours(local.rank);
+    local.ring = new RingAllReduce({ rank: position, size, next: local.next, prev: local.prev });
+    local.formed = this.epoch;
+    if (!local.ready) {
+      local.ready = true;
+      const { op: _op, ...info } = local.readyInfo;
+      this.send({ t: "ready", rank: local.rank, info });
+    } else {
+      local.worker?.send({ op: "ring", size });
+      this.send({ t: "ring_ready", rank: local.rank, epoch: this.epoch });
+    }
+  }
+
+  /**
+   * Re-form the ring with `members` only (a step boundary: no collective in flight). Links
+   * of the old ring close with CLOSE_REFORM, which neighbours do not take for a fault;
+   * local ranks left out stop their workers.
+   */
+  private reform(epoch: number, members: number[]) {
+    const known = new Set(this.members);
+    if (epoch <= this.epoch) return this.fail(`ring epoch ${epoch} is not after ${this.epoch}`, "internal");
+    if (new Set(members).size !== members.length || !members.every((r) => known.has(r))) {
+      return this.fail(`ring members ${members.join(", ")} are not distinct members of ${this.members.join(", ")}`, "internal");
+    }
+    this.epoch = epoch;
+    this.members = members;
+    for (const local of this.ranks) {
+      if (local.left) continue;
+      local.ring = null;
+      for (const link of [local.next, local.prev]) link?.close(CLOSE_REFORM, "ring re-formed");
+      local.next = local.prev = null;
+      if (!members.includes(local.rank)) {
+        local.left = true;
+        this.log(`rank ${local.rank} left out of the ring; stopping its worker`);
+        void local.worker?.stop();
+      }
+    }
+    for (const local of this.ranks) {
+      if (local.left) continue;
+      if (members.length > 1) void this.connectNext(local);
+      else this.maybeReady(local);
+    }
+    const held = this.early;
+    this.early = [];
+    for (const hello of held) this.attachIncoming(hello);
+  }
+
+  /** Upload from this host to the provider of each local member's ring successor. */
+  private async probeLinks(bytes: number) {
+    const results = new Map<string, Promise<{ rtt_ms: number; upload_bytes_per_s: number }>>();
+    for (const local of this.ranks.filter((r) => !r.left)) {
+      const next = this.neighbours(local.rank).next;
+      const url = this.spec.ring.find((r) => r.rank === next)?.url;
+      const sameHost = this.ranks.some((r) => r.rank === next) || !url || this.members.length === 1;
+      if (sameHost) {
+        this.send({ t: "link", rank: local.rank, to: next, rtt_ms: null, upload_bytes_per_s: null });
+        continue;
+      }
+      const base = url.replace(/\/ring$/, "");
+      // One measurement per peer host, one at a time: they share this host's uplink.
+      if (!results.has(base)) {
+        const previous = [...results.values()].at(-1)?.catch(() => undefined) ?? Promise.resolve();
+        results.set(
+          base,
+          previous.then(async () => {
+            const m = await measurePeer(base, this.spec.secret, { pings: 5, bytes, throttle: this.throttle });
+            return { rtt_ms: m.rtt_ms.median, upload_bytes_per_s: m.upload_bytes_per_s };
+          }),
+        );
+      }
+      try {
+        const m = await results.get(base)!;
+        this.send({ t: "link", rank: local.rank, to: next, ...m });
+      } catch (err) {
+        this.fail(`rank ${local.rank} could not measure its link to rank ${next} at ${base}: ${errorMessage(err)}`, "ring", local.rank);
+      }
+    }
   }
 
   private onWorkerMessage(local: LocalRank, m: FromWorker, payload: Buffer) {
@@ -462,9 +592,10 @@ class ProviderJob {
         return;
       case "step_done": {
         const { op: _op, dense_count, ...report } = m;
-        const size = this.spec.world_size;
+        const size = this.members.length;
+        const { position } = this.neighbours(local.rank);
         // What one plain float32 all-reduce of the whole gradient would have sent from here.
-        const uncompressed = size > 1 && dense_count > 0 ? expectedFrameBytesPerNode(dense_count, size, local.rank, "f32") : 0;
+        const uncompressed = size > 1 && dense_count > 0 ? expectedFrameBytesPerNode(dense_count, size, position, "f32") : 0;
         // Report after the collectives this step queued have finished counting their bytes.
         void local.queue.then(() => {
           this.send({ t: "step_done", rank: local.rank, ...report, bytes_sent: local.bytesSinceReport, uncompressed_bytes: uncompressed });
@@ -527,14 +658,20 @@ class ProviderJob {
   handle(message: ToProvider) {
     switch (message.t) {
       case "sync":
-        for (const r of this.ranks) r.worker?.send({ op: "sync" });
+        for (const r of this.ranks) if (!r.left) r.worker?.send({ op: "sync", source: message.source });
+        return;
+      case "ring":
+        this.reform(message.epoch, message.members);
+        return;
+      case "probe_links":
+        void this.probeLinks(message.bytes);
         return;
       case "step":
         if (message.shares.length !== this.spec.world_size) {
           this.fail(`step ${message.step} names ${message.shares.length} shares for ${this.spec.world_size} ranks`, "internal");
           return;
         }
-        for (const r of this.ranks) r.worker?.send({ op: "step", step: message.step, shares: message.shares, want_hash: message.want_hash });
+        for (const r of this.ranks) if (!r.left) r.worker?.send({ op: "step", step: message.step, shares: message.shares, want_hash: message.want_hash });
         return;
       case "eval":
         for (const slice of message.slices) {
@@ -570,6 +707,7 @@ class ProviderJob {
       r.next?.close(1000, "job ended");
       r.prev?.close(1000, "job ended");
     }
+    for (const e of this.early) e.link.close(1000, "job ended");
     if (this.dir) await rm(this.dir, { recursive: true, force: true });
     this.onEnd(reason);
   }

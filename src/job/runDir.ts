@@ -34,6 +34,9 @@ export interface StepMetrics {
     idle_s: number;
     bytes_sent: number;
     uncompressed_bytes: number;
+    micro_batches: number;
+    /** null: the whole share at once. */
+    max_micro_batch: number | null;
   }[];
 }
 

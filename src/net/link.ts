@@ -18,6 +18,8 @@ export const CLOSE_ABORTED = 4004; // the ring was aborted locally, or a neighbo
 
 export interface LinkOptions {
   highWaterMark?: number;
+  /** Awaited before each frame goes out (upload pacing, a testing aid); frames keep their order. */
+  throttle?: (bytes: number) => Promise<void>;
 }
 
 export interface ConnectOptions extends LinkOptions {
@@ -31,6 +33,7 @@ export interface RingHello {
   secret: string;
   from: number;
   to: number;
+  epoch?: number;
 }
 
 export interface RingExpectation {
@@ -74,12 +77,16 @@ export class FrameLink {
   private flushScheduled = false;
   private closeListeners: Array<(code: number, reason: string) => void> = [];
   private closeInfo: { code: number; reason: string } | null = null;
+  private readonly throttle: ((bytes: number) => Promise<void>) | undefined;
+  /** With a throttle: the previous frame's turn, so frames leave in call order. */
+  private paced: Promise<void> = Promise.resolve();
 
   constructor(
     readonly ws: WebSocket,
     opts: LinkOptions = {},
   ) {
     this.highWaterMark = opts.highWaterMark ?? DEFAULT_HIGH_WATER_MARK;
+    this.throttle = opts.throttle;
     ws.binaryType = "nodebuffer";
     ws.on("error", (err: Error) => {
       this.lastError = err;
@@ -126,11 +133,21 @@ export class FrameLink {
     if (this.pending > this.peakPendingBytes) this.peakPendingBytes = this.pending;
     this.bytesSent += n;
     this.framesSent += 1;
-    this.ws.send(bytes, { binary: true }, (err) => {
+    const done = (err?: Error | null) => {
       this.pending -= n;
       if (err && !this.lastError) this.lastError = err;
       this.wakeDrainWaiters();
-    });
+    };
+    const throttle = this.throttle;
+    if (throttle) {
+      // Paced frames count as outstanding until sent, so backpressure holds their senders.
+      this.paced = this.paced
+        .then(() => throttle(n))
+        .then(() => {
+          if (this.ws.readyState === WebSocket.OPEN) this.ws.send(bytes, { binary: true }, done);
+          else done(new LinkClosedError(this.describeClosed()));
+        });
+    } else this.ws.send(bytes, { binary: true }, done);
     if (this.pending <= this.highWaterMark) return Promise.resolve();
     return new Promise<void>((resolve, reject) => this.drainWaiters.push({ resolve, reject }));
   }
@@ -292,7 +309,7 @@ export async function connectRingPeer(
 ): Promise<FrameLink> {
   const path = new URL(url).pathname;
   if (!path.endsWith("/ring")) throw new Error(`ring URL must end in /ring: ${url}`);
-  const frame = encodeControl({ t: "hello", ...hello });
+  const frame = encodeControl({ t: "hello", ...hello, epoch: hello.epoch ?? 0 });
   const link = await connectLink(url, opts);
   try {
     await link.send(frame);
@@ -324,7 +341,7 @@ export function acceptRingPeer(
   expect: RingExpectation,
   timeoutMs: number,
   opts: LinkOptions = {},
-): Promise<{ from: number; to: number; link: FrameLink }> {
+): Promise<{ from: number; to: number; epoch: number; link: FrameLink }> {
   // Pass a FrameLink made when the socket arrived if authentication starts later: a bare
   // ws drops messages that arrive while it has no 'message' listener, the link queues them.
   const link = ws instanceof FrameLink ? ws : new FrameLink(ws, opts);
@@ -378,7 +395,7 @@ export function acceptRingPeer(
         return;
       }
       finish();
-      resolve({ from: hello.from, to: hello.to, link });
+      resolve({ from: hello.from, to: hello.to, epoch: hello.epoch, link });
     });
   });
 }

@@ -1,4 +1,3 @@
-import { timingSafeEqual } from "node:crypto";
 import WebSocket from "ws";
 import { ProtocolError, UserError, errorMessage } from "../errors.js";
 
@@ -42,7 +41,7 @@ function parse(data: WebSocket.RawData, isBinary: boolean): BenchMessage {
 }
 
 /** Provider side of `/bench`: authenticate, answer pings, count a bulk upload. */
-export function servePeerBench(ws: WebSocket, token: string): void {
+export function servePeerBench(ws: WebSocket, accepts: (token: string) => boolean): void {
   let authed = false;
   let expecting = 0;
   let received = 0;
@@ -67,9 +66,7 @@ export function servePeerBench(ws: WebSocket, token: string): void {
     }
     if (!authed) {
       clearTimeout(timer);
-      const given = Buffer.from(m.t === "hello" && typeof m.token === "string" ? m.token : "");
-      const want = Buffer.from(token);
-      if (given.length !== want.length || !timingSafeEqual(given, want)) return fail(4001, "wrong token");
+      if (!(m.t === "hello" && typeof m.token === "string" && accepts(m.token))) return fail(4001, "wrong token");
       authed = true;
       ws.send(JSON.stringify({ t: "ready" }));
       return;
@@ -85,7 +82,11 @@ export function servePeerBench(ws: WebSocket, token: string): void {
 }
 
 /** Client side: measure latency and upload throughput to a provider's `/bench`. */
-export async function measurePeer(address: string, token: string, opts: { pings?: number; bytes?: number } = {}): Promise<PeerMeasurement> {
+export async function measurePeer(
+  address: string,
+  token: string,
+  opts: { pings?: number; bytes?: number; throttle?: (bytes: number) => Promise<void> } = {},
+): Promise<PeerMeasurement> {
   const withScheme = /^wss?:\/\//.test(address) ? address : `ws://${address}`;
   const url = new URL(withScheme);
   url.pathname = "/bench";
@@ -141,6 +142,7 @@ export async function measurePeer(address: string, token: string, opts: { pings?
     const t0 = performance.now();
     for (let sent = 0; sent < total; ) {
       const n = Math.min(frame.length, total - sent);
+      await opts.throttle?.(n);
       await new Promise<void>((resolve, reject) => ws.send(frame.subarray(0, n), (err) => (err ? reject(err) : resolve())));
       sent += n;
     }

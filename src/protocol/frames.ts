@@ -85,6 +85,8 @@ export const HelloSchema = z
     secret: z.string().min(1).max(1024),
     from: rank,
     to: rank,
+    /** Which formation of the ring this connection belongs to (it re-forms when ranks leave). */
+    epoch: u32.default(0),
   })
   .strict();
 

@@ -57,6 +57,10 @@ export const stepReportSchema = z.object({
   hash: z.string().max(128).optional(),
   /** True when a non-finite gradient made every worker skip this step's update. */
   skipped: z.boolean().default(false),
+  /** Micro-batches the share was computed in. */
+  micro_batches: count.default(0),
+  /** Largest micro-batch the worker runs at once (null: its whole share); lowered when it runs out of device memory. */
+  max_micro_batch: z.number().int().min(1).nullable().default(null),
   /** Names of this worker's non-finite gradients (or "loss"), on a skipped step. */
   nonfinite: z.array(z.string().max(256)).max(4096).optional(),
 });
@@ -76,7 +80,12 @@ export const toProviderSchema = z.discriminatedUnion("t", [
     ring: z.array(z.object({ rank: count, url: z.string().max(1024) })),
     threads: z.number().int().min(1).max(1024).optional(),
   }),
-  z.object({ t: z.literal("sync") }),
+  /** Every member takes rank `source`'s weights (rank 0 at the start). */
+  z.object({ t: z.literal("sync"), source: count.default(0) }),
+  /** Re-form the ring with only `members` (in ring order); local ranks left out stop. */
+  z.object({ t: z.literal("ring"), epoch: z.number().int().min(1), members: z.array(count).min(1).max(4096) }),
+  /** Measure this provider's upload to the next member's provider (the `/bench` path, job secret). */
+  z.object({ t: z.literal("probe_links"), bytes: z.number().int().min(1024).max(256 * 1024 * 1024) }),
   z.object({ t: z.literal("step"), step: count, shares: z.array(count), want_hash: z.boolean() }),
   z.object({
     t: z.literal("eval"),
@@ -105,6 +114,15 @@ export const toCoordinatorSchema = z.discriminatedUnion("t", [
   z.object({ t: z.literal("reject"), reason: z.string().max(1000) }),
   z.object({ t: z.literal("ready"), rank: count, info: workerInfoSchema }),
   z.object({ t: z.literal("synced"), rank: count, hash: z.string().max(128), bytes_sent: count }),
+  z.object({ t: z.literal("ring_ready"), rank: count, epoch: count }),
+  /** Upload from this rank's provider to its ring successor's; nulls when both are on one host. */
+  z.object({
+    t: z.literal("link"),
+    rank: count,
+    to: count,
+    rtt_ms: z.number().finite().nonnegative().nullable(),
+    upload_bytes_per_s: z.number().finite().positive().nullable(),
+  }),
   stepReportSchema.extend({
     t: z.literal("step_done"),
     rank: count,

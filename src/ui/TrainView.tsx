@@ -22,6 +22,7 @@ const STATE_COLOR: Record<WorkerState, string> = {
   starting: "yellow",
   ready: "cyan",
   training: "green",
+  "left out": "magenta",
   done: "gray",
   failed: "red",
 };

@@ -52,6 +52,7 @@ describe("parseConfigText", () => {
       lr_schedule: { name: "constant" },
       compression: { method: "powersgd", rank: 4, start_step: 10, min_compression_rate: 2, error_feedback: true, warm_start: true, seed: 0 },
       balance: "measured",
+      leave_out_slow: true,
       eval: { every: 0, samples: 1000, batch_size: 256 },
       checkpoint: { every: 0, keep: 3 },
       providers: [],
@@ -134,7 +135,7 @@ providers:
     expect(issues[0]).toMatchObject({ line: 5, col: 1, field: "stpes" });
     expect(issues[0]!.message).toContain('unknown key "stpes"');
     expect(issues[0]!.message).toContain(
-      "allowed keys: name, task, task_args, steps, batch_size, seed, optimizer, lr_schedule, compression, balance, eval, checkpoint, providers, local_workers, output",
+      "allowed keys: name, task, task_args, steps, batch_size, seed, optimizer, lr_schedule, compression, balance, leave_out_slow, eval, checkpoint, providers, local_workers, output",
     );
   });
 

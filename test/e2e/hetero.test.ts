@@ -3,7 +3,8 @@ import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ProviderClient } from "../../src/job/providerClient.js";
 import { nimble, REPO_ROOT, startProvider, tempDir, testPython } from "../helpers/processes.js";
-import { readSafetensors } from "../helpers/safetensors.js";
+import { maxWeightDifference } from "../helpers/safetensors.js";
+import { tinyTask } from "../helpers/tasks.js";
 
 const MNIST = path.join(REPO_ROOT, "examples", "mnist");
 
@@ -90,13 +91,64 @@ describe("capability-weighted shares, end to end", () => {
     // Shares follow the measured speeds: the full-speed provider gets the most, the slowest the least.
     expect(last[0]).toBeGreaterThan(last[1]);
     expect(last[1]).toBeGreaterThan(last[2]);
-    const a = await readSafetensors(path.join(weighted, "model.safetensors"));
-    const b = await readSafetensors(path.join(single, "model.safetensors"));
-    let maxDiff = 0;
-    for (const [name, t] of a) {
-      const u = b.get(name)!;
-      for (let i = 0; i < t.data.length; i++) maxDiff = Math.max(maxDiff, Math.abs(t.data[i] - u.data[i]));
+    expect((await maxWeightDifference(weighted, single)).maxDiff).toBeLessThan(1e-4);
+  }, 600_000);
+});
+
+describe("leaving out a worker whose link would slow every step", () => {
+  it("measures each host's link, leaves out the slow one with the figures behind it, and trains on exactly without it", async () => {
+    const providers = [
+      await startProvider(python, "link-0"),
+      await startProvider(python, "link-1"),
+      // About 2.4 Mbit/s: every all-reduce of this model's 280 KB of gradients waits on it.
+      await startProvider(python, "link-2", ["--link-rate", "300kB"]),
+    ];
+    const taskFile = path.join(tmp.dir, "wide.py");
+    await writeFile(
+      taskFile,
+      tinyTask({ features: 64, model: "torch.nn.Sequential(torch.nn.Linear(64, 1024), torch.nn.Tanh(), torch.nn.Linear(1024, 2))" }),
+    );
+    const write = async (name: string, lines: string[]) => {
+      const file = path.join(tmp.dir, `${name}.yaml`);
+      const body = ["steps: 12", "batch_size: 64", "optimizer: {name: sgd, lr: 0.1}", "compression: {method: none}", "eval: {samples: 64}"];
+      await writeFile(file, [`name: ${name}`, `task: ${taskFile}`, `output: ${path.join(tmp.dir, "runs")}`, ...body, ...lines].join("\n") + "\n");
+      return file;
+    };
+    const r = await nimble(
+      ["train", await write("slow-link", ["providers:", ...providers.map((p, i) => `  - {address: "${p.address}", token: link-${i}}`)]), "--json", "--python", python],
+      { timeout: 300_000 },
+    );
+    expect(r.exitCode, String(r.stderr)).toBe(0);
+    const events = String(r.stdout).trim().split("\n").map((l) => JSON.parse(l));
+    const summary = events.find((e) => e.type === "done").summary;
+    // Links: the paced host uploads at about its rate, the others far faster.
+    expect(summary.links).toHaveLength(3);
+    const rate = (rank: number) => summary.links.find((l: { rank: number }) => l.rank === rank).upload_bytes_per_s;
+    expect(rate(2)).toBeLessThan(450e3);
+    expect(rate(0)).toBeGreaterThan(5e6);
+    expect(rate(1)).toBeGreaterThan(5e6);
+    // Rank 2 is left out after the first measured steps, and the message gives the figures.
+    expect(summary.left_out).toHaveLength(1);
+    expect(summary.left_out[0]).toMatchObject({ rank: 2, after_step: 2 });
+    expect(summary.left_out[0].reason).toMatch(/its link \([0-9.]+ kB\/s\) would make every step's all-reduce take [0-9.]+ s against [0-9.]+ s of compute; leaving it out makes steps [0-9.]+x faster/);
+    expect(events.some((e) => e.type === "status" && /^Leaving out worker rank 2/.test(e.message))).toBe(true);
+    const lines = (await readFile(path.join(summary.run_dir, "metrics.jsonl"), "utf8")).trim().split("\n").map((l) => JSON.parse(l));
+    expect(lines).toHaveLength(12);
+    for (const line of lines.slice(3)) {
+      expect(line.workers.map((w: { rank: number }) => w.rank)).toEqual([0, 1]);
+      expect(line.workers.reduce((a: number, w: { share: number }) => a + w.share, 0)).toBe(64);
     }
-    expect(maxDiff).toBeLessThan(1e-4);
+    expect(lines[2].workers).toHaveLength(3);
+    // Rank 2's samples are those of the steps before it was left out; rows say "left out".
+    const rank2 = summary.workers.find((w: { rank: number }) => w.rank === 2);
+    const before = lines.slice(0, 3).reduce((a: number, l: { workers: { rank: number; samples: number }[] }) => a + l.workers[2].samples, 0);
+    expect(rank2.samples).toBe(before);
+    const lastRows = events.filter((e) => e.type === "workers").at(-1).workers;
+    expect(lastRows.map((w: { state: string }) => w.state)).toEqual(["done", "done", "left out"]);
+    // The batch is still computed in full every step: the same model as one worker trains.
+    const single = await nimble(["train", await write("slow-link-single", ["local_workers: 1"]), "--json", "--python", python], { timeout: 300_000 });
+    expect(single.exitCode, String(single.stderr)).toBe(0);
+    const singleDir = String(single.stdout).trim().split("\n").map((l) => JSON.parse(l)).find((e) => e.type === "done").run_dir;
+    expect((await maxWeightDifference(summary.run_dir, singleDir)).maxDiff).toBeLessThan(1e-4);
   }, 600_000);
 });

@@ -42,7 +42,7 @@ describe("data-plane frames", () => {
   });
 
   it("round-trips hello and op control frames", () => {
-    const hello = { t: "hello", job: "j1", secret: "xyz", from: 2, to: 3 } as const;
+    const hello = { t: "hello", job: "j1", secret: "xyz", from: 2, to: 3, epoch: 4 } as const;
     const op = { t: "op", op: 7, count: 1001, dtype: "float32" } as const;
     for (const msg of [hello, op]) {
       const bytes = encodeControl(msg);

@@ -32,7 +32,10 @@ const toProvider: ToProvider[] = [
     ],
     threads: 4,
   },
-  { t: "sync" },
+  { t: "sync", source: 0 },
+  { t: "sync", source: 2 },
+  { t: "ring", epoch: 1, members: [0, 2] },
+  { t: "probe_links", bytes: 1024 * 1024 },
   { t: "step", step: 7, shares: [11, 11, 10], want_hash: true },
   { t: "eval", step: 9, slices: [{ rank: 0, start: 0, count: 500 }, { rank: 1, start: 500, count: 500 }], batch_size: 256 },
   { t: "state", rank: 0, kind: "checkpoint" },
@@ -64,8 +67,11 @@ const toCoordinator: ToCoordinator[] = [
   { t: "reject", reason: "wrong token" },
   { t: "ready", rank: 1, info: { params: 1234, param_bytes: 4936, model: "Linear(4, 2)", train_size: 60000, val_size: 10000 } },
   { t: "synced", rank: 0, hash: "ab".repeat(32), bytes_sent: 4096 },
-  { t: "step_done", rank: 2, step: 3, loss: 0.6931, samples: 21, lr: 0.001, compute_s: 0.12, comm_s: 0.03, bytes_sent: 2048, uncompressed_bytes: 40960, skipped: false, hash: "cd".repeat(32) },
-  { t: "step_done", rank: 0, step: 4, loss: 0, samples: 0, lr: 0.01, compute_s: 0, comm_s: 0, bytes_sent: 0, uncompressed_bytes: 0, skipped: true, nonfinite: ["fc.weight"] },
+  { t: "step_done", rank: 2, step: 3, loss: 0.6931, samples: 21, micro_batches: 1, max_micro_batch: null, lr: 0.001, compute_s: 0.12, comm_s: 0.03, bytes_sent: 2048, uncompressed_bytes: 40960, skipped: false, hash: "cd".repeat(32) },
+  { t: "step_done", rank: 0, step: 4, loss: 0, samples: 0, micro_batches: 0, max_micro_batch: 16, lr: 0.01, compute_s: 0, comm_s: 0, bytes_sent: 0, uncompressed_bytes: 0, skipped: true, nonfinite: ["fc.weight"] },
+  { t: "ring_ready", rank: 2, epoch: 1 },
+  { t: "link", rank: 0, to: 1, rtt_ms: 51.5, upload_bytes_per_s: 2.5e6 },
+  { t: "link", rank: 1, to: 2, rtt_ms: null, upload_bytes_per_s: null },
   { t: "eval_done", rank: 0, step: 9, count: 500, sums: { loss: 123.5, accuracy: 480 } },
   { t: "state", rank: 0, kind: "checkpoint", step: 5, files: stateFiles },
   { t: "log", line: "[rank 0] epoch 1" },
@@ -123,7 +129,7 @@ describe("control messages: round trip", () => {
     expect(Object.keys(raw).sort()).toEqual(["kind", "message", "t"]);
     expect(decodeToCoordinator(encodeMessage(failed), "provider p1")).toEqual({ t: "failed", message: "x", kind: "worker" });
 
-    const step: ToCoordinator = { t: "step_done", rank: 0, step: 0, loss: 1, samples: 1, lr: 1, compute_s: 0, comm_s: 0, bytes_sent: 0, uncompressed_bytes: 0, skipped: false, hash: undefined };
+    const step: ToCoordinator = { t: "step_done", rank: 0, step: 0, loss: 1, samples: 1, micro_batches: 1, max_micro_batch: null, lr: 1, compute_s: 0, comm_s: 0, bytes_sent: 0, uncompressed_bytes: 0, skipped: false, hash: undefined };
     expect("hash" in (decode(encodeMessage(step)) as object)).toBe(false);
     expect(decodeToCoordinator(encodeMessage(step), "p")).not.toHaveProperty("hash");
   });
@@ -180,6 +186,9 @@ describe("control messages: rejection", () => {
     ["job.world_size 0", { ...toProvider[1], world_size: 0 }, /world_size/],
     ["job.ranks empty", { ...toProvider[1], ranks: [] }, /ranks/],
     ["eval.batch_size 0", { t: "eval", step: 0, slices: [], batch_size: 0 }, /batch_size/],
+    ["ring.epoch 0 (the starting ring)", { t: "ring", epoch: 0, members: [0] }, /epoch/],
+    ["ring.members empty", { t: "ring", epoch: 1, members: [] }, /members/],
+    ["probe_links.bytes beyond 256 MiB", { t: "probe_links", bytes: 2 ** 30 }, /bytes/],
   ] as const)("rejects %s, naming the field", (_name, message, field) => {
     expectProtocolError(() => decodeToProvider(encode(message), "coordinator A"), /coordinator A/, /invalid message/, field);
   });
@@ -192,6 +201,8 @@ describe("control messages: rejection", () => {
     ["state file name with a slash", { t: "state", rank: 0, kind: "final", step: 1, files: [{ name: "../../etc/passwd", data: new Uint8Array(1) }] }, /files\.0\.name/],
     ["eval_done.sums with a string", { t: "eval_done", rank: 0, step: 1, count: 1, sums: { accuracy: "1" } }, /sums\.accuracy/],
     ["failed.kind unknown", { t: "failed", message: "x", kind: "cosmic-ray" }, /kind/],
+    ["link with a zero upload rate", { t: "link", rank: 0, to: 1, rtt_ms: 1, upload_bytes_per_s: 0 }, /upload_bytes_per_s/],
+    ["step_done.max_micro_batch 0", { ...toCoordinator[4], max_micro_batch: 0 }, /max_micro_batch/],
   ] as const)("rejects %s from a provider, naming the field", (_name, message, field) => {
     expectProtocolError(() => decodeToCoordinator(encode(message, { ignoreUndefined: true }), "provider ws://p:1"), /provider ws:\/\/p:1/, field);
   });

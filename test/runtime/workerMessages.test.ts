@@ -61,9 +61,9 @@ describe("worker messages", () => {
   it.each([
     ["ready", { op: "ready", params: 100, param_bytes: 400, model: "Linear", train_size: 10, val_size: 2 }],
     ["synced", { op: "synced", hash: "ab12" }],
-    ["step_done", { op: "step_done", step: 0, loss: 2.3, samples: 16, lr: 0.1, compute_s: 0.5, comm_s: 0.1, skipped: false, dense_count: 100 }],
-    ["step_done with hash", { op: "step_done", step: 9, loss: 0, samples: 0, lr: 0.1, compute_s: 0.5, comm_s: 0.1, hash: "ff", skipped: false, dense_count: 7 }],
-    ["skipped step_done", { op: "step_done", step: 4, loss: 0, samples: 8, lr: 0.1, compute_s: 0.5, comm_s: 0.1, skipped: true, nonfinite: ["loss", "fc.weight"], dense_count: 7 }],
+    ["step_done", { op: "step_done", step: 0, loss: 2.3, samples: 16, micro_batches: 1, max_micro_batch: null, lr: 0.1, compute_s: 0.5, comm_s: 0.1, skipped: false, dense_count: 100 }],
+    ["step_done with hash", { op: "step_done", step: 9, loss: 0, samples: 0, micro_batches: 0, max_micro_batch: 4, lr: 0.1, compute_s: 0.5, comm_s: 0.1, hash: "ff", skipped: false, dense_count: 7 }],
+    ["skipped step_done", { op: "step_done", step: 4, loss: 0, samples: 8, micro_batches: 2, max_micro_batch: 4, lr: 0.1, compute_s: 0.5, comm_s: 0.1, skipped: true, nonfinite: ["loss", "fc.weight"], dense_count: 7 }],
     ["allgather", { op: "allgather", id: 3, size: 0 }],
     ["eval_done", { op: "eval_done", step: 3, count: 100, sums: { loss: 12.5, accuracy: 91 } }],
     ["loaded", { op: "loaded", step: 12 }],
