@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-import { Command, InvalidArgumentError } from "commander";
+import { Command, InvalidArgumentError, Option } from "commander";
 import { benchCommand } from "./commands/bench.js";
 import { envCommand } from "./commands/env.js";
 import { provideCommand } from "./commands/provide.js";
@@ -42,12 +42,13 @@ const program = new Command()
 program
   .command("train")
   .description("run a training job from a YAML config, on the providers it names or on local ones")
-  .argument("<config>", "job config (YAML)")
+  .argument("[config]", "job config (YAML); not with --resume")
+  .option("--resume <run_dir>", "continue a run directory from its newest intact checkpoint")
   .option("--local <n>", "number of local providers to start (overrides local_workers)", positiveInt)
   .option("--python <path>", "interpreter with torch for local workers (default: $NIMBLE_PYTHON or a managed environment)")
   .option("--torch <requirement>", "torch requirement for the managed environment (default: $NIMBLE_TORCH or torch==2.13.0)")
   .option("--json", "print one JSON event per line instead of the live view")
-  .action((config: string, opts) => trainCommand(config, opts));
+  .action((config: string | undefined, opts) => trainCommand(config, opts));
 
 program
   .command("provide")
@@ -64,6 +65,9 @@ program
   .option("--speed-file <path>", "testing aid: re-read the speed fraction from this file every 0.5 s, mid-run too")
   .option("--link-rate <rate>", "testing aid: pace this host's uploads to a rate in bytes/s or with a unit (20Mbit, 2.5MB)", rate)
   .option("--json", "print one JSON event per line")
+  // Set by `nimble train` for the local providers it starts: they ignore Ctrl-C (the
+  // coordinator stops them after its last checkpoint) and exit if it dies.
+  .addOption(new Option("--managed", "run as a local provider of the parent nimble train").hideHelp())
   .action((opts) => provideCommand(opts));
 
 program

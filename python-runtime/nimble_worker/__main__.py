@@ -18,7 +18,7 @@ from .compress import ConfigError
 from .config import JobConfig
 from .link import Link, LinkClosed, LinkError
 from .task import Task, TaskError
-from .train import Trainer
+from .train import StepAborted, Trainer
 
 
 class Stop(Exception):
@@ -30,6 +30,9 @@ class Worker:
         self.link = link
         self.trainer: Trainer | None = None
         self.next_id = 0
+        # The provider's number for the step attempt now running: collectives carry it, so
+        # that requests of an abandoned attempt are never served on a re-formed ring.
+        self.attempt = 0
 
     # ---- the Comm the trainer and its compressor use (nimble_worker/compress) --------
     world_size = 1
@@ -41,6 +44,8 @@ class Worker:
             header, payload = self.link.recv()
         if header["op"] == "stop":
             raise Stop()
+        if header["op"] == "abort":  # a ring member was lost: this step is abandoned
+            raise StepAborted()
         if header["op"] != op or header.get("id") != rid:
             raise LinkError(f"expected {op} {rid}, got {header['op']} id={header.get('id')}")
         return header, payload
@@ -49,7 +54,8 @@ class Worker:
         rid, count = self.next_id, buf.numel()
         self.next_id += 1
         self.link.send({"op": "allreduce", "id": rid, "dtype": "float32", "count": count,
-                        "codec": codec}, buf.contiguous().numpy().tobytes())
+                        "codec": codec, "attempt": self.attempt},
+                       buf.contiguous().numpy().tobytes())
         header, payload = self._reply("allreduce_result", rid)
         if header.get("dtype") != "float32" or header.get("count") != count \
                 or header.get("codec", codec) != codec or len(payload) != 4 * count:
@@ -63,7 +69,8 @@ class Worker:
     def allgather(self, blob: bytes) -> list[bytes]:
         rid = self.next_id
         self.next_id += 1
-        self.link.send({"op": "allgather", "id": rid, "size": len(blob)}, blob)
+        self.link.send({"op": "allgather", "id": rid, "size": len(blob),
+                        "attempt": self.attempt}, blob)
         header, payload = self._reply("allgather_result", rid)
         sizes = header.get("sizes")
         if not isinstance(sizes, list) or len(sizes) != self.world_size \
@@ -110,27 +117,50 @@ class Worker:
             elif op == "set_speed":
                 self.set_speed(h)
             elif op == "sync":
+                tr.commit()
                 self.link.send({"op": "synced", "hash": tr.sync(int(h.get("source") or 0))})
+            elif op == "sync_state":
+                # A member joined: every member takes rank `source`'s whole training state.
+                tr.commit()
+                digest = tr.sync_state(int(h["source"]))
+                self.link.send({"op": "synced_state", "step": tr.next_step, "hash": digest})
             elif op == "ring":
                 # The ring re-formed without some ranks: all-gathers now return this many blobs.
                 size = h.get("size")
-                if not isinstance(size, int) or not 1 <= size <= tr.world_size:
-                    raise LinkError(f"ring: bad size {size!r} for {tr.world_size} ranks")
+                if not isinstance(size, int) or size < 1:
+                    raise LinkError(f"ring: bad size {size!r}")
                 self.world_size = size
             elif op == "step":
-                report = tr.step(int(h["step"]), [int(s) for s in h["shares"]],
-                                 bool(h.get("want_hash")))
+                # A new step means the coordinator saw the last one reduced everywhere.
+                tr.commit()
+                t = int(h["step"])
+                self.attempt = int(h.get("attempt") or 0)
+                try:
+                    report = tr.prepare(t, [int(s) for s in h["shares"]], bool(h.get("want_hash")))
+                except StepAborted:
+                    self.link.send({"op": "aborted", "step": t})
+                    continue
                 self.link.send({"op": "step_done", **report})
+            elif op == "abort":
+                # The coordinator abandons the step this worker already reduced (others had not).
+                dropped = tr.abort()
+                self.link.send({"op": "aborted", "step": tr.next_step if dropped is None else dropped})
+            elif op == "commit":
+                tr.commit()
+                self.link.send({"op": "committed", "step": tr.next_step, "hash": tr.hash()})
             elif op == "eval":
+                tr.commit()
                 count, sums = tr.eval(int(h["start"]), int(h["count"]), int(h["batch_size"]))
                 self.link.send({"op": "eval_done", "step": h["step"], "count": count,
                                 "sums": sums})
             elif op == "state":
+                tr.commit()
                 files = tr.state(h["kind"])
                 self.link.send({"op": "state", "kind": h["kind"], "step": tr.next_step,
                                 "files": [{"name": n, "size": len(b)} for n, b in files]},
                                b"".join(b for _, b in files))
             elif op == "load_state":
+                tr.abort()  # nothing prepared survives a restore
                 self.link.send({"op": "loaded", "step": tr.load_state(split_files(h, payload))})
             else:
                 raise LinkError(f"unexpected op {op!r}")

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import safetensors
-from .compress import Comm, as_comm, build_compressor
+from .compress import Comm, Reduced, as_comm, build_compressor
 from .config import JobConfig
 from .data import GlobalSampler, collate, derive_seed
 from .task import Task
@@ -83,6 +83,11 @@ def params_hash(params: Sequence[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+class StepAborted(Exception):
+    """A collective of this step was abandoned: a ring member was lost. Raised by the
+    worker's Comm; the step leaves no trace (see Trainer.prepare)."""
+
+
 def is_out_of_memory(err: BaseException) -> bool:
     """CUDA raises torch.OutOfMemoryError; MPS and some allocators a RuntimeError."""
     oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
@@ -115,6 +120,11 @@ class Trainer:
         self.micro_batches = 0  # of the last grads() call
         # (step, new cap) each time running out of device memory lowered max_micro_batch
         self.memory_caps: list[tuple[int, int]] = []
+        # A prepared step awaiting commit or abort: (step, its reduced gradient, the
+        # compressor's mark from before it)
+        self.pending: tuple[int, Reduced, Any] | None = None
+        # Seconds the last commit took (reported with the next step's compute)
+        self.commit_s = 0.0
         self.device = torch.device(device)
         self.comm = _TimedComm(as_comm(comm, world_size))
         self.train_ds = task.build_dataset("train")
@@ -136,7 +146,8 @@ class Trainer:
 
     def set_speed(self, speed: float) -> None:
         """Simulated slowness: after each step's forward/backward the worker sleeps
-        (1/speed - 1) x its compute time (a testing aid for heterogeneous clusters)."""
+        (1/speed - 1) x its compute time (CPU time on a CPU device) (a testing aid for
+        heterogeneous clusters)."""
         if isinstance(speed, bool) or not isinstance(speed, (int, float)) \
                 or not (0.0 < float(speed) <= 1.0):
             raise ValueError(f"speed must be a number in (0, 1], got {speed!r}")
@@ -176,6 +187,35 @@ class Trainer:
         self._write_back(self.params, self.comm.allreduce(buf), grad=False)
         return self.hash()
 
+    def state_blob(self) -> bytes:
+        """Everything a replica joining mid-run needs to continue exactly like this one:
+        model, optimizer, LR schedule, step, and the compressor's shared state (a joiner's
+        error-feedback memory starts empty: it has not dropped anything yet)."""
+        self.commit()
+        return _save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                      "schedule": self.scheduler.state_dict(), "next_step": self.next_step,
+                      "compressor": self.compressor.state_dict()})
+
+    def load_blob(self, blob: bytes) -> None:
+        state = torch.load(io.BytesIO(blob), map_location=self.device, weights_only=True)
+        self.abort()
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["schedule"])
+        self.next_step = int(state["next_step"])
+        self.compressor.load_state_dict(state["compressor"], same_worker=False)
+
+    def sync_state(self, source: int) -> str:
+        """Every ring member ends with rank `source`'s whole training state: it contributes
+        its state blob to one all-gather, the others an empty one. Returns the hash."""
+        mine = self.state_blob() if self.rank == source else b""
+        blobs = [b for b in self.comm.allgather(mine) if len(b) > 0]
+        if len(blobs) != 1:
+            raise RuntimeError(f"sync_state: expected one state blob (from rank {source}), got {len(blobs)}")
+        if self.rank != source:
+            self.load_blob(bytes(blobs[0]))
+        return self.hash()
+
     # ---- training step -----------------------------------------------------------
     def backward(self, t: int, shares: Sequence[int]) -> tuple[float, torch.Tensor]:
         """Forward/backward over this worker's slice of step t.
@@ -189,8 +229,9 @@ class Trainer:
 
     def grads(self, t: int, shares: Sequence[int]) -> tuple[float, list[torch.Tensor]]:
         """As `backward`, the gradients one tensor per trainable parameter (on device)."""
-        if len(shares) != self.world_size:
-            raise ValueError(f"got {len(shares)} shares for world_size {self.world_size}")
+        # One share per rank the job has had (ranks that joined later included).
+        if len(shares) <= self.rank:
+            raise ValueError(f"got {len(shares)} shares, none for rank {self.rank}")
         indices = self.sampler.indices(t, shares, self.rank)  # also validates shares
         torch.manual_seed(derive_seed("step", self.cfg.seed, t, self.rank))
         self.model.train()
@@ -229,22 +270,81 @@ class Trainer:
             loss_value += float(loss.detach()) * len(chunk)
             self.micro_batches += 1
         return loss_value / len(indices) if len(indices) else 0.0
+
     def step(self, t: int, shares: Sequence[int], want_hash: bool = False) -> dict:
-        """One step. Every worker joins the same collectives, even with share 0 or a bad
-        loss. A non-finite gradient (or loss) anywhere skips the update on every worker:
-        no optimizer step and no compressor state change, but the schedule and the step
-        counter advance, and the report says `skipped`."""
+        """One step, applied at once (`prepare` then `commit`); `hash` is taken after it."""
+        out = self.prepare(t, shares)
+        self.commit()
+        if want_hash:
+            out["hash"] = self.hash()
+        return out
+
+    def prepare(self, t: int, shares: Sequence[int], want_hash: bool = False) -> dict:
+        """Step t up to its reduced gradient, which waits for `commit` (apply it) or `abort`
+        (drop it, and undo the compressor's changes): so that, when a ring member is lost
+        mid-step, an update lands on every replica or on none. Every worker joins the same
+        collectives, even with share 0 or a bad loss. A non-finite gradient (or loss)
+        anywhere skips the update on every worker: no optimizer step and no compressor state
+        change, but the schedule and the step counter advance, and the report says
+        `skipped`. With `want_hash`, `hash` is of the parameters before this step's update.
+        A collective that raises StepAborted abandons the step (nothing changes)."""
+        if self.pending is not None:
+            raise RuntimeError(f"step {self.pending[0]} is neither committed nor aborted")
+        hash_before = self.hash() if want_hash else None
         lr = self.optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
+        cpu0 = time.process_time()
         loss_value, grads = self.grads(t, shares)
         if self.speed < 1.0:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            time.sleep((1.0 / self.speed - 1.0) * (time.perf_counter() - t0))
+                work = time.perf_counter() - t0
+            else:
+                # CPU seconds, not wall: on a host shared with other workers, contention must
+                # not be multiplied into the simulated slowness.
+                work = time.process_time() - cpu0
+            time.sleep((1.0 / self.speed - 1.0) * work)
+        # Forward/backward alone (what a share costs): the rest of compute_s (compression,
+        # the optimizer) is about the same whatever the share, so it does not guide shares.
+        t1 = time.perf_counter()
         self.comm.seconds = 0.0
         bad_loss = not math.isfinite(loss_value)
-        res = self.compressor.reduce(t, self.names, grads, shares[self.rank] / self.cfg.batch_size,
-                                     poison=bad_loss)
+        mark = self.compressor.mark()
+        try:
+            res = self.compressor.reduce(t, self.names, grads,
+                                         shares[self.rank] / self.cfg.batch_size, poison=bad_loss)
+        except StepAborted:
+            self.compressor.rollback(mark)
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
+        self.pending = (t, res, mark)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t3 = time.perf_counter()
+        comm_s = self.comm.seconds
+        # The previous step's commit ran just before this one: its optimizer work counts here.
+        commit_s, self.commit_s = self.commit_s, 0.0
+        out = {"step": t, "loss": 0.0 if bad_loss else loss_value,
+               "samples": int(shares[self.rank]), "micro_batches": self.micro_batches,
+               "max_micro_batch": self.max_micro_batch,
+               "lr": lr,
+               "compute_s": max(0.0, (t3 - t0) - comm_s) + commit_s, "comm_s": comm_s,
+               "forward_backward_s": t1 - t0,
+               "dense_count": sum(p.numel() for p in self.trainable),
+               "skipped": res.skipped}
+        if res.skipped:
+            out["nonfinite"] = (["loss"] if bad_loss else []) + res.nonfinite
+        if hash_before is not None:
+            out["hash"] = hash_before
+        return out
+
+    def commit(self) -> None:
+        """Apply the prepared step's update (nothing when none is pending)."""
+        if self.pending is None:
+            return
+        t0 = time.perf_counter()
+        t, res, _ = self.pending
+        self.pending = None
         if not res.skipped:
             assert res.grads is not None
             for p, g in zip(self.trainable, res.grads):
@@ -253,22 +353,18 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.next_step = t + 1
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t3 = time.perf_counter()
-        comm_s = self.comm.seconds
-        out = {"step": t, "loss": 0.0 if bad_loss else loss_value,
-               "samples": int(shares[self.rank]), "micro_batches": self.micro_batches,
-               "max_micro_batch": self.max_micro_batch,
-               "lr": lr,
-               "compute_s": max(0.0, (t3 - t0) - comm_s), "comm_s": comm_s,
-               "dense_count": sum(p.numel() for p in self.trainable),
-               "skipped": res.skipped}
-        if res.skipped:
-            out["nonfinite"] = (["loss"] if bad_loss else []) + res.nonfinite
-        if want_hash:
-            out["hash"] = self.hash()
-        return out
+        self.commit_s += time.perf_counter() - t0
+
+    def abort(self) -> int | None:
+        """Drop the prepared step's update (the coordinator found a member lost before every
+        member had reduced it); returns that step, or None when none was pending."""
+        if self.pending is None:
+            return None
+        t, _, mark = self.pending
+        self.pending = None
+        self.compressor.rollback(mark)  # its memories and Q's moved on during the reduce
+        self.optimizer.zero_grad(set_to_none=True)
+        return t
 
     # ---- evaluation --------------------------------------------------------------
     def eval(self, start: int, count: int, batch_size: int) -> tuple[int, dict[str, float]]:
@@ -295,6 +391,11 @@ class Trainer:
             meta = {"step": str(self.next_step), "name": self.cfg.name,
                     "model": self.describe()["model"]}
             return [("model.safetensors", safetensors.dumps(tensors, meta))]
+        compressor = ("compressor.pt", _save({"rank": self.rank, "world_size": self.world_size,
+                                              "method": self.cfg.compression.method,
+                                              "state": self.compressor.state_dict()}))
+        if kind == "compressor":  # per worker: the rest of a checkpoint is the same everywhere
+            return [compressor]
         if kind != "checkpoint":
             raise ValueError(f"unknown state kind {kind!r}")
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
@@ -308,9 +409,7 @@ class Trainer:
             ("data.json", json.dumps({"step": self.next_step}).encode()),
             ("rng.pt", _save(rng)),
             ("meta.json", json.dumps(meta).encode()),
-            ("compressor.pt", _save({"rank": self.rank, "world_size": self.world_size,
-                                     "method": self.cfg.compression.method,
-                                     "state": self.compressor.state_dict()})),
+            compressor,
         ]
 
     def load_state(self, files: dict[str, bytes]) -> int:

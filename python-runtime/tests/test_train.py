@@ -190,3 +190,83 @@ def compute_loss(model, batch):
     with pytest.raises(TaskError, match="shape mismatch"):
         tr.step(0, [8])
     assert tr.memory_caps == [] and tr.max_micro_batch is None
+
+
+@pytest.mark.parametrize("method", ["powersgd", "topk", "none"])
+def test_an_aborted_step_leaves_no_trace_and_its_redo_matches_an_uninterrupted_run(tiny_task, method):
+    from nimble_worker.train import StepAborted
+    calls = {"n": 0, "fail_at": -1}
+
+    def allreduce(buf):
+        calls["n"] += 1
+        if calls["n"] == calls["fail_at"]:
+            raise StepAborted()
+        return buf.clone()
+
+    comp = {"method": method, **({"start_step": 1} if method != "none" else {})}
+    if method == "powersgd":
+        comp["rank"] = 1
+    interrupted = trainer(tiny_task, allreduce=allreduce, compression=comp)
+    steady = trainer(tiny_task, compression=comp)
+    for t in range(3):
+        interrupted.step(t, [8])
+        steady.step(t, [8])
+    # Abandoned inside its collectives (top-k all-gathers: its only collective fails) ...
+    calls["fail_at"] = calls["n"] + (1 if method == "topk" else 2 if method == "powersgd" else 1)
+    if method == "topk":
+        interrupted.comm.inner.allgather = lambda blob: (_ for _ in ()).throw(StepAborted())
+    with pytest.raises(StepAborted):
+        interrupted.prepare(3, [8])
+    assert interrupted.pending is None and interrupted.next_step == 3
+    if method == "topk":
+        del interrupted.comm.inner.allgather
+    # ... and abandoned after reducing, before the coordinator committed it.
+    report = interrupted.prepare(3, [8], want_hash=True)
+    assert report["hash"] == interrupted.hash()  # nothing applied yet
+    assert interrupted.abort() == 3 and interrupted.abort() is None
+    assert interrupted.next_step == 3
+    for t in (3, 4):
+        interrupted.step(t, [8])
+        steady.step(t, [8])
+    for p, q in zip(interrupted.params, steady.params):
+        assert torch.equal(p, q)
+    a, b = interrupted.compressor.state_dict(), steady.compressor.state_dict()
+    for key in ("memory", "q"):
+        if isinstance(a.get(key), dict):
+            assert a[key].keys() == b[key].keys()
+            assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+        elif a.get(key) is not None:
+            assert torch.equal(a[key], b[key])
+
+
+def test_a_prepared_step_must_be_committed_or_aborted_before_the_next(tiny_task):
+    tr = trainer(tiny_task)
+    tr.prepare(0, [8])
+    with pytest.raises(RuntimeError, match="neither committed nor aborted"):
+        tr.prepare(1, [8])
+    tr.commit()
+    assert tr.next_step == 1 and tr.prepare(1, [8])["step"] == 1
+
+
+def test_a_joining_replica_takes_a_peers_whole_state_over_one_all_gather(tiny_task):
+    from nimble_worker.compress.fake import FakeGroup
+    comp = {"method": "powersgd", "rank": 1, "start_step": 1}
+    trained = trainer(tiny_task, compression=comp)
+    for t in range(4):
+        trained.step(t, [8])
+    group = FakeGroup(2)
+    source = trainer(tiny_task, rank=0, world=2, allreduce=group.member(0), compression=comp)
+    joiner = trainer(tiny_task, rank=1, world=2, allreduce=group.member(1), compression=comp)
+    source.load_blob(trained.state_blob())
+    assert source.next_step == 4 and source.hash() == trained.hash()
+    assert joiner.hash() != source.hash()
+    hashes = group.run(lambda r: [source, joiner][r].sync_state(0))
+    assert hashes == [trained.hash()] * 2
+    assert joiner.next_step == 4
+    assert joiner.optimizer.state_dict()["state"].keys() == trained.optimizer.state_dict()["state"].keys()
+    # The shared compressor state (Q's) comes along; the joiner's memories start empty.
+    assert all(torch.equal(joiner.compressor.q[k], trained.compressor.q[k]) for k in trained.compressor.q)
+    assert joiner.compressor.memory == {}
+    # From here the two replicas step in lockstep.
+    group.run(lambda r: [source, joiner][r].step(4, [5, 3]))
+    assert source.hash() == joiner.hash()

@@ -13,6 +13,7 @@ export interface ProvideCommandOptions {
   speedFile?: string;
   maxMicroBatch?: number;
   linkRate?: number;
+  managed?: boolean;
   /** commander's --no-profile: false skips measuring (or loading) this host's profile. */
   profile?: boolean;
   json?: boolean;
@@ -78,12 +79,18 @@ export async function provideCommand(options: ProvideCommandOptions): Promise<vo
   if (options.linkRate) printEvent({ type: "log", line: `testing aid: uploads paced to ${(options.linkRate / 1e6).toFixed(2)} MB/s (--link-rate)` }, json);
   if (options.speed !== undefined && options.speed < 1) printEvent({ type: "log", line: `testing aid: workers run at ${options.speed} of their speed (--speed)` }, json);
   await new Promise<void>((resolve) => {
+    const parent = process.ppid;
+    const ignore = () => {};
+    const watchParent = options.managed ? setInterval(() => process.ppid !== parent && stop(), 1000) : null;
     const stop = () => {
-      process.off("SIGINT", stop);
+      if (watchParent) clearInterval(watchParent);
+      process.off("SIGINT", options.managed ? ignore : stop);
       process.off("SIGTERM", stop);
       void provider.close().then(resolve);
     };
-    process.on("SIGINT", stop);
+    // A managed (local) provider leaves Ctrl-C to its `nimble train`, which stops it after
+    // writing a checkpoint; it also stops if that process dies (its parent changes).
+    process.on("SIGINT", options.managed ? ignore : stop);
     process.on("SIGTERM", stop);
   });
 }

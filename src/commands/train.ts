@@ -1,3 +1,5 @@
+import { existsSync } from "node:fs";
+import path from "node:path";
 import { loadConfig } from "../config/load.js";
 import { UserError, errorMessage } from "../errors.js";
 import { runTraining } from "../job/coordinator.js";
@@ -8,11 +10,14 @@ export interface TrainCommandOptions {
   python?: string;
   torch?: string;
   json?: boolean;
+  resume?: string;
 }
 
 /** `nimble train CONFIG`: validate, run the job, report. Exit codes come from cli.ts. */
-export async function trainCommand(configPath: string, options: TrainCommandOptions): Promise<void> {
-  const loaded = await loadConfig(configPath);
+export async function trainCommand(configArg: string | undefined, options: TrainCommandOptions): Promise<void> {
+  const { configPath, resume } = await resolveRun(configArg, options.resume);
+  // Resuming runs the run directory's own copies of the config and task.
+  const loaded = await loadConfig(configPath, resume ? { taskInDir: resume } : {});
   if (options.local !== undefined && loaded.config.providers.length > 0) {
     throw new UserError(`--local ${options.local} was given but ${configPath} names providers`, "Drop --local, or remove `providers` from the config to train on local providers.", 2);
   }
@@ -29,7 +34,7 @@ export async function trainCommand(configPath: string, options: TrainCommandOpti
   process.on("SIGINT", onSignal);
   process.on("SIGTERM", onSignal);
   try {
-    await runTraining({ loaded, local: options.local, python: options.python, torchSpec: options.torch, reporter, signal: controller.signal });
+    await runTraining({ loaded, local: options.local, python: options.python, torchSpec: options.torch, reporter, signal: controller.signal, resume });
   } catch (err) {
     reporter.handle({ type: "error", message: errorMessage(err) });
     throw err;
@@ -38,4 +43,19 @@ export async function trainCommand(configPath: string, options: TrainCommandOpti
     process.off("SIGTERM", onSignal);
     reporter.close();
   }
+}
+
+/** `nimble train CONFIG` or `nimble train --resume RUN_DIR` (whose config.yaml is used). */
+async function resolveRun(configArg: string | undefined, resumeArg: string | undefined): Promise<{ configPath: string; resume?: string }> {
+  if (!resumeArg) {
+    if (!configArg) throw new UserError("nimble train needs a job config", "Run `nimble train CONFIG.yaml`, or `nimble train --resume RUN_DIR` to continue a run.", 2);
+    return { configPath: configArg };
+  }
+  if (configArg) throw new UserError(`Both a config (${configArg}) and --resume ${resumeArg} were given`, "--resume uses the config saved in the run directory: drop the config argument.", 2);
+  const resume = path.resolve(resumeArg);
+  const configPath = path.join(resume, "config.yaml");
+  if (!existsSync(configPath)) {
+    throw new UserError(`${resumeArg} is not a run directory (no config.yaml in it)`, "Pass a folder that `nimble train` created under its output folder, e.g. runs/mnist-20261126-101500.", 2);
+  }
+  return { configPath, resume };
 }

@@ -56,7 +56,12 @@ export class ConfigIssuesError extends ConfigError {
 
 export const MAX_REPORTED = 10;
 
-export async function loadConfig(file: string): Promise<LoadedConfig> {
+export interface LoadOptions {
+  /** Look for the task file (by its base name) in this folder: a run directory's copy, to resume. */
+  taskInDir?: string;
+}
+
+export async function loadConfig(file: string, opts: LoadOptions = {}): Promise<LoadedConfig> {
   let text: string;
   try {
     text = await readFile(file, "utf8");
@@ -65,14 +70,14 @@ export async function loadConfig(file: string): Promise<LoadedConfig> {
     const why = code === "ENOENT" ? "no such file" : code === "EISDIR" ? "is a directory" : errorMessage(err);
     throw new ConfigError(`${file}: cannot read config: ${why}`, "pass the path of a YAML job config");
   }
-  return parseConfigText(text, file);
+  return parseConfigText(text, file, opts);
 }
 
 /**
  * Validate config text as if read from `file` (which names it in messages and
  * anchors the task path; the task file itself must exist).
  */
-export function parseConfigText(text: string, file: string): LoadedConfig {
+export function parseConfigText(text: string, file: string, opts: LoadOptions = {}): LoadedConfig {
   const abs = path.resolve(file);
   const dir = path.dirname(abs);
   const lineCounter = new LineCounter();
@@ -112,7 +117,7 @@ export function parseConfigText(text: string, file: string): LoadedConfig {
   let taskPath = "";
   const task = isRecord(raw) ? raw.task : undefined;
   if (typeof task === "string" && task.length > 0) {
-    taskPath = path.resolve(dir, task);
+    taskPath = opts.taskInDir ? path.join(opts.taskInDir, path.basename(task)) : path.resolve(dir, task);
     if (!existsSync(taskPath)) {
       add(["task"], `task file not found: ${JSON.stringify(task)} (looked for ${taskPath})`);
     } else if (!statSync(taskPath).isFile()) {

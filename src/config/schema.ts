@@ -111,6 +111,8 @@ export const providerSchema = z
   .object({
     address: z.string().regex(ADDRESS_PATTERN),
     token: z.string().min(1).optional(),
+    /** Not needed at the start: the job runs without it and takes it in when it comes up. */
+    optional: z.boolean().default(false),
   })
   .strict();
 
@@ -147,6 +149,22 @@ export const jobConfigSchema = z
         .object({
           every: nonNegInt.default(0),
           keep: posInt.default(3),
+        })
+        .strict()
+        .default({}),
+    ),
+    /** Surviving providers that vanish, hang or crash mid-run. */
+    faults: nullAsAbsent(
+      z
+        .object({
+          /** A provider or ring neighbour silent this long (no heartbeat, no data) is lost. */
+          heartbeat_s: z.number().gte(0.5).lte(3600).default(10),
+          /** Fewer workers than this left: the job stops with the reason. */
+          min_workers: z.number().int().gte(1).lte(4096).default(1),
+          /** A provider starts a crashed worker again this many times; then it leaves the job. */
+          max_restarts: z.number().int().gte(0).lte(1000).default(3),
+          /** Below min_workers, how long to wait for providers to come (back) before stopping. */
+          wait_s: z.number().gte(0).lte(86_400).default(300),
         })
         .strict()
         .default({}),

@@ -12,7 +12,7 @@ import { equalShares, slicesFor } from "../schedule/shares.js";
 import type { Reporter, WorkerRow } from "./events.js";
 import { startLocalProviders } from "./localProviders.js";
 import { ProviderClient, ringUrl } from "./providerClient.js";
-import { RunDir, type StepMetrics } from "./runDir.js";
+import { RunDir, type Checkpoint, type StepMetrics } from "./runDir.js";
 
 export interface TrainOptions {
   loaded: LoadedConfig;
@@ -24,6 +24,8 @@ export interface TrainOptions {
   /** Aborted on Ctrl-C / SIGTERM. */
   signal?: AbortSignal;
   env?: NodeJS.ProcessEnv;
+  /** Continue this run directory from its newest intact checkpoint. */
+  resume?: string;
 }
 
 export interface TrainSummary {
@@ -48,6 +50,10 @@ export interface TrainSummary {
   steps_skipped: number[];
   /** Workers left out of the ring because they would have slowed every step, and why. */
   left_out: { rank: number; id: string; after_step: number; reason: string }[];
+  /** Faults survived: when, what, who, and seconds from the fault to the next completed step. */
+  faults: { step: number; kind: Fault["kind"]; ranks: number[]; reason: string; recovery_s: number | null }[];
+  /** Steps abandoned by a fault and run again (once per abandonment). */
+  steps_redone: number[];
   /** Each provider's measured upload to its ring successor (none for a single host). */
   links: { rank: number; to: number; rtt_ms: number | null; upload_bytes_per_s: number | null }[];
   workers: { id: string; rank: number; provider: string; device: string; samples: number; share: number }[];
@@ -64,6 +70,15 @@ const STEP_TIMEOUT_MS = 600_000;
 const LINK_PROBE_BYTES = 4 * 1024 * 1024;
 const LINK_PROBE_TIMEOUT_MS = 180_000;
 const RING_TIMEOUT_MS = 60_000;
+/** Survivors answering an abort or commit during recovery. */
+const RECOVERY_TIMEOUT_MS = 60_000;
+/** How often providers that are away are tried again, and how long one try may take. */
+const RECONNECT_INTERVAL_MS = 3_000;
+const RECONNECT_TIMEOUT_MS = 5_000;
+/** Recoveries interrupted by yet another fault before the job gives up. */
+const MAX_RECOVERY_ATTEMPTS = 5;
+
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 /** Steps measured before deciding whether a worker costs the job more than it adds. */
 const LEAVE_OUT_AFTER_STEPS = 3;
 
@@ -86,6 +101,22 @@ interface Rank {
 }
 
 export class JobFailed extends UserError {}
+
+/** Something a job survives: a provider lost, a worker dead, a ring cut. */
+export interface Fault {
+  kind: "provider lost" | "worker died" | "ring broken";
+  /** Ranks gone with it (none for a ring cut between live members). */
+  ranks: number[];
+  reason: string;
+  /** Date.now() when the coordinator learnt of it. */
+  at: number;
+}
+
+class FaultError extends Error {
+  constructor(readonly fault: Fault) {
+    super(`${fault.kind}: ${fault.reason}`);
+  }
+}
 
 /** Collects one message of a kind from every rank; any failure or lost provider rejects it. */
 class Gather {
@@ -111,6 +142,11 @@ class Gather {
     from: number[] = this.ranks(),
   ): Promise<Map<number, MessageOf<K>>> {
     if (this.failure) return Promise.reject(this.failure);
+    if (this.interrupted) {
+      const err = this.interrupted;
+      this.interrupted = null;
+      return Promise.reject(err);
+    }
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         const missing = from.filter((r) => !this.wait?.got.has(r));
@@ -138,6 +174,24 @@ class Gather {
       this.wait = null;
       w.resolve(w.got);
     }
+  }
+
+  /** A recoverable fault: reject the wait in progress (or the next one), without failing for good. */
+  interrupt(err: Error) {
+    const w = this.wait;
+    if (!w) {
+      this.interrupted = err;
+      return;
+    }
+    this.wait = null;
+    clearTimeout(w.timer);
+    w.reject(err);
+  }
+
+  private interrupted: Error | null = null;
+
+  clearInterrupt() {
+    this.interrupted = null;
   }
 
   fail(err: Error) {
@@ -178,6 +232,37 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
   let epoch = 0;
   const gather = new Gather(() => active.map((r) => r.rank));
   const leftOut: TrainSummary["left_out"] = [];
+  /** Ranks whose workers are loaded and waiting to enter the ring (restarted, or joined). */
+  const joiners = new Set<number>();
+  const targetOf = new Map<ProviderClient, { address: string; token: string }>();
+  const rows = () => ranks.map((r) => ({ ...r.row }));
+  const faultLog: TrainSummary["faults"] = [];
+  const stepsRedone: number[] = [];
+  /** Faults noticed and not yet recovered from. */
+  let faultQueue: Fault[] = [];
+  /** Set once the step loop runs: before it, any fault fails the job. */
+  let training = false;
+  let recovering = false;
+  const heartbeatMs = config.faults.heartbeat_s * 1000;
+  /** Ranks some fault already named since they last (re)joined: later news of them is no new fault. */
+  const declaredLost = new Set<number>();
+  const noteFault = (fault: Fault) => {
+    if (fault.ranks.length > 0 && fault.ranks.every((r) => declaredLost.has(r))) {
+      // The same loss told again (a provider reports a crash, then that the worker gives up):
+      // keep the fuller reason.
+      const known = [...faultLog, ...faultQueue].reverse().find((f) => f.ranks.some((r) => fault.ranks.includes(r)));
+      if (known && fault.reason.length > known.reason.length) known.reason = fault.reason;
+      return;
+    }
+    for (const r of fault.ranks) declaredLost.add(r);
+    if (!training) {
+      gather.fail(new JobFailed(`${fault.kind === "provider lost" ? "Lost provider" : fault.kind === "worker died" ? "A worker died" : "The ring broke"}: ${fault.reason}`));
+      return;
+    }
+    faultQueue.push(fault);
+    reporter.handle({ type: "status", message: `Fault: ${fault.kind}: ${fault.reason}` });
+    gather.interrupt(new FaultError(fault));
+  };
   const links: TrainSummary["links"] = [];
   const started = Date.now();
   const startedAt = new Date().toISOString();
@@ -211,6 +296,8 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
     compression: config.compression,
     steps_skipped: stepsSkipped,
     left_out: leftOut,
+    faults: faultLog,
+    steps_redone: stepsRedone,
     links,
     workers: ranks.map((r) => ({
       id: r.row.id,
@@ -224,13 +311,22 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
     started_at: startedAt,
   });
 
-  const onAbort = () => gather.fail(new UserError("Training cancelled", "Checkpoints already written are kept in the run directory.", 130));
+  /** Ctrl-C while training: stop after the step in flight, leaving a checkpoint to resume from. */
+  let stopRequested = false;
+  const onAbort = () => {
+    if (training && !stopRequested) {
+      stopRequested = true;
+      reporter.handle({ type: "status", message: "Stopping after this step and writing a checkpoint (Ctrl-C again stops at once)" });
+      return;
+    }
+    gather.fail(new UserError("Training cancelled", "Checkpoints already written are kept in the run directory.", 130));
+  };
   opts.signal?.addEventListener("abort", onAbort);
   if (opts.signal?.aborted) onAbort();
 
   try {
     // 1. Providers: the ones the config names, or local ones started here.
-    let targets: { address: string; token: string }[];
+    let targets: { address: string; token: string; optional: boolean }[];
     if (config.providers.length > 0) {
       targets = config.providers.map((p, i) => {
         const token = p.token ?? env.NIMBLE_TOKEN;
@@ -241,7 +337,7 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
             2,
           );
         }
-        return { address: p.address, token };
+        return { address: p.address, token, optional: p.optional };
       });
     } else {
       const count = opts.local ?? config.local_workers;
@@ -256,22 +352,38 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
         onLog: (source, line) => reporter.handle({ type: "log", source, line }),
       });
       cleanups.push(local.stop);
-      targets = local.providers.map((p) => ({ address: p.address, token: p.token }));
+      targets = local.providers.map((p) => ({ address: p.address, token: p.token, optional: false }));
     }
 
     // 2. Connect and authenticate.
     status(`Connecting to ${targets.length} provider${targets.length === 1 ? "" : "s"}`);
     const settled = await Promise.allSettled(targets.map((t) => ProviderClient.connect(t.address, t.token)));
     const clients = settled.flatMap((s) => (s.status === "fulfilled" ? [s.value] : []));
+    /** Providers to (re)connect to while training: optional ones not up yet, lost ones. */
+    const absent = new Map<string, { address: string; token: string }>();
+    settled.forEach((s, i) => {
+      if (s.status === "fulfilled") targetOf.set(s.value, targets[i]);
+      else if (targets[i].optional) {
+        absent.set(targets[i].address, targets[i]);
+        status(`Optional provider ${targets[i].address} is not reachable (${errorMessage(s.reason)}); it joins when it comes up`);
+      }
+    });
+    for (const c of clients) c.watchHeartbeat(heartbeatMs);
     cleanups.push(() => clients.forEach((c) => c.close()));
-    const refused = settled.find((s) => s.status === "rejected");
+    const refused = settled.find((s, i) => s.status === "rejected" && !targets[i].optional);
     if (refused) throw (refused as PromiseRejectedResult).reason;
+    if (clients.length === 0) throw new UserError("None of the providers is reachable", "Start `nimble provide` on at least one of them.");
 
     // 3. Ranks, in provider order, one per device; the ring follows rank order.
-    for (const client of clients) {
-      client.info.devices.forEach((device, index) => {
+    for (const client of clients) addRanks(client);
+    active = [...ranks];
+    reporter.handle({ type: "workers", workers: rows() });
+    for (const client of clients) attach(client);
+
+    function addRanks(client: ProviderClient): Rank[] {
+      return client.info.devices.map((device, index) => {
         const rank = ranks.length;
-        ranks.push({
+        const r: Rank = {
           rank,
           client,
           device: device.id,
@@ -289,36 +401,87 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
             idle_s: 0,
             bytes_sent: 0,
           },
-        });
+        };
+        ranks.push(r);
+        return r;
       });
     }
-    active = [...ranks];
-    const rows = () => ranks.map((r) => ({ ...r.row }));
-    reporter.handle({ type: "workers", workers: rows() });
-    for (const client of clients) {
-      client.on("lost", (reason) => gather.fail(new JobFailed(`Lost provider ${client.address}: ${reason}`)));
+
+    function attach(client: ProviderClient) {
+      client.on("lost", (reason) => {
+        const gone = active.filter((r) => r.client === client).map((r) => r.rank);
+        client.close();
+        for (const r of ranks) if (r.client === client) joiners.delete(r.rank);
+        const target = targetOf.get(client);
+        if (target && config.providers.length > 0) absent.set(target.address, target);
+        if (gone.length > 0 || !training) noteFault({ kind: "provider lost", ranks: gone, reason: `${client.address}: ${reason}`, at: Date.now() });
+      });
       client.on("message", (m) => {
         if (m.t === "log") reporter.handle({ type: "log", source: client.address, line: m.line });
         else if (m.t === "failed") {
           const who = m.rank !== undefined ? `rank ${m.rank} on provider ${client.address}` : `provider ${client.address}`;
           // A worker that found the config impossible for this model: report it like a load error.
           if (m.kind === "config" && m.field) gather.fail(configErrorAt(loaded, m.field, m.message));
-          else gather.fail(new JobFailed(`${who} failed: ${m.where ? `${m.where}: ` : ""}${m.message}`, taskErrorHint(m.kind)));
+          // A dead worker is a fault the job survives once training runs (its rank leaves).
+          else if (m.kind === "worker" && m.rank !== undefined && training) {
+            if (active.some((r) => r.rank === m.rank)) noteFault({ kind: "worker died", ranks: [m.rank], reason: m.message, at: Date.now() });
+            else {
+              // Out of the ring already (it crashed again while restarting, or gave up):
+              // the fault is known; keep the fuller account of it.
+              joiners.delete(m.rank);
+              if (ranks[m.rank]) ranks[m.rank].row.state = "lost";
+              const known = [...faultLog].reverse().find((f) => f.ranks.includes(m.rank!));
+              if (known && m.message.startsWith(known.reason)) known.reason = m.message;
+              status(m.message);
+            }
+          } else gather.fail(new JobFailed(`${who} failed: ${m.where ? `${m.where}: ` : ""}${m.message}`, taskErrorHint(m.kind)));
+        } else if (m.t === "ring_lost") {
+          // Reports from a ring already given up (during recovery, or of an older epoch) say nothing new.
+          if (m.epoch === epoch && !recovering) noteFault({ kind: "ring broken", ranks: [], reason: m.reason, at: Date.now() });
+        } else if (m.t === "ready" && training && ranks[m.rank]?.client === client && !active.includes(ranks[m.rank])) {
+          // A restarted worker, or a provider that (re)joined: brought in at the next step boundary.
+          joiners.add(m.rank);
+          ranks[m.rank].row.state = "ready";
+          status(`Rank ${m.rank} on ${client.address} is ready to join`);
         } else if ("rank" in m) gather.deliver(m);
       });
     }
 
     // 4. Run directory and job spec.
-    runDir = await RunDir.create(path.resolve(config.output), config.name);
+    let resumeFrom: Checkpoint | null = null;
+    if (opts.resume) {
+      const { checkpoint, skipped } = await RunDir.latestCheckpoint(opts.resume);
+      for (const why of skipped) status(`Passing over checkpoint ${why}`);
+      if (!checkpoint) {
+        throw new UserError(
+          `${opts.resume} has no intact checkpoint to resume from${skipped.length ? ` (${skipped.join("; ")})` : ""}`,
+          "Checkpoints are written every `checkpoint.every` steps; a run without one starts again with `nimble train CONFIG`.",
+          2,
+        );
+      }
+      resumeFrom = checkpoint;
+      const { run: reopened, kept } = await RunDir.reopen(opts.resume, checkpoint.step);
+      runDir = reopened;
+      // The run's figures continue from the checkpoint: the steps after it are run again.
+      stepsDone = checkpoint.step;
+      for (const m of kept) {
+        samplesDone += m.samples;
+        bytesSent += m.bytes_sent;
+        uncompressedBytes += m.uncompressed_bytes;
+        if (m.loss !== null) lastLoss = m.loss;
+        if (m.skipped) stepsSkipped.push(m.step);
+      }
+      status(`Resuming ${opts.resume} from step ${checkpoint.step} (${path.basename(checkpoint.dir)})`);
+    } else {
+      runDir = await RunDir.create(path.resolve(config.output), config.name);
+      await runDir.copyInputs(loaded.path, loaded.taskPath);
+    }
     const run = runDir;
-    await run.copyInputs(loaded.path, loaded.taskPath);
     const code = await readFile(loaded.taskPath);
     const job = randomUUID();
     const secret = randomBytes(24).toString("hex");
-    const ring = ranks.map((r) => ({ rank: r.rank, url: ringUrl(r.client.address) }));
-    const ready = gather.expect("ready", "worker start", READY_TIMEOUT_MS);
-    status(`Starting ${ranks.length} worker${ranks.length === 1 ? "" : "s"}; run directory ${run.dir}`);
-    for (const client of clients) {
+    const ringUrls = () => ranks.map((r) => ({ rank: r.rank, url: ringUrl(r.client.address) }));
+    const sendJob = (client: ProviderClient, join: boolean) =>
       client.send({
         t: "job",
         job,
@@ -327,15 +490,64 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
         config: config as unknown as Record<string, unknown>,
         world_size: ranks.length,
         ranks: ranks.filter((r) => r.client === client).map((r) => ({ rank: r.rank, device: r.device })),
-        ring,
+        ring: ringUrls(),
+        ...(join ? { join: true } : {}),
       });
-    }
+    const ready = gather.expect("ready", "worker start", READY_TIMEOUT_MS);
+    status(`Starting ${ranks.length} worker${ranks.length === 1 ? "" : "s"}; run directory ${run.dir}`);
+    for (const client of clients) sendJob(client, false);
     cleanups.push(() => clients.forEach((c) => c.send({ t: "cancel", reason: "job over" })));
+
+    // Providers that are optional and not up yet, or lost, are tried again while training
+    // runs; one that answers gets the job as a joiner (its old ranks, when its devices match).
+    const connecting = new Set<string>();
+    const reconnect = setInterval(() => {
+      if (!training) return;
+      for (const target of absent.values()) {
+        if (connecting.has(target.address)) continue;
+        connecting.add(target.address);
+        ProviderClient.connect(target.address, target.token, RECONNECT_TIMEOUT_MS).then(
+          (client) => {
+            connecting.delete(target.address);
+            if (!training) return client.close();
+            absent.delete(target.address);
+            targetOf.set(client, target);
+            clients.push(client);
+            client.watchHeartbeat(heartbeatMs);
+            attach(client);
+            const old = ranks.filter((r) => r.row.provider === client.address && !active.includes(r));
+            if (old.length === client.info.devices.length) {
+              for (const r of old) Object.assign(r, { client, maxMicroBatch: undefined });
+              for (const r of old) r.row.state = "starting";
+            } else addRanks(client);
+            status(`Provider ${client.address} is back: starting its worker${client.info.devices.length === 1 ? "" : "s"} to join`);
+            reporter.handle({ type: "workers", workers: rows() });
+            sendJob(client, true);
+          },
+          () => connecting.delete(target.address),
+        );
+      }
+    }, RECONNECT_INTERVAL_MS);
+    cleanups.push(() => clearInterval(reconnect));
     const readyInfo = await ready;
     const info = readyInfo.get(0)!.info;
     status(`Workers ready: ${info.model}; ${info.train_size} training and ${info.val_size} validation samples`);
 
-    // 5. Every replica starts from rank 0's weights.
+    // 5. Resuming: every rank loads the checkpoint (its own compressor memories where saved).
+    if (resumeFrom) {
+      const shared = resumeFrom.files.filter((f) => !/^compressor-rank-\d+\.pt$/.test(f.name));
+      const loadedAll = gather.expect("loaded", "checkpoint loading", STEP_TIMEOUT_MS);
+      for (const r of ranks) {
+        const own = resumeFrom.files.find((f) => f.name === `compressor-rank-${r.rank}.pt`);
+        const files = own ? [...shared.filter((f) => f.name !== "compressor.pt"), { name: "compressor.pt", data: own.data }] : shared;
+        r.client.send({ t: "load_state", rank: r.rank, files });
+      }
+      for (const [rank, m] of await loadedAll) {
+        if (m.step !== resumeFrom.step) throw new JobFailed(`Rank ${rank} loaded step ${m.step} from a checkpoint of step ${resumeFrom.step}`);
+      }
+    }
+
+    // Every replica starts from rank 0's weights.
     const synced = gather.expect("synced", "initial weight sync", STEP_TIMEOUT_MS);
     clients.forEach((c) => c.send({ t: "sync", source: 0 }));
     const syncReports = await synced;
@@ -377,14 +589,170 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
     const compressedFrom = config.compression.method === "powersgd" || config.compression.method === "topk" ? config.compression.start_step : 0;
     const leaveOutAfter = Math.max(LEAVE_OUT_AFTER_STEPS, compressedFrom + 2) - 1;
     const recent: { samples: number; seconds: number }[] = [];
-    for (let step = 0; step < config.steps; step++) {
+    /** After a recovery: compare replicas at the next step. */
+    let verifyNext = false;
+    /** Faults whose recovery time (to the next completed step) is still open. */
+    let unrecovered: { entry: TrainSummary["faults"][number]; at: number }[] = [];
+
+    /**
+     * Survive the faults noticed so far: name who is lost, abandon the step in flight on every
+     * survivor (or, between steps, commit the last one, which every member had reduced), re-form
+     * the ring without the lost ranks and split the batch among the rest. Retried when another
+     * fault strikes meanwhile; fails the job when fewer than faults.min_workers are left.
+     */
+    const recover = async (step: number | null): Promise<void> => {
+      for (let attempt = 1; ; attempt++) {
+        recovering = true;
+        try {
+          // Let faults that happen together surface (a killed host drops its control and ring
+          // links at once). A ring cut with nobody known lost: wait out one heartbeat for a loss.
+          await sleep(300);
+          const deadline = Date.now() + heartbeatMs + 2000;
+          while (faultQueue.length > 0 && faultQueue.every((f) => f.ranks.length === 0) && Date.now() < deadline) await sleep(100);
+          const faults = faultQueue;
+          faultQueue = [];
+          // Faults noted while settling are handled here: they need not interrupt this recovery.
+          gather.clearInterrupt();
+          const lost = new Set(faults.flatMap((f) => f.ranks));
+          // A lost member also breaks its neighbours' links: those reports are its echo, not
+          // faults of their own. Recovery time counts from the first sign of trouble.
+          const losses = faults.filter((f) => f.ranks.length > 0);
+          const firstAt = Math.min(...faults.map((f) => f.at));
+          for (const f of losses.length > 0 ? losses : faults.slice(0, 1)) {
+            const entry = { step: step ?? stepsDone, kind: f.kind, ranks: f.ranks, reason: f.reason, recovery_s: null };
+            faultLog.push(entry);
+            unrecovered.push({ entry, at: firstAt });
+          }
+          for (const r of active) if (lost.has(r.rank)) r.row.state = "lost";
+          const stay = active.filter((r) => !lost.has(r.rank));
+          const minWorkers = config.faults.min_workers;
+          const describeFaults = faults.map((f) => `${f.kind} (${f.reason})`).join("; ");
+          if (stay.length === 0) {
+            throw new JobFailed(`No worker left after ${describeFaults}: none holds the training state`, "Continue from the last checkpoint with `nimble train --resume RUN_DIR`.");
+          }
+          const rates = rebalancer?.rates;
+          const stayRates = rates ? active.flatMap((r, k) => (lost.has(r.rank) ? [] : [rates[k]])) : null;
+          active = stay;
+          const liveClients = [...new Set(active.map((r) => r.client))];
+          if (step !== null) {
+            const acks = gather.expect("step_aborted", `workers abandoning step ${step}`, RECOVERY_TIMEOUT_MS);
+            for (const c of liveClients) c.send({ t: "abort", step });
+            await acks;
+          } else {
+            const acks = gather.expect("committed", "workers applying the last step", RECOVERY_TIMEOUT_MS);
+            for (const c of liveClients) c.send({ t: "commit" });
+            checkHashes(await acks, "after a fault between steps");
+          }
+          epoch += 1;
+          const formed = gather.expect("ring_ready", `the ring re-forming without rank(s) ${[...lost].join(", ") || "(none)"}`, RING_TIMEOUT_MS);
+          for (const c of new Set(ranks.map((r) => r.client))) c.send({ t: "ring", epoch, members: active.map((r) => r.rank) });
+          await formed;
+          if (step !== null) stepsRedone.push(step);
+          rebalancer = rebalancer && stayRates ? new Rebalancer(batch, stayRates) : rebalancer;
+          shares = rebalancer ? rebalancer.shares : equalShares(batch, active.length);
+          verifyNext = true;
+          recovering = false;
+          if (active.length < minWorkers) {
+            // Too few to go on: wait for providers to come back (or restarted workers) and
+            // bring them in before the step runs again.
+            status(`Waiting up to ${config.faults.wait_s} s for providers: ${active.length} worker${active.length === 1 ? "" : "s"} left, faults.min_workers is ${minWorkers}`);
+            const deadline = Date.now() + config.faults.wait_s * 1000;
+            while (active.length + joiners.size < minWorkers) {
+              if (Date.now() > deadline) {
+                throw new JobFailed(
+                  `${active.length} worker${active.length === 1 ? "" : "s"} left after ${describeFaults}, and no provider came back within ${config.faults.wait_s} s; faults.min_workers is ${minWorkers}`,
+                  "Start more providers and run `nimble train --resume RUN_DIR`, or lower faults.min_workers.",
+                );
+              }
+              await sleep(250);
+            }
+            await admit(step ?? stepsDone);
+          }
+          status(
+            `Ring re-formed with ${active.length} worker${active.length === 1 ? "" : "s"} (ranks ${active.map((r) => r.rank).join(", ")})` +
+              (step !== null ? `; redoing step ${step} with shares ${shares.join(" : ")}` : ""),
+          );
+          reporter.handle({ type: "workers", workers: rows() });
+          return;
+        } catch (err) {
+          recovering = false;
+          if (!(err instanceof FaultError)) throw err;
+          if (attempt >= MAX_RECOVERY_ATTEMPTS) throw new JobFailed(`Could not recover after ${attempt} attempts: ${err.message}`);
+        }
+      }
+    };
+    /**
+     * Bring ranks that are loaded and waiting (restarted workers, providers that came back or
+     * joined) into the ring before `step`: the ring re-forms with them, every member takes one
+     * current member's whole training state over the ring, and the batch is split anew.
+     */
+    const admit = async (step: number): Promise<void> => {
+      const newcomers = [...joiners].map((rank) => ranks[rank]).filter((r) => !active.includes(r));
+      joiners.clear();
+      if (newcomers.length === 0) return;
+      const source = active[0].rank;
+      const rates = rebalancer?.rates;
+      const rateOf = new Map(active.map((r, k) => [r.rank, rates ? rates[k] : 1]));
+      const meanRate = [...rateOf.values()].reduce((a, b) => a + b, 0) / Math.max(1, rateOf.size);
+      active = [...active, ...newcomers].sort((a, b) => a.rank - b.rank);
+      epoch += 1;
+      const formed = gather.expect("ring_ready", `the ring re-forming with rank(s) ${newcomers.map((r) => r.rank).join(", ")}`, RING_TIMEOUT_MS);
+      const urls = ringUrls();
+      for (const c of new Set(ranks.map((r) => r.client))) c.send({ t: "ring", epoch, members: active.map((r) => r.rank), urls });
+      await formed;
+      const synced = gather.expect("synced_state", `rank ${source}'s state reaching the new members`, STEP_TIMEOUT_MS);
+      for (const c of new Set(active.map((r) => r.client))) c.send({ t: "sync_state", source });
+      const got = await synced;
+      checkHashes(got, `after rank(s) ${newcomers.map((r) => r.rank).join(", ")} took rank ${source}'s state`);
+      for (const [rank, m] of got) {
+        if (m.step !== step) throw new JobFailed(`Rank ${rank} is at step ${m.step} after taking rank ${source}'s state, not ${step}`);
+      }
+      for (const r of newcomers) {
+        r.row.state = "training";
+        declaredLost.delete(r.rank);
+      }
+      // Newcomers start at the others' mean speed; the next steps measure them.
+      if (rebalancer) rebalancer = new Rebalancer(batch, active.map((r) => rateOf.get(r.rank) ?? meanRate));
+      shares = rebalancer ? rebalancer.shares : equalShares(batch, active.length);
+      verifyNext = true;
+      status(`Rank${newcomers.length === 1 ? "" : "s"} ${newcomers.map((r) => r.rank).join(", ")} joined before step ${step} with rank ${source}'s state; ${active.length} workers, shares ${shares.join(" : ")}`);
+      reporter.handle({ type: "workers", workers: rows() });
+    };
+
+    /** Run a collective phase between steps (evaluation, checkpoint), again after any fault. */
+    const surviving = async <T>(phase: () => Promise<T>): Promise<T> => {
+      for (;;) {
+        try {
+          return await phase();
+        } catch (err) {
+          if (!(err instanceof FaultError)) throw err;
+          await recover(null);
+        }
+      }
+    };
+
+    training = true;
+    for (let step = resumeFrom?.step ?? 0; step < config.steps; step++) {
+      if (joiners.size > 0) await surviving(() => admit(step));
       const stepStart = Date.now();
-      const wantHash = (step + 1) % HASH_EVERY === 0 || step === config.steps - 1;
-      const done = gather.expect("step_done", `step ${step}`, STEP_TIMEOUT_MS, (m) => m.step === step);
-      const stepShares = byRank(shares);
-      for (const c of new Set(active.map((r) => r.client))) c.send({ t: "step", step, shares: stepShares, want_hash: wantHash });
-      const reports = await done;
-      if (wantHash) checkHashes(reports, `after step ${step}`);
+      const wantHash = (step + 1) % HASH_EVERY === 0 || step === config.steps - 1 || verifyNext;
+      let reports: Map<number, MessageOf<"step_done">>;
+      try {
+        const done = gather.expect("step_done", `step ${step}`, STEP_TIMEOUT_MS, (m) => m.step === step);
+        const stepShares = byRank(shares);
+        for (const c of new Set(active.map((r) => r.client))) c.send({ t: "step", step, shares: stepShares, want_hash: wantHash });
+        reports = await done;
+      } catch (err) {
+        if (!(err instanceof FaultError)) throw err;
+        await recover(step);
+        step -= 1; // run it again on the re-formed ring
+        continue;
+      }
+      verifyNext = false;
+      // Hashes are taken before the step's update (which waits for the next message).
+      if (wantHash) checkHashes(reports, `before step ${step}`);
+      for (const u of unrecovered) u.entry.recovery_s = (Date.now() - u.at) / 1000;
+      unrecovered = [];
 
       let loss = 0;
       let stepBytes = 0;
@@ -424,7 +792,7 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
         const before = shares.join(":");
         shares = rebalancer.observe(
           active.map((r) => reports.get(r.rank)!.samples),
-          active.map((r) => reports.get(r.rank)!.compute_s),
+          active.map((r) => reports.get(r.rank)!.forward_backward_s ?? reports.get(r.rank)!.compute_s),
         );
         if (shares.join(":") !== before) status(`Step ${step + 1}: shares ${shares.join(" : ")} (measured samples/s ${rebalancer.rates.map((x) => x.toFixed(0)).join(" : ")})`);
       }
@@ -440,7 +808,7 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
       const isLast = step === config.steps - 1;
       let evalMetrics: Record<string, number> | undefined;
       if ((config.eval.every > 0 && (step + 1) % config.eval.every === 0) || isLast) {
-        evalMetrics = await evaluate(step, Math.min(config.eval.samples, info.val_size));
+        evalMetrics = await surviving(() => evaluate(step, Math.min(config.eval.samples, info.val_size)));
         lastEval = evalMetrics;
         lastEvalStep = step;
       }
@@ -467,6 +835,7 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
             samples: rep.samples,
             share: rep.samples,
             compute_s: rep.compute_s,
+            forward_backward_s: rep.forward_backward_s ?? null,
             comm_s: rep.comm_s,
             idle_s: maxCompute - rep.compute_s,
             bytes_sent: rep.bytes_sent,
@@ -492,23 +861,53 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
       });
       if (evalMetrics) reporter.handle({ type: "eval", step: step + 1, metrics: evalMetrics });
       if (rebalancer && mayLeaveOut && step === leaveOutAfter && active.length > 1 && step < config.steps - 1) {
-        rebalancer = await leaveOutSlow(step, rebalancer, Math.max(...active.map((r) => reports.get(r.rank)!.bytes_sent))) ?? rebalancer;
+        const current = rebalancer;
+        const stepBytes = Math.max(...active.map((r) => reports.get(r.rank)!.bytes_sent));
+        rebalancer = (await surviving(() => leaveOutSlow(step, current, stepBytes))) ?? rebalancer;
         shares = rebalancer.shares;
       }
-      if (config.checkpoint.every > 0 && (step + 1) % config.checkpoint.every === 0) {
-        const source = active[0].rank;
-        const state = gather.expect("state", `checkpoint at step ${step + 1}`, STEP_TIMEOUT_MS, (m) => m.kind === "checkpoint", [source]);
-        active[0].client.send({ t: "state", rank: source, kind: "checkpoint" });
-        const files = (await stateFrom(state)).files;
+      const stopping = stopRequested && step < config.steps - 1;
+      if ((config.checkpoint.every > 0 && (step + 1) % config.checkpoint.every === 0) || stopping) {
+        // One rank's model, optimizer, schedule, data position and RNG (the same on every
+        // replica), and every rank's compressor state (error-feedback memories are per worker).
+        const files = await surviving(async () => {
+          const source = active[0].rank;
+          const state = gather.expect("state", `checkpoint at step ${step + 1}`, STEP_TIMEOUT_MS, (m) => m.kind === "checkpoint" || m.kind === "compressor");
+          for (const r of active) r.client.send({ t: "state", rank: r.rank, kind: r.rank === source ? "checkpoint" : "compressor" });
+          const got = await state;
+          const out = got.get(source)!.files.filter((f) => f.name !== "compressor.pt");
+          for (const r of active) {
+            const own = got.get(r.rank)!.files.find((f) => f.name === "compressor.pt");
+            if (own) out.push({ name: `compressor-rank-${r.rank}.pt`, data: own.data });
+          }
+          // A single compressor.pt too, for tools that read one (it is the first rank's).
+          const first = got.get(source)!.files.find((f) => f.name === "compressor.pt");
+          if (first) out.push(first);
+          return out;
+        });
         const where = await run.writeCheckpoint(step + 1, files, config.checkpoint.keep);
         reporter.handle({ type: "checkpoint", step: step + 1, path: where });
       }
+      if (stopping) {
+        throw new UserError(
+          `Training cancelled after step ${step + 1} of ${config.steps}`,
+          `A checkpoint of step ${step + 1} is in ${run.dir}; continue with \`nimble train --resume ${run.dir}\`.`,
+          130,
+        );
+      }
     }
 
-    // 7. Final weights and summary.
-    const final = gather.expect("state", "final weights", STEP_TIMEOUT_MS, (m) => m.kind === "final", [active[0].rank]);
-    active[0].client.send({ t: "state", rank: active[0].rank, kind: "final" });
-    for (const f of (await stateFrom(final)).files) await run.writeFile(f.name, f.data);
+    // 7. Final weights and summary: every replica applies the last step and compares hashes.
+    const finalFiles = await surviving(async () => {
+      const committed = gather.expect("committed", "the last step's update", STEP_TIMEOUT_MS);
+      for (const c of new Set(active.map((r) => r.client))) c.send({ t: "commit" });
+      checkHashes(await committed, "after the last step");
+      const final = gather.expect("state", "final weights", STEP_TIMEOUT_MS, (m) => m.kind === "final", [active[0].rank]);
+      active[0].client.send({ t: "state", rank: active[0].rank, kind: "final" });
+      return (await stateFrom(final)).files;
+    });
+    training = false;
+    for (const f of finalFiles) await run.writeFile(f.name, f.data);
     for (const r of active) r.row.state = "done";
     const result = summary("completed");
     await run.writeSummary(result as unknown as Record<string, unknown>);
@@ -523,8 +922,9 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
     if (runDir) {
       await runDir.writeSummary(summary(cancelled ? "cancelled" : "failed", errorMessage(err)) as unknown as Record<string, unknown>).catch(() => {});
       await runDir.close().catch(() => {});
-      if (err instanceof UserError && !cancelled && !err.hint) {
-        throw new JobFailed(err.message, `Metrics and checkpoints so far are in ${runDir.dir}.`, err.exitCode);
+      if (err instanceof UserError && !cancelled && !(err.hint ?? "").includes(runDir.dir)) {
+        const hint = [err.hint, `Metrics and checkpoints so far are in ${runDir.dir}.`].filter(Boolean).join(" ");
+        throw new JobFailed(err.message, hint, err.exitCode);
       }
     }
     throw err;

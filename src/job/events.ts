@@ -3,7 +3,8 @@
  * (ink view on a terminal, plain lines otherwise, one JSON object per line with --json).
  */
 /** "left out": removed from the ring because it would slow every step more than it adds. */
-export type WorkerState = "starting" | "ready" | "training" | "left out" | "done" | "failed";
+/** "lost": its provider vanished or hung, or its worker died; the job went on without it. */
+export type WorkerState = "starting" | "ready" | "training" | "left out" | "lost" | "done" | "failed";
 
 export interface WorkerRow {
   /** Stable id: `<provider address>#<local index>`. */

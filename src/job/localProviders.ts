@@ -28,7 +28,7 @@ export async function startLocalProviders(opts: LocalProviderOptions): Promise<{
       process.execPath,
       // Local providers share this host: measuring it once per provider would only
       // measure their contention. The coordinator learns their speed from the steps.
-      [CLI_PATH, "provide", "--host", "127.0.0.1", "--port", "0", "--json", "--no-profile", "--python", opts.python, "--threads", String(opts.threads)],
+      [CLI_PATH, "provide", "--host", "127.0.0.1", "--port", "0", "--json", "--no-profile", "--managed", "--python", opts.python, "--threads", String(opts.threads)],
       { env: { ...opts.env, NIMBLE_PYTHON: opts.python }, buffer: false, reject: false, stdin: "ignore", cleanup: true },
     );
     return { child, label: `provider ${i}` };

@@ -9,6 +9,7 @@ import { expectedFrameBytesPerNode, RingAllReduce, type WireCodec } from "../col
 import { errorMessage, UserError } from "../errors.js";
 import { acceptRingPeer, connectRingPeer, FrameLink, secretsEqual } from "../net/link.js";
 import { BENCH_FRAME_BYTES, measurePeer, servePeerBench } from "../net/peerBench.js";
+import { watchHeartbeat } from "../net/heartbeat.js";
 import { RateLimit } from "../net/rateLimit.js";
 import { MAX_FRAME_BYTES } from "../protocol/frames.js";
 import {
@@ -188,8 +189,12 @@ export class Provider {
         this.startJob(message, send, ws);
         return;
       }
+      const ended = endedOn.get(ws) ?? null;
       if (!this.job) {
-        send({ t: "failed", message: `no job is running; got ${message.t}`, kind: "internal" });
+        // A job this provider left (its workers kept crashing) may still get the job's
+        // messages for a moment: they are moot, not a failure.
+        if (ended !== null && message.t !== "hello") send({ t: "log", line: `left job ${ended.job} (${ended.reason}); ignoring ${message.t}` });
+        else if (message.t !== "cancel") send({ t: "failed", message: `no job is running; got ${message.t}`, kind: "internal" });
         return;
       }
       if (message.t === "cancel") {
@@ -237,6 +242,7 @@ export class Provider {
     this.opts.onEvent({ type: "job", job: spec.job, name: String(spec.config.name ?? ""), ranks: spec.ranks.map((r) => r.rank), world_size: spec.world_size });
     job.onEnd = (reason) => {
       if (this.job === job) this.job = null;
+      endedOn.set(ws, { job: spec.job, reason });
       this.opts.onEvent({ type: "job_end", job: spec.job, reason });
     };
     void job.start().catch((err) => {
@@ -267,6 +273,13 @@ export class Provider {
   }
 }
 
+/** Per control connection: the job that ended on it, so late messages for it are not failures. */
+const endedOn = new WeakMap<WebSocket, { job: string; reason: string }>();
+
+function describeClose(code: number, reason: string): string {
+  return `code ${code}${reason ? ` (${reason})` : ""}`;
+}
+
 function tokensEqual(given: string, expected: string): boolean {
   const a = Buffer.from(given);
   const b = Buffer.from(expected);
@@ -281,8 +294,16 @@ interface LocalRank {
   ready: boolean;
   /** The ring epoch its links and `ring` belong to (-1: none formed yet). */
   formed: number;
-  /** Left out of the ring by the coordinator: its worker is stopped. */
+  /** Left out of the ring by the coordinator, or its worker died: no longer in the job. */
   left: boolean;
+  /** The step attempt its worker runs now; collectives of other attempts are dropped. */
+  attempt: number;
+  /** The ring epoch whose loss this rank already reported. */
+  lostEpoch: number;
+  /** Times its worker was started again after dying. */
+  restarts: number;
+  /** Its worker is starting again: it rejoins (as a joiner) once ready. */
+  restarting: boolean;
   next: FrameLink | null;
   prev: FrameLink | null;
   ring: RingAllReduce | null;
@@ -303,6 +324,12 @@ class ProviderJob {
   private epoch = 0;
   /** Incoming ring links for an epoch this provider has not been told of yet. */
   private early: { from: number; to: number; epoch: number; link: FrameLink }[] = [];
+  /** A ring neighbour or the coordinator silent this long is lost (config faults.heartbeat_s). */
+  private readonly heartbeatMs: number;
+  private readonly stopControlHeartbeat: () => void;
+  /** Data-plane URL of every rank the job has had (joiners' arrive with `ring`). */
+  private readonly ringUrls: Map<number, string>;
+  private readonly maxRestarts: number;
   onEnd: (reason: string) => void = () => {};
 
   constructor(
@@ -313,7 +340,18 @@ class ProviderJob {
     private readonly log: (line: string) => void,
     private readonly throttle?: (bytes: number) => Promise<void>,
   ) {
-    this.members = [...Array(spec.world_size).keys()];
+    // Joining a running job: no ring until the coordinator's `ring` brings this provider in.
+    this.members = spec.join ? [] : [...Array(spec.world_size).keys()];
+    this.ringUrls = new Map(spec.ring.map((r) => [r.rank, r.url]));
+    const maxRestarts = Number((spec.config.faults as { max_restarts?: unknown } | undefined)?.max_restarts);
+    this.maxRestarts = Number.isInteger(maxRestarts) && maxRestarts >= 0 ? maxRestarts : 3;
+    const faults = spec.config.faults as { heartbeat_s?: unknown } | undefined;
+    const heartbeat = Number(faults?.heartbeat_s);
+    this.heartbeatMs = heartbeat >= 0.5 && heartbeat <= 3600 ? heartbeat * 1000 : 10_000;
+    this.stopControlHeartbeat = watchHeartbeat(control, {
+      timeoutMs: this.heartbeatMs,
+      onDead: (silent) => void this.end(`the coordinator was silent for ${(silent / 1000).toFixed(1)} s`),
+    });
     this.ranks = spec.ranks.map((r) => ({
       rank: r.rank,
       device: r.device,
@@ -321,6 +359,10 @@ class ProviderJob {
       ready: false,
       formed: -1,
       left: false,
+      attempt: 0,
+      lostEpoch: -1,
+      restarts: 0,
+      restarting: false,
       next: null,
       prev: null,
       ring: null,
@@ -359,6 +401,9 @@ class ProviderJob {
     for (const r of this.ranks) r.worker?.send({ op: "set_speed", speed: value });
   }
 
+  private taskPath = "";
+  private threads = 1;
+
   async start() {
     const { spec } = this;
     await this.pollSpeed();
@@ -366,8 +411,20 @@ class ProviderJob {
     this.dir = await mkdtemp(path.join(os.tmpdir(), "nimble-job-"));
     const taskPath = path.join(this.dir, spec.task.filename);
     await writeFile(taskPath, spec.task.code);
-    const threads = this.opts.threads ?? spec.threads ?? Math.max(1, Math.floor(os.cpus().length / this.ranks.length));
+    this.taskPath = taskPath;
+    this.threads = this.opts.threads ?? spec.threads ?? Math.max(1, Math.floor(os.cpus().length / this.ranks.length));
     for (const local of this.ranks) {
+      this.spawnWorker(local);
+      // A provider joining a running job waits for the coordinator's `ring` to connect.
+      if (this.members.length > 1 && this.members.includes(local.rank)) void this.connectNext(local);
+    }
+  }
+
+  private spawnWorker(local: LocalRank) {
+    const { spec } = this;
+    const taskPath = this.taskPath;
+    const threads = this.threads;
+    {
       const label = `rank ${local.rank}`;
       const worker = new WorkerProcess({
         python: this.opts.python.python,
@@ -392,9 +449,23 @@ class ProviderJob {
       });
       worker.on("error", (err) => this.fail(`${label}: ${errorMessage(err)}`, "internal", local.rank));
       worker.on("exit", (exit) => {
-        if (exit.expected || this.ended) return;
+        if (exit.expected || this.ended || local.worker !== worker) return;
         const how = exit.signal ? `was killed by ${exit.signal}` : `exited with code ${exit.code}`;
-        this.fail(`worker for rank ${local.rank} on ${os.hostname()} ${how}`, "worker", local.rank);
+        const what = `worker for rank ${local.rank} on ${os.hostname()} ${how}`;
+        // The rank leaves the ring (the coordinator re-forms it without it); the worker is
+        // started again and rejoins, taking the state from a peer, up to faults.max_restarts.
+        if (!local.left) this.leave(local, what, "worker");
+        if (local.restarts >= this.maxRestarts) {
+          const why = `${what}; it crashed ${local.restarts + 1} time${local.restarts === 0 ? "" : "s"} (faults.max_restarts is ${this.maxRestarts}), so it leaves the job`;
+          this.log(why);
+          this.send({ t: "failed", rank: local.rank, message: why, kind: "worker" });
+          if (this.ranks.every((r) => r.left && r.restarts >= this.maxRestarts)) void this.end(why);
+          return;
+        }
+        local.restarts += 1;
+        this.log(`restarting the worker for rank ${local.rank} (restart ${local.restarts} of ${this.maxRestarts})`);
+        Object.assign(local, { ready: false, readyInfo: null, formed: -1, attempt: 0, lostEpoch: -1, queue: Promise.resolve(), restarting: true });
+        this.spawnWorker(local);
       });
       worker.send({
         op: "init",
@@ -407,8 +478,41 @@ class ProviderJob {
         speed: this.currentSpeed(),
         ...(this.opts.maxMicroBatch ? { max_micro_batch: this.opts.maxMicroBatch } : {}),
       });
-      if (spec.world_size > 1) void this.connectNext(local);
     }
+  }
+
+  /** A ring neighbour silent past the heartbeat deadline is cut off: its link closes (1006). */
+  private watchLink(link: FrameLink) {
+    watchHeartbeat(link.ws, {
+      timeoutMs: this.heartbeatMs,
+      onDead: (silent) => this.log(`ring neighbour silent for ${(silent / 1000).toFixed(1)} s: dropping its link`),
+    });
+  }
+
+  /**
+   * This rank's ring broke (a neighbour lost, a link cut, a bad frame): tell the coordinator
+   * once per ring epoch. The worker stays in its collective until the coordinator's `abort`.
+   */
+  private ringLost(local: LocalRank, reason: string) {
+    if (this.ended || local.left || local.lostEpoch === this.epoch) return;
+    local.lostEpoch = this.epoch;
+    this.log(reason);
+    this.send({ t: "ring_lost", rank: local.rank, epoch: this.epoch, reason });
+  }
+
+  /** A local rank leaves the job (its worker died): the coordinator re-forms the ring without it. */
+  private leave(local: LocalRank, message: string, kind: "worker") {
+    local.left = true;
+    local.ring?.abort(message);
+    for (const link of [local.next, local.prev]) link?.close(CLOSE_REFORM, "rank left");
+    local.next = local.prev = null;
+    this.log(message);
+    this.send({ t: "failed", rank: local.rank, message, kind });
+  }
+
+  /** Taking part in the ring now (not left out, lost, or still joining). */
+  private inRing(local: LocalRank): boolean {
+    return !local.left && this.members.includes(local.rank);
   }
 
   /** The members before and after `rank` in the current ring. */
@@ -421,8 +525,9 @@ class ProviderJob {
   private async connectNext(local: LocalRank) {
     const epoch = this.epoch;
     const nextRank = this.neighbours(local.rank).next;
-    const target = this.spec.ring.find((r) => r.rank === nextRank);
-    if (!target) return this.fail(`the job names no address for rank ${nextRank}`, "internal", local.rank);
+    const url = this.ringUrls.get(nextRank);
+    if (!url) return this.fail(`the job names no address for rank ${nextRank}`, "internal", local.rank);
+    const target = { url };
     const stale = () => this.ended || local.left || this.epoch !== epoch;
     const deadline = Date.now() + RING_CONNECT_TIMEOUT_MS;
     for (let attempt = 0; ; attempt++) {
@@ -437,11 +542,12 @@ class ProviderJob {
           return;
         }
         local.next = link;
-        link.onClose((code) => {
+        this.watchLink(link);
+        link.onClose((code, reason) => {
           if (this.ended || local.next !== link) return;
           // The neighbour re-formed first: our own "ring" message is on its way.
           if (code === CLOSE_REFORM) local.next = null;
-          else this.fail(`lost the ring link from rank ${local.rank} to rank ${nextRank} (${target.url})`, "ring", local.rank);
+          else this.ringLost(local, `lost the ring link from rank ${local.rank} to rank ${nextRank} (${target.url}): ${describeClose(code, reason)}`);
         });
         this.maybeReady(local);
         return;
@@ -481,16 +587,27 @@ class ProviderJob {
       return;
     }
     local.prev = link;
-    link.onClose((code) => {
+    this.watchLink(link);
+    link.onClose((code, reason) => {
       if (this.ended || local.prev !== link) return;
       if (code === CLOSE_REFORM) local.prev = null;
-      else this.fail(`lost the ring link into rank ${to} from rank ${from}`, "ring", to);
+      else this.ringLost(local, `lost the ring link into rank ${to} from rank ${from}: ${describeClose(code, reason)}`);
     });
     this.maybeReady(local);
   }
 
   private maybeReady(local: LocalRank) {
-    if (local.left || !local.readyInfo || local.formed === this.epoch) return;
+    if (local.left || !local.readyInfo) return;
+    if (!this.members.includes(local.rank)) {
+      // Loaded but not in the ring (joining, or restarted): ready to be brought in.
+      if (!local.ready) {
+        local.ready = true;
+        const { op: _op, ...info } = local.readyInfo;
+        this.send({ t: "ready", rank: local.rank, info });
+      }
+      return;
+    }
+    if (local.formed === this.epoch) return;
     const size = this.members.length;
     if (size > 1 && (!local.next || !local.prev)) return;
     const { position } = this.neighbours(local.rank);
@@ -511,11 +628,11 @@ class ProviderJob {
    * of the old ring close with CLOSE_REFORM, which neighbours do not take for a fault;
    * local ranks left out stop their workers.
    */
-  private reform(epoch: number, members: number[]) {
-    const known = new Set(this.members);
+  private reform(epoch: number, members: number[], urls: { rank: number; url: string }[]) {
+    for (const u of urls) this.ringUrls.set(u.rank, u.url);
     if (epoch <= this.epoch) return this.fail(`ring epoch ${epoch} is not after ${this.epoch}`, "internal");
-    if (new Set(members).size !== members.length || !members.every((r) => known.has(r))) {
-      return this.fail(`ring members ${members.join(", ")} are not distinct members of ${this.members.join(", ")}`, "internal");
+    if (new Set(members).size !== members.length || !members.every((r) => this.ringUrls.has(r))) {
+      return this.fail(`ring members ${members.join(", ")} are not distinct ranks with known addresses`, "internal");
     }
     this.epoch = epoch;
     this.members = members;
@@ -524,14 +641,16 @@ class ProviderJob {
       local.ring = null;
       for (const link of [local.next, local.prev]) link?.close(CLOSE_REFORM, "ring re-formed");
       local.next = local.prev = null;
-      if (!members.includes(local.rank)) {
+      // A local rank not named is out of the ring; its worker stops, unless it is one that
+      // is (re)joining, whose turn comes with a later ring.
+      if (!members.includes(local.rank) && local.ready && local.formed >= 0) {
         local.left = true;
         this.log(`rank ${local.rank} left out of the ring; stopping its worker`);
         void local.worker?.stop();
       }
     }
     for (const local of this.ranks) {
-      if (local.left) continue;
+      if (local.left || !members.includes(local.rank)) continue;
       if (members.length > 1) void this.connectNext(local);
       else this.maybeReady(local);
     }
@@ -545,7 +664,7 @@ class ProviderJob {
     const results = new Map<string, Promise<{ rtt_ms: number; upload_bytes_per_s: number }>>();
     for (const local of this.ranks.filter((r) => !r.left)) {
       const next = this.neighbours(local.rank).next;
-      const url = this.spec.ring.find((r) => r.rank === next)?.url;
+      const url = this.ringUrls.get(next);
       const sameHost = this.ranks.some((r) => r.rank === next) || !url || this.members.length === 1;
       if (sameHost) {
         this.send({ t: "link", rank: local.rank, to: next, rtt_ms: null, upload_bytes_per_s: null });
@@ -576,13 +695,29 @@ class ProviderJob {
     switch (m.op) {
       case "ready":
         local.readyInfo = m;
+        if (local.restarting) {
+          local.restarting = false;
+          local.left = false;
+        }
         this.maybeReady(local);
         return;
+      case "synced_state":
+        this.send({ t: "synced_state", rank: local.rank, step: m.step, hash: m.hash });
+        return;
       case "allreduce":
-        local.queue = local.queue.then(() => this.allReduce(local, m.id, m.count, m.codec, payload));
+        // A request of an abandoned attempt is never served (its worker reads `abort` next).
+        if (m.attempt !== local.attempt) return;
+        local.queue = local.queue.then(() => this.allReduce(local, m.id, m.count, m.codec, payload, m.attempt));
         return;
       case "allgather":
-        local.queue = local.queue.then(() => this.allGather(local, m.id, payload));
+        if (m.attempt !== local.attempt) return;
+        local.queue = local.queue.then(() => this.allGather(local, m.id, payload, m.attempt));
+        return;
+      case "aborted":
+        this.send({ t: "step_aborted", rank: local.rank, step: m.step });
+        return;
+      case "committed":
+        this.send({ t: "committed", rank: local.rank, step: m.step, hash: m.hash });
         return;
       case "synced":
         void local.queue.then(() => {
@@ -617,6 +752,7 @@ class ProviderJob {
         return;
       }
       case "loaded":
+        this.send({ t: "loaded", rank: local.rank, step: m.step });
         return;
       case "error":
         if (m.kind === "config") {
@@ -627,19 +763,19 @@ class ProviderJob {
     }
   }
 
-  private async allGather(local: LocalRank, id: number, payload: Buffer) {
-    if (this.ended || !local.ring || !local.worker) return;
+  private async allGather(local: LocalRank, id: number, payload: Buffer, attempt: number) {
+    if (this.ended || !local.ring || !local.worker || local.attempt !== attempt) return;
     try {
       const { blobs, stats } = await local.ring.allGather(payload);
       local.bytesSinceReport += stats.bytesSent;
-      local.worker.send({ op: "allgather_result", id, sizes: blobs.map((b) => b.byteLength) }, Buffer.concat(blobs));
+      if (local.attempt === attempt) local.worker.send({ op: "allgather_result", id, sizes: blobs.map((b) => b.byteLength) }, Buffer.concat(blobs));
     } catch (err) {
-      this.fail(`ring all-gather failed on rank ${local.rank}: ${errorMessage(err)}`, "ring", local.rank);
+      this.ringLost(local, `ring all-gather failed on rank ${local.rank}: ${errorMessage(err)}`);
     }
   }
 
-  private async allReduce(local: LocalRank, id: number, count: number, codec: WireCodec, payload: Buffer) {
-    if (this.ended || !local.ring || !local.worker) return;
+  private async allReduce(local: LocalRank, id: number, count: number, codec: WireCodec, payload: Buffer, attempt: number) {
+    if (this.ended || !local.ring || !local.worker || local.attempt !== attempt) return;
     // Float32Array needs 4-byte alignment; the link decoder's slices need not have it.
     const data =
       payload.byteOffset % 4 === 0
@@ -649,29 +785,53 @@ class ProviderJob {
       const stats = await local.ring.allReduce(data, { codec });
       local.bytesSinceReport += stats.bytesSent;
     } catch (err) {
-      this.fail(`ring all-reduce failed on rank ${local.rank}: ${errorMessage(err)}`, "ring", local.rank);
+      // The worker stays blocked in its collective until the coordinator's `abort`.
+      this.ringLost(local, `ring all-reduce failed on rank ${local.rank}: ${errorMessage(err)}`);
       return;
     }
+    if (local.attempt !== attempt) return;
     local.worker.send({ op: "allreduce_result", id, dtype: "float32", count, codec }, new Uint8Array(data.buffer, data.byteOffset, data.byteLength));
   }
 
   handle(message: ToProvider) {
     switch (message.t) {
       case "sync":
-        for (const r of this.ranks) if (!r.left) r.worker?.send({ op: "sync", source: message.source });
+        for (const r of this.ranks) if (this.inRing(r)) r.worker?.send({ op: "sync", source: message.source });
         return;
       case "ring":
-        this.reform(message.epoch, message.members);
+        this.reform(message.epoch, message.members, message.urls ?? []);
+        return;
+      case "sync_state":
+        for (const r of this.ranks) if (this.inRing(r)) r.worker?.send({ op: "sync_state", source: message.source });
         return;
       case "probe_links":
         void this.probeLinks(message.bytes);
         return;
       case "step":
-        if (message.shares.length !== this.spec.world_size) {
-          this.fail(`step ${message.step} names ${message.shares.length} shares for ${this.spec.world_size} ranks`, "internal");
+        // One share per rank the job has had, joiners included.
+        if (this.ranks.some((r) => r.rank >= message.shares.length) || message.shares.length < this.ringUrls.size) {
+          this.fail(`step ${message.step} names ${message.shares.length} shares for ${this.ringUrls.size} ranks`, "internal");
           return;
         }
-        for (const r of this.ranks) if (!r.left) r.worker?.send({ op: "step", step: message.step, shares: message.shares, want_hash: message.want_hash });
+        for (const r of this.ranks) {
+          if (!this.inRing(r)) continue;
+          r.attempt += 1;
+          r.worker?.send({ op: "step", step: message.step, shares: message.shares, want_hash: message.want_hash, attempt: r.attempt });
+        }
+        return;
+      case "abort":
+        // Every rank's step attempt ends: collectives in flight are dropped, the workers
+        // undo the step and answer `aborted`. The ring is re-formed next (`ring`).
+        for (const r of this.ranks) {
+          if (!this.inRing(r)) continue;
+          r.attempt += 1;
+          r.ring?.abort(`step ${message.step} abandoned`);
+          r.queue = Promise.resolve();
+          r.worker?.send({ op: "abort", step: message.step });
+        }
+        return;
+      case "commit":
+        for (const r of this.ranks) if (this.inRing(r)) r.worker?.send({ op: "commit" });
         return;
       case "eval":
         for (const slice of message.slices) {
@@ -683,6 +843,15 @@ class ProviderJob {
         const local = this.ranks.find((r) => r.rank === message.rank);
         if (!local) return this.fail(`asked for the state of rank ${message.rank}, which this provider does not host`, "internal");
         local.worker?.send({ op: "state", kind: message.kind });
+        return;
+      }
+      case "load_state": {
+        const local = this.ranks.find((r) => r.rank === message.rank);
+        if (!local) return this.fail(`asked to load state into rank ${message.rank}, which this provider does not host`, "internal");
+        local.worker?.send(
+          { op: "load_state", files: message.files.map((f) => ({ name: f.name, size: f.data.byteLength })) },
+          Buffer.concat(message.files.map((f) => f.data)),
+        );
         return;
       }
       default:
@@ -700,6 +869,7 @@ class ProviderJob {
 
   private async finish(reason: string) {
     this.ended = true;
+    this.stopControlHeartbeat();
     if (this.speedTimer) clearInterval(this.speedTimer);
     for (const r of this.ranks) r.ring?.abort(reason);
     await Promise.all(this.ranks.map((r) => r.worker?.stop()));

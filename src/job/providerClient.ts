@@ -1,6 +1,7 @@
 import { EventEmitter } from "node:events";
 import WebSocket from "ws";
 import { UserError, errorMessage } from "../errors.js";
+import { watchHeartbeat } from "../net/heartbeat.js";
 import {
   decodeToCoordinator,
   encodeMessage,
@@ -50,7 +51,9 @@ export class ProviderClient extends EventEmitter<{ message: [ToCoordinator]; los
       this.emit("message", message);
     });
     ws.on("close", (code, reason) => {
-      if (!this.closedByUs) this.emit("lost", `provider ${address} closed the connection (${code}${reason.length ? ` ${reason}` : ""})`);
+      if (this.closedByUs) return;
+      if (this.silentFor !== null) this.emit("lost", `no heartbeat for ${(this.silentFor / 1000).toFixed(1)} s (hung, stopped or cut off)`);
+      else this.emit("lost", `closed the connection (${code}${reason.length ? ` ${reason}` : ""})`);
     });
   }
 
@@ -101,6 +104,19 @@ export class ProviderClient extends EventEmitter<{ message: [ToCoordinator]; los
     });
     return new ProviderClient(address, ws, welcome);
   }
+
+  /** Declare the provider lost (event `lost`) when it is silent for `timeoutMs` (hung, stopped, cut off). */
+  watchHeartbeat(timeoutMs: number): void {
+    watchHeartbeat(this.ws, {
+      timeoutMs,
+      onDead: (silent) => {
+        this.silentFor = silent;
+      },
+    });
+  }
+
+  /** Set when the heartbeat gave up on the provider: how long it had been silent. */
+  private silentFor: number | null = null;
 
   send(message: ToProvider): void {
     if (this.ws.readyState === WebSocket.OPEN) this.ws.send(encodeMessage(message));

@@ -1,6 +1,21 @@
+import { createHash } from "node:crypto";
 import { createWriteStream, type WriteStream } from "node:fs";
-import { mkdir, readdir, rename, rm, writeFile, copyFile } from "node:fs/promises";
+import { mkdir, readdir, readFile, rename, rm, stat, writeFile, copyFile } from "node:fs/promises";
 import path from "node:path";
+
+/** A checkpoint read back and verified against its manifest. */
+export interface Checkpoint {
+  /** Steps completed: training continues at this step. */
+  step: number;
+  dir: string;
+  files: { name: string; data: Uint8Array }[];
+}
+
+const MANIFEST = "manifest.json";
+
+function sha256(data: Uint8Array): string {
+  return createHash("sha256").update(data).digest("hex");
+}
 
 /** One line of metrics.jsonl: one per optimizer step. */
 export interface StepMetrics {
@@ -29,6 +44,8 @@ export interface StepMetrics {
     /** This worker's share of the global batch this step. */
     share: number;
     compute_s: number;
+    /** Of compute_s, the forward/backward over the share (null from workers that do not say). */
+    forward_backward_s: number | null;
     comm_s: number;
     /** Waiting for the slowest worker's compute. */
     idle_s: number;
@@ -55,6 +72,71 @@ export class RunDir {
 
   private constructor(readonly dir: string) {
     this.metrics = createWriteStream(path.join(dir, "metrics.jsonl"), { flags: "a" });
+  }
+
+  /** An existing run directory, to resume: metrics keep only the steps before `keepBefore`. */
+  static async reopen(dir: string, keepBefore: number): Promise<{ run: RunDir; kept: StepMetrics[] }> {
+    const file = path.join(dir, "metrics.jsonl");
+    let kept: StepMetrics[] = [];
+    try {
+      // A line cut short by a crash is dropped with the steps after the checkpoint.
+      kept = (await readFile(file, "utf8"))
+        .split("\n")
+        .flatMap((l) => {
+          try {
+            return [JSON.parse(l) as StepMetrics];
+          } catch {
+            return [];
+          }
+        })
+        .filter((m) => Number.isInteger(m.step) && m.step < keepBefore);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
+    }
+    await writeFile(`${file}.tmp`, kept.map((m) => JSON.stringify(m) + "\n").join(""));
+    await rename(`${file}.tmp`, file);
+    return { run: new RunDir(dir), kept };
+  }
+
+  /**
+   * The newest checkpoint whose files match its manifest (sha256 and size), and why each
+   * newer one was passed over (a crash mid-write, a truncated or altered file).
+   */
+  static async latestCheckpoint(dir: string): Promise<{ checkpoint: Checkpoint | null; skipped: string[] }> {
+    const root = path.join(dir, "checkpoints");
+    let names: string[] = [];
+    try {
+      names = (await readdir(root)).filter((n) => /^step-\d+$/.test(n)).sort((a, b) => Number(b.slice(5)) - Number(a.slice(5)));
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
+    }
+    const skipped: string[] = [];
+    for (const name of names) {
+      const where = path.join(root, name);
+      try {
+        const manifest = JSON.parse(await readFile(path.join(where, MANIFEST), "utf8")) as { step: number; files: Record<string, { sha256: string; bytes: number }> };
+        if (!Number.isInteger(manifest.step) || typeof manifest.files !== "object" || manifest.files === null) throw new Error("the manifest is malformed");
+        const files: Checkpoint["files"] = [];
+        for (const [file, want] of Object.entries(manifest.files)) {
+          if (path.basename(file) !== file) throw new Error(`the manifest names ${JSON.stringify(file)}`);
+          const data = await readFile(path.join(where, file)).catch(() => {
+            throw new Error(`${file} is missing`);
+          });
+          if (data.byteLength !== want.bytes) throw new Error(`${file} has ${data.byteLength} bytes, the manifest says ${want.bytes}`);
+          if (sha256(data) !== want.sha256) throw new Error(`${file} does not match its sha256 in the manifest`);
+          files.push({ name: file, data });
+        }
+        return { checkpoint: { step: manifest.step, dir: where, files }, skipped };
+      } catch (err) {
+        const why = (err as NodeJS.ErrnoException).code === "ENOENT" ? "it has no manifest (written only partly?)" : (err as Error).message;
+        skipped.push(`${name}: ${why}`);
+      }
+    }
+    return { checkpoint: null, skipped };
+  }
+
+  static async exists(dir: string): Promise<boolean> {
+    return stat(dir).then((s) => s.isDirectory(), () => false);
   }
 
   static async create(outputRoot: string, name: string, now = new Date()): Promise<RunDir> {
@@ -88,7 +170,14 @@ export class RunDir {
     const tmp = `${final}.tmp`;
     await rm(tmp, { recursive: true, force: true });
     await mkdir(tmp);
-    for (const f of files) await writeFile(path.join(tmp, path.basename(f.name)), f.data);
+    const manifest: { step: number; files: Record<string, { sha256: string; bytes: number }> } = { step, files: {} };
+    for (const f of files) {
+      const name = path.basename(f.name);
+      await writeFile(path.join(tmp, name), f.data);
+      manifest.files[name] = { sha256: sha256(f.data), bytes: f.data.byteLength };
+    }
+    // Written last: a checkpoint without its manifest is known incomplete.
+    await writeFile(path.join(tmp, MANIFEST), JSON.stringify(manifest, null, 2) + "\n");
     await rm(final, { recursive: true, force: true });
     await rename(tmp, final);
     // By step number: past step 999999 the names gain a digit and no longer sort as text.

@@ -53,6 +53,8 @@ export const stepReportSchema = z.object({
   compute_s: finite,
   /** Seconds spent waiting for all-reduces. */
   comm_s: finite,
+  /** Of compute_s, the forward/backward over this worker's share: what shares are balanced on. */
+  forward_backward_s: z.number().finite().nonnegative().optional(),
   /** sha256 of all parameters, when the step asked for it. */
   hash: z.string().max(128).optional(),
   /** True when a non-finite gradient made every worker skip this step's update. */
@@ -79,11 +81,21 @@ export const toProviderSchema = z.discriminatedUnion("t", [
     /** Every rank's data-plane URL, in ring order. */
     ring: z.array(z.object({ rank: count, url: z.string().max(1024) })),
     threads: z.number().int().min(1).max(1024).optional(),
+    /** Joining a running job: start the workers, but wait for `ring` to enter the ring. */
+    join: z.boolean().optional(),
   }),
+  /** Every ring member takes rank `source`'s whole training state (a member joined). */
+  z.object({ t: z.literal("sync_state"), source: count }),
   /** Every member takes rank `source`'s weights (rank 0 at the start). */
   z.object({ t: z.literal("sync"), source: count.default(0) }),
   /** Re-form the ring with only `members` (in ring order); local ranks left out stop. */
-  z.object({ t: z.literal("ring"), epoch: z.number().int().min(1), members: z.array(count).min(1).max(4096) }),
+  z.object({
+    t: z.literal("ring"),
+    epoch: z.number().int().min(1),
+    members: z.array(count).min(1).max(4096),
+    /** Data-plane URLs of ranks that joined since the job started. */
+    urls: z.array(z.object({ rank: count, url: z.string().max(1024) })).max(4096).optional(),
+  }),
   /** Measure this provider's upload to the next member's provider (the `/bench` path, job secret). */
   z.object({ t: z.literal("probe_links"), bytes: z.number().int().min(1024).max(256 * 1024 * 1024) }),
   z.object({ t: z.literal("step"), step: count, shares: z.array(count), want_hash: z.boolean() }),
@@ -93,7 +105,18 @@ export const toProviderSchema = z.discriminatedUnion("t", [
     slices: z.array(z.object({ rank: count, start: count, count })),
     batch_size: z.number().int().min(1),
   }),
-  z.object({ t: z.literal("state"), rank: count, kind: z.enum(["checkpoint", "final"]) }),
+  /** `compressor`: only compressor.pt (each rank's error-feedback memories are its own). */
+  z.object({ t: z.literal("state"), rank: count, kind: z.enum(["checkpoint", "final", "compressor"]) }),
+  /** Restore a checkpoint into a rank's worker (resume). */
+  z.object({
+    t: z.literal("load_state"),
+    rank: count,
+    files: z.array(z.object({ name: z.string().regex(/^[A-Za-z0-9._-]{1,128}$/), data: bytes })).max(64),
+  }),
+  /** Abandon `step`: workers drop what they prepared (a member was lost before all had). */
+  z.object({ t: z.literal("abort"), step: count }),
+  /** Apply the last prepared step and report the parameter hash. */
+  z.object({ t: z.literal("commit") }),
   z.object({ t: z.literal("cancel"), reason: z.string().max(1000) }),
 ]);
 export type ToProvider = z.infer<typeof toProviderSchema>;
@@ -115,6 +138,11 @@ export const toCoordinatorSchema = z.discriminatedUnion("t", [
   z.object({ t: z.literal("ready"), rank: count, info: workerInfoSchema }),
   z.object({ t: z.literal("synced"), rank: count, hash: z.string().max(128), bytes_sent: count }),
   z.object({ t: z.literal("ring_ready"), rank: count, epoch: count }),
+  z.object({ t: z.literal("synced_state"), rank: count, step: count, hash: z.string().max(128) }),
+  /** This rank's ring (of `epoch`) broke: a neighbour was lost or a link cut. It waits for `abort`. */
+  z.object({ t: z.literal("ring_lost"), rank: count, epoch: count, reason: z.string().max(4096) }),
+  z.object({ t: z.literal("step_aborted"), rank: count, step: count }),
+  z.object({ t: z.literal("committed"), rank: count, step: count, hash: z.string().max(128) }),
   /** Upload from this rank's provider to its ring successor's; nulls when both are on one host. */
   z.object({
     t: z.literal("link"),
@@ -134,10 +162,11 @@ export const toCoordinatorSchema = z.discriminatedUnion("t", [
   z.object({
     t: z.literal("state"),
     rank: count,
-    kind: z.enum(["checkpoint", "final"]),
+    kind: z.enum(["checkpoint", "final", "compressor"]),
     step: count,
     files: z.array(z.object({ name: z.string().regex(/^[A-Za-z0-9._-]{1,128}$/), data: bytes })),
   }),
+  z.object({ t: z.literal("loaded"), rank: count, step: count }),
   z.object({ t: z.literal("log"), line: z.string().max(64 * 1024) }),
   z.object({
     t: z.literal("failed"),

@@ -15,8 +15,15 @@ export const fromWorkerSchema = z.discriminatedUnion("op", [
     dtype: z.literal("float32"),
     count,
     codec: z.enum(["f32", "f16", "bf16", "int8"]).default("f32"),
+    /** The step attempt it belongs to (from the `step` message); stale ones are dropped. */
+    attempt: count.default(0),
   }),
-  z.object({ op: z.literal("allgather"), id: count, size: count }),
+  z.object({ op: z.literal("allgather"), id: count, size: count, attempt: count.default(0) }),
+  z.object({ op: z.literal("synced_state"), step: count, hash: z.string() }),
+  /** The step was abandoned (an `abort` arrived): nothing of it was applied. */
+  z.object({ op: z.literal("aborted"), step: count }),
+  /** The pending update is applied; `step` is the next step, `hash` of the parameters now. */
+  z.object({ op: z.literal("committed"), step: count, hash: z.string() }),
   z.object({ op: z.literal("synced"), hash: z.string() }),
   stepReportSchema.extend({
     op: z.literal("step_done"),
@@ -26,7 +33,7 @@ export const fromWorkerSchema = z.discriminatedUnion("op", [
   z.object({ op: z.literal("eval_done"), step: count, count, sums: z.record(z.string(), finite) }),
   z.object({
     op: z.literal("state"),
-    kind: z.enum(["checkpoint", "final"]),
+    kind: z.enum(["checkpoint", "final", "compressor"]),
     step: count,
     files: z.array(z.object({ name: z.string(), size: count })),
   }),

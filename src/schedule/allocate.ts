@@ -89,29 +89,33 @@ export function allocate(input: AllocationInput): Allocation {
 
     // Candidates: the slowest worker alone, and the k slowest links together (k = 1..n-1);
     // taking a prefix handles ties and near-ties, where dropping only one slow link gains nothing.
-    const candidates: number[][] = [];
-    const bySpeed = [...included].sort((a, b) => workers[a].samplesPerS - workers[b].samplesPerS || a - b);
-    candidates.push([bySpeed[0]]);
+    // Link candidates first: when leaving out the slowest worker and leaving out the slowest
+    // link are the same move, the link is what the message should name (ties keep the first).
+    const candidates: { group: number[]; byLink: boolean }[] = [];
     const byLink = [...included]
       .filter((i) => workers[i].linkBytesPerS !== undefined)
       .sort((a, b) => workers[a].linkBytesPerS! - workers[b].linkBytesPerS! || a - b);
-    for (let k = 1; k <= Math.min(byLink.length, included.size - 1); k++) candidates.push(byLink.slice(0, k));
+    for (let k = 1; k <= Math.min(byLink.length, included.size - 1); k++) candidates.push({ group: byLink.slice(0, k), byLink: true });
+    const bySpeed = [...included].sort((a, b) => workers[a].samplesPerS - workers[b].samplesPerS || a - b);
+    candidates.push({ group: [bySpeed[0]], byLink: false });
 
     let best: { group: number[]; p: Prediction; byLink: boolean } | undefined;
-    candidates.forEach((group, c) => {
+    for (const { group, byLink: viaLink } of candidates) {
       const p = predict(new Set([...included].filter((i) => !group.includes(i))));
-      if (!best || p.stepS < best.p.stepS) best = { group, p, byLink: c > 0 };
-    });
+      if (!best || p.stepS < best.p.stepS) best = { group, p, byLink: viaLink };
+    }
     // batchSize is fixed, so step time per sample compares as step time.
     if (!best || !(best.p.stepS * MIN_SPEEDUP < cur.stepS)) break; // also stops on Infinity vs Infinity
 
     const speedup = `${(cur.stepS / best.p.stepS).toFixed(1)}x`;
     const { group } = best;
+    // Name what the move saves most of: ring time (a slow link) or compute (a slow worker).
+    const viaLink = best.byLink && (group.length > 1 || cur.ringS - best.p.ringS >= cur.computeS - best.p.computeS);
     for (const i of group) {
       const w = workers[i];
       const others = group.filter((j) => j !== i).map((j) => workers[j].id);
       const together = others.length > 0 ? ` (left out together with ${others.join(", ")})` : "";
-      if (best.byLink) {
+      if (viaLink) {
         const ringS = stepBytesPerWorker / w.linkBytesPerS!;
         exclude(i, `its link (${fmtBytes(w.linkBytesPerS!)}) would make every step's all-reduce take ${ringS.toFixed(2)} s against ${cur.computeS.toFixed(2)} s of compute; leaving it out makes steps ${speedup} faster${together}`);
       } else {

@@ -23,6 +23,7 @@ const STATE_COLOR: Record<WorkerState, string> = {
   ready: "cyan",
   training: "green",
   "left out": "magenta",
+  lost: "red",
   done: "gray",
   failed: "red",
 };

@@ -53,6 +53,7 @@ describe("parseConfigText", () => {
       compression: { method: "powersgd", rank: 4, start_step: 10, min_compression_rate: 2, error_feedback: true, warm_start: true, seed: 0 },
       balance: "measured",
       leave_out_slow: true,
+      faults: { heartbeat_s: 10, min_workers: 1, max_restarts: 3, wait_s: 300 },
       eval: { every: 0, samples: 1000, batch_size: 256 },
       checkpoint: { every: 0, keep: 3 },
       providers: [],
@@ -88,8 +89,8 @@ providers:
     expect(config.checkpoint).toEqual({ every: 0, keep: 3 });
     expect(config.task_args).toEqual({ hidden: 128 });
     expect(config.providers).toEqual([
-      { address: "127.0.0.1:7070", token: "abc" },
-      { address: "ws://gpu.example.org:7071" },
+      { address: "127.0.0.1:7070", token: "abc", optional: false },
+      { address: "ws://gpu.example.org:7071", optional: false },
     ]);
   });
 
@@ -135,7 +136,7 @@ providers:
     expect(issues[0]).toMatchObject({ line: 5, col: 1, field: "stpes" });
     expect(issues[0]!.message).toContain('unknown key "stpes"');
     expect(issues[0]!.message).toContain(
-      "allowed keys: name, task, task_args, steps, batch_size, seed, optimizer, lr_schedule, compression, balance, leave_out_slow, eval, checkpoint, providers, local_workers, output",
+      "allowed keys: name, task, task_args, steps, batch_size, seed, optimizer, lr_schedule, compression, balance, leave_out_slow, eval, checkpoint, faults, providers, local_workers, output",
     );
   });
 

@@ -1,7 +1,7 @@
 import { mkdir, readdir, readFile, writeFile } from "node:fs/promises";
 import path from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { execa, nimble, startProvider, tempDir, testPython } from "../helpers/processes.js";
+import { describe, expect, it } from "vitest";
+import { execa, nimble, startProvider, type TempDir, useE2E } from "../helpers/processes.js";
 import { tinyTask } from "../helpers/tasks.js";
 
 /**
@@ -10,12 +10,8 @@ import { tinyTask } from "../helpers/tasks.js";
  */
 
 let python = "";
-let tmp: Awaited<ReturnType<typeof tempDir>>;
-beforeAll(async () => {
-  python = await testPython();
-  tmp = await tempDir("nimble-cancel-");
-}, 600_000);
-afterAll(() => tmp?.remove());
+let tmp: TempDir;
+useE2E((env) => ({ python, tmp } = env));
 
 const SLOW_TASK = tinyTask({
   val: 32,
@@ -149,7 +145,7 @@ describe("cancelling a run leaves nothing behind", () => {
     ["SIGINT to the train process", (pid: number) => process.kill(pid, "SIGINT")],
     // Ctrl-C in a terminal: the whole foreground process group gets SIGINT, local providers too.
     ["SIGINT to its process group (Ctrl-C)", (pid: number) => process.kill(-pid, "SIGINT")],
-  ])("%s: exits 130, summary says cancelled, no provider or worker left", async (label, signal) => {
+  ])("%s: stops after the step in flight, leaves a checkpoint to resume from, exits 130, no provider or worker left", async (label, signal) => {
     const { config, runs } = await setup(label.startsWith("SIGINT to its") ? "cancel-group" : "cancel");
     const child = nimble(["train", config, "--json", "--local", "2"], { env: { NIMBLE_PYTHON: python }, buffer: false });
     const watch = watchEvents(child);
@@ -169,8 +165,12 @@ describe("cancelling a run leaves nothing behind", () => {
     expect({ code: result.exitCode, signal: result.signal }, watch.stderr.join("")).toEqual({ code: 130, signal: undefined });
     expect(watch.stderr.join("")).toMatch(/cancelled/i);
 
-    const { summary, metrics } = await runSummary(runs);
+    const { dir, summary, metrics } = await runSummary(runs);
     expect(summary.status).toBe("cancelled");
+    // The step in flight finished and a checkpoint of it was written, to resume from.
+    const checkpoint = path.join(dir, "checkpoints", `step-${String(summary.steps).padStart(6, "0")}`);
+    expect((await readdir(checkpoint)).sort()).toEqual(expect.arrayContaining(["manifest.json", "model.pt", "optimizer.pt"]));
+    expect(watch.stderr.join("")).toContain(`nimble train --resume ${dir}`);
     expect(summary.steps).toBeGreaterThanOrEqual(1);
     expect(summary.steps).toBeLessThan(100000);
     expect(metrics.length).toBeGreaterThanOrEqual(1);

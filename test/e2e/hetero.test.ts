@@ -1,20 +1,16 @@
 import { readFile, writeFile } from "node:fs/promises";
 import path from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { ProviderClient } from "../../src/job/providerClient.js";
-import { nimble, REPO_ROOT, startProvider, tempDir, testPython } from "../helpers/processes.js";
+import { nimble, REPO_ROOT, startProvider, type TempDir, useE2E } from "../helpers/processes.js";
 import { maxWeightDifference } from "../helpers/safetensors.js";
 import { tinyTask } from "../helpers/tasks.js";
 
 const MNIST = path.join(REPO_ROOT, "examples", "mnist");
 
 let python = "";
-let tmp: Awaited<ReturnType<typeof tempDir>>;
-beforeAll(async () => {
-  python = await testPython();
-  tmp = await tempDir();
-}, 600_000);
-afterAll(() => tmp?.remove());
+let tmp: TempDir;
+useE2E((env) => ({ python, tmp } = env));
 
 describe("nimble bench", () => {
   it("measures the host and the task's own throughput (--json)", async () => {
@@ -97,11 +93,13 @@ describe("capability-weighted shares, end to end", () => {
 
 describe("leaving out a worker whose link would slow every step", () => {
   it("measures each host's link, leaves out the slow one with the figures behind it, and trains on exactly without it", async () => {
+    // Slowed to a tenth of their speed, so that compute (not the ring) dominates a step between
+    // the two fast hosts: else one worker alone would be faster still, and rightly chosen.
     const providers = [
-      await startProvider(python, "link-0"),
-      await startProvider(python, "link-1"),
+      await startProvider(python, "link-0", ["--speed", "0.1"]),
+      await startProvider(python, "link-1", ["--speed", "0.1"]),
       // About 2.4 Mbit/s: every all-reduce of this model's 280 KB of gradients waits on it.
-      await startProvider(python, "link-2", ["--link-rate", "300kB"]),
+      await startProvider(python, "link-2", ["--speed", "0.1", "--link-rate", "300kB"]),
     ];
     const taskFile = path.join(tmp.dir, "wide.py");
     await writeFile(
@@ -110,7 +108,7 @@ describe("leaving out a worker whose link would slow every step", () => {
     );
     const write = async (name: string, lines: string[]) => {
       const file = path.join(tmp.dir, `${name}.yaml`);
-      const body = ["steps: 12", "batch_size: 64", "optimizer: {name: sgd, lr: 0.1}", "compression: {method: none}", "eval: {samples: 64}"];
+      const body = ["steps: 12", "batch_size: 256", "optimizer: {name: sgd, lr: 0.1}", "compression: {method: none}", "eval: {samples: 64}"];
       await writeFile(file, [`name: ${name}`, `task: ${taskFile}`, `output: ${path.join(tmp.dir, "runs")}`, ...body, ...lines].join("\n") + "\n");
       return file;
     };
@@ -136,7 +134,7 @@ describe("leaving out a worker whose link would slow every step", () => {
     expect(lines).toHaveLength(12);
     for (const line of lines.slice(3)) {
       expect(line.workers.map((w: { rank: number }) => w.rank)).toEqual([0, 1]);
-      expect(line.workers.reduce((a: number, w: { share: number }) => a + w.share, 0)).toBe(64);
+      expect(line.workers.reduce((a: number, w: { share: number }) => a + w.share, 0)).toBe(256);
     }
     expect(lines[2].workers).toHaveLength(3);
     // Rank 2's samples are those of the steps before it was left out; rows say "left out".

@@ -1,18 +1,14 @@
 import { readFile, writeFile } from "node:fs/promises";
 import path from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { nimble, REPO_ROOT, startProvider, tempDir, testPython } from "../helpers/processes.js";
+import { describe, expect, it } from "vitest";
+import { nimble, REPO_ROOT, startProvider, type TempDir, useE2E } from "../helpers/processes.js";
 import { maxWeightDifference, readSafetensors } from "../helpers/safetensors.js";
 
 const MNIST_TASK = path.join(REPO_ROOT, "examples", "mnist", "task.py");
 
 let python = "";
-let tmp: Awaited<ReturnType<typeof tempDir>>;
-beforeAll(async () => {
-  python = await testPython();
-  tmp = await tempDir();
-}, 600_000);
-afterAll(() => tmp?.remove());
+let tmp: TempDir;
+useE2E((env) => ({ python, tmp } = env));
 
 async function writeConfig(name: string, body: string): Promise<string> {
   const file = path.join(tmp.dir, `${name}.yaml`);

@@ -2,7 +2,7 @@ import { execa, type Options, type ResultPromise } from "execa";
 import { mkdtemp, rm } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
-import { afterAll } from "vitest";
+import { afterAll, beforeAll } from "vitest";
 import { forEachLine } from "../../src/runtime/lines.js";
 import { resolvePython } from "../../src/runtime/python.js";
 import { CLI_PATH } from "../../src/runtime/paths.js";
@@ -81,3 +81,19 @@ export async function startProvider(
 }
 
 export { execa };
+
+export type TempDir = Awaited<ReturnType<typeof tempDir>>;
+
+/**
+ * What an end-to-end test file needs, made once before its tests and removed after: the
+ * interpreter with torch and a temporary folder. `use` receives them when they are ready.
+ */
+export function useE2E(use: (env: { python: string; tmp: TempDir }) => void): void {
+  let tmp: TempDir | null = null;
+  beforeAll(async () => {
+    const python = await testPython();
+    tmp = await tempDir();
+    use({ python, tmp });
+  }, 600_000);
+  afterAll(() => tmp?.remove());
+}

@@ -82,7 +82,7 @@ describe("RunDir", () => {
       3,
     );
     expect(where).toBe(path.join(run.dir, "checkpoints", "step-000042"));
-    expect((await readdir(where)).sort()).toEqual(["data.json", "model.pt"]);
+    expect((await readdir(where)).sort()).toEqual(["data.json", "manifest.json", "model.pt"]);
     expect([...(await readFile(path.join(where, "model.pt")))]).toEqual([1, 2, 3]);
     expect(await readFile(path.join(where, "data.json"), "utf8")).toBe('{"step": 42}');
     await run.close();
@@ -91,7 +91,7 @@ describe("RunDir", () => {
   it("keeps checkpoint files inside the checkpoint folder whatever their names say", async () => {
     const run = await RunDir.create(tmp.dir, "c", when);
     const where = await run.writeCheckpoint(1, [{ name: "../../escape.pt", data: new Uint8Array([7]) }], 3);
-    expect(await readdir(where)).toEqual(["escape.pt"]);
+    expect((await readdir(where)).sort()).toEqual(["escape.pt", "manifest.json"]);
     await expect(readFile(path.join(run.dir, "escape.pt"))).rejects.toThrow();
     await run.close();
   });
@@ -102,7 +102,7 @@ describe("RunDir", () => {
     await mkdir(tmpDir, { recursive: true });
     await writeFile(path.join(tmpDir, "stale.pt"), "half-written");
     const where = await run.writeCheckpoint(10, [{ name: "model.pt", data: bytes("fresh") }], 3);
-    expect(await readdir(where)).toEqual(["model.pt"]);
+    expect((await readdir(where)).sort()).toEqual(["manifest.json", "model.pt"]);
     expect(await readFile(path.join(where, "model.pt"), "utf8")).toBe("fresh");
     expect(await readdir(path.join(run.dir, "checkpoints"))).toEqual(["step-000010"]);
     await run.close();
@@ -112,7 +112,7 @@ describe("RunDir", () => {
     const run = await RunDir.create(tmp.dir, "c", when);
     await run.writeCheckpoint(5, [{ name: "old.pt", data: bytes("old") }], 3);
     const where = await run.writeCheckpoint(5, [{ name: "model.pt", data: bytes("new") }], 3);
-    expect(await readdir(where)).toEqual(["model.pt"]);
+    expect((await readdir(where)).sort()).toEqual(["manifest.json", "model.pt"]);
     await run.close();
   });
 
@@ -149,5 +149,44 @@ describe("RunDir", () => {
     expect(JSON.parse(await readFile(path.join(run.dir, "summary.json"), "utf8"))).toEqual(summary);
     await run.close();
     expect((await readdir(run.dir)).filter((f) => f.endsWith(".tmp"))).toEqual([]);
+  });
+  it("reads back the newest checkpoint whose files match its manifest, naming why newer ones were passed over", async () => {
+    const run = await RunDir.create(tmp.dir, "v", when);
+    const root = path.join(run.dir, "checkpoints");
+    for (const step of [5, 10, 15, 20]) {
+      await run.writeCheckpoint(step, [{ name: "model.pt", data: bytes(`weights ${step}`) }, { name: "data.json", data: bytes(`{"step": ${step}}`) }], 4);
+    }
+    await writeFile(path.join(root, "step-000020", "model.pt"), "weights 2"); // truncated
+    await writeFile(path.join(root, "step-000015", "model.pt"), "weights XY"); // same size, altered
+    await rm(path.join(root, "step-000010", "manifest.json")); // a write cut short
+    const { checkpoint, skipped } = await RunDir.latestCheckpoint(run.dir);
+    expect(checkpoint?.step).toBe(5);
+    expect(checkpoint?.files.map((f) => [f.name, Buffer.from(f.data).toString()])).toEqual([
+      ["model.pt", "weights 5"],
+      ["data.json", '{"step": 5}'],
+    ]);
+    expect(skipped).toEqual([
+      "step-000020: model.pt has 9 bytes, the manifest says 10",
+      "step-000015: model.pt does not match its sha256 in the manifest",
+      "step-000010: it has no manifest (written only partly?)",
+    ]);
+    await rm(path.join(root, "step-000005", "data.json"));
+    expect((await RunDir.latestCheckpoint(run.dir)).checkpoint).toBeNull();
+    expect((await RunDir.latestCheckpoint(path.join(tmp.dir, "nowhere"))).checkpoint).toBeNull();
+    await run.close();
+  });
+
+  it("reopens a run to resume: metrics keep the steps before the checkpoint (and drop a line cut short)", async () => {
+    const run = await RunDir.create(tmp.dir, "r", when);
+    const line = (step: number) => ({ step, loss: 1 / (step + 1), lr: 0.1, samples: 8, wall_s: step, step_s: 1, bytes_sent: 10, uncompressed_bytes: 20, workers: [] });
+    for (let s = 0; s < 7; s++) run.appendMetrics(line(s) as never);
+    await run.close();
+    await writeFile(path.join(run.dir, "metrics.jsonl"), (await readFile(path.join(run.dir, "metrics.jsonl"), "utf8")) + '{"step": 7, "lo');
+    const { run: again, kept } = await RunDir.reopen(run.dir, 5);
+    expect(kept.map((m) => m.step)).toEqual([0, 1, 2, 3, 4]);
+    again.appendMetrics(line(5) as never);
+    await again.close();
+    const steps = (await readFile(path.join(run.dir, "metrics.jsonl"), "utf8")).trim().split("\n").map((l) => JSON.parse(l).step);
+    expect(steps).toEqual([0, 1, 2, 3, 4, 5]);
   });
 });

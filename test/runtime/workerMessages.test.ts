@@ -14,7 +14,7 @@ describe("worker messages", () => {
   it("accepts an allreduce whose payload is count x 4 bytes", () => {
     const m = parseWorkerMessage(msg({ op: "allreduce", id: 2, dtype: "float32", count: 3 }, Buffer.alloc(12)), "rank 0");
     // A worker that names no codec means plain float32 on the wire.
-    expect(m).toEqual({ op: "allreduce", id: 2, dtype: "float32", count: 3, codec: "f32" });
+    expect(m).toEqual({ op: "allreduce", id: 2, dtype: "float32", count: 3, codec: "f32", attempt: 0 });
     const coded = parseWorkerMessage(msg({ op: "allreduce", id: 3, dtype: "float32", count: 3, codec: "int8" }, Buffer.alloc(12)), "rank 0");
     expect(coded).toMatchObject({ codec: "int8" });
     expect(() => parseWorkerMessage(msg({ op: "allreduce", id: 4, dtype: "float32", count: 3, codec: "zip" }, Buffer.alloc(12)), "rank 2")).toThrow(/codec/);
@@ -64,7 +64,9 @@ describe("worker messages", () => {
     ["step_done", { op: "step_done", step: 0, loss: 2.3, samples: 16, micro_batches: 1, max_micro_batch: null, lr: 0.1, compute_s: 0.5, comm_s: 0.1, skipped: false, dense_count: 100 }],
     ["step_done with hash", { op: "step_done", step: 9, loss: 0, samples: 0, micro_batches: 0, max_micro_batch: 4, lr: 0.1, compute_s: 0.5, comm_s: 0.1, hash: "ff", skipped: false, dense_count: 7 }],
     ["skipped step_done", { op: "step_done", step: 4, loss: 0, samples: 8, micro_batches: 2, max_micro_batch: 4, lr: 0.1, compute_s: 0.5, comm_s: 0.1, skipped: true, nonfinite: ["loss", "fc.weight"], dense_count: 7 }],
-    ["allgather", { op: "allgather", id: 3, size: 0 }],
+    ["allgather", { op: "allgather", id: 3, size: 0, attempt: 2 }],
+    ["aborted", { op: "aborted", step: 4 }],
+    ["committed", { op: "committed", step: 5, hash: "ab" }],
     ["eval_done", { op: "eval_done", step: 3, count: 100, sums: { loss: 12.5, accuracy: 91 } }],
     ["loaded", { op: "loaded", step: 12 }],
     ["error", { op: "error", message: "boom", where: "task.py: build_model", kind: "task" }],

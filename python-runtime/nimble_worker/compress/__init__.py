@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -129,6 +129,13 @@ class Compressor:
         """Sum `grads` over the workers. `share` is this worker's share / batch_size;
         `poison` forces the step to be skipped everywhere (e.g. a non-finite loss)."""
         raise NotImplementedError
+
+    def mark(self) -> Any:
+        """What `rollback` needs to undo the next `reduce` (a step abandoned mid-way)."""
+        return None
+
+    def rollback(self, mark: Any) -> None:
+        """Undo every state change since `mark()` was taken."""
 
     def state_dict(self) -> dict:
         return {}

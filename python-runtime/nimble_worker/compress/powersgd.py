@@ -189,6 +189,15 @@ class PowerSGD(Compressor):
                 self.memory[name] = x - share * o
         return out
 
+    def mark(self):
+        # reduce() replaces entries rather than changing tensors in place: shallow copies do.
+        return dict(self.memory), dict(self.q), self.gen.get_state()
+
+    def rollback(self, mark) -> None:
+        memory, q, gen = mark
+        self.memory, self.q = dict(memory), dict(q)
+        self.gen.set_state(gen)
+
     def state_dict(self) -> dict:
         return {"method": "powersgd", "memory": {k: v.cpu() for k, v in self.memory.items()},
                 "q": dict(self.q), "generator": self.gen.get_state()}

@@ -73,6 +73,12 @@ class TopK(Compressor):
             self.memory = x
         return Reduced(unflat(total, grads), bad, 1)
 
+    def mark(self):
+        return self.memory  # replaced, never changed in place, by reduce()
+
+    def rollback(self, mark) -> None:
+        self.memory = mark
+
     def state_dict(self) -> dict:
         return {"method": "topk", "memory": None if self.memory is None else self.memory.cpu()}
 
