@@ -5,7 +5,7 @@
 // Prints the recovery times (fault to the next completed step): median and worst, per
 // kind, and writes JSON.
 //
-//   npm run bench:chaos [-- --steps 160 --faults 8 --seed 1 --out results/chaos.json]
+//   npm run bench:chaos [-- --steps 800 --faults 8 --seed 1 --out results/chaos.json]
 import { execFileSync, spawn } from "node:child_process";
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import os from "node:os";
@@ -20,7 +20,7 @@ const arg = (name, fallback) => {
   const i = process.argv.indexOf(`--${name}`);
   return i > 0 ? process.argv[i + 1] : fallback;
 };
-const steps = Number(arg("steps", "400"));
+const steps = Number(arg("steps", "800"));
 const faultCount = Number(arg("faults", "8"));
 const out = path.resolve(root, arg("out", "results/chaos.json"));
 let seed = Number(arg("seed", "1"));

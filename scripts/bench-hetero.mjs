@@ -154,7 +154,9 @@ try {
       steps_to_within_10pct_of_settled: settleSteps,
       shares_before: recoveryCurve[changeAt - 1].shares,
       shares_after: recoveryCurve[recoveryCurve.length - 1].shares,
+      curve: recoveryCurve.map((s) => ({ step: s.step, samples_per_s: Math.round(s.rate), shares: s.shares })),
     },
+    weighted_curve: weightedCurve.map((s) => ({ step: s.step, samples_per_s: Math.round(s.rate), shares: s.shares })),
   };
   console.log(`\nHeterogeneous providers at speeds ${SPEEDS.join(" : ")}, MNIST batch ${batch}, ${result.machine.cores}-core ${result.machine.cpu}`);
   console.log("| setting | samples/s | of ideal |");
