@@ -25,6 +25,10 @@ class Stop(Exception):
     """The provider sent `stop`."""
 
 
+# Messages that imply the coordinator saw the prepared step reduced on every member.
+COMMITTING_OPS = frozenset({"step", "sync", "sync_state", "commit", "eval", "state"})
+
+
 class Worker:
     def __init__(self, link: Link):
         self.link = link
@@ -112,16 +116,18 @@ class Worker:
         while True:
             h, payload = self.link.recv()
             op = h["op"]
+            # The coordinator sends these only once every member reduced the prepared
+            # step: apply its update first (docs/protocol.md, "Two-phase steps").
+            if op in COMMITTING_OPS:
+                tr.commit()
             if op == "stop":
                 raise Stop()
             elif op == "set_speed":
                 self.set_speed(h)
             elif op == "sync":
-                tr.commit()
                 self.link.send({"op": "synced", "hash": tr.sync(int(h.get("source") or 0))})
             elif op == "sync_state":
                 # A member joined: every member takes rank `source`'s whole training state.
-                tr.commit()
                 digest = tr.sync_state(int(h["source"]))
                 self.link.send({"op": "synced_state", "step": tr.next_step, "hash": digest})
             elif op == "ring":
@@ -131,8 +137,6 @@ class Worker:
                     raise LinkError(f"ring: bad size {size!r}")
                 self.world_size = size
             elif op == "step":
-                # A new step means the coordinator saw the last one reduced everywhere.
-                tr.commit()
                 t = int(h["step"])
                 self.attempt = int(h.get("attempt") or 0)
                 try:
@@ -146,15 +150,12 @@ class Worker:
                 dropped = tr.abort()
                 self.link.send({"op": "aborted", "step": tr.next_step if dropped is None else dropped})
             elif op == "commit":
-                tr.commit()
                 self.link.send({"op": "committed", "step": tr.next_step, "hash": tr.hash()})
             elif op == "eval":
-                tr.commit()
                 count, sums = tr.eval(int(h["start"]), int(h["count"]), int(h["batch_size"]))
                 self.link.send({"op": "eval_done", "step": h["step"], "count": count,
                                 "sums": sums})
             elif op == "state":
-                tr.commit()
                 files = tr.state(h["kind"])
                 self.link.send({"op": "state", "kind": h["kind"], "step": tr.next_step,
                                 "files": [{"name": n, "size": len(b)} for n, b in files]},

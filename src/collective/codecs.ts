@@ -202,11 +202,19 @@ export function encodePayload(codec: WireCodec, src: Float32Array, out: Uint8Arr
   }
 }
 
+/** An int8 payload: one float32 LE scale per block of INT8_BLOCK values, then the values. */
+function int8Layout(bytes: Uint8Array, count: number): { blocks: number; scales: DataView; q: Int8Array } {
+  const blocks = Math.ceil(count / INT8_BLOCK);
+  return {
+    blocks,
+    scales: new DataView(bytes.buffer, bytes.byteOffset, blocks * 4),
+    q: new Int8Array(bytes.buffer, bytes.byteOffset + blocks * 4, count),
+  };
+}
+
 function encodeInt8(src: Float32Array, out: Uint8Array): void {
   const count = src.length;
-  const blocks = Math.ceil(count / INT8_BLOCK);
-  const scales = new DataView(out.buffer, out.byteOffset, blocks * 4);
-  const q = new Int8Array(out.buffer, out.byteOffset + blocks * 4, count);
+  const { blocks, scales, q } = int8Layout(out, count);
   for (let b = 0; b < blocks; b++) {
     const lo = b * INT8_BLOCK;
     const hi = Math.min(count, lo + INT8_BLOCK);
@@ -289,9 +297,7 @@ export function decodePayload(codec: WireCodec, payload: Uint8Array, dst: Float3
 
 function decodeInt8(payload: Uint8Array, dst: Float32Array, mode: "set" | "add"): void {
   const count = dst.length;
-  const blocks = Math.ceil(count / INT8_BLOCK);
-  const scales = new DataView(payload.buffer, payload.byteOffset, blocks * 4);
-  const q = new Int8Array(payload.buffer, payload.byteOffset + blocks * 4, count);
+  const { blocks, scales, q } = int8Layout(payload, count);
   for (let b = 0; b < blocks; b++) {
     const lo = b * INT8_BLOCK;
     const hi = Math.min(count, lo + INT8_BLOCK);

@@ -37,6 +37,7 @@ import {
   CHUNK_HEADER_BYTES,
   type ChunkFrame,
   chunkCodec,
+  concatBytes,
   DEFAULT_CHUNK_BYTES,
   decodeFrame,
   encodeBlobChunk,
@@ -300,15 +301,11 @@ interface GatherOp extends OpBase {
 
 type OpState = ReduceOp | GatherOp;
 
-function concat(parts: Uint8Array[], total: number): Uint8Array {
-  const out = new Uint8Array(total);
-  let o = 0;
-  for (const p of parts) {
-    out.set(p, o);
-    o += p.byteLength;
-  }
-  return out;
+/** The progress fields every op starts with. */
+function freshProgress(op: number, started: number, reject: (e: Error) => void): OpBase {
+  return { op, started, rx: null, rxDone: false, sendDone: false, settled: false, bytesSent: 0, payloadBytes: 0, frames: 0, forward: [], wake: null, reject };
 }
+
 
 export class RingAllReduce {
   readonly rank: number;
@@ -402,24 +399,13 @@ export class RingAllReduce {
     }
     return new Promise<RingStats>((resolve, reject) => {
       const state: ReduceOp = {
+        ...freshProgress(op, started, reject),
         kind: "allreduce",
-        op,
         data,
         codec,
         chunkElems: chunkElements(codec, this.chunkBytes),
         segs: segmentBounds(data.length, this.size),
-        started,
-        rx: null,
-        rxDone: false,
-        sendDone: false,
-        settled: false,
-        bytesSent: 0,
-        payloadBytes: 0,
-        frames: 0,
-        forward: [],
-        wake: null,
         resolve,
-        reject,
       };
       this.begin(state, () => this.pumpReduce(state));
     });
@@ -451,23 +437,12 @@ export class RingAllReduce {
       const blobs: Array<Uint8Array | null> = new Array(this.size).fill(null);
       blobs[this.rank] = own;
       const state: GatherOp = {
+        ...freshProgress(op, started, reject),
         kind: "allgather",
-        op,
         blob: own,
         parts: Array.from({ length: this.size }, () => []),
         blobs,
-        started,
-        rx: null,
-        rxDone: false,
-        sendDone: false,
-        settled: false,
-        bytesSent: 0,
-        payloadBytes: 0,
-        frames: 0,
-        forward: [],
-        wake: null,
         resolve,
-        reject,
       };
       this.begin(state, () => this.pumpGather(state));
     });
@@ -713,7 +688,7 @@ export class RingAllReduce {
       const parts = op.parts[frame.owner];
       parts.push(frame.data);
       if (frame.offset + frame.length === frame.total) {
-        op.blobs[frame.owner] = concat(parts, frame.total);
+        op.blobs[frame.owner] = concatBytes(parts, frame.total);
         op.parts[frame.owner] = [];
       }
       if (frame.phase < this.size - 2) op.forward.push({ bytes, phase: frame.phase + 1 });

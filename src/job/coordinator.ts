@@ -236,6 +236,17 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
   const joiners = new Set<number>();
   const targetOf = new Map<ProviderClient, { address: string; token: string }>();
   const rows = () => ranks.map((r) => ({ ...r.row }));
+  /** The providers of the job, and those hosting the ring's members now. */
+  const allClients = () => [...new Set(ranks.map((r) => r.client))];
+  const activeClients = () => [...new Set(active.map((r) => r.client))];
+  const ringUrls = () => ranks.map((r) => ({ rank: r.rank, url: ringUrl(r.client.address) }));
+  /** Re-form the ring (a new epoch) with the ranks in `active` as its members, once each is linked. */
+  const reformRing = async (what: string) => {
+    epoch += 1;
+    const formed = gather.expect("ring_ready", what, RING_TIMEOUT_MS);
+    for (const c of allClients()) c.send({ t: "ring", epoch, members: active.map((r) => r.rank), urls: ringUrls() });
+    await formed;
+  };
   const faultLog: TrainSummary["faults"] = [];
   const stepsRedone: number[] = [];
   /** Faults noticed and not yet recovered from. */
@@ -246,14 +257,13 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
   const heartbeatMs = config.faults.heartbeat_s * 1000;
   /** Ranks some fault already named since they last (re)joined: later news of them is no new fault. */
   const declaredLost = new Set<number>();
+  /** A loss told again with more to it (a provider reports a crash, then that the worker gives up): keep the fuller reason. */
+  const retell = (lostRanks: number[], reason: string) => {
+    const known = [...faultLog, ...faultQueue].reverse().find((f) => f.ranks.some((r) => lostRanks.includes(r)));
+    if (known && reason.startsWith(known.reason)) known.reason = reason;
+  };
   const noteFault = (fault: Fault) => {
-    if (fault.ranks.length > 0 && fault.ranks.every((r) => declaredLost.has(r))) {
-      // The same loss told again (a provider reports a crash, then that the worker gives up):
-      // keep the fuller reason.
-      const known = [...faultLog, ...faultQueue].reverse().find((f) => f.ranks.some((r) => fault.ranks.includes(r)));
-      if (known && fault.reason.length > known.reason.length) known.reason = fault.reason;
-      return;
-    }
+    if (fault.ranks.length > 0 && fault.ranks.every((r) => declaredLost.has(r))) return retell(fault.ranks, fault.reason);
     for (const r of fault.ranks) declaredLost.add(r);
     if (!training) {
       gather.fail(new JobFailed(`${fault.kind === "provider lost" ? "Lost provider" : fault.kind === "worker died" ? "A worker died" : "The ring broke"}: ${fault.reason}`));
@@ -426,12 +436,10 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
           else if (m.kind === "worker" && m.rank !== undefined && training) {
             if (active.some((r) => r.rank === m.rank)) noteFault({ kind: "worker died", ranks: [m.rank], reason: m.message, at: Date.now() });
             else {
-              // Out of the ring already (it crashed again while restarting, or gave up):
-              // the fault is known; keep the fuller account of it.
+              // Out of the ring already (it crashed again while restarting, or gave up).
               joiners.delete(m.rank);
               if (ranks[m.rank]) ranks[m.rank].row.state = "lost";
-              const known = [...faultLog].reverse().find((f) => f.ranks.includes(m.rank!));
-              if (known && m.message.startsWith(known.reason)) known.reason = m.message;
+              retell([m.rank], m.message);
               status(m.message);
             }
           } else gather.fail(new JobFailed(`${who} failed: ${m.where ? `${m.where}: ` : ""}${m.message}`, taskErrorHint(m.kind)));
@@ -480,7 +488,6 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
     const code = await readFile(loaded.taskPath);
     const job = randomUUID();
     const secret = randomBytes(24).toString("hex");
-    const ringUrls = () => ranks.map((r) => ({ rank: r.rank, url: ringUrl(r.client.address) }));
     const sendJob = (client: ProviderClient, join: boolean) =>
       client.send({
         t: "job",
@@ -633,7 +640,7 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
           const rates = rebalancer?.rates;
           const stayRates = rates ? active.flatMap((r, k) => (lost.has(r.rank) ? [] : [rates[k]])) : null;
           active = stay;
-          const liveClients = [...new Set(active.map((r) => r.client))];
+          const liveClients = activeClients();
           if (step !== null) {
             const acks = gather.expect("step_aborted", `workers abandoning step ${step}`, RECOVERY_TIMEOUT_MS);
             for (const c of liveClients) c.send({ t: "abort", step });
@@ -643,10 +650,7 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
             for (const c of liveClients) c.send({ t: "commit" });
             checkHashes(await acks, "after a fault between steps");
           }
-          epoch += 1;
-          const formed = gather.expect("ring_ready", `the ring re-forming without rank(s) ${[...lost].join(", ") || "(none)"}`, RING_TIMEOUT_MS);
-          for (const c of new Set(ranks.map((r) => r.client))) c.send({ t: "ring", epoch, members: active.map((r) => r.rank) });
-          await formed;
+          await reformRing(`the ring re-forming without rank(s) ${[...lost].join(", ") || "(none)"}`);
           if (step !== null) stepsRedone.push(step);
           rebalancer = rebalancer && stayRates ? new Rebalancer(batch, stayRates) : rebalancer;
           shares = rebalancer ? rebalancer.shares : equalShares(batch, active.length);
@@ -695,13 +699,9 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
       const rateOf = new Map(active.map((r, k) => [r.rank, rates ? rates[k] : 1]));
       const meanRate = [...rateOf.values()].reduce((a, b) => a + b, 0) / Math.max(1, rateOf.size);
       active = [...active, ...newcomers].sort((a, b) => a.rank - b.rank);
-      epoch += 1;
-      const formed = gather.expect("ring_ready", `the ring re-forming with rank(s) ${newcomers.map((r) => r.rank).join(", ")}`, RING_TIMEOUT_MS);
-      const urls = ringUrls();
-      for (const c of new Set(ranks.map((r) => r.client))) c.send({ t: "ring", epoch, members: active.map((r) => r.rank), urls });
-      await formed;
+      await reformRing(`the ring re-forming with rank(s) ${newcomers.map((r) => r.rank).join(", ")}`);
       const synced = gather.expect("synced_state", `rank ${source}'s state reaching the new members`, STEP_TIMEOUT_MS);
-      for (const c of new Set(active.map((r) => r.client))) c.send({ t: "sync_state", source });
+      for (const c of activeClients()) c.send({ t: "sync_state", source });
       const got = await synced;
       checkHashes(got, `after rank(s) ${newcomers.map((r) => r.rank).join(", ")} took rank ${source}'s state`);
       for (const [rank, m] of got) {
@@ -714,7 +714,6 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
       // Newcomers start at the others' mean speed; the next steps measure them.
       if (rebalancer) rebalancer = new Rebalancer(batch, active.map((r) => rateOf.get(r.rank) ?? meanRate));
       shares = rebalancer ? rebalancer.shares : equalShares(batch, active.length);
-      verifyNext = true;
       status(`Rank${newcomers.length === 1 ? "" : "s"} ${newcomers.map((r) => r.rank).join(", ")} joined before step ${step} with rank ${source}'s state; ${active.length} workers, shares ${shares.join(" : ")}`);
       reporter.handle({ type: "workers", workers: rows() });
     };
@@ -740,7 +739,7 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
       try {
         const done = gather.expect("step_done", `step ${step}`, STEP_TIMEOUT_MS, (m) => m.step === step);
         const stepShares = byRank(shares);
-        for (const c of new Set(active.map((r) => r.client))) c.send({ t: "step", step, shares: stepShares, want_hash: wantHash });
+        for (const c of activeClients()) c.send({ t: "step", step, shares: stepShares, want_hash: wantHash });
         reports = await done;
       } catch (err) {
         if (!(err instanceof FaultError)) throw err;
@@ -900,7 +899,7 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
     // 7. Final weights and summary: every replica applies the last step and compares hashes.
     const finalFiles = await surviving(async () => {
       const committed = gather.expect("committed", "the last step's update", STEP_TIMEOUT_MS);
-      for (const c of new Set(active.map((r) => r.client))) c.send({ t: "commit" });
+      for (const c of activeClients()) c.send({ t: "commit" });
       checkHashes(await committed, "after the last step");
       const final = gather.expect("state", "final weights", STEP_TIMEOUT_MS, (m) => m.kind === "final", [active[0].rank]);
       active[0].client.send({ t: "state", rank: active[0].rank, kind: "final" });
@@ -936,7 +935,7 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
   async function evaluate(step: number, samples: number): Promise<Record<string, number>> {
     const slices = slicesFor(samples, active.map(() => 1));
     const done = gather.expect("eval_done", `evaluation after step ${step + 1}`, STEP_TIMEOUT_MS, (m) => m.step === step);
-    for (const client of new Set(active.map((r) => r.client))) {
+    for (const client of activeClients()) {
       client.send({
         t: "eval",
         step,
@@ -996,11 +995,8 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
     const stay = active.filter((_, k) => !out.has(k));
     const stayRates = rates.filter((_, k) => !out.has(k));
     active = stay;
-    epoch += 1;
-    const formed = gather.expect("ring_ready", `the ring re-formed without rank(s) ${[...out].join(", ")}`, RING_TIMEOUT_MS);
-    for (const c of new Set(ranks.map((r) => r.client))) c.send({ t: "ring", epoch, members: stay.map((r) => r.rank) });
-    await formed;
-    reporter.handle({ type: "workers", workers: ranks.map((r) => ({ ...r.row })) });
+    await reformRing(`the ring re-formed without rank(s) ${[...out].join(", ")}`);
+    reporter.handle({ type: "workers", workers: rows() });
     return new Rebalancer(config.batch_size, stayRates);
   }
 }

@@ -82,6 +82,8 @@ export class Provider {
   /** Ring connections that arrived before their job: held until it does, or time out. */
   private pendingRing: FrameLink[] = [];
   private readonly uplink: RateLimit | null;
+  /** Per control connection: the job that ended on it, so late messages for it are not failures. */
+  private readonly endedOn = new WeakMap<WebSocket, { job: string; reason: string }>();
 
   constructor(private readonly opts: ProviderOptions) {
     this.token = opts.token ?? randomBytes(16).toString("hex");
@@ -189,7 +191,7 @@ export class Provider {
         this.startJob(message, send, ws);
         return;
       }
-      const ended = endedOn.get(ws) ?? null;
+      const ended = this.endedOn.get(ws) ?? null;
       if (!this.job) {
         // A job this provider left (its workers kept crashing) may still get the job's
         // messages for a moment: they are moot, not a failure.
@@ -242,7 +244,7 @@ export class Provider {
     this.opts.onEvent({ type: "job", job: spec.job, name: String(spec.config.name ?? ""), ranks: spec.ranks.map((r) => r.rank), world_size: spec.world_size });
     job.onEnd = (reason) => {
       if (this.job === job) this.job = null;
-      endedOn.set(ws, { job: spec.job, reason });
+      this.endedOn.set(ws, { job: spec.job, reason });
       this.opts.onEvent({ type: "job_end", job: spec.job, reason });
     };
     void job.start().catch((err) => {
@@ -272,9 +274,6 @@ export class Provider {
     });
   }
 }
-
-/** Per control connection: the job that ended on it, so late messages for it are not failures. */
-const endedOn = new WeakMap<WebSocket, { job: string; reason: string }>();
 
 function describeClose(code: number, reason: string): string {
   return `code ${code}${reason ? ` (${reason})` : ""}`;
@@ -424,61 +423,59 @@ class ProviderJob {
     const { spec } = this;
     const taskPath = this.taskPath;
     const threads = this.threads;
-    {
-      const label = `rank ${local.rank}`;
-      const worker = new WorkerProcess({
-        python: this.opts.python.python,
-        cwd: this.dir,
-        label,
-        env: { NIMBLE_RANK: String(local.rank), NIMBLE_WORLD_SIZE: String(spec.world_size) },
-        onLog: (line) => {
-          this.log(line);
-          this.send({ t: "log", line });
-        },
-      });
-      local.worker = worker;
-      worker.on("message", (m) => {
-        let message: FromWorker;
-        try {
-          message = parseWorkerMessage(m, label);
-        } catch (err) {
-          this.fail(errorMessage(err), "internal", local.rank);
-          return;
-        }
-        this.onWorkerMessage(local, message, m.payload);
-      });
-      worker.on("error", (err) => this.fail(`${label}: ${errorMessage(err)}`, "internal", local.rank));
-      worker.on("exit", (exit) => {
-        if (exit.expected || this.ended || local.worker !== worker) return;
-        const how = exit.signal ? `was killed by ${exit.signal}` : `exited with code ${exit.code}`;
-        const what = `worker for rank ${local.rank} on ${os.hostname()} ${how}`;
-        // The rank leaves the ring (the coordinator re-forms it without it); the worker is
-        // started again and rejoins, taking the state from a peer, up to faults.max_restarts.
-        if (!local.left) this.leave(local, what, "worker");
-        if (local.restarts >= this.maxRestarts) {
-          const why = `${what}; it crashed ${local.restarts + 1} time${local.restarts === 0 ? "" : "s"} (faults.max_restarts is ${this.maxRestarts}), so it leaves the job`;
-          this.log(why);
-          this.send({ t: "failed", rank: local.rank, message: why, kind: "worker" });
-          if (this.ranks.every((r) => r.left && r.restarts >= this.maxRestarts)) void this.end(why);
-          return;
-        }
-        local.restarts += 1;
-        this.log(`restarting the worker for rank ${local.rank} (restart ${local.restarts} of ${this.maxRestarts})`);
-        Object.assign(local, { ready: false, readyInfo: null, formed: -1, attempt: 0, lostEpoch: -1, queue: Promise.resolve(), restarting: true });
-        this.spawnWorker(local);
-      });
-      worker.send({
-        op: "init",
-        task_path: taskPath,
-        config: spec.config,
-        rank: local.rank,
-        world_size: spec.world_size,
-        device: local.device,
-        threads,
-        speed: this.currentSpeed(),
-        ...(this.opts.maxMicroBatch ? { max_micro_batch: this.opts.maxMicroBatch } : {}),
-      });
-    }
+    const label = `rank ${local.rank}`;
+    const worker = new WorkerProcess({
+      python: this.opts.python.python,
+      cwd: this.dir,
+      label,
+      env: { NIMBLE_RANK: String(local.rank), NIMBLE_WORLD_SIZE: String(spec.world_size) },
+      onLog: (line) => {
+        this.log(line);
+        this.send({ t: "log", line });
+      },
+    });
+    local.worker = worker;
+    worker.on("message", (m) => {
+      let message: FromWorker;
+      try {
+        message = parseWorkerMessage(m, label);
+      } catch (err) {
+        this.fail(errorMessage(err), "internal", local.rank);
+        return;
+      }
+      this.onWorkerMessage(local, message, m.payload);
+    });
+    worker.on("error", (err) => this.fail(`${label}: ${errorMessage(err)}`, "internal", local.rank));
+    worker.on("exit", (exit) => {
+      if (exit.expected || this.ended || local.worker !== worker) return;
+      const how = exit.signal ? `was killed by ${exit.signal}` : `exited with code ${exit.code}`;
+      const what = `worker for rank ${local.rank} on ${os.hostname()} ${how}`;
+      // The rank leaves the ring (the coordinator re-forms it without it); the worker is
+      // started again and rejoins, taking the state from a peer, up to faults.max_restarts.
+      if (!local.left) this.leave(local, what);
+      if (local.restarts >= this.maxRestarts) {
+        const why = `${what}; it crashed ${local.restarts + 1} time${local.restarts === 0 ? "" : "s"} (faults.max_restarts is ${this.maxRestarts}), so it leaves the job`;
+        this.log(why);
+        this.send({ t: "failed", rank: local.rank, message: why, kind: "worker" });
+        if (this.ranks.every((r) => r.left && r.restarts >= this.maxRestarts)) void this.end(why);
+        return;
+      }
+      local.restarts += 1;
+      this.log(`restarting the worker for rank ${local.rank} (restart ${local.restarts} of ${this.maxRestarts})`);
+      Object.assign(local, { ready: false, readyInfo: null, formed: -1, attempt: 0, lostEpoch: -1, queue: Promise.resolve(), restarting: true });
+      this.spawnWorker(local);
+    });
+    worker.send({
+      op: "init",
+      task_path: taskPath,
+      config: spec.config,
+      rank: local.rank,
+      world_size: spec.world_size,
+      device: local.device,
+      threads,
+      speed: this.currentSpeed(),
+      ...(this.opts.maxMicroBatch ? { max_micro_batch: this.opts.maxMicroBatch } : {}),
+    });
   }
 
   /** A ring neighbour silent past the heartbeat deadline is cut off: its link closes (1006). */
@@ -501,13 +498,13 @@ class ProviderJob {
   }
 
   /** A local rank leaves the job (its worker died): the coordinator re-forms the ring without it. */
-  private leave(local: LocalRank, message: string, kind: "worker") {
+  private leave(local: LocalRank, message: string) {
     local.left = true;
     local.ring?.abort(message);
     for (const link of [local.next, local.prev]) link?.close(CLOSE_REFORM, "rank left");
     local.next = local.prev = null;
     this.log(message);
-    this.send({ t: "failed", rank: local.rank, message, kind });
+    this.send({ t: "failed", rank: local.rank, message, kind: "worker" });
   }
 
   /** Taking part in the ring now (not left out, lost, or still joining). */
@@ -598,29 +595,25 @@ class ProviderJob {
 
   private maybeReady(local: LocalRank) {
     if (local.left || !local.readyInfo) return;
-    if (!this.members.includes(local.rank)) {
-      // Loaded but not in the ring (joining, or restarted): ready to be brought in.
-      if (!local.ready) {
-        local.ready = true;
-        const { op: _op, ...info } = local.readyInfo;
-        this.send({ t: "ready", rank: local.rank, info });
-      }
-      return;
-    }
+    // Loaded but not in the ring (joining, or restarted): ready to be brought in.
+    if (!this.members.includes(local.rank)) return this.announceReady(local);
     if (local.formed === this.epoch) return;
     const size = this.members.length;
     if (size > 1 && (!local.next || !local.prev)) return;
     const { position } = this.neighbours(local.rank);
     local.ring = new RingAllReduce({ rank: position, size, next: local.next, prev: local.prev });
     local.formed = this.epoch;
-    if (!local.ready) {
-      local.ready = true;
-      const { op: _op, ...info } = local.readyInfo;
-      this.send({ t: "ready", rank: local.rank, info });
-    } else {
-      local.worker?.send({ op: "ring", size });
-      this.send({ t: "ring_ready", rank: local.rank, epoch: this.epoch });
-    }
+    if (!local.ready) return this.announceReady(local);
+    local.worker?.send({ op: "ring", size });
+    this.send({ t: "ring_ready", rank: local.rank, epoch: this.epoch });
+  }
+
+  /** Tell the coordinator the rank's worker is loaded: once per worker start. */
+  private announceReady(local: LocalRank) {
+    if (local.ready || !local.readyInfo) return;
+    local.ready = true;
+    const { op: _op, ...info } = local.readyInfo;
+    this.send({ t: "ready", rank: local.rank, info });
   }
 
   /**

@@ -1,6 +1,6 @@
 import { createHash } from "node:crypto";
 import { createWriteStream, type WriteStream } from "node:fs";
-import { mkdir, readdir, readFile, rename, rm, stat, writeFile, copyFile } from "node:fs/promises";
+import { mkdir, readdir, readFile, rename, rm, writeFile, copyFile } from "node:fs/promises";
 import path from "node:path";
 
 /** A checkpoint read back and verified against its manifest. */
@@ -133,10 +133,6 @@ export class RunDir {
       }
     }
     return { checkpoint: null, skipped };
-  }
-
-  static async exists(dir: string): Promise<boolean> {
-    return stat(dir).then((s) => s.isDirectory(), () => false);
   }
 
   static async create(outputRoot: string, name: string, now = new Date()): Promise<RunDir> {

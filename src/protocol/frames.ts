@@ -240,9 +240,12 @@ function encodeOpBody(msg: OpMessage): Uint8Array {
       parts.push(msgpackEncode(value));
     }
   }
-  let n = 0;
-  for (const p of parts) n += p.byteLength;
-  const out = new Uint8Array(n);
+  return concatBytes(parts);
+}
+
+/** `parts` joined into a fresh array of its own (not a view into a pooled buffer). */
+export function concatBytes(parts: Uint8Array[], total = parts.reduce((n, p) => n + p.byteLength, 0)): Uint8Array {
+  const out = new Uint8Array(total);
   let o = 0;
   for (const p of parts) {
     out.set(p, o);

@@ -7,7 +7,7 @@ import {
 } from "../../src/collective/ring.js";
 import { ProtocolError } from "../../src/errors.js";
 import { DEFAULT_CHUNK_BYTES, encodeBlobChunk, encodeChunk, encodeControl } from "../../src/protocol/frames.js";
-import { closeAll, type Harness, randomBuffer, sleep, startRing } from "./ringHarness.js";
+import { closeAll, type Harness, randomBuffer, sleep, startRing, waitClosed } from "./ringHarness.js";
 
 afterEach(async () => {
   await closeAll();
@@ -138,10 +138,7 @@ describe("all-gather failures", () => {
     for (const f of frames) await h.nodes[1].next.send(f);
     const err = await result.catch((e: unknown) => e);
     const ws = h.nodes[1].next.ws;
-    const code = await new Promise<number>((resolve) => {
-      if (ws.readyState === ws.CLOSED) resolve((ws as unknown as { _closeCode: number })._closeCode);
-      else ws.once("close", (c: number) => resolve(c));
-    });
+    const code = await waitClosed(ws);
     expect(err).toBeInstanceOf(ProtocolError);
     expect(code).toBe(4003);
     return (err as Error).message;

@@ -8,32 +8,16 @@ import {
 } from "../../src/collective/ring.js";
 import { ProtocolError } from "../../src/errors.js";
 import { encodeChunk, encodeControl } from "../../src/protocol/frames.js";
-import { closeAll, randomBuffer, sleep, startRing } from "./ringHarness.js";
+import { bitsEqual, closeAll, randomBuffer, randomInputs, sleep, startRing, waitClosed } from "./ringHarness.js";
 
 afterEach(async () => {
   await closeAll();
 });
 
-function bitsEqual(a: Float32Array, b: Float32Array): boolean {
-  if (a.length !== b.length) return false;
-  const x = new Uint32Array(a.buffer, a.byteOffset, a.length);
-  const y = new Uint32Array(b.buffer, b.byteOffset, b.length);
-  for (let i = 0; i < x.length; i++) if (x[i] !== y[i]) return false;
-  return true;
-}
-
 /** Run one all-reduce of fresh random buffers on every rank and check the result. */
 async function checkAllReduce(rings: RingAllReduce[], length: number, seed: number): Promise<RingStats[]> {
   const n = rings.length;
-  const inputs = rings.map((_, r) => randomBuffer(length, seed * 31 + r + 1));
-  const exact = new Float64Array(length);
-  const magnitude = new Float64Array(length);
-  for (const buf of inputs) {
-    for (let i = 0; i < length; i++) {
-      exact[i] += buf[i];
-      magnitude[i] += Math.abs(buf[i]);
-    }
-  }
+  const { inputs, exact, magnitude } = randomInputs(n, length, seed);
   const buffers = inputs.map((b) => b.slice());
   const stats = await Promise.all(rings.map((ring, r) => ring.allReduce(buffers[r])));
   for (let r = 0; r < n; r++) {
@@ -300,7 +284,3 @@ describe("backpressure", () => {
   }, 60_000);
 });
 
-function waitClosed(ws: import("ws").WebSocket): Promise<number> {
-  if (ws.readyState === ws.CLOSED) return Promise.resolve((ws as unknown as { _closeCode: number })._closeCode);
-  return new Promise((resolve) => ws.once("close", (code: number) => resolve(code)));
-}

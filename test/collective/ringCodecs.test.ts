@@ -18,7 +18,7 @@ import {
   MAX_FRAME_BYTES,
   newChunkFrame,
 } from "../../src/protocol/frames.js";
-import { closeAll, randomBuffer, sleep, startRing } from "./ringHarness.js";
+import { bitsEqual, closeAll, randomBuffer, randomInputs, sleep, startRing, waitClosed } from "./ringHarness.js";
 
 afterEach(async () => {
   await closeAll();
@@ -26,13 +26,6 @@ afterEach(async () => {
 
 const CODECS: WireCodec[] = ["f32", "f16", "bf16", "int8"];
 
-function bitsEqual(a: Float32Array, b: Float32Array): boolean {
-  if (a.length !== b.length) return false;
-  const x = new Uint32Array(a.buffer, a.byteOffset, a.length);
-  const y = new Uint32Array(b.buffer, b.byteOffset, b.length);
-  for (let i = 0; i < x.length; i++) if (x[i] !== y[i]) return false;
-  return true;
-}
 
 /**
  * What the ring computes, simulated: segment s starts at rank s, each of the next N-1
@@ -94,15 +87,7 @@ async function checkCodec(
   chunkBytes = DEFAULT_CHUNK_BYTES,
 ): Promise<RingStats[]> {
   const n = rings.length;
-  const inputs = rings.map((_, r) => randomBuffer(length, seed * 31 + r + 1));
-  const exact = new Float64Array(length);
-  const mag = new Float64Array(length);
-  for (const buf of inputs) {
-    for (let i = 0; i < length; i++) {
-      exact[i] += buf[i];
-      mag[i] += Math.abs(buf[i]);
-    }
-  }
+  const { inputs, exact, magnitude: mag } = randomInputs(n, length, seed);
   // blockMag: max of mag over the element's int8 block (blocks counted from the segment start)
   const blockMag = new Float64Array(length);
   for (const { start, end } of segmentBounds(length, n)) {
@@ -312,10 +297,7 @@ describe("codec failures", () => {
     for (const f of frames) await h.nodes[1].next.send(f);
     const err = await result.catch((e: unknown) => e);
     const ws = h.nodes[1].next.ws;
-    const code = await new Promise<number>((resolve) => {
-      if (ws.readyState === ws.CLOSED) resolve((ws as unknown as { _closeCode: number })._closeCode);
-      else ws.once("close", (c: number) => resolve(c));
-    });
+    const code = await waitClosed(ws);
     await expect(h.rings[0].allReduce(buf, { codec })).rejects.toBe(err);
     return { err, untouched: bitsEqual(buf, before), code };
   }

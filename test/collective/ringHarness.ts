@@ -136,3 +136,32 @@ export function randomBuffer(length: number, seed: number): Float32Array {
 }
 
 export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+/** Same float32 bit patterns (NaN payloads and -0 included). */
+export function bitsEqual(a: Float32Array, b: Float32Array): boolean {
+  if (a.length !== b.length) return false;
+  const x = new Uint32Array(a.buffer, a.byteOffset, a.length);
+  const y = new Uint32Array(b.buffer, b.byteOffset, b.length);
+  for (let i = 0; i < x.length; i++) if (x[i] !== y[i]) return false;
+  return true;
+}
+
+/** Fresh random buffers, one per rank, with their exact (float64) sum and the sum of magnitudes. */
+export function randomInputs(ranks: number, length: number, seed: number): { inputs: Float32Array[]; exact: Float64Array; magnitude: Float64Array } {
+  const inputs = Array.from({ length: ranks }, (_, r) => randomBuffer(length, seed * 31 + r + 1));
+  const exact = new Float64Array(length);
+  const magnitude = new Float64Array(length);
+  for (const buf of inputs) {
+    for (let i = 0; i < length; i++) {
+      exact[i] += buf[i];
+      magnitude[i] += Math.abs(buf[i]);
+    }
+  }
+  return { inputs, exact, magnitude };
+}
+
+/** The close code of a socket, once it has closed. */
+export function waitClosed(ws: import("ws").WebSocket): Promise<number> {
+  if (ws.readyState === ws.CLOSED) return Promise.resolve((ws as unknown as { _closeCode: number })._closeCode);
+  return new Promise((resolve) => ws.once("close", (code: number) => resolve(code)));
+}

@@ -1,17 +1,7 @@
 import { describe, expect, it } from "vitest";
 import { Rebalancer, sharesWithFloor } from "../../src/schedule/rebalance.js";
+import { seededRandom } from "../helpers/random.js";
 
-/** Deterministic PRNG so a failure is reproducible. */
-function rng(seed: number) {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 const sum = (xs: number[]) => xs.reduce((a, b) => a + b, 0);
 /** Real step compute time under the true rates: everyone waits for the slowest. */
@@ -87,7 +77,7 @@ describe("Rebalancer", () => {
 
   it("does not change shares on ±5% timing noise once converged", () => {
     for (const [seed, truth] of [[1, [100, 50, 25]], [2, [100, 50, 25]], [1234, [100, 50, 25]], [3, [30, 70, 120, 45, 80]], [99, [30, 70, 120, 45, 80]]] as const) {
-      const rand = rng(seed);
+      const rand = seededRandom(seed);
       const jitter = () => 0.95 + 0.1 * rand();
       const r = new Rebalancer(70, truth.map(() => 1));
       for (let k = 0; k < 15; k++) step(r, [...truth]);
@@ -110,7 +100,7 @@ describe("Rebalancer", () => {
     const r = new Rebalancer(20, [1000, 1000, 1], { minShare: 2 });
     expect(r.shares).toEqual([9, 9, 2]);
     expect(() => new Rebalancer(5, [1, 1, 1], { minShare: 2 })).toThrow();
-    const rand = rng(99);
+    const rand = seededRandom(99);
     for (let t = 0; t < 300; t++) {
       const n = 1 + Math.floor(rand() * 6);
       const min = Math.floor(rand() * 4);

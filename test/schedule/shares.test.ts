@@ -1,23 +1,13 @@
 import { describe, expect, it } from "vitest";
 import { equalShares, proportionalShares, slicesFor } from "../../src/schedule/shares.js";
+import { seededRandom } from "../helpers/random.js";
 
-/** Deterministic PRNG so a failure is reproducible. */
-function rng(seed: number) {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 const sum = (xs: number[]) => xs.reduce((a, b) => a + b, 0);
 
 describe("proportionalShares", () => {
   it("gives non-negative integers summing exactly to the total, each within 1 sample of its exact share", () => {
-    const rand = rng(42);
+    const rand = seededRandom(42);
     for (let trial = 0; trial < 2000; trial++) {
       const n = 1 + Math.floor(rand() * 12);
       const total = Math.floor(rand() * (trial % 3 === 0 ? 100_000 : 300));
@@ -63,7 +53,7 @@ describe("proportionalShares", () => {
   });
 
   it("is deterministic: the same inputs give the same split", () => {
-    const rand = rng(7);
+    const rand = seededRandom(7);
     const weights = Array.from({ length: 9 }, () => rand());
     expect(proportionalShares(1001, weights)).toEqual(proportionalShares(1001, [...weights]));
   });
@@ -99,7 +89,7 @@ describe("equalShares", () => {
 
 describe("slicesFor", () => {
   it("cuts [0, total) into contiguous slices that cover it exactly, in rank order", () => {
-    const rand = rng(99);
+    const rand = seededRandom(99);
     for (let trial = 0; trial < 500; trial++) {
       const n = 1 + Math.floor(rand() * 10);
       const total = Math.floor(rand() * 5000);
