@@ -27,6 +27,13 @@ function rate(value: string): number {
   }
 }
 
+function milliseconds(value: string): number {
+  const m = /^\s*([0-9]*\.?[0-9]+)\s*(ms)?\s*$/i.exec(value);
+  const n = m ? Number(m[1]) : NaN;
+  if (!(n >= 0 && n <= 60_000)) throw new InvalidArgumentError("expected milliseconds from 0 to 60000 (e.g. 25 or 25ms)");
+  return n;
+}
+
 function port(value: string): number {
   const n = Number(value);
   if (!Number.isInteger(n) || n < 0 || n > 65535) throw new InvalidArgumentError("expected a port number 0-65535");
@@ -64,6 +71,7 @@ program
   .option("--speed <fraction>", "testing aid: run workers at this fraction of their speed (0-1]", fraction)
   .option("--speed-file <path>", "testing aid: re-read the speed fraction from this file every 0.5 s, mid-run too")
   .option("--link-rate <rate>", "testing aid: pace this host's uploads to a rate in bytes/s or with a unit (20Mbit, 2.5MB)", rate)
+  .option("--latency <ms>", "testing aid: delay what this host receives, and its messages to the coordinator, by a one-way latency", milliseconds)
   .option("--json", "print one JSON event per line")
   // Set by `nimble train` for the local providers it starts: they ignore Ctrl-C (the
   // coordinator stops them after its last checkpoint) and exit if it dies.

@@ -87,9 +87,9 @@ def test_full_session_and_resume_from_checkpoint(tiny_task, tmp_path):
     assert all(r["dense_count"] == 58 and r["skipped"] is False for r in full)
     assert full[0]["lr"] == 0.005 and full[1]["lr"] == 0.01  # 2 warmup steps of lr 0.01
     ids = [h["id"] for h in w.allreduces]
-    assert ids == list(range(1 + 2 + 3 * (STEPS - 2)))
-    # sync, 2 plain steps, then per step: uncompressed pack (8 + 16 + 2), P (8 x 1), Q (4 x 1)
-    assert [h["count"] for h in w.allreduces] == [58, 58, 58] + [26, 8, 4] * (STEPS - 2)
+    assert ids == list(range(1 + 2 + 2 * (STEPS - 2)))
+    # sync, 2 plain steps, then per step: uncompressed pack (8 + 16 + 2) with P (8 x 1), Q (4 x 1)
+    assert [h["count"] for h in w.allreduces] == [58, 58, 58] + [26 + 8, 4] * (STEPS - 2)
     h, _ = w.request({"op": "eval", "step": STEPS, "start": 0, "count": 20, "batch_size": 7})
     assert h["op"] == "eval_done" and h["count"] == 20 and set(h["sums"]) == {"loss", "accuracy"}
     assert 0 <= h["sums"]["accuracy"] <= 20

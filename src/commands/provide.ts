@@ -13,6 +13,7 @@ export interface ProvideCommandOptions {
   speedFile?: string;
   maxMicroBatch?: number;
   linkRate?: number;
+  latency?: number;
   managed?: boolean;
   /** commander's --no-profile: false skips measuring (or loading) this host's profile. */
   profile?: boolean;
@@ -72,11 +73,13 @@ export async function provideCommand(options: ProvideCommandOptions): Promise<vo
     speedFile: options.speedFile,
     maxMicroBatch: options.maxMicroBatch,
     linkRate: options.linkRate,
+    latencyMs: options.latency,
     profile,
     onEvent: (event) => printEvent(event, json),
   });
   await provider.start();
   if (options.linkRate) printEvent({ type: "log", line: `testing aid: uploads paced to ${(options.linkRate / 1e6).toFixed(2)} MB/s (--link-rate)` }, json);
+  if (options.latency) printEvent({ type: "log", line: `testing aid: ${options.latency} ms one-way latency on this host's ring and control links (--latency)` }, json);
   if (options.speed !== undefined && options.speed < 1) printEvent({ type: "log", line: `testing aid: workers run at ${options.speed} of their speed (--speed)` }, json);
   await new Promise<void>((resolve) => {
     const parent = process.ppid;

@@ -806,8 +806,11 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
 
       const isLast = step === config.steps - 1;
       let evalMetrics: Record<string, number> | undefined;
+      let evalSeconds: number | undefined;
       if ((config.eval.every > 0 && (step + 1) % config.eval.every === 0) || isLast) {
+        const evalStart = Date.now();
         evalMetrics = await surviving(() => evaluate(step, Math.min(config.eval.samples, info.val_size)));
+        evalSeconds = (Date.now() - evalStart) / 1000;
         lastEval = evalMetrics;
         lastEvalStep = step;
       }
@@ -826,7 +829,7 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
         bytes_sent: stepBytes,
         uncompressed_bytes: stepUncompressed,
         ...(skipped ? { skipped: true, nonfinite } : {}),
-        ...(evalMetrics ? { eval: evalMetrics } : {}),
+        ...(evalMetrics ? { eval: evalMetrics, eval_s: evalSeconds } : {}),
         workers: active.map((r) => {
           const rep = reports.get(r.rank)!;
           return {

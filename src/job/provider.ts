@@ -7,7 +7,7 @@ import type { Duplex } from "node:stream";
 import { WebSocketServer, type WebSocket } from "ws";
 import { expectedFrameBytesPerNode, RingAllReduce, type WireCodec } from "../collective/ring.js";
 import { errorMessage, UserError } from "../errors.js";
-import { acceptRingPeer, connectRingPeer, FrameLink, secretsEqual } from "../net/link.js";
+import { acceptRingPeer, connectRingPeer, FrameLink, type LinkOptions, secretsEqual } from "../net/link.js";
 import { BENCH_FRAME_BYTES, measurePeer, servePeerBench } from "../net/peerBench.js";
 import { watchHeartbeat } from "../net/heartbeat.js";
 import { RateLimit } from "../net/rateLimit.js";
@@ -55,6 +55,12 @@ export interface ProviderOptions {
    * uploads) to this many bytes/s, to reproduce a slow internet link over loopback.
    */
   linkRate?: number;
+  /**
+   * Testing and benchmarking aid: a one-way latency (ms) on this host's links. Ring frames
+   * and coordinator messages are handed on this long after they arrive, and messages to the
+   * coordinator leave this long after they are sent, so every round trip gains 2x.
+   */
+  latencyMs?: number;
   onEvent: (event: ProviderEvent) => void;
 }
 
@@ -94,6 +100,18 @@ export class Provider {
   private get throttle(): ((bytes: number) => Promise<void>) | undefined {
     const uplink = this.uplink;
     return uplink ? (bytes) => uplink.take(bytes) : undefined;
+  }
+
+  /** The testing aids' pacing and latency, for every ring link of this host. */
+  private get linkOptions(): LinkOptions {
+    return { throttle: this.throttle, latencyMs: this.opts.latencyMs };
+  }
+
+  /** Run `fn` now, or after the --latency testing aid's one-way delay. */
+  private delayed(fn: () => void): void {
+    const ms = this.opts.latencyMs ?? 0;
+    if (ms > 0) setTimeout(fn, ms);
+    else fn();
   }
 
   async start(): Promise<{ url: string; port: number }> {
@@ -155,10 +173,13 @@ export class Provider {
     const from = `coordinator ${req.socket.remoteAddress}:${req.socket.remotePort}`;
     let authenticated = false;
     const send = (m: ToCoordinator) => {
-      if (ws.readyState === ws.OPEN) ws.send(encodeMessage(m));
+      const bytes = encodeMessage(m);
+      this.delayed(() => {
+        if (ws.readyState === ws.OPEN) ws.send(bytes);
+      });
     };
     const helloTimer = setTimeout(() => ws.close(4003, "no hello"), 10_000);
-    ws.on("message", (data, isBinary) => {
+    ws.on("message", (data, isBinary) => this.delayed(() => {
       let message: ToProvider;
       try {
         message = decodeToProvider(isBinary ? data : String(data), from);
@@ -204,11 +225,11 @@ export class Provider {
         return;
       }
       if (message.t !== "hello") this.job.handle(message);
-    });
-    ws.on("close", () => {
+    }));
+    ws.on("close", () => this.delayed(() => {
       clearTimeout(helloTimer);
       if (this.job && this.job.control === ws) void this.job.end("coordinator disconnected");
-    });
+    }));
     ws.on("error", () => {});
   }
 
@@ -239,7 +260,7 @@ export class Provider {
   }
 
   private startJob(spec: JobSpec, send: (m: ToCoordinator) => void, ws: WebSocket) {
-    const job = new ProviderJob(spec, this.opts, send, ws, (line) => this.log(line), this.throttle);
+    const job = new ProviderJob(spec, this.opts, send, ws, (line) => this.log(line), this.linkOptions);
     this.job = job;
     this.opts.onEvent({ type: "job", job: spec.job, name: String(spec.config.name ?? ""), ranks: spec.ranks.map((r) => r.rank), world_size: spec.world_size });
     job.onEnd = (reason) => {
@@ -258,7 +279,7 @@ export class Provider {
 
   private onRing(ws: WebSocket) {
     // Wrap at once: a FrameLink keeps frames (the hello) that arrive before anyone listens.
-    const link = new FrameLink(ws, { throttle: this.throttle });
+    const link = new FrameLink(ws, this.linkOptions);
     if (this.job) {
       this.job.acceptRing(link);
       return;
@@ -337,7 +358,7 @@ class ProviderJob {
     private readonly send: (m: ToCoordinator) => void,
     readonly control: WebSocket,
     private readonly log: (line: string) => void,
-    private readonly throttle?: (bytes: number) => Promise<void>,
+    private readonly linkOptions: LinkOptions = {},
   ) {
     // Joining a running job: no ring until the coordinator's `ring` brings this provider in.
     this.members = spec.join ? [] : [...Array(spec.world_size).keys()];
@@ -532,7 +553,7 @@ class ProviderJob {
         const link = await connectRingPeer(
           target.url,
           { job: this.spec.job, secret: this.spec.secret, from: local.rank, to: nextRank, epoch },
-          { throttle: this.throttle },
+          this.linkOptions,
         );
         if (stale()) {
           link.close(CLOSE_REFORM, "ring re-formed");
@@ -670,7 +691,7 @@ class ProviderJob {
         results.set(
           base,
           previous.then(async () => {
-            const m = await measurePeer(base, this.spec.secret, { pings: 5, bytes, throttle: this.throttle });
+            const m = await measurePeer(base, this.spec.secret, { pings: 5, bytes, throttle: this.linkOptions.throttle });
             return { rtt_ms: m.rtt_ms.median, upload_bytes_per_s: m.upload_bytes_per_s };
           }),
         );

@@ -38,6 +38,8 @@ export interface StepMetrics {
   nonfinite?: string[];
   /** Validation metrics, on the steps where evaluation ran. */
   eval?: Record<string, number>;
+  /** Seconds that evaluation took (included in step_s and wall_s). */
+  eval_s?: number;
   workers: {
     rank: number;
     samples: number;

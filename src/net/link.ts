@@ -20,6 +20,11 @@ export interface LinkOptions {
   highWaterMark?: number;
   /** Awaited before each frame goes out (upload pacing, a testing aid); frames keep their order. */
   throttle?: (bytes: number) => Promise<void>;
+  /**
+   * Testing aid: hand each incoming frame (and the close) to listeners this many ms after it
+   * arrived, as a one-way link latency would (the kernel's netem is not always available).
+   */
+  latencyMs?: number;
 }
 
 export interface ConnectOptions extends LinkOptions {
@@ -78,6 +83,7 @@ export class FrameLink {
   private closeListeners: Array<(code: number, reason: string) => void> = [];
   private closeInfo: { code: number; reason: string } | null = null;
   private readonly throttle: ((bytes: number) => Promise<void>) | undefined;
+  private readonly latencyMs: number;
   /** With a throttle: the previous frame's turn, so frames leave in call order. */
   private paced: Promise<void> = Promise.resolve();
 
@@ -87,6 +93,7 @@ export class FrameLink {
   ) {
     this.highWaterMark = opts.highWaterMark ?? DEFAULT_HIGH_WATER_MARK;
     this.throttle = opts.throttle;
+    this.latencyMs = opts.latencyMs ?? 0;
     ws.binaryType = "nodebuffer";
     ws.on("error", (err: Error) => {
       this.lastError = err;
@@ -103,9 +110,9 @@ export class FrameLink {
           : (data as Buffer);
       this.bytesReceived += bytes.byteLength;
       this.framesReceived += 1;
-      this.deliver(bytes);
+      this.later(() => this.deliver(bytes));
     });
-    ws.on("close", (code: number, reason: Buffer) => this.handleClose(code, reason.toString()));
+    ws.on("close", (code: number, reason: Buffer) => this.later(() => this.handleClose(code, reason.toString())));
     if (ws.readyState === WebSocket.CLOSED) this.handleClose(1006, "closed before use");
   }
 
@@ -200,7 +207,14 @@ export class FrameLink {
     return "link is closing";
   }
 
+  /** Run `fn` now, or after the latency aid's delay (equal delays keep arrival order). */
+  private later(fn: () => void): void {
+    if (this.latencyMs > 0) setTimeout(fn, this.latencyMs);
+    else fn();
+  }
+
   private deliver(bytes: Uint8Array): void {
+    if (this.closeInfo) return;
     if (this.frameListener && this.queue.length === 0) {
       this.frameListener(bytes);
     } else {

@@ -125,3 +125,33 @@ describe("ring connection auth", () => {
     expect(secretsEqual("abc", "abcd")).toBe(false);
   });
 });
+
+describe("latency testing aid", () => {
+  it("hands each frame, then the close, to listeners no sooner than the one-way latency after it arrived, in order", async () => {
+    const { server, url } = await startServer();
+    servers.push(server);
+    const latencyMs = 80;
+    const arrived = new Promise<FrameLink>((resolve) => server.on("connection", (ws: WebSocket) => resolve(new FrameLink(ws, { latencyMs }))));
+    const sender = await connectLink(url);
+    links.push(sender);
+    const receiver = await arrived;
+    links.push(receiver);
+    const got: Array<{ i: number; after: number }> = [];
+    const sentAt: number[] = [];
+    receiver.onFrame((bytes) => got.push({ i: bytes[0], after: performance.now() - sentAt[bytes[0]] }));
+    const closed = new Promise<number>((resolve) => receiver.onClose(() => resolve(performance.now())));
+    for (let i = 0; i < 5; i++) {
+      sentAt.push(performance.now());
+      await sender.send(new Uint8Array([i, 1, 2, 3]));
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    const closeSentAt = performance.now();
+    sender.close(1000, "done");
+    const closedAt = await closed;
+    expect(got.map((g) => g.i)).toEqual([0, 1, 2, 3, 4]);
+    // Lower bounds only: a busy host may deliver later, never sooner (1 ms timer rounding).
+    for (const g of got) expect(g.after).toBeGreaterThanOrEqual(latencyMs - 1);
+    expect(closedAt - closeSentAt).toBeGreaterThanOrEqual(latencyMs - 1);
+    expect(receiver.bytesReceived).toBe(20);
+  });
+});

@@ -140,19 +140,19 @@ class PowerSGD(Compressor):
             self.gen.set_state(gen_state)
             return Reduced(None, bad, count)
 
+        # The uncompressed tensors travel with P in one all-reduce (torch's hook runs two):
+        # on a link with latency that is one all-reduce's worth of round trips less a step.
+        fused = torch.cat([pack, p_buf])
         n_ops = 0
-        pack_sum = pack
-        if plain:  # (the same on every worker: the split depends only on the shapes)
-            pack_sum = self.comm.allreduce(pack)
+        fused_sum = fused
+        if fused.numel():  # (the same on every worker: the split depends only on the shapes)
+            fused_sum = self.comm.allreduce(fused)
             n_ops += 1
-            if not finite(pack_sum):
+            if not finite(fused_sum):
                 return skip(n_ops)
+        pack_sum, p_sum = fused_sum[:pack.numel()], fused_sum[pack.numel():]
         if not comp:
             return Reduced(self._finish(names, xs, plain, pack_sum, {}, share), bad, n_ops)
-        p_sum = self.comm.allreduce(p_buf)
-        n_ops += 1
-        if not finite(p_sum) or not finite(pack_sum):
-            return skip(n_ops)
         at = 0
         for i in comp:
             n, m, r = self.mats[names[i]]

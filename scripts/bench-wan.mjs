@@ -1,0 +1,317 @@
+// WAN benchmark: Nimble over shaped internet-like links, side by side with torch DDP (gloo).
+//
+// Each of 4 providers (and the coordinator) runs in its own network namespace, joined to a
+// bridge in a router namespace by a veth pair; each host's upload is shaped with tc tbf.
+// Latency: the kernel's netem qdisc is missing here, so Nimble's providers delay frames
+// themselves (`nimble provide --latency`, a testing aid: RTT/2 one way), and DDP's all-reduces
+// get the same one-way latency added per ring hop in a comm hook (modelled; see ddp_wan.py).
+// Without root (no namespaces), Nimble is shaped inside its transport (--link-rate) and DDP
+// runs unshaped, which the output says; DDP figures are then not comparable.
+//
+//   sudo npm run bench:wan                      # the full matrix (about an hour here)
+//   sudo npm run bench:wan -- --quick           # MNIST and char-LM at 100 Mbit/s, RTT 0
+//   options: --models mnist,charlm --rates 1gbit,100mbit,20mbit --rtts 0,50,100
+//            --systems nimble,nimble-psgd1,nimble-psgd4,ddp,ddp-psgd4 --steps N --out results
+//
+// Writes results/wan.json (every run, every figure, per-step series), results/wan.md (the
+// table) and results/wan.svg (validation loss against training time, 100 Mbit/s).
+import { execFileSync, spawn } from "node:child_process";
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { createInterface } from "node:readline";
+import { fileURLToPath } from "node:url";
+import { stringify } from "yaml";
+import { cannotMakeNamespaces, makeWan } from "./lib/netns.mjs";
+import { lossChartSvg, markdownTable, summarise } from "./lib/wanReport.mjs";
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
+const cli = path.join(root, "dist", "cli.js");
+const argv = process.argv.slice(2);
+const flag = (name) => argv.includes(`--${name}`);
+const arg = (name, fallback) => {
+  const i = argv.indexOf(`--${name}`);
+  return i >= 0 ? argv[i + 1] : fallback;
+};
+const list = (name, fallback) => arg(name, fallback).split(",").map((s) => s.trim()).filter(Boolean);
+
+const quick = flag("quick");
+const WORKERS = 4;
+const MODELS = {
+  mnist: {
+    task: path.join(root, "examples", "mnist", "task.py"),
+    task_args: {},
+    batch: 128,
+    optimizer: { name: "adam", lr: 0.002 },
+    eval: { every: 10, samples: 1000, batch_size: 500 },
+    steps: 60,
+    target_val_loss: 0.45,
+  },
+  charlm: {
+    task: path.join(root, "examples", "brown-charlm", "task.py"),
+    task_args: { block_size: 64, d_model: 192 },
+    batch: 32,
+    optimizer: { name: "adamw", lr: 0.003, weight_decay: 0.01 },
+    eval: { every: 10, samples: 500, batch_size: 250 },
+    steps: 50,
+    target_val_loss: 2.55,
+  },
+};
+const SYSTEMS = {
+  nimble: { engine: "nimble", compression: { method: "none" } },
+  "nimble-psgd1": { engine: "nimble", compression: { method: "powersgd", rank: 1, start_step: 4 } },
+  "nimble-psgd4": { engine: "nimble", compression: { method: "powersgd", rank: 4, start_step: 4 } },
+  ddp: { engine: "ddp", compression: { method: "none" } },
+  "ddp-psgd4": { engine: "ddp", compression: { method: "powersgd", rank: 4, start_step: 4 } },
+};
+const RATES = { "1gbit": 1e9, "100mbit": 100e6, "20mbit": 20e6 };
+const models = list("models", "mnist,charlm");
+const rates = list("rates", quick ? "100mbit" : "1gbit,100mbit,20mbit");
+const rtts = list("rtts", quick ? "0" : "0,50,100").map(Number);
+const systems = list("systems", Object.keys(SYSTEMS).join(","));
+for (const m of models) if (!MODELS[m]) throw new Error(`--models: unknown model ${m} (known: ${Object.keys(MODELS).join(", ")})`);
+for (const r of rates) if (!RATES[r]) throw new Error(`--rates: unknown rate ${r} (known: ${Object.keys(RATES).join(", ")})`);
+for (const s of systems) if (!SYSTEMS[s]) throw new Error(`--systems: unknown system ${s} (known: ${Object.keys(SYSTEMS).join(", ")})`);
+for (const r of rtts) if (!(r >= 0 && r <= 2000)) throw new Error(`--rtts: ${r} is not a round trip in ms`);
+const stepsOverride = arg("steps", null);
+const outDir = path.resolve(root, arg("out", "results"));
+const tmp = mkdtempSync(path.join(os.tmpdir(), "nimble-bench-wan-"));
+const children = new Set();
+const log = (line) => process.stderr.write(`${line}\n`);
+
+// ---- where things run --------------------------------------------------------------------
+const whyNot = cannotMakeNamespaces();
+const shaping = whyNot ? "transport" : "netns+tbf";
+if (whyNot) log(`bench:wan: cannot make network namespaces (${whyNot}): shaping inside Nimble's transport instead (--link-rate); DDP runs UNSHAPED on loopback and its figures are not comparable`);
+const wan = whyNot ? null : makeWan(["c", ...Array.from({ length: WORKERS }, (_, i) => `p${i}`)]);
+const coordHost = wan?.hosts[0];
+const providerHosts = wan ? wan.hosts.slice(1) : Array.from({ length: WORKERS }, () => null);
+const inHost = (host, cmd) => (host ? [...wan.exec(host), ...cmd] : cmd);
+
+function killChildren() {
+  for (const c of children) {
+    try {
+      process.kill(-c.pid, "SIGKILL");
+    } catch {
+      // gone
+    }
+  }
+  children.clear();
+}
+process.on("exit", () => {
+  killChildren();
+  rmSync(tmp, { recursive: true, force: true });
+});
+
+function spawnIn(host, cmd, opts = {}) {
+  const [file, ...args] = inHost(host, cmd);
+  // Own process group, so everything it starts (workers) can be killed together.
+  const child = spawn(file, args, { detached: true, stdio: ["ignore", "pipe", "pipe"], ...opts });
+  children.add(child);
+  child.once("exit", () => children.delete(child));
+  return child;
+}
+
+function python() {
+  if (process.env.NIMBLE_PYTHON) return process.env.NIMBLE_PYTHON;
+  const out = execFileSync(process.execPath, [cli, "env", "--json"], { encoding: "utf8", stdio: ["ignore", "pipe", "inherit"] });
+  return JSON.parse(out).python;
+}
+const PY = python();
+
+// ---- providers -----------------------------------------------------------------------------
+/** Start the 4 providers with a one-way latency of rttMs/2 (and transport pacing without netns). */
+async function startProviders(rttMs, rateBits) {
+  const started = providerHosts.map((host, i) => {
+    const token = `wan-${i}`;
+    const args = [process.execPath, cli, "provide", "--host", host ? host.ip : "127.0.0.1", "--port", host ? "7070" : "0", "--token", token, "--json", "--no-profile", "--threads", "1", "--python", PY];
+    if (rttMs > 0) args.push("--latency", String(rttMs / 2));
+    if (!host) args.push("--link-rate", `${rateBits}bit`.replace(/^(\d+)bit$/, (_, n) => `${Number(n) / 1e6}Mbit`));
+    const child = spawnIn(host, args);
+    child.stderr.on("data", (d) => process.stderr.write(`[provider ${i}] ${d}`));
+    return new Promise((resolve, reject) => {
+      createInterface({ input: child.stdout }).on("line", (line) => {
+        try {
+          const e = JSON.parse(line);
+          if (e.type === "listening") resolve({ child, address: e.url, token });
+        } catch {
+          // not an event
+        }
+      });
+      child.once("exit", (code) => reject(new Error(`provider ${i} exited (${code}) before listening`)));
+    });
+  });
+  return Promise.all(started);
+}
+
+async function stopProviders(providers) {
+  for (const p of providers) {
+    try {
+      process.kill(-p.child.pid, "SIGTERM");
+    } catch {
+      // gone
+    }
+  }
+  await Promise.all(providers.map((p) => (p.child.exitCode !== null ? null : new Promise((r) => p.child.once("exit", r)))));
+}
+
+// ---- one run -------------------------------------------------------------------------------
+function wireBytes() {
+  return wan ? providerHosts.reduce((s, h) => s + wan.txBytes(h), 0) : null;
+}
+
+function waitExit(child, what) {
+  return new Promise((resolve) => child.once("exit", (code, signal) => resolve({ code, signal, what })));
+}
+
+async function runNimble(name, model, system, providers, steps) {
+  const m = MODELS[model];
+  const config = {
+    name,
+    task: m.task,
+    task_args: m.task_args,
+    steps,
+    batch_size: m.batch,
+    seed: 0,
+    optimizer: m.optimizer,
+    lr_schedule: { name: "constant" },
+    eval: m.eval,
+    balance: "equal", // as DDP splits: the comparison is of communication, not balancing
+    leave_out_slow: false, // all links are equal here; keep all 4 workers, as DDP does
+    compression: SYSTEMS[system].compression,
+    providers: providers.map((p) => ({ address: p.address, token: p.token })),
+    output: path.join(tmp, "runs"),
+  };
+  const file = path.join(tmp, `${name}.yaml`);
+  writeFileSync(file, stringify(config));
+  const child = spawnIn(coordHost, [process.execPath, cli, "train", file, "--json", "--python", PY]);
+  let runDir = null;
+  let stderr = "";
+  child.stderr.on("data", (d) => (stderr += d));
+  createInterface({ input: child.stdout }).on("line", (line) => {
+    try {
+      const e = JSON.parse(line);
+      if (e.type === "done") runDir = e.run_dir;
+    } catch {
+      // not an event
+    }
+  });
+  const { code } = await waitExit(child);
+  if (code !== 0 || !runDir) throw new Error(`nimble train ${name} exited ${code}: ${stderr.trim().split("\n").slice(-5).join("\n")}`);
+  const metrics = readFileSync(path.join(runDir, "metrics.jsonl"), "utf8").trim().split("\n").map((l) => JSON.parse(l));
+  return metrics.map((r, i) => ({
+    step: r.step,
+    loss: r.loss,
+    // Wall time between step ends (commit round trips included), less this step's evaluation.
+    step_s: (i === 0 ? r.step_s : r.wall_s - metrics[i - 1].wall_s) - (r.eval_s ?? 0),
+    compute_s: r.workers.map((w) => w.compute_s),
+    comm_s: r.workers.map((w) => w.comm_s),
+    allreduce_bytes: r.workers.map((w) => w.uncompressed_bytes),
+    sent_bytes: r.workers.map((w) => w.bytes_sent),
+    ...(r.eval ? { val_loss: r.eval.loss } : {}),
+  }));
+}
+
+async function runDdp(name, model, system, rttMs, steps) {
+  const m = MODELS[model];
+  const comp = SYSTEMS[system].compression;
+  const master = providerHosts[0] ? `${providerHosts[0].ip}:29500` : `127.0.0.1:${29500 + Math.floor(Math.random() * 1000)}`;
+  const outs = [];
+  const ranks = providerHosts.map((host, rank) => {
+    const out = path.join(tmp, `${name}-rank${rank}.jsonl`);
+    outs.push(out);
+    const args = [PY, path.join(root, "scripts", "ddp_wan.py"), "--task", m.task, "--task-args", JSON.stringify(m.task_args), "--rank", String(rank), "--world", String(WORKERS), "--master", master,
+      "--steps", String(steps), "--batch-size", String(m.batch), "--optimizer", m.optimizer.name, "--lr", String(m.optimizer.lr), "--weight-decay", String(m.optimizer.weight_decay ?? 0),
+      "--compression", comp.method, "--psgd-rank", String(comp.rank ?? 4), "--start-step", String(comp.start_step ?? 0), "--latency-ms", String(rttMs / 2),
+      "--eval-every", String(m.eval.every), "--eval-samples", String(m.eval.samples), "--eval-batch-size", String(m.eval.batch_size), "--threads", "1", "--out", out];
+    if (host) args.push("--ifname", host.ifname);
+    const child = spawnIn(host, args);
+    let stderr = "";
+    child.stderr.on("data", (d) => (stderr += d));
+    return waitExit(child, `rank ${rank}`).then((r) => ({ ...r, stderr }));
+  });
+  for (const r of await Promise.all(ranks)) {
+    if (r.code !== 0) throw new Error(`ddp ${name} ${r.what} exited ${r.code ?? r.signal}: ${r.stderr.trim().split("\n").slice(-5).join("\n")}`);
+  }
+  const perRank = outs.map((f) => readFileSync(f, "utf8").trim().split("\n").map((l) => JSON.parse(l)));
+  return perRank[0].map((r0, t) => {
+    const at = perRank.map((rows) => rows[t]);
+    return {
+      step: t,
+      loss: at.reduce((s, r) => s + r.loss, 0) / at.length,
+      step_s: Math.max(...at.map((r) => r.step_s)),
+      compute_s: at.map((r) => r.compute_s),
+      comm_s: at.map((r) => r.comm_s),
+      allreduce_bytes: at.map((r) => r.allreduce_bytes),
+      ...(r0.val_loss !== undefined ? { val_loss: r0.val_loss } : {}),
+    };
+  });
+}
+
+// ---- the matrix ----------------------------------------------------------------------------
+const results = {
+  date: new Date().toISOString(),
+  machine: { cpu: os.cpus()[0]?.model ?? "unknown", cores: os.cpus().length, memory_gib: Math.round(os.totalmem() / 2 ** 30) },
+  shaping,
+  ...(whyNot ? { shaping_note: `no namespaces (${whyNot}): Nimble paced in its transport, DDP unshaped` } : {}),
+  latency: "one-way RTT/2: Nimble's providers delay frames (nimble provide --latency); DDP's all-reduces are delayed 2(N-1) x RTT/2 each in a comm hook (modelled)",
+  workers: WORKERS,
+  models: Object.fromEntries(models.map((m) => [m, { ...MODELS[m], task: path.relative(root, MODELS[m].task) }])),
+  runs: [],
+};
+mkdirSync(outDir, { recursive: true });
+const save = () => {
+  writeFileSync(path.join(outDir, "wan.json"), JSON.stringify(results, null, 2) + "\n");
+  writeFileSync(path.join(outDir, "wan.md"), markdownTable(results));
+  writeFileSync(path.join(outDir, "wan.svg"), lossChartSvg(results, "100mbit", 0));
+};
+
+const total = rtts.length * rates.length * models.length * systems.length;
+let done = 0;
+const t0 = Date.now();
+try {
+  for (const rtt of rtts) {
+    // Without namespaces the providers pace themselves, so they restart per rate as well.
+    for (const rate of rates) {
+      wan?.shape(RATES[rate], wan.hosts);
+      const needProviders = systems.some((s) => SYSTEMS[s].engine === "nimble");
+      const providers = needProviders ? await startProviders(rtt, RATES[rate]) : [];
+      try {
+        for (const model of models) {
+          for (const system of systems) {
+            const steps = Number(stepsOverride ?? (quick ? Math.round(MODELS[model].steps / 2) : MODELS[model].steps));
+            const name = `wan-${model}-${system}-${rate}-rtt${rtt}`;
+            log(`[${++done}/${total}] ${model} ${system} at ${rate}, RTT ${rtt} ms (${steps} steps; ${((Date.now() - t0) / 60000).toFixed(1)} min so far)`);
+            const before = wireBytes();
+            const started = Date.now();
+            let series;
+            try {
+              series = SYSTEMS[system].engine === "nimble" ? await runNimble(name, model, system, providers, steps) : await runDdp(name, model, system, rtt, steps);
+            } catch (err) {
+              log(`  failed: ${err.message}`);
+              results.runs.push({ model, system, rate, rate_bits: RATES[rate], rtt_ms: rtt, steps, error: err.message });
+              save();
+              continue;
+            }
+            const wire = before === null ? null : wireBytes() - before;
+            const run = summarise({ model, system, rate, rate_bits: RATES[rate], rtt_ms: rtt, steps, wall_s: (Date.now() - started) / 1000, wire_bytes: wire, series, target: MODELS[model].target_val_loss, compressed_from: SYSTEMS[system].compression.start_step ?? 0 });
+            results.runs.push(run);
+            log(`  ${run.steps_per_s.toFixed(2)} steps/s, utilisation ${(run.compute_utilisation * 100).toFixed(0)}%` +
+              (run.busbw_fraction !== null ? `, bus bandwidth ${(run.busbw_fraction * 100).toFixed(0)}% of link` : "") +
+              (run.wire_bytes_per_step !== null ? `, ${(run.wire_bytes_per_step / 1e6).toFixed(2)} MB/step on the wire` : "") +
+              `, target ${run.time_to_target_s === null ? "not reached" : `${run.time_to_target_s.toFixed(1)} s`}, final val loss ${run.final_val_loss?.toFixed(3)}`);
+            save();
+          }
+        }
+      } finally {
+        await stopProviders(providers);
+      }
+    }
+  }
+} finally {
+  killChildren();
+  wan?.close();
+}
+save();
+process.stdout.write(markdownTable(results));
+log(`wrote ${path.relative(root, path.join(outDir, "wan.json"))}, wan.md, wan.svg (${((Date.now() - t0) / 60000).toFixed(1)} min)`);
