@@ -4,7 +4,8 @@
 // bridge in a router namespace by a veth pair; each host's upload is shaped with tc tbf.
 // Latency: the kernel's netem qdisc is missing here, so Nimble's providers delay frames
 // themselves (`nimble provide --latency`, a testing aid: RTT/2 one way), and DDP's all-reduces
-// get the same one-way latency added per ring hop in a comm hook (modelled; see ddp_wan.py).
+// get the same one-way latency added per ring hop in a comm hook: modelled, not measured, and
+// not exact (see ddp_wan.py), so DDP figures at RTT > 0 are indicative.
 // Without root (no namespaces), Nimble is shaped inside its transport (--link-rate) and DDP
 // runs unshaped, which the output says; DDP figures are then not comparable.
 //
@@ -254,7 +255,7 @@ const results = {
   machine: { cpu: os.cpus()[0]?.model ?? "unknown", cores: os.cpus().length, memory_gib: Math.round(os.totalmem() / 2 ** 30) },
   shaping,
   ...(whyNot ? { shaping_note: `no namespaces (${whyNot}): Nimble paced in its transport, DDP unshaped` } : {}),
-  latency: "one-way RTT/2: Nimble's providers delay frames (nimble provide --latency); DDP's all-reduces are delayed 2(N-1) x RTT/2 each in a comm hook (modelled)",
+  latency: "one-way RTT/2: Nimble's providers delay frames (nimble provide --latency); DDP's all-reduces are delayed 2(N-1) x RTT/2 each in a comm hook (modelled: DDP figures at RTT > 0 are indicative)",
   workers: WORKERS,
   models: Object.fromEntries(models.map((m) => [m, { ...MODELS[m], task: path.relative(root, MODELS[m].task) }])),
   runs: [],
@@ -266,6 +267,10 @@ const save = () => {
   writeFileSync(path.join(outDir, "wan.svg"), lossChartSvg(results, "100mbit", 0));
 };
 
+process.on("unhandledRejection", (err) => {
+  log(`bench:wan: ${err instanceof Error ? err.message : String(err)}`);
+  process.exit(1);
+});
 const total = rtts.length * rates.length * models.length * systems.length;
 let done = 0;
 const t0 = Date.now();

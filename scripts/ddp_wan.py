@@ -8,9 +8,11 @@ optimizer; with --compression powersgd it registers torch's own `powerSGD_hook`.
 
 Latency: the kernel's netem qdisc is missing on the machines this was written for, and gloo
 has no hook to delay its frames, so --latency-ms is *modelled*: every all-reduce completes
-2(N-1) one-way latencies later than it did (a ring all-reduce's sequential hops; gloo's
-ring pays at least that), added after the transfer. This is favourable to DDP: on a real
-delayed link TCP's windows would also slow the transfer itself.
+2(N-1) one-way latencies later than it did (a ring all-reduce's sequential hops), added
+after the transfer. That is not what a delayed link does to gloo exactly: a ring that
+pipelines its chunks (Nimble's does, gloo's partly) hides part of the delays behind long
+transfers, so this can overstate DDP's cost at 100 Mbit/s and below, and it ignores TCP
+windows, which a real delayed link would strain. DDP figures at RTT > 0 are modelled.
 
 Writes one JSON line per step to --out: loss (this rank's), step_s, compute_s (the step
 less the communication left exposed after the last gradient was ready), comm_s (seconds

@@ -3,9 +3,12 @@
 // Nothing is routed to or from the root namespace: traffic stays between namespaces we made.
 import { execFileSync } from "node:child_process";
 
-/** Every namespace this module makes starts with this, so a stale one can be found and removed. */
+/**
+ * Every namespace a WAN makes starts with its prefix (default "nwan-"), so that what a killed
+ * run left can be found and removed, and two WANs with different prefixes can coexist.
+ */
 export const PREFIX = "nwan-";
-const ROUTER = `${PREFIX}router`;
+const router = (prefix) => `${prefix}router`;
 const BRIDGE = "br0";
 const IFNAME = "wan0";
 
@@ -13,16 +16,17 @@ const IFNAME = "wan0";
  * The hosts of a WAN: `names` (e.g. ["c", "p0", "p1"]) become namespaces `nwan-c`... with
  * addresses 10.77.0.(10+i) on interface wan0.
  */
-export function wanHosts(names) {
+export function wanHosts(names, prefix = PREFIX) {
   if (names.length > 200) throw new RangeError("at most 200 hosts");
   return names.map((name, i) => {
     if (!/^[a-z0-9]{1,8}$/.test(name)) throw new RangeError(`host name "${name}": use 1-8 lowercase letters or digits`);
-    return { name, netns: `${PREFIX}${name}`, ip: `10.77.0.${10 + i}`, ifname: IFNAME, peer: `v-${name}` };
+    return { name, netns: `${prefix}${name}`, ip: `10.77.0.${10 + i}`, ifname: IFNAME, peer: `v-${name}` };
   });
 }
 
 /** The `ip` commands (argument arrays) that build the WAN for `hosts` from nothing. */
-export function setupCommands(hosts) {
+export function setupCommands(hosts, prefix = PREFIX) {
+  const ROUTER = router(prefix);
   const cmds = [
     ["ip", "netns", "add", ROUTER],
     ["ip", "-n", ROUTER, "link", "set", "lo", "up"],
@@ -44,14 +48,14 @@ export function setupCommands(hosts) {
 }
 
 /**
- * tc tbf for a host's upload at `bitsPerS`. The bucket holds 5 ms of traffic (at least 32 KiB,
- * so a full-size segment always fits) and the queue 50 ms more, enough for TCP to keep the
- * link busy without a long standing queue.
+ * tc tbf for a host's upload at `bitsPerS`. The bucket holds 1 ms of traffic (at least 16 KiB:
+ * tbf splits larger GSO segments), so short transfers cannot beat the rate by much; the queue
+ * holds 50 ms more, enough for TCP to keep the link busy without a long standing queue.
  */
 export function shapeCommand(host, bitsPerS) {
   if (!(bitsPerS > 0)) throw new RangeError(`rate must be positive, got ${bitsPerS}`);
   const bytesPerS = bitsPerS / 8;
-  const burst = Math.max(32 * 1024, Math.round(bytesPerS * 0.005));
+  const burst = Math.max(16 * 1024, Math.round(bytesPerS * 0.001));
   const limit = burst + Math.max(64 * 1024, Math.round(bytesPerS * 0.05));
   return ["ip", "netns", "exec", host.netns, "tc", "qdisc", "replace", "dev", host.ifname, "root", "tbf", "rate", `${Math.round(bitsPerS)}bit`, "burst", String(burst), "limit", String(limit)];
 }
@@ -61,7 +65,7 @@ function run(cmd) {
 }
 
 /** Namespaces this module made that still exist (a run that was killed leaves them). */
-export function leftoverNamespaces() {
+export function leftoverNamespaces(prefix = PREFIX) {
   let out = "";
   try {
     out = execFileSync("ip", ["netns", "list"], { encoding: "utf8" });
@@ -71,12 +75,12 @@ export function leftoverNamespaces() {
   return out
     .split("\n")
     .map((l) => l.trim().split(/\s+/)[0])
-    .filter((n) => n && n.startsWith(PREFIX));
+    .filter((n) => n && n.startsWith(prefix));
 }
 
 /** Remove every namespace this module made (their veths go with them). */
-export function removeAll() {
-  for (const ns of leftoverNamespaces()) {
+export function removeAll(prefix = PREFIX) {
+  for (const ns of leftoverNamespaces(prefix)) {
     try {
       run(["ip", "netns", "del", ns]);
     } catch {
@@ -95,7 +99,7 @@ export function cannotMakeNamespaces() {
       return `${tool} (iproute2) is not installed`;
     }
   }
-  const probe = `${PREFIX}probe`;
+  const probe = `${PREFIX}probe-${process.pid}`;
   try {
     run(["ip", "netns", "add", probe]);
     run(["ip", "netns", "del", probe]);
@@ -109,10 +113,10 @@ export function cannotMakeNamespaces() {
  * Build the WAN. Removes what an interrupted earlier run left, and removes everything again
  * when this process exits or is interrupted. Returns the hosts with helpers.
  */
-export function makeWan(names) {
-  removeAll();
-  const hosts = wanHosts(names);
-  const cleanup = () => removeAll();
+export function makeWan(names, { prefix = PREFIX } = {}) {
+  removeAll(prefix);
+  const hosts = wanHosts(names, prefix);
+  const cleanup = () => removeAll(prefix);
   process.once("exit", cleanup);
   for (const sig of ["SIGINT", "SIGTERM", "SIGHUP"]) {
     process.once(sig, () => {
@@ -121,7 +125,7 @@ export function makeWan(names) {
     });
   }
   try {
-    for (const cmd of setupCommands(hosts)) run(cmd);
+    for (const cmd of setupCommands(hosts, prefix)) run(cmd);
   } catch (err) {
     cleanup();
     throw new Error(`building the WAN failed: ${String(err.stderr ?? err.message).trim()}`);

@@ -61,6 +61,13 @@ export function summarise({ series, target, compressed_from: compressedFrom, rat
     steps_to_target: stepToTarget,
     final_val_loss: curve.length ? curve[curve.length - 1].val_loss : null,
     train_time_s: round(elapsed, 3),
+    // Where a step's time goes (medians over the measured steps): the slowest worker's compute,
+    // the least-waiting worker's communication, and what is left (coordination, hand-offs).
+    breakdown: {
+      step_s: median(window.map((r) => r.step_s)),
+      slowest_compute_s: median(window.map((r) => Math.max(...r.compute_s))),
+      least_comm_s: median(window.map((r) => Math.min(...r.comm_s))),
+    },
     val_curve: curve,
     step_s: series.map((r) => round(r.step_s, 4)),
   };
@@ -91,6 +98,8 @@ function scenarios(results) {
 /** Each target of the issue, with the figure that decides it and whether it is met. */
 export function targets(results) {
   const out = [];
+  // Without namespaces DDP ran unshaped: nothing is compared with it.
+  const comparable = results.shaping !== "transport";
   for (const g of scenarios(results)) {
     const nimble = g.runs.nimble;
     const ddp = g.runs.ddp;
@@ -99,16 +108,39 @@ export function targets(results) {
     if (g.rate_bits === 100e6 && g.rtt_ms === 0 && nimble && !nimble.error) {
       out.push({ target: "uncompressed ring bus bandwidth >= 90% of the link at 100 Mbit/s", where, value: nimble.busbw_fraction, met: nimble.busbw_fraction >= 0.9 });
     }
-    if (nimble && ddp && !nimble.error && !ddp.error) {
+    if (comparable && nimble && ddp && !nimble.error && !ddp.error) {
       const r = ratio(nimble.steps_per_s, ddp.steps_per_s);
       out.push({ target: "Nimble uncompressed steps/s >= 0.95x torch DDP (gloo)", where, value: r, met: r >= 0.95 });
     }
-    if (g.rate_bits === 100e6 && psgd4 && ddp && !psgd4.error && !ddp.error) {
+    if (comparable && g.rate_bits === 100e6 && psgd4 && ddp && !psgd4.error && !ddp.error) {
       const r = psgd4.time_to_target_s === null ? null : ddp.time_to_target_s === null ? Infinity : ddp.time_to_target_s / psgd4.time_to_target_s;
       out.push({ target: "Nimble PowerSGD r4 reaches the target loss >= 5x sooner than uncompressed DDP", where, value: r, met: r !== null && r >= 5 });
     }
   }
   return out;
+}
+
+/**
+ * One row per scenario: steps/s of every system, Nimble uncompressed against DDP, both bus
+ * bandwidths, and training time to the target loss of Nimble PowerSGD r4 against DDP.
+ */
+export function compactTable(results) {
+  const order = ["nimble", "nimble-psgd1", "nimble-psgd4", "ddp", "ddp-psgd4"];
+  const lines = [
+    `| model | link | RTT | ${order.map((s) => `${s} steps/s`).join(" | ")} | nimble / ddp | bus bw nimble / ddp | to target: ddp / nimble-psgd4 |`,
+    `| --- | --- | --- | ${order.map(() => "---").join(" | ")} | --- | --- | --- |`,
+  ];
+  for (const g of scenarios(results)) {
+    const ok = (s) => (g.runs[s] && !g.runs[s].error ? g.runs[s] : null);
+    const sps = order.map((s) => (ok(s) ? fixed(ok(s).steps_per_s) : "—"));
+    const r = ratio(ok("nimble")?.steps_per_s, ok("ddp")?.steps_per_s);
+    const bw = `${pct(ok("nimble")?.busbw_fraction)} / ${pct(ok("ddp")?.busbw_fraction)}`;
+    const a = ok("ddp")?.time_to_target_s;
+    const b = ok("nimble-psgd4")?.time_to_target_s;
+    const ttt = a && b ? `${a.toFixed(1)} s / ${b.toFixed(1)} s = ${(a / b).toFixed(1)}x` : "—";
+    lines.push(`| ${g.model} | ${rateName(g.rate_bits)} | ${g.rtt_ms} ms | ${sps.join(" | ")} | ${r === null ? "—" : `${r.toFixed(2)}x`} | ${bw} | ${ttt} |`);
+  }
+  return lines.join("\n") + "\n";
 }
 
 /** The results as markdown: one table of every run, then the targets. */
@@ -119,26 +151,29 @@ export function markdownTable(results) {
     results.shaping_note ? `**${results.shaping_note}.**\n` : "",
     `Latency: ${results.latency}.`,
     "",
+    compactTable(results),
     "| model | link | RTT | system | steps/s | vs DDP | compute util. | bus bw / link | wire MB/step | time to target | vs DDP | final val loss |",
     "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
   ];
+  const comparable = results.shaping !== "transport";
   for (const g of scenarios(results)) {
-    const ddp = g.runs.ddp;
+    const ddp = comparable ? g.runs.ddp : undefined;
     for (const [system, run] of Object.entries(g.runs)) {
       const head = `| ${g.model} | ${rateName(g.rate_bits)} | ${g.rtt_ms} ms | ${system}`;
       if (run.error) {
         lines.push(`${head} | failed: ${run.error.replace(/\|/g, "/").slice(0, 120)} | | | | | | | |`);
         continue;
       }
-      const vsDdp = system === "ddp" ? "1.00x" : fixed(ratio(run.steps_per_s, ddp?.steps_per_s)) + (ddp ? "x" : "");
+      const unshaped = !comparable && system.startsWith("ddp");
+      const vsDdp = system === "ddp" ? (unshaped ? "unshaped" : "1.00x") : fixed(ratio(run.steps_per_s, ddp?.steps_per_s)) + (ddp ? "x" : "");
       const ttt = run.time_to_target_s === null ? `not in ${run.steps} steps` : `${run.time_to_target_s.toFixed(1)} s (step ${run.steps_to_target})`;
-      const tttVs = system === "ddp" ? "1.0x" : (() => {
+      const tttVs = system === "ddp" ? (unshaped ? "—" : "1.0x") : (() => {
         if (!ddp || ddp.error) return "—";
         if (run.time_to_target_s === null) return "—";
         if (ddp.time_to_target_s === null) return `> ${(ddp.train_time_s / run.time_to_target_s).toFixed(1)}x`;
         return `${(ddp.time_to_target_s / run.time_to_target_s).toFixed(1)}x`;
       })();
-      lines.push(`${head} | ${fixed(run.steps_per_s)} | ${vsDdp} | ${pct(run.compute_utilisation)} | ${pct(run.busbw_fraction)} | ${run.wire_bytes_per_step === null ? "—" : (run.wire_bytes_per_step / 1e6).toFixed(2)} | ${ttt} | ${tttVs} | ${fixed(run.final_val_loss, 3)} |`);
+      lines.push(`${head} | ${fixed(run.steps_per_s)} | ${vsDdp} | ${pct(run.compute_utilisation)} | ${unshaped ? "—" : pct(run.busbw_fraction)} | ${run.wire_bytes_per_step === null ? "—" : (run.wire_bytes_per_step / 1e6).toFixed(2)} | ${ttt} | ${tttVs} | ${fixed(run.final_val_loss, 3)} |`);
     }
   }
   const t = targets(results);

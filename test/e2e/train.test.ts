@@ -104,4 +104,23 @@ describe("nimble train, end to end with real providers and PyTorch workers", () 
     const again = await train(config);
     expect(again.result.exitCode, String(again.result.stderr)).toBe(0);
   }, 600_000);
+
+  it("over providers with the --latency and --link-rate testing aids, trains the same weights, each step paying at least the control round trip", async () => {
+    const body = ["steps: 6", "batch_size: 32", "balance: equal", "leave_out_slow: false", "optimizer: {name: sgd, lr: 0.05}", "compression: {method: none}", "eval: {samples: 100}"];
+    const plain = [await startProvider(python, "plain-a"), await startProvider(python, "plain-b")];
+    const slow = [await startProvider(python, "slow-a", ["--latency", "40", "--link-rate", "20Mbit"]), await startProvider(python, "slow-b", ["--latency", "40ms", "--link-rate", "20Mbit"])];
+    const providers = (ps: Array<{ address: string }>, tokens: string[]) => ["providers:", ...ps.map((p, i) => `  - {address: "${p.address}", token: ${tokens[i]}}`)];
+    const a = await train(await writeConfig("lat-0", [...body, ...providers(plain, ["plain-a", "plain-b"])].join("\n")));
+    expect(a.result.exitCode, String(a.result.stderr)).toBe(0);
+    const b = await train(await writeConfig("lat-40", [...body, ...providers(slow, ["slow-a", "slow-b"])].join("\n")));
+    expect(b.result.exitCode, String(b.result.stderr)).toBe(0);
+    // Delay changes when frames arrive, never what they carry.
+    const { maxDiff, values } = await maxWeightDifference(a.runDir!, b.runDir!);
+    expect(values).toBeGreaterThan(1000);
+    expect(maxDiff).toBe(0);
+    // Lower bounds only: every step waits for a message to the coordinator and back (2 x 40 ms)
+    // plus the ring's 2(N-1) = 2 one-way delays.
+    const steps = (await readFile(path.join(b.runDir!, "metrics.jsonl"), "utf8")).trim().split("\n").map((l) => JSON.parse(l));
+    for (const m of steps.slice(1)) expect(m.step_s - (m.eval_s ?? 0)).toBeGreaterThanOrEqual(0.16);
+  }, 600_000);
 });
