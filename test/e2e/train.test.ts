@@ -121,6 +121,6 @@ describe("nimble train, end to end with real providers and PyTorch workers", () 
     // Lower bounds only: every step waits for a message to the coordinator and back (2 x 40 ms)
     // plus the ring's 2(N-1) = 2 one-way delays.
     const steps = (await readFile(path.join(b.runDir!, "metrics.jsonl"), "utf8")).trim().split("\n").map((l) => JSON.parse(l));
-    for (const m of steps.slice(1)) expect(m.step_s - (m.eval_s ?? 0)).toBeGreaterThanOrEqual(0.16);
+    for (const m of steps.slice(1)) expect(m.step_s - (m.eval_s ?? 0)).toBeGreaterThanOrEqual(0.15); // 0.16, less timer rounding
   }, 600_000);
 });
