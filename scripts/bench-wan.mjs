@@ -127,7 +127,7 @@ async function startProviders(rttMs, rateBits) {
     const token = `wan-${i}`;
     const args = [process.execPath, cli, "provide", "--host", host ? host.ip : "127.0.0.1", "--port", host ? "7070" : "0", "--token", token, "--json", "--no-profile", "--threads", "1", "--python", PY];
     if (rttMs > 0) args.push("--latency", String(rttMs / 2));
-    if (!host) args.push("--link-rate", `${rateBits}bit`.replace(/^(\d+)bit$/, (_, n) => `${Number(n) / 1e6}Mbit`));
+    if (!host) args.push("--link-rate", `${rateBits / 1e6}Mbit`);
     const child = spawnIn(host, args);
     child.stderr.on("data", (d) => process.stderr.write(`[provider ${i}] ${d}`));
     return new Promise((resolve, reject) => {

@@ -104,7 +104,7 @@ describe("WAN namespaces", () => {
 
   // Root with iproute2 and tc (as on this project's machines); skipped elsewhere.
   it.skipIf(cannotMakeNamespaces() !== null)("builds a shaped WAN in namespaces and removes every namespace when interrupted", async () => {
-    const prefix = "nwt-";
+    const prefix = `nwt-${process.pid}-`; // unique: two runs on one machine must not remove each other's
     // A child builds the WAN, sends 1 MB from p0 to p1 at 8 Mbit/s (1 MB/s), then waits to be interrupted.
     const script = `
       import { makeWan } from ${JSON.stringify(path.join(REPO_ROOT, "scripts", "lib", "netns.mjs"))};
