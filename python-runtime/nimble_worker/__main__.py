@@ -41,7 +41,7 @@ class Worker:
     # ---- the Comm the trainer and its compressor use (nimble_worker/compress) --------
     world_size = 1
 
-    def _reply(self, op: str, rid: int) -> tuple[dict, bytes]:
+    def _reply(self, op: str, rid: int) -> tuple[dict, bytearray]:
         header, payload = self.link.recv()
         while header["op"] == "set_speed":  # may arrive at any time; no reply
             self.set_speed(header)
@@ -57,9 +57,10 @@ class Worker:
     def allreduce(self, buf: torch.Tensor, codec: str = "f32") -> torch.Tensor:
         rid, count = self.next_id, buf.numel()
         self.next_id += 1
+        # The tensor's own memory goes to the socket (no bytes copy of the gradient).
         self.link.send({"op": "allreduce", "id": rid, "dtype": "float32", "count": count,
                         "codec": codec, "attempt": self.attempt},
-                       buf.contiguous().numpy().tobytes())
+                       buf.detach().contiguous().numpy())
         header, payload = self._reply("allreduce_result", rid)
         if header.get("dtype") != "float32" or header.get("count") != count \
                 or header.get("codec", codec) != codec or len(payload) != 4 * count:
@@ -68,7 +69,7 @@ class Worker:
                             f"count={header.get('count')} codec={header.get('codec')} and {len(payload)} bytes")
         if count == 0:
             return torch.zeros(0, dtype=torch.float32)
-        return torch.frombuffer(bytearray(payload), dtype=torch.float32)
+        return torch.frombuffer(payload, dtype=torch.float32)  # payload: ours, writable
 
     def allgather(self, blob: bytes) -> list[bytes]:
         rid = self.next_id

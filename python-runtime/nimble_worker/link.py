@@ -52,7 +52,7 @@ class Link:
             got += k
         return buf
 
-    def recv(self) -> tuple[dict, bytes]:
+    def recv(self) -> tuple[dict, bytearray]:
         """Next (header, payload). Raises LinkClosed on a clean EOF, LinkError on a bad frame."""
         head_len, pay_len = PREFIX.unpack(self._read(PREFIX.size, at_boundary=True))
         if head_len == 0 or head_len > MAX_HEADER:
@@ -66,5 +66,6 @@ class Link:
             raise LinkError(f"header is not UTF-8 JSON: {e}") from None
         if not isinstance(header, dict) or not isinstance(header.get("op"), str):
             raise LinkError("header must be a JSON object with a string 'op'")
-        payload = bytes(self._read(pay_len)) if pay_len else b""
+        # A fresh bytearray the caller owns: tensors are made on it without another copy.
+        payload = self._read(pay_len) if pay_len else bytearray()
         return header, payload
