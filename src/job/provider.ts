@@ -7,7 +7,7 @@ import type { Duplex } from "node:stream";
 import { WebSocketServer, type WebSocket } from "ws";
 import { expectedFrameBytesPerNode, RingAllReduce, type WireCodec } from "../collective/ring.js";
 import { errorMessage, UserError } from "../errors.js";
-import { acceptRingPeer, connectRingPeer, FrameLink, type LinkOptions, secretsEqual } from "../net/link.js";
+import { acceptRingPeer, afterLatency, connectRingPeer, FrameLink, type LinkOptions, secretsEqual } from "../net/link.js";
 import { BENCH_FRAME_BYTES, measurePeer, servePeerBench } from "../net/peerBench.js";
 import { watchHeartbeat } from "../net/heartbeat.js";
 import { RateLimit } from "../net/rateLimit.js";
@@ -107,13 +107,6 @@ export class Provider {
     return { throttle: this.throttle, latencyMs: this.opts.latencyMs };
   }
 
-  /** Run `fn` now, or after the --latency testing aid's one-way delay. */
-  private delayed(fn: () => void): void {
-    const ms = this.opts.latencyMs ?? 0;
-    if (ms > 0) setTimeout(fn, ms);
-    else fn();
-  }
-
   async start(): Promise<{ url: string; port: number }> {
     const server = createServer((_req, res) => {
       res.writeHead(426, { "content-type": "text/plain" });
@@ -174,12 +167,12 @@ export class Provider {
     let authenticated = false;
     const send = (m: ToCoordinator) => {
       const bytes = encodeMessage(m);
-      this.delayed(() => {
+      afterLatency(this.opts.latencyMs, () => {
         if (ws.readyState === ws.OPEN) ws.send(bytes);
       });
     };
     const helloTimer = setTimeout(() => ws.close(4003, "no hello"), 10_000);
-    ws.on("message", (data, isBinary) => this.delayed(() => {
+    ws.on("message", (data, isBinary) => afterLatency(this.opts.latencyMs, () => {
       let message: ToProvider;
       try {
         message = decodeToProvider(isBinary ? data : String(data), from);
@@ -226,7 +219,7 @@ export class Provider {
       }
       if (message.t !== "hello") this.job.handle(message);
     }));
-    ws.on("close", () => this.delayed(() => {
+    ws.on("close", () => afterLatency(this.opts.latencyMs, () => {
       clearTimeout(helloTimer);
       if (this.job && this.job.control === ws) void this.job.end("coordinator disconnected");
     }));

@@ -48,6 +48,15 @@ export interface RingExpectation {
   ranks: Set<number>;
 }
 
+/**
+ * Run `fn` now, or `latencyMs` later (the --latency testing aid). Equal delays keep the
+ * order of calls, as a link's one-way latency keeps the order of what it carries.
+ */
+export function afterLatency(latencyMs: number | undefined, fn: () => void): void {
+  if (latencyMs && latencyMs > 0) setTimeout(fn, latencyMs);
+  else fn();
+}
+
 /** A send on a link that is closed (or closing). */
 export class LinkClosedError extends Error {
   constructor(message: string) {
@@ -83,7 +92,7 @@ export class FrameLink {
   private closeListeners: Array<(code: number, reason: string) => void> = [];
   private closeInfo: { code: number; reason: string } | null = null;
   private readonly throttle: ((bytes: number) => Promise<void>) | undefined;
-  private readonly latencyMs: number;
+  private readonly latencyMs: number | undefined;
   /** With a throttle: the previous frame's turn, so frames leave in call order. */
   private paced: Promise<void> = Promise.resolve();
 
@@ -93,7 +102,7 @@ export class FrameLink {
   ) {
     this.highWaterMark = opts.highWaterMark ?? DEFAULT_HIGH_WATER_MARK;
     this.throttle = opts.throttle;
-    this.latencyMs = opts.latencyMs ?? 0;
+    this.latencyMs = opts.latencyMs;
     ws.binaryType = "nodebuffer";
     ws.on("error", (err: Error) => {
       this.lastError = err;
@@ -110,9 +119,9 @@ export class FrameLink {
           : (data as Buffer);
       this.bytesReceived += bytes.byteLength;
       this.framesReceived += 1;
-      this.later(() => this.deliver(bytes));
+      afterLatency(this.latencyMs, () => this.deliver(bytes));
     });
-    ws.on("close", (code: number, reason: Buffer) => this.later(() => this.handleClose(code, reason.toString())));
+    ws.on("close", (code: number, reason: Buffer) => afterLatency(this.latencyMs, () => this.handleClose(code, reason.toString())));
     if (ws.readyState === WebSocket.CLOSED) this.handleClose(1006, "closed before use");
   }
 
@@ -205,12 +214,6 @@ export class FrameLink {
       return `link closed (code ${code}${reason ? `: ${reason}` : ""})`;
     }
     return "link is closing";
-  }
-
-  /** Run `fn` now, or after the latency aid's delay (equal delays keep arrival order). */
-  private later(fn: () => void): void {
-    if (this.latencyMs > 0) setTimeout(fn, this.latencyMs);
-    else fn();
   }
 
   private deliver(bytes: Uint8Array): void {
