@@ -11,15 +11,9 @@ import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "nod
 import os from "node:os";
 import path from "node:path";
 import { createInterface } from "node:readline";
-import { fileURLToPath } from "node:url";
 import { stringify } from "yaml";
+import { arg, CLI as cli, ROOT as root } from "./lib/args.mjs";
 
-const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
-const cli = path.join(root, "dist", "cli.js");
-const arg = (name, fallback) => {
-  const i = process.argv.indexOf(`--${name}`);
-  return i > 0 ? process.argv[i + 1] : fallback;
-};
 const steps = Number(arg("steps", "800"));
 const faultCount = Number(arg("faults", "8"));
 const out = path.resolve(root, arg("out", "results/chaos.json"));

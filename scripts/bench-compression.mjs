@@ -10,14 +10,9 @@ import { execFileSync } from "node:child_process";
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { fileURLToPath } from "node:url";
 import { parse, stringify } from "yaml";
+import { arg, ROOT as root } from "./lib/args.mjs";
 
-const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
-const arg = (name, fallback) => {
-  const i = process.argv.indexOf(`--${name}`);
-  return i > 0 ? process.argv[i + 1] : fallback;
-};
 const workers = Number(arg("workers", "2"));
 const examples = arg("examples", "mnist,brown-charlm").split(",");
 const out = path.resolve(root, arg("out", "results/compression.json"));

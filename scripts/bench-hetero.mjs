@@ -11,15 +11,9 @@ import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "nod
 import os from "node:os";
 import path from "node:path";
 import { createInterface } from "node:readline";
-import { fileURLToPath } from "node:url";
 import { stringify } from "yaml";
+import { arg, CLI as cli, ROOT as root } from "./lib/args.mjs";
 
-const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
-const cli = path.join(root, "dist", "cli.js");
-const arg = (name, fallback) => {
-  const i = process.argv.indexOf(`--${name}`);
-  return i > 0 ? process.argv[i + 1] : fallback;
-};
 const steps = Number(arg("steps", "40"));
 // Large enough that compute, not per-step fixed costs, dominates a step on a CPU.
 const batch = Number(arg("batch", "1024"));

@@ -7,17 +7,13 @@ import { writeFileSync } from "node:fs";
 import os from "node:os";
 import { Worker, isMainThread, parentPort, workerData } from "node:worker_threads";
 import { WebSocketServer } from "ws";
+import { arg } from "./lib/args.mjs";
 import { RingAllReduce, expectedBytesPerNode } from "../dist/collective/ring.js";
 import { acceptRingPeer, connectRingPeer } from "../dist/net/link.js";
 import { DEFAULT_CHUNK_BYTES, MAX_FRAME_BYTES, encodeChunk } from "../dist/protocol/frames.js";
 
 const JOB = "bench";
 const SECRET = "bench-secret";
-
-function arg(name, fallback) {
-  const i = process.argv.indexOf(`--${name}`);
-  return i > 0 ? process.argv[i + 1] : fallback;
-}
 
 if (isMainThread) {
   const sizes = arg("sizes", "2,3,4").split(",").map(Number);

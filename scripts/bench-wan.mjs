@@ -21,20 +21,11 @@ import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "nod
 import os from "node:os";
 import path from "node:path";
 import { createInterface } from "node:readline";
-import { fileURLToPath } from "node:url";
 import { stringify } from "yaml";
+import { arg, CLI as cli, flag, list, ROOT as root } from "./lib/args.mjs";
 import { cannotMakeNamespaces, makeWan } from "./lib/netns.mjs";
 import { lossChartSvg, markdownTable, summarise } from "./lib/wanReport.mjs";
 
-const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
-const cli = path.join(root, "dist", "cli.js");
-const argv = process.argv.slice(2);
-const flag = (name) => argv.includes(`--${name}`);
-const arg = (name, fallback) => {
-  const i = argv.indexOf(`--${name}`);
-  return i >= 0 ? argv[i + 1] : fallback;
-};
-const list = (name, fallback) => arg(name, fallback).split(",").map((s) => s.trim()).filter(Boolean);
 
 const quick = flag("quick");
 const WORKERS = 4;
@@ -264,7 +255,7 @@ mkdirSync(outDir, { recursive: true });
 const save = () => {
   writeFileSync(path.join(outDir, "wan.json"), JSON.stringify(results, null, 2) + "\n");
   writeFileSync(path.join(outDir, "wan.md"), markdownTable(results));
-  writeFileSync(path.join(outDir, "wan.svg"), lossChartSvg(results, "100mbit", 0));
+  writeFileSync(path.join(outDir, "wan.svg"), lossChartSvg(results, RATES["100mbit"], 0));
 };
 
 process.on("unhandledRejection", (err) => {
@@ -275,13 +266,15 @@ const total = rtts.length * rates.length * models.length * systems.length;
 let done = 0;
 const t0 = Date.now();
 try {
+  const needProviders = systems.some((s) => SYSTEMS[s].engine === "nimble");
   for (const rtt of rtts) {
-    // Without namespaces the providers pace themselves, so they restart per rate as well.
-    for (const rate of rates) {
-      wan?.shape(RATES[rate], wan.hosts);
-      const needProviders = systems.some((s) => SYSTEMS[s].engine === "nimble");
-      const providers = needProviders ? await startProviders(rtt, RATES[rate]) : [];
-      try {
+    // Latency is a provider option: new providers per RTT. With namespaces tc sets the rate,
+    // so they serve every rate; without, they pace themselves and restart per rate too.
+    let providers = needProviders && wan ? await startProviders(rtt, null) : [];
+    try {
+      for (const rate of rates) {
+        wan?.shape(RATES[rate], wan.hosts);
+        if (needProviders && !wan) providers = await startProviders(rtt, RATES[rate]);
         for (const model of models) {
           for (const system of systems) {
             const steps = Number(stepsOverride ?? (quick ? Math.round(MODELS[model].steps / 2) : MODELS[model].steps));
@@ -308,9 +301,10 @@ try {
             save();
           }
         }
-      } finally {
-        await stopProviders(providers);
+        if (!wan) await stopProviders(providers);
       }
+    } finally {
+      await stopProviders(providers);
     }
   }
 } finally {

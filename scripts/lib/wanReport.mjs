@@ -190,8 +190,7 @@ export function markdownTable(results) {
 const COLOURS = { nimble: "#1f77b4", "nimble-psgd1": "#2ca02c", "nimble-psgd4": "#17becf", ddp: "#d62728", "ddp-psgd4": "#ff7f0e" };
 
 /** Validation loss against training time, one panel per model, for one link and RTT. */
-export function lossChartSvg(results, rate = "100mbit", rttMs = 0) {
-  const rateBits = { "1gbit": 1e9, "100mbit": 100e6, "20mbit": 20e6 }[rate];
+export function lossChartSvg(results, rateBits = 100e6, rttMs = 0) {
   const groups = scenarios(results).filter((g) => g.rate_bits === rateBits && g.rtt_ms === rttMs);
   const W = 460;
   const H = 320;

@@ -64,7 +64,7 @@ describe("WAN benchmark figures", () => {
     const md = markdownTable(results);
     expect(md).toContain("| m | 100 Mbit/s | 0 ms | nimble | 1.67 | 0.83x |");
     expect(md).toContain("| Nimble uncompressed steps/s >= 0.95x torch DDP (gloo) | m, 100 Mbit/s, RTT 0 ms | 0.83x | **no** |");
-    const svg = lossChartSvg(results, "100mbit", 0);
+    const svg = lossChartSvg(results, 100e6, 0);
     expect(svg.startsWith("<svg")).toBe(true);
     expect(svg.match(/<polyline/g)).toHaveLength(3);
   });
