@@ -2,6 +2,7 @@
 import { Command, InvalidArgumentError, Option } from "commander";
 import { benchCommand } from "./commands/bench.js";
 import { envCommand } from "./commands/env.js";
+import { runsCommand, runsShowCommand } from "./commands/runs.js";
 import { provideCommand } from "./commands/provide.js";
 import { trainCommand } from "./commands/train.js";
 import { UserError } from "./errors.js";
@@ -55,6 +56,8 @@ program
   .option("--python <path>", "interpreter with torch for local workers (default: $NIMBLE_PYTHON or a managed environment)")
   .option("--torch <requirement>", "torch requirement for the managed environment (default: $NIMBLE_TORCH or torch==2.13.0)")
   .option("--json", "print one JSON event per line instead of the live view")
+  .option("-q, --quiet", "no live view: only warnings, errors and the final summary (train.log keeps everything)")
+  .option("-v, --verbose", "also every step and detail such as rebalanced shares")
   .action((config: string | undefined, opts) => trainCommand(config, opts));
 
 program
@@ -90,6 +93,23 @@ program
   .option("--quick", "short measurements (less accurate)")
   .option("--json", "print JSON")
   .action((config: string | undefined, opts) => benchCommand(config, opts));
+
+const runs = program
+  .command("runs")
+  .description("list past runs in the output folder with their key figures")
+  .option("--output <dir>", "folder the runs are in (the config's `output`; default runs)")
+  .option("--json", "print JSON")
+  .action((opts) => runsCommand(opts));
+
+runs
+  .command("show")
+  .description("print one run's summary: figures, workers, faults, checkpoints")
+  .argument("<run>", "run directory, or a run's folder name (or the start of one) in --output")
+  .option("--output <dir>", "folder the runs are in (the config's `output`; default runs)")
+  .option("--json", "print JSON")
+  // `runs --output X show RUN` and `runs show RUN --output X` both work: commander gives
+  // options after the subcommand name to whichever command defines them first.
+  .action((run: string, opts) => runsShowCommand(run, { ...runs.opts(), ...Object.fromEntries(Object.entries(opts).filter(([, v]) => v !== undefined)) }));
 
 program
   .command("env")

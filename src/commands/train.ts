@@ -4,6 +4,7 @@ import { loadConfig } from "../config/load.js";
 import { UserError, errorMessage } from "../errors.js";
 import { runTraining } from "../job/coordinator.js";
 import { createReporter } from "../ui/reporter.js";
+import { RunLogReporter, TeeReporter } from "../ui/runLog.js";
 
 export interface TrainCommandOptions {
   local?: number;
@@ -11,6 +12,8 @@ export interface TrainCommandOptions {
   torch?: string;
   json?: boolean;
   resume?: string;
+  quiet?: boolean;
+  verbose?: boolean;
 }
 
 /** `nimble train CONFIG`: validate, run the job, report. Exit codes come from cli.ts. */
@@ -21,7 +24,10 @@ export async function trainCommand(configArg: string | undefined, options: Train
   if (options.local !== undefined && loaded.config.providers.length > 0) {
     throw new UserError(`--local ${options.local} was given but ${configPath} names providers`, "Drop --local, or remove `providers` from the config to train on local providers.", 2);
   }
-  const reporter = createReporter({ json: Boolean(options.json), name: loaded.config.name });
+  if (options.quiet && options.verbose) throw new UserError("--quiet and --verbose were both given", "Pick one.", 2);
+  const verbosity = options.quiet ? "quiet" : options.verbose ? "verbose" : "normal";
+  // The terminal shows what the flags ask for; train.log in the run directory keeps everything.
+  const reporter = new TeeReporter(createReporter({ json: Boolean(options.json), name: loaded.config.name, verbosity }), new RunLogReporter());
   const controller = new AbortController();
   // First Ctrl-C cancels cleanly (providers stop their workers, the summary is written);
   // a second one exits at once.

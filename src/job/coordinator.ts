@@ -9,7 +9,7 @@ import { resolvePython } from "../runtime/python.js";
 import { allocate } from "../schedule/allocate.js";
 import { Rebalancer } from "../schedule/rebalance.js";
 import { equalShares, slicesFor } from "../schedule/shares.js";
-import type { Reporter, WorkerRow } from "./events.js";
+import type { Reporter, StatusLevel, WorkerRow } from "./events.js";
 import { startLocalProviders } from "./localProviders.js";
 import { ProviderClient, ringUrl } from "./providerClient.js";
 import { RunDir, type Checkpoint, type StepMetrics } from "./runDir.js";
@@ -51,7 +51,8 @@ export interface TrainSummary {
   /** Workers left out of the ring because they would have slowed every step, and why. */
   left_out: { rank: number; id: string; after_step: number; reason: string }[];
   /** Faults survived: when, what, who, and seconds from the fault to the next completed step. */
-  faults: { step: number; kind: Fault["kind"]; ranks: number[]; reason: string; recovery_s: number | null }[];
+  /** wall_s: when the fault was first noticed, on the same clock as metrics.jsonl's wall_s. */
+  faults: { step: number; wall_s: number; kind: Fault["kind"]; ranks: number[]; reason: string; recovery_s: number | null }[];
   /** Steps abandoned by a fault and run again (once per abandonment). */
   steps_redone: number[];
   /** Each provider's measured upload to its ring successor (none for a single host). */
@@ -218,7 +219,7 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
   const { loaded, reporter } = opts;
   const config = loaded.config;
   const env = opts.env ?? process.env;
-  const status = (message: string) => reporter.handle({ type: "status", message });
+  const status = (message: string, level: StatusLevel = "info") => reporter.handle({ type: "status", message, level });
   const cleanups: (() => Promise<void> | void)[] = [];
   const cleanup = async () => {
     for (const fn of cleanups.reverse()) await fn();
@@ -270,7 +271,7 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
       return;
     }
     faultQueue.push(fault);
-    reporter.handle({ type: "status", message: `Fault: ${fault.kind}: ${fault.reason}` });
+    status(`Fault: ${fault.kind}: ${fault.reason}`, "warn");
     gather.interrupt(new FaultError(fault));
   };
   const links: TrainSummary["links"] = [];
@@ -326,7 +327,7 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
   const onAbort = () => {
     if (training && !stopRequested) {
       stopRequested = true;
-      reporter.handle({ type: "status", message: "Stopping after this step and writing a checkpoint (Ctrl-C again stops at once)" });
+      status("Stopping after this step and writing a checkpoint (Ctrl-C again stops at once)", "warn");
       return;
     }
     gather.fail(new UserError("Training cancelled", "Checkpoints already written are kept in the run directory.", 130));
@@ -440,7 +441,7 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
               joiners.delete(m.rank);
               if (ranks[m.rank]) ranks[m.rank].row.state = "lost";
               retell([m.rank], m.message);
-              status(m.message);
+              status(m.message, "warn");
             }
           } else gather.fail(new JobFailed(`${who} failed: ${m.where ? `${m.where}: ` : ""}${m.message}`, taskErrorHint(m.kind)));
         } else if (m.t === "ring_lost") {
@@ -449,7 +450,7 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
         } else if (m.t === "ready" && training && ranks[m.rank]?.client === client && !active.includes(ranks[m.rank])) {
           // A restarted worker, or a provider that (re)joined: brought in at the next step boundary.
           joiners.add(m.rank);
-          ranks[m.rank].row.state = "ready";
+          ranks[m.rank].row.state = "joining";
           status(`Rank ${m.rank} on ${client.address} is ready to join`);
         } else if ("rank" in m) gather.deliver(m);
       });
@@ -459,7 +460,7 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
     let resumeFrom: Checkpoint | null = null;
     if (opts.resume) {
       const { checkpoint, skipped } = await RunDir.latestCheckpoint(opts.resume);
-      for (const why of skipped) status(`Passing over checkpoint ${why}`);
+      for (const why of skipped) status(`Passing over checkpoint ${why}`, "warn");
       if (!checkpoint) {
         throw new UserError(
           `${opts.resume} has no intact checkpoint to resume from${skipped.length ? ` (${skipped.join("; ")})` : ""}`,
@@ -479,10 +480,12 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
         if (m.loss !== null) lastLoss = m.loss;
         if (m.skipped) stepsSkipped.push(m.step);
       }
+      reporter.handle({ type: "run", run_dir: reopened.dir, resumed: true });
       status(`Resuming ${opts.resume} from step ${checkpoint.step} (${path.basename(checkpoint.dir)})`);
     } else {
       runDir = await RunDir.create(path.resolve(config.output), config.name);
       await runDir.copyInputs(loaded.path, loaded.taskPath);
+      reporter.handle({ type: "run", run_dir: runDir.dir, resumed: false });
     }
     const run = runDir;
     const code = await readFile(loaded.taskPath);
@@ -626,7 +629,7 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
           const losses = faults.filter((f) => f.ranks.length > 0);
           const firstAt = Math.min(...faults.map((f) => f.at));
           for (const f of losses.length > 0 ? losses : faults.slice(0, 1)) {
-            const entry = { step: step ?? stepsDone, kind: f.kind, ranks: f.ranks, reason: f.reason, recovery_s: null };
+            const entry = { step: step ?? stepsDone, wall_s: (firstAt - started) / 1000, kind: f.kind, ranks: f.ranks, reason: f.reason, recovery_s: null };
             faultLog.push(entry);
             unrecovered.push({ entry, at: firstAt });
           }
@@ -659,7 +662,7 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
           if (active.length < minWorkers) {
             // Too few to go on: wait for providers to come back (or restarted workers) and
             // bring them in before the step runs again.
-            status(`Waiting up to ${config.faults.wait_s} s for providers: ${active.length} worker${active.length === 1 ? "" : "s"} left, faults.min_workers is ${minWorkers}`);
+            status(`Waiting up to ${config.faults.wait_s} s for providers: ${active.length} worker${active.length === 1 ? "" : "s"} left, faults.min_workers is ${minWorkers}`, "warn");
             const deadline = Date.now() + config.faults.wait_s * 1000;
             while (active.length + joiners.size < minWorkers) {
               if (Date.now() > deadline) {
@@ -770,7 +773,7 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
         if (rep.max_micro_batch !== r.maxMicroBatch) {
           // The first report gives the provider's configured cap; a lower one later means memory ran out.
           if (r.maxMicroBatch !== undefined && rep.max_micro_batch !== null && (r.maxMicroBatch === null || rep.max_micro_batch < r.maxMicroBatch)) {
-            status(`Rank ${r.rank} (${r.row.device}) ran out of device memory at step ${step}: it now accumulates micro-batches of at most ${rep.max_micro_batch} samples`);
+            status(`Rank ${r.rank} (${r.row.device}) ran out of device memory at step ${step}: it now accumulates micro-batches of at most ${rep.max_micro_batch} samples`, "warn");
           }
           r.maxMicroBatch = rep.max_micro_batch;
         }
@@ -793,7 +796,7 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
           active.map((r) => reports.get(r.rank)!.samples),
           active.map((r) => reports.get(r.rank)!.forward_backward_s ?? reports.get(r.rank)!.compute_s),
         );
-        if (shares.join(":") !== before) status(`Step ${step + 1}: shares ${shares.join(" : ")} (measured samples/s ${rebalancer.rates.map((x) => x.toFixed(0)).join(" : ")})`);
+        if (shares.join(":") !== before) status(`Step ${step + 1}: shares ${shares.join(" : ")} (measured samples/s ${rebalancer.rates.map((x) => x.toFixed(0)).join(" : ")})`, "debug");
       }
       stepsDone = step + 1;
       samplesDone += batch;
@@ -801,7 +804,7 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
       uncompressedBytes += stepUncompressed;
       if (skipped) {
         stepsSkipped.push(step);
-        status(`Step ${step} skipped on every worker: non-finite ${nonfinite.length ? nonfinite.join(", ") : "values in the reduced gradient"}`);
+        status(`Step ${step} skipped on every worker: non-finite ${nonfinite.length ? nonfinite.join(", ") : "values in the reduced gradient"}`, "warn");
       } else lastLoss = loss;
 
       const isLast = step === config.steps - 1;
@@ -993,7 +996,7 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
       r.row.state = "left out";
       r.row.share = 0;
       leftOut.push({ rank: r.rank, id: r.row.id, after_step: step, reason: e.reason });
-      status(`Leaving out ${e.reason}`);
+      status(`Leaving out ${e.reason}`, "warn");
     }
     const stay = active.filter((_, k) => !out.has(k));
     const stayRates = rates.filter((_, k) => !out.has(k));

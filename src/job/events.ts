@@ -2,9 +2,13 @@
  * What the coordinator reports while a job runs. Collected by `job/`, printed by `ui/`
  * (ink view on a terminal, plain lines otherwise, one JSON object per line with --json).
  */
-/** "left out": removed from the ring because it would slow every step more than it adds. */
-/** "lost": its provider vanished or hung, or its worker died; the job went on without it. */
-export type WorkerState = "starting" | "ready" | "training" | "left out" | "lost" | "done" | "failed";
+/**
+ * starting: its worker is loading. joining: loaded, enters the ring at the next step
+ * boundary (first start, restart, or a provider that came back). "left out": removed from
+ * the ring because it would slow every step more than it adds. "lost": its provider
+ * vanished or hung, or its worker died; the job went on without it.
+ */
+export type WorkerState = "starting" | "joining" | "training" | "left out" | "lost" | "done" | "failed";
 
 export interface WorkerRow {
   /** Stable id: `<provider address>#<local index>`. */
@@ -25,8 +29,13 @@ export interface WorkerRow {
   bytes_sent: number;
 }
 
+export type StatusLevel = "info" | "warn" | "debug";
+
 export type TrainEvent =
-  | { type: "status"; message: string }
+  /** info: progress a user follows; warn: faults, skipped steps, workers left out; debug: detail (rebalanced shares). */
+  | { type: "status"; message: string; level?: StatusLevel }
+  /** The run directory is known (created, or reopened to resume). */
+  | { type: "run"; run_dir: string; resumed: boolean }
   | { type: "log"; source: string; line: string }
   | { type: "workers"; workers: WorkerRow[] }
   | {

@@ -20,7 +20,7 @@ export { initialViewState, reduceView, type TrainViewState } from "./state.js";
 
 const STATE_COLOR: Record<WorkerState, string> = {
   starting: "yellow",
-  ready: "cyan",
+  joining: "cyan",
   training: "green",
   "left out": "magenta",
   lost: "red",
@@ -136,6 +136,8 @@ export interface InkReporterOptions {
   /** Header: the job name and run directory, when known before the first event. */
   name?: string;
   runDir?: string;
+  /** Show debug status lines in the rolling log (`--verbose`). */
+  verbose?: boolean;
   /** Minimum ms between re-renders. Default 100 (10 per second). */
   throttleMs?: number;
   /** Let ink capture console.* output above the view. Default true. */
@@ -151,7 +153,7 @@ export class InkReporter implements Reporter {
   private closed = false;
 
   constructor(options: InkReporterOptions = {}) {
-    this.state = initialViewState({ name: options.name, runDir: options.runDir });
+    this.state = initialViewState({ name: options.name, runDir: options.runDir, verbose: options.verbose });
     this.throttleMs = options.throttleMs ?? 100;
     // Ink spreads these over its defaults: leave out what is not given (an explicit
     // `stdin: undefined` would replace process.stdin and break rendering).

@@ -2,7 +2,7 @@
  * Plain-text progress for non-terminals (CI logs, pipes): one human line per
  * noteworthy event, step lines throttled so that a long run stays readable.
  */
-import type { Reporter, TrainEvent, WorkerRow } from "../job/events.js";
+import type { Reporter, StatusLevel, TrainEvent, WorkerRow } from "../job/events.js";
 import { formatBytes, formatCount, formatDuration, formatMetric, formatRate, formatRatio, formatSci } from "./format.js";
 
 /** Anything with a string `write` (process.stdout, a file stream, a test buffer). */
@@ -17,7 +17,14 @@ export interface PlainReporterOptions {
   now?: () => number;
   /** Print a step line at least this often (ms of wall time) while steps arrive. Default 2000. */
   intervalMs?: number;
+  /** quiet: warnings, errors and the summary; verbose: also every step and debug detail. Default normal. */
+  verbosity?: Verbosity;
 }
+
+/** How much `--quiet` / `--verbose` let through. */
+export type Verbosity = "quiet" | "normal" | "verbose";
+
+const LOST_STATES = new Set(["lost", "failed", "left out"]);
 
 type StepEvent = Extract<TrainEvent, { type: "step" }>;
 type DoneEvent = Extract<TrainEvent, { type: "done" }>;
@@ -94,6 +101,7 @@ export class PlainReporter implements Reporter {
   private readonly out: TextSink;
   private readonly now: () => number;
   private readonly intervalMs: number;
+  private readonly verbosity: Verbosity;
   private lastPrintAt = -Infinity;
   private lastPrintedStep = 0;
   private pendingStep: StepEvent | undefined;
@@ -105,16 +113,27 @@ export class PlainReporter implements Reporter {
     this.out = options.out ?? process.stdout;
     this.now = options.now ?? Date.now;
     this.intervalMs = options.intervalMs ?? 2000;
+    this.verbosity = options.verbosity ?? "normal";
+  }
+
+  /** Whether a status line of this level is shown at this verbosity. */
+  private shows(level: StatusLevel): boolean {
+    if (level === "warn") return true;
+    if (level === "debug") return this.verbosity === "verbose";
+    return this.verbosity !== "quiet";
   }
 
   handle(event: TrainEvent): void {
     if (this.closed) return;
     switch (event.type) {
       case "status":
-        this.line(event.message);
+        if (this.shows(event.level ?? "info")) this.line(event.message);
+        break;
+      case "run":
+        // The coordinator's own status line names the run directory.
         break;
       case "log":
-        this.line(`[${event.source}] ${event.line}`);
+        if (this.shows("info")) this.line(`[${event.source}] ${event.line}`);
         break;
       case "workers":
         this.workerChanges(event.workers);
@@ -122,17 +141,18 @@ export class PlainReporter implements Reporter {
       case "step":
         this.workerChanges(event.workers);
         this.seen.step = event;
+        if (this.verbosity === "quiet") break;
         if (this.shouldPrint(event)) this.printStep(event);
         else this.pendingStep = event;
         break;
       case "eval":
         this.flushStep();
         this.seen.eval = { step: event.step, metrics: event.metrics };
-        this.line(formatEvalLine(event.step, event.metrics));
+        if (this.shows("info")) this.line(formatEvalLine(event.step, event.metrics));
         break;
       case "checkpoint":
         this.flushStep();
-        this.line(`checkpoint @ step ${event.step}: ${event.path}`);
+        if (this.shows("info")) this.line(`checkpoint @ step ${event.step}: ${event.path}`);
         break;
       case "done":
         this.flushStep();
@@ -152,7 +172,7 @@ export class PlainReporter implements Reporter {
   }
 
   private shouldPrint(e: StepEvent): boolean {
-    if (this.lastPrintedStep === 0) return true;
+    if (this.lastPrintedStep === 0 || this.verbosity === "verbose") return true;
     if (e.step >= e.steps) return true;
     if (this.now() - this.lastPrintAt >= this.intervalMs) return true;
     if (e.steps > 0) {
@@ -171,6 +191,7 @@ export class PlainReporter implements Reporter {
 
   /** Before an eval, checkpoint or the end: show where training stands, if not shown. */
   private flushStep(): void {
+    if (this.verbosity === "quiet") return;
     if (this.pendingStep && this.pendingStep.step !== this.lastPrintedStep) this.printStep(this.pendingStep);
     this.pendingStep = undefined;
   }
@@ -179,7 +200,7 @@ export class PlainReporter implements Reporter {
     for (const w of workers) {
       if (this.workerStates.get(w.id) === w.state) continue;
       this.workerStates.set(w.id, w.state);
-      this.line(formatWorkerLine(w));
+      if (this.verbosity !== "quiet" || LOST_STATES.has(w.state)) this.line(formatWorkerLine(w));
     }
   }
 

@@ -1,7 +1,7 @@
 /** Pick how `nimble train` shows progress: JSON lines, the ink view, or plain lines. */
 import type { Reporter } from "../job/events.js";
 import { JsonReporter } from "./json.js";
-import { PlainReporter } from "./plain.js";
+import { PlainReporter, type Verbosity } from "./plain.js";
 import { InkReporter } from "./TrainView.js";
 
 export interface CreateReporterOptions {
@@ -14,6 +14,8 @@ export interface CreateReporterOptions {
   /** Header for the live view, when known up front. */
   name?: string;
   runDir?: string;
+  /** `--quiet` / `--verbose`. quiet shows no live view: warnings, errors and the summary only. */
+  verbosity?: Verbosity;
 }
 
 export type ReporterKind = "json" | "ink" | "plain";
@@ -26,6 +28,7 @@ export function isCI(env: NodeJS.ProcessEnv): boolean {
 
 export function reporterKind(options: CreateReporterOptions): ReporterKind {
   if (options.json) return "json";
+  if (options.verbosity === "quiet") return "plain";
   const stream = options.stream ?? process.stdout;
   const env = options.env ?? process.env;
   return stream.isTTY === true && !isCI(env) ? "ink" : "plain";
@@ -37,8 +40,8 @@ export function createReporter(options: CreateReporterOptions): Reporter {
     case "json":
       return new JsonReporter({ out: stream });
     case "ink":
-      return new InkReporter({ stdout: stream, name: options.name, runDir: options.runDir });
+      return new InkReporter({ stdout: stream, name: options.name, runDir: options.runDir, verbose: options.verbosity === "verbose" });
     case "plain":
-      return new PlainReporter({ out: stream });
+      return new PlainReporter({ out: stream, verbosity: options.verbosity });
   }
 }

@@ -25,13 +25,16 @@ export interface TrainViewState {
   workers: WorkerRow[];
   /** The last MAX_LINES status and log lines, oldest first. */
   lines: string[];
+  /** Show debug status lines (`--verbose`). */
+  verbose: boolean;
   /** Summary lines once the run is done. */
   done?: string[];
   error?: string;
 }
 
-export function initialViewState(init: { name?: string; runDir?: string; steps?: number } = {}): TrainViewState {
+export function initialViewState(init: { name?: string; runDir?: string; steps?: number; verbose?: boolean } = {}): TrainViewState {
   return {
+    verbose: init.verbose ?? false,
     name: init.name,
     runDir: init.runDir,
     step: 0,
@@ -54,7 +57,10 @@ function pushLine(lines: string[], line: string): string[] {
 export function reduceView(s: TrainViewState, e: TrainEvent): TrainViewState {
   switch (e.type) {
     case "status":
-      return { ...s, lines: pushLine(s.lines, e.message) };
+      if (e.level === "debug" && !s.verbose) return s;
+      return { ...s, lines: pushLine(s.lines, e.level === "warn" ? `! ${e.message}` : e.message) };
+    case "run":
+      return { ...s, runDir: e.run_dir };
     case "log":
       return { ...s, lines: pushLine(s.lines, `[${e.source}] ${e.line}`) };
     case "workers":

@@ -16,7 +16,7 @@ describe("TrainView", () => {
       { type: "status", message: "starting 3 local workers" },
       ...losses,
       stepEvent(120, 300, {
-        workers: [worker(0), worker(1, { state: "ready", device: "mps" }), worker(2, { state: "failed", bytes_sent: 0 })],
+        workers: [worker(0), worker(1, { state: "joining", device: "mps" }), worker(2, { state: "failed", bytes_sent: 0 })],
       }),
       { type: "eval", step: 100, metrics: { accuracy: 0.9712, loss: 0.0931 } },
       { type: "log", source: "127.0.0.1:7070#1", line: "warming up" },
@@ -39,7 +39,7 @@ describe("TrainView", () => {
     const rows = frame.split("\n").filter((l) => l.startsWith("127.0.0.1:7070#"));
     expect(rows).toHaveLength(3);
     expect(rows[0]).toMatch(/^127\.0\.0\.1:7070#0\s+cuda:0\s+training\s+32\s+3,840\s+12 ms\s+4 ms\s+2 ms\s+2\.1$/);
-    expect(rows[1]).toMatch(/#1\s+mps\s+ready/);
+    expect(rows[1]).toMatch(/#1\s+mps\s+joining/);
     expect(rows[2]).toMatch(/#2\s+cuda:2\s+failed.*0\.0$/);
     expect(frame).toMatch(/worker\s+device\s+state\s+share\s+samples\s+compute\s+comm\s+idle\s+MB sent/);
     expect(frame).toContain("starting 3 local workers");

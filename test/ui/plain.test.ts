@@ -89,13 +89,50 @@ describe("PlainReporter", () => {
     const r = new PlainReporter({ out, now: () => 0 });
     r.handle({ type: "workers", workers: [worker(0, { state: "starting" })] });
     r.handle({ type: "workers", workers: [worker(0, { state: "starting" })] });
-    r.handle({ type: "workers", workers: [worker(0, { state: "ready" })] });
+    r.handle({ type: "workers", workers: [worker(0, { state: "joining" })] });
     r.handle({ type: "workers", workers: [worker(0, { state: "failed" })] });
     expect(lines()).toEqual([
       "worker 127.0.0.1:7070#0 (rank 0, cuda:0): starting",
-      "worker 127.0.0.1:7070#0 (rank 0, cuda:0): ready",
+      "worker 127.0.0.1:7070#0 (rank 0, cuda:0): joining",
       "worker 127.0.0.1:7070#0 (rank 0, cuda:0): failed",
     ]);
+  });
+
+  it("--quiet shows warnings, lost workers, errors and the summary only; --verbose every step and debug lines", () => {
+    const events: TrainEvent[] = [
+      { type: "status", message: "Connecting to 3 providers" },
+      { type: "status", message: "Step 4: shares 20 : 22 : 22", level: "debug" },
+      { type: "log", source: "127.0.0.1:7070", line: "worker loaded" },
+      { type: "workers", workers: [worker(0, { state: "training" }), worker(1, { state: "training" })] },
+      ...Array.from({ length: 5 }, (_, i) => stepEvent(i + 1, 50)),
+      { type: "status", message: "Fault: provider lost: 127.0.0.1:7071: heartbeat", level: "warn" },
+      { type: "workers", workers: [worker(0, { state: "training" }), worker(1, { state: "lost" })] },
+      { type: "eval", step: 5, metrics: { accuracy: 0.5 } },
+      { type: "done", run_dir: "runs/x", summary: { steps: 5, samples: 320, wall_s: 2 } },
+    ];
+    const run = (verbosity: "quiet" | "normal" | "verbose") => {
+      const { out, lines } = sink();
+      const r = new PlainReporter({ out, now: () => 0, verbosity });
+      for (const e of events) r.handle(e);
+      r.close();
+      return lines();
+    };
+    expect(run("quiet")).toEqual([
+      "Fault: provider lost: 127.0.0.1:7071: heartbeat",
+      "worker 127.0.0.1:7070#1 (rank 1, cuda:1): lost",
+      "done in 2.0s: 5 steps, 320 samples (160 samples/s)",
+      "  final loss 0.4312",
+      "  eval: accuracy 0.5000",
+      "  run dir runs/x",
+    ]);
+    const normal = run("normal");
+    expect(normal).toContain("Connecting to 3 providers");
+    expect(normal).toContain("[127.0.0.1:7070] worker loaded");
+    expect(normal.some((l) => l.includes("shares"))).toBe(false);
+    expect(normal.filter((l) => l.startsWith("step ")).length).toBeLessThan(5);
+    const verbose = run("verbose");
+    expect(verbose).toContain("Step 4: shares 20 : 22 : 22");
+    expect(verbose.filter((l) => l.startsWith("step "))).toHaveLength(5);
   });
 
   it("writes nothing after close", () => {

@@ -1,0 +1,24 @@
+import path from "node:path";
+import { formatRunDetail, formatRunList, runListing } from "../runs/format.js";
+import { listRuns, loadRun, resolveRun } from "../runs/runData.js";
+
+export interface RunsCommandOptions {
+  /** The output folder runs are written to (config field `output`). Default "runs". */
+  output?: string;
+  json?: boolean;
+}
+
+/** `nimble runs`: the runs in the output folder with their key figures. */
+export async function runsCommand(options: RunsCommandOptions): Promise<void> {
+  const root = path.resolve(options.output ?? "runs");
+  const runs = await listRuns(root);
+  if (options.json) process.stdout.write(JSON.stringify(runs.map(runListing)) + "\n");
+  else process.stdout.write(formatRunList(runs, root).join("\n") + "\n");
+}
+
+/** `nimble runs show RUN`: one run's summary. RUN is a path, or a run's folder name (or prefix). */
+export async function runsShowCommand(runArg: string, options: RunsCommandOptions): Promise<void> {
+  const run = await loadRun(await resolveRun(runArg, path.resolve(options.output ?? "runs")));
+  if (options.json) process.stdout.write(JSON.stringify({ ...runListing(run), summary: run.summary, log_file: run.logFile }) + "\n");
+  else process.stdout.write(formatRunDetail(run).join("\n") + "\n");
+}

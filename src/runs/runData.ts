@@ -1,0 +1,178 @@
+/**
+ * Reading run directories back: what `nimble runs` lists and `nimble report` charts.
+ * A run killed mid-way has no summary.json; what its metrics.jsonl holds is still shown.
+ */
+import { readdir, readFile, stat } from "node:fs/promises";
+import path from "node:path";
+import { UserError } from "../errors.js";
+import type { TrainSummary } from "../job/coordinator.js";
+import type { StepMetrics } from "../job/runDir.js";
+
+/** completed, failed, cancelled: from summary.json; incomplete: no summary (still running, or killed). */
+export type RunStatus = TrainSummary["status"] | "incomplete";
+
+export interface RunData {
+  /** Absolute path of the run directory. */
+  dir: string;
+  /** The job name (summary, else config.yaml's `name`, else the folder name). */
+  name: string;
+  status: RunStatus;
+  /** summary.json, when the run got far enough to write it. */
+  summary: TrainSummary | null;
+  /** metrics.jsonl, one entry per completed step, in step order (lines cut short by a crash dropped). */
+  metrics: StepMetrics[];
+  /** Steps of the checkpoints on disk, ascending. */
+  checkpoints: number[];
+  /** When the run started (summary's started_at, else the folder's creation time). */
+  startedAt: Date;
+  /** Last change to metrics.jsonl or summary.json. */
+  updatedAt: Date;
+  /** Path of the run's log file, when it has one. */
+  logFile: string | null;
+}
+
+/** Key figures of a run, from the summary or, for an incomplete run, from its metrics. */
+export interface RunFigures {
+  steps: number;
+  samples: number;
+  wall_s: number | null;
+  final_loss: number | null;
+  eval: Record<string, number> | null;
+  bytes_sent: number;
+  compression_ratio: number | null;
+  workers: number;
+  faults: number;
+}
+
+async function readText(file: string): Promise<string | null> {
+  try {
+    return await readFile(file, "utf8");
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "ENOENT") return null;
+    throw err;
+  }
+}
+
+async function mtime(file: string): Promise<Date | null> {
+  try {
+    return (await stat(file)).mtime;
+  } catch {
+    return null;
+  }
+}
+
+/** Every parseable line of metrics.jsonl with a whole step number, sorted by step. */
+export function parseMetrics(text: string): StepMetrics[] {
+  const out: StepMetrics[] = [];
+  for (const line of text.split("\n")) {
+    if (!line.trim()) continue;
+    try {
+      const m = JSON.parse(line) as StepMetrics;
+      if (m && typeof m === "object" && Number.isInteger(m.step) && Array.isArray(m.workers)) out.push(m);
+    } catch {
+      // A line cut short by a crash: the steps before it still count.
+    }
+  }
+  return out.sort((a, b) => a.step - b.step);
+}
+
+function isSummary(v: unknown): v is TrainSummary {
+  const s = v as TrainSummary;
+  return typeof s === "object" && s !== null && typeof s.status === "string" && typeof s.steps === "number";
+}
+
+/** Read one run directory; a UserError names the folder when it is not one. */
+export async function loadRun(dirArg: string): Promise<RunData> {
+  const dir = path.resolve(dirArg);
+  const info = await stat(dir).catch(() => null);
+  if (!info?.isDirectory()) throw new UserError(`${dirArg} is not a folder`, "Pass a run directory, e.g. runs/mnist-cnn-20261126-101500 (`nimble runs` lists them).", 2);
+  const [summaryText, metricsText, configText] = await Promise.all(
+    ["summary.json", "metrics.jsonl", "config.yaml"].map((f) => readText(path.join(dir, f))),
+  );
+  if (summaryText === null && metricsText === null && configText === null) {
+    throw new UserError(`${dirArg} is not a run directory (no summary.json, metrics.jsonl or config.yaml in it)`, "Pass a folder that `nimble train` created; `nimble runs` lists them.", 2);
+  }
+  let summary: TrainSummary | null = null;
+  if (summaryText !== null) {
+    try {
+      const parsed: unknown = JSON.parse(summaryText);
+      if (isSummary(parsed)) summary = parsed;
+    } catch {
+      // Treated as a run without a summary.
+    }
+  }
+  const configName = configText ? /^name:\s*["']?([^"'#\n]+?)["']?\s*(#.*)?$/m.exec(configText)?.[1] : undefined;
+  let checkpoints: number[] = [];
+  try {
+    checkpoints = (await readdir(path.join(dir, "checkpoints")))
+      .filter((n) => /^step-\d+$/.test(n))
+      .map((n) => Number(n.slice(5)))
+      .sort((a, b) => a - b);
+  } catch {
+    // No checkpoints folder.
+  }
+  const times = (await Promise.all(["metrics.jsonl", "summary.json"].map((f) => mtime(path.join(dir, f))))).filter((d): d is Date => d !== null);
+  const logFile = path.join(dir, "train.log");
+  return {
+    dir,
+    name: summary?.name ?? configName ?? path.basename(dir),
+    status: summary?.status ?? "incomplete",
+    summary,
+    metrics: parseMetrics(metricsText ?? ""),
+    checkpoints,
+    startedAt: summary?.started_at ? new Date(summary.started_at) : info.birthtime.getTime() > 0 ? info.birthtime : info.mtime,
+    updatedAt: times.length > 0 ? new Date(Math.max(...times.map((d) => d.getTime()))) : info.mtime,
+    logFile: (await mtime(logFile)) ? logFile : null,
+  };
+}
+
+export function runFigures(run: RunData): RunFigures {
+  const s = run.summary;
+  const last = run.metrics.at(-1);
+  const lastEval = [...run.metrics].reverse().find((m) => m.eval)?.eval ?? null;
+  const sent = run.metrics.reduce((a, m) => a + m.bytes_sent, 0);
+  const uncompressed = run.metrics.reduce((a, m) => a + m.uncompressed_bytes, 0);
+  const finalLoss = [...run.metrics].reverse().find((m) => m.loss !== null)?.loss ?? null;
+  return {
+    steps: s?.steps ?? (last ? last.step + 1 : 0),
+    samples: s?.samples ?? run.metrics.reduce((a, m) => a + m.samples, 0),
+    wall_s: s?.wall_s ?? last?.wall_s ?? null,
+    final_loss: s ? s.final_loss : finalLoss,
+    eval: s ? s.eval : lastEval,
+    bytes_sent: s?.bytes_sent ?? sent,
+    compression_ratio: s ? s.compression_ratio : sent > 0 ? uncompressed / sent : null,
+    workers: s?.workers.length ?? new Set(run.metrics.flatMap((m) => m.workers.map((w) => w.rank))).size,
+    faults: s?.faults.length ?? 0,
+  };
+}
+
+/** Every run directory directly under `outputRoot`, oldest first. Folders that are not runs are passed over. */
+export async function listRuns(outputRoot: string): Promise<RunData[]> {
+  let names: string[];
+  try {
+    names = (await readdir(outputRoot, { withFileTypes: true })).filter((d) => d.isDirectory()).map((d) => d.name);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "ENOENT") return [];
+    throw err;
+  }
+  const runs = await Promise.all(names.map((n) => loadRun(path.join(outputRoot, n)).catch(() => null)));
+  return runs.filter((r): r is RunData => r !== null).sort((a, b) => a.startedAt.getTime() - b.startedAt.getTime() || a.dir.localeCompare(b.dir));
+}
+
+/**
+ * A run named on the command line: a path to its folder, or a folder name (or unique
+ * prefix of one) under the output folder.
+ */
+export async function resolveRun(arg: string, outputRoot: string): Promise<string> {
+  const asPath = await stat(arg).catch(() => null);
+  if (asPath?.isDirectory()) return path.resolve(arg);
+  const runs = await listRuns(outputRoot);
+  const exact = runs.find((r) => path.basename(r.dir) === arg);
+  if (exact) return exact.dir;
+  const matches = runs.filter((r) => path.basename(r.dir).startsWith(arg));
+  if (matches.length === 1) return matches[0]!.dir;
+  if (matches.length > 1) {
+    throw new UserError(`${arg} matches ${matches.length} runs in ${outputRoot}: ${matches.map((r) => path.basename(r.dir)).join(", ")}`, "Give more of the name.", 2);
+  }
+  throw new UserError(`No run ${arg} (not a folder, and no run of that name in ${outputRoot})`, "`nimble runs` lists the runs; pass --output if they are in another folder.", 2);
+}
