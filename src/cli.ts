@@ -2,6 +2,7 @@
 import { Command, InvalidArgumentError, Option } from "commander";
 import { benchCommand } from "./commands/bench.js";
 import { envCommand } from "./commands/env.js";
+import { reportCommand } from "./commands/report.js";
 import { runsCommand, runsShowCommand } from "./commands/runs.js";
 import { provideCommand } from "./commands/provide.js";
 import { trainCommand } from "./commands/train.js";
@@ -76,6 +77,8 @@ program
   .option("--link-rate <rate>", "testing aid: pace this host's uploads to a rate in bytes/s or with a unit (20Mbit, 2.5MB)", rate)
   .option("--latency <ms>", "testing aid: delay what this host receives, and its messages to the coordinator, by a one-way latency", milliseconds)
   .option("--json", "print one JSON event per line")
+  .option("-q, --quiet", "only the listening block, jobs starting and ending, warnings and errors; no live view")
+  .option("-v, --verbose", "also every stats update and debug lines (connections, ring links)")
   // Set by `nimble train` for the local providers it starts: they ignore Ctrl-C (the
   // coordinator stops them after its last checkpoint) and exit if it dies.
   .addOption(new Option("--managed", "run as a local provider of the parent nimble train").hideHelp())
@@ -110,6 +113,16 @@ runs
   // `runs --output X show RUN` and `runs show RUN --output X` both work: commander gives
   // options after the subcommand name to whichever command defines them first.
   .action((run: string, opts) => runsShowCommand(run, { ...runs.opts(), ...Object.fromEntries(Object.entries(opts).filter(([, v]) => v !== undefined)) }));
+
+program
+  .command("report")
+  .description("write a self-contained HTML report of a run: figures, workers, faults and charts")
+  .argument("<run>", "run directory, or a run's folder name (or the start of one) in --output")
+  .option("--out <file>", "HTML file to write (default: report.html in the run directory)")
+  .option("--screenshot <png>", "also render the report to a full-page PNG with headless Chromium")
+  .option("--output <dir>", "folder the runs are in (the config's `output`; default runs)")
+  .option("--json", "print one JSON object: {report, screenshot?, data}")
+  .action((run: string, opts) => reportCommand(run, opts));
 
 program
   .command("env")

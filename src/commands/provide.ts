@@ -1,6 +1,8 @@
-import { Provider, type ProviderEvent } from "../job/provider.js";
+import { UserError } from "../errors.js";
+import { Provider, type LogLevel, type ProviderEvent } from "../job/provider.js";
 import { loadOrMeasureProfile } from "../runtime/profile.js";
 import { probeHost, resolvePython } from "../runtime/python.js";
+import { createProvideReporter } from "../ui/provideReporter.js";
 
 export interface ProvideCommandOptions {
   host: string;
@@ -18,50 +20,33 @@ export interface ProvideCommandOptions {
   /** commander's --no-profile: false skips measuring (or loading) this host's profile. */
   profile?: boolean;
   json?: boolean;
-}
-
-function printEvent(event: ProviderEvent, json: boolean) {
-  if (json) {
-    process.stdout.write(JSON.stringify(event) + "\n");
-    return;
-  }
-  switch (event.type) {
-    case "listening":
-      process.stdout.write(
-        [
-          `nimble provider listening on ${event.url}`,
-          `  token:   ${event.token}`,
-          ...event.devices.map((d) => `  device:  ${d.id} (${d.name})`),
-          `Give the address and token to the researcher (config \`providers:\`). Ctrl-C stops.`,
-          "",
-        ].join("\n"),
-      );
-      return;
-    case "job":
-      process.stdout.write(`job ${event.job} (${event.name}): ranks ${event.ranks.join(", ")} of ${event.world_size}\n`);
-      return;
-    case "job_end":
-      process.stdout.write(`job ${event.job} ended: ${event.reason}\n`);
-      return;
-    case "log":
-      process.stdout.write(`${event.line}\n`);
-      return;
-  }
+  quiet?: boolean;
+  verbose?: boolean;
 }
 
 /** `nimble provide`: run the provider agent until Ctrl-C or SIGTERM. */
 export async function provideCommand(options: ProvideCommandOptions): Promise<void> {
-  const json = Boolean(options.json);
-  const python = await resolvePython({
-    python: options.python,
-    torchSpec: options.torch,
-    onProgress: (line) => printEvent({ type: "log", line }, json),
+  if (options.quiet && options.verbose) throw new UserError("--quiet and --verbose were both given", "Pick one.", 2);
+  const reporter = await createProvideReporter({
+    json: Boolean(options.json),
+    verbosity: options.quiet ? "quiet" : options.verbose ? "verbose" : "normal",
   });
+  const log = (line: string, level: LogLevel = "info") => reporter.handle({ type: "log", line, level });
+  try {
+    await provide(options, reporter.handle.bind(reporter), log);
+  } finally {
+    // Unmounts the dashboard (leaving its last frame) before an error is printed below it.
+    reporter.close();
+  }
+}
+
+async function provide(options: ProvideCommandOptions, onEvent: (event: ProviderEvent) => void, log: (line: string, level?: LogLevel) => void) {
+  const python = await resolvePython({ python: options.python, torchSpec: options.torch, onProgress: (line) => log(line) });
   const { devices } = python.probe ?? (await probeHost(python.python));
   const profile =
     options.profile === false
       ? undefined
-      : (await loadOrMeasureProfile({ python: python.python, torch: python.torchVersion, devices, onProgress: (line) => printEvent({ type: "log", line }, json) })).profile;
+      : (await loadOrMeasureProfile({ python: python.python, torch: python.torchVersion, devices, onProgress: (line) => log(line) })).profile;
   const provider = new Provider({
     host: options.host,
     port: options.port,
@@ -75,12 +60,12 @@ export async function provideCommand(options: ProvideCommandOptions): Promise<vo
     linkRate: options.linkRate,
     latencyMs: options.latency,
     profile,
-    onEvent: (event) => printEvent(event, json),
+    onEvent,
   });
   await provider.start();
-  if (options.linkRate) printEvent({ type: "log", line: `testing aid: uploads paced to ${(options.linkRate / 1e6).toFixed(2)} MB/s (--link-rate)` }, json);
-  if (options.latency) printEvent({ type: "log", line: `testing aid: ${options.latency} ms one-way latency on this host's ring and control links (--latency)` }, json);
-  if (options.speed !== undefined && options.speed < 1) printEvent({ type: "log", line: `testing aid: workers run at ${options.speed} of their speed (--speed)` }, json);
+  if (options.linkRate) log(`testing aid: uploads paced to ${(options.linkRate / 1e6).toFixed(2)} MB/s (--link-rate)`, "warn");
+  if (options.latency) log(`testing aid: ${options.latency} ms one-way latency on this host's ring and control links (--latency)`, "warn");
+  if (options.speed !== undefined && options.speed < 1) log(`testing aid: workers run at ${options.speed} of their speed (--speed)`, "warn");
   await new Promise<void>((resolve) => {
     const parent = process.ppid;
     const ignore = () => {};

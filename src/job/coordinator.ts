@@ -428,7 +428,7 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
         if (gone.length > 0 || !training) noteFault({ kind: "provider lost", ranks: gone, reason: `${client.address}: ${reason}`, at: Date.now() });
       });
       client.on("message", (m) => {
-        if (m.t === "log") reporter.handle({ type: "log", source: client.address, line: m.line });
+        if (m.t === "log") reporter.handle({ type: "log", source: client.address, line: m.line, level: m.level === "error" ? "warn" : m.level });
         else if (m.t === "failed") {
           const who = m.rank !== undefined ? `rank ${m.rank} on provider ${client.address}` : `provider ${client.address}`;
           // A worker that found the config impossible for this model: report it like a load error.

@@ -36,7 +36,8 @@ export type TrainEvent =
   | { type: "status"; message: string; level?: StatusLevel }
   /** The run directory is known (created, or reopened to resume). */
   | { type: "run"; run_dir: string; resumed: boolean }
-  | { type: "log"; source: string; line: string }
+  /** A provider's or worker's line, prefixed with its source. */
+  | { type: "log"; source: string; line: string; level?: StatusLevel }
   | { type: "workers"; workers: WorkerRow[] }
   | {
       type: "step";

@@ -26,11 +26,72 @@ import type { PythonEnv } from "../runtime/python.js";
 import { WorkerProcess } from "../runtime/worker.js";
 import { parseWorkerMessage, type FromWorker } from "../runtime/workerMessages.js";
 
+/**
+ * What one local worker is doing. starting/restarting: its process loads the task and model
+ * (restarting: after a crash); ready: loaded, waiting for the ring or its first step;
+ * training: it has been given a step; left: out of the job (left out of the ring, or it kept
+ * crashing); stopped: the job ended.
+ */
+export type WorkerState = "starting" | "restarting" | "ready" | "training" | "left" | "stopped";
+
+/** Bytes this host sent and received on some links, counted where the frames are handed over. */
+export interface LinkBytes {
+  sent: number;
+  received: number;
+}
+
+/** One local rank's part in the job so far. */
+export interface RankStats {
+  rank: number;
+  device: string;
+  /** Steps it computed and that were not abandoned (a step redone after a fault counts once). */
+  steps: number;
+  /** The sum of its shares over those steps: what the coordinator counts for it. */
+  samples: number;
+  /** Its last step's compute and all-reduce wait, when it has run one. */
+  compute_ms: number | null;
+  comm_ms: number | null;
+}
+
+/** debug: only with --verbose; warn and error: shown even with --quiet. */
+export type LogLevel = "debug" | "info" | "warn" | "error";
+
 export type ProviderEvent =
-  | { type: "listening"; url: string; host: string; port: number; token: string; devices: DeviceInfo[] }
-  | { type: "log"; line: string }
+  | {
+      type: "listening";
+      url: string;
+      host: string;
+      port: number;
+      token: string;
+      devices: DeviceInfo[];
+      /** This host's measured profile, as advertised to coordinators (null with --no-profile). */
+      profile: ProviderProfile | null;
+    }
+  | { type: "log"; line: string; level: LogLevel }
   | { type: "job"; job: string; name: string; ranks: number[]; world_size: number }
+  | { type: "worker"; job: string; rank: number; device: string; state: WorkerState; restarts: number; pid: number | null; detail?: string }
+  | {
+      type: "stats";
+      job: string;
+      name: string;
+      /** Seconds since the job arrived here. */
+      elapsed_s: number;
+      /** The job's last step this host reported, counted from 1 as `nimble train` shows it (0: none yet). */
+      step: number;
+      /** Steps at least one local rank took part in. */
+      steps: number;
+      /** Samples contributed by the local ranks: the sum of their shares over their steps. */
+      samples: number;
+      ranks: RankStats[];
+      /** Ring links of the job (gradient and state frames, hellos included). */
+      ring: LinkBytes;
+      /** The coordinator's control connection that carries the job (task file and checkpoints included). */
+      control: LinkBytes;
+    }
   | { type: "job_end"; job: string; reason: string };
+
+export type StatsEvent = Extract<ProviderEvent, { type: "stats" }>;
+export type WorkerEvent = Extract<ProviderEvent, { type: "worker" }>;
 
 export interface ProviderOptions {
   host: string;
@@ -72,6 +133,8 @@ const CLOSE_NO_SUCH_JOB = 4005;
 const RING_CONNECT_TIMEOUT_MS = 60_000;
 /** Close code for a ring link dropped because the ring re-forms: not a fault. */
 const CLOSE_REFORM = 4006;
+/** `stats` events go out at most this often while a job runs, and only when a figure changed. */
+export const STATS_INTERVAL_MS = 500;
 
 /**
  * `nimble provide`: a long-running agent. One WebSocket server carries the control plane
@@ -142,7 +205,7 @@ export class Provider {
     const port = typeof address === "object" && address ? address.port : this.opts.port;
     const hostForUrl = this.opts.host.includes(":") ? `[${this.opts.host}]` : this.opts.host;
     const url = `ws://${hostForUrl}:${port}`;
-    this.opts.onEvent({ type: "listening", url, host: this.opts.host, port, token: this.token, devices: this.opts.devices });
+    this.opts.onEvent({ type: "listening", url, host: this.opts.host, port, token: this.token, devices: this.opts.devices, profile: this.opts.profile ?? null });
     return { url, port };
   }
 
@@ -158,26 +221,32 @@ export class Provider {
     await new Promise<void>((resolve) => (this.server ? this.server.close(() => resolve()) : resolve()));
   }
 
-  private log(line: string) {
-    this.opts.onEvent({ type: "log", line });
+  private log(line: string, level: LogLevel = "info") {
+    this.opts.onEvent({ type: "log", line, level });
   }
 
   private onControl(ws: WebSocket, req: IncomingMessage) {
     const from = `coordinator ${req.socket.remoteAddress}:${req.socket.remotePort}`;
     let authenticated = false;
+    /** This connection's traffic; a job it carries reports it as its control bytes. */
+    const bytes: LinkBytes = { sent: 0, received: 0 };
     const send = (m: ToCoordinator) => {
-      const bytes = encodeMessage(m);
+      const encoded = encodeMessage(m);
       afterLatency(this.opts.latencyMs, () => {
-        if (ws.readyState === ws.OPEN) ws.send(bytes);
+        if (ws.readyState !== ws.OPEN) return;
+        bytes.sent += encoded.byteLength;
+        ws.send(encoded);
       });
     };
     const helloTimer = setTimeout(() => ws.close(4003, "no hello"), 10_000);
+    this.log(`${from} connected`, "debug");
     ws.on("message", (data, isBinary) => afterLatency(this.opts.latencyMs, () => {
+      bytes.received += rawDataLength(data);
       let message: ToProvider;
       try {
         message = decodeToProvider(isBinary ? data : String(data), from);
       } catch (err) {
-        this.log(`dropping ${from}: ${errorMessage(err)}`);
+        this.log(`dropping ${from}: ${errorMessage(err)}`, "warn");
         ws.close(4000, "invalid message");
         return;
       }
@@ -188,7 +257,7 @@ export class Provider {
           return;
         }
         if (!tokensEqual(message.token, this.token)) {
-          this.log(`rejected ${from}: wrong token`);
+          this.log(`rejected ${from}: wrong token`, "warn");
           send({ t: "reject", reason: "wrong token" });
           ws.close(4001, "wrong token");
           return;
@@ -202,7 +271,7 @@ export class Provider {
           send({ t: "failed", message: `already running job ${this.job.spec.job}`, kind: "internal" });
           return;
         }
-        this.startJob(message, send, ws);
+        this.startJob(message, send, ws, bytes);
         return;
       }
       const ended = this.endedOn.get(ws) ?? null;
@@ -221,6 +290,7 @@ export class Provider {
     }));
     ws.on("close", () => afterLatency(this.opts.latencyMs, () => {
       clearTimeout(helloTimer);
+      this.log(`${from} disconnected`, "debug");
       if (this.job && this.job.control === ws) void this.job.end("coordinator disconnected");
     }));
     ws.on("error", () => {});
@@ -252,8 +322,8 @@ export class Provider {
     });
   }
 
-  private startJob(spec: JobSpec, send: (m: ToCoordinator) => void, ws: WebSocket) {
-    const job = new ProviderJob(spec, this.opts, send, ws, (line) => this.log(line), this.linkOptions);
+  private startJob(spec: JobSpec, send: (m: ToCoordinator) => void, ws: WebSocket, controlBytes: LinkBytes) {
+    const job = new ProviderJob(spec, this.opts, send, ws, controlBytes, (line, level) => this.log(line, level), this.linkOptions);
     this.job = job;
     this.opts.onEvent({ type: "job", job: spec.job, name: String(spec.config.name ?? ""), ranks: spec.ranks.map((r) => r.rank), world_size: spec.world_size });
     job.onEnd = (reason) => {
@@ -293,6 +363,11 @@ function describeClose(code: number, reason: string): string {
   return `code ${code}${reason ? ` (${reason})` : ""}`;
 }
 
+/** Bytes of one WebSocket message as ws hands it over. */
+function rawDataLength(data: Buffer | ArrayBuffer | Buffer[]): number {
+  return Array.isArray(data) ? data.reduce((n, b) => n + b.byteLength, 0) : data.byteLength;
+}
+
 function tokensEqual(given: string, expected: string): boolean {
   const a = Buffer.from(given);
   const b = Buffer.from(expected);
@@ -325,6 +400,15 @@ interface LocalRank {
   /** all-reduce requests, served one at a time in order. */
   queue: Promise<void>;
   readyInfo: Extract<FromWorker, { op: "ready" }> | null;
+  /** What the view shows of it; a `worker` event goes out when this, restarts or the pid change. */
+  state: WorkerState;
+  /** Why it left, for a `left` state. */
+  leftBecause?: string;
+  /** The state, restarts and pid last reported in a `worker` event. */
+  reported: string;
+  stats: RankStats;
+  /** Its last reported step until that step is taken up or abandoned (an abort names it). */
+  unsettled: { step: number; samples: number } | null;
 }
 
 /** One job on this provider: its workers, their ring links, and the messages between them. */
@@ -344,13 +428,34 @@ class ProviderJob {
   private readonly ringUrls: Map<number, string>;
   private readonly maxRestarts: number;
   onEnd: (reason: string) => void = () => {};
+  private readonly startedAt = Date.now();
+  /** Ring links of this job that are open; closed ones are folded into `closedRingBytes`. */
+  private readonly ringLinks = new Set<FrameLink>();
+  private readonly closedRingBytes: LinkBytes = { sent: 0, received: 0 };
+  /** The job's last step a local rank reported, and how many steps local ranks took part in. */
+  private lastStep = -1;
+  private stepsTakenPart = 0;
+  private readonly statsTimer: NodeJS.Timeout;
+  /** The figures of the last `stats` event, to send one only when something changed. */
+  private lastStats = "";
+
+  /**
+   * This job's lines (its workers' output, restarts, ring links): on this host's view and in
+   * the coordinator's run log. What the coordinator learns from a message of its own
+   * (failed, ring_lost) goes to hostLog only, so it is not shown twice.
+   */
+  private log(line: string, level: LogLevel = "info") {
+    this.hostLog(line, level);
+    this.send({ t: "log", line, level });
+  }
 
   constructor(
     readonly spec: JobSpec,
     private readonly opts: ProviderOptions,
     private readonly send: (m: ToCoordinator) => void,
     readonly control: WebSocket,
-    private readonly log: (line: string) => void,
+    private readonly controlBytes: LinkBytes,
+    private readonly hostLog: (line: string, level?: LogLevel) => void,
     private readonly linkOptions: LinkOptions = {},
   ) {
     // Joining a running job: no ring until the coordinator's `ring` brings this provider in.
@@ -382,7 +487,107 @@ class ProviderJob {
       bytesSinceReport: 0,
       queue: Promise.resolve(),
       readyInfo: null,
+      state: "starting",
+      reported: "",
+      stats: { rank: r.rank, device: r.device, steps: 0, samples: 0, compute_ms: null, comm_ms: null },
+      unsettled: null,
     }));
+    // Coalesced: --json output and the views get at most two a second, however fast steps are.
+    this.statsTimer = setInterval(() => this.emitStats(), STATS_INTERVAL_MS);
+    this.statsTimer.unref();
+  }
+
+  /** Every ring link of the job counts its bytes (FrameLink counts whole frames). */
+  private trackRingLink(link: FrameLink) {
+    if (this.ringLinks.has(link)) return;
+    this.ringLinks.add(link);
+    link.onClose(() => {
+      if (!this.ringLinks.delete(link)) return;
+      this.closedRingBytes.sent += link.bytesSent;
+      this.closedRingBytes.received += link.bytesReceived;
+    });
+  }
+
+  private ringBytes(): LinkBytes {
+    const total = { ...this.closedRingBytes };
+    for (const link of this.ringLinks) {
+      total.sent += link.bytesSent;
+      total.received += link.bytesReceived;
+    }
+    return total;
+  }
+
+  private statsEvent(): StatsEvent {
+    const ranks = this.ranks.map((r) => ({ ...r.stats }));
+    return {
+      type: "stats",
+      job: this.spec.job,
+      name: String(this.spec.config.name ?? ""),
+      elapsed_s: (Date.now() - this.startedAt) / 1000,
+      step: this.lastStep + 1,
+      steps: this.stepsTakenPart,
+      samples: ranks.reduce((n, r) => n + r.samples, 0),
+      ranks,
+      ring: this.ringBytes(),
+      control: { ...this.controlBytes },
+    };
+  }
+
+  /** A `stats` event, unless no figure changed since the last one (elapsed time aside). */
+  private emitStats() {
+    const event = this.statsEvent();
+    const { elapsed_s: _elapsed, ...figures } = event;
+    const key = JSON.stringify(figures);
+    if (key === this.lastStats) return;
+    this.lastStats = key;
+    this.opts.onEvent(event);
+  }
+
+  /** Record a rank's state; tell the view when it, the restarts or the worker process changed. */
+  private setState(local: LocalRank, state: WorkerState, detail?: string) {
+    local.state = state;
+    if (state === "left") local.leftBecause = detail;
+    const pid = local.worker?.pid ?? null;
+    const key = `${state} ${local.restarts} ${pid}`;
+    if (key === local.reported) return;
+    local.reported = key;
+    this.opts.onEvent({
+      type: "worker",
+      job: this.spec.job,
+      rank: local.rank,
+      device: local.device,
+      state,
+      restarts: local.restarts,
+      pid,
+      ...(state === "left" && local.leftBecause ? { detail: local.leftBecause } : {}),
+    });
+  }
+
+  /** A rank's step report: its share counts until an abort of that step takes it back. */
+  private countStep(local: LocalRank, step: number, samples: number, computeS: number, commS: number) {
+    local.stats.steps += 1;
+    local.stats.samples += samples;
+    local.stats.compute_ms = computeS * 1000;
+    local.stats.comm_ms = commS * 1000;
+    local.unsettled = { step, samples };
+    if (step !== this.lastStep) this.stepsTakenPart += 1;
+    this.lastStep = step;
+  }
+
+  /** The coordinator abandoned `step`: shares reported for it were not counted there either. */
+  private uncountStep(step: number) {
+    let took = false;
+    for (const r of this.ranks) {
+      if (r.unsettled?.step !== step) continue;
+      r.stats.steps -= 1;
+      r.stats.samples -= r.unsettled.samples;
+      r.unsettled = null;
+      took = true;
+    }
+    if (took && this.lastStep === step) {
+      this.stepsTakenPart -= 1;
+      this.lastStep = step - 1;
+    }
   }
 
   private fail(message: string, kind: "task" | "worker" | "ring" | "internal", rank?: number, where?: string) {
@@ -443,12 +648,10 @@ class ProviderJob {
       cwd: this.dir,
       label,
       env: { NIMBLE_RANK: String(local.rank), NIMBLE_WORLD_SIZE: String(spec.world_size) },
-      onLog: (line) => {
-        this.log(line);
-        this.send({ t: "log", line });
-      },
+      onLog: (line) => this.log(line),
     });
     local.worker = worker;
+    this.setState(local, local.restarts > 0 ? "restarting" : "starting");
     worker.on("message", (m) => {
       let message: FromWorker;
       try {
@@ -469,14 +672,15 @@ class ProviderJob {
       if (!local.left) this.leave(local, what);
       if (local.restarts >= this.maxRestarts) {
         const why = `${what}; it crashed ${local.restarts + 1} time${local.restarts === 0 ? "" : "s"} (faults.max_restarts is ${this.maxRestarts}), so it leaves the job`;
-        this.log(why);
+        this.hostLog(why, "error");
+        this.setState(local, "left", `crashed ${local.restarts + 1} time${local.restarts === 0 ? "" : "s"}`);
         this.send({ t: "failed", rank: local.rank, message: why, kind: "worker" });
         if (this.ranks.every((r) => r.left && r.restarts >= this.maxRestarts)) void this.end(why);
         return;
       }
       local.restarts += 1;
-      this.log(`restarting the worker for rank ${local.rank} (restart ${local.restarts} of ${this.maxRestarts})`);
-      Object.assign(local, { ready: false, readyInfo: null, formed: -1, attempt: 0, lostEpoch: -1, queue: Promise.resolve(), restarting: true });
+      this.log(`restarting the worker for rank ${local.rank} (restart ${local.restarts} of ${this.maxRestarts})`, "warn");
+      Object.assign(local, { ready: false, readyInfo: null, formed: -1, attempt: 0, lostEpoch: -1, queue: Promise.resolve(), restarting: true, unsettled: null });
       this.spawnWorker(local);
     });
     worker.send({
@@ -496,7 +700,7 @@ class ProviderJob {
   private watchLink(link: FrameLink) {
     watchHeartbeat(link.ws, {
       timeoutMs: this.heartbeatMs,
-      onDead: (silent) => this.log(`ring neighbour silent for ${(silent / 1000).toFixed(1)} s: dropping its link`),
+      onDead: (silent) => this.log(`ring neighbour silent for ${(silent / 1000).toFixed(1)} s: dropping its link`, "warn"),
     });
   }
 
@@ -507,7 +711,7 @@ class ProviderJob {
   private ringLost(local: LocalRank, reason: string) {
     if (this.ended || local.left || local.lostEpoch === this.epoch) return;
     local.lostEpoch = this.epoch;
-    this.log(reason);
+    this.hostLog(reason, "warn");
     this.send({ t: "ring_lost", rank: local.rank, epoch: this.epoch, reason });
   }
 
@@ -517,7 +721,7 @@ class ProviderJob {
     local.ring?.abort(message);
     for (const link of [local.next, local.prev]) link?.close(CLOSE_REFORM, "rank left");
     local.next = local.prev = null;
-    this.log(message);
+    this.hostLog(message, "warn");
     this.send({ t: "failed", rank: local.rank, message, kind: "worker" });
   }
 
@@ -548,11 +752,13 @@ class ProviderJob {
           { job: this.spec.job, secret: this.spec.secret, from: local.rank, to: nextRank, epoch },
           this.linkOptions,
         );
+        this.trackRingLink(link);
         if (stale()) {
           link.close(CLOSE_REFORM, "ring re-formed");
           return;
         }
         local.next = link;
+        this.log(`ring link from rank ${local.rank} to rank ${nextRank} connected (epoch ${epoch})`, "debug");
         this.watchLink(link);
         link.onClose((code, reason) => {
           if (this.ended || local.next !== link) return;
@@ -573,10 +779,11 @@ class ProviderJob {
   }
 
   acceptRing(incoming: FrameLink) {
+    this.trackRingLink(incoming);
     const ranks = new Set(this.ranks.map((r) => r.rank));
     acceptRingPeer(incoming, { job: this.spec.job, secret: this.spec.secret, ranks }, 10_000).then(
       (hello) => this.attachIncoming(hello),
-      (err) => this.log(`refused a ring connection: ${errorMessage(err)}`),
+      (err) => this.log(`refused a ring connection: ${errorMessage(err)}`, "warn"),
     );
   }
 
@@ -653,6 +860,7 @@ class ProviderJob {
       if (!members.includes(local.rank) && local.ready && local.formed >= 0) {
         local.left = true;
         this.log(`rank ${local.rank} left out of the ring; stopping its worker`);
+        this.setState(local, "left", "left out of the ring");
         void local.worker?.stop();
       }
     }
@@ -706,6 +914,7 @@ class ProviderJob {
           local.restarting = false;
           local.left = false;
         }
+        this.setState(local, "ready");
         this.maybeReady(local);
         return;
       case "synced_state":
@@ -734,6 +943,7 @@ class ProviderJob {
         return;
       case "step_done": {
         const { op: _op, dense_count, ...report } = m;
+        this.countStep(local, m.step, m.samples, m.compute_s, m.comm_s);
         const size = this.members.length;
         const { position } = this.neighbours(local.rank);
         // What one plain float32 all-reduce of the whole gradient would have sent from here.
@@ -824,11 +1034,13 @@ class ProviderJob {
           if (!this.inRing(r)) continue;
           r.attempt += 1;
           r.worker?.send({ op: "step", step: message.step, shares: message.shares, want_hash: message.want_hash, attempt: r.attempt });
+          this.setState(r, "training");
         }
         return;
       case "abort":
         // Every rank's step attempt ends: collectives in flight are dropped, the workers
         // undo the step and answer `aborted`. The ring is re-formed next (`ring`).
+        this.uncountStep(message.step);
         for (const r of this.ranks) {
           if (!this.inRing(r)) continue;
           r.attempt += 1;
@@ -877,6 +1089,7 @@ class ProviderJob {
   private async finish(reason: string) {
     this.ended = true;
     this.stopControlHeartbeat();
+    clearInterval(this.statsTimer);
     if (this.speedTimer) clearInterval(this.speedTimer);
     for (const r of this.ranks) r.ring?.abort(reason);
     await Promise.all(this.ranks.map((r) => r.worker?.stop()));
@@ -886,6 +1099,9 @@ class ProviderJob {
     }
     for (const e of this.early) e.link.close(1000, "job ended");
     if (this.dir) await rm(this.dir, { recursive: true, force: true });
+    for (const r of this.ranks) if (r.state !== "left") this.setState(r, "stopped");
+    // The final figures, whatever the interval: the job's totals as the coordinator counts them.
+    this.emitStats();
     this.onEnd(reason);
   }
 }

@@ -167,7 +167,8 @@ export const toCoordinatorSchema = z.discriminatedUnion("t", [
     files: z.array(z.object({ name: z.string().regex(/^[A-Za-z0-9._-]{1,128}$/), data: bytes })),
   }),
   z.object({ t: z.literal("loaded"), rank: count, step: count }),
-  z.object({ t: z.literal("log"), line: z.string().max(64 * 1024) }),
+  // level: how the coordinator shows it (debug lines only with --verbose; all go to train.log).
+  z.object({ t: z.literal("log"), line: z.string().max(64 * 1024), level: z.enum(["debug", "info", "warn", "error"]).optional() }),
   z.object({
     t: z.literal("failed"),
     rank: count.optional(),

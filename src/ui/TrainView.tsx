@@ -15,6 +15,7 @@ import {
 } from "./format.js";
 import { formatMetrics } from "./plain.js";
 import { initialViewState, reduceView, type TrainViewState } from "./state.js";
+import { Throttle } from "./throttle.js";
 
 export { initialViewState, reduceView, type TrainViewState } from "./state.js";
 
@@ -147,14 +148,11 @@ export interface InkReporterOptions {
 export class InkReporter implements Reporter {
   private state: TrainViewState;
   private readonly instance: Instance;
-  private readonly throttleMs: number;
-  private lastRender = 0;
-  private timer: NodeJS.Timeout | undefined;
+  private readonly render: Throttle;
   private closed = false;
 
   constructor(options: InkReporterOptions = {}) {
     this.state = initialViewState({ name: options.name, runDir: options.runDir, verbose: options.verbose });
-    this.throttleMs = options.throttleMs ?? 100;
     // Ink spreads these over its defaults: leave out what is not given (an explicit
     // `stdin: undefined` would replace process.stdin and break rendering).
     this.instance = render(<TrainView state={this.state} />, {
@@ -164,7 +162,8 @@ export class InkReporter implements Reporter {
       exitOnCtrlC: false,
       patchConsole: options.patchConsole ?? true,
     });
-    this.lastRender = Date.now();
+    this.render = new Throttle(() => this.instance.rerender(<TrainView state={this.state} />), options.throttleMs ?? 100);
+    this.render.touch();
   }
 
   /** The state as of the last event (for tests and for callers that want a final look). */
@@ -175,30 +174,14 @@ export class InkReporter implements Reporter {
   handle(event: TrainEvent): void {
     if (this.closed) return;
     this.state = reduceView(this.state, event);
-    const urgent = event.type === "done" || event.type === "error";
-    const wait = this.throttleMs - (Date.now() - this.lastRender);
-    if (urgent || wait <= 0) {
-      this.flush();
-    } else if (!this.timer) {
-      this.timer = setTimeout(() => this.flush(), wait);
-      this.timer.unref?.();
-    }
+    if (event.type === "done" || event.type === "error") this.render.flush();
+    else this.render.request();
   }
 
   close(): void {
     if (this.closed) return;
-    this.flush();
+    this.render.flush();
     this.closed = true;
     this.instance.unmount();
-  }
-
-  private flush(): void {
-    if (this.timer) {
-      clearTimeout(this.timer);
-      this.timer = undefined;
-    }
-    if (this.closed) return;
-    this.lastRender = Date.now();
-    this.instance.rerender(<TrainView state={this.state} />);
   }
 }

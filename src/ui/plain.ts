@@ -133,7 +133,7 @@ export class PlainReporter implements Reporter {
         // The coordinator's own status line names the run directory.
         break;
       case "log":
-        if (this.shows("info")) this.line(`[${event.source}] ${event.line}`);
+        if (this.shows(event.level ?? "info")) this.line(`[${event.source}] ${event.line}`);
         break;
       case "workers":
         this.workerChanges(event.workers);

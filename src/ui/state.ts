@@ -62,6 +62,7 @@ export function reduceView(s: TrainViewState, e: TrainEvent): TrainViewState {
     case "run":
       return { ...s, runDir: e.run_dir };
     case "log":
+      if (e.level === "debug" && !s.verbose) return s;
       return { ...s, lines: pushLine(s.lines, `[${e.source}] ${e.line}`) };
     case "workers":
       return { ...s, workers: e.workers };

@@ -1,9 +1,8 @@
-import { EventEmitter } from "node:events";
 import { render } from "ink-testing-library";
 import { describe, expect, it } from "vitest";
 import { InkReporter, TrainView, initialViewState, reduceView } from "../../src/ui/TrainView.js";
 import type { TrainEvent } from "../../src/job/events.js";
-import { stepEvent, stripAnsi, worker } from "./fixtures.js";
+import { FakeTty, stepEvent, stripAnsi, worker } from "./fixtures.js";
 
 function stateAfter(events: TrainEvent[]) {
   return events.reduce(reduceView, initialViewState({ name: "mnist-cnn", runDir: "runs/mnist-cnn-1" }));
@@ -71,17 +70,6 @@ describe("TrainView", () => {
     expect(frame).toContain("loss -");
   });
 });
-
-class FakeTty extends EventEmitter {
-  isTTY = true;
-  columns = 120;
-  rows = 40;
-  frames: string[] = [];
-  write = (s: string) => {
-    this.frames.push(s);
-    return true;
-  };
-}
 
 describe("InkReporter", () => {
   it("renders events to the stream, throttled, and unmounts on close", async () => {

@@ -1,3 +1,4 @@
+import { EventEmitter } from "node:events";
 import type { TrainEvent, WorkerRow } from "../../src/job/events.js";
 
 export function worker(i: number, over: Partial<WorkerRow> = {}): WorkerRow {
@@ -35,3 +36,15 @@ export function stepEvent(step: number, steps = 300, over: Partial<Extract<Train
 }
 
 export const stripAnsi = (s: string) => s.replace(/\u001b\[[0-9;?]*[A-Za-z]/g, "");
+
+/** A terminal for ink to draw on: says it is a TTY and keeps every frame written. */
+export class FakeTty extends EventEmitter {
+  isTTY = true;
+  columns = 120;
+  rows = 40;
+  frames: string[] = [];
+  write = (s: string) => {
+    this.frames.push(s);
+    return true;
+  };
+}

@@ -1,0 +1,32 @@
+import type { ProviderEvent, StatsEvent } from "../../src/job/provider.js";
+
+export const listening: Extract<ProviderEvent, { type: "listening" }> = {
+  type: "listening",
+  url: "ws://0.0.0.0:7070",
+  host: "0.0.0.0",
+  port: 7070,
+  token: "3f2a9c0d11e4b7a8",
+  devices: [{ id: "cuda:0", kind: "cuda", name: "NVIDIA A100-SXM4-80GB", memory_bytes: 85_899_345_920 }],
+  profile: { device: "cuda:0", matmul_gflops_fp32: 19_480.4, memory_gbps: 1555.2, measured_at: "2025-06-01T10:00:00.000Z" },
+};
+
+export const jobStart: ProviderEvent = { type: "job", job: "job-7f3a", name: "mnist-cnn", ranks: [1, 2], world_size: 4 };
+
+export function stats(over: Partial<StatsEvent> = {}): StatsEvent {
+  return {
+    type: "stats",
+    job: "job-7f3a",
+    name: "mnist-cnn",
+    elapsed_s: 60,
+    step: 120,
+    steps: 120,
+    samples: 3840,
+    ranks: [
+      { rank: 1, device: "cuda:0", steps: 120, samples: 1920, compute_ms: 12.4, comm_ms: 4.2 },
+      { rank: 2, device: "cuda:1", steps: 120, samples: 1920, compute_ms: 13, comm_ms: 3.9 },
+    ],
+    ring: { sent: 12_300_000, received: 12_000_000 },
+    control: { sent: 100_000, received: 120_000 },
+    ...over,
+  };
+}
