@@ -35,6 +35,10 @@ export interface TrainSummary {
   steps: number;
   samples: number;
   wall_s: number;
+  /** Seconds spent in steps (evaluation included; start-up, connecting and loading left out). */
+  train_s: number;
+  /** samples / train_s: the training throughput, which wall_s would understate on short runs. */
+  samples_per_s: number | null;
   final_loss: number | null;
   eval: Record<string, number> | null;
   eval_step: number | null;
@@ -279,6 +283,8 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
   const startedAt = new Date().toISOString();
   let stepsDone = 0;
   let samplesDone = 0;
+  /** Sum of the completed steps' step_s (resumed runs: the kept steps' too). */
+  let trainSeconds = 0;
   let bytesSent = 0;
   let uncompressedBytes = 0;
   /** The initial weight broadcast: counted in bytes_sent, not in the compression ratio. */
@@ -297,6 +303,8 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
     steps: stepsDone,
     samples: samplesDone,
     wall_s: (Date.now() - started) / 1000,
+    train_s: trainSeconds,
+    samples_per_s: trainSeconds > 0 ? samplesDone / trainSeconds : null,
     final_loss: lastLoss,
     eval: lastEval,
     eval_step: lastEvalStep,
@@ -475,6 +483,7 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
       stepsDone = checkpoint.step;
       for (const m of kept) {
         samplesDone += m.samples;
+        trainSeconds += m.step_s;
         bytesSent += m.bytes_sent;
         uncompressedBytes += m.uncompressed_bytes;
         if (m.loss !== null) lastLoss = m.loss;
@@ -819,6 +828,7 @@ export async function runTraining(opts: TrainOptions): Promise<{ runDir: string;
       }
       const now = Date.now();
       const stepSeconds = (now - stepStart) / 1000;
+      trainSeconds += stepSeconds;
       recent.push({ samples: batch, seconds: stepSeconds });
       if (recent.length > 20) recent.shift();
       const rate = recent.reduce((a, b) => a + b.samples, 0) / Math.max(1e-9, recent.reduce((a, b) => a + b.seconds, 0));

@@ -111,7 +111,6 @@ export function reportData(run: RunData): ReportData {
   }));
 
   const sent = metrics.reduce((a, m) => a + m.bytes_sent, 0);
-  const stepping = metrics.reduce((a, m) => a + m.step_s, 0);
   return {
     name: run.name,
     status: run.status,
@@ -120,7 +119,6 @@ export function reportData(run: RunData): ReportData {
     started_at: run.startedAt.toISOString(),
     figures: {
       ...figures,
-      samples_per_s: figures.wall_s && figures.wall_s > 0 ? figures.samples / figures.wall_s : stepping > 0 ? figures.samples / stepping : null,
       uncompressed_bytes: s?.uncompressed_bytes ?? (sent > 0 ? metrics.reduce((a, m) => a + m.uncompressed_bytes, 0) : null),
       compression_method: s?.compression ? describeCompression(s.compression) : null,
       steps_redone: s?.steps_redone ?? null,
@@ -288,7 +286,7 @@ function summaryTable(d: ReportData): string {
     ["Steps", formatCount(f.steps)],
     ["Samples", formatCount(f.samples)],
     ["Wall time", f.wall_s === null ? null : `${formatDuration(f.wall_s)} (${f.wall_s.toFixed(1)} s)`],
-    ["Samples/s", f.samples_per_s === null ? null : formatRate(f.samples_per_s)],
+    ["Samples/s (training)", f.samples_per_s === null ? null : formatRate(f.samples_per_s)],
     ["Final loss", f.final_loss === null ? null : formatMetric(f.final_loss)],
     ["Final validation", evalText],
     ["Bytes sent", `${formatBytes(f.bytes_sent)}${f.uncompressed_bytes ? ` (uncompressed ${formatBytes(f.uncompressed_bytes)})` : ""}`],

@@ -65,7 +65,7 @@ export function formatRunList(runs: RunData[], outputRoot: string): string[] {
       f.wall_s !== null ? formatDuration(f.wall_s) : "-",
       f.final_loss !== null ? formatMetric(f.final_loss) : "-",
       headlineEval(f.eval),
-      f.wall_s ? formatRate(f.samples / f.wall_s) : "-",
+      f.samples_per_s !== null ? formatRate(f.samples_per_s) : "-",
       formatBytes(f.bytes_sent),
       String(f.workers),
       String(f.faults),
@@ -85,7 +85,7 @@ export function formatRunDetail(run: RunData): string[] {
   lines.push(field("dir", run.dir));
   lines.push(field("started", `${localTime(run.startedAt)}${f.wall_s !== null ? `, ran ${formatDuration(f.wall_s)}` : ""}`));
   lines.push(field("steps", `${formatCount(f.steps)}${s && s.steps_redone.length ? ` (${s.steps_redone.length} redone after faults)` : ""}${s && s.steps_skipped.length ? `, ${s.steps_skipped.length} skipped (non-finite)` : ""}`));
-  lines.push(field("samples", `${formatCount(f.samples)}${f.wall_s ? ` (${formatRate(f.samples / f.wall_s)} samples/s)` : ""}`));
+  lines.push(field("samples", `${formatCount(f.samples)}${f.samples_per_s !== null ? ` (${formatRate(f.samples_per_s)} samples/s while training)` : ""}`));
   if (f.final_loss !== null) lines.push(field("final loss", formatMetric(f.final_loss)));
   if (f.eval) lines.push(field(`eval${s?.eval_step != null ? ` @ ${s.eval_step + 1}` : ""}`, formatMetrics(f.eval)));
   const method = s?.compression ? ` ${s.compression.method}${"rank" in s.compression && s.compression.method === "powersgd" ? ` rank ${String(s.compression.rank)}` : ""}` : "";

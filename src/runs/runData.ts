@@ -36,6 +36,8 @@ export interface RunFigures {
   steps: number;
   samples: number;
   wall_s: number | null;
+  /** Samples per second of training (time in steps; start-up left out). */
+  samples_per_s: number | null;
   final_loss: number | null;
   eval: Record<string, number> | null;
   bytes_sent: number;
@@ -132,11 +134,15 @@ export function runFigures(run: RunData): RunFigures {
   const lastEval = [...run.metrics].reverse().find((m) => m.eval)?.eval ?? null;
   const sent = run.metrics.reduce((a, m) => a + m.bytes_sent, 0);
   const uncompressed = run.metrics.reduce((a, m) => a + m.uncompressed_bytes, 0);
+  const stepSeconds = run.metrics.reduce((a, m) => a + m.step_s, 0);
+  const metricsSamples = run.metrics.reduce((a, m) => a + m.samples, 0);
   const finalLoss = [...run.metrics].reverse().find((m) => m.loss !== null)?.loss ?? null;
   return {
     steps: s?.steps ?? (last ? last.step + 1 : 0),
     samples: s?.samples ?? run.metrics.reduce((a, m) => a + m.samples, 0),
     wall_s: s?.wall_s ?? last?.wall_s ?? null,
+    // Older summaries lack samples_per_s: the metrics give the same figure.
+    samples_per_s: s?.samples_per_s ?? (stepSeconds > 0 ? metricsSamples / stepSeconds : null),
     final_loss: s ? s.final_loss : finalLoss,
     eval: s ? s.eval : lastEval,
     bytes_sent: s?.bytes_sent ?? sent,

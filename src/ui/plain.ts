@@ -89,7 +89,9 @@ export function formatSummary(e: DoneEvent, seen: RunTotals): string[] {
   if (samples !== undefined) parts.push(`${formatCount(samples)} samples`);
   let head = `done${wall !== undefined ? ` in ${formatDuration(wall)}` : ""}`;
   if (parts.length) head += `: ${parts.join(", ")}`;
-  if (wall && samples) head += ` (${formatRate(samples / wall)} samples/s)`;
+  // Training throughput (time in steps) when the summary has it: wall time includes start-up.
+  const rate = num(s.samples_per_s) ?? (wall && samples ? samples / wall : undefined);
+  if (rate !== undefined) head += ` (${formatRate(rate)} samples/s${num(s.samples_per_s) !== undefined ? " while training" : ""})`;
   const lines = [head];
   if (loss !== undefined) lines.push(`  final loss ${formatMetric(loss)}`);
   if (evalMetrics && Object.keys(evalMetrics).length > 0) lines.push(`  eval: ${formatMetrics(evalMetrics)}`);

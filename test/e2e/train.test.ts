@@ -46,6 +46,10 @@ describe("nimble train, end to end with real providers and PyTorch workers", () 
     expect(summary.status).toBe("completed");
     expect(summary.steps).toBe(150);
     expect(summary.samples).toBe(150 * 64);
+    // Throughput counts time in steps only: start-up (providers, workers, loading) is left out.
+    expect(summary.train_s).toBeGreaterThan(0);
+    expect(summary.train_s).toBeLessThan(summary.wall_s);
+    expect(summary.samples_per_s).toBeCloseTo(summary.samples / summary.train_s, 6);
     expect(summary.eval.accuracy).toBeGreaterThanOrEqual(0.9);
     expect(summary.workers).toHaveLength(3);
     expect(summary.workers.reduce((a: number, w: { samples: number }) => a + w.samples, 0)).toBe(150 * 64);

@@ -78,12 +78,12 @@ describe("reading run directories", () => {
   it("reads a completed run's figures from its summary, and a killed run's from its metrics", async () => {
     const done = await loadRun(await completedRun("mnist-cnn-20261125-100000"));
     expect(done).toMatchObject({ name: "mnist-cnn", status: "completed", checkpoints: [10, 20] });
-    expect(runFigures(done)).toMatchObject({ steps: 20, samples: 1280, final_loss: 1.05, workers: 2, faults: 1, compression_ratio: 4 });
+    expect(runFigures(done)).toMatchObject({ steps: 20, samples: 1280, samples_per_s: 64, final_loss: 1.05, workers: 2, faults: 1, compression_ratio: 4 });
 
     const killed = await loadRun(await killedRun("charlm-20261126-080000"));
     expect(killed).toMatchObject({ name: "charlm", status: "incomplete", summary: null, checkpoints: [] });
     expect(killed.metrics.map((m) => m.step)).toEqual([0, 1]);
-    expect(runFigures(killed)).toMatchObject({ steps: 2, samples: 128, wall_s: 2, final_loss: 3.9, eval: { loss: 3.8 }, bytes_sent: 2000, compression_ratio: 4, workers: 2 });
+    expect(runFigures(killed)).toMatchObject({ steps: 2, samples: 128, wall_s: 2, samples_per_s: 64, final_loss: 3.9, eval: { loss: 3.8 }, bytes_sent: 2000, compression_ratio: 4, workers: 2 });
   });
 
   it("lists runs oldest first, passing over folders that are not runs", async () => {
