@@ -103,7 +103,13 @@ export function TrainView({ state }: { state: TrainViewState }) {
         {`${formatCount(s.samples)} samples  sent ${formatBytes(s.bytesSent)} (${formatRatio(s.compressionRatio)} compression)`}
       </Text>
       {s.eval ? (
-        <Text wrap="truncate" color="blue">{`eval @ step ${s.eval.step}: ${formatMetrics(s.eval.metrics)}`}</Text>
+        <Text wrap="truncate" color="blue">
+          {`eval @ step ${s.eval.step}: ${formatMetrics(s.eval.metrics)}`}
+          {Object.entries(s.evalHistory)
+            .filter(([, values]) => values.length > 1)
+            .map(([name, values]) => `  ${name} ${sparkline(values, 20)}`)
+            .join("")}
+        </Text>
       ) : null}
       {s.workers.length > 0 ? <WorkerTable workers={s.workers} /> : null}
       {s.lines.length > 0 ? (

@@ -21,6 +21,8 @@ export interface TrainViewState {
   bytesSent: number;
   compressionRatio: number;
   eval?: { step: number; metrics: Record<string, number> };
+  /** Each validation metric's last LOSS_HISTORY values, oldest first (the trend beside the latest). */
+  evalHistory: Record<string, number[]>;
   checkpoint?: { step: number; path: string };
   workers: WorkerRow[];
   /** The last MAX_LINES status and log lines, oldest first. */
@@ -40,6 +42,7 @@ export function initialViewState(init: { name?: string; runDir?: string; steps?:
     step: 0,
     steps: init.steps ?? 0,
     losses: [],
+    evalHistory: {},
     samples: 0,
     wallS: 0,
     compressionRatio: 1,
@@ -83,8 +86,13 @@ export function reduceView(s: TrainViewState, e: TrainEvent): TrainViewState {
         workers: e.workers.length > 0 ? e.workers : s.workers,
       };
     }
-    case "eval":
-      return { ...s, eval: { step: e.step, metrics: e.metrics } };
+    case "eval": {
+      const evalHistory = { ...s.evalHistory };
+      for (const [name, value] of Object.entries(e.metrics)) {
+        if (typeof value === "number") evalHistory[name] = [...(evalHistory[name] ?? []), value].slice(-LOSS_HISTORY);
+      }
+      return { ...s, eval: { step: e.step, metrics: e.metrics }, evalHistory };
+    }
     case "checkpoint":
       return {
         ...s,

@@ -45,6 +45,20 @@ describe("TrainView", () => {
     expect(frame).toContain("[127.0.0.1:7070#1] warming up");
   });
 
+  it("shows each validation metric's trend beside the latest values", () => {
+    const state = stateAfter([
+      { type: "eval", step: 50, metrics: { accuracy: 0.5, loss: 1.2 } },
+      { type: "eval", step: 100, metrics: { accuracy: 0.8, loss: 0.6 } },
+      { type: "eval", step: 150, metrics: { accuracy: 0.9, loss: 0.3 } },
+    ]);
+    expect(state.evalHistory).toEqual({ accuracy: [0.5, 0.8, 0.9], loss: [1.2, 0.6, 0.3] });
+    const { lastFrame, unmount } = render(<TrainView state={state} />);
+    const frame = stripAnsi(lastFrame() ?? "");
+    unmount();
+    // Rising accuracy, falling loss.
+    expect(frame).toContain("eval @ step 150: accuracy 0.9000  loss 0.3000  accuracy ▁▆█  loss █▃▁");
+  });
+
   it("shows the summary when done and an error when failed", () => {
     const state = stateAfter([
       stepEvent(300, 300, { loss: 0.0412, wall_s: 62, samples: 19200 }),
