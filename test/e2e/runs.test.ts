@@ -25,7 +25,7 @@ describe("a run as the researcher sees it", () => {
     const result = await nimble(["train", config, "--quiet", "--python", python], { timeout: 300_000 });
     expect(result.exitCode, String(result.stderr)).toBe(0);
     const out = String(result.stdout).trim().split("\n");
-    expect(out[0]).toMatch(/^done in \S+: 12 steps, 384 samples \(\S+ samples\/s\)$/);
+    expect(out[0]).toMatch(/^done in \S+: 12 steps, 384 samples \(\S+ samples\/s while training\)$/);
     expect(out.some((l) => /^step \d/.test(l) || l.startsWith("Starting") || l.startsWith("["))).toBe(false);
     const runDir = /run dir (.+)$/.exec(out.at(-1)!)?.[1];
     expect(runDir).toBeTruthy();

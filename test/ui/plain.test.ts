@@ -84,6 +84,12 @@ describe("PlainReporter", () => {
     ]);
   });
 
+  it("gives the training throughput (time in steps) when the summary has it: wall time includes start-up", () => {
+    const { out, lines } = sink();
+    new PlainReporter({ out }).handle({ type: "done", run_dir: "runs/x", summary: { steps: 60, samples: 3840, wall_s: 15, train_s: 2.4, samples_per_s: 1600 } });
+    expect(lines()[0]).toBe("done in 15s: 60 steps, 3,840 samples (1600 samples/s while training)");
+  });
+
   it("reports worker state changes once each", () => {
     const { out, lines } = sink();
     const r = new PlainReporter({ out, now: () => 0 });
