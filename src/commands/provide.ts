@@ -1,8 +1,8 @@
-import { UserError } from "../errors.js";
 import { Provider, type LogLevel, type ProviderEvent } from "../job/provider.js";
 import { loadOrMeasureProfile } from "../runtime/profile.js";
 import { probeHost, resolvePython } from "../runtime/python.js";
 import { createProvideReporter } from "../ui/provideReporter.js";
+import { verbosityFromFlags } from "../ui/reporter.js";
 
 export interface ProvideCommandOptions {
   host: string;
@@ -26,10 +26,9 @@ export interface ProvideCommandOptions {
 
 /** `nimble provide`: run the provider agent until Ctrl-C or SIGTERM. */
 export async function provideCommand(options: ProvideCommandOptions): Promise<void> {
-  if (options.quiet && options.verbose) throw new UserError("--quiet and --verbose were both given", "Pick one.", 2);
   const reporter = await createProvideReporter({
     json: Boolean(options.json),
-    verbosity: options.quiet ? "quiet" : options.verbose ? "verbose" : "normal",
+    verbosity: verbosityFromFlags(options),
   });
   const log = (line: string, level: LogLevel = "info") => reporter.handle({ type: "log", line, level });
   try {

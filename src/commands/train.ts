@@ -3,7 +3,7 @@ import path from "node:path";
 import { loadConfig } from "../config/load.js";
 import { UserError, errorMessage } from "../errors.js";
 import { runTraining } from "../job/coordinator.js";
-import { createReporter } from "../ui/reporter.js";
+import { createReporter, verbosityFromFlags } from "../ui/reporter.js";
 import { RunLogReporter, TeeReporter } from "../ui/runLog.js";
 
 export interface TrainCommandOptions {
@@ -24,8 +24,7 @@ export async function trainCommand(configArg: string | undefined, options: Train
   if (options.local !== undefined && loaded.config.providers.length > 0) {
     throw new UserError(`--local ${options.local} was given but ${configPath} names providers`, "Drop --local, or remove `providers` from the config to train on local providers.", 2);
   }
-  if (options.quiet && options.verbose) throw new UserError("--quiet and --verbose were both given", "Pick one.", 2);
-  const verbosity = options.quiet ? "quiet" : options.verbose ? "verbose" : "normal";
+  const verbosity = verbosityFromFlags(options);
   // The terminal shows what the flags ask for; train.log in the run directory keeps everything.
   const reporter = new TeeReporter(createReporter({ json: Boolean(options.json), name: loaded.config.name, verbosity }), new RunLogReporter());
   const controller = new AbortController();

@@ -18,6 +18,7 @@ import {
   MAX_CONTROL_BYTES,
   PROTOCOL_VERSION,
   type DeviceInfo,
+  type LogLevel,
   type ProviderProfile,
   type ToCoordinator,
   type ToProvider,
@@ -53,8 +54,7 @@ export interface RankStats {
   comm_ms: number | null;
 }
 
-/** debug: only with --verbose; warn and error: shown even with --quiet. */
-export type LogLevel = "debug" | "info" | "warn" | "error";
+export type { LogLevel };
 
 export type ProviderEvent =
   | {

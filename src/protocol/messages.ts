@@ -121,6 +121,10 @@ export const toProviderSchema = z.discriminatedUnion("t", [
 ]);
 export type ToProvider = z.infer<typeof toProviderSchema>;
 
+/** debug: only with --verbose; warn and error: shown even with --quiet. */
+export const logLevelSchema = z.enum(["debug", "info", "warn", "error"]);
+export type LogLevel = z.infer<typeof logLevelSchema>;
+
 export const toCoordinatorSchema = z.discriminatedUnion("t", [
   z.object({
     t: z.literal("welcome"),
@@ -168,7 +172,7 @@ export const toCoordinatorSchema = z.discriminatedUnion("t", [
   }),
   z.object({ t: z.literal("loaded"), rank: count, step: count }),
   // level: how the coordinator shows it (debug lines only with --verbose; all go to train.log).
-  z.object({ t: z.literal("log"), line: z.string().max(64 * 1024), level: z.enum(["debug", "info", "warn", "error"]).optional() }),
+  z.object({ t: z.literal("log"), line: z.string().max(64 * 1024), level: logLevelSchema.optional() }),
   z.object({
     t: z.literal("failed"),
     rank: count.optional(),

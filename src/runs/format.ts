@@ -1,6 +1,6 @@
 /** `nimble runs` and `nimble runs show` as text and as JSON (collected in runData.ts). */
 import path from "node:path";
-import { formatBytes, formatCount, formatDuration, formatMetric, formatRate, formatRatio } from "../ui/format.js";
+import { alignColumns, formatBytes, formatCount, formatDuration, formatMetric, formatRate, formatRatio } from "../ui/format.js";
 import { formatMetrics } from "../ui/plain.js";
 import { runFigures, type RunData, type RunFigures } from "./runData.js";
 
@@ -43,13 +43,7 @@ function headlineEval(evalMetrics: Record<string, number> | null): string {
 }
 
 function table(header: string[], rows: string[][], right: Set<number>): string[] {
-  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
-  const line = (cells: string[]) =>
-    cells
-      .map((c, i) => (right.has(i) ? c.padStart(widths[i]!) : c.padEnd(widths[i]!)))
-      .join("  ")
-      .trimEnd();
-  return [line(header), ...rows.map(line)];
+  return alignColumns(header, rows, right).map((cells) => cells.join("  ").trimEnd());
 }
 
 /** One line per run, oldest first, under a header. */

@@ -19,7 +19,10 @@ export interface RunData {
   status: RunStatus;
   /** summary.json, when the run got far enough to write it. */
   summary: TrainSummary | null;
-  /** metrics.jsonl, one entry per completed step, in step order (lines cut short by a crash dropped). */
+  /**
+   * metrics.jsonl, one entry per completed step, in step order (lines cut short by a crash
+   * dropped). Empty when loaded for a listing from a summary that has every figure.
+   */
   metrics: StepMetrics[];
   /** Steps of the checkpoints on disk, ascending. */
   checkpoints: number[];
@@ -83,15 +86,20 @@ function isSummary(v: unknown): v is TrainSummary {
   return typeof s === "object" && s !== null && typeof s.status === "string" && typeof s.steps === "number";
 }
 
-/** Read one run directory; a UserError names the folder when it is not one. */
-export async function loadRun(dirArg: string): Promise<RunData> {
+const RUN_FILES = ["summary.json", "metrics.jsonl", "config.yaml"];
+
+/**
+ * Read one run directory; a UserError names the folder when it is not one. `forListing`
+ * skips metrics.jsonl (megabytes on a long run) when the summary has every figure a list shows.
+ */
+export async function loadRun(dirArg: string, options: { forListing?: boolean } = {}): Promise<RunData> {
   const dir = path.resolve(dirArg);
   const info = await stat(dir).catch(() => null);
   if (!info?.isDirectory()) throw new UserError(`${dirArg} is not a folder`, "Pass a run directory, e.g. runs/mnist-cnn-20261126-101500 (`nimble runs` lists them).", 2);
-  const [summaryText, metricsText, configText] = await Promise.all(
-    ["summary.json", "metrics.jsonl", "config.yaml"].map((f) => readText(path.join(dir, f))),
-  );
-  if (summaryText === null && metricsText === null && configText === null) {
+  const [summaryText, configText] = await Promise.all(["summary.json", "config.yaml"].map((f) => readText(path.join(dir, f))));
+  const metricsFile = path.join(dir, "metrics.jsonl");
+  const [metricsTime, summaryTime, logTime] = await Promise.all([metricsFile, path.join(dir, "summary.json"), path.join(dir, "train.log")].map(mtime));
+  if (summaryText === null && metricsTime === null && configText === null) {
     throw new UserError(`${dirArg} is not a run directory (no summary.json, metrics.jsonl or config.yaml in it)`, "Pass a folder that `nimble train` created; `nimble runs` lists them.", 2);
   }
   let summary: TrainSummary | null = null;
@@ -113,18 +121,19 @@ export async function loadRun(dirArg: string): Promise<RunData> {
   } catch {
     // No checkpoints folder.
   }
-  const times = (await Promise.all(["metrics.jsonl", "summary.json"].map((f) => mtime(path.join(dir, f))))).filter((d): d is Date => d !== null);
-  const logFile = path.join(dir, "train.log");
+  const times = [metricsTime, summaryTime].filter((d): d is Date => d !== null);
+  // Summaries from before samples_per_s existed need the metrics for it.
+  const readMetrics = metricsTime !== null && (!options.forListing || summary?.samples_per_s === undefined);
   return {
     dir,
     name: summary?.name ?? configName ?? path.basename(dir),
     status: summary?.status ?? "incomplete",
     summary,
-    metrics: parseMetrics(metricsText ?? ""),
+    metrics: readMetrics ? parseMetrics((await readText(metricsFile)) ?? "") : [],
     checkpoints,
     startedAt: summary?.started_at ? new Date(summary.started_at) : info.birthtime.getTime() > 0 ? info.birthtime : info.mtime,
     updatedAt: times.length > 0 ? new Date(Math.max(...times.map((d) => d.getTime()))) : info.mtime,
-    logFile: (await mtime(logFile)) ? logFile : null,
+    logFile: logTime ? path.join(dir, "train.log") : null,
   };
 }
 
@@ -139,7 +148,7 @@ export function runFigures(run: RunData): RunFigures {
   const finalLoss = [...run.metrics].reverse().find((m) => m.loss !== null)?.loss ?? null;
   return {
     steps: s?.steps ?? (last ? last.step + 1 : 0),
-    samples: s?.samples ?? run.metrics.reduce((a, m) => a + m.samples, 0),
+    samples: s?.samples ?? metricsSamples,
     wall_s: s?.wall_s ?? last?.wall_s ?? null,
     // Older summaries lack samples_per_s: the metrics give the same figure.
     samples_per_s: s?.samples_per_s ?? (stepSeconds > 0 ? metricsSamples / stepSeconds : null),
@@ -161,7 +170,7 @@ export async function listRuns(outputRoot: string): Promise<RunData[]> {
     if ((err as NodeJS.ErrnoException).code === "ENOENT") return [];
     throw err;
   }
-  const runs = await Promise.all(names.map((n) => loadRun(path.join(outputRoot, n)).catch(() => null)));
+  const runs = await Promise.all(names.map((n) => loadRun(path.join(outputRoot, n), { forListing: true }).catch(() => null)));
   return runs.filter((r): r is RunData => r !== null).sort((a, b) => a.startedAt.getTime() - b.startedAt.getTime() || a.dir.localeCompare(b.dir));
 }
 
@@ -172,13 +181,15 @@ export async function listRuns(outputRoot: string): Promise<RunData[]> {
 export async function resolveRun(arg: string, outputRoot: string): Promise<string> {
   const asPath = await stat(arg).catch(() => null);
   if (asPath?.isDirectory()) return path.resolve(arg);
-  const runs = await listRuns(outputRoot);
-  const exact = runs.find((r) => path.basename(r.dir) === arg);
-  if (exact) return exact.dir;
-  const matches = runs.filter((r) => path.basename(r.dir).startsWith(arg));
-  if (matches.length === 1) return matches[0]!.dir;
+  // By folder name only: nothing in the runs needs reading to pick one.
+  const names = (await readdir(outputRoot, { withFileTypes: true }).catch(() => [])).filter((d) => d.isDirectory()).map((d) => d.name);
+  const isRun = async (name: string) => (await Promise.all(RUN_FILES.map((f) => mtime(path.join(outputRoot, name, f))))).some((t) => t !== null);
+  if (names.includes(arg) && (await isRun(arg))) return path.join(path.resolve(outputRoot), arg);
+  const matches: string[] = [];
+  for (const name of names.filter((n) => n.startsWith(arg)).sort()) if (await isRun(name)) matches.push(name);
+  if (matches.length === 1) return path.join(path.resolve(outputRoot), matches[0]!);
   if (matches.length > 1) {
-    throw new UserError(`${arg} matches ${matches.length} runs in ${outputRoot}: ${matches.map((r) => path.basename(r.dir)).join(", ")}`, "Give more of the name.", 2);
+    throw new UserError(`${arg} matches ${matches.length} runs in ${outputRoot}: ${matches.join(", ")}`, "Give more of the name.", 2);
   }
   throw new UserError(`No run ${arg} (not a folder, and no run of that name in ${outputRoot})`, "`nimble runs` lists the runs; pass --output if they are in another folder.", 2);
 }

@@ -4,6 +4,7 @@ import type { ProviderEvent, WorkerState } from "../job/provider.js";
 import { formatBytes, formatCount, formatDuration } from "./format.js";
 import { formatProfile, type ProvideReporter } from "./providePlain.js";
 import { initialProvideState, provideTotals, reduceProvide, type ProvideViewState, type ProvideWorkerRow } from "./provideState.js";
+import { StateTable } from "./StateTable.js";
 import { Throttle } from "./throttle.js";
 
 const STATE_COLOR: Record<WorkerState, string> = {
@@ -28,29 +29,18 @@ function workerCells(w: ProvideWorkerRow): string[] {
 }
 
 function WorkerTable({ workers }: { workers: ProvideWorkerRow[] }) {
-  const rows = workers.map(workerCells);
-  const widths = COLUMNS.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
-  const cell = (text: string, i: number) => (RIGHT.has(i) ? text.padStart(widths[i]!) : text.padEnd(widths[i]!));
-  const join = (cells: string[], from: number) => cells.map((c, j) => cell(c, j + from)).join("  ");
   return (
-    <Box flexDirection="column" marginTop={1}>
-      <Text bold wrap="truncate">
-        {join([...COLUMNS], 0)}
-      </Text>
-      {rows.map((r, k) => {
-        const w = workers[k]!;
-        return (
-          <Text key={w.rank} wrap="truncate">
-            {join(r.slice(0, STATE_COLUMN), 0)}
-            {"  "}
-            <Text color={STATE_COLOR[w.state]}>{cell(r[STATE_COLUMN]!, STATE_COLUMN)}</Text>
-            {"  "}
-            {join(r.slice(STATE_COLUMN + 1), STATE_COLUMN + 1)}
-            {w.detail ? <Text dimColor>{`  ${w.detail}`}</Text> : null}
-          </Text>
-        );
-      })}
-    </Box>
+    <StateTable
+      header={COLUMNS}
+      rows={workers.map((w) => ({
+        key: w.rank,
+        cells: workerCells(w),
+        color: STATE_COLOR[w.state],
+        after: w.detail ? <Text dimColor>{`  ${w.detail}`}</Text> : null,
+      }))}
+      right={RIGHT}
+      stateColumn={STATE_COLUMN}
+    />
   );
 }
 

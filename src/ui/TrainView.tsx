@@ -15,6 +15,7 @@ import {
 } from "./format.js";
 import { formatMetrics } from "./plain.js";
 import { initialViewState, reduceView, type TrainViewState } from "./state.js";
+import { StateTable } from "./StateTable.js";
 import { Throttle } from "./throttle.js";
 
 export { initialViewState, reduceView, type TrainViewState } from "./state.js";
@@ -47,32 +48,13 @@ function workerCells(w: WorkerRow): string[] {
 }
 
 function WorkerTable({ workers }: { workers: WorkerRow[] }) {
-  const rows = workers.map(workerCells);
-  const widths = COLUMNS.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
-  const cell = (text: string, i: number) => (RIGHT.has(i) ? text.padStart(widths[i]!) : text.padEnd(widths[i]!));
   return (
-    <Box flexDirection="column" marginTop={1}>
-      <Text bold wrap="truncate">
-        {COLUMNS.map((h, i) => cell(h, i)).join("  ")}
-      </Text>
-      {rows.map((r, k) => {
-        const state = workers[k]!.state;
-        return (
-          <Text key={workers[k]!.id} wrap="truncate">
-            {cell(r[0]!, 0)}
-            {"  "}
-            {cell(r[1]!, 1)}
-            {"  "}
-            <Text color={STATE_COLOR[state] ?? undefined}>{cell(r[2]!, 2)}</Text>
-            {"  "}
-            {r
-              .slice(3)
-              .map((c, j) => cell(c, j + 3))
-              .join("  ")}
-          </Text>
-        );
-      })}
-    </Box>
+    <StateTable
+      header={COLUMNS}
+      rows={workers.map((w) => ({ key: w.id, cells: workerCells(w), color: STATE_COLOR[w.state] }))}
+      right={RIGHT}
+      stateColumn={2}
+    />
   );
 }
 

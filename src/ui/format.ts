@@ -116,3 +116,10 @@ export function formatRatio(ratio: number): string {
   if (!Number.isFinite(ratio)) return "-";
   return `${ratio >= 100 ? ratio.toFixed(0) : ratio.toFixed(1)}x`;
 }
+
+/** Header and rows with every cell padded to its column's width, right-aligned where `right` says. */
+export function alignColumns(header: readonly string[], rows: readonly (readonly string[])[], right: ReadonlySet<number>): string[][] {
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? "").length)));
+  const pad = (cells: readonly string[]) => header.map((_, i) => (right.has(i) ? (cells[i] ?? "").padStart(widths[i]!) : (cells[i] ?? "").padEnd(widths[i]!)));
+  return [pad(header), ...rows.map(pad)];
+}

@@ -6,10 +6,7 @@ import type { ProviderEvent, StatsEvent, WorkerEvent } from "../job/provider.js"
 import type { ProviderProfile } from "../protocol/messages.js";
 import { formatBytes, formatCount, formatRate } from "./format.js";
 import { jobBytes } from "./provideState.js";
-import type { TextSink } from "./plain.js";
-
-/** quiet: the listening block, jobs starting and ending, warnings and errors. verbose: also every stats event and debug lines. */
-export type ProvideVerbosity = "quiet" | "normal" | "verbose";
+import type { TextSink, Verbosity } from "./plain.js";
 
 export interface ProvideReporter {
   handle(event: ProviderEvent): void;
@@ -18,7 +15,8 @@ export interface ProvideReporter {
 
 export interface ProvidePlainOptions {
   out?: TextSink;
-  verbosity?: ProvideVerbosity;
+  /** quiet: the listening block, jobs starting and ending, warnings and errors. verbose: also every stats event and debug lines. */
+  verbosity?: Verbosity;
   /** Milliseconds clock, injectable for tests. Default Date.now. */
   now?: () => number;
   /** Least time between two stats lines (normal verbosity). Default 10 s. */
@@ -58,7 +56,7 @@ export function formatWorkerLine(e: WorkerEvent): string {
 
 export class ProvidePlainReporter implements ProvideReporter {
   private readonly out: TextSink;
-  private readonly verbosity: ProvideVerbosity;
+  private readonly verbosity: Verbosity;
   private readonly now: () => number;
   private readonly statsIntervalMs: number;
   /** When the running job started or its last stats line went out. */

@@ -1,28 +1,11 @@
 /** Pick how `nimble provide` shows itself: JSON lines, the ink dashboard, or plain lines. */
-import { ProvideJsonReporter, ProvidePlainReporter, type ProvideReporter, type ProvideVerbosity } from "./providePlain.js";
-import { isCI, type ReporterKind } from "./reporter.js";
-
-export interface ProvideReporterOptions {
-  /** `--json`: one JSON object per event. */
-  json: boolean;
-  verbosity: ProvideVerbosity;
-  /** Default process.stdout. */
-  stream?: NodeJS.WriteStream;
-  /** Environment to consult (CI). Default process.env. */
-  env?: NodeJS.ProcessEnv;
-}
+import { ProvideJsonReporter, ProvidePlainReporter, type ProvideReporter } from "./providePlain.js";
+import { reporterKind, type ReporterKindOptions } from "./reporter.js";
 
 /** As for `nimble train`: the dashboard only on a terminal outside CI, and not with --quiet. */
-export function provideReporterKind(options: ProvideReporterOptions): ReporterKind {
-  if (options.json) return "json";
-  if (options.verbosity === "quiet") return "plain";
+export async function createProvideReporter(options: ReporterKindOptions): Promise<ProvideReporter> {
   const stream = options.stream ?? process.stdout;
-  return stream.isTTY === true && !isCI(options.env ?? process.env) ? "ink" : "plain";
-}
-
-export async function createProvideReporter(options: ProvideReporterOptions): Promise<ProvideReporter> {
-  const stream = options.stream ?? process.stdout;
-  switch (provideReporterKind(options)) {
+  switch (reporterKind(options)) {
     case "json":
       return new ProvideJsonReporter(stream);
     case "ink": {

@@ -1,6 +1,7 @@
 /** What the `nimble provide` view shows, and how each provider event changes it (pure, no React). */
 import type { LinkBytes, ProviderEvent, StatsEvent, WorkerState } from "../job/provider.js";
 import type { DeviceInfo, ProviderProfile } from "../protocol/messages.js";
+import { appendKeepingLast } from "./state.js";
 
 /** Log lines kept for the view's rolling log. */
 export const PROVIDE_LOG_LINES = 8;
@@ -87,8 +88,7 @@ export function provideTotals(s: ProvideViewState): { jobs: number; steps: numbe
 }
 
 function pushLine(lines: string[], line: string): string[] {
-  const next = [...lines, line];
-  return next.length > PROVIDE_LOG_LINES ? next.slice(next.length - PROVIDE_LOG_LINES) : next;
+  return appendKeepingLast(lines, line, PROVIDE_LOG_LINES);
 }
 
 function rowFor(rank: number, device: string): ProvideWorkerRow {

@@ -52,9 +52,14 @@ export function initialViewState(init: { name?: string; runDir?: string; steps?:
   };
 }
 
+/** `list` with `item` appended, keeping the last `max` (live views hold bounded histories). */
+export function appendKeepingLast<T>(list: readonly T[], item: T, max: number): T[] {
+  const next = [...list, item];
+  return next.length > max ? next.slice(next.length - max) : next;
+}
+
 function pushLine(lines: string[], line: string): string[] {
-  const next = [...lines, line];
-  return next.length > MAX_LINES ? next.slice(next.length - MAX_LINES) : next;
+  return appendKeepingLast(lines, line, MAX_LINES);
 }
 
 export function reduceView(s: TrainViewState, e: TrainEvent): TrainViewState {
@@ -70,13 +75,12 @@ export function reduceView(s: TrainViewState, e: TrainEvent): TrainViewState {
     case "workers":
       return { ...s, workers: e.workers };
     case "step": {
-      const losses = [...s.losses, e.loss];
       return {
         ...s,
         step: e.step,
         steps: e.steps,
         loss: e.loss,
-        losses: losses.length > LOSS_HISTORY ? losses.slice(losses.length - LOSS_HISTORY) : losses,
+        losses: appendKeepingLast(s.losses, e.loss, LOSS_HISTORY),
         lr: e.lr,
         samples: e.samples,
         samplesPerS: e.samples_per_s,
@@ -89,7 +93,7 @@ export function reduceView(s: TrainViewState, e: TrainEvent): TrainViewState {
     case "eval": {
       const evalHistory = { ...s.evalHistory };
       for (const [name, value] of Object.entries(e.metrics)) {
-        if (typeof value === "number") evalHistory[name] = [...(evalHistory[name] ?? []), value].slice(-LOSS_HISTORY);
+        if (typeof value === "number") evalHistory[name] = appendKeepingLast(evalHistory[name] ?? [], value, LOSS_HISTORY);
       }
       return { ...s, eval: { step: e.step, metrics: e.metrics }, evalHistory };
     }

@@ -1,9 +1,8 @@
-import { render } from "ink-testing-library";
 import { describe, expect, it } from "vitest";
 import type { ProviderEvent } from "../../src/job/provider.js";
 import { InkProvideReporter, ProvideView } from "../../src/ui/ProvideView.js";
 import { initialProvideState, PROVIDE_LOG_LINES, provideTotals, reduceProvide, type ProvideViewState } from "../../src/ui/provideState.js";
-import { FakeTty, stripAnsi } from "./fixtures.js";
+import { FakeTty, frameOf, stripAnsi } from "./fixtures.js";
 import { jobStart, listening, stats } from "./provideFixtures.js";
 
 const T0 = Date.parse("2025-06-02T12:00:00Z");
@@ -68,9 +67,7 @@ describe("ProvideView", () => {
   it("shows address, token, uptime, devices and profile, the job, worker rows, byte totals and the log", () => {
     const state = stateAfter(busy);
     const now = T0 + 3 * 3600_000 + 125_000;
-    const { lastFrame, unmount } = render(<ProvideView state={state} now={now} />);
-    const frame = stripAnsi(lastFrame() ?? "");
-    unmount();
+    const frame = frameOf(<ProvideView state={state} now={now} />);
     if (process.env.SHOW_FRAME) console.log(frame);
     expect(frame).toContain("nimble provide  ws://0.0.0.0:7070  token 3f2a9c0d11e4b7a8  up 3h02m");
     expect(frame).toContain("cuda:0 (NVIDIA A100-SXM4-80GB)  85.9 GB");
@@ -88,9 +85,7 @@ describe("ProvideView", () => {
 
   it("says it is waiting for a job, and what became of the last one", () => {
     const state = stateAfter([{ ...listening, profile: null }, jobStart, stats(), { type: "job_end", job: "job-7f3a", reason: "coordinator disconnected" }]);
-    const { lastFrame, unmount } = render(<ProvideView state={state} now={T0 + 5000} />);
-    const frame = stripAnsi(lastFrame() ?? "");
-    unmount();
+    const frame = frameOf(<ProvideView state={state} now={T0 + 5000} />);
     expect(frame).toContain("waiting for a job (last: job-7f3a ended: coordinator disconnected)");
     expect(frame).toContain("not measured (--no-profile)");
     expect(frame).not.toContain("restarts");
@@ -98,9 +93,7 @@ describe("ProvideView", () => {
   });
 
   it("renders before the provider listens", () => {
-    const { lastFrame, unmount } = render(<ProvideView state={initialProvideState()} now={T0} />);
-    const frame = stripAnsi(lastFrame() ?? "");
-    unmount();
+    const frame = frameOf(<ProvideView state={initialProvideState()} now={T0} />);
     expect(frame).toContain("nimble provide  starting…");
     expect(frame).toContain("waiting for a job");
   });

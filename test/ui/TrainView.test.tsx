@@ -1,8 +1,7 @@
-import { render } from "ink-testing-library";
 import { describe, expect, it } from "vitest";
 import { InkReporter, TrainView, initialViewState, reduceView } from "../../src/ui/TrainView.js";
 import type { TrainEvent } from "../../src/job/events.js";
-import { FakeTty, stepEvent, stripAnsi, worker } from "./fixtures.js";
+import { FakeTty, frameOf, stepEvent, stripAnsi, worker } from "./fixtures.js";
 
 function stateAfter(events: TrainEvent[]) {
   return events.reduce(reduceView, initialViewState({ name: "mnist-cnn", runDir: "runs/mnist-cnn-1" }));
@@ -21,9 +20,7 @@ describe("TrainView", () => {
       { type: "log", source: "127.0.0.1:7070#1", line: "warming up" },
     ]);
     expect(state.losses).toHaveLength(40);
-    const { lastFrame, unmount } = render(<TrainView state={state} />);
-    const frame = stripAnsi(lastFrame() ?? "");
-    unmount();
+    const frame = frameOf(<TrainView state={state} />);
     expect(frame).toContain("mnist-cnn");
     expect(frame).toContain("runs/mnist-cnn-1");
     expect(frame).toContain("step 120/300");
@@ -52,9 +49,7 @@ describe("TrainView", () => {
       { type: "eval", step: 150, metrics: { accuracy: 0.9, loss: 0.3 } },
     ]);
     expect(state.evalHistory).toEqual({ accuracy: [0.5, 0.8, 0.9], loss: [1.2, 0.6, 0.3] });
-    const { lastFrame, unmount } = render(<TrainView state={state} />);
-    const frame = stripAnsi(lastFrame() ?? "");
-    unmount();
+    const frame = frameOf(<TrainView state={state} />);
     // Rising accuracy, falling loss.
     expect(frame).toContain("eval @ step 150: accuracy 0.9000  loss 0.3000  accuracy ▁▆█  loss █▃▁");
   });
@@ -65,9 +60,7 @@ describe("TrainView", () => {
       { type: "done", run_dir: "runs/mnist-cnn-1", summary: { steps: 300 } },
       { type: "error", message: "oops" },
     ]);
-    const { lastFrame, unmount } = render(<TrainView state={state} />);
-    const frame = stripAnsi(lastFrame() ?? "");
-    unmount();
+    const frame = frameOf(<TrainView state={state} />);
     expect(frame).toContain("step 300/300");
     expect(frame).toContain("100%");
     expect(frame).not.toContain("ETA");
@@ -77,9 +70,7 @@ describe("TrainView", () => {
   });
 
   it("renders before the first step", () => {
-    const { lastFrame, unmount } = render(<TrainView state={initialViewState()} />);
-    const frame = stripAnsi(lastFrame() ?? "");
-    unmount();
+    const frame = frameOf(<TrainView state={initialViewState()} />);
     expect(frame).toContain("step 0/0");
     expect(frame).toContain("loss -");
   });

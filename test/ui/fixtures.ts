@@ -1,3 +1,5 @@
+import { render } from "ink-testing-library";
+import type { ReactElement } from "react";
 import { EventEmitter } from "node:events";
 import type { TrainEvent, WorkerRow } from "../../src/job/events.js";
 
@@ -47,4 +49,12 @@ export class FakeTty extends EventEmitter {
     this.frames.push(s);
     return true;
   };
+}
+
+/** The text of a view's frame, colours stripped (rendered once and unmounted). */
+export function frameOf(view: ReactElement): string {
+  const { lastFrame, unmount } = render(view);
+  const frame = stripAnsi(lastFrame() ?? "");
+  unmount();
+  return frame;
 }

@@ -1,7 +1,8 @@
 import { describe, expect, it } from "vitest";
 import type { ProviderEvent } from "../../src/job/provider.js";
-import { ProvideJsonReporter, ProvidePlainReporter, type ProvideVerbosity } from "../../src/ui/providePlain.js";
-import { provideReporterKind } from "../../src/ui/provideReporter.js";
+import { ProvideJsonReporter, ProvidePlainReporter } from "../../src/ui/providePlain.js";
+import type { Verbosity } from "../../src/ui/plain.js";
+import { reporterKind } from "../../src/ui/reporter.js";
 import { jobStart, listening, stats } from "./provideFixtures.js";
 
 /** A job's life, each event at `at` seconds. */
@@ -21,7 +22,7 @@ const timeline: Array<[number, ProviderEvent]> = [
   [16, { type: "job_end", job: "job-7f3a", reason: "job finished" }],
 ];
 
-function printed(verbosity: ProvideVerbosity): string[] {
+function printed(verbosity: Verbosity): string[] {
   let clock = 0;
   const out: string[] = [];
   const r = new ProvidePlainReporter({ out: { write: (s: string) => out.push(s) }, verbosity, now: () => clock * 1000, statsIntervalMs: 10_000 });
@@ -94,15 +95,15 @@ describe("ProvideJsonReporter", () => {
   });
 });
 
-describe("provideReporterKind", () => {
+describe("reporterKind", () => {
   const tty = { isTTY: true } as NodeJS.WriteStream;
   const pipe = { isTTY: false } as NodeJS.WriteStream;
   it("shows the dashboard only on a terminal outside CI, without --json or --quiet", () => {
-    expect(provideReporterKind({ json: false, verbosity: "normal", stream: tty, env: {} })).toBe("ink");
-    expect(provideReporterKind({ json: false, verbosity: "verbose", stream: tty, env: {} })).toBe("ink");
-    expect(provideReporterKind({ json: false, verbosity: "normal", stream: tty, env: { CI: "true" } })).toBe("plain");
-    expect(provideReporterKind({ json: false, verbosity: "normal", stream: pipe, env: {} })).toBe("plain");
-    expect(provideReporterKind({ json: false, verbosity: "quiet", stream: tty, env: {} })).toBe("plain");
-    expect(provideReporterKind({ json: true, verbosity: "normal", stream: tty, env: {} })).toBe("json");
+    expect(reporterKind({ json: false, verbosity: "normal", stream: tty, env: {} })).toBe("ink");
+    expect(reporterKind({ json: false, verbosity: "verbose", stream: tty, env: {} })).toBe("ink");
+    expect(reporterKind({ json: false, verbosity: "normal", stream: tty, env: { CI: "true" } })).toBe("plain");
+    expect(reporterKind({ json: false, verbosity: "normal", stream: pipe, env: {} })).toBe("plain");
+    expect(reporterKind({ json: false, verbosity: "quiet", stream: tty, env: {} })).toBe("plain");
+    expect(reporterKind({ json: true, verbosity: "normal", stream: tty, env: {} })).toBe("json");
   });
 });
