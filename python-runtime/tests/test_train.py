@@ -6,7 +6,9 @@ import torch
 from conftest import TINY_CONFIG
 from nimble_worker.config import JobConfig
 from nimble_worker.task import Task
-from nimble_worker.train import Trainer, lr_factor
+from nimble_worker.optim import lr_factor
+from nimble_worker.tensors import flat_cpu
+from nimble_worker.train import Trainer
 
 
 def trainer(task_path, rank=0, world=1, allreduce=lambda b: b.clone(), max_micro_batch=None,
@@ -14,6 +16,12 @@ def trainer(task_path, rank=0, world=1, allreduce=lambda b: b.clone(), max_micro
     cfg = JobConfig.from_dict({**TINY_CONFIG, **over})
     return Trainer(cfg, Task(task_path, cfg.task_args), rank, world, "cpu", allreduce,
                    max_micro_batch=max_micro_batch, speed=speed)
+
+
+def backward(tr, t, shares):
+    """(loss, flat gradient) of this replica's share of step t."""
+    loss, grads = tr.replica.grads(t, shares)
+    return loss, flat_cpu(grads)
 
 
 def test_config_defaults_and_extra_keys():
@@ -40,8 +48,8 @@ def test_scaled_gradients_of_workers_sum_to_the_global_gradient(tiny_task):
     shares = [1, 7, 0, 24]
     one = trainer(tiny_task, batch_size=32)
     for t in (0, 3):  # step 3 wraps into epoch 1 of the 50-item dataset
-        loss1, g1 = one.backward(t, [32])
-        parts = [trainer(tiny_task, rank=r, world=4, batch_size=32).backward(t, shares)
+        loss1, g1 = backward(one, t, [32])
+        parts = [backward(trainer(tiny_task, rank=r, world=4, batch_size=32), t, shares)
                  for r in range(4)]
         assert parts[2][1].abs().sum() == 0 and parts[2][0] == 0.0
         assert torch.allclose(sum(g for _, g in parts), g1, atol=1e-6)
@@ -112,10 +120,10 @@ def test_micro_batches_accumulate_the_one_batch_gradient(tiny_task):
     whole = trainer(tiny_task, batch_size=24)
     micro = trainer(tiny_task, batch_size=24, max_micro_batch=5)
     for t in (0, 2):  # step 2 wraps into epoch 1 of the 50-item dataset
-        loss1, g1 = whole.backward(t, [24])
-        assert whole.micro_batches == 1
-        loss5, g5 = micro.backward(t, [24])
-        assert micro.micro_batches == 5  # 5 + 5 + 5 + 5 + 4
+        loss1, g1 = backward(whole, t, [24])
+        assert whole.replica.micro_batches == 1
+        loss5, g5 = backward(micro, t, [24])
+        assert micro.replica.micro_batches == 5  # 5 + 5 + 5 + 5 + 4
         assert torch.allclose(g5, g1, atol=1e-6, rtol=0)
         assert loss5 == pytest.approx(loss1, abs=1e-6)
     rep = micro.step(3, [24])
@@ -145,7 +153,7 @@ def test_speed_stretches_compute_time(tiny_task):
         torch.set_num_threads(threads)
     assert slow > 2.5 * fast, (fast, slow)
     tr.set_speed(1)
-    assert tr.speed == 1.0
+    assert tr.replica.speed.speed == 1.0
     for bad in (0, -0.5, 1.5, "fast", None):
         with pytest.raises(ValueError, match="speed"):
             tr.set_speed(bad)
@@ -166,16 +174,16 @@ def compute_loss(model, batch):
     return _compute_loss(model, batch)
 ''')
     whole = trainer(tiny_task_path := str(path), batch_size=24, max_micro_batch=None)
-    assert whole.max_micro_batch is None
+    assert whole.replica.max_micro_batch is None
     reference = trainer(tiny_task_path, batch_size=24, max_micro_batch=6)
     rep = whole.step(0, [24])
     ref = reference.step(0, [24])
     # 24 -> 12 -> 6: the share is redone in micro-batches of 6, and the cap stays.
-    assert rep["max_micro_batch"] == 6 and whole.memory_caps == [(0, 12), (0, 6)]
+    assert rep["max_micro_batch"] == 6 and whole.replica.memory_caps == [(0, 12), (0, 6)]
     assert rep["micro_batches"] == 4 and rep["loss"] == pytest.approx(ref["loss"], abs=1e-6)
     for p, q in zip(whole.params, reference.params):
         assert torch.allclose(p, q, atol=1e-6, rtol=0)
-    assert whole.step(1, [24])["micro_batches"] == 4 and whole.memory_caps == [(0, 12), (0, 6)]
+    assert whole.step(1, [24])["micro_batches"] == 4 and whole.replica.memory_caps == [(0, 12), (0, 6)]
 
 
 def test_errors_other_than_out_of_memory_are_not_retried(tmp_path):
@@ -189,12 +197,12 @@ def compute_loss(model, batch):
     from nimble_worker.task import TaskError
     with pytest.raises(TaskError, match="shape mismatch"):
         tr.step(0, [8])
-    assert tr.memory_caps == [] and tr.max_micro_batch is None
+    assert tr.replica.memory_caps == [] and tr.replica.max_micro_batch is None
 
 
 @pytest.mark.parametrize("method", ["powersgd", "topk", "none"])
 def test_an_aborted_step_leaves_no_trace_and_its_redo_matches_an_uninterrupted_run(tiny_task, method):
-    from nimble_worker.train import StepAborted
+    from nimble_worker.comm import StepAborted
     calls = {"n": 0, "fail_at": -1}
 
     def allreduce(buf):

@@ -3,12 +3,7 @@
 A compressor gets this worker's gradients (one float32 tensor per trainable parameter,
 already scaled by share / batch_size, so that their SUM over workers is the large-batch
 mean gradient) and returns the reduced dense gradients, identical on every worker, or a
-skipped step. It talks to the other workers only through a `Comm`:
-
-- `allreduce(buf, codec="f32")`: elementwise sum of a flat float32 CPU tensor over all
-  workers (lossy on the wire for codec f16 / bf16 / int8); bitwise identical everywhere,
-  and non-finite wherever any input was.
-- `allgather(blob) -> [blob of rank 0, rank 1, ...]`.
+skipped step. It talks to the other workers only through a `Comm` (nimble_worker/comm.py).
 
 Methods: none / fp16 / bf16 / int8 (`Dense` below), powersgd (`powersgd.py`, the default),
 topk (`topk.py`). Every decision to skip a step is taken from reduced buffers, which are
@@ -19,55 +14,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from ..config import CompressionConfig
+from ..comm import Comm
+from ..config import CompressionConfig, ConfigError  # noqa: F401 - raised by compressors
+from ..tensors import flat_cpu, unflat
 
 METHODS = ("none", "fp16", "bf16", "int8", "powersgd", "topk")
 CODECS = ("f32", "f16", "bf16", "int8")
-
-
-class Comm(Protocol):
-    world_size: int
-
-    def allreduce(self, buf: torch.Tensor, codec: str = "f32") -> torch.Tensor: ...
-
-    def allgather(self, blob: bytes) -> list[bytes]: ...
-
-
-class FnComm:
-    """A Comm around a plain `allreduce(buf) -> sum` callable (float32 only). With one
-    worker, allgather is the identity; with more it is not available."""
-
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], world_size: int = 1):
-        self.fn, self.world_size = fn, world_size
-
-    def allreduce(self, buf: torch.Tensor, codec: str = "f32") -> torch.Tensor:
-        if codec != "f32" and self.world_size == 1:
-            from .fake import encode
-            return encode(buf, codec)
-        if codec != "f32":
-            raise ValueError(f"this all-reduce callable only takes float32, not {codec}")
-        return self.fn(buf)
-
-    def allgather(self, blob: bytes) -> list[bytes]:
-        if self.world_size != 1:
-            raise ValueError("this communicator has no allgather")
-        return [bytes(blob)]
-
-
-def as_comm(x, world_size: int) -> Comm:
-    return x if hasattr(x, "allgather") else FnComm(x, world_size)
-
-
-class ConfigError(Exception):
-    """A config value the worker cannot use; sent as `error` with kind `config`."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field, self.message = field, message
 
 
 @dataclass
@@ -90,20 +46,6 @@ def finite(t: torch.Tensor) -> bool:
 
 def local_nonfinite(names: Sequence[str], grads: Sequence[torch.Tensor]) -> list[str]:
     return [n for n, g in zip(names, grads) if not finite(g)]
-
-
-def flat_cpu(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    if not tensors:
-        return torch.zeros(0, dtype=torch.float32)
-    return torch.cat([t.detach().reshape(-1).to("cpu", torch.float32) for t in tensors])
-
-
-def unflat(buf: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    out, at = [], 0
-    for t in like:
-        out.append(buf[at:at + t.numel()].view(t.shape).to(t.device))
-        at += t.numel()
-    return out
 
 
 def dense_allreduce(comm: Comm, names, grads, codec: str, poison: bool) -> Reduced:

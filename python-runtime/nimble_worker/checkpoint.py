@@ -1,0 +1,122 @@
+"""Checkpoints and state hand-offs, composed of the replica's, the strategy's and the
+compressor's state.
+
+A checkpoint is a step folder of named files (docs/protocol.md, "Checkpoint files"):
+the replica's model.pt, optimizer.pt, schedule.pt and data.json; rng.pt; meta.json; the
+compressor's compressor.pt (per worker: its error-feedback memories are this rank's);
+and strategy.pt, only for a strategy that has state of its own. Checkpoints without
+compressor.pt or strategy.pt (older ones) load with fresh state for those parts.
+
+A state blob is what a replica joining mid-run takes from a peer over one all-gather:
+the same parts in one torch.save, without the per-worker memories.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from . import safetensors
+from .replica import Replica
+from .strategies import Strategy
+from .tensors import load_bytes, save_bytes
+
+REPLICA_FILES = {"model.pt": "model", "optimizer.pt": "optimizer", "schedule.pt": "schedule"}
+REQUIRED_FILES = (*REPLICA_FILES, "data.json", "rng.pt", "meta.json")
+OPTIONAL_FILES = ("compressor.pt", "strategy.pt")
+KINDS = ("checkpoint", "final", "compressor")
+
+
+def compressor_file(replica: Replica, strategy: Strategy) -> tuple[str, bytes]:
+    state = strategy.compressor.state_dict() if strategy.compressor is not None else {}
+    return ("compressor.pt", save_bytes({"rank": replica.rank, "world_size": replica.world_size,
+                                         "method": replica.cfg.compression.method,
+                                         "state": state}))
+
+
+def state_files(replica: Replica, strategy: Strategy, kind: str) -> list[tuple[str, bytes]]:
+    """The files of `kind`: checkpoint, final (model.safetensors) or compressor (only
+    compressor.pt: the rest of a checkpoint is the same on every worker)."""
+    if kind == "final":
+        tensors = {k: v for k, v in replica.model.state_dict().items()
+                   if v.dtype in safetensors.DTYPES}
+        meta = {"step": str(replica.next_step), "name": replica.cfg.name,
+                "model": replica.describe()["model"]}
+        return [("model.safetensors", safetensors.dumps(tensors, meta))]
+    if kind == "compressor":
+        return [compressor_file(replica, strategy)]
+    if kind != "checkpoint":
+        raise ValueError(f"unknown state kind {kind!r} (one of {', '.join(KINDS)})")
+    state = replica.state_dict()
+    rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if replica.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(replica.device)
+    meta = {"step": replica.next_step, "world_size": replica.world_size,
+            "config": asdict(replica.cfg)}
+    files = [(name, save_bytes(state[key])) for name, key in REPLICA_FILES.items()]
+    files += [("data.json", json.dumps({"step": replica.next_step}).encode()),
+              ("rng.pt", save_bytes(rng)),
+              ("meta.json", json.dumps(meta).encode()),
+              compressor_file(replica, strategy)]
+    own = strategy.state_dict()
+    if own:
+        files.append(("strategy.pt", save_bytes({"name": strategy.name, "state": own})))
+    return files
+
+
+def load_checkpoint(replica: Replica, strategy: Strategy, files: dict[str, bytes]) -> int:
+    """Restore a checkpoint's files; returns the next step. Drops any prepared round."""
+    missing = [f for f in REQUIRED_FILES if f not in files]
+    if missing:
+        raise ValueError(f"checkpoint is missing {', '.join(missing)}")
+    strategy.abort()
+    state = {key: load_bytes(files[name], replica.device) for name, key in REPLICA_FILES.items()}
+    state["next_step"] = int(json.loads(files["data.json"])["step"])
+    replica.load_state_dict(state)
+    if "compressor.pt" in files and strategy.compressor is not None:
+        # Error-feedback memories are per worker; the coordinator checkpoints one
+        # rank, so only that rank (in a run of the same size) gets its memories back.
+        c = load_bytes(files["compressor.pt"])
+        if c.get("method") == replica.cfg.compression.method:
+            same = c.get("rank") == replica.rank and c.get("world_size") == replica.world_size
+            strategy.compressor.load_state_dict(c["state"], same)
+    if "strategy.pt" in files:
+        saved = load_bytes(files["strategy.pt"], replica.device)
+        if saved.get("name") == strategy.name:
+            strategy.load_state_dict(saved["state"])
+        else:  # a run resumed under another strategy keeps the replica, not the strategy
+            print(f"nimble_worker: the checkpoint's strategy state is {saved.get('name')!r}'s; "
+                  f"{strategy.name} starts its own afresh", file=sys.stderr, flush=True)
+    rng = load_bytes(files["rng.pt"])
+    torch.set_rng_state(rng["torch"].cpu())
+    random.setstate(_to_tuple(rng["python"]))
+    if "cuda" in rng and replica.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"].cpu(), replica.device)
+    return replica.next_step
+
+
+def state_blob(replica: Replica, strategy: Strategy) -> bytes:
+    """Everything a replica joining mid-run needs to continue exactly like this one:
+    the replica's state, the strategy's, and the compressor's shared state (a joiner's
+    error-feedback memory starts empty: it has not dropped anything yet)."""
+    blob = {**replica.state_dict(), "strategy": strategy.state_dict(),
+            "compressor": strategy.compressor.state_dict() if strategy.compressor else {}}
+    return save_bytes(blob)
+
+
+def load_state_blob(replica: Replica, strategy: Strategy, blob: bytes) -> None:
+    state = load_bytes(blob, replica.device)
+    strategy.abort()
+    replica.load_state_dict(state)
+    strategy.load_state_dict(state.get("strategy") or {})
+    if strategy.compressor is not None:
+        strategy.compressor.load_state_dict(state["compressor"], same_worker=False)
+
+
+def _to_tuple(x: Any) -> Any:
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x

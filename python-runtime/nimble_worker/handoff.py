@@ -1,0 +1,33 @@
+"""Replicas made equal over the ring: at the start (weights) and when a member joins
+(the whole training state)."""
+
+from __future__ import annotations
+
+from .checkpoint import load_state_blob, state_blob
+from .comm import Comm
+from .replica import Replica
+from .strategies import Strategy
+from .tensors import flat_cpu
+
+
+def sync_params(replica: Replica, comm: Comm, source: int = 0) -> str:
+    """Everyone ends with rank `source`'s parameters (one all-reduce of source-or-zeros).
+    Returns the parameter hash."""
+    buf = flat_cpu(replica.params)
+    if replica.rank != source:
+        buf.zero_()
+    replica.load_params(comm.allreduce(buf))
+    return replica.hash()
+
+
+def sync_state(replica: Replica, strategy: Strategy, comm: Comm, source: int) -> str:
+    """Every ring member ends with rank `source`'s whole training state: it contributes
+    its state blob to one all-gather, the others an empty one. Returns the hash."""
+    mine = state_blob(replica, strategy) if replica.rank == source else b""
+    blobs = [b for b in comm.allgather(mine) if len(b) > 0]
+    if len(blobs) != 1:
+        raise RuntimeError(f"sync_state: expected one state blob (from rank {source}), "
+                           f"got {len(blobs)}")
+    if replica.rank != source:
+        load_state_blob(replica, strategy, bytes(blobs[0]))
+    return replica.hash()

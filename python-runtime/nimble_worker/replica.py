@@ -1,0 +1,196 @@
+"""The Replica: one copy of the model being trained, and what every strategy does with it.
+
+It holds the model, the optimizer and its schedule, and the task's data in the global
+sample order (`data.GlobalSampler`: a step's samples depend only on seed, step and batch
+size). It computes the gradient of a share of a step (in micro-batches, halving them
+when the device runs out of memory), applies an update, evaluates and hashes. It never
+talks to other workers: strategies (`strategies/`) decide what crosses the network.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+import torch
+
+from .aids import SpeedAid
+from .config import JobConfig
+from .data import GlobalSampler, collate, derive_seed
+from .optim import build_optimizer, build_scheduler
+from .task import Task
+from .tensors import params_hash, to_device, unflat
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA raises torch.OutOfMemoryError; MPS and some allocators a RuntimeError."""
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    seen: BaseException | None = err
+    while seen is not None:  # also when raised inside the task (wrapped in a TaskError)
+        if isinstance(seen, oom) or (type(seen) is RuntimeError and "out of memory" in str(seen)):
+            return True
+        seen = seen.__cause__
+    return False
+
+
+def check_max_micro_batch(value) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"max_micro_batch must be a positive integer, got {value!r}")
+    return value
+
+
+class Replica:
+    def __init__(self, cfg: JobConfig, task: Task, rank: int, world_size: int, device: str,
+                 max_micro_batch: int | None = None, speed: float = 1.0):
+        self.cfg, self.task, self.rank, self.world_size = cfg, task, rank, world_size
+        self.device = torch.device(device)
+        self.max_micro_batch = check_max_micro_batch(max_micro_batch)
+        """Largest micro-batch run at once (None: the whole share); lowered on out-of-memory."""
+        self.memory_caps: list[tuple[int, int]] = []
+        """(step, new cap) each time running out of device memory lowered max_micro_batch."""
+        self.micro_batches = 0
+        """Forward/backward passes of the last `grads` call."""
+        self.speed = SpeedAid(speed, self.device)
+        self.train_ds = task.build_dataset("train")
+        self.val_ds = task.build_dataset("val")
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.model = task.build_model().to(self.device)
+        self.model.train()
+        self.params = list(self.model.parameters())
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.trainable = [p for _, p in named]
+        self.names = [n for n, _ in named]
+        self.optimizer = build_optimizer(cfg, self.trainable)
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.sampler = GlobalSampler(len(self.train_ds), cfg.batch_size, cfg.seed)
+        self.next_step = 0
+        """The next step to run (steps applied so far): also the data position."""
+
+    # ---- description -------------------------------------------------------------
+    def describe(self) -> dict:
+        n = sum(p.numel() for p in self.params)
+        return {
+            "params": n,
+            "param_bytes": sum(p.numel() * p.element_size() for p in self.params),
+            "model": f"{type(self.model).__name__} ({n:,} parameters)",
+            "train_size": len(self.train_ds),
+            "val_size": len(self.val_ds),
+        }
+
+    def hash(self) -> str:
+        return params_hash(self.params)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    @property
+    def dense_count(self) -> int:
+        """float32 elements of one uncompressed all-reduce of the whole gradient."""
+        return sum(p.numel() for p in self.trainable)
+
+    def named_shapes(self) -> list[tuple[str, torch.Size]]:
+        return [(n, p.shape) for n, p in zip(self.names, self.trainable)]
+
+    # ---- gradients ---------------------------------------------------------------
+    def grads(self, t: int, shares: Sequence[int]) -> tuple[float, list[torch.Tensor]]:
+        """Forward/backward over this worker's share of step t (one share per rank the job
+        has had, ranks that joined later included). Returns the unscaled mean loss and one
+        float32 gradient per trainable parameter, scaled by share / batch_size: summed over
+        workers they are the gradient of the mean loss over the global batch. A share of 0
+        gives zero gradients. The speed aid's sleep is part of it."""
+        self.speed.start()
+        if len(shares) <= self.rank:
+            raise ValueError(f"got {len(shares)} shares, none for rank {self.rank}")
+        indices = self.sampler.indices(t, shares, self.rank)  # also validates shares
+        torch.manual_seed(derive_seed("step", self.cfg.seed, t, self.rank))
+        self.model.train()
+        size = len(indices)
+        while True:
+            micro = min(self.max_micro_batch or size, size) or 1
+            try:
+                loss_value = self._accumulate(indices, micro)
+                break
+            except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
+                if not is_out_of_memory(err) or micro <= 1:
+                    raise
+            # Out of device memory: the share is redone in micro-batches half the size (the
+            # accumulated gradient is the same) and the cap kept for the rest of the job.
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.max_micro_batch = micro // 2
+            self.memory_caps.append((t, self.max_micro_batch))
+            torch.manual_seed(derive_seed("step", self.cfg.seed, t, self.rank))
+        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).detach()
+                 .to(torch.float32) for p in self.trainable]
+        self.speed.stretch()
+        return loss_value, grads
+
+    def _accumulate(self, indices: Sequence[int], micro: int) -> float:
+        """Forward/backward over `indices` in micro-batches of at most `micro`: each loss
+        scaled by its size / batch_size, gradients accumulating. Returns the mean loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_value = 0.0
+        self.micro_batches = 0
+        for start in range(0, len(indices), micro):
+            chunk = indices[start:start + micro]
+            batch = to_device(collate(self.train_ds, chunk), self.device)
+            loss = self.task.compute_loss(self.model, batch)
+            (loss * (len(chunk) / self.cfg.batch_size)).backward()
+            loss_value += float(loss.detach()) * len(chunk)
+            self.micro_batches += 1
+        return loss_value / len(indices) if len(indices) else 0.0
+
+    # ---- updates -----------------------------------------------------------------
+    def apply(self, step: int, grads: Sequence[torch.Tensor] | None) -> None:
+        """Finish step `step`: an optimizer step with `grads` (None: a skipped step, no
+        update), then the schedule's step; `next_step` becomes step + 1."""
+        if grads is not None:
+            for p, g in zip(self.trainable, grads):
+                p.grad = g.to(p.device, p.dtype).view(p.shape)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.next_step = step + 1
+
+    def drop_grads(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def load_params(self, summed: torch.Tensor) -> None:
+        """Overwrite every parameter from one flat float32 buffer (model.parameters() order)."""
+        with torch.no_grad():
+            for p, chunk in zip(self.params, unflat(summed, self.params)):
+                p.copy_(chunk)
+
+    # ---- evaluation --------------------------------------------------------------
+    def eval(self, start: int, count: int, batch_size: int) -> tuple[int, dict[str, float]]:
+        """Sums of the task's metrics (x batch length) over validation items start ..
+        start+count-1 (clipped to the split); returns (items evaluated, sums)."""
+        end = min(start + max(0, count), len(self.val_ds))
+        batch_size = max(1, batch_size)
+        sums: dict[str, float] = {}
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for b in range(start, end, batch_size):
+                    idx = range(b, min(b + batch_size, end))
+                    batch = to_device(collate(self.val_ds, idx), self.device)
+                    for k, v in self.task.evaluate(self.model, batch).items():
+                        sums[k] = sums.get(k, 0.0) + v * len(idx)
+        finally:
+            self.model.train()
+        return max(0, end - start), sums
+
+    # ---- state -------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What makes another replica continue exactly like this one."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "schedule": self.scheduler.state_dict(), "next_step": self.next_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["schedule"])
+        self.next_step = int(state["next_step"])

@@ -1,0 +1,19 @@
+"""Training strategies, chosen by the config key `strategy: {name: ...}` (default sync)."""
+
+from __future__ import annotations
+
+from ..comm import TimedComm
+from ..config import ConfigError, JobConfig
+from ..replica import Replica
+from .base import Strategy
+from .sync import Sync
+
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Sync,)}
+
+
+def build_strategy(cfg: JobConfig, replica: Replica, comm: TimedComm) -> Strategy:
+    kind = STRATEGIES.get(cfg.strategy.name)
+    if kind is None:
+        raise ConfigError("strategy.name", f"strategy.name {cfg.strategy.name!r} is not one of "
+                                           f"{', '.join(STRATEGIES)}")
+    return kind(cfg, replica, comm)

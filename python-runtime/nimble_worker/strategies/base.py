@@ -1,0 +1,60 @@
+"""The worker side of a training strategy: what one round is, and its two-phase end.
+
+A round is planned by the coordinator and arrives as an order (a worker-link header, e.g.
+`step`). The strategy runs it up to the point where everything that needs the other
+workers is done, and reports; the coordinator then decides: `commit` (apply the round:
+every replica does) or `abort` (drop it: every replica does). So an update lands on
+every replica or on none, even when a member is lost mid-round.
+
+A new strategy is one file in this folder, registered in `__init__.py`, plus its
+operations in the worker-link schema (src/protocol/workerOps.ts).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from ..comm import TimedComm
+from ..compress import Compressor
+from ..config import JobConfig
+from ..replica import Replica
+
+
+class Strategy:
+    name: ClassVar[str] = ""
+    """The config's `strategy.name`."""
+    orders: ClassVar[dict[str, str]] = {}
+    """Worker-link orders this strategy runs with `prepare`, each with the reply op that
+    carries the report (for sync: `step` -> `step_done`)."""
+
+    def __init__(self, cfg: JobConfig, replica: Replica, comm: TimedComm):
+        self.cfg, self.replica, self.comm = cfg, replica, comm
+        self.compressor: Compressor | None = None
+        """What carries this strategy's tensors, when it compresses them; its state is
+        checkpointed apart (compressor.pt) because part of it is per worker."""
+
+    @property
+    def pending(self) -> int | None:
+        """The step of the prepared round awaiting commit or abort, or None."""
+        raise NotImplementedError
+
+    def prepare(self, order: dict) -> dict:
+        """Run the round that `order` asks for up to its decision; return the report. A
+        collective raising StepAborted abandons the round: it must leave no trace."""
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        """Apply the prepared round (nothing when none is pending)."""
+        raise NotImplementedError
+
+    def abort(self) -> int | None:
+        """Drop the prepared round; its step, or None when none was pending."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """State of this strategy that every replica shares (e.g. outer parameters and
+        the outer optimizer), beyond the replica's own; empty when it has none."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned (from a checkpoint or a peer)."""

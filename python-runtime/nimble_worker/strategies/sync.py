@@ -1,0 +1,100 @@
+"""`sync`: synchronous data parallelism. One round is one optimizer step of the global
+batch: every worker computes the gradient of its share, the compressor sums them over
+the workers, and the update is applied on commit (docs/protocol.md, "Two-phase steps")."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Sequence
+
+import torch
+
+from ..compress import Reduced, build_compressor
+from .base import Strategy
+
+
+class Sync(Strategy):
+    name = "sync"
+    orders = {"step": "step_done"}
+
+    def __init__(self, cfg, replica, comm):
+        super().__init__(cfg, replica, comm)
+        self.compressor = build_compressor(cfg.compression, comm, replica.named_shapes())
+        # The prepared step: (step, its reduced gradient, the compressor's mark from before it)
+        self._pending: tuple[int, Reduced, Any] | None = None
+        self.commit_s = 0.0
+        """Seconds the last commit took (reported with the next step's compute)."""
+
+    @property
+    def pending(self) -> int | None:
+        return None if self._pending is None else self._pending[0]
+
+    def prepare(self, order: dict) -> dict:
+        return self.prepare_step(int(order["step"]), [int(s) for s in order["shares"]],
+                                 bool(order.get("want_hash")))
+
+    def prepare_step(self, t: int, shares: Sequence[int], want_hash: bool = False) -> dict:
+        """Step t up to its reduced gradient. Every worker joins the same collectives, even
+        with share 0 or a bad loss. A non-finite gradient (or loss) anywhere skips the
+        update on every worker: no optimizer step and no compressor state change, but the
+        schedule and the step counter advance, and the report says `skipped`. With
+        `want_hash`, `hash` is of the parameters before this step's update."""
+        if self._pending is not None:
+            raise RuntimeError(f"step {self._pending[0]} is neither committed nor aborted")
+        replica, compressor = self.replica, self.compressor
+        assert compressor is not None
+        hash_before = replica.hash() if want_hash else None
+        lr = replica.lr
+        t0 = time.perf_counter()
+        loss_value, grads = replica.grads(t, shares)
+        # Forward/backward alone (what a share costs): the rest of compute_s (compression,
+        # the optimizer) is about the same whatever the share, so it does not guide shares.
+        t1 = time.perf_counter()
+        self.comm.seconds = 0.0
+        bad_loss = not math.isfinite(loss_value)
+        mark = compressor.mark()
+        try:
+            res = compressor.reduce(t, replica.names, grads,
+                                    shares[replica.rank] / self.cfg.batch_size, poison=bad_loss)
+        except BaseException:
+            compressor.rollback(mark)
+            replica.drop_grads()
+            raise
+        self._pending = (t, res, mark)
+        if replica.device.type == "cuda":
+            torch.cuda.synchronize(replica.device)
+        t3 = time.perf_counter()
+        comm_s = self.comm.seconds
+        # The previous step's commit ran just before this one: its optimizer work counts here.
+        commit_s, self.commit_s = self.commit_s, 0.0
+        out = {"step": t, "loss": 0.0 if bad_loss else loss_value,
+               "samples": int(shares[replica.rank]), "micro_batches": replica.micro_batches,
+               "max_micro_batch": replica.max_micro_batch, "lr": lr,
+               "compute_s": max(0.0, (t3 - t0) - comm_s) + commit_s, "comm_s": comm_s,
+               "forward_backward_s": t1 - t0, "dense_count": replica.dense_count,
+               "skipped": res.skipped}
+        if res.skipped:
+            out["nonfinite"] = (["loss"] if bad_loss else []) + res.nonfinite
+        if hash_before is not None:
+            out["hash"] = hash_before
+        return out
+
+    def commit(self) -> None:
+        if self._pending is None:
+            return
+        t0 = time.perf_counter()
+        t, res, _ = self._pending
+        self._pending = None
+        self.replica.apply(t, res.grads)
+        self.commit_s += time.perf_counter() - t0
+
+    def abort(self) -> int | None:
+        if self._pending is None:
+            return None
+        t, _, mark = self._pending
+        self._pending = None
+        assert self.compressor is not None
+        self.compressor.rollback(mark)  # its memories and Q's moved on during the reduce
+        self.replica.drop_grads()
+        return t
