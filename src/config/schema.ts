@@ -107,6 +107,16 @@ export const compressionSchema = z.discriminatedUnion("method", [
     .strict(),
 ]);
 
+export const STRATEGY_NAMES = ["sync"] as const;
+
+/**
+ * The training strategy: what one round is and what crosses the network
+ * (src/strategy/ on the coordinator, python-runtime/nimble_worker/strategies/ on workers).
+ * `sync`: one optimizer step of the global batch per round, its gradient all-reduced
+ * through `compression`. A new strategy adds its option here, with its own keys.
+ */
+export const strategySchema = z.discriminatedUnion("name", [z.object({ name: z.literal("sync") }).strict()]);
+
 export const providerSchema = z
   .object({
     address: z.string().regex(ADDRESS_PATTERN),
@@ -127,6 +137,7 @@ export const jobConfigSchema = z
     optimizer: defaultName("sgd", optimizerSchema.default({ name: "sgd" })),
     lr_schedule: defaultName("constant", lrScheduleSchema.default({ name: "constant" })),
     compression: defaultName("powersgd", compressionSchema.default({ method: "powersgd" }), "method"),
+    strategy: defaultName("sync", strategySchema.default({ name: "sync" })),
     /** How each step's batch is split: by measured worker speed (default) or equally. */
     balance: z.enum(["measured", "equal"]).default("measured"),
     /**
@@ -180,6 +191,7 @@ export type JobConfig = z.output<typeof jobConfigSchema>;
 export type OptimizerConfig = JobConfig["optimizer"];
 export type CompressionConfig = JobConfig["compression"];
 export type LrScheduleConfig = JobConfig["lr_schedule"];
+export type StrategyConfig = JobConfig["strategy"];
 export type ProviderConfig = JobConfig["providers"][number];
 
 export interface RawIssue {
@@ -326,7 +338,10 @@ export function describeSchema(schema: z.ZodTypeAny | undefined): string | undef
   if (schema instanceof z.ZodBoolean) return "true or false";
   if (schema instanceof z.ZodLiteral) return JSON.stringify(schema.value);
   if (schema instanceof z.ZodDiscriminatedUnion) {
-    return `one of ${[...schema.optionsMap.keys()].map(String).join(" | ")}`;
+    // What a whole section takes (its discriminator alone is described by the loader).
+    const options = [...schema.optionsMap.keys()].map(String);
+    const key = schema.discriminator;
+    return `a mapping with ${key}: one of ${options.join(" | ")} (e.g. {${key}: ${options[0]}})`;
   }
   if (schema instanceof z.ZodTuple) {
     const items = schema.items as z.ZodTypeAny[];

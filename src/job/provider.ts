@@ -25,7 +25,7 @@ import {
 } from "../protocol/messages.js";
 import type { PythonEnv } from "../runtime/python.js";
 import { WorkerProcess } from "../runtime/worker.js";
-import { parseWorkerMessage, type FromWorker } from "../runtime/workerMessages.js";
+import { parseFromWorker, type FromWorker } from "../protocol/workerOps.js";
 
 /**
  * What one local worker is doing. starting/restarting: its process loads the task and model
@@ -655,7 +655,7 @@ class ProviderJob {
     worker.on("message", (m) => {
       let message: FromWorker;
       try {
-        message = parseWorkerMessage(m, label);
+        message = parseFromWorker(m, label);
       } catch (err) {
         this.fail(errorMessage(err), "internal", local.rank);
         return;

@@ -2,6 +2,7 @@ import { EventEmitter } from "node:events";
 import type { Socket } from "node:net";
 import { execa } from "execa";
 import { ProtocolError, errorMessage } from "../errors.js";
+import type { ToWorker } from "../protocol/workerOps.js";
 import { forEachLine } from "./lines.js";
 import { PACKAGE_ROOT, PYTHON_RUNTIME_DIR } from "./paths.js";
 import { encodeWorkerFrame, WorkerFrameDecoder, type WorkerMessage } from "./workerLink.js";
@@ -81,9 +82,10 @@ export class WorkerProcess extends EventEmitter<{ message: [WorkerMessage]; exit
     return this.child.pid;
   }
 
-  send(header: Record<string, unknown> & { op: string }, payload?: Uint8Array): void {
+  /** One order (src/protocol/workerOps.ts); `payload` for those that carry bytes. */
+  send(order: ToWorker, payload?: Uint8Array): void {
     if (this.exited || this.link.destroyed) return;
-    for (const part of encodeWorkerFrame(header, payload)) this.link.write(part);
+    for (const part of encodeWorkerFrame(order, payload)) this.link.write(part);
   }
 
   /** Ask the worker to finish; kill its process group if it has not exited after graceMs. */

@@ -51,6 +51,7 @@ describe("parseConfigText", () => {
       optimizer: { name: "sgd", lr: 0.01, momentum: 0, nesterov: false, weight_decay: 0 },
       lr_schedule: { name: "constant" },
       compression: { method: "powersgd", rank: 4, start_step: 10, min_compression_rate: 2, error_feedback: true, warm_start: true, seed: 0 },
+      strategy: { name: "sync" },
       balance: "measured",
       leave_out_slow: true,
       faults: { heartbeat_s: 10, min_workers: 1, max_restarts: 3, wait_s: 300 },
@@ -136,7 +137,7 @@ providers:
     expect(issues[0]).toMatchObject({ line: 5, col: 1, field: "stpes" });
     expect(issues[0]!.message).toContain('unknown key "stpes"');
     expect(issues[0]!.message).toContain(
-      "allowed keys: name, task, task_args, steps, batch_size, seed, optimizer, lr_schedule, compression, balance, leave_out_slow, eval, checkpoint, faults, providers, local_workers, output",
+      "allowed keys: name, task, task_args, steps, batch_size, seed, optimizer, lr_schedule, compression, strategy, balance, leave_out_slow, eval, checkpoint, faults, providers, local_workers, output",
     );
   });
 
@@ -351,5 +352,44 @@ describe("compression section", () => {
     }
     expect(message).toContain(`${file}:7:9: compression.rank: expected an integer >= 1`);
     expect(message).toMatch(new RegExp(`${file}:8:\\d+: compression.ratio: unknown key "ratio"`));
+  });
+});
+
+describe("strategy section", () => {
+  const file = "/tmp/nimble-strategy-test/nimble.yaml";
+  const body = (section: string) => `name: s\ntask: ${__filename}\nsteps: 10\nbatch_size: 8\n${section}`;
+  const messageOf = (text: string) => {
+    try {
+      parseConfigText(text, file);
+    } catch (err) {
+      return (err as Error).message;
+    }
+    return "";
+  };
+
+  it("defaults to sync, also when the section is empty or leaves out its name", () => {
+    expect(parseConfigText(body(""), file).config.strategy).toEqual({ name: "sync" });
+    expect(parseConfigText(body("strategy:\n"), file).config.strategy).toEqual({ name: "sync" });
+    expect(parseConfigText(body("strategy: {}\n"), file).config.strategy).toEqual({ name: "sync" });
+    expect(parseConfigText(body("strategy: {name: sync}\n"), file).config.strategy).toEqual({ name: "sync" });
+  });
+
+  it("names an unknown strategy with its line and the known ones", () => {
+    expect(messageOf(body("seed: 1\nstrategy:\n  name: gossip\n"))).toContain(
+      `${file}:7:9: strategy.name: expected one of sync, found "gossip"`,
+    );
+    // A bare name is not a section: the message shows the form that is.
+    expect(messageOf(body("strategy: sync\n"))).toContain(
+      `${file}:5:11: strategy: expected a mapping with name: one of sync (e.g. {name: sync}), found "sync" (a string)`,
+    );
+    expect(messageOf(body("optimizer: adam\n"))).toContain(
+      `optimizer: expected a mapping with name: one of sgd | adam | adamw (e.g. {name: sgd}), found "adam" (a string)`,
+    );
+  });
+
+  it("rejects keys the chosen strategy does not have, with their line", () => {
+    expect(messageOf(body("strategy:\n  name: sync\n  inner_steps: 50\n"))).toContain(
+      `${file}:7:3: strategy.inner_steps: unknown key "inner_steps" in strategy (name: sync); allowed keys: name`,
+    );
   });
 });
