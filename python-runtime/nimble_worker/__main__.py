@@ -34,9 +34,6 @@ Reply = Optional[tuple[dict, bytes]]
 class Op:
     handle: Callable[["Worker", dict, bytearray], Reply]
     """Serves one order; returns the reply (header, payload), or None for no reply."""
-    commits: bool = False
-    """The coordinator sends this order only once every member has reported the prepared
-    round, so that round is committed first (docs/protocol.md, "Two-phase steps")."""
 
 
 class Worker:
@@ -68,8 +65,9 @@ class Worker:
             op = SHARED_OPS.get(h["op"]) or (ROUND if h["op"] in self.strategy.orders else None)
             if op is None:
                 raise LinkError(f"unexpected op {h['op']!r}")
-            if op.commits:
-                self.strategy.commit()
+            decision = h.get("decision")
+            if decision is not None:  # the last round's decision rides on this order
+                self.apply(decision)
             reply = op.handle(self, h, payload)
             if reply is not None:
                 self.link.send(*reply)
@@ -85,6 +83,22 @@ class Worker:
                                 speed=1.0 if h.get("speed") is None else h["speed"])
         self._strategy = build_strategy(cfg, self._replica, TimedComm(self.comm))
         self.link.send({"op": "ready", **self._replica.describe()})
+
+    def apply(self, decision) -> None:
+        """The one place a round's decision is applied (docs/protocol.md, "Two-phase rounds")."""
+        if not isinstance(decision, dict) or not isinstance(decision.get("step"), int):
+            raise LinkError(f"bad decision {decision!r}")
+        self.strategy.decide(decision["step"], decision.get("verdict"))
+
+    def require_decided(self, op: str) -> None:
+        """Orders that read the replica come after its round's decision: a coordinator that
+        forgot to send one would otherwise evaluate or save an undecided state."""
+        if self.strategy.pending is not None:
+            raise LinkError(f"{op} while step {self.strategy.pending} awaits its decision")
+
+    def decided(self, step: int, verdict: str) -> tuple[dict, bytes]:
+        return {"op": "decided", "step": step, "verdict": verdict,
+                "next_step": self.replica.next_step, "hash": self.replica.hash()}, b""
 
     # ---- the orders every strategy shares (SHARED_OPS) ------------------------------
     def set_speed(self, h: dict, _: bytearray = bytearray()) -> Reply:
@@ -110,22 +124,22 @@ class Worker:
 
     def sync_state(self, h: dict, _: bytearray) -> Reply:
         # A member joined: every member takes rank `source`'s whole training state.
+        self.require_decided("sync_state")
         digest = sync_state(self.replica, self.strategy, self.comm, int(h["source"]))
         return {"op": "synced_state", "step": self.replica.next_step, "hash": digest}, b""
 
-    def abort(self, h: dict, _: bytearray) -> Reply:
-        # The coordinator abandons the round this worker already reduced (others had not).
-        dropped = self.strategy.abort()
-        return {"op": "aborted", "step": self.replica.next_step if dropped is None else dropped}, b""
-
-    def commit(self, h: dict, _: bytearray) -> Reply:
-        return {"op": "committed", "step": self.replica.next_step, "hash": self.replica.hash()}, b""
+    def decide(self, h: dict, _: bytearray) -> Reply:
+        # A decision alone: at the end of a job, before recovery, or an abort mid-round.
+        self.apply(h)
+        return self.decided(int(h["step"]), h["verdict"])
 
     def eval(self, h: dict, _: bytearray) -> Reply:
+        self.require_decided("eval")
         count, sums = self.replica.eval(int(h["start"]), int(h["count"]), int(h["batch_size"]))
         return {"op": "eval_done", "step": h["step"], "count": count, "sums": sums}, b""
 
     def state(self, h: dict, _: bytearray) -> Reply:
+        self.require_decided("state")
         files = state_files(self.replica, self.strategy, h["kind"])
         return ({"op": "state", "kind": h["kind"], "step": self.replica.next_step,
                  "files": [{"name": n, "size": len(b)} for n, b in files]},
@@ -140,8 +154,8 @@ class Worker:
         self.comm.attempt = int(h.get("attempt") or 0)
         try:
             report = self.strategy.prepare(h)
-        except StepAborted:  # an `abort` arrived instead of a collective's result
-            return {"op": "aborted", "step": int(h["step"])}, b""
+        except StepAborted:  # an abort decision arrived instead of a collective's result
+            return self.decided(int(h["step"]), "abort")
         return {"op": self.strategy.orders[h["op"]], **report}, b""
 
 
@@ -149,15 +163,14 @@ SHARED_OPS: dict[str, Op] = {
     "stop": Op(Worker.stop),
     "set_speed": Op(Worker.set_speed),
     "ring": Op(Worker.ring),
-    "sync": Op(Worker.sync, commits=True),
-    "sync_state": Op(Worker.sync_state, commits=True),
-    "abort": Op(Worker.abort),
-    "commit": Op(Worker.commit, commits=True),
-    "eval": Op(Worker.eval, commits=True),
-    "state": Op(Worker.state, commits=True),
+    "sync": Op(Worker.sync),
+    "sync_state": Op(Worker.sync_state),
+    "decide": Op(Worker.decide),
+    "eval": Op(Worker.eval),
+    "state": Op(Worker.state),
     "load_state": Op(Worker.load_state),
 }
-ROUND = Op(Worker.round, commits=True)
+ROUND = Op(Worker.round)
 
 
 def served_ops() -> dict[str, list[str]]:

@@ -95,7 +95,8 @@ class TimedComm:
 class LinkComm:
     """Collectives carried by the provider: each request goes out on the worker link and
     waits for its result (docs/protocol.md, "Worker link"). While it waits, `set_speed`
-    is handed to `on_set_speed`, `stop` raises Stop and `abort` raises StepAborted."""
+    is handed to `on_set_speed`, `stop` raises Stop and an abort decision (`decide` with
+    verdict `abort`) raises StepAborted."""
 
     def __init__(self, link: Link, world_size: int, on_set_speed: Callable[[dict], None]):
         self.link, self.world_size, self.on_set_speed = link, world_size, on_set_speed
@@ -111,8 +112,8 @@ class LinkComm:
             header, payload = self.link.recv()
         if header["op"] == "stop":
             raise Stop()
-        if header["op"] == "abort":  # a ring member was lost: this round is abandoned
-            raise StepAborted()
+        if header["op"] == "decide" and header.get("verdict") == "abort":
+            raise StepAborted()  # a ring member was lost: this round is abandoned
         if header["op"] != op or header.get("id") != rid:
             raise LinkError(f"expected {op} {rid}, got {header['op']} id={header.get('id')}")
         return header, payload

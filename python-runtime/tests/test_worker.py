@@ -36,11 +36,21 @@ class FakeProvider:
         self.sock = ours
         self.link = Link(ours)
         self.allreduces = []
+        self.undecided = None  # the step reported and not yet decided
+
+    # Orders that carry the last round's decision, as the coordinator sends them (protocol v2).
+    RIDES = ("step", "eval", "state", "sync_state")
 
     def request(self, header, payload=b""):
+        if self.undecided is not None and header["op"] in self.RIDES and "decision" not in header:
+            header = {**header, "decision": {"step": self.undecided, "verdict": "commit"}}
+        if "decision" in header or header["op"] == "decide":
+            self.undecided = None
         self.link.send(header, payload)
         while True:
             h, p = self.link.recv()
+            if h["op"] == "step_done":
+                self.undecided = h["step"]
             if h["op"] == "allgather":
                 assert len(p) == h["size"]
                 self.allreduces.append(h)
@@ -220,7 +230,8 @@ def test_micro_batches_and_set_speed_on_the_link(tiny_task, tmp_path):
     h, _ = w.request({"op": "step", "step": 0, "shares": [8], "want_hash": False})
     assert h["op"] == "step_done" and h["micro_batches"] == 3 and h["samples"] == 8
     # set_speed may also arrive while the worker waits for an allreduce_result
-    w.link.send({"op": "step", "step": 1, "shares": [8], "want_hash": False})
+    w.link.send({"op": "step", "step": 1, "shares": [8], "want_hash": False,
+                 "decision": {"step": 0, "verdict": "commit"}})
     ar, p = w.link.recv()
     assert ar["op"] == "allreduce"
     w.link.send({"op": "set_speed", "speed": 0.25})
@@ -230,4 +241,48 @@ def test_micro_batches_and_set_speed_on_the_link(tiny_task, tmp_path):
     assert h["op"] == "step_done" and h["step"] == 1
     h, _ = w.request({"op": "set_speed", "speed": 0})  # out of (0, 1]: internal error
     assert h["op"] == "error" and h["kind"] == "internal" and "speed" in h["message"]
+    assert w.proc.wait(timeout=30) == 3
+
+
+def test_decisions_ride_on_orders_and_an_abort_mid_round_drops_it(tiny_task, tmp_path):
+    """Protocol v2: each round ends with the coordinator's decision, on the next order or
+    alone (`decide`); the worker applies it on receipt, and only then reads its state."""
+    w = FakeProvider(tmp_path)
+    w.init(tiny_task, compression={"method": "none"})
+    w.request({"op": "sync"})
+    first = w.request({"op": "step", "step": 0, "shares": [8], "want_hash": True})[0]
+    # Round 1 starts; a member elsewhere is lost: the abort arrives instead of the result.
+    w.link.send({"op": "step", "step": 1, "shares": [8], "want_hash": True, "attempt": 1,
+                 "decision": {"step": 0, "verdict": "commit"}})
+    w.undecided = None
+    assert w.link.recv()[0]["op"] == "allreduce"
+    w.link.send({"op": "decide", "step": 1, "verdict": "abort"})
+    aborted, _ = w.link.recv()
+    assert aborted["op"] == "decided" and aborted["verdict"] == "abort"
+    assert aborted["step"] == 1 and aborted["next_step"] == 1  # step 0 applied, 1 dropped
+    assert aborted["hash"] != first["hash"]
+    # The redo is the same round, and a flushed commit reports the hash after it.
+    redo, _ = w.request({"op": "step", "step": 1, "shares": [8], "want_hash": True})
+    assert redo["op"] == "step_done" and redo["hash"] == aborted["hash"]
+    done, _ = w.request({"op": "decide", "step": 1, "verdict": "commit"})
+    assert (done["op"], done["next_step"]) == ("decided", 2) and done["hash"] != redo["hash"]
+    again, _ = w.request({"op": "decide", "step": 1, "verdict": "commit"})
+    assert again["hash"] == done["hash"] and again["next_step"] == 2  # a second flush: no-op
+    assert w.stop() == 0
+
+    # Reading the replica before its round is decided is a coordinator bug: refused loudly.
+    w = FakeProvider(tmp_path)
+    w.init(tiny_task, compression={"method": "none"})
+    w.request({"op": "step", "step": 0, "shares": [8], "want_hash": False})
+    h, _ = w.request({"op": "eval", "step": 0, "start": 0, "count": 4, "batch_size": 4,
+                      "decision": None})
+    assert h["op"] == "error" and "eval while step 0 awaits its decision" in h["message"]
+    assert w.proc.wait(timeout=30) == 3
+
+    # So is a decision for a round other than the one prepared.
+    w = FakeProvider(tmp_path)
+    w.init(tiny_task, compression={"method": "none"})
+    w.request({"op": "step", "step": 0, "shares": [8], "want_hash": False})
+    h, _ = w.request({"op": "decide", "step": 3, "verdict": "commit"})
+    assert h["op"] == "error" and "decision for step 3, but step 0 is the one prepared" in h["message"]
     assert w.proc.wait(timeout=30) == 3

@@ -2,7 +2,7 @@ import { existsSync } from "node:fs";
 import path from "node:path";
 import { loadConfig } from "../config/load.js";
 import { UserError, errorMessage } from "../errors.js";
-import { runTraining } from "../job/coordinator.js";
+import { runTraining } from "../job/coordinator/index.js";
 import { createReporter, verbosityFromFlags } from "../ui/reporter.js";
 import { RunLogReporter, TeeReporter } from "../ui/runLog.js";
 

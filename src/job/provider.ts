@@ -17,6 +17,7 @@ import {
   encodeMessage,
   MAX_CONTROL_BYTES,
   PROTOCOL_VERSION,
+  type Decision,
   type DeviceInfo,
   type LogLevel,
   type ProviderProfile,
@@ -254,6 +255,13 @@ export class Provider {
         clearTimeout(helloTimer);
         if (message.t !== "hello") {
           ws.close(4000, "expected hello");
+          return;
+        }
+        if (message.version !== PROTOCOL_VERSION) {
+          const reason = `protocol mismatch: the coordinator speaks protocol ${message.version}, this provider speaks ${PROTOCOL_VERSION} (run the same nimble version on both sides)`;
+          this.log(`rejected ${from}: ${reason}`, "warn");
+          send({ t: "reject", reason });
+          ws.close(4002, "protocol mismatch");
           return;
         }
         if (!tokensEqual(message.token, this.token)) {
@@ -929,11 +937,8 @@ class ProviderJob {
         if (m.attempt !== local.attempt) return;
         local.queue = local.queue.then(() => this.allGather(local, m.id, payload, m.attempt));
         return;
-      case "aborted":
-        this.send({ t: "step_aborted", rank: local.rank, step: m.step });
-        return;
-      case "committed":
-        this.send({ t: "committed", rank: local.rank, step: m.step, hash: m.hash });
+      case "decided":
+        this.send({ t: "decided", rank: local.rank, step: m.step, verdict: m.verdict, next_step: m.next_step, hash: m.hash });
         return;
       case "synced":
         void local.queue.then(() => {
@@ -1010,6 +1015,7 @@ class ProviderJob {
     local.worker.send({ op: "allreduce_result", id, dtype: "float32", count, codec }, new Uint8Array(data.buffer, data.byteOffset, data.byteLength));
   }
 
+  /** Orders carry the last round's decision to the worker unread (protocol v2). */
   handle(message: ToProvider) {
     switch (message.t) {
       case "sync":
@@ -1019,7 +1025,7 @@ class ProviderJob {
         this.reform(message.epoch, message.members, message.urls ?? []);
         return;
       case "sync_state":
-        for (const r of this.ranks) if (this.inRing(r)) r.worker?.send({ op: "sync_state", source: message.source });
+        for (const r of this.ranks) if (this.inRing(r)) r.worker?.send({ op: "sync_state", source: message.source, ...rides(message) });
         return;
       case "probe_links":
         void this.probeLinks(message.bytes);
@@ -1033,35 +1039,34 @@ class ProviderJob {
         for (const r of this.ranks) {
           if (!this.inRing(r)) continue;
           r.attempt += 1;
-          r.worker?.send({ op: "step", step: message.step, shares: message.shares, want_hash: message.want_hash, attempt: r.attempt });
+          r.worker?.send({ op: "step", step: message.step, shares: message.shares, want_hash: message.want_hash, attempt: r.attempt, ...rides(message) });
           this.setState(r, "training");
         }
         return;
-      case "abort":
-        // Every rank's step attempt ends: collectives in flight are dropped, the workers
-        // undo the step and answer `aborted`. The ring is re-formed next (`ring`).
-        this.uncountStep(message.step);
-        for (const r of this.ranks) {
-          if (!this.inRing(r)) continue;
-          r.attempt += 1;
-          r.ring?.abort(`step ${message.step} abandoned`);
-          r.queue = Promise.resolve();
-          r.worker?.send({ op: "abort", step: message.step });
+      case "decide":
+        if (message.verdict === "abort") {
+          // Every rank's step attempt ends: collectives in flight are dropped, the workers
+          // undo the step and answer `decided`. The ring is re-formed next (`ring`).
+          this.uncountStep(message.step);
+          for (const r of this.ranks) {
+            if (!this.inRing(r)) continue;
+            r.attempt += 1;
+            r.ring?.abort(`step ${message.step} abandoned`);
+            r.queue = Promise.resolve();
+          }
         }
-        return;
-      case "commit":
-        for (const r of this.ranks) if (this.inRing(r)) r.worker?.send({ op: "commit" });
+        for (const r of this.ranks) if (this.inRing(r)) r.worker?.send({ op: "decide", step: message.step, verdict: message.verdict });
         return;
       case "eval":
         for (const slice of message.slices) {
           const local = this.ranks.find((r) => r.rank === slice.rank);
-          local?.worker?.send({ op: "eval", step: message.step, start: slice.start, count: slice.count, batch_size: message.batch_size });
+          local?.worker?.send({ op: "eval", step: message.step, start: slice.start, count: slice.count, batch_size: message.batch_size, ...rides(message) });
         }
         return;
       case "state": {
         const local = this.ranks.find((r) => r.rank === message.rank);
         if (!local) return this.fail(`asked for the state of rank ${message.rank}, which this provider does not host`, "internal");
-        local.worker?.send({ op: "state", kind: message.kind });
+        local.worker?.send({ op: "state", kind: message.kind, ...rides(message) });
         return;
       }
       case "load_state": {
@@ -1104,4 +1109,9 @@ class ProviderJob {
     this.emitStats();
     this.onEnd(reason);
   }
+}
+
+/** The decision an order carries, passed on to the worker as it came. */
+function rides(message: { decision?: Decision }): { decision?: Decision } {
+  return message.decision ? { decision: message.decision } : {};
 }

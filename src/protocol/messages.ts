@@ -6,7 +6,8 @@ import { ProtocolError } from "../errors.js";
  * Control plane: coordinator <-> provider, one msgpack map per binary WebSocket message,
  * validated here before anything acts on it.
  */
-export const PROTOCOL_VERSION = 1;
+/** 2: explicit round decisions (`decision` on orders, `decide` / `decided`). */
+export const PROTOCOL_VERSION = 2;
 /** Control messages carry the task file and checkpoints; bound them all the same. */
 export const MAX_CONTROL_BYTES = 512 * 1024 * 1024;
 
@@ -67,6 +68,15 @@ export const stepReportSchema = z.object({
   nonfinite: z.array(z.string().max(256)).max(4096).optional(),
 });
 
+/**
+ * The decision that ends a round (docs/protocol.md, "Two-phase rounds"): every replica
+ * applies it (commit) or drops it (abort). It rides on the first orders sent after the
+ * round's reports are in, or goes out alone in `decide`.
+ */
+export const decisionSchema = z.object({ step: count, verdict: z.enum(["commit", "abort"]) });
+export type Decision = z.infer<typeof decisionSchema>;
+const decision = decisionSchema.optional();
+
 export const toProviderSchema = z.discriminatedUnion("t", [
   z.object({ t: z.literal("hello"), token: z.string().max(512), version: z.number().int() }),
   z.object({
@@ -85,7 +95,7 @@ export const toProviderSchema = z.discriminatedUnion("t", [
     join: z.boolean().optional(),
   }),
   /** Every ring member takes rank `source`'s whole training state (a member joined). */
-  z.object({ t: z.literal("sync_state"), source: count }),
+  z.object({ t: z.literal("sync_state"), source: count, decision }),
   /** Every member takes rank `source`'s weights (rank 0 at the start). */
   z.object({ t: z.literal("sync"), source: count.default(0) }),
   /** Re-form the ring with only `members` (in ring order); local ranks left out stop. */
@@ -98,25 +108,27 @@ export const toProviderSchema = z.discriminatedUnion("t", [
   }),
   /** Measure this provider's upload to the next member's provider (the `/bench` path, job secret). */
   z.object({ t: z.literal("probe_links"), bytes: z.number().int().min(1024).max(256 * 1024 * 1024) }),
-  z.object({ t: z.literal("step"), step: count, shares: z.array(count), want_hash: z.boolean() }),
+  z.object({ t: z.literal("step"), step: count, shares: z.array(count), want_hash: z.boolean(), decision }),
   z.object({
     t: z.literal("eval"),
     step: count,
     slices: z.array(z.object({ rank: count, start: count, count })),
     batch_size: z.number().int().min(1),
+    decision,
   }),
   /** `compressor`: only compressor.pt (each rank's error-feedback memories are its own). */
-  z.object({ t: z.literal("state"), rank: count, kind: z.enum(["checkpoint", "final", "compressor"]) }),
+  z.object({ t: z.literal("state"), rank: count, kind: z.enum(["checkpoint", "final", "compressor"]), decision }),
   /** Restore a checkpoint into a rank's worker (resume). */
   z.object({
     t: z.literal("load_state"),
     rank: count,
     files: z.array(z.object({ name: z.string().regex(/^[A-Za-z0-9._-]{1,128}$/), data: bytes })).max(64),
   }),
-  /** Abandon `step`: workers drop what they prepared (a member was lost before all had). */
-  z.object({ t: z.literal("abort"), step: count }),
-  /** Apply the last prepared step and report the parameter hash. */
-  z.object({ t: z.literal("commit") }),
+  /**
+   * The last decision alone (at the end, and before recovery): every member applies it and
+   * answers `decided`. An abort also ends the round's collectives in flight.
+   */
+  decisionSchema.extend({ t: z.literal("decide") }),
   z.object({ t: z.literal("cancel"), reason: z.string().max(1000) }),
 ]);
 export type ToProvider = z.infer<typeof toProviderSchema>;
@@ -145,8 +157,8 @@ export const toCoordinatorSchema = z.discriminatedUnion("t", [
   z.object({ t: z.literal("synced_state"), rank: count, step: count, hash: z.string().max(128) }),
   /** This rank's ring (of `epoch`) broke: a neighbour was lost or a link cut. It waits for `abort`. */
   z.object({ t: z.literal("ring_lost"), rank: count, epoch: count, reason: z.string().max(4096) }),
-  z.object({ t: z.literal("step_aborted"), rank: count, step: count }),
-  z.object({ t: z.literal("committed"), rank: count, step: count, hash: z.string().max(128) }),
+  /** The decision for `step` is applied; `next_step` is the step this replica runs next, `hash` of its parameters now. */
+  decisionSchema.extend({ t: z.literal("decided"), rank: count, next_step: count, hash: z.string().max(128) }),
   /** Upload from this rank's provider to its ring successor's; nulls when both are on one host. */
   z.object({
     t: z.literal("link"),

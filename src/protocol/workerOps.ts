@@ -1,6 +1,6 @@
 import { z } from "zod";
 import { ProtocolError } from "../errors.js";
-import { stepReportSchema, workerInfoSchema } from "./messages.js";
+import { decisionSchema, stepReportSchema, workerInfoSchema } from "./messages.js";
 
 /**
  * The worker link (provider <-> its own Python worker, fd 3; docs/protocol.md, "Worker
@@ -17,6 +17,8 @@ const codec = z.enum(["f32", "f16", "bf16", "int8"]);
 const stateKind = z.enum(["checkpoint", "final", "compressor"]);
 const fileEntry = z.object({ name: z.string().max(128), size: count });
 const speed = z.number().gt(0).lte(1);
+/** The last round's decision, riding on an order that every member receives: applied on receipt. */
+const decision = decisionSchema.optional();
 
 /** Orders every strategy shares, from the provider to its worker. */
 export const sharedOrders = {
@@ -38,13 +40,11 @@ export const sharedOrders = {
   /** The ring re-formed: all-gathers now carry `size` blobs. No reply. */
   ring: z.object({ op: z.literal("ring"), size: z.number().int().min(1) }),
   /** Every member takes rank `source`'s whole training state over one all-gather. */
-  sync_state: z.object({ op: z.literal("sync_state"), source: count }),
-  /** Drop the prepared round (or the one waiting on a collective). */
-  abort: z.object({ op: z.literal("abort"), step: count }),
-  /** Apply the prepared round; reply with the hash after it. */
-  commit: z.object({ op: z.literal("commit") }),
-  eval: z.object({ op: z.literal("eval"), step: count, start: count, count, batch_size: z.number().int().min(1) }),
-  state: z.object({ op: z.literal("state"), kind: stateKind }),
+  sync_state: z.object({ op: z.literal("sync_state"), source: count, decision }),
+  /** A decision alone: apply it (an abort also ends the round waiting on a collective); reply with the hash after it. */
+  decide: decisionSchema.extend({ op: z.literal("decide") }),
+  eval: z.object({ op: z.literal("eval"), step: count, start: count, count, batch_size: z.number().int().min(1), decision }),
+  state: z.object({ op: z.literal("state"), kind: stateKind, decision }),
   /** Payload: the files' bytes concatenated in order. */
   load_state: z.object({ op: z.literal("load_state"), files: z.array(fileEntry) }),
   /** No reply; also while the worker waits for a collective's result. */
@@ -60,7 +60,7 @@ export const sharedOrders = {
 export const strategyOrders = {
   sync: {
     /** One optimizer step of the global batch; `attempt` is echoed in its collectives. */
-    step: z.object({ op: z.literal("step"), step: count, shares: z.array(count), want_hash: z.boolean(), attempt: count }),
+    step: z.object({ op: z.literal("step"), step: count, shares: z.array(count), want_hash: z.boolean(), attempt: count, decision }),
   },
 };
 
@@ -79,10 +79,8 @@ export const fromWorker = {
   allgather: z.object({ op: z.literal("allgather"), id: count, size: count, attempt: count.default(0) }),
   synced: z.object({ op: z.literal("synced"), hash }),
   synced_state: z.object({ op: z.literal("synced_state"), step: count, hash }),
-  /** The round was abandoned (an `abort` arrived): nothing of it was applied. */
-  aborted: z.object({ op: z.literal("aborted"), step: count }),
-  /** The pending update is applied; `step` is the next step, `hash` of the parameters now. */
-  committed: z.object({ op: z.literal("committed"), step: count, hash }),
+  /** The decision for round `step` is applied; `next_step` is the step it runs next, `hash` of its parameters now. */
+  decided: decisionSchema.extend({ op: z.literal("decided"), next_step: count, hash }),
   step_done: stepReportSchema.extend({
     op: z.literal("step_done"),
     /** float32 elements the step's gradient would all-reduce uncompressed. */
@@ -116,8 +114,7 @@ export const replies: Record<OrderOp, readonly FromWorkerOp[]> = {
   sync: ["synced"],
   ring: [],
   sync_state: ["synced_state"],
-  abort: ["aborted"],
-  commit: ["committed"],
+  decide: ["decided"],
   eval: ["eval_done"],
   state: ["state"],
   load_state: ["loaded"],
@@ -125,7 +122,8 @@ export const replies: Record<OrderOp, readonly FromWorkerOp[]> = {
   stop: [],
   allreduce_result: [],
   allgather_result: [],
-  step: ["step_done", "aborted"],
+  /** decided: an abort arrived while the round waited on a collective. */
+  step: ["step_done", "decided"],
 };
 
 /** Payload bytes each message from the worker must carry (none unless listed). */

@@ -2,7 +2,7 @@
  * `nimble report`: one self-contained HTML file for a run directory. Styles are inline and
  * charts are SVG drawn here, so the file opens anywhere, offline, and loads nothing.
  */
-import type { TrainSummary } from "../job/coordinator.js";
+import type { TrainSummary } from "../job/coordinator/index.js";
 import type { StepMetrics } from "../job/runDir.js";
 import { type RunData, type RunFigures, runFigures } from "../runs/runData.js";
 import { formatBytes, formatCount, formatDuration, formatMetric, formatRate, formatRatio } from "../ui/format.js";

@@ -5,7 +5,7 @@
 import { readdir, readFile, stat } from "node:fs/promises";
 import path from "node:path";
 import { UserError } from "../errors.js";
-import type { TrainSummary } from "../job/coordinator.js";
+import type { TrainSummary } from "../job/coordinator/index.js";
 import type { StepMetrics } from "../job/runDir.js";
 
 /** completed, failed, cancelled: from summary.json; incomplete: no summary (still running, or killed). */

@@ -2,7 +2,7 @@ import { readFile, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { pathToFileURL } from "node:url";
 import { describe, expect, it } from "vitest";
-import type { TrainSummary } from "../../src/job/coordinator.js";
+import type { TrainSummary } from "../../src/job/coordinator/index.js";
 import { findChromium, screenshot, withBrowser } from "../../src/report/browser.js";
 import { buildReport } from "../../src/report/html.js";
 import { loadRun } from "../../src/runs/runData.js";

@@ -2,7 +2,7 @@ import { mkdir, readFile, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { afterAll, describe, expect, it, vi } from "vitest";
 import { reportCommand } from "../../src/commands/report.js";
-import type { TrainSummary } from "../../src/job/coordinator.js";
+import type { TrainSummary } from "../../src/job/coordinator/index.js";
 import type { StepMetrics } from "../../src/job/runDir.js";
 import { buildReport, reportData } from "../../src/report/html.js";
 import { escapeXml, niceTicks, renderChart, stack } from "../../src/report/svg.js";

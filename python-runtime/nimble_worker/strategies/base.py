@@ -3,8 +3,9 @@
 A round is planned by the coordinator and arrives as an order (a worker-link header, e.g.
 `step`). The strategy runs it up to the point where everything that needs the other
 workers is done, and reports; the coordinator then decides: `commit` (apply the round:
-every replica does) or `abort` (drop it: every replica does). So an update lands on
-every replica or on none, even when a member is lost mid-round.
+every replica does) or `abort` (drop it: every replica does), and the decision arrives
+on the next order (`decide`). So an update lands on every replica or on none, even when
+a member is lost mid-round.
 
 A new strategy is one file in this folder, registered in `__init__.py`, plus its
 operations in the worker-link schema (src/protocol/workerOps.ts).
@@ -17,6 +18,7 @@ from typing import ClassVar
 from ..comm import TimedComm
 from ..compress import Compressor
 from ..config import JobConfig
+from ..link import LinkError
 from ..replica import Replica
 
 
@@ -50,6 +52,22 @@ class Strategy:
     def abort(self) -> int | None:
         """Drop the prepared round; its step, or None when none was pending."""
         raise NotImplementedError
+
+    def decide(self, step: int, verdict: str) -> None:
+        """Apply the coordinator's decision for round `step` (docs/protocol.md, "Two-phase
+        rounds"): `commit` applies it, `abort` drops it. With nothing prepared it is a
+        no-op (a joiner never had the round; a decision may be flushed twice); a decision
+        for another round than the prepared one is a protocol error."""
+        if verdict not in ("commit", "abort"):
+            raise LinkError(f"decision for step {step}: unknown verdict {verdict!r}")
+        if self.pending is None:
+            return
+        if self.pending != step:
+            raise LinkError(f"decision for step {step}, but step {self.pending} is the one prepared")
+        if verdict == "commit":
+            self.commit()
+        else:
+            self.abort()
 
     def state_dict(self) -> dict:
         """State of this strategy that every replica shares (e.g. outer parameters and

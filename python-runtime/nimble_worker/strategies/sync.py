@@ -1,6 +1,6 @@
 """`sync`: synchronous data parallelism. One round is one optimizer step of the global
 batch: every worker computes the gradient of its share, the compressor sums them over
-the workers, and the update is applied on commit (docs/protocol.md, "Two-phase steps")."""
+the workers, and the update is applied on commit (docs/protocol.md, "Two-phase rounds")."""
 
 from __future__ import annotations
 

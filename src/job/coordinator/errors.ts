@@ -1,0 +1,24 @@
+import { UserError } from "../../errors.js";
+
+export class JobFailed extends UserError {}
+
+/** Something a job survives: a provider lost, a worker dead, a ring cut. */
+export interface Fault {
+  kind: "provider lost" | "worker died" | "ring broken";
+  /** Ranks gone with it (none for a ring cut between live members). */
+  ranks: number[];
+  reason: string;
+  /** Date.now() when the coordinator learnt of it. */
+  at: number;
+}
+
+/** Interrupts the exchanges in flight: the run loop recovers, then goes on. */
+export class FaultError extends Error {
+  constructor(readonly fault: Fault) {
+    super(`${fault.kind}: ${fault.reason}`);
+  }
+}
+
+export function taskErrorHint(kind: string): string | undefined {
+  return kind === "task" ? "The error is in the task file: fix it and run `nimble train` again." : undefined;
+}

@@ -1,0 +1,244 @@
+import { randomBytes, randomUUID } from "node:crypto";
+import { readFile } from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import { UserError, errorMessage } from "../../errors.js";
+import type { ToCoordinator, ToProvider } from "../../protocol/messages.js";
+import { resolvePython } from "../../runtime/python.js";
+import type { TrainEvent, WorkerRow } from "../events.js";
+import { startLocalProviders } from "../localProviders.js";
+import { ProviderClient, ringUrl } from "../providerClient.js";
+import type { TrainOptions } from "./index.js";
+
+/** How often providers that are away are tried again, and how long one try may take. */
+const RECONNECT_INTERVAL_MS = 3_000;
+const RECONNECT_TIMEOUT_MS = 5_000;
+
+export interface Rank {
+  rank: number;
+  client: ProviderClient;
+  device: string;
+  row: WorkerRow;
+  /** The worker's micro-batch cap as last reported (null: none; undefined: no report yet). */
+  maxMicroBatch: number | null | undefined;
+}
+
+interface Target {
+  address: string;
+  token: string;
+  optional: boolean;
+}
+
+/** What the providers tell their owner (the run loop). */
+export interface ProviderEvents {
+  message: (client: ProviderClient, m: ToCoordinator) => void;
+  lost: (client: ProviderClient, reason: string) => void;
+  status: (message: string) => void;
+  report: (event: TrainEvent) => void;
+}
+
+/**
+ * The job's providers: the ones the config names (or local ones started here), their
+ * connections, the ranks they host (one per device, in provider order; the ring follows
+ * rank order), the job spec they are sent, and the reconnecting of those that are away.
+ */
+export class Providers {
+  readonly ranks: Rank[] = [];
+  readonly clients: ProviderClient[] = [];
+  readonly #absent = new Map<string, Target>();
+  readonly #targetOf = new Map<ProviderClient, Target>();
+  readonly #cleanups: (() => Promise<void> | void)[] = [];
+  readonly #job = randomUUID();
+  readonly #secret = randomBytes(24).toString("hex");
+  #code: Buffer | null = null;
+
+  constructor(
+    private readonly opts: TrainOptions,
+    private readonly events: ProviderEvents,
+  ) {}
+
+  get config() {
+    return this.opts.loaded.config;
+  }
+
+  /** 1-3: find or start the providers, connect and authenticate, and assign ranks. */
+  async connect(): Promise<void> {
+    const targets = await this.#targets();
+    this.events.status(`Connecting to ${targets.length} provider${targets.length === 1 ? "" : "s"}`);
+    const settled = await Promise.allSettled(targets.map((t) => ProviderClient.connect(t.address, t.token)));
+    settled.forEach((s, i) => {
+      if (s.status === "fulfilled") {
+        this.clients.push(s.value);
+        this.#targetOf.set(s.value, targets[i]);
+      } else if (targets[i].optional) {
+        this.#absent.set(targets[i].address, targets[i]);
+        this.events.status(`Optional provider ${targets[i].address} is not reachable (${errorMessage(s.reason)}); it joins when it comes up`);
+      }
+    });
+    for (const c of this.clients) c.watchHeartbeat(this.config.faults.heartbeat_s * 1000);
+    this.#cleanups.push(() => this.clients.forEach((c) => c.close()));
+    const refused = settled.find((s, i) => s.status === "rejected" && !targets[i].optional);
+    if (refused) throw (refused as PromiseRejectedResult).reason;
+    if (this.clients.length === 0) throw new UserError("None of the providers is reachable", "Start `nimble provide` on at least one of them.");
+    for (const client of this.clients) this.#addRanks(client);
+    this.events.report({ type: "workers", workers: this.rows() });
+    for (const client of this.clients) this.#attach(client);
+  }
+
+  async #targets(): Promise<Target[]> {
+    const { loaded, env = process.env } = this.opts;
+    const config = loaded.config;
+    if (config.providers.length > 0) {
+      return config.providers.map((p, i) => {
+        const token = p.token ?? env.NIMBLE_TOKEN;
+        if (!token) {
+          throw new UserError(
+            `${loaded.path}: providers[${i}] (${p.address}) has no token`,
+            "Add `token:` to the entry (the one `nimble provide` printed) or set NIMBLE_TOKEN.",
+            2,
+          );
+        }
+        return { address: p.address, token, optional: p.optional };
+      });
+    }
+    const count = this.opts.local ?? config.local_workers;
+    const python = await resolvePython({ python: this.opts.python, torchSpec: this.opts.torchSpec, env, onProgress: this.events.status });
+    this.events.status(`Starting ${count} local provider${count === 1 ? "" : "s"} (python ${python.pythonVersion}, torch ${python.torchVersion})`);
+    const local = await startLocalProviders({
+      count,
+      python: python.python,
+      threads: Math.max(1, Math.floor(os.cpus().length / count)),
+      env,
+      onLog: (source, line) => this.events.report({ type: "log", source, line }),
+    });
+    this.#cleanups.push(local.stop);
+    return local.providers.map((p) => ({ address: p.address, token: p.token, optional: false }));
+  }
+
+  #addRanks(client: ProviderClient): Rank[] {
+    return client.info.devices.map((device, index) => {
+      const rank = this.ranks.length;
+      const row: WorkerRow = {
+        id: `${client.address.replace(/^wss?:\/\//, "")}#${index}`,
+        rank,
+        provider: client.address,
+        device: `${device.id} (${device.name})`,
+        state: "starting",
+        share: 0,
+        samples: 0,
+        compute_s: 0,
+        comm_s: 0,
+        idle_s: 0,
+        bytes_sent: 0,
+      };
+      const r: Rank = { rank, client, device: device.id, maxMicroBatch: undefined, row };
+      this.ranks.push(r);
+      return r;
+    });
+  }
+
+  #attach(client: ProviderClient) {
+    client.on("lost", (reason) => {
+      client.close();
+      const target = this.#targetOf.get(client);
+      if (target && this.config.providers.length > 0) this.#absent.set(target.address, target);
+      this.events.lost(client, reason);
+    });
+    client.on("message", (m) => this.events.message(client, m));
+  }
+
+  rows(): WorkerRow[] {
+    return this.ranks.map((r) => ({ ...r.row }));
+  }
+
+  /** The providers hosting `ranks` (each once). */
+  clientsOf(ranks: readonly number[]): ProviderClient[] {
+    return [...new Set(ranks.map((r) => this.ranks[r].client))];
+  }
+
+  /** The ranks a provider hosts. */
+  ranksOf(client: ProviderClient): Rank[] {
+    return this.ranks.filter((r) => r.client === client);
+  }
+
+  /** Every rank's data-plane URL, in rank order. */
+  ringUrls(): { rank: number; url: string }[] {
+    return this.ranks.map((r) => ({ rank: r.rank, url: ringUrl(r.client.address) }));
+  }
+
+  /** Send every connected provider the same message. */
+  broadcast(message: ToProvider): void {
+    for (const c of this.#allClients()) c.send(message);
+  }
+
+  #allClients(): ProviderClient[] {
+    return [...new Set(this.ranks.map((r) => r.client))];
+  }
+
+  /** 4. The job spec: the task, the config and the ranks each provider hosts. */
+  async sendJob(client: ProviderClient, join: boolean): Promise<void> {
+    this.#code ??= await readFile(this.opts.loaded.taskPath);
+    client.send({
+      t: "job",
+      job: this.#job,
+      secret: this.#secret,
+      task: { filename: path.basename(this.opts.loaded.taskPath), code: this.#code },
+      config: this.config as unknown as Record<string, unknown>,
+      world_size: this.ranks.length,
+      ranks: this.ranksOf(client).map((r) => ({ rank: r.rank, device: r.device })),
+      ring: this.ringUrls(),
+      ...(join ? { join: true } : {}),
+    });
+  }
+
+  async startJob(): Promise<void> {
+    for (const client of this.clients) await this.sendJob(client, false);
+    this.#cleanups.push(() => this.clients.forEach((c) => c.send({ t: "cancel", reason: "job over" })));
+  }
+
+  /**
+   * Providers that are optional and not up yet, or lost, are tried again while `accepting()`;
+   * one that answers gets the job as a joiner (its old ranks, when its devices match).
+   */
+  reconnectWhile(accepting: () => boolean, isActive: (rank: number) => boolean): void {
+    const connecting = new Set<string>();
+    const timer = setInterval(() => {
+      if (!accepting()) return;
+      for (const target of this.#absent.values()) {
+        if (connecting.has(target.address)) continue;
+        connecting.add(target.address);
+        ProviderClient.connect(target.address, target.token, RECONNECT_TIMEOUT_MS).then(
+          (client) => {
+            connecting.delete(target.address);
+            if (!accepting()) return client.close();
+            this.#rejoin(client, target, isActive);
+          },
+          () => connecting.delete(target.address),
+        );
+      }
+    }, RECONNECT_INTERVAL_MS);
+    this.#cleanups.push(() => clearInterval(timer));
+  }
+
+  #rejoin(client: ProviderClient, target: Target, isActive: (rank: number) => boolean) {
+    this.#absent.delete(target.address);
+    this.#targetOf.set(client, target);
+    this.clients.push(client);
+    client.watchHeartbeat(this.config.faults.heartbeat_s * 1000);
+    this.#attach(client);
+    const old = this.ranks.filter((r) => r.row.provider === client.address && !isActive(r.rank));
+    if (old.length === client.info.devices.length) {
+      for (const r of old) Object.assign(r, { client, maxMicroBatch: undefined });
+      for (const r of old) r.row.state = "starting";
+    } else this.#addRanks(client);
+    const n = client.info.devices.length;
+    this.events.status(`Provider ${client.address} is back: starting its worker${n === 1 ? "" : "s"} to join`);
+    this.events.report({ type: "workers", workers: this.rows() });
+    void this.sendJob(client, true);
+  }
+
+  async close(): Promise<void> {
+    for (const fn of this.#cleanups.reverse()) await fn();
+    this.#cleanups.length = 0;
+  }
+}

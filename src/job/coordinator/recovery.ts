@@ -1,0 +1,166 @@
+import { FaultError, JobFailed, type Fault } from "./errors.js";
+import { quorum, type Quorum } from "./membership.js";
+import type { Phase } from "./phase.js";
+import { checkHashes, flushDecision } from "./phases.js";
+import { type Run, RING_TIMEOUT_MS, STEP_TIMEOUT_MS } from "./run.js";
+
+/** Recoveries interrupted by yet another fault before the job gives up. */
+const MAX_RECOVERY_ATTEMPTS = 5;
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** Re-form the ring (a new epoch) with `members`, once each of them is linked. */
+export async function reformRing(run: Run, members: readonly number[], what: string): Promise<void> {
+  const epoch = run.membership.reform(members);
+  const formed = run.exchanges.expect("ring_ready", what, members, RING_TIMEOUT_MS);
+  run.providers.broadcast({ t: "ring", epoch, members: [...members], urls: run.providers.ringUrls() });
+  await formed;
+}
+
+/** Where a fault struck: in round `step` (its orders `sent` or not), or between rounds. */
+export interface FaultedAt {
+  step: number | null;
+  sent: boolean;
+}
+
+/**
+ * Survive the faults noticed so far: name who is lost, decide the round in flight (abort)
+ * or flush the last decision, re-form the ring without the lost ranks and split the work
+ * among the rest; below faults.min_workers, wait for providers to come back. Retried when
+ * another fault strikes meanwhile.
+ */
+export async function recover(run: Run, at: FaultedAt): Promise<void> {
+  const resume: Phase = run.phase() === "finishing" ? "finishing" : "training";
+  for (let attempt = 1; ; attempt++) {
+    run.enter("recovering");
+    try {
+      const faults = await settleFaults(run);
+      await dropLost(run, faults, at);
+      at = { step: at.step, sent: false };
+      run.enter(resume);
+      await waitForQuorum(run, at.step ?? run.tally.stepsDone, faults);
+      const active = run.membership.active;
+      run.status(
+        `Ring re-formed with ${active.length} worker${active.length === 1 ? "" : "s"} (ranks ${active.join(", ")})` +
+          (at.step !== null ? `; redoing step ${at.step} with shares ${run.strategy.shares.join(" : ")}` : ""),
+      );
+      run.report({ type: "workers", workers: run.providers.rows() });
+      return;
+    } catch (err) {
+      run.enter(resume);
+      if (!(err instanceof FaultError)) throw err;
+      if (attempt >= MAX_RECOVERY_ATTEMPTS) throw new JobFailed(`Could not recover after ${attempt} attempts: ${err.message}`);
+    }
+  }
+}
+
+/**
+ * Let faults that happen together surface (a killed host drops its control and ring links
+ * at once); a ring cut with nobody known lost waits out one heartbeat for a loss.
+ */
+async function settleFaults(run: Run): Promise<Fault[]> {
+  await sleep(300);
+  const deadline = Date.now() + run.config.faults.heartbeat_s * 1000 + 2000;
+  const onlyCuts = () => run.membership.pendingFaults.every((f) => f.ranks.length === 0);
+  while (run.membership.pendingFaults.length > 0 && onlyCuts() && Date.now() < deadline) await sleep(100);
+  const faults = run.membership.takeFaults();
+  // Faults noted while settling are handled here: they need not interrupt this recovery.
+  run.exchanges.clearInterrupt();
+  return faults;
+}
+
+function describe(faults: Fault[]): string {
+  return faults.map((f) => `${f.kind} (${f.reason})`).join("; ");
+}
+
+/** The lost leave: the round in flight is aborted (or the last decision flushed), the ring re-forms. */
+async function dropLost(run: Run, faults: Fault[], at: FaultedAt): Promise<void> {
+  const { membership, providers } = run;
+  run.tally.recordFaults(at.step ?? run.tally.stepsDone, faults);
+  const lost = faults.flatMap((f) => f.ranks);
+  const q = currentQuorum(run, lost, null, describe(faults));
+  if (q.decision === "fail") throw new JobFailed(q.reason, q.hint);
+  for (const r of q.dropped) providers.ranks[r].row.state = "lost";
+  const stay = membership.active.filter((r) => !q.dropped.includes(r));
+  if (at.step !== null && at.sent) {
+    // The round in flight is dropped everywhere (its orders carried the last decision).
+    run.commits.decide(at.step, "fault");
+    await flushDecision(run, `workers abandoning step ${at.step}`, "", undefined, stay);
+  } else {
+    // Between rounds: the last decision, whether or not an order carried it yet.
+    await flushDecision(run, "workers applying the last step", "after a fault between steps", undefined, stay);
+  }
+  await reformRing(run, stay, `the ring re-forming without rank(s) ${q.dropped.join(", ") || "(none)"}`);
+  if (at.step !== null && at.sent) run.tally.stepsRedone.push(at.step);
+  run.strategy.membersChanged({ members: stay, left: q.dropped, joined: [] });
+}
+
+function currentQuorum(run: Run, lost: readonly number[], shortSince: number | null, cause?: string): Quorum {
+  const { membership, config } = run;
+  const { min_workers: minWorkers, wait_s: waitS } = config.faults;
+  return quorum({ active: membership.active, lost, joiners: membership.joiners, minWorkers, waitMs: waitS * 1000, shortSince, cause }, Date.now());
+}
+
+/** Below faults.min_workers: wait for providers to come back (or restarted workers), then bring them in. */
+async function waitForQuorum(run: Run, step: number, faults: Fault[]): Promise<void> {
+  let q = currentQuorum(run, [], null);
+  if (q.decision !== "wait") return;
+  const shortSince = Date.now();
+  run.status(`Waiting up to ${run.config.faults.wait_s} s for providers: ${q.reason}`, "warn");
+  while (q.decision === "wait") {
+    await sleep(250);
+    q = currentQuorum(run, [], shortSince, describe(faults));
+  }
+  if (q.decision === "fail") throw new JobFailed(q.reason, q.hint);
+  await admit(run, step);
+}
+
+/**
+ * Bring ranks that are loaded and waiting (restarted workers, providers that came back or
+ * joined) into the ring before `step`: the ring re-forms with them, every member takes one
+ * current member's whole training state over the ring, and the work is split anew.
+ */
+export async function admit(run: Run, step: number): Promise<void> {
+  const { membership, providers } = run;
+  const q = currentQuorum(run, [], null);
+  if (q.decision !== "quorum" || q.joining.length === 0) return;
+  const newcomers = q.joining;
+  const source = membership.active[0];
+  const names = newcomers.join(", ");
+  await reformRing(run, q.members, `the ring re-forming with rank(s) ${names}`);
+  const synced = run.exchanges.expect("synced_state", `rank ${source}'s state reaching the new members`, q.members, STEP_TIMEOUT_MS);
+  const decision = run.commits.ride();
+  for (const c of providers.clientsOf(q.members)) c.send({ t: "sync_state", source, ...decision });
+  const got = await synced;
+  checkHashes(q.members, got, `after rank(s) ${names} took rank ${source}'s state`);
+  for (const [rank, m] of got) {
+    if (m.step !== step) throw new JobFailed(`Rank ${rank} is at step ${m.step} after taking rank ${source}'s state, not ${step}`);
+  }
+  for (const r of newcomers) providers.ranks[r].row.state = "training";
+  run.strategy.membersChanged({ members: q.members, left: [], joined: newcomers });
+  const shares = run.strategy.shares.join(" : ");
+  run.status(`Rank${newcomers.length === 1 ? "" : "s"} ${names} joined before step ${step} with rank ${source}'s state; ${q.members.length} workers, shares ${shares}`);
+  run.report({ type: "workers", workers: providers.rows() });
+}
+
+/**
+ * Weigh each member's measured speed and link against what it adds; leave out those that
+ * make every step slower, and re-form the ring without them.
+ */
+export async function leaveOutSlow(run: Run, step: number, stepBytesPerWorker: number): Promise<void> {
+  const { providers, tally } = run;
+  const links = new Map(tally.links.flatMap((l) => (l.upload_bytes_per_s === null ? [] : [[l.rank, l.upload_bytes_per_s] as const])));
+  const out = run.strategy.leaveOut((rank) => `rank ${rank} (${providers.ranks[rank].row.id})`, links, stepBytesPerWorker);
+  if (out.length === 0) return;
+  for (const e of out) {
+    const row = providers.ranks[e.rank].row;
+    row.state = "left out";
+    row.share = 0;
+    tally.leftOut.push({ rank: e.rank, id: row.id, after_step: step, reason: e.reason });
+    run.status(`Leaving out ${e.reason}`, "warn");
+  }
+  const gone = out.map((e) => e.rank);
+  const stay = run.membership.active.filter((r) => !gone.includes(r));
+  await reformRing(run, stay, `the ring re-formed without rank(s) ${gone.join(", ")}`);
+  run.strategy.membersChanged({ members: stay, left: gone, joined: [] });
+  run.report({ type: "workers", workers: providers.rows() });
+}

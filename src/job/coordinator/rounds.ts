@@ -1,0 +1,167 @@
+import { errorMessage, UserError } from "../../errors.js";
+import type { SyncPlan, SyncResult } from "../../strategy/sync.js";
+import type { RoundReport } from "../../strategy/types.js";
+import { FaultError, JobFailed } from "./errors.js";
+import { checkHashes, checkpointFiles, evaluate, finalWeights } from "./phases.js";
+import { admit, leaveOutSlow, recover, type FaultedAt } from "./recovery.js";
+import { type Run, STEP_TIMEOUT_MS } from "./run.js";
+
+/** How often replicas compare parameter hashes (and always on the last step). */
+export const HASH_EVERY = 10;
+
+export interface RoundsOptions {
+  /** The first round to run (the checkpoint's step when resuming). */
+  first: number;
+  valSize: number;
+  /** Slow workers may be left out once the first steps are measured. */
+  mayLeaveOut: boolean;
+  stopRequested: () => boolean;
+}
+
+/** Run a phase between rounds (evaluation, checkpoint, final weights), again after any fault. */
+async function surviving<T>(run: Run, phase: () => Promise<T>): Promise<T> {
+  for (;;) {
+    try {
+      return await phase();
+    } catch (err) {
+      if (!(err instanceof FaultError)) throw err;
+      await recover(run, { step: null, sent: false });
+    }
+  }
+}
+
+/**
+ * The rounds, then the final weights: for each round, admit joiners, plan, attempt,
+ * decide and record; a fault mid-round aborts it and it runs again on the re-formed ring.
+ */
+export async function trainRounds(run: Run, opts: RoundsOptions): Promise<{ name: string; data: Uint8Array }[]> {
+  const { config } = run;
+  /** After a recovery: compare replicas at the next round. */
+  let verifyNext = false;
+  for (let step = opts.first; step < config.steps; step++) {
+    if (run.membership.joiners.length > 0) await surviving(run, () => admit(run, step));
+    const stepStart = Date.now();
+    const attempt = await attemptRound(run, step, verifyNext);
+    if ("fault" in attempt) {
+      await recover(run, attempt.fault);
+      verifyNext = true;
+      step -= 1; // run it again on the re-formed ring
+      continue;
+    }
+    verifyNext = false;
+    const result = fold(run, attempt.plan, attempt.reports);
+    run.commits.decide(step, "reported");
+    recordRound(run, result);
+    const evaluation = await maybeEvaluate(run, step, opts.valSize);
+    run.dir.appendMetrics(run.tally.metricsOf(result, stepStart, evaluation));
+    reportRound(run, result, evaluation?.metrics);
+    if (opts.mayLeaveOut && step === run.strategy.leaveOutAfter && step < config.steps - 1) {
+      await surviving(run, () => leaveOutSlow(run, step, Math.max(...result.workers.map((w) => w.bytes_sent))));
+    }
+    const stopping = opts.stopRequested() && step < config.steps - 1;
+    if ((config.checkpoint.every > 0 && (step + 1) % config.checkpoint.every === 0) || stopping) {
+      const files = await surviving(run, () => checkpointFiles(run, step));
+      const where = await run.dir.writeCheckpoint(step + 1, files, config.checkpoint.keep);
+      run.report({ type: "checkpoint", step: step + 1, path: where });
+    }
+    if (stopping) {
+      throw new UserError(
+        `Training cancelled after step ${step + 1} of ${config.steps}`,
+        `A checkpoint of step ${step + 1} is in ${run.dir.dir}; continue with \`nimble train --resume ${run.dir.dir}\`.`,
+        130,
+      );
+    }
+  }
+  run.enter("finishing");
+  return surviving(run, () => finalWeights(run));
+}
+
+type Attempt = { plan: SyncPlan; reports: Map<number, RoundReport> } | { fault: FaultedAt };
+
+/** One attempt at round `step`: its orders (carrying the last decision) out, its reports in. */
+async function attemptRound(run: Run, step: number, verify: boolean): Promise<Attempt> {
+  const { config, membership, providers } = run;
+  const wantHash = (step + 1) % HASH_EVERY === 0 || step === config.steps - 1 || verify;
+  const plan = run.strategy.plan(step, membership.active, providers.ranks.length, { wantHash });
+  let sent = false;
+  try {
+    const done = run.exchanges.expect("step_done", `step ${step}`, plan.members, STEP_TIMEOUT_MS, (m) => m.step === step);
+    const decision = run.commits.ride();
+    for (const c of providers.clientsOf(plan.members)) c.send({ t: "step", step, shares: plan.shares, want_hash: wantHash, ...decision });
+    sent = true;
+    const reports = await done;
+    // Hashes are taken before the round's update (which waits for its decision).
+    if (wantHash) checkHashes(plan.members, reports, `before step ${step}`);
+    return { plan, reports };
+  } catch (err) {
+    if (!(err instanceof FaultError)) throw err;
+    return { fault: { step, sent } };
+  }
+}
+
+function fold(run: Run, plan: SyncPlan, reports: Map<number, RoundReport>): SyncResult {
+  try {
+    return run.strategy.fold(plan, reports);
+  } catch (err) {
+    throw new JobFailed(errorMessage(err));
+  }
+}
+
+/** The round's figures into the tally and the workers' rows; warnings it calls for. */
+function recordRound(run: Run, result: SyncResult): void {
+  const { providers, tally } = run;
+  tally.recordStep(result);
+  for (const w of result.workers) {
+    const r = providers.ranks[w.rank];
+    if (w.max_micro_batch !== r.maxMicroBatch) {
+      // The first report gives the provider's configured cap; a lower one later means memory ran out.
+      if (r.maxMicroBatch !== undefined && w.max_micro_batch !== null && (r.maxMicroBatch === null || w.max_micro_batch < r.maxMicroBatch)) {
+        run.status(`Rank ${w.rank} (${r.row.device}) ran out of device memory at step ${result.round}: it now accumulates micro-batches of at most ${w.max_micro_batch} samples`, "warn");
+      }
+      r.maxMicroBatch = w.max_micro_batch;
+    }
+    Object.assign(r.row, {
+      share: w.samples,
+      samples: r.row.samples + w.samples,
+      compute_s: w.compute_s,
+      comm_s: w.comm_s,
+      idle_s: w.idle_s,
+      bytes_sent: r.row.bytes_sent + w.bytes_sent,
+    });
+  }
+  if (result.sharesChanged) {
+    const { shares, rates } = result.sharesChanged;
+    run.status(`Step ${result.round + 1}: shares ${shares.join(" : ")} (measured samples/s ${rates.map((x) => x.toFixed(0)).join(" : ")})`, "debug");
+  }
+  if (result.skipped) {
+    const what = result.nonfinite.length ? result.nonfinite.join(", ") : "values in the reduced gradient";
+    run.status(`Step ${result.round} skipped on every worker: non-finite ${what}`, "warn");
+  }
+}
+
+async function maybeEvaluate(run: Run, step: number, valSize: number): Promise<{ metrics: Record<string, number>; seconds: number } | undefined> {
+  const { eval: every, steps } = { eval: run.config.eval.every, steps: run.config.steps };
+  if (!((every > 0 && (step + 1) % every === 0) || step === steps - 1)) return undefined;
+  const start = Date.now();
+  const metrics = await surviving(run, () => evaluate(run, step, Math.min(run.config.eval.samples, valSize)));
+  run.tally.recordEval(step, metrics);
+  return { metrics, seconds: (Date.now() - start) / 1000 };
+}
+
+function reportRound(run: Run, result: SyncResult, evalMetrics?: Record<string, number>): void {
+  const { tally } = run;
+  run.report({
+    type: "step",
+    step: result.round + 1,
+    steps: run.config.steps,
+    loss: tally.lastLoss ?? result.loss,
+    lr: result.lr,
+    samples: tally.samplesDone,
+    samples_per_s: tally.recentRate,
+    wall_s: (Date.now() - tally.started) / 1000,
+    bytes_sent: tally.bytesSent,
+    compression_ratio: tally.compressionRatio,
+    workers: run.providers.rows(),
+  });
+  if (evalMetrics) run.report({ type: "eval", step: result.round + 1, metrics: evalMetrics });
+}
