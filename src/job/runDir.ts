@@ -2,6 +2,7 @@ import { createHash } from "node:crypto";
 import { createWriteStream, type WriteStream } from "node:fs";
 import { mkdir, readdir, readFile, rename, rm, writeFile, copyFile } from "node:fs/promises";
 import path from "node:path";
+import type { WorkerFigures } from "../strategy/sync.js";
 
 /** A checkpoint read back and verified against its manifest. */
 export interface Checkpoint {
@@ -40,23 +41,8 @@ export interface StepMetrics {
   eval?: Record<string, number>;
   /** Seconds that evaluation took (included in step_s and wall_s). */
   eval_s?: number;
-  workers: {
-    rank: number;
-    samples: number;
-    /** This worker's share of the global batch this step. */
-    share: number;
-    compute_s: number;
-    /** Of compute_s, the forward/backward over the share (null from workers that do not say). */
-    forward_backward_s: number | null;
-    comm_s: number;
-    /** Waiting for the slowest worker's compute. */
-    idle_s: number;
-    bytes_sent: number;
-    uncompressed_bytes: number;
-    micro_batches: number;
-    /** null: the whole share at once. */
-    max_micro_batch: number | null;
-  }[];
+  /** Each member's figures, with its share of the global batch this step. */
+  workers: (WorkerFigures & { share: number })[];
 }
 
 function stamp(date: Date): string {

@@ -12,10 +12,12 @@ export interface SyncPlan extends RoundPlan {
   shares: number[];
 }
 
+/** One member's figures of a step (metrics.jsonl's `workers`, less `share`). */
 export interface WorkerFigures {
   rank: number;
   samples: number;
   compute_s: number;
+  /** Of compute_s, the forward/backward over the share (null from workers that do not say). */
   forward_backward_s: number | null;
   comm_s: number;
   /** Seconds it waited for the slowest member's compute. */
@@ -23,6 +25,7 @@ export interface WorkerFigures {
   bytes_sent: number;
   uncompressed_bytes: number;
   micro_batches: number;
+  /** null: the whole share at once. */
   max_micro_batch: number | null;
 }
 

@@ -76,10 +76,8 @@ export async function probeLinks(run: Run): Promise<void> {
   const members = run.membership.active;
   const probed = run.exchanges.expect("link", "link measurements", members, LINK_PROBE_TIMEOUT_MS);
   for (const c of run.providers.clientsOf(members)) c.send({ t: "probe_links", bytes: LINK_PROBE_BYTES });
-  const links = run.tally.links;
-  for (const [rank, m] of await probed) links.push({ rank, to: m.to, rtt_ms: m.rtt_ms, upload_bytes_per_s: m.upload_bytes_per_s });
-  links.sort((a, b) => a.rank - b.rank);
-  const between = links.filter((l) => l.upload_bytes_per_s !== null);
+  run.tally.recordLinks([...(await probed)].map(([rank, m]) => ({ rank, to: m.to, rtt_ms: m.rtt_ms, upload_bytes_per_s: m.upload_bytes_per_s })));
+  const between = run.tally.links.filter((l) => l.upload_bytes_per_s !== null);
   if (between.length > 0) {
     run.status(`Links: ${between.map((l) => `rank ${l.rank} -> ${l.to} ${formatRate(l.upload_bytes_per_s!)}, rtt ${l.rtt_ms!.toFixed(1)} ms`).join("; ")}`);
   }

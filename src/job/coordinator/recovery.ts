@@ -90,7 +90,7 @@ async function dropLost(run: Run, faults: Fault[], at: FaultedAt): Promise<void>
     await flushDecision(run, "workers applying the last step", "after a fault between steps", undefined, stay);
   }
   await reformRing(run, stay, `the ring re-forming without rank(s) ${q.dropped.join(", ") || "(none)"}`);
-  if (at.step !== null && at.sent) run.tally.stepsRedone.push(at.step);
+  if (at.step !== null && at.sent) run.tally.recordRedone(at.step);
   run.strategy.membersChanged({ members: stay, left: q.dropped, joined: [] });
 }
 
@@ -155,7 +155,7 @@ export async function leaveOutSlow(run: Run, step: number, stepBytesPerWorker: n
     const row = providers.ranks[e.rank].row;
     row.state = "left out";
     row.share = 0;
-    tally.leftOut.push({ rank: e.rank, id: row.id, after_step: step, reason: e.reason });
+    tally.recordLeftOut({ rank: e.rank, id: row.id, after_step: step, reason: e.reason });
     run.status(`Leaving out ${e.reason}`, "warn");
   }
   const gone = out.map((e) => e.rank);

@@ -130,6 +130,20 @@ export class Tally {
     else this.lastLoss = result.loss;
   }
 
+  recordLinks(links: TrainSummary["links"]): void {
+    this.links.push(...links);
+    this.links.sort((a, b) => a.rank - b.rank);
+  }
+
+  recordLeftOut(entry: TrainSummary["left_out"][number]): void {
+    this.leftOut.push(entry);
+  }
+
+  /** A round abandoned by a fault, to run again. */
+  recordRedone(step: number): void {
+    this.stepsRedone.push(step);
+  }
+
   recordEval(step: number, metrics: Record<string, number>): void {
     this.lastEval = metrics;
     this.lastEvalStep = step;
