@@ -1,9 +1,10 @@
 import { readlink } from "node:fs/promises";
 import { existsSync } from "node:fs";
 import { execa } from "execa";
-import WebSocket from "ws";
+import WebSocket, { WebSocketServer } from "ws";
 import { afterEach, beforeAll, describe, expect, it } from "vitest";
 import { Provider, type ProviderEvent } from "../../src/job/provider.js";
+import { ProviderClient } from "../../src/job/providerClient.js";
 import { decodeToCoordinator, encodeMessage, PROTOCOL_VERSION, type ToCoordinator, type ToProvider } from "../../src/protocol/messages.js";
 import { resolvePython, type PythonEnv } from "../../src/runtime/python.js";
 import { testPython } from "../helpers/processes.js";
@@ -168,6 +169,31 @@ describe("Provider control plane", () => {
     expect(closed.code).toBe(4001);
     expect(client.messages).toEqual([{ t: "reject", reason: "wrong token" }]);
     expect(events.some((e) => e.type === "log" && /wrong token/.test(e.line))).toBe(true);
+  });
+
+  it("refuses a coordinator of another protocol version, naming both (close code 4002)", async () => {
+    await startProvider();
+    const client = await RawClient.open();
+    client.send({ t: "hello", token: TOKEN, version: PROTOCOL_VERSION - 1 });
+    expect((await client.closed).code).toBe(4002);
+    expect(client.messages).toEqual([
+      {
+        t: "reject",
+        reason: `protocol mismatch: the coordinator speaks protocol ${PROTOCOL_VERSION - 1}, this provider speaks ${PROTOCOL_VERSION} (run the same nimble version on both sides)`,
+      },
+    ]);
+  });
+
+  it("a coordinator refuses a provider of another protocol version", async () => {
+    const server = new WebSocketServer({ host: "127.0.0.1", port: 0 });
+    server.on("connection", (ws) => ws.on("message", () => ws.send(encodeMessage({ t: "welcome", version: PROTOCOL_VERSION + 1, provider: { id: "x", hostname: "x", python: "3", torch: "2", devices: [{ id: "cpu", kind: "cpu", name: "cpu" }] } }))));
+    await new Promise((r) => server.once("listening", r));
+    const address = `127.0.0.1:${(server.address() as { port: number }).port}`;
+    try {
+      await expect(ProviderClient.connect(address, TOKEN)).rejects.toThrow(`Provider ${address} speaks protocol ${PROTOCOL_VERSION + 1}, this nimble speaks ${PROTOCOL_VERSION}`);
+    } finally {
+      server.close();
+    }
   });
 
   it("rejects a token that is a prefix of the right one", async () => {
