@@ -1,4 +1,4 @@
-import { Provider, type LogLevel, type ProviderEvent } from "../job/provider.js";
+import { Provider, type LogLevel, type ProviderEvent } from "../job/provider/index.js";
 import { loadOrMeasureProfile } from "../runtime/profile.js";
 import { probeHost, resolvePython } from "../runtime/python.js";
 import { createProvideReporter } from "../ui/provideReporter.js";

@@ -2,6 +2,7 @@ import { EventEmitter } from "node:events";
 import WebSocket from "ws";
 import { UserError, errorMessage } from "../errors.js";
 import { watchHeartbeat } from "../net/heartbeat.js";
+import { unpack, type Incoming } from "./coordinator/answers.js";
 import {
   decodeToCoordinator,
   encodeMessage,
@@ -30,7 +31,7 @@ export function ringUrl(address: string): string {
 }
 
 /** The coordinator's connection to one provider's control plane. */
-export class ProviderClient extends EventEmitter<{ message: [ToCoordinator]; lost: [string] }> {
+export class ProviderClient extends EventEmitter<{ message: [Incoming]; lost: [string] }> {
   private closedByUs = false;
 
   private constructor(
@@ -40,9 +41,9 @@ export class ProviderClient extends EventEmitter<{ message: [ToCoordinator]; los
   ) {
     super();
     ws.on("message", (data, isBinary) => {
-      let message: ToCoordinator;
+      let message: Incoming;
       try {
-        message = decodeToCoordinator(isBinary ? data : String(data), `provider ${address}`);
+        message = unpack(decodeToCoordinator(isBinary ? data : String(data), `provider ${address}`), `provider ${address}`);
       } catch (err) {
         this.emit("lost", errorMessage(err));
         ws.terminate();

@@ -2,7 +2,6 @@
  * FrameLink: one WebSocket carrying binary data-plane frames, with send-side
  * backpressure, and the helpers that open and authenticate ring connections.
  */
-import { createHash, timingSafeEqual } from "node:crypto";
 import WebSocket from "ws";
 import { ProtocolError } from "../errors.js";
 import { decodeFrame, encodeControl, MAX_FRAME_BYTES } from "../protocol/frames.js";
@@ -41,12 +40,8 @@ export interface RingHello {
   epoch?: number;
 }
 
-export interface RingExpectation {
-  job: string;
-  secret: string;
-  /** Ranks this provider hosts: a hello's `to` must be one of them. */
-  ranks: Set<number>;
-}
+/** Decides on a ring hello: null admits it (net/auth.ts, `Authorizer.admitRingPeer`). */
+export type RingAdmission = (hello: RingHello & { epoch: number }) => { code: number; reason: string } | null;
 
 /**
  * Run `fn` now, or `latencyMs` later (the --latency testing aid). Equal delays keep the
@@ -337,25 +332,16 @@ export async function connectRingPeer(
   return link;
 }
 
-function digest(s: string): Buffer {
-  return createHash("sha256").update(s, "utf8").digest();
-}
-
-/** Constant-time string comparison (both sides hashed to equal-length buffers). */
-export function secretsEqual(a: string, b: string): boolean {
-  return timingSafeEqual(digest(a), digest(b));
-}
-
 /**
- * Authenticate an incoming ring connection: its first frame must be a valid hello with
- * our job id and secret and a `to` rank we host, within timeoutMs. On failure the
- * socket is closed (4001 bad job/secret/frame, 4002 unknown rank or timeout) and the
- * promise rejects with ProtocolError. Frames after the hello stay queued on the link
+ * Authenticate an incoming ring connection: its first frame must be a valid hello that
+ * `admit` accepts, within timeoutMs. On failure the socket is closed (4001 malformed first
+ * frame, 4002 timeout, or the code `admit` gives) and the promise rejects with
+ * ProtocolError. Frames after the hello stay queued on the link
  * until someone calls link.onFrame. `ws` may be a FrameLink already wrapping the socket.
  */
 export function acceptRingPeer(
   ws: WebSocket | FrameLink,
-  expect: RingExpectation,
+  admit: RingAdmission,
   timeoutMs: number,
   opts: LinkOptions = {},
 ): Promise<{ from: number; to: number; epoch: number; link: FrameLink }> {
@@ -400,15 +386,9 @@ export function acceptRingPeer(
         return;
       }
       const hello = frame.msg;
-      // Evaluate both comparisons so timing does not reveal which one failed.
-      const jobOk = secretsEqual(hello.job, expect.job);
-      const secretOk = secretsEqual(hello.secret, expect.secret);
-      if (!jobOk || !secretOk) {
-        fail(CLOSE_AUTH_FAILED, jobOk ? "ring hello rejected: wrong secret" : "ring hello rejected: wrong job");
-        return;
-      }
-      if (!expect.ranks.has(hello.to)) {
-        fail(CLOSE_BAD_RANK, `ring hello for rank ${hello.to}, which this provider does not host`);
+      const refusal = admit(hello);
+      if (refusal) {
+        fail(refusal.code, refusal.reason);
         return;
       }
       finish();

@@ -6,8 +6,11 @@ import { ProtocolError } from "../errors.js";
  * Control plane: coordinator <-> provider, one msgpack map per binary WebSocket message,
  * validated here before anything acts on it.
  */
-/** 2: explicit round decisions (`decision` on orders, `decide` / `decided`). */
-export const PROTOCOL_VERSION = 2;
+/**
+ * 2: explicit round decisions. 3: worker orders and reports travel in `order` / `report`
+ * envelopes that providers pass on without reading (src/protocol/workerOps.ts).
+ */
+export const PROTOCOL_VERSION = 3;
 /** Control messages carry the task file and checkpoints; bound them all the same. */
 export const MAX_CONTROL_BYTES = 512 * 1024 * 1024;
 
@@ -42,7 +45,8 @@ export const workerInfoSchema = z.object({
 });
 export type WorkerInfo = z.infer<typeof workerInfoSchema>;
 
-const metricsSchema = z.record(z.string().max(128), finite);
+/** Validation metrics by name (an `eval_done` report's sums). */
+export const metricsSchema = z.record(z.string().max(128), finite);
 
 /** A worker's report of one step, as its worker sends it and as its provider forwards it. */
 export const stepReportSchema = z.object({
@@ -75,7 +79,6 @@ export const stepReportSchema = z.object({
  */
 export const decisionSchema = z.object({ step: count, verdict: z.enum(["commit", "abort"]) });
 export type Decision = z.infer<typeof decisionSchema>;
-const decision = decisionSchema.optional();
 
 export const toProviderSchema = z.discriminatedUnion("t", [
   z.object({ t: z.literal("hello"), token: z.string().max(512), version: z.number().int() }),
@@ -94,10 +97,13 @@ export const toProviderSchema = z.discriminatedUnion("t", [
     /** Joining a running job: start the workers, but wait for `ring` to enter the ring. */
     join: z.boolean().optional(),
   }),
-  /** Every ring member takes rank `source`'s whole training state (a member joined). */
-  z.object({ t: z.literal("sync_state"), source: count, decision }),
-  /** Every member takes rank `source`'s weights (rank 0 at the start). */
-  z.object({ t: z.literal("sync"), source: count.default(0) }),
+  /**
+   * Orders for the workers of `ranks` (each hosted here and in the ring), passed on as they
+   * are: the worker-link header (`op` and its fields, one schema per operation in
+   * src/protocol/workerOps.ts) and its payload. The provider validates the order and acts
+   * only on its attempts (round orders start one; an abort decision ends it).
+   */
+  z.object({ t: z.literal("order"), ranks: z.array(count).min(1).max(4096), order: z.record(z.string(), z.unknown()), payload: bytes.optional() }),
   /** Re-form the ring with only `members` (in ring order); local ranks left out stop. */
   z.object({
     t: z.literal("ring"),
@@ -108,27 +114,6 @@ export const toProviderSchema = z.discriminatedUnion("t", [
   }),
   /** Measure this provider's upload to the next member's provider (the `/bench` path, job secret). */
   z.object({ t: z.literal("probe_links"), bytes: z.number().int().min(1024).max(256 * 1024 * 1024) }),
-  z.object({ t: z.literal("step"), step: count, shares: z.array(count), want_hash: z.boolean(), decision }),
-  z.object({
-    t: z.literal("eval"),
-    step: count,
-    slices: z.array(z.object({ rank: count, start: count, count })),
-    batch_size: z.number().int().min(1),
-    decision,
-  }),
-  /** `compressor`: only compressor.pt (each rank's error-feedback memories are its own). */
-  z.object({ t: z.literal("state"), rank: count, kind: z.enum(["checkpoint", "final", "compressor"]), decision }),
-  /** Restore a checkpoint into a rank's worker (resume). */
-  z.object({
-    t: z.literal("load_state"),
-    rank: count,
-    files: z.array(z.object({ name: z.string().regex(/^[A-Za-z0-9._-]{1,128}$/), data: bytes })).max(64),
-  }),
-  /**
-   * The last decision alone (at the end, and before recovery): every member applies it and
-   * answers `decided`. An abort also ends the round's collectives in flight.
-   */
-  decisionSchema.extend({ t: z.literal("decide") }),
   z.object({ t: z.literal("cancel"), reason: z.string().max(1000) }),
 ]);
 export type ToProvider = z.infer<typeof toProviderSchema>;
@@ -152,13 +137,15 @@ export const toCoordinatorSchema = z.discriminatedUnion("t", [
   }),
   z.object({ t: z.literal("reject"), reason: z.string().max(1000) }),
   z.object({ t: z.literal("ready"), rank: count, info: workerInfoSchema }),
-  z.object({ t: z.literal("synced"), rank: count, hash: z.string().max(128), bytes_sent: count }),
+  /** This rank is linked into the ring of `epoch` (and its worker loaded). */
   z.object({ t: z.literal("ring_ready"), rank: count, epoch: count }),
-  z.object({ t: z.literal("synced_state"), rank: count, step: count, hash: z.string().max(128) }),
   /** This rank's ring (of `epoch`) broke: a neighbour was lost or a link cut. It waits for `abort`. */
   z.object({ t: z.literal("ring_lost"), rank: count, epoch: count, reason: z.string().max(4096) }),
-  /** The decision for `step` is applied; `next_step` is the step this replica runs next, `hash` of its parameters now. */
-  decisionSchema.extend({ t: z.literal("decided"), rank: count, next_step: count, hash: z.string().max(128) }),
+  /**
+   * A worker's report, passed on as it came (validated against src/protocol/workerOps.ts),
+   * with the ring bytes this rank sent since its previous report.
+   */
+  z.object({ t: z.literal("report"), rank: count, bytes_sent: count, report: z.record(z.string(), z.unknown()), payload: bytes.optional() }),
   /** Upload from this rank's provider to its ring successor's; nulls when both are on one host. */
   z.object({
     t: z.literal("link"),
@@ -167,22 +154,6 @@ export const toCoordinatorSchema = z.discriminatedUnion("t", [
     rtt_ms: z.number().finite().nonnegative().nullable(),
     upload_bytes_per_s: z.number().finite().positive().nullable(),
   }),
-  stepReportSchema.extend({
-    t: z.literal("step_done"),
-    rank: count,
-    bytes_sent: count,
-    /** What the same all-reduces would have sent uncompressed (float32 ring). */
-    uncompressed_bytes: count,
-  }),
-  z.object({ t: z.literal("eval_done"), rank: count, step: count, count, sums: metricsSchema }),
-  z.object({
-    t: z.literal("state"),
-    rank: count,
-    kind: z.enum(["checkpoint", "final", "compressor"]),
-    step: count,
-    files: z.array(z.object({ name: z.string().regex(/^[A-Za-z0-9._-]{1,128}$/), data: bytes })),
-  }),
-  z.object({ t: z.literal("loaded"), rank: count, step: count }),
   // level: how the coordinator shows it (debug lines only with --verbose; all go to train.log).
   z.object({ t: z.literal("log"), line: z.string().max(64 * 1024), level: logLevelSchema.optional() }),
   z.object({

@@ -1,21 +1,24 @@
 import { z } from "zod";
 import { ProtocolError } from "../errors.js";
-import { decisionSchema, stepReportSchema, workerInfoSchema } from "./messages.js";
+import { decisionSchema, metricsSchema, stepReportSchema, workerInfoSchema } from "./messages.js";
 
 /**
  * The worker link (provider <-> its own Python worker, fd 3; docs/protocol.md, "Worker
- * link"): one schema per operation, in both directions. The provider types what it sends
- * with `ToWorker` and validates everything its worker sends with `parseFromWorker`;
- * python-runtime/nimble_worker/__main__.py serves the same orders (a test holds the two
- * lists together). A new strategy adds its rounds to `strategyOrders` and their reports
- * to `fromWorker`.
+ * link"): one schema per operation, in both directions. The coordinator's orders reach a
+ * worker in `order` envelopes and its reports come back in `report` envelopes; the
+ * provider validates both here (`parseOrder`, `parseFromWorker`) and passes them on
+ * unread, acting only on lifecycle (`init`, `ready`, `stop`, `error`), collectives and
+ * attempts (`roundOrders` start one; an abort `decide` ends it). The coordinator
+ * validates the reports again. python-runtime/nimble_worker/__main__.py serves the same
+ * orders (a test holds the lists together). A new strategy adds its rounds to
+ * `strategyOrders` and their reports to `fromWorker`: the provider needs no change.
  */
 const count = z.number().int().min(0);
-const finite = z.number().finite();
 const hash = z.string().max(128);
 const codec = z.enum(["f32", "f16", "bf16", "int8"]);
 const stateKind = z.enum(["checkpoint", "final", "compressor"]);
-const fileEntry = z.object({ name: z.string().max(128), size: count });
+/** A state file: its name becomes a file in a run directory, so it is a plain name. */
+const fileEntry = z.object({ name: z.string().regex(/^[A-Za-z0-9._-]{1,128}$/), size: count });
 const speed = z.number().gt(0).lte(1);
 /** The last round's decision, riding on an order that every member receives: applied on receipt. */
 const decision = decisionSchema.optional();
@@ -86,7 +89,7 @@ export const fromWorker = {
     /** float32 elements the step's gradient would all-reduce uncompressed. */
     dense_count: count.default(0),
   }),
-  eval_done: z.object({ op: z.literal("eval_done"), step: count, count, sums: z.record(z.string(), finite) }),
+  eval_done: z.object({ op: z.literal("eval_done"), step: count, count, sums: metricsSchema }),
   state: z.object({ op: z.literal("state"), kind: stateKind, step: count, files: z.array(fileEntry) }),
   loaded: z.object({ op: z.literal("loaded"), step: count }),
   error: z.object({
@@ -159,3 +162,50 @@ export function parseFromWorker(message: { header: Record<string, unknown>; payl
   if (problem) throw new ProtocolError(`${label} sent ${problem}`);
   return m;
 }
+
+/** Orders the provider itself sends its workers (lifecycle, the ring, testing aids, collectives). */
+const PROVIDER_ORDERS = ["init", "ring", "set_speed", "stop", "allreduce_result", "allgather_result"] as const;
+const providerOrders = new Set<string>(PROVIDER_ORDERS);
+type RoundOp = keyof (typeof strategyOrders)[keyof typeof strategyOrders];
+type CoordinatorOp = Exclude<OrderOp, (typeof PROVIDER_ORDERS)[number]>;
+/** What a coordinator may order a worker (round orders without their `attempt`: the provider adds it). */
+export type CoordinatorOrder = { [K in CoordinatorOp]: K extends RoundOp ? Omit<z.input<Orders[K]>, "attempt"> : z.input<Orders[K]> }[CoordinatorOp];
+
+/** Orders that start a round: the provider gives each an `attempt` that its collectives carry. */
+export function isRoundOrder(op: string): boolean {
+  return Object.values(strategyOrders).some((orders) => Object.hasOwn(orders, op));
+}
+
+/** Every order's schema (read from the tables each time: a strategy's orders are there once it adds them). */
+function orderSchema(op: string): z.ZodTypeAny | undefined {
+  if (Object.hasOwn(sharedOrders, op)) return sharedOrders[op as keyof typeof sharedOrders];
+  for (const orders of Object.values(strategyOrders) as Record<string, z.ZodTypeAny>[]) if (Object.hasOwn(orders, op)) return orders[op];
+  return undefined;
+}
+
+/** Payload bytes each order carries (none unless listed). */
+const orderPayloadBytes: Record<string, (order: Record<string, unknown>) => number> = {
+  load_state: (o) => (o.files as { size: number }[]).reduce((sum, f) => sum + f.size, 0),
+};
+
+/**
+ * Validates an order from the coordinator for a worker (`from` names the sender in errors).
+ * Round orders get their `attempt` from the provider, so the coordinator sends none.
+ */
+export function parseOrder(order: Record<string, unknown>, payloadBytes: number, from: string): ToWorker {
+  const op = String(order.op);
+  const schema = providerOrders.has(op) ? undefined : orderSchema(op);
+  if (!schema) throw new ProtocolError(`${from} sent an order ${op} that is not a worker operation it may send`);
+  const parsed = schema.safeParse(isRoundOrder(op) ? { ...order, attempt: 0 } : order);
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0];
+    throw new ProtocolError(`${from} sent an invalid ${op} order: ${issue.path.join(".")}: ${issue.message}`);
+  }
+  const want = orderPayloadBytes[op]?.(parsed.data) ?? 0;
+  if (want !== payloadBytes) throw new ProtocolError(`${from} sent a ${op} order with a ${payloadBytes}-byte payload, ${want} expected`);
+  return parsed.data as ToWorker;
+}
+
+/** Messages of a worker that its provider acts on itself; every other one is a report, passed on. */
+export const providerHandles: ReadonlySet<FromWorkerOp> = new Set(["ready", "allreduce", "allgather", "error"]);
+export type ReportOp = Exclude<FromWorkerOp, "ready" | "allreduce" | "allgather" | "error">;

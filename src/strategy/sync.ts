@@ -1,3 +1,4 @@
+import { expectedFrameBytesPerNode } from "../collective/ring.js";
 import type { JobConfig } from "../config/schema.js";
 import { allocate } from "../schedule/allocate.js";
 import { Rebalancer } from "../schedule/rebalance.js";
@@ -111,6 +112,9 @@ export class SyncStrategy implements Strategy<SyncPlan, SyncResult> {
       for (const name of rep.nonfinite ?? []) nonfinite.push(`${name} (rank ${plan.members[k]})`);
       loss += (rep.loss * rep.samples) / batch;
     });
+    // What one plain float32 ring all-reduce of the whole gradient would have sent from each.
+    const size = plan.members.length;
+    const uncompressed = got.map((rep, k) => (size > 1 && rep.dense_count > 0 ? expectedFrameBytesPerNode(rep.dense_count, size, k, "f32") : 0));
     const workers = got.map((rep, k) => ({
       rank: plan.members[k],
       samples: rep.samples,
@@ -119,7 +123,7 @@ export class SyncStrategy implements Strategy<SyncPlan, SyncResult> {
       comm_s: rep.comm_s,
       idle_s: maxCompute - rep.compute_s,
       bytes_sent: rep.bytes_sent,
-      uncompressed_bytes: rep.uncompressed_bytes,
+      uncompressed_bytes: uncompressed[k],
       micro_batches: rep.micro_batches,
       max_micro_batch: rep.max_micro_batch,
     }));
@@ -130,7 +134,7 @@ export class SyncStrategy implements Strategy<SyncPlan, SyncResult> {
       samples: batch,
       lr: got[got.length - 1].lr,
       bytesSent: got.reduce((sum, rep) => sum + rep.bytes_sent, 0),
-      uncompressedBytes: got.reduce((sum, rep) => sum + rep.uncompressed_bytes, 0),
+      uncompressedBytes: uncompressed.reduce((a, b) => a + b, 0),
       nonfinite,
       workers,
       sharesChanged: this.#observe(got),

@@ -1,4 +1,4 @@
-import type { ToCoordinator } from "../protocol/messages.js";
+import type { FromWorker } from "../protocol/workerOps.js";
 
 /**
  * A training strategy on the coordinator side (DESIGN.md, "One round"): it plans each
@@ -31,8 +31,8 @@ export interface RoundPlan {
   wantHash: boolean;
 }
 
-/** What a worker reports of a round (sync: its step report, as its provider forwards it). */
-export type RoundReport = Extract<ToCoordinator, { t: "step_done" }>;
+/** What a worker reports of a round (sync: its step report), with the ring bytes its provider counted. */
+export type RoundReport = Omit<Extract<FromWorker, { op: "step_done" }>, "op"> & { rank: number; bytes_sent: number };
 
 export interface RoundResult {
   round: number;

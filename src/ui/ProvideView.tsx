@@ -1,6 +1,6 @@
 /** The live terminal view of `nimble provide`, and the reporter that drives it. */
 import { Box, render, Text, type Instance } from "ink";
-import type { ProviderEvent, WorkerState } from "../job/provider.js";
+import type { ProviderEvent, WorkerState } from "../job/provider/index.js";
 import { formatBytes, formatCount, formatDuration } from "./format.js";
 import { formatProfile, type ProvideReporter } from "./providePlain.js";
 import { initialProvideState, provideTotals, reduceProvide, type ProvideViewState, type ProvideWorkerRow } from "./provideState.js";

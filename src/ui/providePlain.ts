@@ -2,7 +2,7 @@
  * `nimble provide` for non-terminals (CI, pipes, service logs): one human line per
  * noteworthy event, and a stats line at most every `statsIntervalMs` while a job runs.
  */
-import type { ProviderEvent, StatsEvent, WorkerEvent } from "../job/provider.js";
+import type { ProviderEvent, StatsEvent, WorkerEvent } from "../job/provider/index.js";
 import type { ProviderProfile } from "../protocol/messages.js";
 import { formatBytes, formatCount, formatRate } from "./format.js";
 import { jobBytes } from "./provideState.js";

@@ -1,5 +1,5 @@
 /** What the `nimble provide` view shows, and how each provider event changes it (pure, no React). */
-import type { LinkBytes, ProviderEvent, StatsEvent, WorkerState } from "../job/provider.js";
+import type { LinkBytes, ProviderEvent, StatsEvent, WorkerState } from "../job/provider/index.js";
 import type { DeviceInfo, ProviderProfile } from "../protocol/messages.js";
 import { appendKeepingLast } from "./state.js";
 

@@ -5,8 +5,11 @@
 import type { AddressInfo } from "node:net";
 import WebSocket, { WebSocketServer } from "ws";
 import { RingAllReduce } from "../../src/collective/ring.js";
+import { TokenAuthorizer } from "../../src/net/auth.js";
 import { acceptRingPeer, connectRingPeer, type FrameLink } from "../../src/net/link.js";
 import { MAX_FRAME_BYTES } from "../../src/protocol/frames.js";
+
+const auth = new TokenAuthorizer("unused: ring links carry the job secret");
 
 export const JOB = "job-test";
 export const SECRET = "s3cret-ring-token";
@@ -61,7 +64,7 @@ export async function startRing(size: number, opts: HarnessOptions = {}): Promis
     ({ server }, rank) =>
       new Promise<FrameLink>((resolve, reject) => {
         server.on("connection", (ws: WebSocket) => {
-          acceptRingPeer(ws, { job: JOB, secret: SECRET, ranks: new Set([rank]) }, 2000, {
+          acceptRingPeer(ws, (hello) => auth.admitRingPeer(hello, { job: JOB, secret: SECRET, ranks: new Set([rank]) }), 2000, {
             highWaterMark: opts.highWaterMark,
           }).then(({ from, to, link }) => {
             if (from !== (rank - 1 + size) % size || to !== rank) reject(new Error(`bad hello ${from}->${to}`));

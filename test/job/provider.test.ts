@@ -3,7 +3,7 @@ import { existsSync } from "node:fs";
 import { execa } from "execa";
 import WebSocket, { WebSocketServer } from "ws";
 import { afterEach, beforeAll, describe, expect, it } from "vitest";
-import { Provider, type ProviderEvent } from "../../src/job/provider.js";
+import { Provider, type ProviderEvent } from "../../src/job/provider/index.js";
 import { ProviderClient } from "../../src/job/providerClient.js";
 import { decodeToCoordinator, encodeMessage, PROTOCOL_VERSION, type ToCoordinator, type ToProvider } from "../../src/protocol/messages.js";
 import { resolvePython, type PythonEnv } from "../../src/runtime/python.js";

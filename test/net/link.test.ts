@@ -7,8 +7,11 @@ import {
   connectRingPeer,
   FrameLink,
   LinkClosedError,
-  secretsEqual,
 } from "../../src/net/link.js";
+import { secretsEqual, TokenAuthorizer } from "../../src/net/auth.js";
+
+const auth = new TokenAuthorizer("t");
+const admitting = (ranks: number[]) => (hello: Parameters<TokenAuthorizer["admitRingPeer"]>[0]) => auth.admitRingPeer(hello, { job: "j", secret: "s", ranks: new Set(ranks) });
 import { decodeFrame, encodeControl } from "../../src/protocol/frames.js";
 import { closeServer, startServer } from "../collective/ringHarness.js";
 
@@ -26,7 +29,7 @@ async function ringServer(timeoutMs = 2000) {
   servers.push(server);
   const accepted: Array<Promise<{ from: number; to: number; link: FrameLink }>> = [];
   server.on("connection", (ws: WebSocket) => {
-    const p = acceptRingPeer(ws, { job: "j", secret: "s", ranks: new Set([1]) }, timeoutMs);
+    const p = acceptRingPeer(ws, admitting([1]), timeoutMs);
     p.then(({ link }) => links.push(link), () => {});
     accepted.push(p);
   });
@@ -110,7 +113,7 @@ describe("ring connection auth", () => {
     const held = await early;
     links.push(held);
     await new Promise((r) => setTimeout(r, 50)); // hello and op have arrived by now
-    const { from, to, link } = await acceptRingPeer(held, { job: "j", secret: "s", ranks: new Set([5]) }, 1000);
+    const { from, to, link } = await acceptRingPeer(held, admitting([5]), 1000);
     expect([from, to, link]).toEqual([4, 5, held]);
     const frame = await new Promise<Uint8Array>((resolve) => link.onFrame(resolve));
     expect(decodeFrame(frame)).toMatchObject({ kind: "control", msg: { t: "op", count: 3 } });

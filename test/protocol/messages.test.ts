@@ -9,6 +9,8 @@ import {
   type ToCoordinator,
   type ToProvider,
 } from "../../src/protocol/messages.js";
+import { parseOrder } from "../../src/protocol/workerOps.js";
+import { unpack } from "../../src/job/coordinator/answers.js";
 
 const code = new TextEncoder().encode("import torch\n\ndef build_model(args):\n    return torch.nn.Linear(2, 2)\n");
 
@@ -32,16 +34,16 @@ const toProvider: ToProvider[] = [
     ],
     threads: 4,
   },
-  { t: "sync", source: 0 },
-  { t: "sync", source: 2 },
+  { t: "order", ranks: [0, 1], order: { op: "sync", source: 0 } },
   { t: "ring", epoch: 1, members: [0, 2] },
   { t: "probe_links", bytes: 1024 * 1024 },
-  { t: "step", step: 7, shares: [11, 11, 10], want_hash: true },
-  { t: "eval", step: 9, slices: [{ rank: 0, start: 0, count: 500 }, { rank: 1, start: 500, count: 500 }], batch_size: 256 },
-  { t: "state", rank: 0, kind: "checkpoint" },
-  { t: "state", rank: 2, kind: "final" },
+  { t: "order", ranks: [0, 1], order: { op: "step", step: 7, shares: [11, 11, 10], want_hash: true, decision: { step: 6, verdict: "commit" } } },
+  { t: "order", ranks: [1], order: { op: "eval", step: 9, start: 500, count: 500, batch_size: 256 } },
+  { t: "order", ranks: [2], order: { op: "load_state", files: [{ name: "model.pt", size: 3 }] }, payload: new Uint8Array([1, 2, 3]) },
   { t: "cancel", reason: "user pressed Ctrl-C" },
 ];
+
+const stepDone = { op: "step_done", step: 3, loss: 0.6931, samples: 21, micro_batches: 1, max_micro_batch: null, lr: 0.001, compute_s: 0.12, comm_s: 0.03, skipped: false, hash: "cd".repeat(32), dense_count: 100 };
 
 const stateFiles = [
   { name: "model.pt", data: new Uint8Array([0, 1, 2, 3, 255, 254]) },
@@ -66,14 +68,12 @@ const toCoordinator: ToCoordinator[] = [
   },
   { t: "reject", reason: "wrong token" },
   { t: "ready", rank: 1, info: { params: 1234, param_bytes: 4936, model: "Linear(4, 2)", train_size: 60000, val_size: 10000 } },
-  { t: "synced", rank: 0, hash: "ab".repeat(32), bytes_sent: 4096 },
-  { t: "step_done", rank: 2, step: 3, loss: 0.6931, samples: 21, micro_batches: 1, max_micro_batch: null, lr: 0.001, compute_s: 0.12, comm_s: 0.03, bytes_sent: 2048, uncompressed_bytes: 40960, skipped: false, hash: "cd".repeat(32) },
-  { t: "step_done", rank: 0, step: 4, loss: 0, samples: 0, micro_batches: 0, max_micro_batch: 16, lr: 0.01, compute_s: 0, comm_s: 0, bytes_sent: 0, uncompressed_bytes: 0, skipped: true, nonfinite: ["fc.weight"] },
+  { t: "report", rank: 0, bytes_sent: 4096, report: { op: "synced", hash: "ab".repeat(32) } },
+  { t: "report", rank: 2, bytes_sent: 2048, report: stepDone },
   { t: "ring_ready", rank: 2, epoch: 1 },
   { t: "link", rank: 0, to: 1, rtt_ms: 51.5, upload_bytes_per_s: 2.5e6 },
   { t: "link", rank: 1, to: 2, rtt_ms: null, upload_bytes_per_s: null },
-  { t: "eval_done", rank: 0, step: 9, count: 500, sums: { loss: 123.5, accuracy: 480 } },
-  { t: "state", rank: 0, kind: "checkpoint", step: 5, files: stateFiles },
+  { t: "report", rank: 0, bytes_sent: 0, report: { op: "eval_done", step: 9, count: 500, sums: { loss: 123.5, accuracy: 480 } } },
   { t: "log", line: "[rank 0] epoch 1" },
   { t: "failed", rank: 1, message: "boom", where: "task.py: build_model", kind: "task" },
   { t: "failed", message: "no job is running", kind: "internal" },
@@ -91,7 +91,7 @@ function expectProtocolError(fn: () => unknown, ...patterns: RegExp[]) {
 }
 
 describe("control messages: round trip", () => {
-  it.each(toProvider.map((m) => [`${m.t}${"kind" in m ? ` ${m.kind}` : ""}`, m] as const))("coordinator -> provider %s", (_name, message) => {
+  it.each(toProvider.map((m) => [`${m.t}${m.t === "order" ? ` ${String(m.order.op)}` : ""}`, m] as const))("coordinator -> provider %s", (_name, message) => {
     const bytes = encodeMessage(message);
     expect(bytes).toBeInstanceOf(Uint8Array);
     expect(decodeToProvider(bytes)).toEqual(message);
@@ -113,8 +113,15 @@ describe("control messages: round trip", () => {
   it("carries state files as bytes, byte for byte, in order", () => {
     const big = new Uint8Array(1 << 20);
     for (let i = 0; i < big.length; i++) big[i] = (i * 31) & 0xff;
-    const m: ToCoordinator = { t: "state", rank: 0, kind: "final", step: 100, files: [{ name: "model.safetensors", data: big }, ...stateFiles] };
-    const back = decodeToCoordinator(encodeMessage(m), "provider p1");
+    const files = [{ name: "model.safetensors", data: big }, ...stateFiles];
+    const m: ToCoordinator = {
+      t: "report",
+      rank: 0,
+      bytes_sent: 0,
+      report: { op: "state", kind: "final", step: 100, files: files.map((f) => ({ name: f.name, size: f.data.byteLength })) },
+      payload: Buffer.concat(files.map((f) => f.data)),
+    };
+    const back = unpack(decodeToCoordinator(encodeMessage(m), "provider p1"), "provider p1");
     if (back.t !== "state") throw new Error("expected state");
     expect(back.files.map((f) => f.name)).toEqual(["model.safetensors", "model.pt", "data.json", "empty.bin"]);
     for (const f of back.files) expect(f.data).toBeInstanceOf(Uint8Array);
@@ -129,9 +136,9 @@ describe("control messages: round trip", () => {
     expect(Object.keys(raw).sort()).toEqual(["kind", "message", "t"]);
     expect(decodeToCoordinator(encodeMessage(failed), "provider p1")).toEqual({ t: "failed", message: "x", kind: "worker" });
 
-    const step: ToCoordinator = { t: "step_done", rank: 0, step: 0, loss: 1, samples: 1, micro_batches: 1, max_micro_batch: null, lr: 1, compute_s: 0, comm_s: 0, bytes_sent: 0, uncompressed_bytes: 0, skipped: false, hash: undefined };
-    expect("hash" in (decode(encodeMessage(step)) as object)).toBe(false);
-    expect(decodeToCoordinator(encodeMessage(step), "p")).not.toHaveProperty("hash");
+    const report: ToCoordinator = { t: "report", rank: 0, bytes_sent: 0, report: { op: "synced", hash: "h" }, payload: undefined };
+    expect("payload" in (decode(encodeMessage(report)) as object)).toBe(false);
+    expect(decodeToCoordinator(encodeMessage(report), "p")).not.toHaveProperty("payload");
   });
 
   it("rejects null where an optional field is expected (a sender that writes null is wrong)", () => {
@@ -171,21 +178,17 @@ describe("control messages: rejection", () => {
 
   it("a provider does not accept coordinator-bound messages and vice versa", () => {
     expectProtocolError(() => decodeToProvider(encodeMessage({ t: "reject", reason: "x" }), "coordinator A"));
-    expectProtocolError(() => decodeToCoordinator(encodeMessage({ t: "sync" }), "provider B"));
+    expectProtocolError(() => decodeToCoordinator(encodeMessage({ t: "order", ranks: [0], order: { op: "sync" } }), "provider B"));
+    expectProtocolError(() => decodeToProvider(encodeMessage({ t: "report", rank: 0, bytes_sent: 0, report: { op: "synced", hash: "h" } }), "coordinator A"));
   });
 
   it.each([
-    ["step.step as a string", { t: "step", step: "1", shares: [1], want_hash: false }, /step/],
-    ["step.step negative", { t: "step", step: -1, shares: [1], want_hash: false }, /step/],
-    ["step.step fractional", { t: "step", step: 1.5, shares: [1], want_hash: false }, /step/],
-    ["step.shares with a string", { t: "step", step: 1, shares: [1, "2"], want_hash: false }, /shares\.1/],
-    ["step.want_hash as 0", { t: "step", step: 1, shares: [1], want_hash: 0 }, /want_hash/],
+    ["order.ranks empty", { t: "order", ranks: [], order: { op: "sync" } }, /ranks/],
+    ["order.order not a map", { t: "order", ranks: [0], order: "sync" }, /order/],
     ["hello.token as a number", { t: "hello", token: 1234, version: 1 }, /token/],
-    ["state.kind unknown", { t: "state", rank: 0, kind: "everything" }, /kind/],
     ["job.task.code as a string", { ...toProvider[1], task: { filename: "task.py", code: "import os" } }, /task\.code/],
     ["job.world_size 0", { ...toProvider[1], world_size: 0 }, /world_size/],
     ["job.ranks empty", { ...toProvider[1], ranks: [] }, /ranks/],
-    ["eval.batch_size 0", { t: "eval", step: 0, slices: [], batch_size: 0 }, /batch_size/],
     ["ring.epoch 0 (the starting ring)", { t: "ring", epoch: 0, members: [0] }, /epoch/],
     ["ring.members empty", { t: "ring", epoch: 1, members: [] }, /members/],
     ["probe_links.bytes beyond 256 MiB", { t: "probe_links", bytes: 2 ** 30 }, /bytes/],
@@ -194,17 +197,38 @@ describe("control messages: rejection", () => {
   });
 
   it.each([
-    ["step_done.loss as a string", { ...toCoordinator[4], loss: "0.5" }, /loss/],
-    ["step_done.rank missing", { ...toCoordinator[4], rank: undefined }, /rank/],
+    ["report.rank missing", { ...toCoordinator[4], rank: undefined }, /rank/],
+    ["report.bytes_sent negative", { ...toCoordinator[4], bytes_sent: -1 }, /bytes_sent/],
     ["welcome with no devices", { ...toCoordinator[0], provider: { ...(toCoordinator[0] as { provider: object }).provider, devices: [] } }, /provider\.devices/],
-    ["state.files[].data as a string", { t: "state", rank: 0, kind: "final", step: 1, files: [{ name: "model.safetensors", data: "AAAA" }] }, /files\.0\.data/],
-    ["state file name with a slash", { t: "state", rank: 0, kind: "final", step: 1, files: [{ name: "../../etc/passwd", data: new Uint8Array(1) }] }, /files\.0\.name/],
-    ["eval_done.sums with a string", { t: "eval_done", rank: 0, step: 1, count: 1, sums: { accuracy: "1" } }, /sums\.accuracy/],
+    ["report.payload as a string", { ...toCoordinator[4], payload: "AAAA" }, /payload/],
     ["failed.kind unknown", { t: "failed", message: "x", kind: "cosmic-ray" }, /kind/],
     ["link with a zero upload rate", { t: "link", rank: 0, to: 1, rtt_ms: 1, upload_bytes_per_s: 0 }, /upload_bytes_per_s/],
-    ["step_done.max_micro_batch 0", { ...toCoordinator[4], max_micro_batch: 0 }, /max_micro_batch/],
   ] as const)("rejects %s from a provider, naming the field", (_name, message, field) => {
     expectProtocolError(() => decodeToCoordinator(encode(message, { ignoreUndefined: true }), "provider ws://p:1"), /provider ws:\/\/p:1/, field);
+  });
+
+  it.each([
+    ["step_done.loss as a string", { ...stepDone, loss: "0.5" }, /loss/],
+    ["step_done.max_micro_batch 0", { ...stepDone, max_micro_batch: 0 }, /max_micro_batch/],
+    ["a state file name with a slash", { op: "state", kind: "final", step: 1, files: [{ name: "../../etc/passwd", size: 0 }] }, /files\.0\.name/],
+    ["eval_done.sums with a string", { op: "eval_done", step: 1, count: 1, sums: { accuracy: "1" } }, /sums\.accuracy/],
+    ["a message its provider should have acted on", { op: "allgather", id: 0, size: 0 }, /should have acted on/],
+  ] as const)("a coordinator rejects a report with %s, naming the rank and the field", (_name, report, field) => {
+    const m = decodeToCoordinator(encode({ t: "report", rank: 2, bytes_sent: 0, report }), "provider ws://p:1");
+    expectProtocolError(() => unpack(m, "provider ws://p:1"), /rank 2 \(provider ws:\/\/p:1\)|provider ws:\/\/p:1 passed on/, field);
+  });
+
+  it.each([
+    ["step.step as a string", { op: "step", step: "1", shares: [1], want_hash: false }, /step/],
+    ["step.step negative", { op: "step", step: -1, shares: [1], want_hash: false }, /step/],
+    ["step.shares with a string", { op: "step", step: 1, shares: [1, "2"], want_hash: false }, /shares\.1/],
+    ["step.want_hash as 0", { op: "step", step: 1, shares: [1], want_hash: 0 }, /want_hash/],
+    ["state.kind unknown", { op: "state", kind: "everything" }, /kind/],
+    ["eval.batch_size 0", { op: "eval", step: 0, start: 0, count: 1, batch_size: 0 }, /batch_size/],
+    ["decide with an unknown verdict", { op: "decide", step: 1, verdict: "maybe" }, /verdict/],
+    ["an order only the provider sends", { op: "stop" }, /not a worker operation it may send/],
+  ] as const)("a provider rejects an order with %s, naming the field", (_name, order, field) => {
+    expectProtocolError(() => parseOrder(order as Record<string, unknown>, 0, "coordinator A"), /coordinator A/, field);
   });
 
   it.each(["../x.py", "sub/task.py", "..\\x.py", "/etc/task.py", "task.txt", ".py", "a b.py"])("rejects the task filename %j", (filename) => {

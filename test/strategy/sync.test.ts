@@ -1,4 +1,5 @@
 import { describe, expect, it } from "vitest";
+import { expectedFrameBytesPerNode } from "../../src/collective/ring.js";
 import { SyncStrategy, type SyncOptions } from "../../src/strategy/sync.js";
 import type { RoundReport } from "../../src/strategy/types.js";
 
@@ -25,7 +26,7 @@ function report(rank: number, step: number, samples: number, over: Partial<Round
     micro_batches: 1,
     max_micro_batch: null,
     bytes_sent: 1000,
-    uncompressed_bytes: 4000,
+    dense_count: 1000,
     ...over,
   };
 }
@@ -61,7 +62,12 @@ describe("sync strategy: folding", () => {
     const s = new SyncStrategy([0, 1], opts({ batchSize: 12 }));
     const plan = s.plan(7, [0, 1], 2, { wantHash: false });
     const r = s.fold(plan, reportsOf(7, plan.shares, [0, 1]));
-    expect(r).toMatchObject({ round: 7, skipped: false, samples: 12, bytesSent: 2000, uncompressedBytes: 8000, lr: 0.1 });
+    // What one float32 ring all-reduce of the 1000-element gradient would send from each member.
+    const plain = expectedFrameBytesPerNode(1000, 2, 0, "f32") + expectedFrameBytesPerNode(1000, 2, 1, "f32");
+    expect(plain).toBeGreaterThan(2 * 4000 * 0.5);
+    expect(r).toMatchObject({ round: 7, skipped: false, samples: 12, bytesSent: 2000, uncompressedBytes: plain, lr: 0.1 });
+    const alone = new SyncStrategy([0], opts());
+    expect(alone.fold(alone.plan(0, [0], 1, { wantHash: false }), reportsOf(0, [12], [0])).uncompressedBytes).toBe(0);
     expect(r.loss).toBeCloseTo((1 * 6 + 2 * 6) / 12);
     expect(r.workers.map((w) => w.idle_s)).toEqual([0, 0]);
   });

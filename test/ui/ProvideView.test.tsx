@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import type { ProviderEvent } from "../../src/job/provider.js";
+import type { ProviderEvent } from "../../src/job/provider/index.js";
 import { InkProvideReporter, ProvideView } from "../../src/ui/ProvideView.js";
 import { initialProvideState, PROVIDE_LOG_LINES, provideTotals, reduceProvide, type ProvideViewState } from "../../src/ui/provideState.js";
 import { FakeTty, frameOf, stripAnsi } from "./fixtures.js";

@@ -1,4 +1,4 @@
-import type { ProviderEvent, StatsEvent } from "../../src/job/provider.js";
+import type { ProviderEvent, StatsEvent } from "../../src/job/provider/index.js";
 
 export const listening: Extract<ProviderEvent, { type: "listening" }> = {
   type: "listening",

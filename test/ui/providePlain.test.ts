@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import type { ProviderEvent } from "../../src/job/provider.js";
+import type { ProviderEvent } from "../../src/job/provider/index.js";
 import { ProvideJsonReporter, ProvidePlainReporter } from "../../src/ui/providePlain.js";
 import type { Verbosity } from "../../src/ui/plain.js";
 import { reporterKind } from "../../src/ui/reporter.js";

@@ -1,8 +1,9 @@
-import type { ToCoordinator } from "../../protocol/messages.js";
+import type { Answer, AnswerKind } from "./answers.js";
 import { JobFailed } from "./errors.js";
 
-type Kind = ToCoordinator["t"];
-export type MessageOf<K extends Kind> = Extract<ToCoordinator, { t: K }>;
+type Kind = AnswerKind;
+export type MessageOf<K extends Kind> = Extract<Answer, { t: K }>;
+type ToCoordinator = Answer;
 
 interface Wait {
   kind: Kind;
@@ -66,7 +67,7 @@ export class Exchanges {
   }
 
   /** A worker's message: to every exchange in flight that wants it. */
-  deliver(message: ToCoordinator & { rank: number }): void {
+  deliver(message: Answer): void {
     for (const w of [...this.#waits]) {
       if (w.kind !== message.t || !w.from.includes(message.rank) || !w.match(message)) continue;
       w.got.set(message.rank, message);

@@ -1,11 +1,11 @@
 import type { LoadedConfig } from "../../config/load.js";
 import { configErrorAt } from "../../config/load.js";
 import { UserError, errorMessage } from "../../errors.js";
-import type { ToCoordinator } from "../../protocol/messages.js";
 import { SyncStrategy } from "../../strategy/sync.js";
 import type { Reporter, StatusLevel } from "../events.js";
 import type { ProviderClient } from "../providerClient.js";
 import type { RunDir } from "../runDir.js";
+import type { Incoming } from "./answers.js";
 import { Commits } from "./commit.js";
 import { FaultError, JobFailed, taskErrorHint, type Fault } from "./errors.js";
 import { Exchanges } from "./exchanges.js";
@@ -149,7 +149,7 @@ class Job {
     this.opts.reporter.handle({ type: "status", message, level });
   }
 
-  #onMessage(client: ProviderClient, m: ToCoordinator) {
+  #onMessage(client: ProviderClient, m: Incoming) {
     const r = route(m, client.address, {
       phase: this.#phase,
       epoch: this.membership.epoch,

@@ -4,7 +4,8 @@ import { slicesFor } from "../../schedule/shares.js";
 import { RunDir, type Checkpoint } from "../runDir.js";
 import { JobFailed } from "./errors.js";
 import type { MessageOf } from "./exchanges.js";
-import { type Run, READY_TIMEOUT_MS, RECOVERY_TIMEOUT_MS, STEP_TIMEOUT_MS } from "./run.js";
+import { sendOrder } from "./orders.js";
+import { type Run, READY_TIMEOUT_MS, RECOVERY_TIMEOUT_MS, RING_TIMEOUT_MS, STEP_TIMEOUT_MS } from "./run.js";
 
 /** Bytes each host uploads to its ring successor to measure the link. */
 const LINK_PROBE_BYTES = 4 * 1024 * 1024;
@@ -38,10 +39,14 @@ export async function openRunDir(run: Pick<Run, "config" | "tally" | "status" | 
 /** Start every worker; resolves with rank 0's description of the model and data. */
 export async function startWorkers(run: Run): Promise<MessageOf<"ready">["info"]> {
   const { providers } = run;
-  const ready = run.exchanges.expect("ready", "worker start", run.membership.active, READY_TIMEOUT_MS);
+  const members = run.membership.active;
+  const ready = run.exchanges.expect("ready", "worker start", members, READY_TIMEOUT_MS);
+  // Loaded, and linked into the first ring (which forms while the workers load).
+  const linked = run.exchanges.expect("ring_ready", "the first ring", members, READY_TIMEOUT_MS + RING_TIMEOUT_MS, (m) => m.epoch === 0);
   run.status(`Starting ${providers.ranks.length} worker${providers.ranks.length === 1 ? "" : "s"}; run directory ${run.dir.dir}`);
   await providers.startJob();
   const info = (await ready).get(0)!.info;
+  await linked;
   run.status(`Workers ready: ${info.model}; ${info.train_size} training and ${info.val_size} validation samples`);
   return info;
 }
@@ -53,7 +58,7 @@ export async function restore(run: Run, checkpoint: Checkpoint): Promise<void> {
   for (const r of run.providers.ranks) {
     const own = checkpoint.files.find((f) => f.name === `compressor-rank-${r.rank}.pt`);
     const files = own ? [...shared.filter((f) => f.name !== "compressor.pt"), { name: "compressor.pt", data: own.data }] : shared;
-    r.client.send({ t: "load_state", rank: r.rank, files });
+    sendOrder(run.providers, [r.rank], { op: "load_state", files: files.map((f) => ({ name: f.name, size: f.data.byteLength })) }, Buffer.concat(files.map((f) => f.data)));
   }
   for (const [rank, m] of await loaded) {
     if (m.step !== checkpoint.step) throw new JobFailed(`Rank ${rank} loaded step ${m.step} from a checkpoint of step ${checkpoint.step}`);
@@ -64,7 +69,7 @@ export async function restore(run: Run, checkpoint: Checkpoint): Promise<void> {
 export async function syncWeights(run: Run): Promise<void> {
   const members = run.membership.active;
   const synced = run.exchanges.expect("synced", "initial weight sync", members, STEP_TIMEOUT_MS);
-  for (const c of run.providers.clientsOf(members)) c.send({ t: "sync", source: 0 });
+  sendOrder(run.providers, members, { op: "sync", source: 0 });
   const reports = await synced;
   checkHashes(members, reports, "after the initial weight sync");
   run.tally.recordSync([...reports.values()].reduce((sum, m) => sum + m.bytes_sent, 0));
@@ -95,10 +100,7 @@ export async function evaluate(run: Run, step: number, samples: number): Promise
   const slices = slicesFor(samples, members.map(() => 1));
   const done = run.exchanges.expect("eval_done", `evaluation after step ${step + 1}`, members, STEP_TIMEOUT_MS, (m) => m.step === step);
   const decision = run.commits.ride();
-  for (const client of run.providers.clientsOf(members)) {
-    const mine = members.flatMap((rank, k) => (run.providers.ranks[rank].client === client ? [{ rank, ...slices[k] }] : []));
-    client.send({ t: "eval", step, batch_size: run.config.eval.batch_size, slices: mine, ...decision });
-  }
+  members.forEach((rank, k) => sendOrder(run.providers, [rank], { op: "eval", step, ...slices[k], batch_size: run.config.eval.batch_size, ...decision }));
   const totals: Record<string, number> = {};
   let count = 0;
   for (const rep of (await done).values()) {
@@ -118,7 +120,9 @@ export async function checkpointFiles(run: Run, step: number): Promise<{ name: s
   const source = members[0];
   const state = run.exchanges.expect("state", `checkpoint at step ${step + 1}`, members, STEP_TIMEOUT_MS, (m) => m.kind === "checkpoint" || m.kind === "compressor");
   const decision = run.commits.ride();
-  for (const rank of members) run.providers.ranks[rank].client.send({ t: "state", rank, kind: rank === source ? "checkpoint" : "compressor", ...decision });
+  sendOrder(run.providers, [source], { op: "state", kind: "checkpoint", ...decision });
+  const others = members.filter((rank) => rank !== source);
+  if (others.length > 0) sendOrder(run.providers, others, { op: "state", kind: "compressor", ...decision });
   const got = await state;
   const out = got.get(source)!.files.filter((f) => f.name !== "compressor.pt");
   for (const rank of members) {
@@ -146,7 +150,7 @@ export async function flushDecision(
   const decision = run.commits.flush();
   if (!decision) return;
   const acks = run.exchanges.expect("decided", what, members, timeoutMs, (m) => m.step === decision.step);
-  for (const c of run.providers.clientsOf(members)) c.send({ t: "decide", ...decision });
+  sendOrder(run.providers, members, { op: "decide", ...decision });
   const got = await acks;
   if (decision.verdict === "commit") checkHashes(members, got, when);
 }
@@ -156,7 +160,7 @@ export async function finalWeights(run: Run): Promise<{ name: string; data: Uint
   await flushDecision(run, "the last step's update", "after the last step", STEP_TIMEOUT_MS);
   const source = run.membership.active[0];
   const final = run.exchanges.expect("state", "final weights", [source], STEP_TIMEOUT_MS, (m) => m.kind === "final");
-  run.providers.ranks[source].client.send({ t: "state", rank: source, kind: "final" });
+  sendOrder(run.providers, [source], { op: "state", kind: "final" });
   return (await final).get(source)!.files;
 }
 

@@ -3,11 +3,12 @@ import { readFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { UserError, errorMessage } from "../../errors.js";
-import type { ToCoordinator, ToProvider } from "../../protocol/messages.js";
+import type { ToProvider } from "../../protocol/messages.js";
 import { resolvePython } from "../../runtime/python.js";
 import type { TrainEvent, WorkerRow } from "../events.js";
 import { startLocalProviders } from "../localProviders.js";
 import { ProviderClient, ringUrl } from "../providerClient.js";
+import type { Incoming } from "./answers.js";
 import type { TrainOptions } from "./index.js";
 
 /** How often providers that are away are tried again, and how long one try may take. */
@@ -31,7 +32,7 @@ interface Target {
 
 /** What the providers tell their owner (the run loop). */
 export interface ProviderEvents {
-  message: (client: ProviderClient, m: ToCoordinator) => void;
+  message: (client: ProviderClient, m: Incoming) => void;
   lost: (client: ProviderClient, reason: string) => void;
   status: (message: string) => void;
   report: (event: TrainEvent) => void;

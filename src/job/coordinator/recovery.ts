@@ -2,6 +2,7 @@ import { FaultError, JobFailed, type Fault } from "./errors.js";
 import { quorum, type Quorum } from "./membership.js";
 import type { Phase } from "./phase.js";
 import { checkHashes, flushDecision } from "./phases.js";
+import { sendOrder } from "./orders.js";
 import { type Run, RING_TIMEOUT_MS, STEP_TIMEOUT_MS } from "./run.js";
 
 /** Recoveries interrupted by yet another fault before the job gives up. */
@@ -129,7 +130,7 @@ export async function admit(run: Run, step: number): Promise<void> {
   await reformRing(run, q.members, `the ring re-forming with rank(s) ${names}`);
   const synced = run.exchanges.expect("synced_state", `rank ${source}'s state reaching the new members`, q.members, STEP_TIMEOUT_MS);
   const decision = run.commits.ride();
-  for (const c of providers.clientsOf(q.members)) c.send({ t: "sync_state", source, ...decision });
+  sendOrder(providers, q.members, { op: "sync_state", source, ...decision });
   const got = await synced;
   checkHashes(q.members, got, `after rank(s) ${names} took rank ${source}'s state`);
   for (const [rank, m] of got) {

@@ -4,6 +4,7 @@ import type { RoundReport } from "../../strategy/types.js";
 import { FaultError, JobFailed } from "./errors.js";
 import { checkHashes, checkpointFiles, evaluate, finalWeights } from "./phases.js";
 import { admit, leaveOutSlow, recover, type FaultedAt } from "./recovery.js";
+import { sendOrder } from "./orders.js";
 import { type Run, STEP_TIMEOUT_MS } from "./run.js";
 
 /** How often replicas compare parameter hashes (and always on the last step). */
@@ -76,7 +77,7 @@ export async function trainRounds(run: Run, opts: RoundsOptions): Promise<{ name
   return surviving(run, () => finalWeights(run));
 }
 
-type Attempt = { plan: SyncPlan; reports: Map<number, RoundReport> } | { fault: FaultedAt };
+type Attempt = { plan: SyncPlan; reports: ReadonlyMap<number, RoundReport> } | { fault: FaultedAt };
 
 /** One attempt at round `step`: its orders (carrying the last decision) out, its reports in. */
 async function attemptRound(run: Run, step: number, verify: boolean): Promise<Attempt> {
@@ -87,7 +88,7 @@ async function attemptRound(run: Run, step: number, verify: boolean): Promise<At
   try {
     const done = run.exchanges.expect("step_done", `step ${step}`, plan.members, STEP_TIMEOUT_MS, (m) => m.step === step);
     const decision = run.commits.ride();
-    for (const c of providers.clientsOf(plan.members)) c.send({ t: "step", step, shares: plan.shares, want_hash: wantHash, ...decision });
+    sendOrder(providers, plan.members, { op: "step", step, shares: plan.shares, want_hash: wantHash, ...decision });
     sent = true;
     const reports = await done;
     // Hashes are taken before the round's update (which waits for its decision).
@@ -99,7 +100,7 @@ async function attemptRound(run: Run, step: number, verify: boolean): Promise<At
   }
 }
 
-function fold(run: Run, plan: SyncPlan, reports: Map<number, RoundReport>): SyncResult {
+function fold(run: Run, plan: SyncPlan, reports: ReadonlyMap<number, RoundReport>): SyncResult {
   try {
     return run.strategy.fold(plan, reports);
   } catch (err) {

@@ -1,8 +1,8 @@
-import type { ToCoordinator } from "../../protocol/messages.js";
+import type { Answer, Incoming } from "./answers.js";
 import type { Fault } from "./errors.js";
 import { survivesFaults, type Phase } from "./phase.js";
 
-type Failed = Extract<ToCoordinator, { t: "failed" }>;
+type Failed = Extract<Incoming, { t: "failed" }>;
 
 /** What a provider's message means, given the phase and the ring now. */
 export type Route =
@@ -17,7 +17,7 @@ export type Route =
   /** A loaded worker waiting to enter the ring at the next round boundary. */
   | { action: "joiner"; rank: number }
   /** An answer for the exchanges in flight. */
-  | { action: "deliver"; message: ToCoordinator & { rank: number } }
+  | { action: "deliver"; message: Answer }
   | { action: "ignore" };
 
 export interface RouteState {
@@ -30,7 +30,7 @@ export interface RouteState {
 }
 
 /** Pure: decides what a message from provider `address` means (the run loop acts on it). */
-export function route(m: ToCoordinator, address: string, state: RouteState): Route {
+export function route(m: Incoming, address: string, state: RouteState): Route {
   const surviving = survivesFaults(state.phase);
   switch (m.t) {
     case "log":

@@ -1,0 +1,289 @@
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import type { WebSocket } from "ws";
+import { Mesh } from "../../collective/mesh.js";
+import { errorMessage } from "../../errors.js";
+import type { Authorizer } from "../../net/auth.js";
+import { watchHeartbeat } from "../../net/heartbeat.js";
+import { acceptRingPeer, type FrameLink, type LinkOptions } from "../../net/link.js";
+import type { LogLevel, ToCoordinator, ToProvider } from "../../protocol/messages.js";
+import { parseFromWorker, type FromWorker } from "../../protocol/workerOps.js";
+import { WorkerProcess, type WorkerExit } from "../../runtime/worker.js";
+import { SpeedAid } from "./aids/speed.js";
+import { probeLinks } from "./probe.js";
+import { LocalRank } from "./rank.js";
+import { Relay } from "./relay.js";
+import { JobStats } from "./stats.js";
+import type { JobSpec, LinkBytes, ProviderOptions } from "./types.js";
+
+type FailKind = "task" | "worker" | "ring" | "internal";
+
+/** One job on this provider: its workers, their ring, and the orders and reports between them. */
+export class ProviderJob {
+  readonly ranks: LocalRank[];
+  readonly mesh: Mesh;
+  readonly #stats: JobStats;
+  readonly #relay: Relay;
+  readonly #speed: SpeedAid;
+  readonly #maxRestarts: number;
+  readonly #heartbeatMs: number;
+  readonly #stopControlHeartbeat: () => void;
+  #dir = "";
+  #taskPath = "";
+  #threads = 1;
+  #ended = false;
+  onEnd: (reason: string) => void = () => {};
+  /** Set once the job starts winding down; resolves when it has. */
+  ending: Promise<void> | null = null;
+
+  constructor(
+    readonly spec: JobSpec,
+    private readonly opts: ProviderOptions,
+    private readonly send: (m: ToCoordinator) => void,
+    readonly control: WebSocket,
+    controlBytes: LinkBytes,
+    /** This host's own log (its view); `log` below also tells the coordinator. */
+    private readonly hostLog: (line: string, level?: LogLevel) => void,
+    private readonly linkOptions: LinkOptions,
+    private readonly auth: Authorizer,
+  ) {
+    const faults = spec.config.faults as { max_restarts?: unknown; heartbeat_s?: unknown } | undefined;
+    const maxRestarts = Number(faults?.max_restarts);
+    this.#maxRestarts = Number.isInteger(maxRestarts) && maxRestarts >= 0 ? maxRestarts : 3;
+    const heartbeat = Number(faults?.heartbeat_s);
+    this.#heartbeatMs = heartbeat >= 0.5 && heartbeat <= 3600 ? heartbeat * 1000 : 10_000;
+    this.#stopControlHeartbeat = watchHeartbeat(control, {
+      timeoutMs: this.#heartbeatMs,
+      onDead: (silent) => void this.end(`the coordinator was silent for ${(silent / 1000).toFixed(1)} s`),
+    });
+    this.ranks = spec.ranks.map((r) => new LocalRank(r.rank, r.device, (event) => opts.onEvent({ type: "worker", job: spec.job, ...event })));
+    this.#stats = new JobStats({ job: spec.job, name: String(spec.config.name ?? "") }, spec.ranks, controlBytes, (e) => opts.onEvent(e));
+    this.#speed = new SpeedAid(opts.speed, opts.speedFile, (speed, file) => {
+      this.log(`speed set to ${speed} from ${file}`);
+      for (const r of this.ranks) r.worker?.send({ op: "set_speed", speed });
+    });
+    this.mesh = new Mesh(
+      {
+        local: spec.ranks.map((r) => r.rank),
+        // Joining a running job: no ring until the coordinator's `ring` brings this provider in.
+        members: spec.join ? [] : [...Array(spec.world_size).keys()],
+        urls: new Map(spec.ring.map((r) => [r.rank, r.url])),
+        hello: (from, to, epoch) => auth.ringHello(spec, from, to, epoch),
+        heartbeatMs: this.#heartbeatMs,
+        link: linkOptions,
+      },
+      {
+        linked: (rank, epoch, _ring, size) => this.#linked(rank, epoch, size),
+        lost: (rank, epoch, reason) => this.#ringLost(rank, epoch, reason),
+        fail: (message, rank) => this.fail(message, "ring", rank),
+        log: (line, level) => this.log(line, level),
+        track: (link) => this.#stats.track(link),
+      },
+    );
+    this.#relay = new Relay({
+      rank: (rank) => this.ranks.find((r) => r.rank === rank),
+      inRing: (rank) => this.mesh.inRing(rank) && !!this.ranks.find((r) => r.rank === rank)?.loaded,
+      ringOf: (rank) => (this.#ended ? null : this.mesh.ringOf(rank)),
+      abortAttempts: (step) => this.#abortAttempts(step),
+      send: (m) => this.send(m),
+      loaded: (local, m) => this.#loaded(local, m),
+      workerError: (local, m) => this.#workerError(local, m),
+      ringLost: (local, reason) => this.#ringLost(local.rank, this.mesh.epoch, reason),
+      observe: (rank, report) => this.#stats.observe(rank, report),
+      fail: (message, kind, rank) => this.fail(message, kind, rank),
+    });
+  }
+
+  /**
+   * This job's lines (its workers' output, restarts, ring links): on this host's view and in
+   * the coordinator's run log. What the coordinator learns from a message of its own
+   * (failed, ring_lost) goes to hostLog only, so it is not shown twice.
+   */
+  log(line: string, level: LogLevel = "info"): void {
+    this.hostLog(line, level);
+    this.send({ t: "log", line, level });
+  }
+
+  async start(): Promise<void> {
+    await this.#speed.start();
+    this.#dir = await mkdtemp(path.join(os.tmpdir(), "nimble-job-"));
+    this.#taskPath = path.join(this.#dir, this.spec.task.filename);
+    await writeFile(this.#taskPath, this.spec.task.code);
+    this.#threads = this.opts.threads ?? this.spec.threads ?? Math.max(1, Math.floor(os.cpus().length / this.ranks.length));
+    for (const local of this.ranks) this.#spawn(local);
+    this.mesh.start();
+  }
+
+  /** The coordinator's messages for this job (hello, job and cancel are the server's). */
+  handle(message: ToProvider): void {
+    if (message.t === "order") this.#relay.order(message);
+    else if (message.t === "ring") this.#reform(message.epoch, message.members, message.urls ?? []);
+    else if (message.t === "probe_links") void probeLinks(this, message.bytes, this.auth.benchCredential(this.spec), this.linkOptions.throttle);
+  }
+
+  /** An incoming ring connection: admitted by the Authorizer, then the mesh's. */
+  acceptRing(incoming: FrameLink): void {
+    const ranks = new Set(this.ranks.map((r) => r.rank));
+    acceptRingPeer(incoming, (hello) => this.auth.admitRingPeer(hello, { job: this.spec.job, secret: this.spec.secret, ranks }), 10_000).then(
+      (hello) => this.mesh.accept(hello),
+      (err) => this.log(`refused a ring connection: ${errorMessage(err)}`, "warn"),
+    );
+  }
+
+  sendLink(message: Extract<ToCoordinator, { t: "link" }>): void {
+    this.send(message);
+  }
+
+  fail(message: string, kind: FailKind, rank?: number, where?: string): void {
+    if (this.#ended) return;
+    this.send({ t: "failed", rank, message, where, kind });
+    void this.end(message);
+  }
+
+  #spawn(local: LocalRank) {
+    const label = `rank ${local.rank}`;
+    const worker = new WorkerProcess({
+      python: this.opts.python.python,
+      cwd: this.#dir,
+      label,
+      env: { NIMBLE_RANK: String(local.rank), NIMBLE_WORLD_SIZE: String(this.spec.world_size) },
+      onLog: (line) => this.log(line),
+    });
+    local.worker = worker;
+    local.announce();
+    worker.on("message", (m) => {
+      let message: FromWorker;
+      try {
+        message = parseFromWorker(m, label);
+      } catch (err) {
+        return this.fail(errorMessage(err), "internal", local.rank);
+      }
+      this.#relay.fromWorker(local, message, m.payload);
+    });
+    worker.on("error", (err) => this.fail(`${label}: ${errorMessage(err)}`, "internal", local.rank));
+    worker.on("exit", (exit) => this.#exited(local, worker, exit));
+    worker.send({
+      op: "init",
+      task_path: this.#taskPath,
+      config: this.spec.config,
+      rank: local.rank,
+      world_size: this.spec.world_size,
+      device: local.device,
+      threads: this.#threads,
+      speed: this.#speed.current,
+      ...(this.opts.maxMicroBatch ? { max_micro_batch: this.opts.maxMicroBatch } : {}),
+    });
+  }
+
+  /**
+   * A worker died: its rank leaves the ring (the coordinator re-forms it without it), and
+   * the worker starts again and rejoins with a peer's state, up to faults.max_restarts.
+   */
+  #exited(local: LocalRank, worker: WorkerProcess, exit: WorkerExit) {
+    if (exit.expected || this.#ended || local.worker !== worker) return;
+    const how = exit.signal ? `was killed by ${exit.signal}` : `exited with code ${exit.code}`;
+    const what = `worker for rank ${local.rank} on ${os.hostname()} ${how}`;
+    if (local.state !== "restarting" && local.state !== "left") {
+      this.mesh.leave(local.rank, what);
+      this.hostLog(what, "warn");
+      this.send({ t: "failed", rank: local.rank, message: what, kind: "worker" });
+    }
+    if (local.restarts >= this.#maxRestarts) {
+      const times = `${local.restarts + 1} time${local.restarts === 0 ? "" : "s"}`;
+      const why = `${what}; it crashed ${times} (faults.max_restarts is ${this.#maxRestarts}), so it leaves the job`;
+      this.hostLog(why, "error");
+      local.on("left", `crashed ${times}`);
+      this.send({ t: "failed", rank: local.rank, message: why, kind: "worker" });
+      if (this.ranks.every((r) => r.state === "left" && r.restarts >= this.#maxRestarts)) void this.end(why);
+      return;
+    }
+    local.restart();
+    this.log(`restarting the worker for rank ${local.rank} (restart ${local.restarts} of ${this.#maxRestarts})`, "warn");
+    this.#spawn(local);
+  }
+
+  /** Loaded: the coordinator hears `ready` once per worker start, and `ring_ready` once it is linked too. */
+  #loaded(local: LocalRank, m: Extract<FromWorker, { op: "ready" }>) {
+    if (local.state !== "spawning" && local.state !== "restarting") return this.fail(`rank ${local.rank} sent ready twice`, "internal", local.rank);
+    const { op: _op, ...info } = m;
+    local.info = info;
+    local.on("loaded");
+    this.send({ t: "ready", rank: local.rank, info });
+    if (this.mesh.isLinked(local.rank)) this.#enterRing(local, this.mesh.members.length);
+  }
+
+  #linked(rank: number, _epoch: number, size: number) {
+    const local = this.ranks.find((r) => r.rank === rank)!;
+    if (local.loaded) this.#enterRing(local, size);
+  }
+
+  #enterRing(local: LocalRank, size: number) {
+    local.on("linked");
+    local.worker?.send({ op: "ring", size });
+    this.send({ t: "ring_ready", rank: local.rank, epoch: this.mesh.epoch });
+  }
+
+  /**
+   * Re-form the ring with `members` only (between rounds: no collective in flight). Local
+   * ranks left out stop their workers; those (re)joining wait for a ring that names them.
+   */
+  #reform(epoch: number, members: number[], urls: { rank: number; url: string }[]) {
+    let leftOut: number[];
+    try {
+      leftOut = this.mesh.reform(epoch, members, urls);
+    } catch (err) {
+      return this.fail(errorMessage(err), "internal");
+    }
+    for (const local of this.ranks) {
+      if (local.loaded) local.on("unlinked");
+      if (!leftOut.includes(local.rank) || !local.loaded) continue;
+      this.log(`rank ${local.rank} left out of the ring; stopping its worker`);
+      local.on("left", "left out of the ring");
+      void local.worker?.stop();
+    }
+  }
+
+  /** This rank's ring broke: tell the coordinator once per epoch. The worker waits in its collective for the abort. */
+  #ringLost(rank: number, epoch: number, reason: string) {
+    const local = this.ranks.find((r) => r.rank === rank);
+    if (this.#ended || !local || local.gone || local.state === "restarting") return;
+    this.hostLog(reason, "warn");
+    this.send({ t: "ring_lost", rank, epoch, reason });
+  }
+
+  /** An abort decision: every local member's attempt ends, its collectives in flight and queued are dropped. */
+  #abortAttempts(step: number) {
+    this.#stats.aborted(step);
+    this.mesh.abortRounds(`step ${step} abandoned`);
+    for (const r of this.ranks) {
+      if (!this.mesh.inRing(r.rank)) continue;
+      r.attempt += 1;
+      r.queue = Promise.resolve();
+    }
+  }
+
+  #workerError(local: LocalRank, m: Extract<FromWorker, { op: "error" }>) {
+    if (m.kind === "config") {
+      this.send({ t: "failed", rank: local.rank, message: m.message, field: m.field, kind: "config" });
+      void this.end(m.message);
+    } else this.fail(m.message, m.kind === "task" ? "task" : "worker", local.rank, m.where);
+  }
+
+  end(reason: string): Promise<void> {
+    this.ending ??= this.#finish(reason);
+    return this.ending;
+  }
+
+  async #finish(reason: string) {
+    this.#ended = true;
+    this.#stopControlHeartbeat();
+    this.#speed.stop();
+    this.mesh.close(reason);
+    await Promise.all(this.ranks.map((r) => r.worker?.stop()));
+    if (this.#dir) await rm(this.#dir, { recursive: true, force: true });
+    for (const r of this.ranks) if (r.state !== "left") r.on("stopped");
+    this.#stats.stop();
+    this.onEnd(reason);
+  }
+}

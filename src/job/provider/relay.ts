@@ -1,0 +1,125 @@
+import type { RingAllReduce, WireCodec } from "../../collective/ring.js";
+import { errorMessage } from "../../errors.js";
+import type { ToCoordinator, ToProvider } from "../../protocol/messages.js";
+import { isRoundOrder, parseOrder, type FromWorker, type ToWorker } from "../../protocol/workerOps.js";
+import type { LocalRank } from "./rank.js";
+
+type OrderMessage = Extract<ToProvider, { t: "order" }>;
+
+/** What the relay needs of its job: the ranks, the ring, and where reports and faults go. */
+export interface RelayHost {
+  rank(rank: number): LocalRank | undefined;
+  /** In the current ring and loaded. */
+  inRing(rank: number): boolean;
+  ringOf(rank: number): RingAllReduce | null;
+  /** Every local member's round attempt ends (an abort decision): collectives in flight are dropped. */
+  abortAttempts(step: number): void;
+  send(message: ToCoordinator): void;
+  loaded(local: LocalRank, m: Extract<FromWorker, { op: "ready" }>): void;
+  workerError(local: LocalRank, m: Extract<FromWorker, { op: "error" }>): void;
+  /** The rank's ring broke during a collective. */
+  ringLost(local: LocalRank, reason: string): void;
+  /** A report passed on (for the owner's figures). */
+  observe(rank: number, report: Record<string, unknown>): void;
+  fail(message: string, kind: "internal", rank?: number): void;
+}
+
+/**
+ * Carries orders from the coordinator to the workers and reports back, validated against
+ * the worker-link schema (src/protocol/workerOps.ts) and otherwise unread: it acts only on
+ * attempts (a round order starts one, an abort decision ends it), lifecycle messages
+ * (`ready`, `error`) and collectives, which it runs on the ring. A new strategy's
+ * operations pass through it unchanged.
+ */
+export class Relay {
+  constructor(private readonly host: RelayHost) {}
+
+  /** An `order` envelope from the coordinator. */
+  order(message: OrderMessage): void {
+    const payload = message.payload ?? new Uint8Array(0);
+    let order: ToWorker;
+    try {
+      order = parseOrder(message.order, payload.byteLength, "the coordinator");
+    } catch (err) {
+      return this.host.fail(errorMessage(err), "internal");
+    }
+    if (order.op === "decide" && order.verdict === "abort") this.host.abortAttempts(order.step);
+    const round = isRoundOrder(order.op);
+    for (const rank of message.ranks) {
+      const local = this.host.rank(rank);
+      if (!local) return this.host.fail(`an order for rank ${rank}, which this provider does not host`, "internal");
+      // A rank out of the ring (restarting, left out) takes no orders; its rejoin brings it back.
+      if (!this.host.inRing(rank)) continue;
+      if (round && local.state !== "in_ring" && local.state !== "stepping") {
+        return this.host.fail(`a ${order.op} order for rank ${rank} before its ring formed`, "internal", rank);
+      }
+      let header: ToWorker = order;
+      if (round) {
+        local.attempt += 1;
+        header = { ...order, attempt: local.attempt } as ToWorker;
+        local.on("round");
+      }
+      local.worker?.send(header, payload.byteLength > 0 ? payload : undefined);
+    }
+  }
+
+  /** A message from a local worker, already validated. */
+  fromWorker(local: LocalRank, m: FromWorker, payload: Buffer): void {
+    switch (m.op) {
+      case "ready":
+        return this.host.loaded(local, m);
+      case "error":
+        return this.host.workerError(local, m);
+      case "allreduce":
+        // A request of an abandoned attempt is never served (its worker reads the abort next).
+        if (m.attempt !== local.attempt) return;
+        local.queue = local.queue.then(() => this.#allReduce(local, m.id, m.count, m.codec, payload, m.attempt));
+        return;
+      case "allgather":
+        if (m.attempt !== local.attempt) return;
+        local.queue = local.queue.then(() => this.#allGather(local, m.id, payload, m.attempt));
+        return;
+      default: {
+        // A report: passed on once the collectives it queued have counted their bytes.
+        const report = m as Record<string, unknown>;
+        void local.queue.then(() => {
+          this.host.observe(local.rank, report);
+          this.host.send({ t: "report", rank: local.rank, bytes_sent: local.bytesSinceReport, report, ...(payload.byteLength > 0 ? { payload } : {}) });
+          local.bytesSinceReport = 0;
+        });
+      }
+    }
+  }
+
+  async #allGather(local: LocalRank, id: number, payload: Buffer, attempt: number) {
+    const ring = this.host.ringOf(local.rank);
+    if (!ring || !local.worker || local.attempt !== attempt) return;
+    try {
+      const { blobs, stats } = await ring.allGather(payload);
+      local.bytesSinceReport += stats.bytesSent;
+      if (local.attempt === attempt) local.worker.send({ op: "allgather_result", id, sizes: blobs.map((b) => b.byteLength) }, Buffer.concat(blobs));
+    } catch (err) {
+      this.host.ringLost(local, `ring all-gather failed on rank ${local.rank}: ${errorMessage(err)}`);
+    }
+  }
+
+  async #allReduce(local: LocalRank, id: number, count: number, codec: WireCodec, payload: Buffer, attempt: number) {
+    const ring = this.host.ringOf(local.rank);
+    if (!ring || !local.worker || local.attempt !== attempt) return;
+    // Float32Array needs 4-byte alignment; the link decoder's slices need not have it.
+    const data =
+      payload.byteOffset % 4 === 0
+        ? new Float32Array(payload.buffer, payload.byteOffset, count)
+        : new Float32Array(payload.buffer.slice(payload.byteOffset, payload.byteOffset + count * 4));
+    try {
+      const stats = await ring.allReduce(data, { codec });
+      local.bytesSinceReport += stats.bytesSent;
+    } catch (err) {
+      // The worker stays blocked in its collective until the coordinator's abort decision.
+      this.host.ringLost(local, `ring all-reduce failed on rank ${local.rank}: ${errorMessage(err)}`);
+      return;
+    }
+    if (local.attempt !== attempt) return;
+    local.worker.send({ op: "allreduce_result", id, dtype: "float32", count, codec }, new Uint8Array(data.buffer, data.byteOffset, data.byteLength));
+  }
+}

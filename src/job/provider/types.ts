@@ -1,0 +1,100 @@
+import type { DeviceInfo, LogLevel, ProviderProfile, ToProvider } from "../../protocol/messages.js";
+import type { PythonEnv } from "../../runtime/python.js";
+import type { WorkerState } from "./lifecycle.js";
+
+export type { WorkerState };
+
+/** Bytes this host sent and received on some links, counted where the frames are handed over. */
+export interface LinkBytes {
+  sent: number;
+  received: number;
+}
+
+/** One local rank's part in the job so far. */
+export interface RankStats {
+  rank: number;
+  device: string;
+  /** Steps it computed and that were not abandoned (a step redone after a fault counts once). */
+  steps: number;
+  /** The sum of its shares over those steps: what the coordinator counts for it. */
+  samples: number;
+  /** Its last step's compute and all-reduce wait, when it has run one. */
+  compute_ms: number | null;
+  comm_ms: number | null;
+}
+
+export type { LogLevel };
+
+export type ProviderEvent =
+  | {
+      type: "listening";
+      url: string;
+      host: string;
+      port: number;
+      token: string;
+      devices: DeviceInfo[];
+      /** This host's measured profile, as advertised to coordinators (null with --no-profile). */
+      profile: ProviderProfile | null;
+    }
+  | { type: "log"; line: string; level: LogLevel }
+  | { type: "job"; job: string; name: string; ranks: number[]; world_size: number }
+  | { type: "worker"; job: string; rank: number; device: string; state: WorkerState; restarts: number; pid: number | null; detail?: string }
+  | {
+      type: "stats";
+      job: string;
+      name: string;
+      /** Seconds since the job arrived here. */
+      elapsed_s: number;
+      /** The job's last step this host reported, counted from 1 as `nimble train` shows it (0: none yet). */
+      step: number;
+      /** Steps at least one local rank took part in. */
+      steps: number;
+      /** Samples contributed by the local ranks: the sum of their shares over their steps. */
+      samples: number;
+      ranks: RankStats[];
+      /** Ring links of the job (gradient and state frames, hellos included). */
+      ring: LinkBytes;
+      /** The coordinator's control connection that carries the job (task file and checkpoints included). */
+      control: LinkBytes;
+    }
+  | { type: "job_end"; job: string; reason: string };
+
+export type StatsEvent = Extract<ProviderEvent, { type: "stats" }>;
+export type WorkerEvent = Extract<ProviderEvent, { type: "worker" }>;
+
+export interface ProviderOptions {
+  host: string;
+  port: number;
+  token?: string;
+  python: PythonEnv;
+  devices: DeviceInfo[];
+  /** torch intra-op threads per worker; default: this host's cores divided among its workers. */
+  threads?: number;
+  /**
+   * Testing and benchmarking aid: run workers at this fraction of their speed (0 < s <= 1).
+   * With `speedFile`, the file's number is re-read every half second and applied mid-run.
+   */
+  speed?: number;
+  speedFile?: string;
+  /** Largest micro-batch a worker runs at once; a larger share accumulates over several. */
+  maxMicroBatch?: number;
+  /** This host's measured profile, advertised to coordinators. */
+  profile?: ProviderProfile;
+  /**
+   * Testing and benchmarking aid: pace everything this host uploads (ring frames, bench
+   * uploads) to this many bytes/s, to reproduce a slow internet link over loopback.
+   */
+  linkRate?: number;
+  /**
+   * Testing and benchmarking aid: a one-way latency (ms) on this host's links. Ring frames
+   * and coordinator messages are handed on this long after they arrive, and messages to the
+   * coordinator leave this long after they are sent, so every round trip gains 2x.
+   */
+  latencyMs?: number;
+  onEvent: (event: ProviderEvent) => void;
+}
+
+export type JobSpec = Extract<ToProvider, { t: "job" }>;
+
+/** `stats` events go out at most this often while a job runs, and only when a figure changed. */
+export const STATS_INTERVAL_MS = 500;
