@@ -119,7 +119,11 @@ class Worker:
         return None
 
     def sync(self, h: dict, _: bytearray) -> Reply:
-        digest = sync_params(self.replica, self.comm, int(h.get("source") or 0))
+        source = int(h.get("source") or 0)
+        # A source no rank holds would zero every weight: refuse it.
+        if not 0 <= source < self.replica.world_size:
+            raise LinkError(f"sync: source rank {source} is not a rank of this job (world size {self.replica.world_size})")
+        digest = sync_params(self.replica, self.comm, source)
         return {"op": "synced", "hash": digest}, b""
 
     def sync_state(self, h: dict, _: bytearray) -> Reply:

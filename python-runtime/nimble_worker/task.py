@@ -19,6 +19,11 @@ import torch
 import torch.nn.functional as F
 
 
+# What the coordinator keeps of evaluate()'s metrics (src/protocol/messages.ts, metricsSchema).
+MAX_METRIC_NAME = 128
+MAX_METRICS = 256
+
+
 class TaskError(Exception):
     """An error in the researcher's code (or file), reported with `kind: task`."""
 
@@ -108,8 +113,14 @@ class Task:
         if not isinstance(out, dict):
             raise TaskError(f"must return a dict of metric -> float, got {type(out).__name__}",
                             self.where("evaluate"))
+        if len(out) > MAX_METRICS:
+            raise TaskError(f"returned {len(out)} metrics; at most {MAX_METRICS} are kept",
+                            self.where("evaluate"))
         res: dict[str, float] = {}
         for k, v in out.items():
+            if len(str(k)) > MAX_METRIC_NAME:
+                raise TaskError(f"metric name {str(k)[:40]!r}... is {len(str(k))} characters; "
+                                f"at most {MAX_METRIC_NAME}", self.where("evaluate"))
             try:
                 res[str(k)] = float(v.item() if isinstance(v, torch.Tensor) else v)
             except (TypeError, ValueError, RuntimeError):

@@ -91,3 +91,16 @@ def test_evaluate_must_return_numbers(tmp_path):
     with pytest.raises(TaskError, match="'acc' is not a number") as e:
         task.evaluate(task.build_model(), (torch.randn(2, 3), torch.tensor([0, 1])))
     assert e.value.where == "mytask.py: evaluate"
+
+
+def test_a_metric_name_too_long_to_keep_is_a_task_error_not_a_dropped_provider(tmp_path):
+    import torch
+    path = tmp_path / "long.py"
+    path.write_text("import torch\n"
+                    "def build_model(args):\n    return torch.nn.Linear(2, 1)\n"
+                    "def build_dataset(split, args):\n    return [(torch.zeros(2), 0)]\n"
+                    "def evaluate(model, batch):\n    return {'x' * 200: 1.0}\n")
+    t = Task(str(path), {})
+    with pytest.raises(TaskError, match="is 200 characters; at most 128") as e:
+        t.evaluate(t.build_model(), (torch.zeros(1, 2), torch.zeros(1)))
+    assert e.value.where == "long.py: evaluate"

@@ -286,3 +286,12 @@ def test_decisions_ride_on_orders_and_an_abort_mid_round_drops_it(tiny_task, tmp
     h, _ = w.request({"op": "decide", "step": 3, "verdict": "commit"})
     assert h["op"] == "error" and "decision for step 3, but step 0 is the one prepared" in h["message"]
     assert w.proc.wait(timeout=30) == 3
+
+
+def test_a_sync_from_a_rank_the_job_does_not_have_is_refused(tiny_task, tmp_path):
+    # Every worker would contribute zeros: the weights would all become 0.
+    w = FakeProvider(tmp_path)
+    w.init(tiny_task)
+    h, _ = w.request({"op": "sync", "source": 5})
+    assert h["op"] == "error" and "source rank 5 is not a rank of this job (world size 1)" in h["message"]
+    assert w.proc.wait(timeout=30) == 3

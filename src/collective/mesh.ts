@@ -5,8 +5,8 @@ import { RingAllReduce } from "./ring.js";
 
 /** Close code for a ring link dropped because the ring re-forms: not a fault. */
 export const CLOSE_REFORM = 4006;
-/** How long a ring neighbour may take to connect once the ring (re)forms. */
-const RING_CONNECT_TIMEOUT_MS = 60_000;
+/** How long a ring neighbour may take to connect once the ring (re)forms; and the longest a hello for a later epoch is held. */
+export const RING_CONNECT_TIMEOUT_MS = 60_000;
 
 /** An admitted incoming ring connection: its hello's ranks and epoch. */
 export interface IncomingLink {
@@ -40,6 +40,8 @@ export interface MeshOptions {
   hello: (from: number, to: number, epoch: number) => RingHello;
   heartbeatMs: number;
   link?: LinkOptions;
+  /** How long a hello for a later epoch waits for that epoch (default RING_CONNECT_TIMEOUT_MS). */
+  holdEarlyMs?: number;
 }
 
 interface Slot {
@@ -67,6 +69,7 @@ export class Mesh {
   readonly #urls: Map<number, string>;
   readonly #slots = new Map<number, Slot>();
   #early: IncomingLink[] = [];
+  readonly #earlyTimers = new Map<IncomingLink, NodeJS.Timeout>();
 
   constructor(
     private readonly opts: MeshOptions,
@@ -140,7 +143,11 @@ export class Mesh {
     for (const rank of this.opts.local) this.#form(rank);
     const held = this.#early;
     this.#early = [];
-    for (const hello of held) this.accept(hello);
+    for (const hello of held) {
+      clearTimeout(this.#earlyTimers.get(hello));
+      this.#earlyTimers.delete(hello);
+      this.accept(hello);
+    }
     return leftOut;
   }
 
@@ -168,9 +175,15 @@ export class Mesh {
       return;
     }
     if (epoch > this.#epoch) {
-      // The neighbour heard of the new ring before we did: hold the link until we do.
+      // The neighbour heard of the new ring before we did: hold the link until we do, but
+      // not for ever (a hello for an epoch that never comes is closed).
       this.#early.push(hello);
-      link.onClose(() => (this.#early = this.#early.filter((e) => e !== hello)));
+      const timer = setTimeout(() => link.close(CLOSE_REFORM, `ring epoch ${epoch} never came`), this.opts.holdEarlyMs ?? RING_CONNECT_TIMEOUT_MS);
+      link.onClose(() => {
+        clearTimeout(timer);
+        this.#early = this.#early.filter((e) => e !== hello);
+      });
+      this.#earlyTimers.set(hello, timer);
       return;
     }
     const slot = this.#slots.get(to);

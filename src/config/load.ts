@@ -4,7 +4,7 @@
  * (up to MAX_REPORTED), in one ConfigError (exit code 2).
  */
 import { existsSync, statSync } from "node:fs";
-import { readFile } from "node:fs/promises";
+import { readFile, stat } from "node:fs/promises";
 import path from "node:path";
 import { isMap, isPair, isScalar, isSeq, LineCounter, parseDocument, type Node } from "yaml";
 import { z } from "zod";
@@ -61,11 +61,26 @@ export interface LoadOptions {
   taskInDir?: string;
 }
 
+/** The task file names providers accept (src/protocol/messages.ts, `job.task.filename`). */
+const TASK_FILENAME = /^[A-Za-z0-9._-]{1,128}\.py$/;
+/** The task travels in one control message with the job spec. */
+const MAX_TASK_BYTES = 256 * 1024 * 1024;
+/** Modules the worker imports that a task file of the same name would shadow (the task's folder comes first on sys.path). */
+const SHADOWED_MODULES = new Set(["torch", "numpy", "json", "os", "sys", "io", "math", "random", "socket", "struct", "time", "typing", "dataclasses", "hashlib", "traceback", "importlib", "nimble_worker", "safetensors", "collections", "functools", "threading", "abc", "re", "copy", "enum"]);
+
+/** A job config is a few hundred bytes: anything past this is not one. */
+export const MAX_CONFIG_BYTES = 1024 * 1024;
+
 export async function loadConfig(file: string, opts: LoadOptions = {}): Promise<LoadedConfig> {
   let text: string;
   try {
+    // A regular file of bounded size: a FIFO would hang the read, a huge file the parser.
+    const info = await stat(file);
+    if (!info.isFile()) throw new ConfigError(`${file}: cannot read config: not a regular file`, "pass the path of a YAML job config");
+    if (info.size > MAX_CONFIG_BYTES) throw new ConfigError(`${file}: cannot read config: ${info.size} bytes is more than a config may have (${MAX_CONFIG_BYTES})`, "pass the path of a YAML job config");
     text = await readFile(file, "utf8");
   } catch (err) {
+    if (err instanceof ConfigError) throw err;
     const code = (err as NodeJS.ErrnoException).code;
     const why = code === "ENOENT" ? "no such file" : code === "EISDIR" ? "is a directory" : errorMessage(err);
     throw new ConfigError(`${file}: cannot read config: ${why}`, "pass the path of a YAML job config");
@@ -122,6 +137,13 @@ export function parseConfigText(text: string, file: string, opts: LoadOptions = 
       add(["task"], `task file not found: ${JSON.stringify(task)} (looked for ${taskPath})`);
     } else if (!statSync(taskPath).isFile()) {
       add(["task"], `task must name a Python file, found a directory: ${taskPath}`);
+    } else if (!TASK_FILENAME.test(path.basename(taskPath))) {
+      // What providers accept: they write the task under this name in the job's folder.
+      add(["task"], `the task file's name ${JSON.stringify(path.basename(taskPath))} must be 1 to 128 characters from A-Z a-z 0-9 . _ - ending in .py`);
+    } else if (SHADOWED_MODULES.has(path.basename(taskPath, ".py"))) {
+      add(["task"], `a task named ${path.basename(taskPath)} would shadow Python's ${path.basename(taskPath, ".py")} module in the worker; rename it`);
+    } else if (statSync(taskPath).size > MAX_TASK_BYTES) {
+      add(["task"], `the task file is ${statSync(taskPath).size} bytes, more than a job can carry (${MAX_TASK_BYTES})`);
     }
   }
 

@@ -30,10 +30,12 @@ function defaultName<T extends z.ZodTypeAny>(value: string, schema: T, key = "na
   }, schema);
 }
 
-const positive = z.number().gt(0);
+// Finite everywhere: YAML's .inf and .nan are numbers, and JSON would carry them to the worker as null.
+const number = () => z.number().finite();
+const positive = number().gt(0);
 const nonNegInt = z.number().int().gte(0);
 const posInt = z.number().int().gte(1);
-const unit = z.number().gte(0).lt(1);
+const unit = number().gte(0).lt(1);
 
 const sgd = z
   .object({
@@ -41,7 +43,7 @@ const sgd = z
     lr: positive.default(0.01),
     momentum: unit.default(0),
     nesterov: z.boolean().default(false),
-    weight_decay: z.number().gte(0).default(0),
+    weight_decay: number().gte(0).default(0),
   })
   .strict();
 
@@ -52,7 +54,7 @@ function adamLike<N extends "adam" | "adamw">(name: N, weightDecay: number) {
       lr: positive.default(0.001),
       betas: z.tuple([unit, unit]).default([0.9, 0.999]),
       eps: positive.default(1e-8),
-      weight_decay: z.number().gte(0).default(weightDecay),
+      weight_decay: number().gte(0).default(weightDecay),
     })
     .strict();
 }
@@ -73,7 +75,7 @@ export const lrScheduleSchema = z.discriminatedUnion("name", [
     .object({
       name: z.literal("warmup_cosine"),
       warmup_steps: nonNegInt.default(0),
-      min_lr: z.number().gte(0).default(0),
+      min_lr: number().gte(0).default(0),
     })
     .strict(),
 ]);
@@ -91,16 +93,17 @@ export const compressionSchema = z.discriminatedUnion("method", [
       method: z.literal("powersgd"),
       rank: z.number().int().gte(1).lte(1024).default(4),
       start_step: nonNegInt.default(10),
-      min_compression_rate: z.number().gte(1).default(2),
+      min_compression_rate: number().gte(1).default(2),
       error_feedback: z.boolean().default(true),
       warm_start: z.boolean().default(true),
-      seed: nonNegInt.default(0),
+      /** Within what every worker holds exactly (a double's integers; the worker's 64-bit seeds). */
+    seed: nonNegInt.lte(Number.MAX_SAFE_INTEGER).default(0),
     })
     .strict(),
   z
     .object({
       method: z.literal("topk"),
-      ratio: z.number().gt(0).lte(1).default(0.01),
+      ratio: number().gt(0).lte(1).default(0.01),
       start_step: nonNegInt.default(10),
       error_feedback: z.boolean().default(true),
     })
@@ -133,7 +136,8 @@ export const jobConfigSchema = z
     task_args: nullAsAbsent(z.record(z.unknown()).default({})),
     steps: posInt,
     batch_size: posInt,
-    seed: nonNegInt.default(0),
+    /** Within what every worker holds exactly (a double's integers; the worker's 64-bit seeds). */
+    seed: nonNegInt.lte(Number.MAX_SAFE_INTEGER).default(0),
     optimizer: defaultName("sgd", optimizerSchema.default({ name: "sgd" })),
     lr_schedule: defaultName("constant", lrScheduleSchema.default({ name: "constant" })),
     compression: defaultName("powersgd", compressionSchema.default({ method: "powersgd" }), "method"),
@@ -169,13 +173,13 @@ export const jobConfigSchema = z
       z
         .object({
           /** A provider or ring neighbour silent this long (no heartbeat, no data) is lost. */
-          heartbeat_s: z.number().gte(0.5).lte(3600).default(10),
+          heartbeat_s: number().gte(0.5).lte(3600).default(10),
           /** Fewer workers than this left: the job stops with the reason. */
           min_workers: z.number().int().gte(1).lte(4096).default(1),
           /** A provider starts a crashed worker again this many times; then it leaves the job. */
           max_restarts: z.number().int().gte(0).lte(1000).default(3),
           /** Below min_workers, how long to wait for providers to come (back) before stopping. */
-          wait_s: z.number().gte(0).lte(86_400).default(300),
+          wait_s: number().gte(0).lte(86_400).default(300),
         })
         .strict()
         .default({}),

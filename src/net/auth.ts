@@ -58,10 +58,10 @@ export class TokenAuthorizer implements Authorizer {
   }
 
   admitRingPeer(hello: RingHello, job: RingJob): Refusal | null {
-    // Evaluate both comparisons so timing does not reveal which one failed.
+    // Both compared, and one reason for either: a refusal must not confirm a job id.
     const jobOk = secretsEqual(hello.job, job.job);
     const secretOk = secretsEqual(hello.secret, job.secret);
-    if (!jobOk || !secretOk) return { code: CLOSE_AUTH_FAILED, reason: jobOk ? "ring hello rejected: wrong secret" : "ring hello rejected: wrong job" };
+    if (!jobOk || !secretOk) return { code: CLOSE_AUTH_FAILED, reason: "ring hello rejected: wrong job or secret" };
     if (!job.ranks.has(hello.to)) return { code: CLOSE_BAD_RANK, reason: `ring hello for rank ${hello.to}, which this provider does not host` };
     return null;
   }

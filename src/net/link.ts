@@ -192,6 +192,7 @@ export class FrameLink {
   /** Start the closing handshake (idempotent). Pending and future sends reject. */
   close(code = 1000, reason = ""): void {
     if (this.ws.readyState === WebSocket.CONNECTING || this.ws.readyState === WebSocket.OPEN) {
+      if (this.ws.isPaused) this.ws.resume(); // the handshake reads the peer's close frame
       this.ws.close(code, closeReason(reason));
     }
     this.rejectDrainWaiters(new LinkClosedError(`link closed locally (${code}${reason ? `: ${reason}` : ""})`));
@@ -332,21 +333,17 @@ export async function connectRingPeer(
   return link;
 }
 
+/** A ring hello as it arrived, not yet admitted. */
+export type ArrivedHello = RingHello & { epoch: number };
+
 /**
- * Authenticate an incoming ring connection: its first frame must be a valid hello that
- * `admit` accepts, within timeoutMs. On failure the socket is closed (4001 malformed first
- * frame, 4002 timeout, or the code `admit` gives) and the promise rejects with
- * ProtocolError. Frames after the hello stay queued on the link
- * until someone calls link.onFrame. `ws` may be a FrameLink already wrapping the socket.
+ * Read the first frame of an incoming ring connection, which must be a well-formed hello,
+ * within timeoutMs; then stop reading (the socket pauses: nothing more is buffered until
+ * `admitted` resumes it). On failure the socket is closed (4001 malformed first frame, 4002
+ * timeout) and the promise rejects with ProtocolError. `ws` may be a FrameLink already
+ * wrapping the socket (a bare ws drops messages that arrive while it has no listener).
  */
-export function acceptRingPeer(
-  ws: WebSocket | FrameLink,
-  admit: RingAdmission,
-  timeoutMs: number,
-  opts: LinkOptions = {},
-): Promise<{ from: number; to: number; epoch: number; link: FrameLink }> {
-  // Pass a FrameLink made when the socket arrived if authentication starts later: a bare
-  // ws drops messages that arrive while it has no 'message' listener, the link queues them.
+export function readRingHello(ws: WebSocket | FrameLink, timeoutMs: number, opts: LinkOptions = {}): Promise<{ hello: ArrivedHello; link: FrameLink }> {
   const link = ws instanceof FrameLink ? ws : new FrameLink(ws, opts);
   return new Promise((resolve, reject) => {
     let settled = false;
@@ -359,13 +356,11 @@ export function acceptRingPeer(
     const fail = (code: number, message: string) => {
       if (settled) return;
       finish();
+      link.ws.resume(); // a close handshake reads the peer's close frame
       link.close(code, message);
       reject(new ProtocolError(message));
     };
-    const timer = setTimeout(
-      () => fail(CLOSE_BAD_RANK, `ring peer sent no hello within ${timeoutMs} ms`),
-      timeoutMs,
-    );
+    const timer = setTimeout(() => fail(CLOSE_BAD_RANK, `ring peer sent no hello within ${timeoutMs} ms`), timeoutMs);
     const offClose = link.onClose((code, reason) => {
       if (settled) return;
       finish();
@@ -373,7 +368,7 @@ export function acceptRingPeer(
     });
     const offFrame = link.onFrame((bytes) => {
       if (settled) return;
-      offFrame();
+      link.ws.pause();
       let frame;
       try {
         frame = decodeFrame(bytes);
@@ -385,14 +380,34 @@ export function acceptRingPeer(
         fail(CLOSE_AUTH_FAILED, "first frame on a ring connection must be hello");
         return;
       }
-      const hello = frame.msg;
-      const refusal = admit(hello);
-      if (refusal) {
-        fail(refusal.code, refusal.reason);
-        return;
-      }
       finish();
-      resolve({ from: hello.from, to: hello.to, epoch: hello.epoch, link });
+      resolve({ hello: frame.msg, link });
     });
   });
+}
+
+/**
+ * Decide on a hello read by `readRingHello`: admitted, the link reads again (frames after
+ * the hello stay queued until someone calls link.onFrame); refused, it closes with the
+ * code `admit` gives and this throws ProtocolError.
+ */
+export function admitRingHello(arrived: { hello: ArrivedHello; link: FrameLink }, admit: RingAdmission): { from: number; to: number; epoch: number; link: FrameLink } {
+  const { hello, link } = arrived;
+  const refusal = admit(hello);
+  link.ws.resume();
+  if (refusal) {
+    link.close(refusal.code, refusal.reason);
+    throw new ProtocolError(refusal.reason);
+  }
+  return { from: hello.from, to: hello.to, epoch: hello.epoch, link };
+}
+
+/** `readRingHello` then `admitRingHello`. */
+export async function acceptRingPeer(
+  ws: WebSocket | FrameLink,
+  admit: RingAdmission,
+  timeoutMs: number,
+  opts: LinkOptions = {},
+): Promise<{ from: number; to: number; epoch: number; link: FrameLink }> {
+  return admitRingHello(await readRingHello(ws, timeoutMs, opts), admit);
 }

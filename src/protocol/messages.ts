@@ -118,6 +118,18 @@ export const toProviderSchema = z.discriminatedUnion("t", [
 ]);
 export type ToProvider = z.infer<typeof toProviderSchema>;
 
+/** What is wrong with a job spec beyond its shape (ranks the job does not have), or null. */
+export function jobSpecProblem(job: Extract<ToProvider, { t: "job" }>): string | null {
+  for (const r of [...job.ranks, ...job.ring]) {
+    if (r.rank >= job.world_size) return `the job names rank ${r.rank}, which is not below its world_size ${job.world_size}`;
+  }
+  if (new Set(job.ranks.map((r) => r.rank)).size !== job.ranks.length) return "the job names one of this provider's ranks twice";
+  const ringRanks = job.ring.map((r) => r.rank);
+  if (new Set(ringRanks).size !== ringRanks.length) return "the job's ring names a rank twice";
+  if (!job.join && ringRanks.length !== job.world_size) return `the job's ring has ${ringRanks.length} addresses for ${job.world_size} ranks`;
+  return null;
+}
+
 /** debug: only with --verbose; warn and error: shown even with --quiet. */
 export const logLevelSchema = z.enum(["debug", "info", "warn", "error"]);
 export type LogLevel = z.infer<typeof logLevelSchema>;

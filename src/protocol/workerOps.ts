@@ -49,21 +49,21 @@ export const sharedOrders = {
   eval: z.object({ op: z.literal("eval"), step: count, start: count, count, batch_size: z.number().int().min(1), decision }),
   state: z.object({ op: z.literal("state"), kind: stateKind, decision }),
   /** Payload: the files' bytes concatenated in order. */
-  load_state: z.object({ op: z.literal("load_state"), files: z.array(fileEntry) }),
+  load_state: z.object({ op: z.literal("load_state"), files: z.array(fileEntry).max(4096) }),
   /** No reply; also while the worker waits for a collective's result. */
   set_speed: z.object({ op: z.literal("set_speed"), speed }),
   stop: z.object({ op: z.literal("stop") }),
   /** Payload: `count` float32 elements, the sum over the ring. */
   allreduce_result: z.object({ op: z.literal("allreduce_result"), id: count, dtype: z.literal("float32"), count, codec: codec.optional() }),
   /** Payload: every member's blob, concatenated in ring order. */
-  allgather_result: z.object({ op: z.literal("allgather_result"), id: count, sizes: z.array(count) }),
+  allgather_result: z.object({ op: z.literal("allgather_result"), id: count, sizes: z.array(count).max(4096) }),
 };
 
 /** The rounds of each strategy (its `Strategy.orders` on the worker), by strategy name. */
 export const strategyOrders = {
   sync: {
     /** One optimizer step of the global batch; `attempt` is echoed in its collectives. */
-    step: z.object({ op: z.literal("step"), step: count, shares: z.array(count), want_hash: z.boolean(), attempt: count, decision }),
+    step: z.object({ op: z.literal("step"), step: count, shares: z.array(count).max(4096), want_hash: z.boolean(), attempt: count, decision }),
   },
 };
 
@@ -90,7 +90,7 @@ export const fromWorker = {
     dense_count: count.default(0),
   }),
   eval_done: z.object({ op: z.literal("eval_done"), step: count, count, sums: metricsSchema }),
-  state: z.object({ op: z.literal("state"), kind: stateKind, step: count, files: z.array(fileEntry) }),
+  state: z.object({ op: z.literal("state"), kind: stateKind, step: count, files: z.array(fileEntry).max(4096) }),
   loaded: z.object({ op: z.literal("loaded"), step: count }),
   error: z.object({
     op: z.literal("error"),

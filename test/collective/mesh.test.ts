@@ -16,7 +16,7 @@ afterEach(async () => {
 });
 
 /** One host running `local` ranks of a job whose ranks `all` each listen at their own URL (all on this host). */
-async function host(local: number[], members: number[]) {
+async function host(local: number[], members: number[], holdEarlyMs?: number) {
   const urls = new Map<number, string>();
   const events: { linked: [number, number, number][]; lost: [number, number, string][]; failed: string[] } = { linked: [], lost: [], failed: [] };
   let mesh: Mesh | null = null;
@@ -39,7 +39,7 @@ async function host(local: number[], members: number[]) {
     log: () => {},
     track: () => {},
   };
-  mesh = new Mesh({ local, members, urls, hello: (from, to, epoch) => auth.ringHello(JOB, from, to, epoch), heartbeatMs: 10_000 }, handlers);
+  mesh = new Mesh({ local, members, urls, hello: (from, to, epoch) => auth.ringHello(JOB, from, to, epoch), heartbeatMs: 10_000, holdEarlyMs }, handlers);
   meshes.push(mesh);
   return { mesh, urls, events };
 }
@@ -103,6 +103,13 @@ describe("the mesh: ring links by epoch", () => {
       [0, 3, 2],
       [1, 3, 2],
     ]);
+  });
+
+  it("does not hold a hello for an epoch that never comes for ever", async () => {
+    const b = await host([1], [], 200);
+    const early = await connectRingPeer(b.urls.get(1)!, auth.ringHello(JOB, 0, 1, 9));
+    const closed = await new Promise<{ code: number; reason: string }>((resolve) => early.onClose((code, reason) => resolve({ code, reason })));
+    expect(closed).toEqual({ code: CLOSE_REFORM, reason: "ring epoch 9 never came" });
   });
 
   it("a rank whose worker died leaves until a ring names it again, and is not counted as left out", async () => {

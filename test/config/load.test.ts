@@ -5,6 +5,20 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ConfigError } from "../../src/errors.js";
 import { ConfigIssuesError, loadConfig, parseConfigText, type ConfigIssue } from "../../src/config/load.js";
 
+/** The message parsing `text` as `file` fails with ("" when it does not). */
+function errorOf(text: string, file: string): string {
+  try {
+    parseConfigText(text, file);
+  } catch (err) {
+    return (err as Error).message;
+  }
+  return "";
+}
+
+/** A task file for configs whose task is beside the point (providers take only .py names). */
+const PY_TASK = path.join(mkdtempSync(path.join(tmpdir(), "nimble-config-task-")), "task.py");
+writeFileSync(PY_TASK, "x = 1\n");
+
 let dir: string;
 let file: string;
 
@@ -126,7 +140,7 @@ providers:
     const { issues } = issuesOf(BASE.replace("batch_size: 64", "batch_size: 6.5") + "seed: -1\nlocal_workers: 65\n");
     expect(issues.map((i) => [i.line, i.field, i.message])).toEqual([
       [4, "batch_size", "expected an integer >= 1, found 6.5"],
-      [5, "seed", "expected an integer >= 0, found -1"],
+      [5, "seed", "expected an integer >= 0 and <= 9007199254740991, found -1"],
       [6, "local_workers", "expected an integer >= 1 and <= 64, found 65"],
     ]);
   });
@@ -315,7 +329,7 @@ describe("loadConfig", () => {
 
 describe("compression section", () => {
   const file = "/tmp/nimble-compression-test/nimble.yaml";
-  const body = (section: string) => `name: c\ntask: ${__filename}\nsteps: 10\nbatch_size: 8\n${section}`;
+  const body = (section: string) => `name: c\ntask: ${PY_TASK}\nsteps: 10\nbatch_size: 8\n${section}`;
 
   it("defaults to PowerSGD rank 4 and fills each method's own defaults", () => {
     expect(parseConfigText(body(""), file).config.compression).toEqual({
@@ -357,15 +371,8 @@ describe("compression section", () => {
 
 describe("strategy section", () => {
   const file = "/tmp/nimble-strategy-test/nimble.yaml";
-  const body = (section: string) => `name: s\ntask: ${__filename}\nsteps: 10\nbatch_size: 8\n${section}`;
-  const messageOf = (text: string) => {
-    try {
-      parseConfigText(text, file);
-    } catch (err) {
-      return (err as Error).message;
-    }
-    return "";
-  };
+  const body = (section: string) => `name: s\ntask: ${PY_TASK}\nsteps: 10\nbatch_size: 8\n${section}`;
+  const messageOf = (text: string) => errorOf(text, file);
 
   it("defaults to sync, also when the section is empty or leaves out its name", () => {
     expect(parseConfigText(body(""), file).config.strategy).toEqual({ name: "sync" });
@@ -391,5 +398,41 @@ describe("strategy section", () => {
     expect(messageOf(body("strategy:\n  name: sync\n  inner_steps: 50\n"))).toContain(
       `${file}:7:3: strategy.inner_steps: unknown key "inner_steps" in strategy (name: sync); allowed keys: name`,
     );
+  });
+});
+
+describe("configs that would validate and then fail", () => {
+  const dir = mkdtempSync(path.join(tmpdir(), "nimble-config-bounds-"));
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+  const file = path.join(dir, "nimble.yaml");
+  const body = (section: string, task = PY_TASK) => `name: b\ntask: ${task}\nsteps: 10\nbatch_size: 8\n${section}`;
+  const messageOf = (text: string) => errorOf(text, file);
+
+  it("refuses infinite and not-a-number values, and seeds past what a worker can hold", () => {
+    expect(messageOf(body("optimizer: {name: adam, lr: .inf}\n"))).toMatch(/nimble\.yaml:5:\d+: optimizer\.lr: /);
+    expect(messageOf(body("optimizer: {name: sgd, momentum: .nan}\n"))).toMatch(/optimizer\.momentum/);
+    expect(messageOf(body("seed: 1e300\n"))).toMatch(/nimble\.yaml:5:7: seed: expected an integer >= 0 and <= 9007199254740991/);
+    expect(messageOf(body("faults: {heartbeat_s: .inf}\n"))).toMatch(/faults\.heartbeat_s/);
+  });
+
+  it("refuses task file names a provider would refuse, and names that shadow a module the worker imports", () => {
+    for (const name of ["my task.py", "task.txt", "tâche.py"]) {
+      const task = path.join(dir, name);
+      writeFileSync(task, "x = 1\n");
+      expect(messageOf(body("", task))).toMatch(/task: the task file's name .* must be 1 to 128 characters from A-Z a-z 0-9 \. _ - ending in \.py/);
+    }
+    const torch = path.join(dir, "torch.py");
+    writeFileSync(torch, "x = 1\n");
+    expect(messageOf(body("", torch))).toContain("task: a task named torch.py would shadow Python's torch module in the worker; rename it");
+  });
+
+  it("reads only a regular file of config size: not a FIFO, not a huge file", async () => {
+    const fifo = path.join(dir, "fifo.yaml");
+    const { execFileSync } = await import("node:child_process");
+    execFileSync("mkfifo", [fifo]);
+    await expect(loadConfig(fifo)).rejects.toThrow(/fifo\.yaml: cannot read config: not a regular file/);
+    const huge = path.join(dir, "huge.yaml");
+    writeFileSync(huge, body(`# ${"x".repeat(2 * 1024 * 1024)}\n`));
+    await expect(loadConfig(huge)).rejects.toThrow(/huge\.yaml: cannot read config: \d+ bytes is more than a config may have/);
   });
 });

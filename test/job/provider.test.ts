@@ -276,7 +276,27 @@ describe("Provider control plane", () => {
     // The first coordinator's job was not disturbed.
     expect(first.ws.readyState).toBe(WebSocket.OPEN);
     expect(first.messages.some((m) => m.t === "failed")).toBe(false);
+
+    // One coordinator per job: a cancel pipelined behind a hello that is turned away as busy
+    // does not reach the running job.
+    const third = await RawClient.open();
+    third.send({ t: "hello", token: TOKEN, version: PROTOCOL_VERSION });
+    third.send({ t: "cancel", reason: "not yours" });
+    expect((await third.closed).code).toBe(4009);
+    await new Promise((r) => setTimeout(r, 300));
+    expect(events.some((e) => e.type === "job_end")).toBe(false);
+    expect(first.ws.readyState).toBe(WebSocket.OPEN);
   }, 180_000);
+
+  it("refuses a job spec that names ranks the job does not have", async () => {
+    await startProvider();
+    const client = await welcomed();
+    const spec = jobSpec("job-bad-rank", GOOD_TASK) as Extract<ToProvider, { t: "job" }>;
+    client.send({ ...spec, ranks: [{ rank: 3, device: spec.ranks[0].device }] });
+    const failed = await client.next("failed");
+    expect(failed.message).toBe("the job names rank 3, which is not below its world_size 1");
+    expect(events.some((e) => e.type === "job")).toBe(false);
+  });
 
   it("reports a task whose build_model raises as failed/task naming the file and function, and its worker is gone", async () => {
     await startProvider();

@@ -68,8 +68,9 @@ describe("ring connection auth", () => {
   });
 
   for (const [name, hello, code, message] of [
-    ["wrong secret", { job: "j", secret: "nope", from: 0, to: 1 }, 4001, /wrong secret/],
-    ["wrong job", { job: "other", secret: "s", from: 0, to: 1 }, 4001, /wrong job/],
+    // One reason for both: a refusal does not confirm a job id.
+    ["wrong secret", { job: "j", secret: "nope", from: 0, to: 1 }, 4001, /ring hello rejected: wrong job or secret$/],
+    ["wrong job", { job: "other", secret: "s", from: 0, to: 1 }, 4001, /ring hello rejected: wrong job or secret$/],
     ["a rank not hosted here", { job: "j", secret: "s", from: 0, to: 2 }, 4002, /rank 2/],
   ] as const) {
     it(`rejects ${name}`, async () => {

@@ -1,6 +1,8 @@
 import type { LoadedConfig } from "../../config/load.js";
 import { configErrorAt } from "../../config/load.js";
 import { UserError, errorMessage } from "../../errors.js";
+import { WarningLimiter } from "../../net/bounds.js";
+import { cleanText, MAX_PEER_TEXT } from "../../protocol/text.js";
 import { SyncStrategy } from "../../strategy/sync.js";
 import type { Reporter, StatusLevel } from "../events.js";
 import type { ProviderClient } from "../providerClient.js";
@@ -63,6 +65,7 @@ class Job {
   /** Ctrl-C while training: stop after the step in flight, leaving a checkpoint to resume from. */
   stopRequested = false;
   readonly #onAbort = () => this.#cancel();
+  readonly #warnings = new WarningLimiter();
 
   constructor(private readonly opts: TrainOptions) {
     this.config = opts.loaded.config;
@@ -150,16 +153,22 @@ class Job {
   }
 
   #onMessage(client: ProviderClient, m: Incoming) {
-    const r = route(m, client.address, {
+    const r = route(m, cleanText(client.address, 256), {
       phase: this.#phase,
       epoch: this.membership.epoch,
       isActive: (rank) => this.membership.isActive(rank),
       hosts: (rank) => this.providers.ranks[rank]?.client === client,
     });
     switch (r.action) {
-      case "log":
-        if (m.t === "log") this.opts.reporter.handle({ type: "log", source: client.address, line: m.line, level: m.level === "error" ? "warn" : m.level });
+      case "log": {
+        if (m.t !== "log") return;
+        // A provider's text: no terminal escapes, bounded, and its repeated warnings held back.
+        const level = m.level === "error" ? "warn" : m.level;
+        const line = cleanText(m.line, MAX_PEER_TEXT);
+        const shown = level === "warn" ? this.#warnings.pass(`${client.address} ${line.slice(0, 48).replace(/\d+/g, "#")}`, line) : line;
+        if (shown) this.opts.reporter.handle({ type: "log", source: client.address, line: shown, level });
         return;
+      }
       case "config error":
         return this.exchanges.fail(configErrorAt(this.opts.loaded, r.field, r.message));
       case "fault":
@@ -186,7 +195,8 @@ class Job {
     const hosted = this.providers.ranksOf(client).map((r) => r.rank);
     const gone = hosted.filter((rank) => this.membership.isActive(rank));
     for (const rank of hosted) this.membership.joinerGone(rank);
-    if (gone.length > 0 || !survivesFaults(this.#phase)) this.#noteFault({ kind: "provider lost", ranks: gone, reason: `${client.address}: ${reason}`, at: Date.now() });
+    const why = `${client.address}: ${cleanText(reason, 1000)}`;
+    if (gone.length > 0 || !survivesFaults(this.#phase)) this.#noteFault({ kind: "provider lost", ranks: gone, reason: why, at: Date.now() });
   }
 
   #noteFault(fault: Fault) {

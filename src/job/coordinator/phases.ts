@@ -5,6 +5,7 @@ import { RunDir, type Checkpoint } from "../runDir.js";
 import { JobFailed } from "./errors.js";
 import type { MessageOf } from "./exchanges.js";
 import { sendOrder } from "./orders.js";
+import { checkStateFiles } from "./stateFiles.js";
 import { type Run, READY_TIMEOUT_MS, RECOVERY_TIMEOUT_MS, RING_TIMEOUT_MS, STEP_TIMEOUT_MS } from "./run.js";
 
 /** Bytes each host uploads to its ring successor to measure the link. */
@@ -118,12 +119,13 @@ export async function evaluate(run: Run, step: number, samples: number): Promise
 export async function checkpointFiles(run: Run, step: number): Promise<{ name: string; data: Uint8Array }[]> {
   const members = run.membership.active;
   const source = members[0];
-  const state = run.exchanges.expect("state", `checkpoint at step ${step + 1}`, members, STEP_TIMEOUT_MS, (m) => m.kind === "checkpoint" || m.kind === "compressor");
+  const state = run.exchanges.expect("state", `checkpoint at step ${step + 1}`, members, STEP_TIMEOUT_MS, (m) => m.kind === (m.rank === source ? "checkpoint" : "compressor"));
   const decision = run.commits.ride();
   sendOrder(run.providers, [source], { op: "state", kind: "checkpoint", ...decision });
   const others = members.filter((rank) => rank !== source);
   if (others.length > 0) sendOrder(run.providers, others, { op: "state", kind: "compressor", ...decision });
   const got = await state;
+  for (const [rank, m] of got) checkStateFiles(m.kind, m.files, `rank ${rank} (${run.providers.ranks[rank].client.address})`);
   const out = got.get(source)!.files.filter((f) => f.name !== "compressor.pt");
   for (const rank of members) {
     const own = got.get(rank)!.files.find((f) => f.name === "compressor.pt");
@@ -161,7 +163,9 @@ export async function finalWeights(run: Run): Promise<{ name: string; data: Uint
   const source = run.membership.active[0];
   const final = run.exchanges.expect("state", "final weights", [source], STEP_TIMEOUT_MS, (m) => m.kind === "final");
   sendOrder(run.providers, [source], { op: "state", kind: "final" });
-  return (await final).get(source)!.files;
+  const files = (await final).get(source)!.files;
+  checkStateFiles("final", files, `rank ${source} (${run.providers.ranks[source].client.address})`);
+  return files;
 }
 
 export function checkHashes(members: readonly number[], reports: ReadonlyMap<number, { hash?: string }>, when: string): void {

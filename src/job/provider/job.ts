@@ -6,7 +6,10 @@ import { Mesh } from "../../collective/mesh.js";
 import { errorMessage } from "../../errors.js";
 import type { Authorizer } from "../../net/auth.js";
 import { watchHeartbeat } from "../../net/heartbeat.js";
-import { acceptRingPeer, type FrameLink, type LinkOptions } from "../../net/link.js";
+import { limitMessages, WarningLimiter } from "../../net/bounds.js";
+import { admitRingHello, type ArrivedHello, type FrameLink, type LinkOptions } from "../../net/link.js";
+import { MAX_FRAME_BYTES } from "../../protocol/frames.js";
+import { cleanText, MAX_PEER_TEXT } from "../../protocol/text.js";
 import type { LogLevel, ToCoordinator, ToProvider } from "../../protocol/messages.js";
 import { parseFromWorker, type FromWorker } from "../../protocol/workerOps.js";
 import { WorkerProcess, type WorkerExit } from "../../runtime/worker.js";
@@ -26,6 +29,7 @@ export class ProviderJob {
   readonly #stats: JobStats;
   readonly #relay: Relay;
   readonly #speed: SpeedAid;
+  readonly #warnings = new WarningLimiter();
   readonly #maxRestarts: number;
   readonly #heartbeatMs: number;
   readonly #stopControlHeartbeat: () => void;
@@ -101,8 +105,10 @@ export class ProviderJob {
    * (failed, ring_lost) goes to hostLog only, so it is not shown twice.
    */
   log(line: string, level: LogLevel = "info"): void {
-    this.hostLog(line, level);
-    this.send({ t: "log", line, level });
+    // A worker's output is the task's text: control characters out, over-long lines cut.
+    const clean = cleanText(line, MAX_PEER_TEXT);
+    this.hostLog(clean, level);
+    this.send({ t: "log", line: clean, level });
   }
 
   async start(): Promise<void> {
@@ -122,13 +128,17 @@ export class ProviderJob {
     else if (message.t === "probe_links") void probeLinks(this, message.bytes, this.auth.benchCredential(this.spec), this.linkOptions.throttle);
   }
 
-  /** An incoming ring connection: admitted by the Authorizer, then the mesh's. */
-  acceptRing(incoming: FrameLink): void {
+  /** An incoming ring connection's hello: admitted by the Authorizer (reading resumes), then the mesh's. */
+  acceptHello(arrived: { hello: ArrivedHello; link: FrameLink }): void {
     const ranks = new Set(this.ranks.map((r) => r.rank));
-    acceptRingPeer(incoming, (hello) => this.auth.admitRingPeer(hello, { job: this.spec.job, secret: this.spec.secret, ranks }), 10_000).then(
-      (hello) => this.mesh.accept(hello),
-      (err) => this.log(`refused a ring connection: ${errorMessage(err)}`, "warn"),
-    );
+    try {
+      const hello = admitRingHello(arrived, (h) => this.auth.admitRingPeer(h, { job: this.spec.job, secret: this.spec.secret, ranks }));
+      limitMessages(arrived.link.ws, MAX_FRAME_BYTES);
+      this.mesh.accept(hello);
+    } catch (err) {
+      const line = this.#warnings.pass("ring refused", `refused a ring connection: ${cleanText(errorMessage(err), 1000)}`);
+      if (line) this.hostLog(line, "warn");
+    }
   }
 
   sendLink(message: Extract<ToCoordinator, { t: "link" }>): void {
@@ -137,8 +147,10 @@ export class ProviderJob {
 
   fail(message: string, kind: FailKind, rank?: number, where?: string): void {
     if (this.#ended) return;
-    this.send({ t: "failed", rank, message, where, kind });
-    void this.end(message);
+    // A task's exception may be long: its head and tail (where the real error is) are kept.
+    const text = cleanText(message, MAX_PEER_TEXT, { multiline: true });
+    this.send({ t: "failed", rank, message: text, where: where === undefined ? undefined : cleanText(where, 512), kind });
+    void this.end(text);
   }
 
   #spawn(local: LocalRank) {
@@ -265,7 +277,7 @@ export class ProviderJob {
 
   #workerError(local: LocalRank, m: Extract<FromWorker, { op: "error" }>) {
     if (m.kind === "config") {
-      this.send({ t: "failed", rank: local.rank, message: m.message, field: m.field, kind: "config" });
+      this.send({ t: "failed", rank: local.rank, message: cleanText(m.message, MAX_PEER_TEXT, { multiline: true }), field: m.field?.slice(0, 256), kind: "config" });
       void this.end(m.message);
     } else this.fail(m.message, m.kind === "task" ? "task" : "worker", local.rank, m.where);
   }

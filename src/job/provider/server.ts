@@ -5,13 +5,16 @@ import type { Duplex } from "node:stream";
 import { WebSocketServer, type WebSocket } from "ws";
 import { errorMessage, UserError } from "../../errors.js";
 import { TokenAuthorizer, type Authorizer } from "../../net/auth.js";
-import { afterLatency, FrameLink, type LinkOptions } from "../../net/link.js";
+import { ConnectionCaps, limitMessages, WarningLimiter } from "../../net/bounds.js";
+import { CLOSE_AUTH_FAILED, FrameLink, readRingHello, type ArrivedHello, type LinkOptions } from "../../net/link.js";
 import { BENCH_FRAME_BYTES, servePeerBench } from "../../net/peerBench.js";
 import { MAX_FRAME_BYTES } from "../../protocol/frames.js";
-import { decodeToProvider, encodeMessage, MAX_CONTROL_BYTES, PROTOCOL_VERSION, type LogLevel, type ToCoordinator, type ToProvider } from "../../protocol/messages.js";
+import { jobSpecProblem, MAX_CONTROL_BYTES, PROTOCOL_VERSION, type LogLevel, type ToCoordinator, type ToProvider } from "../../protocol/messages.js";
+import { cleanText } from "../../protocol/text.js";
+import { ControlConnection, MAX_HELLO_BYTES, type ControlHost } from "./control.js";
 import { linkPacing } from "./aids/pacing.js";
 import { ProviderJob } from "./job.js";
-import type { JobSpec, LinkBytes, ProviderOptions } from "./types.js";
+import type { JobSpec, ProviderOptions } from "./types.js";
 
 /** Close code for a ring connection whose job never arrived here. */
 const CLOSE_NO_SUCH_JOB = 4005;
@@ -31,8 +34,12 @@ export class Provider {
   private readonly ringServer = new WebSocketServer({ noServer: true, maxPayload: MAX_FRAME_BYTES });
   private readonly benchServer = new WebSocketServer({ noServer: true, maxPayload: BENCH_FRAME_BYTES, perMessageDeflate: false });
   private job: ProviderJob | null = null;
-  /** Ring connections that arrived before their job: held until it does, or time out. */
-  private pendingRing: FrameLink[] = [];
+  /** Ring hellos that arrived before their job: held (reading paused) until it does, or time out. */
+  private pendingRing: { arrived: { hello: ArrivedHello; link: FrameLink }; release: () => void }[] = [];
+  /** Connections not authenticated yet (control and ring): in all, and per address. */
+  private readonly unauthenticated = new ConnectionCaps(256, 64);
+  private readonly wrongTokens = new WrongTokens();
+  private readonly warnings = new WarningLimiter();
   private readonly linkOptions: LinkOptions;
   /** Per control connection: the job that ended on it, so late messages for it are not failures. */
   private readonly endedOn = new WeakMap<WebSocket, { job: string; reason: string }>();
@@ -62,7 +69,7 @@ export class Provider {
         socket.end("HTTP/1.1 404 Not Found\r\n\r\n");
         return;
       }
-      target.handleUpgrade(req, socket, head, (ws) => (target === this.controlServer ? this.onControl(ws, req) : this.onRing(ws)));
+      target.handleUpgrade(req, socket, head, (ws) => (target === this.controlServer ? this.onControl(ws, req) : this.onRing(ws, req)));
     });
     await new Promise<void>((resolve, reject) => {
       server.once("error", (err: NodeJS.ErrnoException) => {
@@ -85,7 +92,7 @@ export class Provider {
 
   async close(): Promise<void> {
     await this.job?.end("provider shutting down");
-    for (const link of this.pendingRing) link.terminate();
+    for (const p of this.pendingRing) p.arrived.link.terminate();
     for (const ws of this.controlServer.clients) ws.terminate();
     for (const ws of this.ringServer.clients) ws.terminate();
     for (const ws of this.benchServer.clients) ws.terminate();
@@ -99,76 +106,55 @@ export class Provider {
     this.opts.onEvent({ type: "log", line, level });
   }
 
+  /** A coordinator's connection: admitted through its hello, then one at a time per job. */
   private onControl(ws: WebSocket, req: IncomingMessage) {
-    const from = `coordinator ${req.socket.remoteAddress}:${req.socket.remotePort}`;
-    let authenticated = false;
-    /** This connection's traffic; a job it carries reports it as its control bytes. */
-    const bytes: LinkBytes = { sent: 0, received: 0 };
-    const send = (m: ToCoordinator) => {
-      const encoded = encodeMessage(m);
-      afterLatency(this.opts.latencyMs, () => {
-        if (ws.readyState !== ws.OPEN) return;
-        bytes.sent += encoded.byteLength;
-        ws.send(encoded);
-      });
-    };
-    const helloTimer = setTimeout(() => ws.close(4003, "no hello"), 10_000);
-    this.log(`${from} connected`, "debug");
-    ws.on("message", (data, isBinary) => afterLatency(this.opts.latencyMs, () => {
-      bytes.received += rawDataLength(data);
-      let message: ToProvider;
-      try {
-        message = decodeToProvider(isBinary ? data : String(data), from);
-      } catch (err) {
-        this.log(`dropping ${from}: ${errorMessage(err)}`, "warn");
-        ws.close(4000, "invalid message");
-        return;
-      }
-      if (!authenticated) {
-        clearTimeout(helloTimer);
-        if (message.t !== "hello") {
-          ws.close(4000, "expected hello");
-          return;
-        }
-        const refusal = this.auth.admitCoordinator(message, PROTOCOL_VERSION);
-        if (refusal) {
-          this.log(`rejected ${from}: ${refusal.reason}`, "warn");
-          send({ t: "reject", reason: refusal.reason });
-          ws.close(refusal.code, refusal.reason === "wrong token" ? "wrong token" : "protocol mismatch");
-          return;
-        }
-        authenticated = true;
-        void this.welcome(ws, send);
-        return;
-      }
-      if (message.t === "job") {
-        if (this.job) {
-          send({ t: "failed", message: `already running job ${this.job.spec.job}`, kind: "internal" });
-          return;
-        }
-        this.startJob(message, send, ws, bytes);
-        return;
-      }
-      const ended = this.endedOn.get(ws) ?? null;
-      if (!this.job) {
-        // A job this provider left (its workers kept crashing) may still get the job's
-        // messages for a moment: they are moot, not a failure.
-        if (ended !== null && message.t !== "hello") send({ t: "log", line: `left job ${ended.job} (${ended.reason}); ignoring ${message.t}` });
-        else if (message.t !== "cancel") send({ t: "failed", message: `no job is running; got ${message.t}`, kind: "internal" });
-        return;
-      }
-      if (message.t === "cancel") {
-        void this.job.end(`cancelled by coordinator: ${message.reason}`);
-        return;
-      }
-      if (message.t !== "hello") this.job.handle(message);
-    }));
-    ws.on("close", () => afterLatency(this.opts.latencyMs, () => {
-      clearTimeout(helloTimer);
-      this.log(`${from} disconnected`, "debug");
-      if (this.job && this.job.control === ws) void this.job.end("coordinator disconnected");
-    }));
-    ws.on("error", () => {});
+    const address = req.socket.remoteAddress ?? "unknown";
+    const release = this.unauthenticated.admit(address);
+    if (!release) {
+      this.warn(`control:${address}`, `refused a connection from ${address}: too many connections waiting to authenticate`);
+      ws.close(1013, "too many unauthenticated connections");
+      return;
+    }
+    new ControlConnection(ws, req, this.controlHost, this.opts.latencyMs, release);
+  }
+
+  private readonly controlHost: ControlHost = {
+    admit: (hello, address) => {
+      if (this.wrongTokens.blocked(address)) return { code: CLOSE_AUTH_FAILED, reason: "too many wrong tokens from this address; try again later" };
+      const refusal = this.auth.admitCoordinator(hello, PROTOCOL_VERSION);
+      if (refusal?.reason === "wrong token") this.wrongTokens.note(address);
+      return refusal;
+    },
+    welcome: (conn) => this.welcome(conn),
+    message: (conn, message) => this.onControlMessage(conn, message),
+    closed: (conn) => {
+      if (this.job && this.job.control === conn.ws) void this.job.end("coordinator disconnected");
+    },
+    log: (line, level) => this.log(line, level),
+  };
+
+  /** An admitted coordinator's message: only the job's own coordinator reaches the job. */
+  private onControlMessage(conn: ControlConnection, message: ToProvider) {
+    if (message.t === "job") {
+      if (this.job) return conn.send({ t: "failed", message: `already running job ${this.job.spec.job}`, kind: "internal" });
+      const problem = jobSpecProblem(message);
+      if (problem) return conn.send({ t: "failed", message: problem, kind: "internal" });
+      return this.startJob(message, conn);
+    }
+    if (this.job && this.job.control !== conn.ws) {
+      this.warn(`foreign:${conn.address}`, `ignoring ${message.t} from ${conn.from}: job ${this.job.spec.job} belongs to another coordinator`);
+      return;
+    }
+    const ended = this.endedOn.get(conn.ws) ?? null;
+    if (!this.job) {
+      // A job this provider left (its workers kept crashing) may still get the job's
+      // messages for a moment: they are moot, not a failure.
+      if (ended !== null) conn.send({ t: "log", line: `left job ${ended.job} (${ended.reason}); ignoring ${message.t}` });
+      else if (message.t !== "cancel") conn.send({ t: "failed", message: `no job is running; got ${message.t}`, kind: "internal" });
+      return;
+    }
+    if (message.t === "cancel") return void this.job.end(`cancelled by coordinator: ${message.reason}`);
+    this.job.handle(message);
   }
 
   /**
@@ -176,14 +162,13 @@ export class Provider {
    * only winding down (workers stopping after a cancel) is waited for, so a coordinator that
    * reconnects right after its previous job is not turned away.
    */
-  private async welcome(ws: WebSocket, send: (m: ToCoordinator) => void) {
+  private async welcome(conn: ControlConnection): Promise<boolean> {
     if (this.job?.ending) await Promise.race([this.job.ending, new Promise((r) => setTimeout(r, 10_000))]);
     if (this.job) {
-      send({ t: "reject", reason: `busy with job ${this.job.spec.job}` });
-      ws.close(4009, "busy");
-      return;
+      conn.send({ t: "reject", reason: `busy with job ${this.job.spec.job}` });
+      return false;
     }
-    send({
+    conn.send({
       t: "welcome",
       version: PROTOCOL_VERSION,
       provider: {
@@ -195,15 +180,17 @@ export class Provider {
         ...(this.opts.profile ? { profile: this.opts.profile } : {}),
       },
     });
+    return true;
   }
 
-  private startJob(spec: JobSpec, send: (m: ToCoordinator) => void, ws: WebSocket, controlBytes: LinkBytes) {
-    const job = new ProviderJob(spec, this.opts, send, ws, controlBytes, (line, level) => this.log(line, level), this.linkOptions, this.auth);
+  private startJob(spec: JobSpec, conn: ControlConnection) {
+    const send = (m: ToCoordinator) => conn.send(m);
+    const job = new ProviderJob(spec, this.opts, send, conn.ws, conn.bytes, (line, level) => this.log(line, level), this.linkOptions, this.auth);
     this.job = job;
     this.opts.onEvent({ type: "job", job: spec.job, name: String(spec.config.name ?? ""), ranks: spec.ranks.map((r) => r.rank), world_size: spec.world_size });
     job.onEnd = (reason) => {
       if (this.job === job) this.job = null;
-      this.endedOn.set(ws, { job: spec.job, reason });
+      this.endedOn.set(conn.ws, { job: spec.job, reason });
       this.opts.onEvent({ type: "job_end", job: spec.job, reason });
     };
     void job.start().catch((err) => {
@@ -212,29 +199,73 @@ export class Provider {
     });
     const pending = this.pendingRing;
     this.pendingRing = [];
-    for (const ringWs of pending) job.acceptRing(ringWs);
+    for (const p of pending) {
+      p.release();
+      job.acceptHello(p.arrived);
+    }
   }
 
-  private onRing(ws: WebSocket) {
-    // Wrap at once: a FrameLink keeps frames (the hello) that arrive before anyone listens.
-    const link = new FrameLink(ws, this.linkOptions);
-    if (this.job) {
-      this.job.acceptRing(link);
+  /**
+   * A ring connection: nothing is read but its hello (at most MAX_HELLO_BYTES), and then
+   * nothing more until its job admits it. Without a job yet, the hello waits (reading
+   * paused) up to RING_CONNECT_TIMEOUT_MS, within the caps on unauthenticated connections.
+   */
+  private onRing(ws: WebSocket, req: IncomingMessage) {
+    const address = req.socket.remoteAddress ?? "unknown";
+    const release = this.unauthenticated.admit(address);
+    if (!release) {
+      this.warn(`ring:${address}`, `refused a ring connection from ${address}: too many connections waiting to authenticate`);
+      ws.close(1013, "too many unauthenticated connections");
       return;
     }
-    this.pendingRing.push(link);
-    const timer = setTimeout(() => {
-      this.pendingRing = this.pendingRing.filter((l) => l !== link);
-      link.close(CLOSE_NO_SUCH_JOB, "no such job");
-    }, RING_CONNECT_TIMEOUT_MS);
-    link.onClose(() => {
-      clearTimeout(timer);
-      this.pendingRing = this.pendingRing.filter((l) => l !== link);
-    });
+    limitMessages(ws, MAX_HELLO_BYTES);
+    // Wrap at once: a FrameLink keeps frames (the hello) that arrive before anyone listens.
+    const link = new FrameLink(ws, this.linkOptions);
+    link.onClose(() => release());
+    readRingHello(link, 10_000).then(
+      (arrived) => {
+        if (this.job) {
+          release();
+          return this.job.acceptHello(arrived);
+        }
+        const pending = { arrived, release };
+        this.pendingRing.push(pending);
+        const timer = setTimeout(() => {
+          this.pendingRing = this.pendingRing.filter((p) => p !== pending);
+          link.close(CLOSE_NO_SUCH_JOB, "no such job");
+        }, RING_CONNECT_TIMEOUT_MS);
+        link.onClose(() => {
+          clearTimeout(timer);
+          this.pendingRing = this.pendingRing.filter((p) => p !== pending);
+        });
+      },
+      (err) => this.warn(`ring:${address}`, `refused a ring connection from ${address}: ${cleanText(errorMessage(err), 1000)}`),
+    );
+  }
+
+  /** A warning about an outsider, at most one line per peer and kind every few seconds. */
+  private warn(key: string, line: string) {
+    const out = this.warnings.pass(key, line);
+    if (out) this.log(out, "warn");
   }
 }
 
-/** Bytes of one WebSocket message as ws hands it over. */
-function rawDataLength(data: Buffer | ArrayBuffer | Buffer[]): number {
-  return Array.isArray(data) ? data.reduce((n, b) => n + b.byteLength, 0) : data.byteLength;
+/** Wrong tokens an address may send in `windowMs` before its hellos are refused unread for that long. */
+class WrongTokens {
+  readonly #seen = new Map<string, number[]>();
+  constructor(
+    private readonly max = 5,
+    private readonly windowMs = 10_000,
+  ) {}
+
+  note(address: string, now = Date.now()): void {
+    const recent = (this.#seen.get(address) ?? []).filter((t) => now - t < this.windowMs);
+    recent.push(now);
+    this.#seen.set(address, recent);
+    if (this.#seen.size > 10_000) this.#seen.clear();
+  }
+
+  blocked(address: string, now = Date.now()): boolean {
+    return (this.#seen.get(address) ?? []).filter((t) => now - t < this.windowMs).length >= this.max;
+  }
 }
