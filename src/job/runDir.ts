@@ -56,34 +56,59 @@ function stamp(date: Date): string {
  * summary.json.
  */
 export class RunDir {
-  private metrics: WriteStream;
+  #metrics: WriteStream | null = null;
 
-  private constructor(readonly dir: string) {
-    this.metrics = createWriteStream(path.join(dir, "metrics.jsonl"), { flags: "a" });
-  }
+  /** Resuming: the metrics kept from before the checkpoint, written back only by `settleResume`. */
+  #pendingKept: StepMetrics[] | null = null;
 
-  /** An existing run directory, to resume: metrics keep only the steps before `keepBefore`. */
-  static async reopen(dir: string, keepBefore: number): Promise<{ run: RunDir; kept: StepMetrics[] }> {
+  private constructor(readonly dir: string) {}
+
+  /**
+   * An existing run directory, to resume: the metrics of the steps before `keepBefore`
+   * (and the line numbers of damaged lines, which are dropped). Nothing on disk changes
+   * until `settleResume`, once every worker has loaded the checkpoint: a resume that fails
+   * before that leaves the run as it was.
+   */
+  static async reopen(dir: string, keepBefore: number): Promise<{ run: RunDir; kept: StepMetrics[]; damaged: number[] }> {
     const file = path.join(dir, "metrics.jsonl");
-    let kept: StepMetrics[] = [];
+    const kept: StepMetrics[] = [];
+    const damaged: number[] = [];
+    let lines: string[] = [];
     try {
-      // A line cut short by a crash is dropped with the steps after the checkpoint.
-      kept = (await readFile(file, "utf8"))
-        .split("\n")
-        .flatMap((l) => {
-          try {
-            return [JSON.parse(l) as StepMetrics];
-          } catch {
-            return [];
-          }
-        })
-        .filter((m) => Number.isInteger(m.step) && m.step < keepBefore);
+      lines = (await readFile(file, "utf8")).split("\n");
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
     }
+    lines.forEach((line, i) => {
+      if (!line.trim()) return;
+      let m: StepMetrics;
+      try {
+        m = JSON.parse(line) as StepMetrics;
+      } catch {
+        // The last line may be cut short by a crash; one before it is damage worth naming.
+        if (i < lines.length - 1 && lines.slice(i + 1).some((l) => l.trim())) damaged.push(i + 1);
+        return;
+      }
+      if (typeof m === "object" && m !== null && Number.isInteger(m.step) && m.step < keepBefore) kept.push(m);
+    });
+    const run = new RunDir(dir);
+    run.#pendingKept = kept;
+    return { run, kept, damaged };
+  }
+
+  /** Resuming for good (every worker loaded the checkpoint): metrics.jsonl keeps only the steps before it. */
+  async settleResume(): Promise<void> {
+    const kept = this.#pendingKept;
+    if (kept === null) return;
+    const file = path.join(this.dir, "metrics.jsonl");
     await writeFile(`${file}.tmp`, kept.map((m) => JSON.stringify(m) + "\n").join(""));
     await rename(`${file}.tmp`, file);
-    return { run: new RunDir(dir), kept };
+    this.#pendingKept = null;
+  }
+
+  /** A resume not settled yet: nothing may be written. */
+  get unsettled(): boolean {
+    return this.#pendingKept !== null;
   }
 
   /**
@@ -104,6 +129,8 @@ export class RunDir {
       try {
         const manifest = JSON.parse(await readFile(path.join(where, MANIFEST), "utf8")) as { step: number; files: Record<string, { sha256: string; bytes: number }> };
         if (!Number.isInteger(manifest.step) || typeof manifest.files !== "object" || manifest.files === null) throw new Error("the manifest is malformed");
+        // The folder names the step: a manifest that says otherwise (or step 0 or less) is not this checkpoint's.
+        if (manifest.step < 1 || manifest.step !== Number(name.slice(5))) throw new Error(`the manifest says step ${manifest.step}`);
         const files: Checkpoint["files"] = [];
         for (const [file, want] of Object.entries(manifest.files)) {
           if (path.basename(file) !== file) throw new Error(`the manifest names ${JSON.stringify(file)}`);
@@ -143,7 +170,9 @@ export class RunDir {
   }
 
   appendMetrics(line: StepMetrics) {
-    this.metrics.write(JSON.stringify(line) + "\n");
+    if (this.unsettled) throw new Error("metrics appended before the resume settled");
+    this.#metrics ??= createWriteStream(path.join(this.dir, "metrics.jsonl"), { flags: "a" });
+    this.#metrics.write(JSON.stringify(line) + "\n");
   }
 
   /** Write a checkpoint atomically (temporary folder, then rename) and keep the newest `keep`. */
@@ -176,11 +205,14 @@ export class RunDir {
     await rename(`${final}.tmp`, final);
   }
 
+  /** The run's summary; a resume that never settled leaves the old one (the run is as it was). */
   async writeSummary(summary: Record<string, unknown>) {
+    if (this.unsettled) return;
     await this.writeFile("summary.json", JSON.stringify(summary, null, 2) + "\n");
   }
 
   async close() {
-    await new Promise<void>((resolve) => this.metrics.end(() => resolve()));
+    const metrics = this.#metrics;
+    if (metrics) await new Promise<void>((resolve) => metrics.end(() => resolve()));
   }
 }

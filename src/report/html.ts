@@ -221,7 +221,7 @@ function formatMetricTick(v: number): string {
 }
 
 function rankColor(rank: number): string {
-  return PALETTE[rank % PALETTE.length]!;
+  return Number.isInteger(rank) && rank >= 0 ? PALETTE[rank % PALETTE.length]! : "#888";
 }
 
 function charts(data: ReportData): ChartSpec[] {
@@ -309,7 +309,8 @@ function workersTable(d: ReportData): string {
   return table(
     ["Rank", "Worker", "Provider", "Device", "Samples", "Share"],
     d.workers.map((w) => [
-      `<span class="swatch" style="background:${rankColor(w.rank)}"></span>${w.rank}`,
+      // summary.json is a file on disk: its rank may be anything, and is escaped like the rest.
+      `<span class="swatch" style="background:${rankColor(w.rank)}"></span>${e(w.rank)}`,
       e(w.id),
       e(w.provider),
       e(w.device),

@@ -182,11 +182,44 @@ describe("RunDir", () => {
     for (let s = 0; s < 7; s++) run.appendMetrics(line(s) as never);
     await run.close();
     await writeFile(path.join(run.dir, "metrics.jsonl"), (await readFile(path.join(run.dir, "metrics.jsonl"), "utf8")) + '{"step": 7, "lo');
-    const { run: again, kept } = await RunDir.reopen(run.dir, 5);
+    const { run: again, kept, damaged } = await RunDir.reopen(run.dir, 5);
     expect(kept.map((m) => m.step)).toEqual([0, 1, 2, 3, 4]);
+    expect(damaged).toEqual([]); // a last line cut short is no damage
+    await again.settleResume();
     again.appendMetrics(line(5) as never);
     await again.close();
     const steps = (await readFile(path.join(run.dir, "metrics.jsonl"), "utf8")).trim().split("\n").map((l) => JSON.parse(l).step);
     expect(steps).toEqual([0, 1, 2, 3, 4, 5]);
+  });
+
+  it("a resume changes nothing on disk until it settles: a failed one leaves the run as it was", async () => {
+    const run = await RunDir.create(tmp.dir, "r", when);
+    const line = (step: number) => ({ step, loss: 1, lr: 0.1, samples: 8, wall_s: step, step_s: 1, bytes_sent: 10, uncompressed_bytes: 20, workers: [] });
+    for (let s = 0; s < 6; s++) run.appendMetrics(line(s) as never);
+    await run.writeSummary({ status: "completed" });
+    await run.close();
+    const metricsFile = path.join(run.dir, "metrics.jsonl");
+    const before = await readFile(metricsFile, "utf8");
+    const { run: again } = await RunDir.reopen(run.dir, 2);
+    expect(again.unsettled).toBe(true);
+    // The workers never loaded the checkpoint: the coordinator writes a failed summary and closes.
+    await again.writeSummary({ status: "failed" });
+    await again.close();
+    expect(await readFile(metricsFile, "utf8")).toBe(before);
+    expect(JSON.parse(await readFile(path.join(run.dir, "summary.json"), "utf8")).status).toBe("completed");
+    expect(() => again.appendMetrics(line(2) as never)).toThrow(/before the resume settled/);
+  });
+
+  it("names a damaged line in the middle of metrics.jsonl, and passes over a manifest that is not its folder's step", async () => {
+    const run = await RunDir.create(tmp.dir, "r", when);
+    await run.close();
+    await writeFile(path.join(run.dir, "metrics.jsonl"), '{"step": 0}\n{"step": 1, "lo\n{"step": 2}\n');
+    expect((await RunDir.reopen(run.dir, 10)).damaged).toEqual([2]);
+    const where = path.join(run.dir, "checkpoints", "step-000004");
+    await mkdir(where, { recursive: true });
+    await writeFile(path.join(where, "manifest.json"), JSON.stringify({ step: -1, files: {} }));
+    const { checkpoint, skipped } = await RunDir.latestCheckpoint(run.dir);
+    expect(checkpoint).toBeNull();
+    expect(skipped).toEqual(["step-000004: the manifest says step -1"]);
   });
 });

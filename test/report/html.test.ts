@@ -182,6 +182,14 @@ describe("buildReport", () => {
     expect(html).toContain("default-src 'none'");
   });
 
+  it("escapes a worker's rank from summary.json, which is a file anyone may have edited", () => {
+    const evil = '<meta http-equiv="refresh" content="0;url=http://127.0.0.1:9/">';
+    const workers = [{ id: "w", rank: evil as unknown as number, provider: "p", device: "cpu", samples: 1, share: 1 }];
+    const html = buildReport(run({ summary: summary({ workers }) }));
+    expect(html).not.toContain("<meta http-equiv=\"refresh\"");
+    expect(html).toContain("&lt;meta http-equiv=&quot;refresh&quot;");
+  });
+
   it("escapes names and reasons that come from the config and the network", () => {
     const evil = `<script>alert("x")</script>`;
     const s = summary({

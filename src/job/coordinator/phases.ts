@@ -29,7 +29,8 @@ export async function openRunDir(run: Pick<Run, "config" | "tally" | "status" | 
       2,
     );
   }
-  const { run: dir, kept } = await RunDir.reopen(resume, checkpoint.step);
+  const { run: dir, kept, damaged } = await RunDir.reopen(resume, checkpoint.step);
+  if (damaged.length > 0) run.status(`metrics.jsonl line${damaged.length === 1 ? "" : "s"} ${damaged.slice(0, 10).join(", ")} ${damaged.length === 1 ? "is" : "are"} damaged: dropped from the resumed run`, "warn");
   // The run's figures continue from the checkpoint: the steps after it are run again.
   run.tally.recordKept(checkpoint.step, kept);
   run.report({ type: "run", run_dir: dir.dir, resumed: true });
@@ -64,6 +65,8 @@ export async function restore(run: Run, checkpoint: Checkpoint): Promise<void> {
   for (const [rank, m] of await loaded) {
     if (m.step !== checkpoint.step) throw new JobFailed(`Rank ${rank} loaded step ${m.step} from a checkpoint of step ${checkpoint.step}`);
   }
+  // Every worker holds the checkpoint: only now does the run directory change.
+  await run.dir.settleResume();
 }
 
 /** Every replica starts from rank 0's weights; the broadcast's bytes count apart. */
