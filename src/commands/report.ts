@@ -27,6 +27,7 @@ async function writeTo(file: string, content: string | Buffer): Promise<void> {
 /** `nimble report RUN`: a self-contained HTML report of a run directory, optionally a PNG of it. */
 export async function reportCommand(runArg: string, opts: ReportOptions = {}): Promise<void> {
   const run = await loadRun(await resolveRun(runArg, opts.output ?? "runs"));
+  for (const p of run.problems) process.stderr.write(`warning: ${run.dir}: ${p}\n`);
   const htmlPath = path.resolve(opts.out ?? path.join(run.dir, "report.html"));
   await writeTo(htmlPath, buildReport(run));
   let pngPath: string | undefined;

@@ -19,6 +19,7 @@ export async function runsCommand(options: RunsCommandOptions): Promise<void> {
 /** `nimble runs show RUN`: one run's summary. RUN is a path, or a run's folder name (or prefix). */
 export async function runsShowCommand(runArg: string, options: RunsCommandOptions): Promise<void> {
   const run = await loadRun(await resolveRun(runArg, path.resolve(options.output ?? "runs")));
+  for (const p of run.problems) process.stderr.write(`warning: ${run.dir}: ${p}\n`);
   if (options.json) process.stdout.write(JSON.stringify({ ...runListing(run), summary: run.summary, log_file: run.logFile }) + "\n");
   else process.stdout.write(formatRunDetail(run).join("\n") + "\n");
 }

@@ -7,6 +7,7 @@ import path from "node:path";
 import { UserError } from "../errors.js";
 import type { TrainSummary } from "../job/coordinator/index.js";
 import type { StepMetrics } from "../job/runDir.js";
+import { firstProblem, stepMetricsSchema, summarySchema } from "./schemas.js";
 
 /** completed, failed, cancelled: from summary.json; incomplete: no summary (still running, or killed). */
 export type RunStatus = TrainSummary["status"] | "incomplete";
@@ -32,6 +33,8 @@ export interface RunData {
   updatedAt: Date;
   /** Path of the run's log file, when it has one. */
   logFile: string | null;
+  /** What was wrong with its files (damaged or edited), each naming the file and field. */
+  problems: string[];
 }
 
 /** Key figures of a run, from the summary or, for an incomplete run, from its metrics. */
@@ -66,24 +69,27 @@ async function mtime(file: string): Promise<Date | null> {
   }
 }
 
-/** Every parseable line of metrics.jsonl with a whole step number, sorted by step. */
-export function parseMetrics(text: string): StepMetrics[] {
+/**
+ * Every line of metrics.jsonl that is a step's metrics, sorted by step; `problems` gets one
+ * entry per damaged line (a last line cut short by a crash is no damage).
+ */
+export function parseMetrics(text: string, problems: string[] = []): StepMetrics[] {
   const out: StepMetrics[] = [];
-  for (const line of text.split("\n")) {
-    if (!line.trim()) continue;
+  const lines = text.split("\n");
+  lines.forEach((line, i) => {
+    if (!line.trim()) return;
+    let raw: unknown;
     try {
-      const m = JSON.parse(line) as StepMetrics;
-      if (m && typeof m === "object" && Number.isInteger(m.step) && Array.isArray(m.workers)) out.push(m);
+      raw = JSON.parse(line);
     } catch {
-      // A line cut short by a crash: the steps before it still count.
+      if (lines.slice(i + 1).some((l) => l.trim())) problems.push(`metrics.jsonl line ${i + 1}: not JSON`);
+      return;
     }
-  }
+    const parsed = stepMetricsSchema.safeParse(raw);
+    if (parsed.success) out.push(parsed.data as unknown as StepMetrics);
+    else problems.push(`metrics.jsonl line ${i + 1}: ${firstProblem(parsed.error)}`);
+  });
   return out.sort((a, b) => a.step - b.step);
-}
-
-function isSummary(v: unknown): v is TrainSummary {
-  const s = v as TrainSummary;
-  return typeof s === "object" && s !== null && typeof s.status === "string" && typeof s.steps === "number";
 }
 
 const RUN_FILES = ["summary.json", "metrics.jsonl", "config.yaml"];
@@ -96,7 +102,14 @@ export async function loadRun(dirArg: string, options: { forListing?: boolean } 
   const dir = path.resolve(dirArg);
   const info = await stat(dir).catch(() => null);
   if (!info?.isDirectory()) throw new UserError(`${dirArg} is not a folder`, "Pass a run directory, e.g. runs/mnist-cnn-20261126-101500 (`nimble runs` lists them).", 2);
-  const [summaryText, configText] = await Promise.all(["summary.json", "config.yaml"].map((f) => readText(path.join(dir, f))));
+  const problems: string[] = [];
+  // A file that cannot be read (a folder, no permission) is a problem of the run, not a crash.
+  const readOrNote = (f: string) =>
+    readText(path.join(dir, f)).catch((err: NodeJS.ErrnoException) => {
+      problems.push(`${f}: cannot be read (${err.code === "EISDIR" ? "it is a folder" : err.code ?? err.message})`);
+      return null;
+    });
+  const [summaryText, configText] = await Promise.all(["summary.json", "config.yaml"].map(readOrNote));
   const metricsFile = path.join(dir, "metrics.jsonl");
   const [metricsTime, summaryTime, logTime] = await Promise.all([metricsFile, path.join(dir, "summary.json"), path.join(dir, "train.log")].map(mtime));
   if (summaryText === null && metricsTime === null && configText === null) {
@@ -104,11 +117,13 @@ export async function loadRun(dirArg: string, options: { forListing?: boolean } 
   }
   let summary: TrainSummary | null = null;
   if (summaryText !== null) {
+    // Treated as a run without a summary when damaged; the problem says what is wrong.
     try {
-      const parsed: unknown = JSON.parse(summaryText);
-      if (isSummary(parsed)) summary = parsed;
+      const parsed = summarySchema.safeParse(JSON.parse(summaryText));
+      if (parsed.success) summary = parsed.data as unknown as TrainSummary;
+      else problems.push(`summary.json: ${firstProblem(parsed.error)}`);
     } catch {
-      // Treated as a run without a summary.
+      problems.push("summary.json: not JSON");
     }
   }
   const configName = configText ? /^name:\s*["']?([^"'#\n]+?)["']?\s*(#.*)?$/m.exec(configText)?.[1] : undefined;
@@ -129,11 +144,12 @@ export async function loadRun(dirArg: string, options: { forListing?: boolean } 
     name: summary?.name ?? configName ?? path.basename(dir),
     status: summary?.status ?? "incomplete",
     summary,
-    metrics: readMetrics ? parseMetrics((await readText(metricsFile)) ?? "") : [],
+    metrics: readMetrics ? parseMetrics((await readOrNote("metrics.jsonl")) ?? "", problems) : [],
     checkpoints,
-    startedAt: summary?.started_at ? new Date(summary.started_at) : info.birthtime.getTime() > 0 ? info.birthtime : info.mtime,
+    startedAt: summary?.started_at && !Number.isNaN(Date.parse(summary.started_at)) ? new Date(summary.started_at) : info.birthtime.getTime() > 0 ? info.birthtime : info.mtime,
     updatedAt: times.length > 0 ? new Date(Math.max(...times.map((d) => d.getTime()))) : info.mtime,
     logFile: logTime ? path.join(dir, "train.log") : null,
+    problems,
   };
 }
 

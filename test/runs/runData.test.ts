@@ -123,3 +123,31 @@ describe("reading run directories", () => {
     await expect(loadRun(root)).rejects.toThrow(/is not a run directory/);
   });
 });
+
+describe("damaged run files", () => {
+  it("runs, runs show and report read what they can and name the bad file and field", async () => {
+    const good = path.join(root, "good-1");
+    await mkdir(good);
+    await writeFile(path.join(good, "metrics.jsonl"), [stepLine(0, 2), stepLine(1, 1.5)].join("\n") + "\n");
+    const nulls = path.join(root, "nulls-1");
+    await mkdir(nulls);
+    await writeFile(path.join(nulls, "summary.json"), JSON.stringify({ name: "x", status: "completed", steps: 2, workers: [null] }));
+    await writeFile(path.join(nulls, "metrics.jsonl"), [stepLine(0, 2), stepLine(1, 1, { wall_s: "soon" }), stepLine(2, 1)].join("\n") + "\n");
+    const folder = path.join(root, "folder-1");
+    await mkdir(path.join(folder, "metrics.jsonl"), { recursive: true });
+    await writeFile(path.join(folder, "config.yaml"), "name: f\n");
+
+    const run = await loadRun(nulls);
+    expect(run.summary).toBeNull();
+    expect(run.problems).toEqual([expect.stringMatching(/^summary\.json: /), "metrics.jsonl line 2: wall_s: Expected number, received string"]);
+    expect(run.metrics.map((m) => m.step)).toEqual([0, 2]);
+    expect(() => formatRunDetail(run)).not.toThrow();
+    const dir = await loadRun(folder);
+    expect(dir.problems).toEqual(["metrics.jsonl: cannot be read (it is a folder)"]);
+    // One bad run does not break the list.
+    const all = await listRuns(root);
+    expect(all.map((r) => path.basename(r.dir)).sort()).toEqual(["folder-1", "good-1", "nulls-1"]);
+    expect(() => formatRunList(all, root)).not.toThrow();
+    expect(() => all.map(runFigures)).not.toThrow();
+  });
+});
