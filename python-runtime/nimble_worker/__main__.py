@@ -198,11 +198,11 @@ def split_files(h: dict, payload: bytes) -> dict[str, bytes]:
 
 
 def _error(link: Link, message: str, where: str, kind: str, **extra) -> None:
-    print(f"nimble_worker: {kind} error at {where}: {message}", file=sys.stderr, flush=True)
+    # The provider reports it as `failed`: printed on stderr (a log line) only when it cannot be.
     try:
         link.send({"op": "error", "message": message, "where": where, "kind": kind, **extra})
     except OSError:
-        pass
+        print(f"nimble_worker: {kind} error at {where}: {message}", file=sys.stderr, flush=True)
 
 
 def main() -> int:

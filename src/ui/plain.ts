@@ -19,6 +19,8 @@ export interface PlainReporterOptions {
   intervalMs?: number;
   /** quiet: warnings, errors and the summary; verbose: also every step and debug detail. Default normal. */
   verbosity?: Verbosity;
+  /** Write the run's error too (train.log). False on a terminal: the command prints it once, with its hint, on stderr. Default true. */
+  errors?: boolean;
 }
 
 /** How much `--quiet` / `--verbose` let through. */
@@ -104,6 +106,7 @@ export class PlainReporter implements Reporter {
   private readonly now: () => number;
   private readonly intervalMs: number;
   private readonly verbosity: Verbosity;
+  private readonly errors: boolean;
   private lastPrintAt = -Infinity;
   private lastPrintedStep = 0;
   private pendingStep: StepEvent | undefined;
@@ -116,6 +119,7 @@ export class PlainReporter implements Reporter {
     this.now = options.now ?? Date.now;
     this.intervalMs = options.intervalMs ?? 2000;
     this.verbosity = options.verbosity ?? "normal";
+    this.errors = options.errors ?? true;
   }
 
   /** Whether a status line of this level is shown at this verbosity. */
@@ -162,7 +166,7 @@ export class PlainReporter implements Reporter {
         break;
       case "error":
         this.flushStep();
-        this.line(`error: ${event.message}`);
+        if (this.errors) this.line(`error: ${event.message}`);
         break;
     }
   }

@@ -54,6 +54,7 @@ export function createReporter(options: CreateReporterOptions): Reporter {
     case "ink":
       return new InkReporter({ stdout: stream, name: options.name, runDir: options.runDir, verbose: options.verbosity === "verbose" });
     case "plain":
-      return new PlainReporter({ out: stream, verbosity: options.verbosity });
+      // The command prints the error itself (once, with its hint, on stderr).
+      return new PlainReporter({ out: stream, verbosity: options.verbosity, errors: false });
   }
 }

@@ -42,6 +42,10 @@ describe("nimble train: bad input gets a clear message and a non-zero exit", () 
     expect(r.exitCode).not.toBe(0);
     expect(String(r.stderr)).toMatch(/task\.py/);
     expect(String(r.stderr)).toMatch(/build_model/);
+    // Once, with its hint: not again on stdout, nor as a worker's log line.
+    const told = (text: string) => text.split("\n").filter((l) => /task\.py: (build_model|import)/.test(l)).length;
+    expect(told(String(r.stderr))).toBe(1);
+    expect(told(String(r.stdout))).toBe(0);
   }, 180_000);
 
   it("fails when a worker dies and too few are left (faults.min_workers), naming its rank, and keeps the metrics so far", async () => {
