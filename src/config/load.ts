@@ -65,8 +65,6 @@ export interface LoadOptions {
 const TASK_FILENAME = /^[A-Za-z0-9._-]{1,128}\.py$/;
 /** The task travels in one control message with the job spec. */
 const MAX_TASK_BYTES = 256 * 1024 * 1024;
-/** Modules the worker imports that a task file of the same name would shadow (the task's folder comes first on sys.path). */
-const SHADOWED_MODULES = new Set(["torch", "numpy", "json", "os", "sys", "io", "math", "random", "socket", "struct", "time", "typing", "dataclasses", "hashlib", "traceback", "importlib", "nimble_worker", "safetensors", "collections", "functools", "threading", "abc", "re", "copy", "enum"]);
 
 /** A job config is a few hundred bytes: anything past this is not one. */
 export const MAX_CONFIG_BYTES = 1024 * 1024;
@@ -140,8 +138,6 @@ export function parseConfigText(text: string, file: string, opts: LoadOptions = 
     } else if (!TASK_FILENAME.test(path.basename(taskPath))) {
       // What providers accept: they write the task under this name in the job's folder.
       add(["task"], `the task file's name ${JSON.stringify(path.basename(taskPath))} must be 1 to 128 characters from A-Z a-z 0-9 . _ - ending in .py`);
-    } else if (SHADOWED_MODULES.has(path.basename(taskPath, ".py"))) {
-      add(["task"], `a task named ${path.basename(taskPath)} would shadow Python's ${path.basename(taskPath, ".py")} module in the worker; rename it`);
     } else if (statSync(taskPath).size > MAX_TASK_BYTES) {
       add(["task"], `the task file is ${statSync(taskPath).size} bytes, more than a job can carry (${MAX_TASK_BYTES})`);
     }

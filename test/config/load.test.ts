@@ -415,15 +415,16 @@ describe("configs that would validate and then fail", () => {
     expect(messageOf(body("faults: {heartbeat_s: .inf}\n"))).toMatch(/faults\.heartbeat_s/);
   });
 
-  it("refuses task file names a provider would refuse, and names that shadow a module the worker imports", () => {
+  it("refuses task file names a provider would refuse", () => {
     for (const name of ["my task.py", "task.txt", "tâche.py"]) {
       const task = path.join(dir, name);
       writeFileSync(task, "x = 1\n");
       expect(messageOf(body("", task))).toMatch(/task: the task file's name .* must be 1 to 128 characters from A-Z a-z 0-9 \. _ - ending in \.py/);
     }
+    // A task named like a module the worker imports is fine: providers keep it out of the worker's path.
     const torch = path.join(dir, "torch.py");
     writeFileSync(torch, "x = 1\n");
-    expect(messageOf(body("", torch))).toContain("task: a task named torch.py would shadow Python's torch module in the worker; rename it");
+    expect(messageOf(body("", torch))).toBe("");
   });
 
   it("reads only a regular file of config size: not a FIFO, not a huge file", async () => {

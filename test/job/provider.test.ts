@@ -288,6 +288,14 @@ describe("Provider control plane", () => {
     expect(first.ws.readyState).toBe(WebSocket.OPEN);
   }, 180_000);
 
+  it("runs a task named like a module the worker imports (torch.py): it shadows nothing", async () => {
+    await startProvider();
+    const client = await welcomed();
+    client.send(jobSpec("job-torch-named", GOOD_TASK, "torch.py"));
+    const ready = await client.next("ready", 120_000);
+    expect(ready.info).toMatchObject({ train_size: 64 });
+  }, 180_000);
+
   it("refuses a job spec that names ranks the job does not have", async () => {
     await startProvider();
     const client = await welcomed();

@@ -1,4 +1,4 @@
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import type { WebSocket } from "ws";
@@ -114,7 +114,10 @@ export class ProviderJob {
   async start(): Promise<void> {
     await this.#speed.start();
     this.#dir = await mkdtemp(path.join(os.tmpdir(), "nimble-job-"));
-    this.#taskPath = path.join(this.#dir, this.spec.task.filename);
+    // Not in the worker's cwd (the first entry of its sys.path): a task named torch.py or
+    // json.py must not shadow the module of that name.
+    await mkdir(path.join(this.#dir, "task"));
+    this.#taskPath = path.join(this.#dir, "task", this.spec.task.filename);
     await writeFile(this.#taskPath, this.spec.task.code);
     this.#threads = this.opts.threads ?? this.spec.threads ?? Math.max(1, Math.floor(os.cpus().length / this.ranks.length));
     for (const local of this.ranks) this.#spawn(local);
