@@ -1,16 +1,14 @@
 import type { Answer, AnswerKind } from "./answers.js";
 import { JobFailed } from "./errors.js";
 
-type Kind = AnswerKind;
-export type MessageOf<K extends Kind> = Extract<Answer, { t: K }>;
-type ToCoordinator = Answer;
+export type MessageOf<K extends AnswerKind> = Extract<Answer, { t: K }>;
 
 interface Wait {
-  kind: Kind;
-  match: (m: ToCoordinator) => boolean;
+  kind: AnswerKind;
+  match: (m: Answer) => boolean;
   from: readonly number[];
-  got: Map<number, ToCoordinator>;
-  resolve: (got: Map<number, ToCoordinator>) => void;
+  got: Map<number, Answer>;
+  resolve: (got: Map<number, Answer>) => void;
   reject: (err: Error) => void;
   timer: NodeJS.Timeout;
 }
@@ -30,7 +28,7 @@ export class Exchanges {
   #interrupted: Error | null = null;
 
   /** Open an exchange: the messages of `kind` from ranks `from` (those of `match`). */
-  expect<K extends Kind>(
+  expect<K extends AnswerKind>(
     kind: K,
     what: string,
     from: readonly number[],
@@ -46,10 +44,10 @@ export class Exchanges {
     const exchange = new Promise<Map<number, MessageOf<K>>>((resolve, reject) => {
       const wait: Wait = {
         kind,
-        match: match as (m: ToCoordinator) => boolean,
+        match: match as (m: Answer) => boolean,
         from: [...from],
         got: new Map(),
-        resolve: resolve as (got: Map<number, ToCoordinator>) => void,
+        resolve: resolve as (got: Map<number, Answer>) => void,
         reject,
         timer: setTimeout(() => {
           this.#waits.delete(wait);

@@ -141,8 +141,8 @@ function recordRound(run: Run, result: SyncResult): void {
 }
 
 async function maybeEvaluate(run: Run, step: number, valSize: number): Promise<{ metrics: Record<string, number>; seconds: number } | undefined> {
-  const { eval: every, steps } = { eval: run.config.eval.every, steps: run.config.steps };
-  if (!((every > 0 && (step + 1) % every === 0) || step === steps - 1)) return undefined;
+  const every = run.config.eval.every;
+  if (!((every > 0 && (step + 1) % every === 0) || step === run.config.steps - 1)) return undefined;
   const start = Date.now();
   const metrics = await surviving(run, () => evaluate(run, step, Math.min(run.config.eval.samples, valSize)));
   run.tally.recordEval(step, metrics);
