@@ -83,7 +83,7 @@ export class ProviderClient extends EventEmitter<{ message: [Incoming]; lost: [s
       ws.on("close", (code) => done(new UserError(`Provider ${address} closed the connection during the handshake (code ${code})`)));
       ws.on("message", (data, isBinary) => {
         try {
-          const m = decodeToCoordinator(isBinary ? data : String(data), `provider ${address}`);
+          const m = unpack(decodeToCoordinator(isBinary ? data : String(data), `provider ${address}`), `provider ${address}`);
           if (m.t === "welcome") {
             if (m.version !== PROTOCOL_VERSION) {
               ws.close();

@@ -3,6 +3,7 @@ import { createWriteStream, type WriteStream } from "node:fs";
 import { mkdir, readdir, readFile, rename, rm, writeFile, copyFile } from "node:fs/promises";
 import path from "node:path";
 import type { WorkerFigures } from "../strategy/sync.js";
+import { parseMetricsLines } from "./metricsFile.js";
 
 /** A checkpoint read back and verified against its manifest. */
 export interface Checkpoint {
@@ -71,26 +72,15 @@ export class RunDir {
    */
   static async reopen(dir: string, keepBefore: number): Promise<{ run: RunDir; kept: StepMetrics[]; damaged: number[] }> {
     const file = path.join(dir, "metrics.jsonl");
-    const kept: StepMetrics[] = [];
-    const damaged: number[] = [];
-    let lines: string[] = [];
+    let text = "";
     try {
-      lines = (await readFile(file, "utf8")).split("\n");
+      text = await readFile(file, "utf8");
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
     }
-    lines.forEach((line, i) => {
-      if (!line.trim()) return;
-      let m: StepMetrics;
-      try {
-        m = JSON.parse(line) as StepMetrics;
-      } catch {
-        // The last line may be cut short by a crash; one before it is damage worth naming.
-        if (i < lines.length - 1 && lines.slice(i + 1).some((l) => l.trim())) damaged.push(i + 1);
-        return;
-      }
-      if (typeof m === "object" && m !== null && Number.isInteger(m.step) && m.step < keepBefore) kept.push(m);
-    });
+    const parsed = parseMetricsLines(text);
+    const kept = parsed.metrics.filter((m) => m.step < keepBefore);
+    const damaged = parsed.damaged.map((d) => d.line);
     const run = new RunDir(dir);
     run.#pendingKept = kept;
     return { run, kept, damaged };

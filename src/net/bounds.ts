@@ -70,3 +70,23 @@ export class WarningLimiter {
     return held > 0 ? `${line} (and ${held} more like it held back)` : line;
   }
 }
+
+/** Wrong tokens an address may send in `windowMs` before its hellos are refused unread for that long. */
+export class WrongTokens {
+  readonly #seen = new Map<string, number[]>();
+  constructor(
+    private readonly max = 5,
+    private readonly windowMs = 10_000,
+  ) {}
+
+  note(address: string, now = Date.now()): void {
+    const recent = (this.#seen.get(address) ?? []).filter((t) => now - t < this.windowMs);
+    recent.push(now);
+    this.#seen.set(address, recent);
+    if (this.#seen.size > 10_000) this.#seen.clear();
+  }
+
+  blocked(address: string, now = Date.now()): boolean {
+    return (this.#seen.get(address) ?? []).filter((t) => now - t < this.windowMs).length >= this.max;
+  }
+}

@@ -7,7 +7,8 @@ import path from "node:path";
 import { UserError } from "../errors.js";
 import type { TrainSummary } from "../job/coordinator/index.js";
 import type { StepMetrics } from "../job/runDir.js";
-import { firstProblem, stepMetricsSchema, summarySchema } from "./schemas.js";
+import { parseMetricsLines } from "../job/metricsFile.js";
+import { firstProblem, summarySchema } from "./schemas.js";
 
 /** completed, failed, cancelled: from summary.json; incomplete: no summary (still running, or killed). */
 export type RunStatus = TrainSummary["status"] | "incomplete";
@@ -69,27 +70,11 @@ async function mtime(file: string): Promise<Date | null> {
   }
 }
 
-/**
- * Every line of metrics.jsonl that is a step's metrics, sorted by step; `problems` gets one
- * entry per damaged line (a last line cut short by a crash is no damage).
- */
+/** The steps of metrics.jsonl; `problems` gets one entry per damaged line. */
 export function parseMetrics(text: string, problems: string[] = []): StepMetrics[] {
-  const out: StepMetrics[] = [];
-  const lines = text.split("\n");
-  lines.forEach((line, i) => {
-    if (!line.trim()) return;
-    let raw: unknown;
-    try {
-      raw = JSON.parse(line);
-    } catch {
-      if (lines.slice(i + 1).some((l) => l.trim())) problems.push(`metrics.jsonl line ${i + 1}: not JSON`);
-      return;
-    }
-    const parsed = stepMetricsSchema.safeParse(raw);
-    if (parsed.success) out.push(parsed.data as unknown as StepMetrics);
-    else problems.push(`metrics.jsonl line ${i + 1}: ${firstProblem(parsed.error)}`);
-  });
-  return out.sort((a, b) => a.step - b.step);
+  const { metrics, damaged } = parseMetricsLines(text);
+  for (const d of damaged) problems.push(`metrics.jsonl line ${d.line}: ${d.why}`);
+  return metrics;
 }
 
 const RUN_FILES = ["summary.json", "metrics.jsonl", "config.yaml"];

@@ -44,39 +44,4 @@ export const summarySchema = z
   })
   .passthrough();
 
-export const stepMetricsSchema = z
-  .object({
-    step: count,
-    loss: num.nullable(),
-    lr: num,
-    samples: num,
-    wall_s: num,
-    step_s: num,
-    bytes_sent: num,
-    uncompressed_bytes: num,
-    skipped: z.boolean().optional(),
-    eval: z.record(z.string().max(256), num).optional(),
-    eval_s: num.optional(),
-    workers: z.array(
-      z
-        .object({
-          rank: count,
-          samples: num,
-          share: num.optional(),
-          compute_s: num.optional(),
-          forward_backward_s: num.nullable().optional(),
-          comm_s: num.optional(),
-          idle_s: num.optional(),
-          bytes_sent: num.optional(),
-          uncompressed_bytes: num.optional(),
-        })
-        .passthrough(),
-    ),
-  })
-  .passthrough();
-
-/** The first problem zod found, as `field: message`. */
-export function firstProblem(error: z.ZodError): string {
-  const issue = error.issues[0];
-  return `${issue.path.join(".") || "(root)"}: ${issue.message}`;
-}
+export { firstProblem } from "../job/metricsFile.js";

@@ -213,7 +213,8 @@ describe("RunDir", () => {
   it("names a damaged line in the middle of metrics.jsonl, and passes over a manifest that is not its folder's step", async () => {
     const run = await RunDir.create(tmp.dir, "r", when);
     await run.close();
-    await writeFile(path.join(run.dir, "metrics.jsonl"), '{"step": 0}\n{"step": 1, "lo\n{"step": 2}\n');
+    const line = (step: number) => JSON.stringify({ step, loss: 1, lr: 0.1, samples: 8, wall_s: step, step_s: 1, bytes_sent: 10, uncompressed_bytes: 20, workers: [] });
+    await writeFile(path.join(run.dir, "metrics.jsonl"), `${line(0)}\n{"step": 1, "lo\n${line(2)}\n`);
     expect((await RunDir.reopen(run.dir, 10)).damaged).toEqual([2]);
     const where = path.join(run.dir, "checkpoints", "step-000004");
     await mkdir(where, { recursive: true });

@@ -1,4 +1,5 @@
 import { ProtocolError } from "../../errors.js";
+import { cleanText, MAX_PEER_TEXT } from "../../protocol/text.js";
 import type { ToCoordinator } from "../../protocol/messages.js";
 import { parseFromWorker, providerHandles, type FromWorker, type ReportOp } from "../../protocol/workerOps.js";
 
@@ -20,7 +21,7 @@ export type AnswerKind = Answer["t"];
  * schema (src/protocol/workerOps.ts) and becomes a typed report; the rest pass as they are.
  */
 export function unpack(m: ToCoordinator, from: string): Incoming {
-  if (m.t !== "report") return m;
+  if (m.t !== "report") return cleanProviderText(m);
   const payload = m.payload ?? new Uint8Array(0);
   const r = parseFromWorker({ header: m.report, payload }, `rank ${m.rank} (${from})`);
   if (providerHandles.has(r.op)) throw new ProtocolError(`${from} passed on a worker's ${r.op}, which it should have acted on`);
@@ -34,4 +35,32 @@ export function unpack(m: ToCoordinator, from: string): Incoming {
     return { name: f.name, data };
   });
   return { ...state, files, t: "state", rank: m.rank, bytes_sent: m.bytes_sent };
+}
+
+/**
+ * A provider's words are printed (status lines, errors, the workers table): at this one
+ * intake they lose terminal control characters and are cut to a printable length.
+ */
+function cleanProviderText(m: Exclude<ToCoordinator, { t: "report" }>): Exclude<ToCoordinator, { t: "report" }> {
+  const line = (s: string, max = 256) => cleanText(s, max);
+  const block = (s: string) => cleanText(s, MAX_PEER_TEXT, { multiline: true });
+  switch (m.t) {
+    case "log":
+      return { ...m, line: cleanText(m.line, MAX_PEER_TEXT) };
+    case "failed":
+      return { ...m, message: block(m.message), ...(m.where === undefined ? {} : { where: line(m.where, 1024) }), ...(m.field === undefined ? {} : { field: line(m.field) }) };
+    case "ring_lost":
+      return { ...m, reason: block(m.reason) };
+    case "reject":
+      return { ...m, reason: line(m.reason, 1000) };
+    case "ready":
+      return { ...m, info: { ...m.info, model: line(m.info.model, 1000) } };
+    case "welcome": {
+      const p = m.provider;
+      const devices = p.devices.map((d) => ({ ...d, id: line(d.id), kind: line(d.kind), name: line(d.name) }));
+      return { ...m, provider: { ...p, id: line(p.id), hostname: line(p.hostname), python: line(p.python), torch: line(p.torch), devices } };
+    }
+    default:
+      return m;
+  }
 }

@@ -2,7 +2,7 @@ import type { LoadedConfig } from "../../config/load.js";
 import { configErrorAt } from "../../config/load.js";
 import { UserError, errorMessage } from "../../errors.js";
 import { WarningLimiter } from "../../net/bounds.js";
-import { cleanText, MAX_PEER_TEXT } from "../../protocol/text.js";
+import { cleanText } from "../../protocol/text.js";
 import { SyncStrategy } from "../../strategy/sync.js";
 import type { Reporter, StatusLevel } from "../events.js";
 import type { ProviderClient } from "../providerClient.js";
@@ -153,7 +153,7 @@ class Job {
   }
 
   #onMessage(client: ProviderClient, m: Incoming) {
-    const r = route(m, cleanText(client.address, 256), {
+    const r = route(m, client.address, {
       phase: this.#phase,
       epoch: this.membership.epoch,
       isActive: (rank) => this.membership.isActive(rank),
@@ -162,9 +162,9 @@ class Job {
     switch (r.action) {
       case "log": {
         if (m.t !== "log") return;
-        // A provider's text: no terminal escapes, bounded, and its repeated warnings held back.
+        // A provider's repeated warnings are held back (its text was cleaned at intake).
         const level = m.level === "error" ? "warn" : m.level;
-        const line = cleanText(m.line, MAX_PEER_TEXT);
+        const line = m.line;
         const shown = level === "warn" ? this.#warnings.pass(`${client.address} ${line.slice(0, 48).replace(/\d+/g, "#")}`, line) : line;
         if (shown) this.opts.reporter.handle({ type: "log", source: client.address, line: shown, level });
         return;
@@ -244,7 +244,7 @@ class Job {
 
   async close() {
     this.opts.signal?.removeEventListener("abort", this.#onAbort);
-    if (this.#phase !== "ended") this.#phase = "ended";
+    this.#enter("ended");
     await this.providers.close();
   }
 }

@@ -169,11 +169,7 @@ export class Providers {
 
   /** Send every connected provider the same message. */
   broadcast(message: ToProvider): void {
-    for (const c of this.#allClients()) c.send(message);
-  }
-
-  #allClients(): ProviderClient[] {
-    return [...new Set(this.ranks.map((r) => r.client))];
+    for (const c of this.clientsOf(this.ranks.map((r) => r.rank))) c.send(message);
   }
 
   /** 4. The job spec: the task, the config and the ranks each provider hosts. */

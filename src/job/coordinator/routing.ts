@@ -1,7 +1,6 @@
 import type { Answer, Incoming } from "./answers.js";
 import type { Fault } from "./errors.js";
 import { survivesFaults, type Phase } from "./phase.js";
-import { cleanText, MAX_PEER_TEXT } from "../../protocol/text.js";
 
 type Failed = Extract<Incoming, { t: "failed" }>;
 
@@ -30,26 +29,24 @@ export interface RouteState {
   hosts: (rank: number) => boolean;
 }
 
-/** Pure: decides what a message from provider `address` means (the run loop acts on it). */
+/** Pure: decides what a message from provider `address` means (the run loop acts on it; its text was cleaned at intake, `unpack`). */
 export function route(m: Incoming, address: string, state: RouteState): Route {
   const surviving = survivesFaults(state.phase);
-  // Whatever a provider says is printed: no terminal escapes, bounded.
-  const text = (s: string) => cleanText(s, MAX_PEER_TEXT, { multiline: true });
   switch (m.t) {
     case "log":
       return { action: "log" };
     case "failed": {
-      if (m.kind === "config" && m.field) return { action: "config error", field: cleanText(m.field, 256), message: text(m.message) };
+      if (m.kind === "config" && m.field) return { action: "config error", field: m.field, message: m.message };
       if (m.kind === "worker" && m.rank !== undefined && surviving) {
-        if (state.isActive(m.rank)) return { action: "fault", fault: { kind: "worker died", ranks: [m.rank], reason: text(m.message) } };
-        return { action: "retell", rank: m.rank, message: text(m.message) };
+        if (state.isActive(m.rank)) return { action: "fault", fault: { kind: "worker died", ranks: [m.rank], reason: m.message } };
+        return { action: "retell", rank: m.rank, message: m.message };
       }
       const who = m.rank !== undefined ? `rank ${m.rank} on provider ${address}` : `provider ${address}`;
-      return { action: "fail", message: `${who} failed: ${m.where ? `${text(m.where)}: ` : ""}${text(m.message)}`, kind: m.kind };
+      return { action: "fail", message: `${who} failed: ${m.where ? `${m.where}: ` : ""}${m.message}`, kind: m.kind };
     }
     case "ring_lost":
       // Reports from a ring already given up (during recovery, or of an older epoch) say nothing new.
-      if (m.epoch === state.epoch && state.phase !== "recovering") return { action: "fault", fault: { kind: "ring broken", ranks: [], reason: text(m.reason) } };
+      if (m.epoch === state.epoch && state.phase !== "recovering") return { action: "fault", fault: { kind: "ring broken", ranks: [], reason: m.reason } };
       return { action: "ignore" };
     case "ready":
       // A restarted worker, or a provider that (re)joined: brought in at the next round boundary.

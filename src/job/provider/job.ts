@@ -86,8 +86,8 @@ export class ProviderJob {
       },
     );
     this.#relay = new Relay({
-      rank: (rank) => this.ranks.find((r) => r.rank === rank),
-      inRing: (rank) => this.mesh.inRing(rank) && !!this.ranks.find((r) => r.rank === rank)?.loaded,
+      rank: (rank) => this.#local(rank),
+      inRing: (rank) => this.mesh.inRing(rank) && !!this.#local(rank)?.loaded,
       ringOf: (rank) => (this.#ended ? null : this.mesh.ringOf(rank)),
       abortAttempts: (step) => this.#abortAttempts(step),
       send: (m) => this.send(m),
@@ -142,6 +142,10 @@ export class ProviderJob {
       const line = this.#warnings.pass("ring refused", `refused a ring connection: ${cleanText(errorMessage(err), 1000)}`);
       if (line) this.hostLog(line, "warn");
     }
+  }
+
+  #local(rank: number): LocalRank | undefined {
+    return this.ranks.find((r) => r.rank === rank);
   }
 
   sendLink(message: Extract<ToCoordinator, { t: "link" }>): void {
@@ -229,7 +233,7 @@ export class ProviderJob {
   }
 
   #linked(rank: number, _epoch: number, size: number) {
-    const local = this.ranks.find((r) => r.rank === rank)!;
+    const local = this.#local(rank)!;
     if (local.loaded) this.#enterRing(local, size);
   }
 
@@ -261,7 +265,7 @@ export class ProviderJob {
 
   /** This rank's ring broke: tell the coordinator once per epoch. The worker waits in its collective for the abort. */
   #ringLost(rank: number, epoch: number, reason: string) {
-    const local = this.ranks.find((r) => r.rank === rank);
+    const local = this.#local(rank);
     if (this.#ended || !local || local.gone || local.state === "restarting") return;
     this.hostLog(reason, "warn");
     this.send({ t: "ring_lost", rank, epoch, reason });

@@ -5,7 +5,7 @@ import type { Duplex } from "node:stream";
 import { WebSocketServer, type WebSocket } from "ws";
 import { errorMessage, UserError } from "../../errors.js";
 import { TokenAuthorizer, type Authorizer } from "../../net/auth.js";
-import { ConnectionCaps, limitMessages, WarningLimiter } from "../../net/bounds.js";
+import { ConnectionCaps, limitMessages, WarningLimiter, WrongTokens } from "../../net/bounds.js";
 import { CLOSE_AUTH_FAILED, FrameLink, readRingHello, type ArrivedHello, type LinkOptions } from "../../net/link.js";
 import { BENCH_FRAME_BYTES, servePeerBench } from "../../net/peerBench.js";
 import { MAX_FRAME_BYTES } from "../../protocol/frames.js";
@@ -247,25 +247,5 @@ export class Provider {
   private warn(key: string, line: string) {
     const out = this.warnings.pass(key, line);
     if (out) this.log(out, "warn");
-  }
-}
-
-/** Wrong tokens an address may send in `windowMs` before its hellos are refused unread for that long. */
-class WrongTokens {
-  readonly #seen = new Map<string, number[]>();
-  constructor(
-    private readonly max = 5,
-    private readonly windowMs = 10_000,
-  ) {}
-
-  note(address: string, now = Date.now()): void {
-    const recent = (this.#seen.get(address) ?? []).filter((t) => now - t < this.windowMs);
-    recent.push(now);
-    this.#seen.set(address, recent);
-    if (this.#seen.size > 10_000) this.#seen.clear();
-  }
-
-  blocked(address: string, now = Date.now()): boolean {
-    return (this.#seen.get(address) ?? []).filter((t) => now - t < this.windowMs).length >= this.max;
   }
 }

@@ -41,3 +41,17 @@ describe("what a provider's message means", () => {
     expect(route(ready, "a", state({ hosts: () => false }))).toEqual({ action: "deliver", message: ready });
   });
 });
+
+describe("a provider's text, at the coordinator's one intake", () => {
+  it("loses terminal control characters and is bounded before anything prints it", async () => {
+    const { unpack } = await import("../../../src/job/coordinator/answers.js");
+    const esc = "\u001b[2J\u001b]0;owned\u0007";
+    const failed = unpack({ t: "failed", rank: 0, message: `boom${esc}`, where: `task.py${esc}`, kind: "task" }, "p");
+    expect(failed).toMatchObject({ message: "boom\ufffd[2J\ufffd]0;owned\ufffd", where: "task.py\ufffd[2J\ufffd]0;owned\ufffd" });
+    const log = unpack({ t: "log", line: `${"x".repeat(100_000)}${esc}` }, "p");
+    expect(log.t === "log" && log.line.length).toBeLessThanOrEqual(16 * 1024);
+    const welcome = unpack({ t: "welcome", version: 3, provider: { id: "a", hostname: `h${esc}`, python: "3", torch: "2", devices: [{ id: "cpu", kind: "cpu", name: `n${esc}` }] } }, "p");
+    expect(welcome.t === "welcome" && [welcome.provider.hostname, welcome.provider.devices[0]!.name]).toEqual(["h\ufffd[2J\ufffd]0;owned\ufffd", "n\ufffd[2J\ufffd]0;owned\ufffd"]);
+    expect(unpack({ t: "reject", reason: `no${esc}` }, "p")).toEqual({ t: "reject", reason: "no\ufffd[2J\ufffd]0;owned\ufffd" });
+  });
+});
