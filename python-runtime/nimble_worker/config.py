@@ -2,13 +2,18 @@
 
 The TypeScript side validates the YAML and fills defaults; the same defaults are
 applied here so that a partial dict still works. Unknown keys (providers,
-local_workers, output, ...) are ignored.
+local_workers, output, ...) are ignored. The config arrives from the coordinator, so
+every known key is checked against its field's type (finite numbers, integers within
+64 bits, bounded strings) and a wrong one is a ConfigError naming it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+MAX_TEXT = 4096
 
 
 class ConfigError(Exception):
@@ -124,21 +129,56 @@ class JobConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "JobConfig":
-        sub = {"optimizer": OptimizerConfig, "lr_schedule": ScheduleConfig,
-               "eval": EvalConfig, "checkpoint": CheckpointConfig,
-               "compression": CompressionConfig, "strategy": StrategyConfig}
-        kw: dict[str, Any] = {}
-        for f in fields(cls):
-            if f.name not in d or d[f.name] is None:
-                continue
-            v = d[f.name]
-            kw[f.name] = _build(sub[f.name], v) if f.name in sub else v
-        cfg = cls(**kw)
+        if not isinstance(d, dict):
+            raise ConfigError("", f"the config must be a mapping, found {type(d).__name__}")
+        cfg = _build(cls, d, "")
         cfg.optimizer.betas = tuple(float(b) for b in cfg.optimizer.betas)  # type: ignore[assignment]
         cfg.task_args = dict(cfg.task_args or {})
         return cfg
 
 
-def _build(kind, d: dict[str, Any]):
-    names = {f.name for f in fields(kind)}
-    return kind(**{k: v for k, v in (d or {}).items() if k in names and v is not None})
+SECTIONS = {"optimizer": OptimizerConfig, "lr_schedule": ScheduleConfig, "eval": EvalConfig,
+            "checkpoint": CheckpointConfig, "compression": CompressionConfig, "strategy": StrategyConfig}
+
+
+def _build(kind, d: dict[str, Any], prefix: str):
+    """`kind` from the known keys of `d`, each checked against its field's type."""
+    kw = {}
+    for f in fields(kind):
+        v = d.get(f.name)
+        if v is None:
+            continue
+        where = f"{prefix}{f.name}"
+        sub = SECTIONS.get(f.name) if kind is JobConfig else None
+        if sub is not None:
+            if not isinstance(v, dict):
+                raise ConfigError(where, f"{where}: expected a mapping, found {_kind(v)}")
+            kw[f.name] = _build(sub, v, f"{where}.")
+        else:
+            kw[f.name] = _checked(where, str(f.type), v)
+    return kind(**kw)
+
+
+def _checked(where: str, annotation: str, v: Any) -> Any:
+    ok = {
+        "str": lambda: isinstance(v, str) and len(v) <= MAX_TEXT,
+        "bool": lambda: isinstance(v, bool),
+        "int": lambda: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63,
+        "float": lambda: _finite(v),
+        "tuple[float, float]": lambda: isinstance(v, (list, tuple)) and len(v) == 2 and all(map(_finite, v)),
+        "dict[str, Any]": lambda: isinstance(v, dict),
+    }[annotation]
+    if not ok():
+        want = {"str": f"a string of at most {MAX_TEXT} characters", "int": "an integer from 0 below 2^63",
+                "float": "a finite number", "tuple[float, float]": "two finite numbers",
+                "dict[str, Any]": "a mapping", "bool": "true or false"}[annotation]
+        raise ConfigError(where, f"{where}: expected {want}, found {_kind(v)}")
+    return v
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _kind(v: Any) -> str:
+    return repr(v)[:60] if isinstance(v, (int, float, bool, str)) else type(v).__name__

@@ -138,3 +138,31 @@ def test_the_strategy_is_chosen_by_config_and_an_unknown_one_is_a_config_error(t
     h, _ = w.init(tiny_task, strategy={"name": "gossip"})
     assert h["op"] == "error" and h["kind"] == "config" and h["field"] == "strategy.name"
     assert w.proc.wait(timeout=30) == 3
+
+
+class _Payload:
+    """What a hostile checkpoint or peer would send: unpickling it runs code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_payloads_in_checkpoints_and_joiner_state_are_refused_unrun(tiny_task, tmp_path):
+    ran = trainer(tiny_task)
+    ran.step(0, [8])
+    files = dict(ran.state("checkpoint"))
+    marker = tmp_path / "ran-code"
+    buf = io.BytesIO()
+    torch.save({"weights": _Payload(str(marker))}, buf)
+    for name in ("model.pt", "optimizer.pt", "rng.pt", "compressor.pt"):
+        with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
+            trainer(tiny_task).load_state({**files, name: buf.getvalue()})
+    assert not marker.exists()
+    from nimble_worker.checkpoint import load_state_blob
+    fresh = trainer(tiny_task)
+    with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
+        load_state_blob(fresh.replica, fresh.strategy, buf.getvalue())
+    assert not marker.exists()

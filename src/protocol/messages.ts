@@ -119,15 +119,30 @@ export const toProviderSchema = z.discriminatedUnion("t", [
 export type ToProvider = z.infer<typeof toProviderSchema>;
 
 /** What is wrong with a job spec beyond its shape (ranks the job does not have), or null. */
-export function jobSpecProblem(job: Extract<ToProvider, { t: "job" }>): string | null {
+export function jobSpecProblem(job: Extract<ToProvider, { t: "job" }>, devices: readonly { id: string }[]): string | null {
   for (const r of [...job.ranks, ...job.ring]) {
     if (r.rank >= job.world_size) return `the job names rank ${r.rank}, which is not below its world_size ${job.world_size}`;
   }
   if (new Set(job.ranks.map((r) => r.rank)).size !== job.ranks.length) return "the job names one of this provider's ranks twice";
+  const offered = new Set(devices.map((d) => d.id));
+  const device = job.ranks.find((r) => !offered.has(r.device))?.device;
+  if (device !== undefined) return `the job asks for device ${JSON.stringify(device)}, which this provider does not offer (it offers ${[...offered].join(", ")})`;
   const ringRanks = job.ring.map((r) => r.rank);
   if (new Set(ringRanks).size !== ringRanks.length) return "the job's ring names a rank twice";
   if (!job.join && ringRanks.length !== job.world_size) return `the job's ring has ${ringRanks.length} addresses for ${job.world_size} ranks`;
+  const url = job.ring.find((r) => !isRingUrl(r.url))?.url;
+  if (url !== undefined) return `the job's ring address ${JSON.stringify(url.slice(0, 200))} is not a ws:// or wss:// URL of a /ring endpoint`;
   return null;
+}
+
+/** A data-plane address a provider will connect to: ws(s)://host:port/ring, nothing else. */
+export function isRingUrl(url: string): boolean {
+  try {
+    const u = new URL(url);
+    return (u.protocol === "ws:" || u.protocol === "wss:") && u.pathname === "/ring" && u.username === "" && u.password === "";
+  } catch {
+    return false;
+  }
 }
 
 /** debug: only with --verbose; warn and error: shown even with --quiet. */

@@ -427,6 +427,13 @@ describe("configs that would validate and then fail", () => {
     expect(messageOf(body("", torch))).toBe("");
   });
 
+  it("refuses a YAML bomb (aliases of aliases) without expanding it", () => {
+    const levels = ["a: &a [x, x, x, x, x, x, x, x, x]"];
+    for (let i = 1; i < 9; i++) levels.push(`${String.fromCharCode(97 + i)}: &${String.fromCharCode(97 + i)} [${Array(9).fill(`*${String.fromCharCode(96 + i)}`).join(", ")}]`);
+    // 9^9 (387 million) strings if expanded.
+    expect(messageOf(`${levels.join("\n")}\n${body("")}`)).toMatch(/nimble\.yaml:1:1: invalid YAML: .*alias/i);
+  });
+
   it("reads only a regular file of config size: not a FIFO, not a huge file", async () => {
     const fifo = path.join(dir, "fifo.yaml");
     const { execFileSync } = await import("node:child_process");

@@ -5,6 +5,7 @@
  * still run a job.
  */
 import { encode } from "@msgpack/msgpack";
+import path from "node:path";
 import fc from "fast-check";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import WebSocket from "ws";
@@ -12,7 +13,7 @@ import { ProtocolError } from "../../src/errors.js";
 import { unpack } from "../../src/job/coordinator/answers.js";
 import { Provider } from "../../src/job/provider/index.js";
 import { decodeFrame } from "../../src/protocol/frames.js";
-import { decodeToCoordinator, decodeToProvider, encodeMessage, PROTOCOL_VERSION, type ToCoordinator } from "../../src/protocol/messages.js";
+import { decodeToCoordinator, decodeToProvider, encodeMessage, jobSpecProblem, PROTOCOL_VERSION, type ToCoordinator, type ToProvider } from "../../src/protocol/messages.js";
 import { parseFromWorker, parseOrder } from "../../src/protocol/workerOps.js";
 import { resolvePython, type PythonEnv } from "../../src/runtime/python.js";
 import { testPython } from "../helpers/processes.js";
@@ -76,6 +77,68 @@ describe("fuzz: parsers of inbound messages", () => {
       }),
       params,
     );
+  });
+});
+
+describe("fuzz: the job spec a provider is sent", () => {
+  const DEVICES = [{ id: "cpu" }, { id: "cuda:0" }];
+  const valid = {
+    t: "job",
+    job: "j",
+    secret: "s",
+    task: { filename: "task.py", code: new Uint8Array([120, 61, 49]) },
+    config: { name: "x", task: "task.py", steps: 1, batch_size: 8 },
+    world_size: 2,
+    ranks: [{ rank: 0, device: "cpu" }],
+    ring: [
+      { rank: 0, url: "ws://127.0.0.1:1/ring" },
+      { rank: 1, url: "wss://10.0.0.2:7000/ring" },
+    ],
+  };
+  const hostile = fc.constantFrom<unknown>(
+    "../task.py", "/etc/passwd", "..", ".", "task.py/..", "a\u0000.py", "x".repeat(300), "file:///etc/passwd", "http://127.0.0.1/ring",
+    "ws://u:p@127.0.0.1/ring", "ws://127.0.0.1/other", "cuda:7", -1, 2 ** 53, 1e308, Number.NaN, [], {}, null, [{ rank: 0, device: "cpu" }, { rank: 0, device: "cpu" }],
+  );
+  const FIELDS = ["job", "secret", "task.filename", "task.code", "config", "world_size", "ranks", "ranks.0.rank", "ranks.0.device", "ring", "ring.0.rank", "ring.1.url", "threads", "join"];
+  const mutated = fc.array(fc.record({ field: fc.constantFrom(...FIELDS), to: fc.oneof(hostile, value) }), { minLength: 1, maxLength: 3 }).map((edits) => {
+    const spec = structuredClone(valid) as Record<string, unknown>;
+    for (const { field, to } of edits) {
+      const keys = field.split(".");
+      let at = spec as Record<string, unknown>;
+      for (const k of keys.slice(0, -1)) at = (typeof at[k] === "object" && at[k] !== null ? at[k] : (at[k] = {})) as Record<string, unknown>;
+      at[keys.at(-1)!] = to;
+    }
+    return spec;
+  });
+
+  it("is refused with a reason, or is safe to act on: a plain task file name, ranks in range and once, offered devices, ring URLs only", () => {
+    expect(jobSpecProblem(decodeToProvider(encode(valid), "fuzz") as Extract<ToProvider, { t: "job" }>, DEVICES)).toBeNull();
+    let accepted = 0;
+    fc.assert(
+      fc.property(mutated, (spec) => {
+        let job: Extract<ToProvider, { t: "job" }>;
+        try {
+          job = decodeToProvider(encode(spec), "fuzz") as Extract<ToProvider, { t: "job" }>;
+        } catch (err) {
+          expect(err).toBeInstanceOf(ProtocolError);
+          return;
+        }
+        const problem = jobSpecProblem(job, DEVICES);
+        if (problem !== null) {
+          expect(problem.length).toBeGreaterThan(0);
+          return;
+        }
+        accepted++;
+        expect(job.task.filename).toMatch(/^[A-Za-z0-9._-]+\.py$/);
+        expect(path.basename(job.task.filename)).toBe(job.task.filename);
+        for (const r of [...job.ranks, ...job.ring]) expect(r.rank).toBeLessThan(job.world_size);
+        expect(new Set(job.ranks.map((r) => r.rank)).size).toBe(job.ranks.length);
+        for (const r of job.ranks) expect(["cpu", "cuda:0"]).toContain(r.device);
+        for (const r of job.ring) expect(r.url).toMatch(/^wss?:\/\/[^/@]+\/ring$/);
+      }),
+      { seed: SEED, numRuns: RUNS },
+    );
+    expect(accepted).toBeGreaterThan(0); // the property saw specs that pass, not only refusals
   });
 });
 

@@ -5,6 +5,7 @@ import {
   decodeToCoordinator,
   decodeToProvider,
   encodeMessage,
+  jobSpecProblem,
   PROTOCOL_VERSION,
   type ToCoordinator,
   type ToProvider,
@@ -241,5 +242,23 @@ describe("control messages: rejection", () => {
       const back = decodeToProvider(encodeMessage({ ...(toProvider[1] as Extract<ToProvider, { t: "job" }>), task: { filename, code } }));
       expect(back.t === "job" && back.task.filename).toBe(filename);
     }
+  });
+
+  describe("jobSpecProblem: what the schema cannot see", () => {
+    const job = toProvider[1] as Extract<ToProvider, { t: "job" }>;
+    const devices = [{ id: "cpu" }, { id: "cuda:0" }];
+    it.each([
+      ["a rank past the world size", { ranks: [{ rank: 3, device: "cpu" }] }, "the job names rank 3, which is not below its world_size 3"],
+      ["one of this provider's ranks twice", { ranks: [{ rank: 0, device: "cpu" }, { rank: 0, device: "cpu" }] }, "the job names one of this provider's ranks twice"],
+      ["a device this provider does not offer", { ranks: [{ rank: 0, device: "cuda:7" }] }, 'the job asks for device "cuda:7", which this provider does not offer (it offers cpu, cuda:0)'],
+      ["a ring without every rank", { ring: job.ring.slice(0, 2) }, "the job's ring has 2 addresses for 3 ranks"],
+      ["a ring address that is not a ring endpoint", { ring: [...job.ring.slice(0, 2), { rank: 2, url: "http://10.0.0.2/admin" }] }, 'the job\'s ring address "http://10.0.0.2/admin" is not a ws:// or wss:// URL of a /ring endpoint'],
+      ["a ring address with credentials", { ring: [...job.ring.slice(0, 2), { rank: 2, url: "ws://u:p@10.0.0.2/ring" }] }, /not a ws:\/\/ or wss:\/\/ URL/],
+    ] as const)("refuses %s", (_what, change, problem) => {
+      const got = jobSpecProblem({ ...job, ...change } as typeof job, devices);
+      if (typeof problem === "string") expect(got).toBe(problem);
+      else expect(got).toMatch(problem);
+    });
+    it("accepts a well-formed job", () => expect(jobSpecProblem(job, devices)).toBeNull());
   });
 });

@@ -20,6 +20,14 @@ import type { JobSpec, ProviderOptions } from "./types.js";
 const CLOSE_NO_SUCH_JOB = 4005;
 /** How long a ring neighbour may take to connect once a job starts. */
 const RING_CONNECT_TIMEOUT_MS = 60_000;
+/**
+ * A TCP connection that has not finished its HTTP upgrade this long is closed: idle
+ * sockets and slowloris headers hold nothing for long. The WebSocket layer then has its
+ * own hello timeouts.
+ */
+const UPGRADE_TIMEOUT_MS = 10_000;
+/** Open TCP connections in all: a job needs a handful; this keeps file descriptors for them. */
+const MAX_TCP_CONNECTIONS = 1024;
 
 /**
  * `nimble provide`: a long-running agent. One WebSocket server carries the control plane
@@ -52,9 +60,18 @@ export class Provider {
   }
 
   async start(): Promise<{ url: string; port: number }> {
-    const server = createServer((_req, res) => {
-      res.writeHead(426, { "content-type": "text/plain" });
-      res.end("nimble provider: connect with a WebSocket to /control\n");
+    const server = createServer(
+      { headersTimeout: UPGRADE_TIMEOUT_MS, requestTimeout: UPGRADE_TIMEOUT_MS, connectionsCheckingInterval: 1000 },
+      (_req, res) => {
+        res.writeHead(426, { "content-type": "text/plain" });
+        res.end("nimble provider: connect with a WebSocket to /control\n");
+      },
+    );
+    server.maxConnections = MAX_TCP_CONNECTIONS;
+    // Until its upgrade (ws then clears the timeout: the WebSocket hello timeouts take over).
+    server.on("connection", (socket) => {
+      socket.setTimeout(UPGRADE_TIMEOUT_MS);
+      socket.once("timeout", () => socket.destroy());
     });
     server.on("upgrade", (req: IncomingMessage, socket: Duplex, head: Buffer) => {
       const pathname = new URL(req.url ?? "/", "http://x").pathname;
@@ -137,7 +154,7 @@ export class Provider {
   private onControlMessage(conn: ControlConnection, message: ToProvider) {
     if (message.t === "job") {
       if (this.job) return conn.send({ t: "failed", message: `already running job ${this.job.spec.job}`, kind: "internal" });
-      const problem = jobSpecProblem(message);
+      const problem = jobSpecProblem(message, this.opts.devices);
       if (problem) return conn.send({ t: "failed", message: problem, kind: "internal" });
       return this.startJob(message, conn);
     }

@@ -3,6 +3,7 @@
  * authenticates, connections waiting to authenticate are capped, wrong tokens are
  * rate-limited, and a ring connection without a job is not read past its hello.
  */
+import net from "node:net";
 import { afterEach, describe, expect, it } from "vitest";
 import WebSocket from "ws";
 import { Provider, type ProviderEvent } from "../../../src/job/provider/index.js";
@@ -31,8 +32,8 @@ async function start() {
   port = (await provider.start()).port;
 }
 
-function open(path = "/control"): Promise<{ ws: WebSocket; messages: ToCoordinator[]; closed: Promise<{ code: number; reason: string }> }> {
-  const ws = new WebSocket(`ws://127.0.0.1:${port}${path}`, { maxPayload: 1 << 30 });
+function open(path = "/control", localAddress = "127.0.0.1"): Promise<{ ws: WebSocket; messages: ToCoordinator[]; closed: Promise<{ code: number; reason: string }> }> {
+  const ws = new WebSocket(`ws://127.0.0.1:${port}${path}`, { maxPayload: 1 << 30, localAddress });
   sockets.push(ws);
   const messages: ToCoordinator[] = [];
   ws.on("message", (data) => messages.push(decodeToCoordinator(data, "provider")));
@@ -44,8 +45,8 @@ function open(path = "/control"): Promise<{ ws: WebSocket; messages: ToCoordinat
   });
 }
 
-async function welcomed(): Promise<boolean> {
-  const c = await open();
+async function welcomed(localAddress = "127.0.0.1"): Promise<boolean> {
+  const c = await open("/control", localAddress);
   c.ws.send(encodeMessage({ t: "hello", token: TOKEN, version: PROTOCOL_VERSION }));
   for (let i = 0; i < 100 && c.messages.length === 0; i++) await new Promise((r) => setTimeout(r, 20));
   c.ws.close();
@@ -76,6 +77,25 @@ describe("a provider before anyone authenticates", () => {
     await new Promise((r) => setTimeout(r, 50));
     expect(await welcomed()).toBe(true);
   });
+
+  it("stays responsive beside 1,000 idle TCP connections, then closes them, slowloris headers and silent WebSockets", async () => {
+    await start();
+    const closedAt = (socket: net.Socket) => new Promise<void>((resolve) => socket.on("close", () => resolve()));
+    const idle = Array.from({ length: 1000 }, () => net.connect(port, "127.0.0.1").on("error", () => {}));
+    const idleClosed = Promise.all(idle.map(closedAt));
+    // Slowloris: a header line every 200 ms, never the blank line that ends them.
+    const slow = net.connect(port, "127.0.0.1").on("error", () => {});
+    const slowClosed = closedAt(slow);
+    const drip = setInterval(() => slow.writable && slow.write(slow.bytesWritten === 0 ? "GET /control HTTP/1.1\r\n" : "X-Slow: 1\r\n"), 200);
+    const silent = await Promise.all(Array.from({ length: 8 }, () => open()));
+    // Meanwhile, a coordinator from another address is served at once.
+    expect(await welcomed("127.0.0.2")).toBe(true);
+    expect(idle.filter((s) => s.destroyed)).toEqual([]); // served while all 1,000 were still held
+    // All closed by the provider (the test's time limit bounds when).
+    const [, , silentCodes] = await Promise.all([idleClosed, slowClosed, Promise.all(silent.map((c) => c.closed))]);
+    clearInterval(drip);
+    expect(silentCodes.map((c) => c.code)).toEqual(Array(8).fill(4003));
+  }, 40_000);
 
   it("refuses hellos unread after repeated wrong tokens from an address, and says so", async () => {
     await start();
