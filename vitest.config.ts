@@ -1,3 +1,5 @@
+import os from "node:os";
+import path from "node:path";
 import { defineConfig } from "vitest/config";
 
 export default defineConfig({
@@ -8,5 +10,7 @@ export default defineConfig({
     // End-to-end tests start real providers and PyTorch workers; on a 2-core machine
     // running several such files at once only makes each slower and flakier.
     fileParallelism: false,
+    // Identity keys the tests' `nimble` processes make stay out of the user's config folder.
+    env: { NIMBLE_CONFIG_DIR: path.join(os.tmpdir(), `nimble-test-config-${process.pid}`) },
   },
 });

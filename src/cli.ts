@@ -2,6 +2,7 @@
 import { Command, InvalidArgumentError, Option } from "commander";
 import { benchCommand } from "./commands/bench.js";
 import { envCommand } from "./commands/env.js";
+import { idCommand } from "./commands/id.js";
 import { reportCommand } from "./commands/report.js";
 import { runsCommand, runsShowCommand } from "./commands/runs.js";
 import { provideCommand } from "./commands/provide.js";
@@ -56,6 +57,7 @@ program
   .option("--local <n>", "number of local providers to start (overrides local_workers)", positiveInt)
   .option("--python <path>", "interpreter with torch for local workers (default: $NIMBLE_PYTHON or a managed environment)")
   .option("--torch <requirement>", "torch requirement for the managed environment (default: $NIMBLE_TORCH or torch==2.13.0)")
+  .option("--key <file>", "your identity key file (default: the user's, made on first use; `nimble id` prints it)")
   .option("--json", "print one JSON event per line instead of the live view")
   .option("-q, --quiet", "no live view: only warnings, errors and the final summary (train.log keeps everything)")
   .option("-v, --verbose", "also every step and detail such as rebalanced shares")
@@ -66,7 +68,10 @@ program
   .description("make this host a training provider: listen for jobs and run their workers")
   .option("--host <address>", "address to listen on (use 0.0.0.0 to accept other hosts)", "127.0.0.1")
   .option("--port <port>", "port to listen on (0 picks a free one)", port, 7070)
-  .option("--token <token>", "token coordinators must present (default: $NIMBLE_TOKEN or a random one, printed)")
+  .option("--token <token>", "token mode: the token coordinators prove they know (default: $NIMBLE_TOKEN or a random one, printed)")
+  .option("--allow <key...>", "key mode: admit only coordinators with these keys (see `nimble id`); no token is used")
+  .option("--allow-file <file...>", "key mode: admit the keys listed in these files, one per line (# comments allowed)")
+  .option("--key <file>", "this provider's identity key file (default: the user's, made on first use)")
   .option("--python <path>", "interpreter with torch for the workers (default: $NIMBLE_PYTHON or a managed environment)")
   .option("--torch <requirement>", "torch requirement for the managed environment")
   .option("--threads <n>", "torch threads per worker", positiveInt)
@@ -90,6 +95,7 @@ program
   .argument("[config]", "job config: also measure its task's training throughput")
   .option("--peer <address...>", "measure latency and throughput to these providers (host:port)")
   .option("--token <token>", "token for --peer providers (default: $NIMBLE_TOKEN)")
+  .option("--key <file>", "your identity key file, for --peer providers that admit keys")
   .option("--python <path>", "interpreter with torch (default: $NIMBLE_PYTHON or a managed environment)")
   .option("--torch <requirement>", "torch requirement for the managed environment")
   .option("--device <id>", "device to measure (default: the first)")
@@ -123,6 +129,13 @@ program
   .option("--output <dir>", "folder the runs are in (the config's `output`; default runs)")
   .option("--json", "print one JSON object: {report, screenshot?, data}")
   .action((run: string, opts) => reportCommand(run, opts));
+
+program
+  .command("id")
+  .description("print your identity key (made on first use): give it to providers' owners for --allow")
+  .option("--key <file>", "another key file (made if missing)")
+  .option("--json", "print JSON")
+  .action((opts) => idCommand(opts));
 
 program
   .command("env")

@@ -29,15 +29,21 @@ export interface MeshEvents {
   track(link: FrameLink): void;
 }
 
+/** Where a rank is served, and who serves it. */
+export interface RingPeer {
+  url: string;
+  key: string;
+}
+
 export interface MeshOptions {
   /** The ranks this host runs. */
   local: readonly number[];
   /** Ring members at the start, in ring order (none for a host joining a running job). */
   members: readonly number[];
-  /** Data-plane URL of every rank the job has had. */
-  urls: ReadonlyMap<number, string>;
-  /** What this host presents to its successors (the job's credentials). */
-  hello: (from: number, to: number, epoch: number) => RingHello;
+  /** Data-plane URL of every rank the job has had, and the key its host's certificate carries. */
+  peers: ReadonlyMap<number, RingPeer>;
+  /** What this host presents to its successors on a link's TLS session (its proof and credential). */
+  hello: (from: number, to: number, epoch: number, binding: Buffer) => RingHello;
   heartbeatMs: number;
   link?: LinkOptions;
   /** How long a hello for a later epoch waits for that epoch (default RING_CONNECT_TIMEOUT_MS). */
@@ -66,7 +72,7 @@ export class Mesh {
   #members: number[];
   #epoch = 0;
   #closed = false;
-  readonly #urls: Map<number, string>;
+  readonly #peers: Map<number, RingPeer>;
   readonly #slots = new Map<number, Slot>();
   #early: IncomingLink[] = [];
   readonly #earlyTimers = new Map<IncomingLink, NodeJS.Timeout>();
@@ -76,7 +82,7 @@ export class Mesh {
     private readonly events: MeshEvents,
   ) {
     this.#members = [...opts.members];
-    this.#urls = new Map(opts.urls);
+    this.#peers = new Map(opts.peers);
     for (const rank of opts.local) this.#slots.set(rank, { next: null, prev: null, ring: null, formed: -1, lostEpoch: -1, out: false });
   }
 
@@ -104,9 +110,9 @@ export class Mesh {
     return !!slot && slot.formed === this.#epoch && this.inRing(rank);
   }
 
-  /** Data-plane URL of a rank, if the job named one. */
-  urlOf(rank: number): string | undefined {
-    return this.#urls.get(rank);
+  /** Data-plane URL and key of a rank's host, if the job named one. */
+  peerOf(rank: number): RingPeer | undefined {
+    return this.#peers.get(rank);
   }
 
   /** The members before and after `rank` in the current ring, and its position. */
@@ -126,10 +132,10 @@ export class Mesh {
    * CLOSE_REFORM. Returns the local ranks that were in a ring and are not named now (left
    * out); ranks out because their worker died wait for a later ring.
    */
-  reform(epoch: number, members: readonly number[], urls: readonly { rank: number; url: string }[]): number[] {
-    for (const u of urls) this.#urls.set(u.rank, u.url);
+  reform(epoch: number, members: readonly number[], peers: readonly ({ rank: number } & RingPeer)[]): number[] {
+    for (const p of peers) this.#peers.set(p.rank, { url: p.url, key: p.key });
     if (epoch <= this.#epoch) throw new Error(`ring epoch ${epoch} is not after ${this.#epoch}`);
-    if (new Set(members).size !== members.length || !members.every((r) => this.#urls.has(r))) {
+    if (new Set(members).size !== members.length || !members.every((r) => this.#peers.has(r))) {
       throw new Error(`ring members ${members.join(", ")} are not distinct ranks with known addresses`);
     }
     this.#epoch = epoch;
@@ -252,13 +258,14 @@ export class Mesh {
     const epoch = this.#epoch;
     const slot = this.#slots.get(rank)!;
     const nextRank = this.neighbours(rank).next;
-    const url = this.#urls.get(nextRank);
-    if (!url) return this.events.fail(`the job names no address for rank ${nextRank}`, rank);
+    const peer = this.#peers.get(nextRank);
+    if (!peer) return this.events.fail(`the job names no address for rank ${nextRank}`, rank);
+    const { url } = peer;
     const stale = () => this.#closed || slot.out || this.#epoch !== epoch;
     const deadline = Date.now() + RING_CONNECT_TIMEOUT_MS;
     for (let attempt = 0; ; attempt++) {
       try {
-        const link = await connectRingPeer(url, this.opts.hello(rank, nextRank, epoch), this.opts.link);
+        const link = await connectRingPeer(url, (binding) => this.opts.hello(rank, nextRank, epoch, binding), { ...this.opts.link, expectKey: peer.key });
         this.events.track(link);
         if (stale()) return link.close(CLOSE_REFORM, "ring re-formed");
         slot.next = link;

@@ -30,7 +30,7 @@
  */
 import { ProtocolError } from "../errors.js";
 import type { FrameLink } from "../net/link.js";
-import { CLOSE_ABORTED, CLOSE_PROTOCOL } from "../net/link.js";
+import { CLOSE_ABORTED, CLOSE_PROTOCOL, LinkClosedError } from "../net/link.js";
 import {
   BLOB_HEADER_BYTES,
   type BlobChunkFrame,
@@ -476,7 +476,15 @@ export class RingAllReduce {
     }
     pump().catch((err: unknown) => {
       if (state.settled) return;
-      this.fail(err instanceof Error ? err : new Error(String(err)), CLOSE_PROTOCOL);
+      const e = err instanceof Error ? err : new Error(String(err));
+      if (e instanceof LinkClosedError && this.next) {
+        // A send on a link that is closing: its close, a LinkLostError naming the
+        // neighbour, follows (over TLS the socket ends before ws reports the close).
+        const timer = setTimeout(() => this.fail(e, CLOSE_PROTOCOL), 2000);
+        this.next.onClose(() => clearTimeout(timer));
+        return;
+      }
+      this.fail(e, CLOSE_PROTOCOL);
     });
   }
 

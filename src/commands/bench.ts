@@ -1,5 +1,8 @@
 import { loadConfig } from "../config/load.js";
+import { PURPOSE } from "../net/auth.js";
+import { defaultKeyFile, loadIdentity } from "../net/identity.js";
 import { measurePeer, type PeerMeasurement } from "../net/peerBench.js";
+import { prove } from "../net/proof.js";
 import { runHostBench, type HostBench } from "../runtime/hostBench.js";
 import { resolvePython } from "../runtime/python.js";
 import { formatBytes } from "../ui/format.js";
@@ -7,6 +10,7 @@ import { formatBytes } from "../ui/format.js";
 export interface BenchCommandOptions {
   peer?: string[];
   token?: string;
+  key?: string;
   python?: string;
   torch?: string;
   device?: string;
@@ -32,9 +36,12 @@ export async function benchCommand(configPath: string | undefined, options: Benc
     onProgress: options.json ? undefined : progress,
   });
   const peers: PeerMeasurement[] = [];
+  const identity = (options.peer ?? []).length > 0 ? await loadIdentity(options.key ?? defaultKeyFile(), { create: true }) : null;
+  const token = options.token ?? process.env.NIMBLE_TOKEN;
   for (const address of options.peer ?? []) {
     if (!options.json) progress(`measuring the link to ${address} ...`);
-    peers.push(await measurePeer(address, options.token ?? process.env.NIMBLE_TOKEN ?? "", { bytes: options.quick ? 4 * 1024 * 1024 : undefined }));
+    const hello = (binding: Buffer) => prove(identity!, PURPOSE.bench, binding, { token });
+    peers.push(await measurePeer(address, hello, { bytes: options.quick ? 4 * 1024 * 1024 : undefined }));
   }
   const report: BenchReport = { host, peers };
   process.stdout.write(options.json ? JSON.stringify(report) + "\n" : formatBenchReport(report));

@@ -1,4 +1,6 @@
 import { Provider, type LogLevel, type ProviderEvent } from "../job/provider/index.js";
+import { allowedKeys } from "../net/allowList.js";
+import { defaultKeyFile, loadIdentity } from "../net/identity.js";
 import { loadOrMeasureProfile } from "../runtime/profile.js";
 import { probeHost, resolvePython } from "../runtime/python.js";
 import { createProvideReporter } from "../ui/provideReporter.js";
@@ -8,6 +10,11 @@ export interface ProvideCommandOptions {
   host: string;
   port: number;
   token?: string;
+  /** Identity key file (default: the user's, made on first use). */
+  key?: string;
+  /** Key mode: coordinator keys to admit, given inline and in files (one per line). */
+  allow?: string[];
+  allowFile?: string[];
   python?: string;
   torch?: string;
   threads?: number;
@@ -46,9 +53,16 @@ async function provide(options: ProvideCommandOptions, onEvent: (event: Provider
     options.profile === false
       ? undefined
       : (await loadOrMeasureProfile({ python: python.python, torch: python.torchVersion, devices, onProgress: (line) => log(line) })).profile;
+  const identity = await loadIdentity(options.key ?? defaultKeyFile(), { create: true });
+  const allow = await allowedKeys(options.allow ?? [], options.allowFile ?? []);
+  if (allow.length > 0 && (options.token ?? process.env.NIMBLE_TOKEN)) {
+    log("--allow is given: coordinators are admitted by key only, and the token is not used", "warn");
+  }
   const provider = new Provider({
     host: options.host,
     port: options.port,
+    identity,
+    allow,
     token: options.token ?? process.env.NIMBLE_TOKEN,
     python,
     devices,

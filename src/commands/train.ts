@@ -12,6 +12,7 @@ export interface TrainCommandOptions {
   torch?: string;
   json?: boolean;
   resume?: string;
+  key?: string;
   quiet?: boolean;
   verbose?: boolean;
 }
@@ -39,7 +40,7 @@ export async function trainCommand(configArg: string | undefined, options: Train
   process.on("SIGINT", onSignal);
   process.on("SIGTERM", onSignal);
   try {
-    await runTraining({ loaded, local: options.local, python: options.python, torchSpec: options.torch, reporter, signal: controller.signal, resume });
+    await runTraining({ loaded, local: options.local, python: options.python, torchSpec: options.torch, reporter, signal: controller.signal, resume, keyFile: options.key });
   } catch (err) {
     reporter.handle({ type: "error", message: errorMessage(err) });
     throw err;

@@ -10,9 +10,11 @@ import { z } from "zod";
 
 export const NAME_PATTERN = /^[A-Za-z0-9._-]{1,64}$/;
 
-/** `host:port`, `[v6]:port`, `ws://host:port` or `wss://host:port`. */
+const KEY_PATTERN = /^ed25519:[A-Za-z0-9_-]{43}$/;
+
+/** `host:port`, `[v6]:port` or `wss://host:port` (links are TLS: no plain `ws://`). */
 export const ADDRESS_PATTERN =
-  /^(?:wss?:\/\/)?(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?):([0-9]{1,5})\/?$/;
+  /^(?:wss:\/\/)?(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?):([0-9]{1,5})\/?$/;
 
 /** YAML writes an empty section (`eval:` with nothing under it) as null: treat it as absent. */
 function nullAsAbsent<T extends z.ZodTypeAny>(schema: T) {
@@ -124,6 +126,8 @@ export const providerSchema = z
   .object({
     address: z.string().regex(ADDRESS_PATTERN),
     token: z.string().min(1).optional(),
+    /** The provider's identity key: its certificate must carry it (key mode, or both). */
+    key: z.string().regex(KEY_PATTERN).optional(),
     /** Not needed at the start: the job runs without it and takes it in when it comes up. */
     optional: z.boolean().default(false),
   })
@@ -335,7 +339,8 @@ export function describeSchema(schema: z.ZodTypeAny | undefined): string | undef
     const regex = schema._def.checks.find((c) => c.kind === "regex");
     if (regex && regex.kind === "regex") {
       if (regex.regex === NAME_PATTERN) return "1 to 64 characters from A-Z a-z 0-9 . _ -";
-      if (regex.regex === ADDRESS_PATTERN) return "host:port or ws://host:port";
+      if (regex.regex === ADDRESS_PATTERN) return "host:port or wss://host:port";
+      if (regex.regex === KEY_PATTERN) return "a nimble key, ed25519:<43 characters> (`nimble id` prints it)";
     }
     return "a non-empty string";
   }

@@ -2,15 +2,19 @@ import { execa } from "execa";
 import { UserError } from "../errors.js";
 import { forEachLine } from "../runtime/lines.js";
 import { CLI_PATH } from "../runtime/paths.js";
+import type { Identity } from "../net/identity.js";
 
 export interface LocalProvider {
   address: string;
-  token: string;
+  /** Its identity key (the researcher's own: they run as this user). */
+  key: string;
   pid: number | undefined;
 }
 
 export interface LocalProviderOptions {
   count: number;
+  /** The researcher's identity (kept in a file): local providers use it and admit only it. */
+  identity: Identity;
   python: string;
   /** torch threads per worker, so N local workers share this host's cores instead of fighting. */
   threads: number;
@@ -19,8 +23,10 @@ export interface LocalProviderOptions {
 }
 
 /**
- * Start `count` `nimble provide` processes on loopback (each on a free port, with its own
- * token) for a job that names no providers. stop() ends them and everything they started.
+ * Start `count` `nimble provide` processes on loopback (each on a free port) for a job that
+ * names no providers. They take the same path as remote ones: TLS, in key mode, with the
+ * researcher's key as theirs and as the one key they admit. stop() ends them and
+ * everything they started.
  */
 export async function startLocalProviders(opts: LocalProviderOptions): Promise<{ providers: LocalProvider[]; stop: () => Promise<void> }> {
   const children = Array.from({ length: opts.count }, (_, i) => {
@@ -28,7 +34,11 @@ export async function startLocalProviders(opts: LocalProviderOptions): Promise<{
       process.execPath,
       // Local providers share this host: measuring it once per provider would only
       // measure their contention. The coordinator learns their speed from the steps.
-      [CLI_PATH, "provide", "--host", "127.0.0.1", "--port", "0", "--json", "--no-profile", "--managed", "--python", opts.python, "--threads", String(opts.threads)],
+      [
+        CLI_PATH, "provide", "--host", "127.0.0.1", "--port", "0", "--json", "--no-profile", "--managed",
+        "--key", opts.identity.file!, "--allow", opts.identity.key,
+        "--python", opts.python, "--threads", String(opts.threads),
+      ],
       { env: { ...opts.env, NIMBLE_PYTHON: opts.python }, buffer: false, reject: false, stdin: "ignore", cleanup: true },
     );
     return { child, label: `provider ${i}` };
@@ -58,7 +68,7 @@ function waitForListening(child: ReturnType<typeof execa>, label: string, onLog:
       onLog(label, line);
     });
     forEachLine(child.stdout, (line) => {
-      let event: { type?: string; url?: string; token?: string };
+      let event: { type?: string; url?: string; key?: string };
       try {
         event = JSON.parse(line);
       } catch {
@@ -67,7 +77,7 @@ function waitForListening(child: ReturnType<typeof execa>, label: string, onLog:
       }
       if (event.type === "listening" && !listening) {
         listening = true;
-        resolve({ address: event.url!, token: event.token!, pid: child.pid });
+        resolve({ address: event.url!, key: event.key!, pid: child.pid });
       }
       // Worker output reaches the coordinator over the control plane; printing the
       // provider's own copy too would show every line twice.

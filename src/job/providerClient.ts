@@ -1,7 +1,12 @@
 import { EventEmitter } from "node:events";
 import WebSocket from "ws";
 import { UserError, errorMessage } from "../errors.js";
+import { CONTROL_BINDING, PURPOSE } from "../net/auth.js";
 import { watchHeartbeat } from "../net/heartbeat.js";
+import { fingerprint, type Identity } from "../net/identity.js";
+import { keyProblem } from "../net/link.js";
+import { checkProof, prove } from "../net/proof.js";
+import { peerKey, sessionBinding, TLS_CLIENT_OPTIONS } from "../net/tls.js";
 import { unpack, type Incoming } from "./coordinator/answers.js";
 import {
   decodeToCoordinator,
@@ -14,9 +19,21 @@ import {
 
 export type Welcome = Extract<ToCoordinator, { t: "welcome" }>["provider"];
 
-/** Accepts `host:port`, `ws://host:port` or `ws://host:port/control`; returns the control URL. */
+/** How the coordinator authenticates to a provider, and the provider to it. */
+export interface ProviderCredentials {
+  identity: Identity;
+  /** Token mode: both sides prove they know it. */
+  token?: string;
+  /** Key mode: the provider's certificate must carry this key. */
+  key?: string;
+}
+
+/** Accepts `host:port`, `wss://host:port` or `wss://host:port/control`; returns the control URL. */
 export function controlUrl(address: string): string {
-  const withScheme = /^wss?:\/\//.test(address) ? address : `ws://${address}`;
+  if (/^ws:\/\//.test(address)) {
+    throw new UserError(`Provider address ${address} asks for a plain ws:// link`, "Links are TLS: write host:port or wss://host:port.");
+  }
+  const withScheme = /^wss:\/\//.test(address) ? address : `wss://${address}`;
   const url = new URL(withScheme);
   if (!url.port) throw new UserError(`Provider address ${address} has no port`, "Write it as host:port, e.g. 10.0.0.7:7070.");
   url.pathname = "/control";
@@ -38,6 +55,8 @@ export class ProviderClient extends EventEmitter<{ message: [Incoming]; lost: [s
     readonly address: string,
     private readonly ws: WebSocket,
     readonly info: Welcome,
+    /** The provider's identity key: its certificate's, and what signed its welcome. */
+    readonly key: string,
   ) {
     super();
     ws.on("message", (data, isBinary) => {
@@ -58,11 +77,18 @@ export class ProviderClient extends EventEmitter<{ message: [Incoming]; lost: [s
     });
   }
 
-  /** Connect, authenticate with the token, and wait for the provider's welcome. */
-  static async connect(address: string, token: string, timeoutMs = 15_000): Promise<ProviderClient> {
+  /**
+   * Connect over TLS, prove who we are on this session (and, in token mode, that we know
+   * the token), and check the provider's welcome: its certificate's key (the one named in
+   * key mode), and its own proof over our nonce.
+   */
+  static async connect(address: string, creds: ProviderCredentials, timeoutMs = 15_000): Promise<ProviderClient> {
     const url = controlUrl(address);
-    const ws = new WebSocket(url, { maxPayload: MAX_CONTROL_BYTES, handshakeTimeout: timeoutMs });
+    const ws = new WebSocket(url, { ...TLS_CLIENT_OPTIONS, maxPayload: MAX_CONTROL_BYTES, handshakeTimeout: timeoutMs });
     ws.binaryType = "nodebuffer";
+    let binding: Buffer | null = null;
+    let nonce: Uint8Array | null = null;
+    let key = "";
     const welcome = await new Promise<Welcome>((resolve, reject) => {
       const timer = setTimeout(() => {
         ws.terminate();
@@ -76,7 +102,18 @@ export class ProviderClient extends EventEmitter<{ message: [Incoming]; lost: [s
         if (err) reject(err);
         else resolve(value!);
       };
-      ws.on("open", () => ws.send(encodeMessage({ t: "hello", token, version: PROTOCOL_VERSION })));
+      ws.on("open", () => {
+        const problem = keyProblem(ws, creds.key);
+        binding = sessionBinding(ws, CONTROL_BINDING);
+        if (problem || !binding) {
+          ws.terminate();
+          return done(new UserError(`Refused provider ${address}: ${problem ?? "it does not speak TLS 1.3"}`, problem ? "Check the provider's key in the config (`nimble id` on that host prints it)." : undefined));
+        }
+        key = peerKey(ws)!;
+        const proof = prove(creds.identity, PURPOSE.coordinator, binding, { token: creds.token });
+        nonce = proof.nonce;
+        ws.send(encodeMessage({ t: "hello", version: PROTOCOL_VERSION, ...proof }));
+      });
       ws.on("error", (err) =>
         done(new UserError(`Cannot reach provider ${address}: ${errorMessage(err)}`, "Is `nimble provide` running there? Check the address, port and any firewall between you.")),
       );
@@ -88,12 +125,23 @@ export class ProviderClient extends EventEmitter<{ message: [Incoming]; lost: [s
             if (m.version !== PROTOCOL_VERSION) {
               ws.close();
               done(new UserError(`Provider ${address} speaks protocol ${m.version}, this nimble speaks ${PROTOCOL_VERSION}`, "Run the same nimble version on both sides."));
-            } else done(null, m.provider);
+            } else {
+              const { signed, tokenOk } = checkProof(m, PURPOSE.provider, binding!, { token: creds.token, nonces: [nonce!] });
+              const problem = !signed || m.key !== key ? "its welcome is not signed by its certificate's key" : !creds.key && !tokenOk ? "it does not know the token (someone in between, or another host)" : null;
+              if (problem) {
+                ws.terminate();
+                done(new UserError(`Refused provider ${address} (${fingerprint(key)}): ${problem}`));
+              } else done(null, m.provider);
+            }
           } else if (m.t === "reject") {
             done(
               new UserError(
                 `Provider ${address} refused the job: ${m.reason}`,
-                m.reason === "wrong token" ? "Use the token `nimble provide` printed when it started (config `token` or NIMBLE_TOKEN)." : undefined,
+                m.reason === "wrong token"
+                  ? "Use the token `nimble provide` printed when it started (config `token` or NIMBLE_TOKEN)."
+                  : m.reason === "key not allowed"
+                    ? `Ask its owner to --allow your key ${creds.identity.key} (\`nimble id\` prints it).`
+                    : undefined,
               ),
             );
           } else done(new UserError(`Provider ${address} sent ${m.t} before its welcome`));
@@ -103,7 +151,7 @@ export class ProviderClient extends EventEmitter<{ message: [Incoming]; lost: [s
         }
       });
     });
-    return new ProviderClient(address, ws, welcome);
+    return new ProviderClient(address, ws, welcome, key);
   }
 
   /** Declare the provider lost (event `lost`) when it is silent for `timeoutMs` (hung, stopped, cut off). */

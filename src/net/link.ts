@@ -4,13 +4,15 @@
  */
 import WebSocket from "ws";
 import { ProtocolError } from "../errors.js";
-import { decodeFrame, encodeControl, MAX_FRAME_BYTES } from "../protocol/frames.js";
+import { decodeFrame, encodeControl, MAX_FRAME_BYTES, type HelloMessage } from "../protocol/frames.js";
+import { fingerprint } from "./identity.js";
+import { peerKey, sessionBinding, TLS_CLIENT_OPTIONS } from "./tls.js";
 
 /** Bytes handed to ws whose send callback has not fired, above which `send` waits. */
 export const DEFAULT_HIGH_WATER_MARK = 4 * 1024 * 1024;
 
 /** Close codes used on ring links (docs/protocol.md). */
-export const CLOSE_AUTH_FAILED = 4001; // bad hello: wrong job or secret, malformed first frame
+export const CLOSE_AUTH_FAILED = 4001; // bad hello: not a member of the job, malformed first frame
 export const CLOSE_BAD_RANK = 4002; // hello names a rank this provider does not host, or no hello in time
 export const CLOSE_PROTOCOL = 4003; // a frame violated the ring protocol
 export const CLOSE_ABORTED = 4004; // the ring was aborted locally, or a neighbour was lost (passed on)
@@ -30,18 +32,18 @@ export interface ConnectOptions extends LinkOptions {
   /** Largest incoming message; larger ones close the socket with 1009. */
   maxPayload?: number;
   handshakeTimeoutMs?: number;
+  /** The identity key the server's certificate must carry (wss): anything else is refused before a byte is sent. */
+  expectKey?: string;
 }
 
-export interface RingHello {
-  job: string;
-  secret: string;
-  from: number;
-  to: number;
-  epoch?: number;
-}
+/** A ring link's first frame, without its type tag (protocol/frames.ts `HelloSchema`). */
+export type RingHello = Omit<HelloMessage, "t">;
 
-/** Decides on a ring hello: null admits it (net/auth.ts, `Authorizer.admitRingPeer`). */
-export type RingAdmission = (hello: RingHello & { epoch: number }) => { code: number; reason: string } | null;
+/** The label of the keying material ring proofs are bound to. */
+export const RING_BINDING = "ring";
+
+/** Decides on a ring hello on its TLS session: null admits it (net/auth.ts, `Authorizer.admitRingPeer`). */
+export type RingAdmission = (hello: RingHello, binding: Buffer | null) => { code: number; reason: string } | null;
 
 /**
  * Run `fn` now, or `latencyMs` later (the --latency testing aid). Equal delays keep the
@@ -274,9 +276,14 @@ function statusCodeOf(err: Error | null): number | undefined {
   return undefined;
 }
 
-/** Open a client WebSocket (no compression, bounded message size) as a FrameLink. */
+/**
+ * Open a client WebSocket (no compression, bounded message size) as a FrameLink. Over
+ * wss, the server's certificate must carry `opts.expectKey` (checked once TLS is up,
+ * before anything is sent: there is no certificate authority to ask).
+ */
 export function connectLink(url: string, opts: ConnectOptions = {}): Promise<FrameLink> {
   const ws = new WebSocket(url, {
+    ...TLS_CLIENT_OPTIONS,
     perMessageDeflate: false,
     maxPayload: opts.maxPayload ?? MAX_FRAME_BYTES,
     handshakeTimeout: opts.handshakeTimeoutMs ?? 10_000,
@@ -292,7 +299,11 @@ export function connectLink(url: string, opts: ConnectOptions = {}): Promise<Fra
   return new Promise<FrameLink>((resolve, reject) => {
     const onOpen = () => {
       cleanup();
-      resolve(new FrameLink(ws, opts));
+      const problem = keyProblem(ws, opts.expectKey);
+      if (problem) {
+        ws.terminate();
+        reject(new Error(`refused ${url}: ${problem}`));
+      } else resolve(new FrameLink(ws, opts));
     };
     const onError = (err: Error) => {
       cleanup();
@@ -314,18 +325,32 @@ export function connectLink(url: string, opts: ConnectOptions = {}): Promise<Fra
   });
 }
 
-/** Open the ring connection to the next rank (`url` ends in `/ring`) and say hello. */
+/** Why the server of `ws` is not the one expected (null: it is, or nothing was expected). */
+export function keyProblem(ws: WebSocket, expectKey: string | undefined): string | null {
+  if (expectKey === undefined) return null;
+  const got = peerKey(ws);
+  if (got === expectKey) return null;
+  return got === null
+    ? `no TLS certificate with an identity key (expected ${fingerprint(expectKey)})`
+    : `its certificate's key ${fingerprint(got)} is not the expected ${fingerprint(expectKey)} (a different host, or someone in between)`;
+}
+
+/**
+ * Open the ring connection to the next rank (`url` ends in `/ring`), check that its host
+ * holds `opts.expectKey`, and say the hello `makeHello` proves on this TLS session.
+ */
 export async function connectRingPeer(
   url: string,
-  hello: RingHello,
+  makeHello: (binding: Buffer) => RingHello,
   opts: ConnectOptions = {},
 ): Promise<FrameLink> {
   const path = new URL(url).pathname;
   if (!path.endsWith("/ring")) throw new Error(`ring URL must end in /ring: ${url}`);
-  const frame = encodeControl({ t: "hello", ...hello, epoch: hello.epoch ?? 0 });
   const link = await connectLink(url, opts);
   try {
-    await link.send(frame);
+    const binding = sessionBinding(link.ws, RING_BINDING);
+    if (!binding) throw new Error(`ring link to ${url} is not TLS 1.3: refusing to say hello on it`);
+    await link.send(encodeControl({ t: "hello", ...makeHello(binding) }));
   } catch (err) {
     link.terminate();
     throw err;
@@ -334,7 +359,7 @@ export async function connectRingPeer(
 }
 
 /** A ring hello as it arrived, not yet admitted. */
-export type ArrivedHello = RingHello & { epoch: number };
+export type ArrivedHello = RingHello;
 
 /**
  * Read the first frame of an incoming ring connection, which must be a well-formed hello,
@@ -393,7 +418,7 @@ export function readRingHello(ws: WebSocket | FrameLink, timeoutMs: number, opts
  */
 export function admitRingHello(arrived: { hello: ArrivedHello; link: FrameLink }, admit: RingAdmission): { from: number; to: number; epoch: number; link: FrameLink } {
   const { hello, link } = arrived;
-  const refusal = admit(hello);
+  const refusal = admit(hello, sessionBinding(link.ws, RING_BINDING));
   link.ws.resume();
   if (refusal) {
     link.close(refusal.code, refusal.reason);

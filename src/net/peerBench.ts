@@ -1,10 +1,15 @@
 import WebSocket from "ws";
+import { z } from "zod";
 import { ProtocolError, UserError, errorMessage } from "../errors.js";
+import type { BenchHello } from "./auth.js";
+import { keyProblem } from "./link.js";
+import { sessionBinding, TLS_CLIENT_OPTIONS } from "./tls.js";
 
 /**
- * Link measurement over the transport training uses: `/bench` on a provider, token first,
- * then round trips (latency) and a timed bulk upload (throughput). Messages are small JSON
- * texts; bulk data are binary frames the provider only counts.
+ * Link measurement over the transport training uses: `/bench` on a provider (TLS), a
+ * hello with a proof on the session first (net/auth.ts `admitBench`), then round trips
+ * (latency) and a timed bulk upload (throughput). Messages are small JSON texts (binary
+ * fields in base64); bulk data are binary frames the provider only counts.
  */
 export const BENCH_FRAME_BYTES = 256 * 1024;
 /** A bench upload is bounded so a client cannot make a provider read forever. */
@@ -19,8 +24,41 @@ export interface PeerMeasurement {
   upload_bytes: number;
 }
 
+export const BENCH_BINDING = "bench";
+
+const b64 = (n: number) =>
+  z
+    .string()
+    .max(128)
+    .transform((v) => Buffer.from(v, "base64"))
+    .refine((b) => b.byteLength === n, `expected ${n} bytes`);
+const benchHelloSchema = z
+  .object({
+    t: z.literal("hello"),
+    key: z.string().regex(/^ed25519:[A-Za-z0-9_-]{43}$/),
+    nonce: b64(32),
+    sig: b64(64),
+    mac: b64(32).optional(),
+    job: z.string().max(256).optional(),
+    credential: z.object({ ranks: z.array(z.number().int().min(0)).min(1).max(4096), sig: b64(64) }).optional(),
+  })
+  .strict();
+
+function helloText(hello: BenchHello): string {
+  const b = (v: Uint8Array) => Buffer.from(v).toString("base64");
+  return JSON.stringify({
+    t: "hello",
+    key: hello.key,
+    nonce: b(hello.nonce),
+    sig: b(hello.sig),
+    ...(hello.mac ? { mac: b(hello.mac) } : {}),
+    ...(hello.job !== undefined ? { job: hello.job } : {}),
+    ...(hello.credential ? { credential: { ranks: hello.credential.ranks, sig: b(hello.credential.sig) } } : {}),
+  });
+}
+
 type BenchMessage =
-  | { t: "hello"; token: string }
+  | { t: "hello" }
   | { t: "ping"; i: number }
   | { t: "bulk"; bytes: number }
   | { t: "pong"; i: number }
@@ -41,7 +79,7 @@ function parse(data: WebSocket.RawData, isBinary: boolean): BenchMessage {
 }
 
 /** Provider side of `/bench`: authenticate, answer pings, count a bulk upload. */
-export function servePeerBench(ws: WebSocket, accepts: (token: string) => boolean): void {
+export function servePeerBench(ws: WebSocket, accepts: (hello: BenchHello, binding: Buffer | null) => boolean): void {
   let authed = false;
   let expecting = 0;
   let received = 0;
@@ -66,7 +104,8 @@ export function servePeerBench(ws: WebSocket, accepts: (token: string) => boolea
     }
     if (!authed) {
       clearTimeout(timer);
-      if (!(m.t === "hello" && typeof m.token === "string" && accepts(m.token))) return fail(4001, "wrong token");
+      const hello = benchHelloSchema.safeParse(m);
+      if (!hello.success || !accepts(hello.data, sessionBinding(ws, BENCH_BINDING))) return fail(4001, "not admitted");
       authed = true;
       ws.send(JSON.stringify({ t: "ready" }));
       return;
@@ -84,13 +123,13 @@ export function servePeerBench(ws: WebSocket, accepts: (token: string) => boolea
 /** Client side: measure latency and upload throughput to a provider's `/bench`. */
 export async function measurePeer(
   address: string,
-  token: string,
-  opts: { pings?: number; bytes?: number; throttle?: (bytes: number) => Promise<void> } = {},
+  makeHello: (binding: Buffer) => BenchHello,
+  opts: { pings?: number; bytes?: number; throttle?: (bytes: number) => Promise<void>; expectKey?: string } = {},
 ): Promise<PeerMeasurement> {
-  const withScheme = /^wss?:\/\//.test(address) ? address : `ws://${address}`;
+  const withScheme = /^wss?:\/\//.test(address) ? address : `wss://${address}`;
   const url = new URL(withScheme);
   url.pathname = "/bench";
-  const ws = new WebSocket(url.toString(), { perMessageDeflate: false, handshakeTimeout: 10_000 });
+  const ws = new WebSocket(url.toString(), { ...TLS_CLIENT_OPTIONS, perMessageDeflate: false, handshakeTimeout: 10_000 });
   const inbox: BenchMessage[] = [];
   const waiters: { resolve: (m: BenchMessage) => void; reject: (err: Error) => void }[] = [];
   let closed: Error | null = null;
@@ -102,7 +141,13 @@ export async function measurePeer(
       else waiters.push({ resolve, reject });
     });
   await new Promise<void>((resolve, reject) => {
-    ws.once("open", () => resolve());
+    ws.once("open", () => {
+      const problem = keyProblem(ws, opts.expectKey);
+      if (problem) {
+        ws.terminate();
+        reject(new UserError(`Refused ${address}: ${problem}`));
+      } else resolve();
+    });
     ws.once("error", (err) => reject(new UserError(`Cannot reach ${address}: ${errorMessage(err)}`, "Is `nimble provide` running there?")));
   });
   ws.on("message", (data, isBinary) => {
@@ -119,13 +164,15 @@ export async function measurePeer(
   });
   ws.on("close", (code, reason) => {
     closed = new UserError(
-      code === 4001 ? `${address} refused the bench: wrong token` : `${address} closed the bench connection (${code} ${reason})`,
-      code === 4001 ? "Pass the token `nimble provide` printed (--token or NIMBLE_TOKEN)." : undefined,
+      code === 4001 ? `${address} refused the bench: wrong token or key` : `${address} closed the bench connection (${code} ${reason})`,
+      code === 4001 ? "Pass the token `nimble provide` printed (--token or NIMBLE_TOKEN), or have its owner --allow your key (`nimble id`)." : undefined,
     );
     for (const w of waiters.splice(0)) w.reject(closed);
   });
   try {
-    ws.send(JSON.stringify({ t: "hello", token }));
+    const binding = sessionBinding(ws, BENCH_BINDING);
+    if (!binding) throw new UserError(`${address} is not speaking TLS 1.3: refusing to authenticate to it`);
+    ws.send(helloText(makeHello(binding)));
     const hello = await withTimeout(next(), 10_000, address);
     if (hello.t !== "ready") throw new UserError(`${address} answered the bench hello with ${hello.t}`);
     const rtts: number[] = [];

@@ -78,15 +78,25 @@ const LITTLE_ENDIAN_HOST = endianness() === "LE";
 const u32 = z.number().int().min(0).max(0xffffffff);
 const rank = z.number().int().min(0).max(0xffff);
 
+const sized = (n: number) => z.custom<Uint8Array>((v) => v instanceof Uint8Array && v.byteLength === n, `expected ${n} bytes`);
+
+/**
+ * The first frame on a ring link: who opens it (rank `from` of `job`, for rank `to`), the
+ * opener's proof on this TLS session (key, nonce, signature: src/net/proof.ts), and the
+ * coordinator's credential that this key stands for `from`.
+ */
 export const HelloSchema = z
   .object({
     t: z.literal("hello"),
     job: z.string().min(1).max(256),
-    secret: z.string().min(1).max(1024),
     from: rank,
     to: rank,
     /** Which formation of the ring this connection belongs to (it re-forms when ranks leave). */
     epoch: u32.default(0),
+    key: z.string().regex(/^ed25519:[A-Za-z0-9_-]{43}$/),
+    nonce: sized(32),
+    sig: sized(64),
+    credential: z.object({ ranks: z.array(rank).min(1).max(4096), sig: sized(64) }).strict(),
   })
   .strict();
 

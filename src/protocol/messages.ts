@@ -9,14 +9,23 @@ import { ProtocolError } from "../errors.js";
 /**
  * 2: explicit round decisions. 3: worker orders and reports travel in `order` / `report`
  * envelopes that providers pass on without reading (src/protocol/workerOps.ts).
+ * 4: TLS links; identities and session-bound proofs instead of tokens and secrets.
  */
-export const PROTOCOL_VERSION = 3;
+export const PROTOCOL_VERSION = 4;
 /** Control messages carry the task file and checkpoints; bound them all the same. */
 export const MAX_CONTROL_BYTES = 512 * 1024 * 1024;
 
 const finite = z.number().finite();
 const count = z.number().int().min(0);
 const bytes = z.custom<Uint8Array>((value) => value instanceof Uint8Array, "expected binary data");
+const sized = (n: number) => z.custom<Uint8Array>((value) => value instanceof Uint8Array && value.byteLength === n, `expected ${n} bytes`);
+/** An identity key, `ed25519:<base64url>` (src/net/identity.ts). */
+export const keySchema = z.string().regex(/^ed25519:[A-Za-z0-9_-]{43}$/, "expected an ed25519: key");
+/** A handshake proof (src/net/proof.ts): the sender's key, a fresh nonce, its signature, and in token mode a MAC. */
+export const proofFields = { key: keySchema, nonce: sized(32), sig: sized(64), mac: sized(32).optional() };
+/** The coordinator's signature that a provider's key stands for these ranks of the job. */
+export const credentialSchema = z.object({ ranks: z.array(count).min(1).max(4096), sig: sized(64) });
+const ringMember = z.object({ rank: count, url: z.string().max(1024), key: keySchema });
 
 export const deviceSchema = z.object({
   id: z.string().max(64),
@@ -81,18 +90,30 @@ export const decisionSchema = z.object({ step: count, verdict: z.enum(["commit",
 export type Decision = z.infer<typeof decisionSchema>;
 
 export const toProviderSchema = z.discriminatedUnion("t", [
-  z.object({ t: z.literal("hello"), token: z.string().max(512), version: z.number().int() }),
+  /**
+   * The coordinator's proof on this TLS session (src/net/proof.ts). The fields are optional
+   * here so that a hello of another protocol version is refused as such, not as malformed.
+   */
+  z.object({
+    t: z.literal("hello"),
+    version: z.number().int(),
+    key: proofFields.key.optional(),
+    nonce: proofFields.nonce.optional(),
+    sig: proofFields.sig.optional(),
+    mac: proofFields.mac,
+  }),
   z.object({
     t: z.literal("job"),
     job: z.string().max(128),
-    secret: z.string().max(256),
+    /** This provider's credential for its ranks, signed by the coordinator that sent the job. */
+    credential: credentialSchema,
     task: z.object({ filename: z.string().regex(/^[A-Za-z0-9._-]{1,128}\.py$/), code: bytes }),
     config: z.record(z.string(), z.unknown()),
     world_size: z.number().int().min(1).max(4096),
     /** The ranks this provider hosts, each on one of its devices. */
     ranks: z.array(z.object({ rank: count, device: z.string().max(64) })).min(1),
-    /** Every rank's data-plane URL, in ring order. */
-    ring: z.array(z.object({ rank: count, url: z.string().max(1024) })),
+    /** Every rank's data-plane URL and its provider's key (its certificate's), in ring order. */
+    ring: z.array(ringMember),
     threads: z.number().int().min(1).max(1024).optional(),
     /** Joining a running job: start the workers, but wait for `ring` to enter the ring. */
     join: z.boolean().optional(),
@@ -110,9 +131,9 @@ export const toProviderSchema = z.discriminatedUnion("t", [
     epoch: z.number().int().min(1),
     members: z.array(count).min(1).max(4096),
     /** Data-plane URLs of ranks that joined since the job started. */
-    urls: z.array(z.object({ rank: count, url: z.string().max(1024) })).max(4096).optional(),
+    urls: z.array(ringMember).max(4096).optional(),
   }),
-  /** Measure this provider's upload to the next member's provider (the `/bench` path, job secret). */
+  /** Measure this provider's upload to the next member's provider (the `/bench` path, with its credential). */
   z.object({ t: z.literal("probe_links"), bytes: z.number().int().min(1024).max(256 * 1024 * 1024) }),
   z.object({ t: z.literal("cancel"), reason: z.string().max(1000) }),
 ]);
@@ -131,15 +152,15 @@ export function jobSpecProblem(job: Extract<ToProvider, { t: "job" }>, devices: 
   if (new Set(ringRanks).size !== ringRanks.length) return "the job's ring names a rank twice";
   if (!job.join && ringRanks.length !== job.world_size) return `the job's ring has ${ringRanks.length} addresses for ${job.world_size} ranks`;
   const url = job.ring.find((r) => !isRingUrl(r.url))?.url;
-  if (url !== undefined) return `the job's ring address ${JSON.stringify(url.slice(0, 200))} is not a ws:// or wss:// URL of a /ring endpoint`;
+  if (url !== undefined) return `the job's ring address ${JSON.stringify(url.slice(0, 200))} is not a wss:// URL of a /ring endpoint`;
   return null;
 }
 
-/** A data-plane address a provider will connect to: ws(s)://host:port/ring, nothing else. */
+/** A data-plane address a provider will connect to: wss://host:port/ring, nothing else (links are TLS). */
 export function isRingUrl(url: string): boolean {
   try {
     const u = new URL(url);
-    return (u.protocol === "ws:" || u.protocol === "wss:") && u.pathname === "/ring" && u.username === "" && u.password === "";
+    return u.protocol === "wss:" && u.pathname === "/ring" && u.username === "" && u.password === "";
   } catch {
     return false;
   }
@@ -161,6 +182,8 @@ export const toCoordinatorSchema = z.discriminatedUnion("t", [
       devices: z.array(deviceSchema).min(1).max(64),
       profile: providerProfileSchema.optional(),
     }),
+    /** The provider's proof over the coordinator's nonce: signed by its certificate's key; MAC in token mode. */
+    ...proofFields,
   }),
   z.object({ t: z.literal("reject"), reason: z.string().max(1000) }),
   z.object({ t: z.literal("ready"), rank: count, info: workerInfoSchema }),

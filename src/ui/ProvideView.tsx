@@ -63,7 +63,8 @@ export function ProvideView({ state, now }: { state: ProvideViewState; now: numb
             <Text bold color="cyan">
               {s.url}
             </Text>
-            {`  token ${s.token}`}
+            {s.token ? `  token ${s.token}` : `  admits ${s.allowed ?? 0} key${s.allowed === 1 ? "" : "s"}`}
+            {s.fingerprint ? <Text dimColor>{`  key ${s.fingerprint}`}</Text> : null}
             {s.listeningAt !== undefined ? <Text dimColor>{`  up ${formatDuration((now - s.listeningAt) / 1000)}`}</Text> : null}
           </>
         ) : (
@@ -102,6 +103,12 @@ export function ProvideView({ state, now }: { state: ProvideViewState; now: numb
           </Text>
         )}
       </Text>
+      {s.job ? (
+        <Text wrap="truncate">
+          {label("from")}
+          {`coordinator ${s.job.from.fingerprint} at ${s.job.from.address}`}
+        </Text>
+      ) : null}
       {s.job && s.workers.length > 0 ? <WorkerTable workers={s.workers} /> : null}
       <Box flexDirection="column" marginTop={1}>
         <Text wrap="truncate">

@@ -35,10 +35,13 @@ export function formatProfile(p: ProviderProfile): string {
 export function formatListening(e: Extract<ProviderEvent, { type: "listening" }>): string[] {
   return [
     `nimble provider listening on ${e.url}`,
-    `  token:   ${e.token}`,
+    `  key:     ${e.key} (${e.fingerprint})`,
+    ...(e.token !== null ? [`  token:   ${e.token}`] : [`  admits:  ${(e.allow ?? []).map((k) => k).join(", ")}`]),
     ...e.devices.map((d) => `  device:  ${d.id} (${d.name})`),
     ...(e.profile ? [`  profile: ${formatProfile(e.profile)}`] : []),
-    `Give the address and token to the researcher (config \`providers:\`). Ctrl-C stops.`,
+    e.token !== null
+      ? `Give the address and token to the researcher (config \`providers:\`, with \`key:\` to check this host too). Ctrl-C stops.`
+      : `Give the address and key to the researcher (config \`providers:\` with \`key:\`). Ctrl-C stops.`,
   ];
 }
 
@@ -83,7 +86,7 @@ export class ProvidePlainReporter implements ProvideReporter {
       case "job":
         this.latest = null;
         this.lastStatsAt = this.now();
-        this.line(`job ${e.job} (${e.name}): ranks ${e.ranks.join(", ")} of ${e.world_size}`);
+        this.line(`job ${e.job} (${e.name}): ranks ${e.ranks.join(", ")} of ${e.world_size}, from ${e.coordinator.fingerprint} at ${e.coordinator.address}`);
         return;
       case "worker":
         if (!quiet) this.line(formatWorkerLine(e));

@@ -27,6 +27,8 @@ export interface ProvideJob {
   worldSize: number;
   /** When it arrived (ms since the epoch). */
   since: number;
+  /** Who started it: the coordinator's key fingerprint and address. */
+  from: { fingerprint: string; address: string };
 }
 
 /** Bytes per second over the last two stats events, once there are two. */
@@ -38,7 +40,11 @@ export interface ByteRates {
 export interface ProvideViewState {
   /** Set by `listening`: until then the provider is still resolving Python or measuring itself. */
   url?: string;
-  token?: string;
+  /** Token mode: the token; key mode: null. */
+  token?: string | null;
+  /** This provider's key fingerprint, and in key mode how many coordinator keys it admits. */
+  fingerprint?: string;
+  allowed?: number | null;
   /** When it started listening (ms since the epoch), for the uptime. */
   listeningAt?: number;
   devices: DeviceInfo[];
@@ -115,13 +121,13 @@ function rates(previous: StatsEvent | null, next: StatsEvent): ByteRates | null 
 export function reduceProvide(s: ProvideViewState, e: ProviderEvent, now: number): ProvideViewState {
   switch (e.type) {
     case "listening":
-      return { ...s, url: e.url, token: e.token, devices: e.devices, profile: e.profile ?? null, listeningAt: now };
+      return { ...s, url: e.url, token: e.token, fingerprint: e.fingerprint, allowed: e.allow?.length ?? null, devices: e.devices, profile: e.profile ?? null, listeningAt: now };
     case "log":
       return { ...s, lines: pushLine(s.lines, e.level === "warn" || e.level === "error" ? `${e.level}: ${e.line}` : e.line) };
     case "job":
       return {
         ...s,
-        job: { id: e.job, name: e.name, ranks: e.ranks, worldSize: e.world_size, since: now },
+        job: { id: e.job, name: e.name, ranks: e.ranks, worldSize: e.world_size, since: now, from: { fingerprint: e.coordinator.fingerprint, address: e.coordinator.address } },
         workers: [],
         stats: null,
         rates: null,

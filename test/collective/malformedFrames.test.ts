@@ -6,6 +6,7 @@
 import { encode } from "@msgpack/msgpack";
 import { afterEach, describe, expect, it } from "vitest";
 import { encodeBlobChunk, encodeChunk, encodeCodedChunk, encodeControl, FRAME_CONTROL, MAX_FRAME_BYTES } from "../../src/protocol/frames.js";
+import { ringMember } from "../helpers/tls.js";
 import { bitsEqual, closeAll, randomBuffer, startRing, waitClosed } from "./ringHarness.js";
 
 afterEach(async () => {
@@ -38,7 +39,7 @@ const CASES: [string, Uint8Array[]][] = [
   ["an op announcement with an unknown codec", [control({ t: "op", op: 0, count: L, dtype: "float32", codec: "f8" })]],
   ["an op announcement with another element count", [encodeControl({ t: "op", op: 0, count: L + 1, dtype: "float32" })]],
   ["an op announcement with another codec", [encodeControl({ t: "op", op: 0, count: L, dtype: "float32", codec: "f16" })]],
-  ["a second hello on an open link", [announce, encodeControl({ t: "hello", job: "j", secret: "s", from: 1, to: 0, epoch: 0 })]],
+  ["a second hello on an open link", [announce, encodeControl({ t: "hello", ...ringMember("j", [1]).hello(1, 0)(Buffer.alloc(32)) })]],
   ["a chunk before its op is announced", [good]],
   ["a truncated chunk header", [announce, good.subarray(0, 10)]],
   ["a chunk with an unknown dtype", [announce, withByte(good, 1, 9)]],

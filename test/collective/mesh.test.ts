@@ -1,13 +1,15 @@
 import { afterEach, describe, expect, it } from "vitest";
-import type { WebSocket, WebSocketServer } from "ws";
+import type { WebSocket } from "ws";
 import { CLOSE_REFORM, Mesh, type MeshEvents } from "../../src/collective/mesh.js";
-import { TokenAuthorizer } from "../../src/net/auth.js";
+import type { RingPeer } from "../../src/collective/mesh.js";
 import { acceptRingPeer, connectRingPeer, FrameLink } from "../../src/net/link.js";
+import { ringMember } from "../helpers/tls.js";
 import { closeServer, startServer } from "./ringHarness.js";
 
-const JOB = { job: "mesh-test", secret: "mesh-secret" };
-const auth = new TokenAuthorizer("t");
-const servers: WebSocketServer[] = [];
+const JOB = "mesh-test";
+/** Another host of the job, which dials in by hand. */
+const other = ringMember(JOB, [0]);
+const servers: Parameters<typeof closeServer>[0][] = [];
 const meshes: Mesh[] = [];
 
 afterEach(async () => {
@@ -17,16 +19,18 @@ afterEach(async () => {
 
 /** One host running `local` ranks of a job whose ranks `all` each listen at their own URL (all on this host). */
 async function host(local: number[], members: number[], holdEarlyMs?: number) {
-  const urls = new Map<number, string>();
+  const urls = new Map<number, RingPeer>();
+  const member = ringMember(JOB, local);
   const events: { linked: [number, number, number][]; lost: [number, number, string][]; failed: string[] } = { linked: [], lost: [], failed: [] };
   let mesh: Mesh | null = null;
   for (const rank of local) {
-    const { server, url } = await startServer();
-    servers.push(server);
-    urls.set(rank, url);
+    const started = await startServer(undefined, member);
+    const { server, url } = started;
+    servers.push(started);
+    urls.set(rank, { url, key: member.identity.key });
     server.on("connection", (ws: WebSocket) => {
       const link = new FrameLink(ws);
-      acceptRingPeer(link, (hello) => auth.admitRingPeer(hello, { ...JOB, ranks: new Set(local) }), 2000).then(
+      acceptRingPeer(link, (hello, binding) => member.auth.admitRingPeer(hello, binding, member.ringJob), 2000).then(
         (hello) => mesh!.accept(hello),
         () => {},
       );
@@ -39,7 +43,7 @@ async function host(local: number[], members: number[], holdEarlyMs?: number) {
     log: () => {},
     track: () => {},
   };
-  mesh = new Mesh({ local, members, urls, hello: (from, to, epoch) => auth.ringHello(JOB, from, to, epoch), heartbeatMs: 10_000, holdEarlyMs }, handlers);
+  mesh = new Mesh({ local, members, peers: urls, hello: (from, to, epoch, binding) => member.hello(from, to, epoch)(binding), heartbeatMs: 10_000, holdEarlyMs }, handlers);
   meshes.push(mesh);
   return { mesh, urls, events };
 }
@@ -84,7 +88,8 @@ describe("the mesh: ring links by epoch", () => {
     expect(() => mesh.reform(2, [0, 7], [])).toThrow(/with known addresses/);
     mesh.reform(2, [0, 1], []);
     // A hello of an older epoch is closed as a re-form.
-    const stale = await connectRingPeer(mesh.urlOf(1)!, auth.ringHello(JOB, 0, 1, 1));
+    const peer = mesh.peerOf(1)!;
+    const stale = await connectRingPeer(peer.url, other.hello(0, 1, 1), { expectKey: peer.key });
     const closed = await new Promise<number>((resolve) => stale.onClose((code) => resolve(code)));
     expect(closed).toBe(CLOSE_REFORM);
   });
@@ -92,7 +97,10 @@ describe("the mesh: ring links by epoch", () => {
   it("holds a hello for an epoch it has not reached, and attaches it when it does", async () => {
     const a = await host([0], []);
     const b = await host([1], []);
-    const urls = [{ rank: 0, url: a.urls.get(0)! }, { rank: 1, url: b.urls.get(1)! }];
+    const urls = [
+      { rank: 0, ...a.urls.get(0)! },
+      { rank: 1, ...b.urls.get(1)! },
+    ];
     // Host a hears of epoch 3 first: its rank 0 dials rank 1, which b holds until it gets there.
     a.mesh.reform(3, [0, 1], urls);
     await new Promise((r) => setTimeout(r, 100));
@@ -107,7 +115,7 @@ describe("the mesh: ring links by epoch", () => {
 
   it("does not hold a hello for an epoch that never comes for ever", async () => {
     const b = await host([1], [], 200);
-    const early = await connectRingPeer(b.urls.get(1)!, auth.ringHello(JOB, 0, 1, 9));
+    const early = await connectRingPeer(b.urls.get(1)!.url, other.hello(0, 1, 9), { expectKey: b.urls.get(1)!.key });
     const closed = await new Promise<{ code: number; reason: string }>((resolve) => early.onClose((code, reason) => resolve({ code, reason })));
     expect(closed).toEqual({ code: CLOSE_REFORM, reason: "ring epoch 9 never came" });
   });

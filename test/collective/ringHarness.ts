@@ -2,17 +2,15 @@
  * Test harness: N real WebSocket servers on 127.0.0.1 (port 0), rank r connected to
  * rank r+1 through connectRingPeer / acceptRingPeer. `close()` tears everything down.
  */
-import type { AddressInfo } from "node:net";
-import WebSocket, { WebSocketServer } from "ws";
+import type { Server } from "node:https";
+import type WebSocket from "ws";
+import type { WebSocketServer } from "ws";
 import { RingAllReduce } from "../../src/collective/ring.js";
-import { TokenAuthorizer } from "../../src/net/auth.js";
 import { acceptRingPeer, connectRingPeer, type FrameLink } from "../../src/net/link.js";
 import { MAX_FRAME_BYTES } from "../../src/protocol/frames.js";
-
-const auth = new TokenAuthorizer("unused: ring links carry the job secret");
+import { closeTlsServer, ringMember, startTlsServer } from "../helpers/tls.js";
 
 export const JOB = "job-test";
-export const SECRET = "s3cret-ring-token";
 
 export interface HarnessOptions {
   chunkBytes?: number;
@@ -27,6 +25,7 @@ export interface HarnessOptions {
 export interface RingNode {
   rank: number;
   server: WebSocketServer;
+  https: Server;
   url: string;
   next: FrameLink;
   prev: FrameLink;
@@ -41,30 +40,24 @@ export interface Harness {
 
 const live = new Set<Harness>();
 
-export function startServer(maxPayload = MAX_FRAME_BYTES): Promise<{ server: WebSocketServer; url: string }> {
-  return new Promise((resolve, reject) => {
-    const server = new WebSocketServer({ host: "127.0.0.1", port: 0, path: "/ring", maxPayload, perMessageDeflate: false });
-    server.once("error", reject);
-    server.once("listening", () => {
-      const { port } = server.address() as AddressInfo;
-      resolve({ server, url: `ws://127.0.0.1:${port}/ring` });
-    });
-  });
+/** A member's /ring server over TLS; `member` is its identity and credential (helpers/tls.ts). */
+export async function startServer(maxPayload = MAX_FRAME_BYTES, member = ringMember(JOB, [0])) {
+  const s = await startTlsServer(member.identity, { path: "/ring", maxPayload, perMessageDeflate: false });
+  return { ...s, url: `wss://127.0.0.1:${s.port}/ring`, member };
 }
 
-export async function closeServer(server: WebSocketServer): Promise<void> {
-  for (const client of server.clients) client.terminate();
-  await new Promise<void>((resolve) => server.close(() => resolve()));
+export async function closeServer(s: { server: WebSocketServer; https: Server }): Promise<void> {
+  await closeTlsServer(s);
 }
 
 export async function startRing(size: number, opts: HarnessOptions = {}): Promise<Harness> {
-  const servers = await Promise.all(Array.from({ length: size }, () => startServer(opts.maxPayload)));
+  const servers = await Promise.all(Array.from({ length: size }, (_, rank) => startServer(opts.maxPayload, ringMember(JOB, [rank]))));
   const clientLinks: FrameLink[] = [];
   const accepted = servers.map(
-    ({ server }, rank) =>
+    ({ server, member }, rank) =>
       new Promise<FrameLink>((resolve, reject) => {
         server.on("connection", (ws: WebSocket) => {
-          acceptRingPeer(ws, (hello) => auth.admitRingPeer(hello, { job: JOB, secret: SECRET, ranks: new Set([rank]) }), 2000, {
+          acceptRingPeer(ws, (hello, binding) => member.auth.admitRingPeer(hello, binding, member.ringJob), 2000, {
             highWaterMark: opts.highWaterMark,
           }).then(({ from, to, link }) => {
             if (from !== (rank - 1 + size) % size || to !== rank) reject(new Error(`bad hello ${from}->${to}`));
@@ -76,18 +69,19 @@ export async function startRing(size: number, opts: HarnessOptions = {}): Promis
   for (let rank = 0; rank < size; rank++) {
     const to = (rank + 1) % size;
     clientLinks.push(
-      await connectRingPeer(
-        servers[to].url,
-        { job: JOB, secret: SECRET, from: rank, to },
-        { highWaterMark: opts.highWaterMark, maxPayload: opts.maxPayload },
-      ),
+      await connectRingPeer(servers[to].url, servers[rank].member.hello(rank, to), {
+        highWaterMark: opts.highWaterMark,
+        maxPayload: opts.maxPayload,
+        expectKey: servers[to].member.identity.key,
+      }),
     );
   }
   const prevLinks = await Promise.all(accepted);
   const manual = new Set(opts.manual ?? []);
-  const nodes: RingNode[] = servers.map(({ server, url }, rank) => ({
+  const nodes: RingNode[] = servers.map(({ server, https, url }, rank) => ({
     rank,
     server,
+    https,
     url,
     next: clientLinks[rank],
     prev: prevLinks[rank],
@@ -112,7 +106,7 @@ export async function startRing(size: number, opts: HarnessOptions = {}): Promis
         n.next.terminate();
         n.prev.terminate();
       }
-      await Promise.all(nodes.map((n) => closeServer(n.server)));
+      await Promise.all(nodes.map((n) => closeServer(n)));
     },
   };
   live.add(harness);

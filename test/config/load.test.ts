@@ -94,7 +94,7 @@ task_args:
 providers:
   - address: 127.0.0.1:7070
     token: abc
-  - address: ws://gpu.example.org:7071
+  - address: wss://gpu.example.org:7071
 `,
       file,
     );
@@ -105,7 +105,7 @@ providers:
     expect(config.task_args).toEqual({ hidden: 128 });
     expect(config.providers).toEqual([
       { address: "127.0.0.1:7070", token: "abc", optional: false },
-      { address: "ws://gpu.example.org:7071", optional: false },
+      { address: "wss://gpu.example.org:7071", optional: false },
     ]);
   });
 
@@ -168,7 +168,7 @@ providers:
     expect(issues[1]!.message).toBe(
       'unknown key "momentum" in optimizer (name: adam); allowed keys: name, lr, betas, eps, weight_decay',
     );
-    expect(issues[2]!.message).toContain("allowed keys: address, token");
+    expect(issues[2]!.message).toContain("allowed keys: address, token, key");
   });
 
   it("names the task line when the task file is missing", () => {
@@ -240,7 +240,17 @@ providers:
     const { issues } = issuesOf(BASE + "providers:\n  - address: gpu-box\n  - address: '[::1]:7070'\n");
     expect(issues).toHaveLength(1);
     expect(issues[0]).toMatchObject({ line: 6, col: 14, field: "providers[0].address" });
-    expect(issues[0]!.message).toBe('expected host:port or ws://host:port, found "gpu-box" (a string)');
+    expect(issues[0]!.message).toBe('expected host:port or wss://host:port, found "gpu-box" (a string)');
+  });
+
+  it("refuses plain ws:// addresses and keys that are not nimble keys, and takes a provider's key", () => {
+    const { issues } = issuesOf(BASE + "providers:\n  - {address: 'ws://a:7070', token: t}\n  - {address: 'b:7070', key: 'ssh-ed25519 AAAA'}\n");
+    expect(issues.map((i) => [i.field, i.message])).toEqual([
+      ["providers[0].address", 'expected host:port or wss://host:port, found "ws://a:7070" (a string)'],
+      ["providers[1].key", 'expected a nimble key, ed25519:<43 characters> (`nimble id` prints it), found "ssh-ed25519 AAAA" (a string)'],
+    ]);
+    const key = `ed25519:${"a".repeat(43)}`;
+    expect(parseConfigText(BASE + `providers:\n  - {address: 'b:7070', key: '${key}'}\n`, file).config.providers[0]).toEqual({ address: "b:7070", key, optional: false });
   });
 
   it("reports missing required fields", () => {

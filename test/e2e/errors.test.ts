@@ -1,6 +1,7 @@
 import { writeFile } from "node:fs/promises";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
+import { ephemeralIdentity } from "../../src/net/identity.js";
 import { nimble, startProvider, type TempDir, useE2E } from "../helpers/processes.js";
 import { tinyTask } from "../helpers/tasks.js";
 
@@ -34,6 +35,20 @@ describe("nimble train: bad input gets a clear message and a non-zero exit", () 
     const r = await nimble(["train", config, "--python", python], { timeout: 60_000 });
     expect(r.exitCode).not.toBe(0);
     expect(String(r.stderr)).toContain("refused the job: wrong token");
+  });
+
+  it("key mode: a provider that does not admit your key, and a provider whose certificate is not the key named", async () => {
+    const stranger = ephemeralIdentity();
+    const p = await startProvider(python, "unused", ["--key", path.join(tmp.dir, "keyed.key"), "--allow", stranger.key]);
+    const refused = await nimble(["train", await setup("not-allowed", TINY_TASK, ["providers:", `  - {address: "${p.address}", key: "${p.key}"}`]), "--python", python], { timeout: 60_000 });
+    expect(refused.exitCode).not.toBe(0);
+    expect(String(refused.stderr)).toContain("refused the job: key not allowed");
+    expect(String(refused.stderr)).toMatch(/hint: Ask its owner to --allow your key ed25519:/);
+    const t = await startProvider(python, "right-token");
+    const config = await setup("wrong-key", TINY_TASK, ["providers:", `  - {address: "${t.address}", key: "${stranger.key}", token: right-token}`]);
+    const wrong = await nimble(["train", config, "--python", python], { timeout: 60_000 });
+    expect(wrong.exitCode).not.toBe(0);
+    expect(String(wrong.stderr)).toMatch(/Refused provider .*: its certificate's key .* is not the expected .* \(a different host, or someone in between\)/);
   });
 
   it("names the task file and the missing function", async () => {

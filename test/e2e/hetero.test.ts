@@ -1,6 +1,7 @@
 import { readFile, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
+import { TEST_COORDINATOR } from "../helpers/tls.js";
 import { ProviderClient } from "../../src/job/providerClient.js";
 import { nimble, REPO_ROOT, startProvider, type TempDir, useE2E } from "../helpers/processes.js";
 import { maxWeightDifference } from "../helpers/safetensors.js";
@@ -44,7 +45,7 @@ describe("provider profiles", () => {
   it("are measured once per set of devices, cached, and advertised to coordinators", async () => {
     const env = { ...process.env, NIMBLE_CACHE_DIR: path.join(tmp.dir, "cache") };
     const first = await startProvider(python, "profile-token", [], { profile: true, env });
-    const client = await ProviderClient.connect(first.address.replace("ws://", ""), "profile-token");
+    const client = await ProviderClient.connect(first.address.replace("wss://", ""), { identity: TEST_COORDINATOR, token: "profile-token" });
     const profile = client.info.profile!;
     client.close();
     expect(profile.matmul_gflops_fp32).toBeGreaterThan(0);
@@ -52,7 +53,7 @@ describe("provider profiles", () => {
     await first.child;
     // The second start reuses the cached profile: the same measurement, not a new one.
     const second = await startProvider(python, "profile-token", [], { profile: true, env });
-    const again = await ProviderClient.connect(second.address, "profile-token");
+    const again = await ProviderClient.connect(second.address, { identity: TEST_COORDINATOR, token: "profile-token" });
     expect(again.info.profile).toEqual(profile);
     again.close();
   }, 300_000);

@@ -34,7 +34,7 @@ describe("a run as the researcher sees it", () => {
     for (const line of log) expect(line).toMatch(/^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z /);
     // From before the run directory existed: starting the local providers, and their own output.
     expect(log[0]).toMatch(/Starting 2 local providers/);
-    expect(log.some((l) => / \[ws:\/\/127\.0\.0\.1:\d+\] /.test(l))).toBe(true);
+    expect(log.some((l) => / \[wss:\/\/127\.0\.0\.1:\d+\] /.test(l))).toBe(true);
     expect(log.filter((l) => / step +\d+\/12 /.test(l))).toHaveLength(12);
     expect(log.some((l) => l.includes("eval @ step 12:"))).toBe(true);
     expect(log.at(-1)).toMatch(/ {2}run dir /);

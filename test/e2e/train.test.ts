@@ -1,5 +1,6 @@
 import { readFile, writeFile } from "node:fs/promises";
 import path from "node:path";
+import { defaultKeyFile, loadIdentity } from "../../src/net/identity.js";
 import { describe, expect, it } from "vitest";
 import { nimble, REPO_ROOT, startProvider, type TempDir, useE2E } from "../helpers/processes.js";
 import { maxWeightDifference, readSafetensors } from "../helpers/safetensors.js";
@@ -84,9 +85,12 @@ describe("nimble train, end to end with real providers and PyTorch workers", () 
     expect(lossA).toBeLessThan(first);
   }, 600_000);
 
-  it("trains across providers started with `nimble provide` and named in the config", async () => {
+  it("trains across providers started with `nimble provide` and named in the config (one in token mode, one in key mode)", async () => {
     const p1 = await startProvider(python, "token-one");
-    const p2 = await startProvider(python, "token-two");
+    // Key mode: its own identity, admitting only the researcher's key; the config names its key.
+    const researcher = await loadIdentity(defaultKeyFile(), { create: true });
+    const p2 = await startProvider(python, "token-two", ["--key", path.join(tmp.dir, "p2.key"), "--allow", researcher.key]);
+    expect(p2.key).not.toBe(researcher.key);
     const config = await writeConfig(
       "named-providers",
       [
@@ -94,8 +98,8 @@ describe("nimble train, end to end with real providers and PyTorch workers", () 
         "batch_size: 32",
         "eval: {samples: 100}",
         "providers:",
-        `  - {address: "${p1.address.replace("ws://", "")}", token: token-one}`,
-        `  - {address: "${p2.address}", token: token-two}`,
+        `  - {address: "${p1.address.replace("wss://", "")}", token: token-one}`,
+        `  - {address: "${p2.address}", key: "${p2.key}"}`,
       ].join("\n"),
     );
     const { result, runDir } = await train(config);

@@ -17,9 +17,13 @@ import { decodeToCoordinator, decodeToProvider, encodeMessage, jobSpecProblem, P
 import { parseFromWorker, parseOrder } from "../../src/protocol/workerOps.js";
 import { resolvePython, type PythonEnv } from "../../src/runtime/python.js";
 import { testPython } from "../helpers/processes.js";
+import { coordinatorHello, openTls, TEST_COORDINATOR } from "../helpers/tls.js";
+import { ephemeralIdentity } from "../../src/net/identity.js";
+import { issueCredential } from "../../src/net/proof.js";
 import { tinyTask } from "../helpers/tasks.js";
 
 const SEED = 20261201;
+const PROVIDER = ephemeralIdentity();
 const RUNS = 400;
 
 /** Only a ProtocolError may come out of a parser fed from outside: never a crash of another kind. */
@@ -85,21 +89,21 @@ describe("fuzz: the job spec a provider is sent", () => {
   const valid = {
     t: "job",
     job: "j",
-    secret: "s",
+    credential: issueCredential(TEST_COORDINATOR, "j", PROVIDER.key, [0]),
     task: { filename: "task.py", code: new Uint8Array([120, 61, 49]) },
     config: { name: "x", task: "task.py", steps: 1, batch_size: 8 },
     world_size: 2,
     ranks: [{ rank: 0, device: "cpu" }],
     ring: [
-      { rank: 0, url: "ws://127.0.0.1:1/ring" },
-      { rank: 1, url: "wss://10.0.0.2:7000/ring" },
+      { rank: 0, url: "wss://127.0.0.1:1/ring", key: PROVIDER.key },
+      { rank: 1, url: "wss://10.0.0.2:7000/ring", key: TEST_COORDINATOR.key },
     ],
   };
   const hostile = fc.constantFrom<unknown>(
     "../task.py", "/etc/passwd", "..", ".", "task.py/..", "a\u0000.py", "x".repeat(300), "file:///etc/passwd", "http://127.0.0.1/ring",
-    "ws://u:p@127.0.0.1/ring", "ws://127.0.0.1/other", "cuda:7", -1, 2 ** 53, 1e308, Number.NaN, [], {}, null, [{ rank: 0, device: "cpu" }, { rank: 0, device: "cpu" }],
+    "ws://u:p@127.0.0.1/ring", "ws://127.0.0.1/other", "ws://127.0.0.1:1/ring", "cuda:7", -1, 2 ** 53, 1e308, Number.NaN, [], {}, null, [{ rank: 0, device: "cpu" }, { rank: 0, device: "cpu" }],
   );
-  const FIELDS = ["job", "secret", "task.filename", "task.code", "config", "world_size", "ranks", "ranks.0.rank", "ranks.0.device", "ring", "ring.0.rank", "ring.1.url", "threads", "join"];
+  const FIELDS = ["job", "credential", "credential.sig", "ring.0.key", "task.filename", "task.code", "config", "world_size", "ranks", "ranks.0.rank", "ranks.0.device", "ring", "ring.0.rank", "ring.1.url", "threads", "join"];
   const mutated = fc.array(fc.record({ field: fc.constantFrom(...FIELDS), to: fc.oneof(hostile, value) }), { minLength: 1, maxLength: 3 }).map((edits) => {
     const spec = structuredClone(valid) as Record<string, unknown>;
     for (const { field, to } of edits) {
@@ -134,7 +138,7 @@ describe("fuzz: the job spec a provider is sent", () => {
         for (const r of [...job.ranks, ...job.ring]) expect(r.rank).toBeLessThan(job.world_size);
         expect(new Set(job.ranks.map((r) => r.rank)).size).toBe(job.ranks.length);
         for (const r of job.ranks) expect(["cpu", "cuda:0"]).toContain(r.device);
-        for (const r of job.ring) expect(r.url).toMatch(/^wss?:\/\/[^/@]+\/ring$/);
+        for (const r of job.ring) expect(r.url).toMatch(/^wss:\/\/[^/@]+\/ring$/);
       }),
       { seed: SEED, numRuns: RUNS },
     );
@@ -149,13 +153,13 @@ describe("fuzz: a live provider over real sockets", () => {
   const TOKEN = "fuzz-token";
   beforeAll(async () => {
     python = await resolvePython({ env: { NIMBLE_PYTHON: await testPython() } });
-    provider = new Provider({ host: "127.0.0.1", port: 0, token: TOKEN, python, devices: python.probe!.devices, threads: 1, onEvent: () => {} });
+    provider = new Provider({ host: "127.0.0.1", port: 0, identity: PROVIDER, token: TOKEN, python, devices: python.probe!.devices, threads: 1, onEvent: () => {} });
     port = (await provider.start()).port;
   }, 600_000);
   afterAll(async () => provider?.close());
 
   function connect(path: string): Promise<WebSocket> {
-    const ws = new WebSocket(`ws://127.0.0.1:${port}${path}`, { maxPayload: 1 << 30 });
+    const ws = openTls(`wss://127.0.0.1:${port}${path}`, { maxPayload: 1 << 30 });
     ws.on("error", () => {});
     return new Promise((resolve) => {
       ws.once("open", () => resolve(ws));
@@ -172,7 +176,7 @@ describe("fuzz: a live provider over real sockets", () => {
         async (where, messages) => {
           const ws = await connect(where === "/ring" ? "/ring" : "/control");
           if (ws.readyState !== WebSocket.OPEN) return;
-          if (where === "/control+hello") ws.send(encodeMessage({ t: "hello", token: TOKEN, version: PROTOCOL_VERSION }));
+          if (where === "/control+hello") ws.send(encodeMessage(coordinatorHello(ws, TEST_COORDINATOR, TOKEN)));
           for (const m of messages) ws.send(m);
           await new Promise((r) => setTimeout(r, 5));
           ws.terminate();
@@ -193,19 +197,19 @@ describe("fuzz: a live provider over real sockets", () => {
       }
       throw new Error(`no ${t}; got ${got.map((m) => m.t).join(", ")}`);
     };
-    ws.send(encodeMessage({ t: "hello", token: TOKEN, version: PROTOCOL_VERSION }));
+    ws.send(encodeMessage(coordinatorHello(ws, TEST_COORDINATOR, TOKEN)));
     await next("welcome");
     const task = tinyTask({ train: 64, val: 16 });
     ws.send(
       encodeMessage({
         t: "job",
         job: "after-fuzz",
-        secret: "s",
+        credential: issueCredential(TEST_COORDINATOR, "after-fuzz", PROVIDER.key, [0]),
         task: { filename: "task.py", code: new TextEncoder().encode(task) },
         config: { name: "fuzz", task: "task.py", task_args: {}, steps: 1, batch_size: 8, seed: 0, compression: { method: "none" } },
         world_size: 1,
         ranks: [{ rank: 0, device: python.probe!.devices[0]!.id }],
-        ring: [{ rank: 0, url: `ws://127.0.0.1:${port}/ring` }],
+        ring: [{ rank: 0, url: `wss://127.0.0.1:${port}/ring`, key: PROVIDER.key }],
         threads: 1,
       }),
     );

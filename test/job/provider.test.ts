@@ -1,16 +1,21 @@
 import { readlink } from "node:fs/promises";
 import { existsSync } from "node:fs";
 import { execa } from "execa";
-import WebSocket, { WebSocketServer } from "ws";
+import WebSocket from "ws";
 import { afterEach, beforeAll, describe, expect, it } from "vitest";
 import { Provider, type ProviderEvent } from "../../src/job/provider/index.js";
 import { ProviderClient } from "../../src/job/providerClient.js";
+import { ephemeralIdentity } from "../../src/net/identity.js";
+import { issueCredential, prove } from "../../src/net/proof.js";
+import { closeTlsServer, coordinatorHello, openTls, startTlsServer, TEST_COORDINATOR } from "../helpers/tls.js";
+import { httpsGet } from "../helpers/https.js";
 import { decodeToCoordinator, encodeMessage, PROTOCOL_VERSION, type ToCoordinator, type ToProvider } from "../../src/protocol/messages.js";
 import { resolvePython, type PythonEnv } from "../../src/runtime/python.js";
 import { testPython } from "../helpers/processes.js";
 import { tinyTask } from "../helpers/tasks.js";
 
 const TOKEN = "provider-test-token";
+const PROVIDER = ephemeralIdentity();
 
 const GOOD_TASK = tinyTask({ train: 64, val: 16 });
 
@@ -44,6 +49,7 @@ async function startProvider(): Promise<void> {
   provider = new Provider({
     host: "127.0.0.1",
     port: 0,
+    identity: PROVIDER,
     token: TOKEN,
     python,
     devices: python.probe!.devices,
@@ -71,7 +77,7 @@ class RawClient {
   }
 
   static async open(path = "/control"): Promise<RawClient> {
-    const ws = new WebSocket(`ws://127.0.0.1:${port}${path}`);
+    const ws = openTls(`wss://127.0.0.1:${port}${path}`);
     const client = new RawClient(ws);
     await new Promise<void>((resolve, reject) => {
       ws.once("open", () => resolve());
@@ -114,7 +120,7 @@ class RawClient {
 
 async function welcomed(): Promise<RawClient & { welcome: Extract<ToCoordinator, { t: "welcome" }> }> {
   const client = await RawClient.open();
-  client.send({ t: "hello", token: TOKEN, version: PROTOCOL_VERSION });
+  client.send(coordinatorHello(client.ws, TEST_COORDINATOR, TOKEN, PROTOCOL_VERSION));
   const welcome = await client.next("welcome", 10_000);
   return Object.assign(client, { welcome });
 }
@@ -123,12 +129,12 @@ function jobSpec(id: string, task: string, filename = "task.py"): ToProvider {
   return {
     t: "job",
     job: id,
-    secret: "s3cret",
+    credential: issueCredential(TEST_COORDINATOR, id, PROVIDER.key, [0]),
     task: { filename, code: new TextEncoder().encode(task) },
     config: { name: "provider-test", task: filename, task_args: {}, steps: 3, batch_size: 8, seed: 0 },
     world_size: 1,
     ranks: [{ rank: 0, device: python.probe!.devices[0].id }],
-    ring: [{ rank: 0, url: `ws://127.0.0.1:${port}/ring` }],
+    ring: [{ rank: 0, url: `wss://127.0.0.1:${port}/ring`, key: PROVIDER.key }],
     threads: 1,
   };
 }
@@ -164,17 +170,63 @@ describe("Provider control plane", () => {
   it("answers a wrong token with a reject message and close code 4001", async () => {
     await startProvider();
     const client = await RawClient.open();
-    client.send({ t: "hello", token: "not-the-token", version: PROTOCOL_VERSION });
+    client.send(coordinatorHello(client.ws, TEST_COORDINATOR, "not-the-token", PROTOCOL_VERSION));
     const closed = await client.closed;
     expect(closed.code).toBe(4001);
     expect(client.messages).toEqual([{ t: "reject", reason: "wrong token" }]);
     expect(events.some((e) => e.type === "log" && /wrong token/.test(e.line))).toBe(true);
   });
 
+  it("refuses a replayed hello: one proved on another TLS session", async () => {
+    await startProvider();
+    const recorded = await RawClient.open();
+    const hello = coordinatorHello(recorded.ws, TEST_COORDINATOR, TOKEN);
+    const replay = await RawClient.open();
+    replay.send(hello);
+    expect((await replay.closed).code).toBe(4001);
+    expect(replay.messages).toEqual([{ t: "reject", reason: "bad proof" }]);
+  });
+
+  it("a man in the middle with its own certificate gets nowhere, in token mode and in key mode", async () => {
+    await startProvider();
+    // A TLS-terminating relay: the coordinator's TLS session ends at the proxy, which opens its own to the provider.
+    const proxy = await startTlsServer(ephemeralIdentity());
+    const relayed: string[] = [];
+    proxy.server.on("connection", (inbound) => {
+      const outbound = openTls(`wss://127.0.0.1:${port}/control`);
+      const queue: Buffer[] = [];
+      inbound.on("message", (d) => {
+        relayed.push("hello");
+        if (outbound.readyState === WebSocket.OPEN) outbound.send(d);
+        else queue.push(d as Buffer);
+      });
+      outbound.on("open", () => queue.splice(0).forEach((d) => outbound.send(d)));
+      outbound.on("message", (d) => inbound.send(d));
+      outbound.on("close", (code) => inbound.close(code === 1005 ? 1000 : code));
+      outbound.on("error", () => {});
+    });
+    const address = `127.0.0.1:${proxy.port}`;
+    try {
+      // Token mode: the relayed proof is bound to the coordinator's session with the proxy, not the proxy's with the provider.
+      await expect(ProviderClient.connect(address, { identity: TEST_COORDINATOR, token: TOKEN })).rejects.toThrow(/refused the job: bad proof/);
+      expect(events.some((e) => e.type === "log" && /rejected coordinator .*: bad proof/.test(e.line))).toBe(true);
+      // Key mode: the proxy's certificate is not the provider's key; nothing is sent to it.
+      const before = relayed.length;
+      await expect(ProviderClient.connect(address, { identity: TEST_COORDINATOR, key: PROVIDER.key })).rejects.toThrow(/certificate's key .* is not the expected/);
+      expect(relayed.length).toBe(before);
+      // The provider itself is fine with the real thing.
+      const direct = await ProviderClient.connect(`127.0.0.1:${port}`, { identity: TEST_COORDINATOR, key: PROVIDER.key, token: TOKEN });
+      expect(direct.key).toBe(PROVIDER.key);
+      direct.close();
+    } finally {
+      await closeTlsServer(proxy);
+    }
+  });
+
   it("refuses a coordinator of another protocol version, naming both (close code 4002)", async () => {
     await startProvider();
     const client = await RawClient.open();
-    client.send({ t: "hello", token: TOKEN, version: PROTOCOL_VERSION - 1 });
+    client.send(coordinatorHello(client.ws, TEST_COORDINATOR, TOKEN, PROTOCOL_VERSION - 1));
     expect((await client.closed).code).toBe(4002);
     expect(client.messages).toEqual([
       {
@@ -185,21 +237,22 @@ describe("Provider control plane", () => {
   });
 
   it("a coordinator refuses a provider of another protocol version", async () => {
-    const server = new WebSocketServer({ host: "127.0.0.1", port: 0 });
-    server.on("connection", (ws) => ws.on("message", () => ws.send(encodeMessage({ t: "welcome", version: PROTOCOL_VERSION + 1, provider: { id: "x", hostname: "x", python: "3", torch: "2", devices: [{ id: "cpu", kind: "cpu", name: "cpu" }] } }))));
-    await new Promise((r) => server.once("listening", r));
-    const address = `127.0.0.1:${(server.address() as { port: number }).port}`;
+    const other = ephemeralIdentity();
+    const fake = await startTlsServer(other);
+    const proof = prove(other, "control-provider", Buffer.alloc(32));
+    fake.server.on("connection", (ws) => ws.on("message", () => ws.send(encodeMessage({ t: "welcome", ...proof, version: PROTOCOL_VERSION + 1, provider: { id: "x", hostname: "x", python: "3", torch: "2", devices: [{ id: "cpu", kind: "cpu", name: "cpu" }] } }))));
+    const address = `127.0.0.1:${fake.port}`;
     try {
-      await expect(ProviderClient.connect(address, TOKEN)).rejects.toThrow(`Provider ${address} speaks protocol ${PROTOCOL_VERSION + 1}, this nimble speaks ${PROTOCOL_VERSION}`);
+      await expect(ProviderClient.connect(address, { identity: TEST_COORDINATOR, token: TOKEN })).rejects.toThrow(`Provider ${address} speaks protocol ${PROTOCOL_VERSION + 1}, this nimble speaks ${PROTOCOL_VERSION}`);
     } finally {
-      server.close();
+      await closeTlsServer(fake);
     }
   });
 
-  it("rejects a token that is a prefix of the right one", async () => {
+  it("rejects a MAC made with a prefix of the token", async () => {
     await startProvider();
     const client = await RawClient.open();
-    client.send({ t: "hello", token: TOKEN.slice(0, -1), version: PROTOCOL_VERSION });
+    client.send(coordinatorHello(client.ws, TEST_COORDINATOR, TOKEN.slice(0, -1)));
     expect((await client.closed).code).toBe(4001);
   });
 
@@ -231,7 +284,7 @@ describe("Provider control plane", () => {
     await welcomed();
   });
 
-  it("welcomes the right token with its devices, python and torch versions", async () => {
+  it("welcomes a coordinator proving the token with its devices, python and torch versions", async () => {
     await startProvider();
     const client = await welcomed();
     const { welcome } = client;
@@ -243,12 +296,12 @@ describe("Provider control plane", () => {
     expect(client.ws.readyState).toBe(WebSocket.OPEN);
   });
 
-  it("answers a plain HTTP request with 426 Upgrade Required", async () => {
+  it("answers a plain HTTPS request with 426 Upgrade Required", async () => {
     await startProvider();
-    const res = await fetch(`http://127.0.0.1:${port}/`);
+    const res = await httpsGet(`https://127.0.0.1:${port}/`);
     expect(res.status).toBe(426);
-    expect(await res.text()).toMatch(/WebSocket/);
-    const control = await fetch(`http://127.0.0.1:${port}/control`);
+    expect(res.body).toMatch(/WebSocket/);
+    const control = await httpsGet(`https://127.0.0.1:${port}/control`);
     expect(control.status).toBe(426);
   });
 
@@ -266,7 +319,7 @@ describe("Provider control plane", () => {
     expect(ready.info).toMatchObject({ params: 10, train_size: 64, val_size: 16 });
 
     const second = await RawClient.open();
-    second.send({ t: "hello", token: TOKEN, version: PROTOCOL_VERSION });
+    second.send(coordinatorHello(second.ws, TEST_COORDINATOR, TOKEN, PROTOCOL_VERSION));
     const closed = await second.closed;
     expect(closed.code).toBe(4009);
     expect(second.messages).toHaveLength(1);
@@ -280,7 +333,7 @@ describe("Provider control plane", () => {
     // One coordinator per job: a cancel pipelined behind a hello that is turned away as busy
     // does not reach the running job.
     const third = await RawClient.open();
-    third.send({ t: "hello", token: TOKEN, version: PROTOCOL_VERSION });
+    third.send(coordinatorHello(third.ws, TEST_COORDINATOR, TOKEN, PROTOCOL_VERSION));
     third.send({ t: "cancel", reason: "not yours" });
     expect((await third.closed).code).toBe(4009);
     await new Promise((r) => setTimeout(r, 300));

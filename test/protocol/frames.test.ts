@@ -42,7 +42,7 @@ describe("data-plane frames", () => {
   });
 
   it("round-trips hello and op control frames", () => {
-    const hello = { t: "hello", job: "j1", secret: "xyz", from: 2, to: 3, epoch: 4 } as const;
+    const hello = { t: "hello", job: "j1", from: 2, to: 3, epoch: 4, key: `ed25519:${"A".repeat(43)}`, nonce: new Uint8Array(32).fill(1), sig: new Uint8Array(64).fill(2), credential: { ranks: [2], sig: new Uint8Array(64).fill(3) } } as const;
     const op = { t: "op", op: 7, count: 1001, dtype: "float32" } as const;
     for (const msg of [hello, op]) {
       const bytes = encodeControl(msg);
@@ -125,9 +125,9 @@ describe("data-plane frames", () => {
     expectProtocolError(control({ t: "op", op: 1, count: 10, dtype: "float16" }), /invalid "op" control frame: dtype/);
     expectProtocolError(control({ t: "op", op: -1, count: 10, dtype: "float32" }), /op:/);
     expectProtocolError(control({ t: "op", op: 1, count: 1.5, dtype: "float32" }), /count:/);
-    expectProtocolError(control({ t: "hello", job: "j", secret: "s", from: 0 }), /invalid "hello" control frame: to/);
+    expectProtocolError(control({ t: "hello", job: "j", from: 0 }), /invalid "hello" control frame: to/);
     expectProtocolError(
-      control({ t: "hello", job: "j", secret: "s", from: 0, to: 1, extra: true }),
+      control({ t: "hello", job: "j", secret: "the old shared secret", from: 0, to: 1 }),
       /Unrecognized key/,
     );
   });

@@ -15,12 +15,15 @@ import { unpack } from "../../src/job/coordinator/answers.js";
 
 const code = new TextEncoder().encode("import torch\n\ndef build_model(args):\n    return torch.nn.Linear(2, 2)\n");
 
+/** Shaped like a proof (net/proof.ts); what it proves is tested in test/net. */
+const proof = { key: `ed25519:${"A".repeat(43)}`, nonce: new Uint8Array(32).fill(1), sig: new Uint8Array(64).fill(2), mac: new Uint8Array(32).fill(3) };
+
 const toProvider: ToProvider[] = [
-  { t: "hello", token: "secret-token", version: PROTOCOL_VERSION },
+  { t: "hello", version: PROTOCOL_VERSION, ...proof },
   {
     t: "job",
     job: "3f1c-job",
-    secret: "ring-secret",
+    credential: { ranks: [0, 1], sig: new Uint8Array(64).fill(9) },
     task: { filename: "task.py", code },
     config: { name: "mnist", steps: 10, optimizer: { name: "adam", lr: 0.001 }, task_args: {} },
     world_size: 3,
@@ -29,9 +32,9 @@ const toProvider: ToProvider[] = [
       { rank: 1, device: "cuda:0" },
     ],
     ring: [
-      { rank: 0, url: "ws://127.0.0.1:7070/ring" },
-      { rank: 1, url: "ws://127.0.0.1:7070/ring" },
-      { rank: 2, url: "ws://10.0.0.2:7070/ring" },
+      { rank: 0, url: "wss://127.0.0.1:7070/ring", key: proof.key },
+      { rank: 1, url: "wss://127.0.0.1:7070/ring", key: proof.key },
+      { rank: 2, url: "wss://10.0.0.2:7070/ring", key: proof.key },
     ],
     threads: 4,
   },
@@ -55,6 +58,7 @@ const stateFiles = [
 const toCoordinator: ToCoordinator[] = [
   {
     t: "welcome",
+    ...proof,
     version: PROTOCOL_VERSION,
     provider: {
       id: "host:7070",
@@ -186,7 +190,8 @@ describe("control messages: rejection", () => {
   it.each([
     ["order.ranks empty", { t: "order", ranks: [], order: { op: "sync" } }, /ranks/],
     ["order.order not a map", { t: "order", ranks: [0], order: "sync" }, /order/],
-    ["hello.token as a number", { t: "hello", token: 1234, version: 1 }, /token/],
+    ["hello.key that is not a key", { t: "hello", version: 1, key: "ssh-rsa AAAA" }, /key/],
+    ["hello.nonce of 8 bytes", { t: "hello", version: 1, nonce: new Uint8Array(8) }, /nonce/],
     ["job.task.code as a string", { ...toProvider[1], task: { filename: "task.py", code: "import os" } }, /task\.code/],
     ["job.world_size 0", { ...toProvider[1], world_size: 0 }, /world_size/],
     ["job.ranks empty", { ...toProvider[1], ranks: [] }, /ranks/],
@@ -252,8 +257,8 @@ describe("control messages: rejection", () => {
       ["one of this provider's ranks twice", { ranks: [{ rank: 0, device: "cpu" }, { rank: 0, device: "cpu" }] }, "the job names one of this provider's ranks twice"],
       ["a device this provider does not offer", { ranks: [{ rank: 0, device: "cuda:7" }] }, 'the job asks for device "cuda:7", which this provider does not offer (it offers cpu, cuda:0)'],
       ["a ring without every rank", { ring: job.ring.slice(0, 2) }, "the job's ring has 2 addresses for 3 ranks"],
-      ["a ring address that is not a ring endpoint", { ring: [...job.ring.slice(0, 2), { rank: 2, url: "http://10.0.0.2/admin" }] }, 'the job\'s ring address "http://10.0.0.2/admin" is not a ws:// or wss:// URL of a /ring endpoint'],
-      ["a ring address with credentials", { ring: [...job.ring.slice(0, 2), { rank: 2, url: "ws://u:p@10.0.0.2/ring" }] }, /not a ws:\/\/ or wss:\/\/ URL/],
+      ["a ring address that is not a ring endpoint", { ring: [...job.ring.slice(0, 2), { rank: 2, url: "http://10.0.0.2/admin", key: proof.key }] }, 'the job\'s ring address "http://10.0.0.2/admin" is not a wss:// URL of a /ring endpoint'],
+      ["a ring address with credentials", { ring: [...job.ring.slice(0, 2), { rank: 2, url: "wss://u:p@10.0.0.2/ring", key: proof.key }] }, /not a wss:\/\/ URL/],
     ] as const)("refuses %s", (_what, change, problem) => {
       const got = jobSpecProblem({ ...job, ...change } as typeof job, devices);
       if (typeof problem === "string") expect(got).toBe(problem);

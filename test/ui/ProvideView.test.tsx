@@ -28,10 +28,10 @@ const busy: ProviderEvent[] = [
 describe("reduceProvide", () => {
   it("tracks the address, job, workers, figures and byte rates", () => {
     const s = stateAfter(busy);
-    expect(s.url).toBe("ws://0.0.0.0:7070");
+    expect(s.url).toBe("wss://0.0.0.0:7070");
     expect(s.listeningAt).toBe(T0);
     expect(s.profile?.matmul_gflops_fp32).toBe(19_480.4);
-    expect(s.job).toEqual({ id: "job-7f3a", name: "mnist-cnn", ranks: [1, 2], worldSize: 4, since: T0 + 1000 });
+    expect(s.job).toEqual({ id: "job-7f3a", name: "mnist-cnn", ranks: [1, 2], worldSize: 4, since: T0 + 1000, from: { fingerprint: "5e0c:91aa:03b2:7d41", address: "10.0.0.9" } });
     expect(s.workers.map((w) => [w.rank, w.state, w.restarts, w.pid, w.samples])).toEqual([
       [1, "training", 0, 4101, 1920],
       [2, "restarting", 1, 4188, 1920],
@@ -64,15 +64,16 @@ describe("reduceProvide", () => {
 });
 
 describe("ProvideView", () => {
-  it("shows address, token, uptime, devices and profile, the job, worker rows, byte totals and the log", () => {
+  it("shows address, token, its key, uptime, devices and profile, the job, worker rows, byte totals and the log", () => {
     const state = stateAfter(busy);
     const now = T0 + 3 * 3600_000 + 125_000;
     const frame = frameOf(<ProvideView state={state} now={now} />);
     if (process.env.SHOW_FRAME) console.log(frame);
-    expect(frame).toContain("nimble provide  ws://0.0.0.0:7070  token 3f2a9c0d11e4b7a8  up 3h02m");
+    expect(frame).toContain("nimble provide  wss://0.0.0.0:7070  token 3f2a9c0d11e4b7a8  key 829b:3375:1418:d6d2  up 3h02m");
     expect(frame).toContain("cuda:0 (NVIDIA A100-SXM4-80GB)  85.9 GB");
     expect(frame).toContain("19,480 GFLOP/s fp32, 1555 GB/s memory (cuda:0, measured 2025-06-01)");
     expect(frame).toMatch(/job\s+mnist-cnn job-7f3a  ranks 1, 2 of 4  for 3h02m  at step 120/);
+    expect(frame).toMatch(/from\s+coordinator 5e0c:91aa:03b2:7d41 at 10\.0\.0\.9/);
     expect(frame).toMatch(/rank\s+device\s+state\s+restarts\s+pid\s+steps\s+samples\s+compute\s+comm/);
     expect(frame).toMatch(/^\s*1\s+cuda:0\s+training\s+0\s+4101\s+120\s+1,920\s+12 ms\s+4 ms$/m);
     expect(frame).toMatch(/^\s*2\s+cuda:1\s+restarting\s+1\s+4188\s+120\s+1,920\s+13 ms\s+4 ms$/m);

@@ -2,15 +2,25 @@ import type { ProviderEvent, StatsEvent } from "../../src/job/provider/index.js"
 
 export const listening: Extract<ProviderEvent, { type: "listening" }> = {
   type: "listening",
-  url: "ws://0.0.0.0:7070",
+  url: "wss://0.0.0.0:7070",
   host: "0.0.0.0",
   port: 7070,
   token: "3f2a9c0d11e4b7a8",
+  key: "ed25519:yjP1F8x4GVlsVq9W614XG5oohUmayfKgQsGreja7iQ8",
+  fingerprint: "829b:3375:1418:d6d2",
+  allow: null,
   devices: [{ id: "cuda:0", kind: "cuda", name: "NVIDIA A100-SXM4-80GB", memory_bytes: 85_899_345_920 }],
   profile: { device: "cuda:0", matmul_gflops_fp32: 19_480.4, memory_gbps: 1555.2, measured_at: "2025-06-01T10:00:00.000Z" },
 };
 
-export const jobStart: ProviderEvent = { type: "job", job: "job-7f3a", name: "mnist-cnn", ranks: [1, 2], world_size: 4 };
+export const jobStart: ProviderEvent = {
+  type: "job",
+  job: "job-7f3a",
+  name: "mnist-cnn",
+  ranks: [1, 2],
+  world_size: 4,
+  coordinator: { fingerprint: "5e0c:91aa:03b2:7d41", key: "ed25519:Ab3kP1F8x4GVlsVq9W614XG5oohUmayfKgQsGreja7i", address: "10.0.0.9" },
+};
 
 export function stats(over: Partial<StatsEvent> = {}): StatsEvent {
   return {

@@ -36,11 +36,12 @@ function printed(verbosity: Verbosity): string[] {
 }
 
 const listeningBlock = [
-  "nimble provider listening on ws://0.0.0.0:7070",
+  "nimble provider listening on wss://0.0.0.0:7070",
+  "  key:     ed25519:yjP1F8x4GVlsVq9W614XG5oohUmayfKgQsGreja7iQ8 (829b:3375:1418:d6d2)",
   "  token:   3f2a9c0d11e4b7a8",
   "  device:  cuda:0 (NVIDIA A100-SXM4-80GB)",
   "  profile: 19,480 GFLOP/s fp32, 1555 GB/s memory (cuda:0, measured 2025-06-01)",
-  "Give the address and token to the researcher (config `providers:`). Ctrl-C stops.",
+  "Give the address and token to the researcher (config `providers:`, with `key:` to check this host too). Ctrl-C stops.",
 ];
 const jobEnd = "job job-7f3a ended: job finished (120 steps, 3,840 samples, sent 12.4 MB, received 12.1 MB)";
 
@@ -48,7 +49,7 @@ describe("ProvidePlainReporter", () => {
   it("prints the listening block, jobs, worker changes, log lines, and a stats line at most every 10 s", () => {
     expect(printed("normal")).toEqual([
       ...listeningBlock,
-      "job job-7f3a (mnist-cnn): ranks 1, 2 of 4",
+      "job job-7f3a (mnist-cnn): ranks 1, 2 of 4, from 5e0c:91aa:03b2:7d41 at 10.0.0.9",
       "rank 1 (cuda:0): starting",
       "[rank 1] loading MNIST",
       "rank 1 (cuda:0): training",
@@ -61,7 +62,7 @@ describe("ProvidePlainReporter", () => {
   });
 
   it("--quiet: only the listening block, jobs starting and ending, warnings and errors", () => {
-    expect(printed("quiet")).toEqual([...listeningBlock, "job job-7f3a (mnist-cnn): ranks 1, 2 of 4", "warn: worker for rank 1 exited with code 1", jobEnd]);
+    expect(printed("quiet")).toEqual([...listeningBlock, "job job-7f3a (mnist-cnn): ranks 1, 2 of 4, from 5e0c:91aa:03b2:7d41 at 10.0.0.9", "warn: worker for rank 1 exited with code 1", jobEnd]);
   });
 
   it("--verbose: also every stats event and debug lines", () => {

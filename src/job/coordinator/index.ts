@@ -36,6 +36,8 @@ export interface TrainOptions {
   env?: NodeJS.ProcessEnv;
   /** Continue this run directory from its newest intact checkpoint. */
   resume?: string;
+  /** --key: the researcher's identity key file (default: the one under the user's config folder). */
+  keyFile?: string;
 }
 
 /**

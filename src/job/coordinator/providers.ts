@@ -1,4 +1,4 @@
-import { randomBytes, randomUUID } from "node:crypto";
+import { randomUUID } from "node:crypto";
 import { readFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
@@ -7,7 +7,9 @@ import type { ToProvider } from "../../protocol/messages.js";
 import { resolvePython } from "../../runtime/python.js";
 import type { TrainEvent, WorkerRow } from "../events.js";
 import { startLocalProviders } from "../localProviders.js";
-import { ProviderClient, ringUrl } from "../providerClient.js";
+import { loadIdentity, type Identity } from "../../net/identity.js";
+import { issueCredential } from "../../net/proof.js";
+import { ProviderClient, ringUrl, type ProviderCredentials } from "../providerClient.js";
 import type { Incoming } from "./answers.js";
 import type { TrainOptions } from "./index.js";
 
@@ -26,7 +28,9 @@ export interface Rank {
 
 interface Target {
   address: string;
-  token: string;
+  /** Token mode, key mode, or both (the provider's key is then checked and the token proved). */
+  token?: string;
+  key?: string;
   optional: boolean;
 }
 
@@ -50,8 +54,8 @@ export class Providers {
   readonly #targetOf = new Map<ProviderClient, Target>();
   readonly #cleanups: (() => Promise<void> | void)[] = [];
   readonly #job = randomUUID();
-  readonly #secret = randomBytes(24).toString("hex");
   #code: Buffer | null = null;
+  #identity: Identity | null = null;
 
   constructor(
     private readonly opts: TrainOptions,
@@ -62,11 +66,22 @@ export class Providers {
     return this.opts.loaded.config;
   }
 
+  /** The researcher's identity: what the job's credentials are signed with. */
+  get identity(): Identity {
+    if (!this.#identity) throw new Error("the providers are not connected yet");
+    return this.#identity;
+  }
+
+  #credentials(t: Target): ProviderCredentials {
+    return { identity: this.identity, token: t.token, key: t.key };
+  }
+
   /** 1-3: find or start the providers, connect and authenticate, and assign ranks. */
   async connect(): Promise<void> {
+    this.#identity = await loadIdentity(this.opts.keyFile, { create: true });
     const targets = await this.#targets();
-    this.events.status(`Connecting to ${targets.length} provider${targets.length === 1 ? "" : "s"}`);
-    const settled = await Promise.allSettled(targets.map((t) => ProviderClient.connect(t.address, t.token)));
+    this.events.status(`Connecting to ${targets.length} provider${targets.length === 1 ? "" : "s"} as ${this.identity.fingerprint}`);
+    const settled = await Promise.allSettled(targets.map((t) => ProviderClient.connect(t.address, this.#credentials(t))));
     settled.forEach((s, i) => {
       if (s.status === "fulfilled") {
         this.clients.push(s.value);
@@ -91,15 +106,15 @@ export class Providers {
     const config = loaded.config;
     if (config.providers.length > 0) {
       return config.providers.map((p, i) => {
-        const token = p.token ?? env.NIMBLE_TOKEN;
-        if (!token) {
+        const token = p.token ?? (p.key ? undefined : env.NIMBLE_TOKEN);
+        if (!token && !p.key) {
           throw new UserError(
-            `${loaded.path}: providers[${i}] (${p.address}) has no token`,
-            "Add `token:` to the entry (the one `nimble provide` printed) or set NIMBLE_TOKEN.",
+            `${loaded.path}: providers[${i}] (${p.address}) has neither a key nor a token`,
+            "Add `key:` (the provider's key, from `nimble id` on that host) or `token:` (the one `nimble provide` printed), or set NIMBLE_TOKEN.",
             2,
           );
         }
-        return { address: p.address, token, optional: p.optional };
+        return { address: p.address, token, key: p.key, optional: p.optional };
       });
     }
     const count = this.opts.local ?? config.local_workers;
@@ -107,13 +122,15 @@ export class Providers {
     this.events.status(`Starting ${count} local provider${count === 1 ? "" : "s"} (python ${python.pythonVersion}, torch ${python.torchVersion})`);
     const local = await startLocalProviders({
       count,
+      identity: this.identity,
       python: python.python,
       threads: Math.max(1, Math.floor(os.cpus().length / count)),
       env,
       onLog: (source, line) => this.events.report({ type: "log", source, line }),
     });
     this.#cleanups.push(local.stop);
-    return local.providers.map((p) => ({ address: p.address, token: p.token, optional: false }));
+    // They run as this user, with this user's key, and admit only it (key mode).
+    return local.providers.map((p) => ({ address: p.address, key: this.identity.key, optional: false }));
   }
 
   #addRanks(client: ProviderClient): Rank[] {
@@ -162,9 +179,9 @@ export class Providers {
     return this.ranks.filter((r) => r.client === client);
   }
 
-  /** Every rank's data-plane URL, in rank order. */
-  ringUrls(): { rank: number; url: string }[] {
-    return this.ranks.map((r) => ({ rank: r.rank, url: ringUrl(r.client.address) }));
+  /** Every rank's data-plane URL and its provider's key, in rank order. */
+  ringPeers(): { rank: number; url: string; key: string }[] {
+    return this.ranks.map((r) => ({ rank: r.rank, url: ringUrl(r.client.address), key: r.client.key }));
   }
 
   /** Send every connected provider the same message. */
@@ -178,12 +195,17 @@ export class Providers {
     client.send({
       t: "job",
       job: this.#job,
-      secret: this.#secret,
+      credential: issueCredential(
+        this.identity,
+        this.#job,
+        client.key,
+        this.ranksOf(client).map((r) => r.rank),
+      ),
       task: { filename: path.basename(this.opts.loaded.taskPath), code: this.#code },
       config: this.config as unknown as Record<string, unknown>,
       world_size: this.ranks.length,
       ranks: this.ranksOf(client).map((r) => ({ rank: r.rank, device: r.device })),
-      ring: this.ringUrls(),
+      ring: this.ringPeers(),
       ...(join ? { join: true } : {}),
     });
   }
@@ -204,7 +226,7 @@ export class Providers {
       for (const target of this.#absent.values()) {
         if (connecting.has(target.address)) continue;
         connecting.add(target.address);
-        ProviderClient.connect(target.address, target.token, RECONNECT_TIMEOUT_MS).then(
+        ProviderClient.connect(target.address, this.#credentials(target), RECONNECT_TIMEOUT_MS).then(
           (client) => {
             connecting.delete(target.address);
             if (!accepting()) return client.close();

@@ -13,7 +13,7 @@ const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 export async function reformRing(run: Run, members: readonly number[], what: string): Promise<void> {
   const epoch = run.membership.reform(members);
   const formed = run.exchanges.expect("ring_ready", what, members, RING_TIMEOUT_MS);
-  run.providers.broadcast({ t: "ring", epoch, members: [...members], urls: run.providers.ringUrls() });
+  run.providers.broadcast({ t: "ring", epoch, members: [...members], urls: run.providers.ringPeers() });
   await formed;
 }
 

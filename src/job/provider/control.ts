@@ -5,6 +5,7 @@ import { limitMessages } from "../../net/bounds.js";
 import { afterLatency } from "../../net/link.js";
 import { decodeToProvider, encodeMessage, MAX_CONTROL_BYTES, type ToCoordinator, type ToProvider } from "../../protocol/messages.js";
 import { cleanText } from "../../protocol/text.js";
+import type { Admitted, Refusal } from "../../net/auth.js";
 import type { LinkBytes } from "./types.js";
 
 /** The largest message a coordinator may send before it is admitted: a hello is tiny. */
@@ -20,8 +21,8 @@ const HELLO_TIMEOUT_MS = 10_000;
 export type ControlState = "hello" | "welcoming" | "admitted" | "closed";
 
 export interface ControlHost {
-  /** Decide on a hello: null admits the coordinator, else the reason and close code. */
-  admit(hello: Extract<ToProvider, { t: "hello" }>, address: string): { code: number; reason: string } | null;
+  /** Decide on a hello on this connection's TLS session: who the coordinator is, or why not. */
+  admit(hello: Extract<ToProvider, { t: "hello" }>, conn: ControlConnection): { admitted: Admitted } | { refusal: Refusal };
   /** Authenticated: welcome it (true) or turn it away as busy (false). */
   welcome(conn: ControlConnection): Promise<boolean>;
   /** An admitted coordinator's message. */
@@ -38,6 +39,8 @@ export class ControlConnection {
   readonly from: string;
   readonly address: string;
   readonly #helloTimer: NodeJS.Timeout;
+  /** Once admitted: the coordinator's key (verified) and the nonce of its hello. */
+  coordinator: (Admitted & { nonce: Uint8Array }) | null = null;
 
   constructor(
     readonly ws: WebSocket,
@@ -108,12 +111,15 @@ export class ControlConnection {
 
   async #hello(message: ToProvider) {
     if (message.t !== "hello") return this.close(4000, "expected hello");
-    const refusal = this.host.admit(message, this.address);
-    if (refusal) {
+    const decision = this.host.admit(message, this);
+    if ("refusal" in decision) {
+      const { refusal } = decision;
       this.host.log(`rejected ${this.from}: ${refusal.reason}`, "warn");
       this.send({ t: "reject", reason: refusal.reason });
       return this.close(refusal.code, refusal.reason.slice(0, 100));
     }
+    this.coordinator = { ...decision.admitted, nonce: message.nonce! };
+    this.host.log(`${this.from} authenticated as ${decision.admitted.fingerprint} (${decision.admitted.mode === "key" ? "an allowed key" : "the token"})`, "debug");
     this.#enter("welcoming");
     if (!(await this.host.welcome(this))) return this.close(4009, "busy");
     this.#enter("admitted");

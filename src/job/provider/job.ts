@@ -4,7 +4,7 @@ import path from "node:path";
 import type { WebSocket } from "ws";
 import { Mesh } from "../../collective/mesh.js";
 import { errorMessage } from "../../errors.js";
-import type { Authorizer } from "../../net/auth.js";
+import type { Authorizer, RingJob } from "../../net/auth.js";
 import { watchHeartbeat } from "../../net/heartbeat.js";
 import { limitMessages, WarningLimiter } from "../../net/bounds.js";
 import { admitRingHello, type ArrivedHello, type FrameLink, type LinkOptions } from "../../net/link.js";
@@ -51,6 +51,8 @@ export class ProviderJob {
     private readonly hostLog: (line: string, level?: LogLevel) => void,
     private readonly linkOptions: LinkOptions,
     private readonly auth: Authorizer,
+    /** The key of the coordinator that started the job: its credentials are what ring peers show. */
+    readonly coordinatorKey: string,
   ) {
     const faults = spec.config.faults as { max_restarts?: unknown; heartbeat_s?: unknown } | undefined;
     const maxRestarts = Number(faults?.max_restarts);
@@ -72,8 +74,8 @@ export class ProviderJob {
         local: spec.ranks.map((r) => r.rank),
         // Joining a running job: no ring until the coordinator's `ring` brings this provider in.
         members: spec.join ? [] : [...Array(spec.world_size).keys()],
-        urls: new Map(spec.ring.map((r) => [r.rank, r.url])),
-        hello: (from, to, epoch) => auth.ringHello(spec, from, to, epoch),
+        peers: new Map(spec.ring.map((r) => [r.rank, { url: r.url, key: r.key }])),
+        hello: (from, to, epoch, binding) => auth.ringHello(spec, from, to, epoch, binding),
         heartbeatMs: this.#heartbeatMs,
         link: linkOptions,
       },
@@ -128,20 +130,25 @@ export class ProviderJob {
   handle(message: ToProvider): void {
     if (message.t === "order") this.#relay.order(message);
     else if (message.t === "ring") this.#reform(message.epoch, message.members, message.urls ?? []);
-    else if (message.t === "probe_links") void probeLinks(this, message.bytes, this.auth.benchCredential(this.spec), this.linkOptions.throttle);
+    else if (message.t === "probe_links") void probeLinks(this, message.bytes, (binding) => this.auth.benchHello(this.spec, binding), this.linkOptions.throttle);
   }
 
   /** An incoming ring connection's hello: admitted by the Authorizer (reading resumes), then the mesh's. */
   acceptHello(arrived: { hello: ArrivedHello; link: FrameLink }): void {
     const ranks = new Set(this.ranks.map((r) => r.rank));
     try {
-      const hello = admitRingHello(arrived, (h) => this.auth.admitRingPeer(h, { job: this.spec.job, secret: this.spec.secret, ranks }));
+      const hello = admitRingHello(arrived, (h, binding) => this.auth.admitRingPeer(h, binding, this.ringJob(ranks)));
       limitMessages(arrived.link.ws, MAX_FRAME_BYTES);
       this.mesh.accept(hello);
     } catch (err) {
       const line = this.#warnings.pass("ring refused", `refused a ring connection: ${cleanText(errorMessage(err), 1000)}`);
       if (line) this.hostLog(line, "warn");
     }
+  }
+
+  /** What ring and bench hellos for this job are checked against. */
+  ringJob(ranks: ReadonlySet<number> = new Set(this.ranks.map((r) => r.rank))): RingJob {
+    return { job: this.spec.job, coordinatorKey: this.coordinatorKey, ranks };
   }
 
   #local(rank: number): LocalRank | undefined {
@@ -247,7 +254,7 @@ export class ProviderJob {
    * Re-form the ring with `members` only (between rounds: no collective in flight). Local
    * ranks left out stop their workers; those (re)joining wait for a ring that names them.
    */
-  #reform(epoch: number, members: number[], urls: { rank: number; url: string }[]) {
+  #reform(epoch: number, members: number[], urls: { rank: number; url: string; key: string }[]) {
     let leftOut: number[];
     try {
       leftOut = this.mesh.reform(epoch, members, urls);

@@ -1,4 +1,5 @@
 import { errorMessage } from "../../errors.js";
+import type { BenchHello } from "../../net/auth.js";
 import { measurePeer } from "../../net/peerBench.js";
 import type { ProviderJob } from "./job.js";
 
@@ -7,23 +8,23 @@ import type { ProviderJob } from "./job.js";
  * (`/bench`, with the job's credential). One measurement per peer host, one at a time:
  * they share this host's uplink. Nulls when the successor runs on this host.
  */
-export async function probeLinks(job: ProviderJob, bytes: number, credential: string, throttle?: (bytes: number) => Promise<void>): Promise<void> {
+export async function probeLinks(job: ProviderJob, bytes: number, hello: (binding: Buffer) => BenchHello, throttle?: (bytes: number) => Promise<void>): Promise<void> {
   const { mesh } = job;
   const results = new Map<string, Promise<{ rtt_ms: number; upload_bytes_per_s: number }>>();
   for (const local of job.ranks.filter((r) => !r.gone && mesh.inRing(r.rank))) {
     const next = mesh.neighbours(local.rank).next;
-    const url = mesh.urlOf(next);
-    if (job.ranks.some((r) => r.rank === next) || !url || mesh.members.length === 1) {
+    const peer = mesh.peerOf(next);
+    if (job.ranks.some((r) => r.rank === next) || !peer || mesh.members.length === 1) {
       job.sendLink({ t: "link", rank: local.rank, to: next, rtt_ms: null, upload_bytes_per_s: null });
       continue;
     }
-    const base = url.replace(/\/ring$/, "");
+    const base = peer.url.replace(/\/ring$/, "");
     if (!results.has(base)) {
       const previous = [...results.values()].at(-1)?.catch(() => undefined) ?? Promise.resolve();
       results.set(
         base,
         previous.then(async () => {
-          const m = await measurePeer(base, credential, { pings: 5, bytes, throttle });
+          const m = await measurePeer(base, hello, { pings: 5, bytes, throttle, expectKey: peer.key });
           return { rtt_ms: m.rtt_ms.median, upload_bytes_per_s: m.upload_bytes_per_s };
         }),
       );

@@ -1,10 +1,13 @@
 import { randomBytes } from "node:crypto";
 import os from "node:os";
-import { createServer, type IncomingMessage, type Server } from "node:http";
+import type { IncomingMessage } from "node:http";
+import { createServer, type Server } from "node:https";
 import type { Duplex } from "node:stream";
 import { WebSocketServer, type WebSocket } from "ws";
 import { errorMessage, UserError } from "../../errors.js";
-import { TokenAuthorizer, type Authorizer } from "../../net/auth.js";
+import type { Socket } from "node:net";
+import { Authorizer, BAD_PROOF, CONTROL_BINDING, KEY_NOT_ALLOWED, WRONG_TOKEN } from "../../net/auth.js";
+import { sessionBinding, TLS_MIN_VERSION, tlsCredentials } from "../../net/tls.js";
 import { ConnectionCaps, limitMessages, WarningLimiter, WrongTokens } from "../../net/bounds.js";
 import { CLOSE_AUTH_FAILED, FrameLink, readRingHello, type ArrivedHello, type LinkOptions } from "../../net/link.js";
 import { BENCH_FRAME_BYTES, servePeerBench } from "../../net/peerBench.js";
@@ -35,7 +38,7 @@ const MAX_TCP_CONNECTIONS = 1024;
  * neighbours in the current job's ring, job secret required).
  */
 export class Provider {
-  readonly token: string;
+  readonly token: string | null;
   private readonly auth: Authorizer;
   private server: Server | null = null;
   private readonly controlServer = new WebSocketServer({ noServer: true, maxPayload: MAX_CONTROL_BYTES });
@@ -53,15 +56,22 @@ export class Provider {
   private readonly endedOn = new WeakMap<WebSocket, { job: string; reason: string }>();
 
   constructor(private readonly opts: ProviderOptions) {
-    this.token = opts.token ?? randomBytes(16).toString("hex");
-    this.auth = new TokenAuthorizer(this.token);
+    const allow = opts.allow && opts.allow.length > 0 ? new Set(opts.allow) : null;
+    this.token = allow ? null : (opts.token ?? randomBytes(16).toString("hex"));
+    this.auth = new Authorizer(opts.identity, { token: this.token, allow });
     // The testing aids' pacing and latency, for every link of this host.
     this.linkOptions = linkPacing(opts.linkRate, opts.latencyMs);
   }
 
   async start(): Promise<{ url: string; port: number }> {
     const server = createServer(
-      { headersTimeout: UPGRADE_TIMEOUT_MS, requestTimeout: UPGRADE_TIMEOUT_MS, connectionsCheckingInterval: 1000 },
+      {
+        ...(await tlsCredentials(this.opts.identity)),
+        minVersion: TLS_MIN_VERSION,
+        headersTimeout: UPGRADE_TIMEOUT_MS,
+        requestTimeout: UPGRADE_TIMEOUT_MS,
+        connectionsCheckingInterval: 1000,
+      },
       (_req, res) => {
         res.writeHead(426, { "content-type": "text/plain" });
         res.end("nimble provider: connect with a WebSocket to /control\n");
@@ -69,7 +79,8 @@ export class Provider {
     );
     server.maxConnections = MAX_TCP_CONNECTIONS;
     // Until its upgrade (ws then clears the timeout: the WebSocket hello timeouts take over).
-    server.on("connection", (socket) => {
+    // "connection" is the raw TCP socket, before TLS: a stalled TLS handshake is bounded too.
+    server.on("connection", (socket: Socket) => {
       socket.setTimeout(UPGRADE_TIMEOUT_MS);
       socket.once("timeout", () => socket.destroy());
     });
@@ -77,7 +88,7 @@ export class Provider {
       const pathname = new URL(req.url ?? "/", "http://x").pathname;
       if (pathname === "/bench") {
         // The provider's token, or the credential of the job it runs (ring members measuring their links).
-        const accepts = (given: string) => this.auth.admitBench(given, this.job?.spec ?? null);
+        const accepts = (hello: Parameters<Authorizer["admitBench"]>[0], binding: Buffer | null) => this.auth.admitBench(hello, binding, this.job?.ringJob() ?? null);
         this.benchServer.handleUpgrade(req, socket, head, (ws) => servePeerBench(ws, accepts));
         return;
       }
@@ -102,8 +113,10 @@ export class Provider {
     const address = server.address();
     const port = typeof address === "object" && address ? address.port : this.opts.port;
     const hostForUrl = this.opts.host.includes(":") ? `[${this.opts.host}]` : this.opts.host;
-    const url = `ws://${hostForUrl}:${port}`;
-    this.opts.onEvent({ type: "listening", url, host: this.opts.host, port, token: this.token, devices: this.opts.devices, profile: this.opts.profile ?? null });
+    const url = `wss://${hostForUrl}:${port}`;
+    const { key, fingerprint } = this.opts.identity;
+    const allow = this.auth.mode === "key" ? [...(this.opts.allow ?? [])] : null;
+    this.opts.onEvent({ type: "listening", url, host: this.opts.host, port, token: this.token, key, fingerprint, allow, devices: this.opts.devices, profile: this.opts.profile ?? null });
     return { url, port };
   }
 
@@ -136,11 +149,12 @@ export class Provider {
   }
 
   private readonly controlHost: ControlHost = {
-    admit: (hello, address) => {
-      if (this.wrongTokens.blocked(address)) return { code: CLOSE_AUTH_FAILED, reason: "too many wrong tokens from this address; try again later" };
-      const refusal = this.auth.admitCoordinator(hello, PROTOCOL_VERSION);
-      if (refusal?.reason === "wrong token") this.wrongTokens.note(address);
-      return refusal;
+    admit: (hello, conn) => {
+      const address = conn.address;
+      if (this.wrongTokens.blocked(address)) return { refusal: { code: CLOSE_AUTH_FAILED, reason: "too many wrong tokens or keys from this address; try again later" } };
+      const decision = this.auth.admitCoordinator(hello, sessionBinding(conn.ws, CONTROL_BINDING), PROTOCOL_VERSION);
+      if ("refusal" in decision && [WRONG_TOKEN, KEY_NOT_ALLOWED, BAD_PROOF].includes(decision.refusal.reason)) this.wrongTokens.note(address);
+      return decision;
     },
     welcome: (conn) => this.welcome(conn),
     message: (conn, message) => this.onControlMessage(conn, message),
@@ -185,8 +199,10 @@ export class Provider {
       conn.send({ t: "reject", reason: `busy with job ${this.job.spec.job}` });
       return false;
     }
+    const binding = sessionBinding(conn.ws, CONTROL_BINDING)!;
     conn.send({
       t: "welcome",
+      ...this.auth.welcomeProof(conn.coordinator!.nonce, binding),
       version: PROTOCOL_VERSION,
       provider: {
         id: `${os.hostname()}:${this.opts.port}`,
@@ -202,9 +218,17 @@ export class Provider {
 
   private startJob(spec: JobSpec, conn: ControlConnection) {
     const send = (m: ToCoordinator) => conn.send(m);
-    const job = new ProviderJob(spec, this.opts, send, conn.ws, conn.bytes, (line, level) => this.log(line, level), this.linkOptions, this.auth);
+    const coordinator = conn.coordinator!;
+    const job = new ProviderJob(spec, this.opts, send, conn.ws, conn.bytes, (line, level) => this.log(line, level), this.linkOptions, this.auth, coordinator.key);
     this.job = job;
-    this.opts.onEvent({ type: "job", job: spec.job, name: String(spec.config.name ?? ""), ranks: spec.ranks.map((r) => r.rank), world_size: spec.world_size });
+    this.opts.onEvent({
+      type: "job",
+      job: spec.job,
+      name: String(spec.config.name ?? ""),
+      ranks: spec.ranks.map((r) => r.rank),
+      world_size: spec.world_size,
+      coordinator: { fingerprint: coordinator.fingerprint, key: coordinator.key, address: conn.address },
+    });
     job.onEnd = (reason) => {
       if (this.job === job) this.job = null;
       this.endedOn.set(conn.ws, { job: spec.job, reason });

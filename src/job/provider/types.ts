@@ -1,5 +1,6 @@
 import type { DeviceInfo, LogLevel, ProviderProfile, ToProvider } from "../../protocol/messages.js";
 import type { PythonEnv } from "../../runtime/python.js";
+import type { Identity } from "../../net/identity.js";
 import type { WorkerState } from "./lifecycle.js";
 
 export type { WorkerState };
@@ -31,13 +32,27 @@ export type ProviderEvent =
       url: string;
       host: string;
       port: number;
-      token: string;
+      /** Token mode: what coordinators prove they know (null in key mode). */
+      token: string | null;
+      /** This provider's identity key (its certificate's), and its fingerprint. */
+      key: string;
+      fingerprint: string;
+      /** Key mode: the coordinator keys it admits (null in token mode). */
+      allow: string[] | null;
       devices: DeviceInfo[];
       /** This host's measured profile, as advertised to coordinators (null with --no-profile). */
       profile: ProviderProfile | null;
     }
   | { type: "log"; line: string; level: LogLevel }
-  | { type: "job"; job: string; name: string; ranks: number[]; world_size: number }
+  | {
+      type: "job";
+      job: string;
+      name: string;
+      ranks: number[];
+      world_size: number;
+      /** Who started it: the coordinator's key fingerprint and address. */
+      coordinator: { fingerprint: string; key: string; address: string };
+    }
   | { type: "worker"; job: string; rank: number; device: string; state: WorkerState; restarts: number; pid: number | null; detail?: string }
   | {
       type: "stats";
@@ -65,7 +80,12 @@ export type WorkerEvent = Extract<ProviderEvent, { type: "worker" }>;
 export interface ProviderOptions {
   host: string;
   port: number;
+  /** This host's identity: its TLS certificate's key and what its proofs are signed with. */
+  identity: Identity;
+  /** Token mode (no `allow`): coordinators prove knowledge of it; default a random one. */
   token?: string;
+  /** Key mode: admit only coordinators with these keys (no token is used). */
+  allow?: string[];
   python: PythonEnv;
   devices: DeviceInfo[];
   /** torch intra-op threads per worker; default: this host's cores divided among its workers. */

@@ -4,6 +4,9 @@
  * rate-limited, and a ring connection without a job is not read past its hello.
  */
 import net from "node:net";
+import tls from "node:tls";
+import { ephemeralIdentity } from "../../../src/net/identity.js";
+import { coordinatorHello, openTls, ringMember, TEST_COORDINATOR } from "../../helpers/tls.js";
 import { afterEach, describe, expect, it } from "vitest";
 import WebSocket from "ws";
 import { Provider, type ProviderEvent } from "../../../src/job/provider/index.js";
@@ -12,6 +15,7 @@ import { decodeToCoordinator, encodeMessage, PROTOCOL_VERSION, type ToCoordinato
 import type { PythonEnv } from "../../../src/runtime/python.js";
 
 const TOKEN = "bounds-test-token";
+const PROVIDER = ephemeralIdentity();
 // No job starts in these tests: the interpreter is never run.
 const python = { python: "python3", pythonVersion: "3.11", torchVersion: "2.13.0", source: "managed" } as unknown as PythonEnv;
 
@@ -26,14 +30,14 @@ afterEach(async () => {
   provider = null;
 });
 
-async function start() {
+async function start(allow?: string[]) {
   events = [];
-  provider = new Provider({ host: "127.0.0.1", port: 0, token: TOKEN, python, devices: [{ id: "cpu", kind: "cpu", name: "cpu" }], threads: 1, onEvent: (e) => events.push(e) });
+  provider = new Provider({ host: "127.0.0.1", port: 0, identity: PROVIDER, token: TOKEN, allow, python, devices: [{ id: "cpu", kind: "cpu", name: "cpu" }], threads: 1, onEvent: (e) => events.push(e) });
   port = (await provider.start()).port;
 }
 
 function open(path = "/control", localAddress = "127.0.0.1"): Promise<{ ws: WebSocket; messages: ToCoordinator[]; closed: Promise<{ code: number; reason: string }> }> {
-  const ws = new WebSocket(`ws://127.0.0.1:${port}${path}`, { maxPayload: 1 << 30, localAddress });
+  const ws = openTls(`wss://127.0.0.1:${port}${path}`, { maxPayload: 1 << 30, localAddress });
   sockets.push(ws);
   const messages: ToCoordinator[] = [];
   ws.on("message", (data) => messages.push(decodeToCoordinator(data, "provider")));
@@ -47,7 +51,7 @@ function open(path = "/control", localAddress = "127.0.0.1"): Promise<{ ws: WebS
 
 async function welcomed(localAddress = "127.0.0.1"): Promise<boolean> {
   const c = await open("/control", localAddress);
-  c.ws.send(encodeMessage({ t: "hello", token: TOKEN, version: PROTOCOL_VERSION }));
+  c.ws.send(encodeMessage(coordinatorHello(c.ws, TEST_COORDINATOR, TOKEN)));
   for (let i = 0; i < 100 && c.messages.length === 0; i++) await new Promise((r) => setTimeout(r, 20));
   c.ws.close();
   return c.messages[0]?.t === "welcome";
@@ -80,11 +84,11 @@ describe("a provider before anyone authenticates", () => {
 
   it("stays responsive beside 1,000 idle TCP connections, then closes them, slowloris headers and silent WebSockets", async () => {
     await start();
-    const closedAt = (socket: net.Socket) => new Promise<void>((resolve) => socket.on("close", () => resolve()));
+    const closedAt = (socket: net.Socket | tls.TLSSocket) => new Promise<void>((resolve) => socket.on("close", () => resolve()));
     const idle = Array.from({ length: 1000 }, () => net.connect(port, "127.0.0.1").on("error", () => {}));
     const idleClosed = Promise.all(idle.map(closedAt));
-    // Slowloris: a header line every 200 ms, never the blank line that ends them.
-    const slow = net.connect(port, "127.0.0.1").on("error", () => {});
+    // Slowloris: TLS set up, then a header line every 200 ms, never the blank line that ends them.
+    const slow = tls.connect({ port, host: "127.0.0.1", rejectUnauthorized: false }).on("error", () => {});
     const slowClosed = closedAt(slow);
     const drip = setInterval(() => slow.writable && slow.write(slow.bytesWritten === 0 ? "GET /control HTTP/1.1\r\n" : "X-Slow: 1\r\n"), 200);
     const silent = await Promise.all(Array.from({ length: 8 }, () => open()));
@@ -97,23 +101,42 @@ describe("a provider before anyone authenticates", () => {
     expect(silentCodes.map((c) => c.code)).toEqual(Array(8).fill(4003));
   }, 40_000);
 
-  it("refuses hellos unread after repeated wrong tokens from an address, and says so", async () => {
+  it("refuses hellos unread after repeated wrong tokens or keys from an address, and says so", async () => {
     await start();
     for (let i = 0; i < 5; i++) {
       const c = await open();
-      c.ws.send(encodeMessage({ t: "hello", token: `wrong-${i}`, version: PROTOCOL_VERSION }));
+      c.ws.send(encodeMessage(coordinatorHello(c.ws, TEST_COORDINATOR, `wrong-${i}`)));
       expect((await c.closed).code).toBe(4001);
     }
     const right = await open();
-    right.ws.send(encodeMessage({ t: "hello", token: TOKEN, version: PROTOCOL_VERSION }));
+    right.ws.send(encodeMessage(coordinatorHello(right.ws, TEST_COORDINATOR, TOKEN)));
     expect((await right.closed).code).toBe(4001);
-    expect(right.messages).toEqual([{ t: "reject", reason: "too many wrong tokens from this address; try again later" }]);
+    expect(right.messages).toEqual([{ t: "reject", reason: "too many wrong tokens or keys from this address; try again later" }]);
+  });
+
+  it("in key mode, rate-limits wrong keys the same way", async () => {
+    await start([TEST_COORDINATOR.key]);
+    for (let i = 0; i < 5; i++) {
+      const c = await open();
+      c.ws.send(encodeMessage(coordinatorHello(c.ws, ephemeralIdentity())));
+      expect((await c.closed).code).toBe(4001);
+      expect(c.messages).toEqual([{ t: "reject", reason: "key not allowed" }]);
+    }
+    const right = await open();
+    right.ws.send(encodeMessage(coordinatorHello(right.ws, TEST_COORDINATOR)));
+    expect((await right.closed).code).toBe(4001);
+    expect(right.messages).toEqual([{ t: "reject", reason: "too many wrong tokens or keys from this address; try again later" }]);
+    // Another address is not held back by this one's mistakes.
+    const other = await open("/control", "127.0.0.3");
+    other.ws.send(encodeMessage(coordinatorHello(other.ws, TEST_COORDINATOR)));
+    for (let i = 0; i < 100 && other.messages.length === 0; i++) await new Promise((r) => setTimeout(r, 20));
+    expect(other.messages[0]?.t).toBe("welcome");
   });
 
   it("reads nothing on /ring without a job but the hello: what follows stays with the sender", async () => {
     await start();
     const c = await open("/ring");
-    c.ws.send(encodeControl({ t: "hello", job: "nope", secret: "x", from: 0, to: 0, epoch: 0 }));
+    c.ws.send(encodeControl({ t: "hello", ...ringMember("nope", [0]).hello(0, 0)(Buffer.alloc(32)) }));
     // 32 MiB behind the hello, in frames each small enough to pass: a provider that read them would queue them for a minute.
     const chunk = Buffer.alloc(32 * 1024, 7);
     for (let i = 0; i < 1024; i++) c.ws.send(chunk);
