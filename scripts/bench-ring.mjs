@@ -17,7 +17,7 @@ import { Authorizer } from "../dist/net/auth.js";
 import { ephemeralIdentity, identityFromKey } from "../dist/net/identity.js";
 import { acceptRingPeer, connectLink, connectRingPeer, FrameLink } from "../dist/net/link.js";
 import { issueCredential } from "../dist/net/proof.js";
-import { TLS_MIN_VERSION, tlsCredentials } from "../dist/net/tls.js";
+import { tlsServerOptions } from "../dist/net/tls.js";
 import { DEFAULT_CHUNK_BYTES, MAX_FRAME_BYTES, encodeChunk } from "../dist/protocol/frames.js";
 
 const JOB = "bench";
@@ -96,7 +96,7 @@ async function tlsRank(rank, coordinatorPem) {
   const coordinator = identityFromKey(createPrivateKey(coordinatorPem));
   const credential = issueCredential(coordinator, JOB, identity.key, [rank]);
   const auth = new Authorizer(identity, { token: null, allow: new Set([coordinator.key]) });
-  const https = createServer({ ...(await tlsCredentials(identity)), minVersion: TLS_MIN_VERSION });
+  const https = createServer(await tlsServerOptions(identity));
   await new Promise((r) => https.listen(0, "127.0.0.1", r));
   const server = new WebSocketServer({ server: https, path: "/ring", maxPayload: MAX_FRAME_BYTES, perMessageDeflate: false });
   return {

@@ -23,7 +23,7 @@ export interface TlsCredentials {
   cert: string;
 }
 
-export const TLS_MIN_VERSION = "TLSv1.3";
+export const TLS_MIN_VERSION = "TLSv1.3" as const;
 const ED25519 = { name: "Ed25519" };
 const made = new WeakMap<Identity, Promise<TlsCredentials>>();
 
@@ -53,6 +53,11 @@ async function makeCertificate(identity: Identity): Promise<TlsCredentials> {
     keys: keys as unknown as CryptoKeyPair,
   });
   return { key: identity.privateKey.export({ format: "pem", type: "pkcs8" }) as string, cert: cert.toString("pem") };
+}
+
+/** A server's TLS options for `identity`: its certificate, TLS 1.3 only (OpenSSL's default suites). */
+export async function tlsServerOptions(identity: Identity): Promise<TlsCredentials & { minVersion: typeof TLS_MIN_VERSION }> {
+  return { ...(await tlsCredentials(identity)), minVersion: TLS_MIN_VERSION };
 }
 
 /** Options for a TLS client that checks the server's key itself (after the handshake). */

@@ -9,7 +9,7 @@ import WebSocket, { WebSocketServer, type ServerOptions } from "ws";
 import { Authorizer, CONTROL_BINDING, PURPOSE, type RingJob } from "../../src/net/auth.js";
 import { ephemeralIdentity, type Identity } from "../../src/net/identity.js";
 import { issueCredential, prove, type Credential } from "../../src/net/proof.js";
-import { sessionBinding, TLS_CLIENT_OPTIONS, TLS_MIN_VERSION, tlsCredentials } from "../../src/net/tls.js";
+import { sessionBinding, TLS_CLIENT_OPTIONS, tlsServerOptions } from "../../src/net/tls.js";
 import { PROTOCOL_VERSION, type ToProvider } from "../../src/protocol/messages.js";
 
 /** The coordinator every test job is signed by. */
@@ -17,7 +17,7 @@ export const TEST_COORDINATOR = ephemeralIdentity();
 
 /** A WebSocket server over TLS with `identity`'s certificate, on a free loopback port. */
 export async function startTlsServer(identity: Identity, opts: ServerOptions = {}): Promise<{ server: WebSocketServer; https: Server; port: number }> {
-  const https = createServer({ ...(await tlsCredentials(identity)), minVersion: TLS_MIN_VERSION });
+  const https = createServer(await tlsServerOptions(identity));
   const server = new WebSocketServer({ ...opts, server: https });
   await new Promise<void>((resolve) => https.listen(0, "127.0.0.1", () => resolve()));
   return { server, https, port: (https.address() as AddressInfo).port };

@@ -7,7 +7,7 @@ import { WebSocketServer, type WebSocket } from "ws";
 import { errorMessage, UserError } from "../../errors.js";
 import type { Socket } from "node:net";
 import { Authorizer, BAD_PROOF, CONTROL_BINDING, KEY_NOT_ALLOWED, WRONG_TOKEN } from "../../net/auth.js";
-import { sessionBinding, TLS_MIN_VERSION, tlsCredentials } from "../../net/tls.js";
+import { sessionBinding, tlsServerOptions } from "../../net/tls.js";
 import { ConnectionCaps, limitMessages, WarningLimiter, WrongTokens } from "../../net/bounds.js";
 import { CLOSE_AUTH_FAILED, FrameLink, readRingHello, type ArrivedHello, type LinkOptions } from "../../net/link.js";
 import { BENCH_FRAME_BYTES, servePeerBench } from "../../net/peerBench.js";
@@ -66,8 +66,7 @@ export class Provider {
   async start(): Promise<{ url: string; port: number }> {
     const server = createServer(
       {
-        ...(await tlsCredentials(this.opts.identity)),
-        minVersion: TLS_MIN_VERSION,
+        ...(await tlsServerOptions(this.opts.identity)),
         headersTimeout: UPGRADE_TIMEOUT_MS,
         requestTimeout: UPGRADE_TIMEOUT_MS,
         connectionsCheckingInterval: 1000,
