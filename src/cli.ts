@@ -8,6 +8,7 @@ import { runsCommand, runsShowCommand } from "./commands/runs.js";
 import { provideCommand } from "./commands/provide.js";
 import { trainCommand } from "./commands/train.js";
 import { UserError } from "./errors.js";
+import { MAX_JOB_HOURS } from "./job/provider/settings.js";
 import { parseRate } from "./net/rateLimit.js";
 
 function positiveInt(value: string): number {
@@ -37,6 +38,12 @@ function milliseconds(value: string): number {
   return n;
 }
 
+function hours(value: string): number {
+  const n = Number(value);
+  if (!(n > 0 && n <= MAX_JOB_HOURS)) throw new InvalidArgumentError(`expected hours above 0 and at most ${MAX_JOB_HOURS}`);
+  return n;
+}
+
 function port(value: string): number {
   const n = Number(value);
   if (!Number.isInteger(n) || n < 0 || n > 65535) throw new InvalidArgumentError("expected a port number 0-65535");
@@ -58,6 +65,7 @@ program
   .option("--python <path>", "interpreter with torch for local workers (default: $NIMBLE_PYTHON or a managed environment)")
   .option("--torch <requirement>", "torch requirement for the managed environment (default: $NIMBLE_TORCH or torch==2.13.0)")
   .option("--key <file>", "your identity key file (default: the user's, made on first use; `nimble id` prints it)")
+  .option("--no-sandbox", "run the local providers' jobs UNCONFINED (no bubblewrap)")
   .option("--json", "print one JSON event per line instead of the live view")
   .option("-q, --quiet", "no live view: only warnings, errors and the final summary (train.log keeps everything)")
   .option("-v, --verbose", "also every step and detail such as rebalanced shares")
@@ -66,24 +74,31 @@ program
 program
   .command("provide")
   .description("make this host a training provider: listen for jobs and run their workers")
-  .option("--host <address>", "address to listen on (use 0.0.0.0 to accept other hosts)", "127.0.0.1")
-  .option("--port <port>", "port to listen on (0 picks a free one)", port, 7070)
-  .option("--token <token>", "token mode: the token coordinators prove they know (default: $NIMBLE_TOKEN or a random one, printed)")
-  .option("--allow <key...>", "key mode: admit only coordinators with these keys (see `nimble id`); no token is used")
-  .option("--allow-file <file...>", "key mode: admit the keys listed in these files, one per line (# comments allowed)")
-  .option("--key <file>", "this provider's identity key file (default: the user's, made on first use)")
+  .option("--config <file>", "a provider config file (YAML) with any of the settings below; flags win")
+  .option("--host <address>", "address to listen on (use 0.0.0.0 to accept other hosts; default 127.0.0.1)")
+  .option("--port <port>", "port to listen on (0 picks a free one; default 7070)", port)
   .option("--python <path>", "interpreter with torch for the workers (default: $NIMBLE_PYTHON or a managed environment)")
   .option("--torch <requirement>", "torch requirement for the managed environment")
   .option("--threads <n>", "torch threads per worker", positiveInt)
   .option("--max-micro-batch <n>", "largest micro-batch a worker runs at once (larger shares accumulate)", positiveInt)
   .option("--no-profile", "do not measure or advertise this host's profile")
-  .option("--speed <fraction>", "testing aid: run workers at this fraction of their speed (0-1]", fraction)
-  .option("--speed-file <path>", "testing aid: re-read the speed fraction from this file every 0.5 s, mid-run too")
-  .option("--link-rate <rate>", "testing aid: pace this host's uploads to a rate in bytes/s or with a unit (20Mbit, 2.5MB)", rate)
-  .option("--latency <ms>", "testing aid: delay what this host receives, and its messages to the coordinator, by a one-way latency", milliseconds)
   .option("--json", "print one JSON event per line")
   .option("-q, --quiet", "only the listening block, jobs starting and ending, warnings and errors; no live view")
   .option("-v, --verbose", "also every stats update and debug lines (connections, ring links)")
+  .addOption(new Option("--allow <key...>", "key mode: admit only coordinators with these keys (see `nimble id`); no token is used").helpGroup("Who may start jobs:"))
+  .addOption(new Option("--allow-file <file...>", "key mode: admit the keys listed in these files, one per line (# comments allowed)").helpGroup("Who may start jobs:"))
+  .addOption(new Option("--token-file <file>", "token mode: read the token from this file (mode 0600; nothing secret in argv)").helpGroup("Who may start jobs:"))
+  .addOption(new Option("--token <token>", "token mode: the token itself (visible in the process list: prefer --token-file or $NIMBLE_TOKEN; default a random one, printed)").helpGroup("Who may start jobs:"))
+  .addOption(new Option("--key <file>", "this provider's identity key file (default: the user's, made on first use)").helpGroup("Who may start jobs:"))
+  .addOption(new Option("--devices <ids...>", "offer only these devices: cpu, cuda:N or GPU indices (e.g. --devices 0,2)").helpGroup("The owner's limits:"))
+  .addOption(new Option("--max-memory <size>", "resident memory per worker process, e.g. 8GB (a cgroup where writable, else a watchdog; on GPUs also torch's share of the device)").helpGroup("The owner's limits:"))
+  .addOption(new Option("--max-processes <n>", "processes and threads per worker (default 512)").argParser(positiveInt).helpGroup("The owner's limits:"))
+  .addOption(new Option("--max-job-hours <hours>", "end a job that runs longer than this").argParser(hours).helpGroup("The owner's limits:"))
+  .addOption(new Option("--no-sandbox", "run jobs UNCONFINED (no bubblewrap): they can do anything this user can").helpGroup("The owner's limits:"))
+  .addOption(new Option("--speed <fraction>", "run workers at this fraction of their speed (0-1]").argParser(fraction).helpGroup("Testing aids:"))
+  .addOption(new Option("--speed-file <path>", "re-read the speed fraction from this file every 0.5 s, mid-run too").helpGroup("Testing aids:"))
+  .addOption(new Option("--link-rate <rate>", "pace this host's uploads to a rate in bytes/s or with a unit (20Mbit, 2.5MB)").argParser(rate).helpGroup("Testing aids:"))
+  .addOption(new Option("--latency <ms>", "delay what this host receives, and its messages to the coordinator, by a one-way latency").argParser(milliseconds).helpGroup("Testing aids:"))
   // Set by `nimble train` for the local providers it starts: they ignore Ctrl-C (the
   // coordinator stops them after its last checkpoint) and exit if it dies.
   .addOption(new Option("--managed", "run as a local provider of the parent nimble train").hideHelp())

@@ -21,6 +21,7 @@ from .checkpoint import load_checkpoint, state_files
 from .comm import LinkComm, StepAborted, Stop, TimedComm
 from .config import ConfigError, JobConfig
 from .handoff import sync_params, sync_state
+from .limits import apply_limits
 from .link import Link, LinkClosed, LinkError
 from .replica import Replica
 from .strategies import STRATEGIES, Strategy, build_strategy
@@ -73,6 +74,7 @@ class Worker:
                 self.link.send(*reply)
 
     def init(self, h: dict) -> None:
+        apply_limits(h.get("limits"), str(h.get("device") or "cpu"))
         torch.set_num_threads(max(1, int(h.get("threads") or 1)))
         cfg = JobConfig.from_dict(h["config"])
         task = Task(h["task_path"], cfg.task_args)

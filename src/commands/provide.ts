@@ -1,15 +1,21 @@
-import { Provider, type LogLevel, type ProviderEvent } from "../job/provider/index.js";
+import { Provider, type LogLevel, type ProviderEvent, type ProviderOptions } from "../job/provider/index.js";
+import { chooseDevices, loadProviderConfig, readTokenFile, workerLimits, type ProviderConfigFile } from "../job/provider/settings.js";
 import { allowedKeys } from "../net/allowList.js";
 import { defaultKeyFile, loadIdentity } from "../net/identity.js";
+import { parseRate } from "../net/rateLimit.js";
 import { loadOrMeasureProfile } from "../runtime/profile.js";
 import { probeHost, resolvePython } from "../runtime/python.js";
+import { detectSandbox, pythonPrefixes } from "../runtime/sandbox.js";
 import { createProvideReporter } from "../ui/provideReporter.js";
 import { verbosityFromFlags } from "../ui/reporter.js";
 
 export interface ProvideCommandOptions {
-  host: string;
-  port: number;
+  /** A provider config file holding any of the settings below (flags win). */
+  config?: string;
+  host?: string;
+  port?: number;
   token?: string;
+  tokenFile?: string;
   /** Identity key file (default: the user's, made on first use). */
   key?: string;
   /** Key mode: coordinator keys to admit, given inline and in files (one per line). */
@@ -18,6 +24,12 @@ export interface ProvideCommandOptions {
   python?: string;
   torch?: string;
   threads?: number;
+  devices?: string[];
+  maxMemory?: string;
+  maxProcesses?: number;
+  maxJobHours?: number;
+  /** commander's --no-sandbox: false runs jobs unconfined. */
+  sandbox?: boolean;
   speed?: number;
   speedFile?: string;
   maxMicroBatch?: number;
@@ -39,59 +51,90 @@ export async function provideCommand(options: ProvideCommandOptions): Promise<vo
   });
   const log = (line: string, level: LogLevel = "info") => reporter.handle({ type: "log", line, level });
   try {
-    await provide(options, reporter.handle.bind(reporter), log);
+    const provider = new Provider(await providerOptions(options, reporter.handle.bind(reporter), log));
+    await provider.start();
+    warnAboutAids(provider, log);
+    await untilStopped(provider, Boolean(options.managed));
   } finally {
     // Unmounts the dashboard (leaving its last frame) before an error is printed below it.
     reporter.close();
   }
 }
 
-async function provide(options: ProvideCommandOptions, onEvent: (event: ProviderEvent) => void, log: (line: string, level?: LogLevel) => void) {
-  const python = await resolvePython({ python: options.python, torchSpec: options.torch, onProgress: (line) => log(line) });
-  const { devices } = python.probe ?? (await probeHost(python.python));
+/** The provider's options: flags over the config file over defaults, each checked. */
+async function providerOptions(options: ProvideCommandOptions, onEvent: (event: ProviderEvent) => void, log: (line: string, level?: LogLevel) => void): Promise<ProviderOptions> {
+  const file: ProviderConfigFile = options.config ? await loadProviderConfig(options.config) : {};
+  const testing = file.testing ?? {};
+  const python = await resolvePython({ python: options.python ?? file.python, torchSpec: options.torch ?? file.torch, onProgress: (line) => log(line) });
+  const { devices: all } = python.probe ?? (await probeHost(python.python));
+  const devices = chooseDevices(all, options.devices ?? file.devices);
   const profile =
-    options.profile === false
+    options.profile === false || file.profile === false
       ? undefined
       : (await loadOrMeasureProfile({ python: python.python, torch: python.torchVersion, devices, onProgress: (line) => log(line) })).profile;
-  const identity = await loadIdentity(options.key ?? defaultKeyFile(), { create: true });
-  const allow = await allowedKeys(options.allow ?? [], options.allowFile ?? []);
-  if (allow.length > 0 && (options.token ?? process.env.NIMBLE_TOKEN)) {
-    log("--allow is given: coordinators are admitted by key only, and the token is not used", "warn");
-  }
-  const provider = new Provider({
-    host: options.host,
-    port: options.port,
+  const identity = await loadIdentity(options.key ?? file.key ?? defaultKeyFile(), { create: true });
+  const allow = await allowedKeys([...(options.allow ?? file.allow ?? [])], [...(options.allowFile ?? file.allow_file ?? [])]);
+  const tokenFile = options.tokenFile ?? file.token_file;
+  const token = options.token ?? (tokenFile ? await readTokenFile(tokenFile) : process.env.NIMBLE_TOKEN);
+  if (options.token) log("--token is visible to every user of this host in the process list; prefer --token-file or NIMBLE_TOKEN", "warn");
+  if (allow.length > 0 && token) log("--allow is given: coordinators are admitted by key only, and the token is not used", "warn");
+  return {
+    host: options.host ?? file.host ?? "127.0.0.1",
+    port: options.port ?? file.port ?? 7070,
     identity,
     allow,
-    token: options.token ?? process.env.NIMBLE_TOKEN,
+    token,
     python,
     devices,
-    threads: options.threads,
-    speed: options.speed,
-    speedFile: options.speedFile,
-    maxMicroBatch: options.maxMicroBatch,
-    linkRate: options.linkRate,
-    latencyMs: options.latency,
+    threads: options.threads ?? file.threads,
+    confinement: await confinement(options.sandbox !== false && file.sandbox !== false, python.python, log),
+    limits: workerLimits(options.maxMemory ?? file.max_memory, options.maxProcesses ?? file.max_processes),
+    maxJobHours: options.maxJobHours ?? file.max_job_hours,
+    speed: options.speed ?? testing.speed,
+    speedFile: options.speedFile ?? testing.speed_file,
+    maxMicroBatch: options.maxMicroBatch ?? file.max_micro_batch,
+    linkRate: options.linkRate ?? (typeof testing.link_rate === "string" ? parseRate(testing.link_rate) : testing.link_rate),
+    latencyMs: options.latency ?? testing.latency_ms,
     profile,
     onEvent,
-  });
-  await provider.start();
-  if (options.linkRate) log(`testing aid: uploads paced to ${(options.linkRate / 1e6).toFixed(2)} MB/s (--link-rate)`, "warn");
-  if (options.latency) log(`testing aid: ${options.latency} ms one-way latency on this host's ring and control links (--latency)`, "warn");
-  if (options.speed !== undefined && options.speed < 1) log(`testing aid: workers run at ${options.speed} of their speed (--speed)`, "warn");
-  await new Promise<void>((resolve) => {
+  };
+}
+
+/** Confine workers under bubblewrap, or say loudly that they are not. */
+async function confinement(wanted: boolean, python: string, log: (line: string, level?: LogLevel) => void): Promise<ProviderOptions["confinement"]> {
+  if (!wanted) {
+    log("--no-sandbox: jobs run UNCONFINED, with every right of the user running this provider (its files, its network, its processes)", "warn");
+    return { kind: "none" };
+  }
+  const support = await detectSandbox();
+  if (support.kind === "none") {
+    log(`cannot confine jobs: ${support.reason}; every job will be refused (install bubblewrap, or start with --no-sandbox to run them unconfined)`, "warn");
+    return { kind: "unavailable", reason: support.reason! };
+  }
+  return { kind: "bwrap", support, readOnly: await pythonPrefixes(python) };
+}
+
+function warnAboutAids(provider: Provider, log: (line: string, level?: LogLevel) => void) {
+  const o = provider.options;
+  if (o.linkRate) log(`testing aid: uploads paced to ${(o.linkRate / 1e6).toFixed(2)} MB/s (--link-rate)`, "warn");
+  if (o.latencyMs) log(`testing aid: ${o.latencyMs} ms one-way latency on this host's ring and control links (--latency)`, "warn");
+  if (o.speed !== undefined && o.speed < 1) log(`testing aid: workers run at ${o.speed} of their speed (--speed)`, "warn");
+}
+
+function untilStopped(provider: Provider, managed: boolean): Promise<void> {
+  return new Promise<void>((resolve) => {
     const parent = process.ppid;
     const ignore = () => {};
-    const watchParent = options.managed ? setInterval(() => process.ppid !== parent && stop(), 1000) : null;
+    const watchParent = managed ? setInterval(() => process.ppid !== parent && stop(), 1000) : null;
     const stop = () => {
       if (watchParent) clearInterval(watchParent);
-      process.off("SIGINT", options.managed ? ignore : stop);
+      process.off("SIGINT", managed ? ignore : stop);
       process.off("SIGTERM", stop);
       void provider.close().then(resolve);
     };
     // A managed (local) provider leaves Ctrl-C to its `nimble train`, which stops it after
     // writing a checkpoint; it also stops if that process dies (its parent changes).
-    process.on("SIGINT", options.managed ? ignore : stop);
+    process.on("SIGINT", managed ? ignore : stop);
     process.on("SIGTERM", stop);
   });
 }

@@ -13,6 +13,8 @@ export interface TrainCommandOptions {
   json?: boolean;
   resume?: string;
   key?: string;
+  /** commander's --no-sandbox: false runs the local providers' jobs unconfined. */
+  sandbox?: boolean;
   quiet?: boolean;
   verbose?: boolean;
 }
@@ -40,7 +42,7 @@ export async function trainCommand(configArg: string | undefined, options: Train
   process.on("SIGINT", onSignal);
   process.on("SIGTERM", onSignal);
   try {
-    await runTraining({ loaded, local: options.local, python: options.python, torchSpec: options.torch, reporter, signal: controller.signal, resume, keyFile: options.key });
+    await runTraining({ loaded, local: options.local, python: options.python, torchSpec: options.torch, reporter, signal: controller.signal, resume, keyFile: options.key, sandbox: options.sandbox !== false });
   } catch (err) {
     reporter.handle({ type: "error", message: errorMessage(err) });
     throw err;

@@ -70,20 +70,80 @@ const MAX_TASK_BYTES = 256 * 1024 * 1024;
 export const MAX_CONFIG_BYTES = 1024 * 1024;
 
 export async function loadConfig(file: string, opts: LoadOptions = {}): Promise<LoadedConfig> {
-  let text: string;
+  return parseConfigText(await readConfigText(file, "pass the path of a YAML job config"), file, opts);
+}
+
+/** A config file's text: a regular file of bounded size (a FIFO would hang the read, a huge file the parser). */
+export async function readConfigText(file: string, hint: string): Promise<string> {
   try {
-    // A regular file of bounded size: a FIFO would hang the read, a huge file the parser.
     const info = await stat(file);
-    if (!info.isFile()) throw new ConfigError(`${file}: cannot read config: not a regular file`, "pass the path of a YAML job config");
-    if (info.size > MAX_CONFIG_BYTES) throw new ConfigError(`${file}: cannot read config: ${info.size} bytes is more than a config may have (${MAX_CONFIG_BYTES})`, "pass the path of a YAML job config");
-    text = await readFile(file, "utf8");
+    if (!info.isFile()) throw new ConfigError(`${file}: cannot read config: not a regular file`, hint);
+    if (info.size > MAX_CONFIG_BYTES) throw new ConfigError(`${file}: cannot read config: ${info.size} bytes is more than a config may have (${MAX_CONFIG_BYTES})`, hint);
+    return await readFile(file, "utf8");
   } catch (err) {
     if (err instanceof ConfigError) throw err;
     const code = (err as NodeJS.ErrnoException).code;
     const why = code === "ENOENT" ? "no such file" : code === "EISDIR" ? "is a directory" : errorMessage(err);
-    throw new ConfigError(`${file}: cannot read config: ${why}`, "pass the path of a YAML job config");
+    throw new ConfigError(`${file}: cannot read config: ${why}`, hint);
   }
-  return parseConfigText(text, file, opts);
+}
+
+interface ParsedYaml {
+  raw: unknown;
+  issues: ConfigIssue[];
+  /** Report an issue at a path (its line and column found in the document). */
+  add: (p: (string | number)[], message: string, at?: "key" | "value") => void;
+  /** Add `schema`'s issues; its result. */
+  check: <S extends z.ZodTypeAny>(schema: S) => z.SafeParseReturnType<z.input<S>, z.output<S>>;
+  /** Throw every issue so far, in file order. */
+  finish: () => void;
+}
+
+/** YAML parsed for validation: the plain value, and where to report an issue at a path. */
+function parseYaml(text: string, file: string): ParsedYaml {
+  const lineCounter = new LineCounter();
+  const doc = parseDocument(text, { lineCounter, prettyErrors: true, uniqueKeys: true });
+  if (doc.errors.length > 0) {
+    const issues = doc.errors.map((e): ConfigIssue => {
+      const pos = e.linePos?.[0] ?? lineCounter.linePos(e.pos[0]);
+      return { line: pos.line || 1, col: pos.col || 1, field: "", message: `invalid YAML: ${firstLine(e.message)}` };
+    });
+    throw new ConfigIssuesError(file, issues);
+  }
+  let raw: unknown;
+  try {
+    raw = doc.toJS({ maxAliasCount: 1000 });
+  } catch (err) {
+    throw new ConfigIssuesError(file, [{ line: 1, col: 1, field: "", message: `invalid YAML: ${errorMessage(err)}` }]);
+  }
+  const issues: ConfigIssue[] = [];
+  const add: ParsedYaml["add"] = (p, message, at = "value") => {
+    const { line, col } = locateIn(doc.contents, lineCounter, p, at);
+    issues.push({ line, col, field: fieldName(p), message });
+  };
+  const check: ParsedYaml["check"] = (schema) => {
+    const result = schema.safeParse(raw);
+    if (!result.success) for (const issue of result.error.issues) for (const r of describeIssue(issue, raw)) add(r.path, r.message, r.at);
+    return result;
+  };
+  const finish = () => {
+    if (issues.length === 0) return;
+    issues.sort((a, b) => a.line - b.line || a.col - b.col);
+    throw new ConfigIssuesError(file, dedupe(issues));
+  };
+  return { raw, issues, add, check, finish };
+}
+
+/**
+ * Validate YAML `text` (as read from `file`) against `schema`: the parsed value with its
+ * defaults, or a ConfigIssuesError naming each bad field with its line.
+ */
+export function validateYaml<S extends z.ZodTypeAny>(schema: S, text: string, file: string): z.output<S> {
+  const parsed = parseYaml(text, file);
+  const result = parsed.check(schema);
+  parsed.finish();
+  if (!result.success) throw new ConfigIssuesError(file, parsed.issues);
+  return result.data;
 }
 
 /**
@@ -93,37 +153,8 @@ export async function loadConfig(file: string, opts: LoadOptions = {}): Promise<
 export function parseConfigText(text: string, file: string, opts: LoadOptions = {}): LoadedConfig {
   const abs = path.resolve(file);
   const dir = path.dirname(abs);
-  const lineCounter = new LineCounter();
-  const doc = parseDocument(text, { lineCounter, prettyErrors: true, uniqueKeys: true });
-
-  if (doc.errors.length > 0) {
-    const issues = doc.errors.map((e): ConfigIssue => {
-      const pos = e.linePos?.[0] ?? lineCounter.linePos(e.pos[0]);
-      return { line: pos.line || 1, col: pos.col || 1, field: "", message: `invalid YAML: ${firstLine(e.message)}` };
-    });
-    throw new ConfigIssuesError(file, issues);
-  }
-
-  let raw: unknown;
-  try {
-    raw = doc.toJS({ maxAliasCount: 1000 });
-  } catch (err) {
-    throw new ConfigIssuesError(file, [{ line: 1, col: 1, field: "", message: `invalid YAML: ${errorMessage(err)}` }]);
-  }
-
-  const locate = (p: (string | number)[], at: "key" | "value" = "value") => locateIn(doc.contents, lineCounter, p, at);
-  const issues: ConfigIssue[] = [];
-  const add = (p: (string | number)[], message: string, at: "key" | "value" = "value") => {
-    const { line, col } = locate(p, at);
-    issues.push({ line, col, field: fieldName(p), message });
-  };
-
-  const result = jobConfigSchema.safeParse(raw);
-  if (!result.success) {
-    for (const issue of result.error.issues) {
-      for (const r of describeIssue(issue, raw)) add(r.path, r.message, r.at);
-    }
-  }
+  const { raw, add, check, finish, issues } = parseYaml(text, file);
+  const result = check(jobConfigSchema);
   for (const r of crossFieldIssues(raw)) add(r.path, r.message);
 
   // The task file: checked whenever `task` itself is a usable string.
@@ -143,10 +174,8 @@ export function parseConfigText(text: string, file: string, opts: LoadOptions = 
     }
   }
 
-  if (issues.length > 0 || !result.success) {
-    issues.sort((a, b) => a.line - b.line || a.col - b.col);
-    throw new ConfigIssuesError(file, dedupe(issues));
-  }
+  finish();
+  if (!result.success) throw new ConfigIssuesError(file, issues);
   return { path: abs, dir, config: result.data, taskPath, text };
 }
 

@@ -15,6 +15,8 @@ export interface LocalProviderOptions {
   count: number;
   /** The researcher's identity (kept in a file): local providers use it and admit only it. */
   identity: Identity;
+  /** false: their jobs run unconfined (--no-sandbox, loudly warned by each). */
+  sandbox?: boolean;
   python: string;
   /** torch threads per worker, so N local workers share this host's cores instead of fighting. */
   threads: number;
@@ -38,6 +40,7 @@ export async function startLocalProviders(opts: LocalProviderOptions): Promise<{
         CLI_PATH, "provide", "--host", "127.0.0.1", "--port", "0", "--json", "--no-profile", "--managed",
         "--key", opts.identity.file!, "--allow", opts.identity.key,
         "--python", opts.python, "--threads", String(opts.threads),
+        ...(opts.sandbox === false ? ["--no-sandbox"] : []),
       ],
       { env: { ...opts.env, NIMBLE_PYTHON: opts.python }, buffer: false, reject: false, stdin: "ignore", cleanup: true },
     );

@@ -36,6 +36,19 @@ export const deviceSchema = z.object({
 });
 export type DeviceInfo = z.infer<typeof deviceSchema>;
 
+/** The owner's limits in force on a provider (`nimble provide`), told to coordinators. */
+export const providerLimitsSchema = z.object({
+  /** How its workers are confined: bwrap, none (--no-sandbox) or unavailable (it refuses jobs). */
+  sandbox: z.enum(["bwrap", "none", "unavailable"]),
+  /** Per worker process (--max-memory); null: no limit. */
+  max_memory_bytes: count.nullable(),
+  max_processes: count,
+  max_file_bytes: count,
+  /** A job is ended after this many hours (--max-job-hours); null: no limit. */
+  max_job_hours: z.number().finite().positive().nullable(),
+});
+export type ProviderLimits = z.infer<typeof providerLimitsSchema>;
+
 /** What a provider measured of itself (`nimble bench`), cached per set of devices. */
 export const providerProfileSchema = z.object({
   device: z.string().max(64),
@@ -181,6 +194,7 @@ export const toCoordinatorSchema = z.discriminatedUnion("t", [
       torch: z.string().max(64),
       devices: z.array(deviceSchema).min(1).max(64),
       profile: providerProfileSchema.optional(),
+      limits: providerLimitsSchema.optional(),
     }),
     /** The provider's proof over the coordinator's nonce: signed by its certificate's key; MAC in token mode. */
     ...proofFields,

@@ -37,6 +37,14 @@ export const sharedOrders = {
     threads: z.number().int().min(1),
     max_micro_batch: z.number().int().min(1).optional(),
     speed: speed.optional(),
+    /**
+     * The owner's limits, which the worker sets on itself before any task code runs:
+     * RLIMIT_NPROC and RLIMIT_FSIZE; on a GPU, max_memory_bytes also caps torch's share
+     * of the device (set_per_process_memory_fraction).
+     */
+    limits: z
+      .object({ max_processes: z.number().int().min(16), max_file_bytes: z.number().int().min(1), max_memory_bytes: z.number().int().min(1).nullable() })
+      .optional(),
   }),
   /** Rank `source` contributes its parameters to one all-reduce, the others zeros. */
   sync: z.object({ op: z.literal("sync"), source: count.optional() }),

@@ -3,8 +3,10 @@ import type { Socket } from "node:net";
 import { execa } from "execa";
 import { ProtocolError, errorMessage } from "../errors.js";
 import type { ToWorker } from "../protocol/workerOps.js";
+import { makeWorkerCgroup, memoryFault, watchMemory, type WorkerCgroup, type WorkerLimits } from "./limits.js";
 import { forEachLine } from "./lines.js";
 import { PACKAGE_ROOT, PYTHON_RUNTIME_DIR } from "./paths.js";
+import { bwrapArgs, type SandboxSupport } from "./sandbox.js";
 import { encodeWorkerFrame, WorkerFrameDecoder, type WorkerMessage } from "./workerLink.js";
 
 export interface WorkerStartOptions {
@@ -14,13 +16,53 @@ export interface WorkerStartOptions {
   /** Prefix for the worker's log lines, e.g. `rank 1`. */
   label: string;
   onLog: (line: string) => void;
-  env?: NodeJS.ProcessEnv;
+  /** The worker's own variables: it gets these and a minimal base, never the provider's environment. */
+  env?: Record<string, string>;
+  /** Confinement: bubblewrap with these read-only folders and device nodes (null: unconfined, --no-sandbox). */
+  sandbox?: { support: SandboxSupport; readOnly: string[]; devices: string[] } | null;
+  /** The owner's limits; a cgroup named `cgroup` enforces them where one is writable. */
+  limits?: WorkerLimits;
+  cgroup?: string;
 }
 
-function startWorkerProcess(python: string, cwd: string, env: NodeJS.ProcessEnv) {
-  return execa(python, ["-u", "-m", "nimble_worker"], {
-    cwd,
+/** What every worker gets, and nothing of the provider's environment (no token, no secrets). */
+function workerEnv(extra: Record<string, string> = {}): Record<string, string> {
+  return {
+    PATH: "/usr/local/bin:/usr/bin:/bin",
+    HOME: "/tmp",
+    LANG: "C.UTF-8",
+    PYTHONPATH: PYTHON_RUNTIME_DIR,
+    PYTHONUNBUFFERED: "1",
+    PYTHONDONTWRITEBYTECODE: "1",
+    NIMBLE_HOME: PACKAGE_ROOT,
+    ...extra,
+  };
+}
+
+/** The command line of one worker: python, under bwrap when confined, joining its cgroup first. */
+function workerCommand(opts: WorkerStartOptions, cgroup: WorkerCgroup | null): { file: string; args: string[]; env: Record<string, string> } {
+  const env = workerEnv(opts.env);
+  let command = [opts.python, "-u", "-m", "nimble_worker"];
+  let outerEnv = env;
+  if (opts.sandbox) {
+    const plan = { readOnly: [...opts.sandbox.readOnly, PYTHON_RUNTIME_DIR, PACKAGE_ROOT], jobDir: opts.cwd, env, devices: opts.sandbox.devices };
+    command = [opts.sandbox.support.bwrap!, ...bwrapArgs(plan, command)];
+    outerEnv = { PATH: env.PATH!, LANG: env.LANG! };
+  }
+  if (cgroup) {
+    // Join the cgroup, then become the worker: everything it starts is counted from its first instruction.
+    const join = 'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 97; shift; n=$((n-1)); done; exec "$@"';
+    command = ["/bin/sh", "-c", join, "sh", String(cgroup.procs.length), ...cgroup.procs, ...command];
+  }
+  return { file: command[0]!, args: command.slice(1), env: outerEnv };
+}
+
+function startWorkerProcess(opts: WorkerStartOptions, cgroup: WorkerCgroup | null) {
+  const { file, args, env } = workerCommand(opts, cgroup);
+  return execa(file, args, {
+    cwd: opts.cwd,
     env,
+    extendEnv: false,
     stdio: ["ignore", "pipe", "pipe", "pipe"],
     buffer: false,
     reject: false,
@@ -34,6 +76,8 @@ export interface WorkerExit {
   signal: string | null;
   /** True when we asked it to stop (stop message, cancel): not a crash. */
   expected: boolean;
+  /** Ended by the owner's limits (e.g. --max-memory): why, in words. Such a worker is not restarted. */
+  fault?: string;
 }
 
 /**
@@ -46,13 +90,25 @@ export class WorkerProcess extends EventEmitter<{ message: [WorkerMessage]; exit
   private readonly link: Socket;
   private readonly decoder = new WorkerFrameDecoder();
   private stopping = false;
+  private fault: string | null = null;
   exited: WorkerExit | null = null;
+  /** What enforces this worker's limits beyond its own rlimits (for the owner's view). */
+  readonly enforcedBy: string[];
 
   constructor(opts: WorkerStartOptions) {
     super();
-    const pythonPath = [PYTHON_RUNTIME_DIR, opts.env?.PYTHONPATH ?? process.env.PYTHONPATH].filter(Boolean).join(":");
-    this.child = startWorkerProcess(opts.python, opts.cwd, { ...opts.env, PYTHONPATH: pythonPath, NIMBLE_HOME: PACKAGE_ROOT, PYTHONUNBUFFERED: "1" });
+    const cgroup = opts.limits && opts.cgroup ? makeWorkerCgroup(opts.cgroup, opts.limits) : null;
+    this.enforcedBy = cgroup ? cgroup.enforces.map((c) => `${c} cgroup`) : [];
+    this.child = startWorkerProcess(opts, cgroup);
     this.link = this.child.stdio[3] as Socket;
+    const maxMemory = opts.limits?.maxMemoryBytes ?? null;
+    const stopWatch =
+      maxMemory !== null && this.child.pid
+        ? watchMemory(this.child.pid, maxMemory, (fault) => {
+            this.fault = fault;
+            this.kill();
+          })
+        : () => {};
     for (const stream of [this.child.stdout, this.child.stderr]) forEachLine(stream, (line) => opts.onLog(`[${opts.label}] ${line}`));
     this.link.on("data", (chunk: Buffer) => {
       let messages: WorkerMessage[];
@@ -68,11 +124,16 @@ export class WorkerProcess extends EventEmitter<{ message: [WorkerMessage]; exit
     this.link.on("error", () => {
       // The worker went away; the exit handler reports it.
     });
-    void this.child.then((result) => {
+    void this.child.then(async (result) => {
+      stopWatch();
+      // The kernel may have ended it first, at the cgroup's memory limit.
+      if (!this.fault && maxMemory !== null && result.signal === "SIGKILL" && (await cgroup?.oomKilled())) this.fault = memoryFault(maxMemory, null);
+      await cgroup?.remove();
       this.exited = {
         code: result.exitCode ?? null,
         signal: result.signal ?? null,
-        expected: this.stopping,
+        expected: this.stopping && !this.fault,
+        ...(this.fault ? { fault: this.fault } : {}),
       };
       this.emit("exit", this.exited);
     });

@@ -38,6 +38,8 @@ export interface TrainOptions {
   resume?: string;
   /** --key: the researcher's identity key file (default: the one under the user's config folder). */
   keyFile?: string;
+  /** false: local providers run jobs unconfined (--no-sandbox). */
+  sandbox?: boolean;
 }
 
 /**

@@ -123,6 +123,7 @@ export class Providers {
     const local = await startLocalProviders({
       count,
       identity: this.identity,
+      sandbox: this.opts.sandbox !== false,
       python: python.python,
       threads: Math.max(1, Math.floor(os.cpus().length / count)),
       env,

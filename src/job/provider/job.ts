@@ -5,6 +5,8 @@ import type { WebSocket } from "ws";
 import { Mesh } from "../../collective/mesh.js";
 import { errorMessage } from "../../errors.js";
 import type { Authorizer, RingJob } from "../../net/auth.js";
+import { DEFAULT_LIMITS } from "../../runtime/limits.js";
+import { gpuDeviceNodes } from "../../runtime/sandbox.js";
 import { watchHeartbeat } from "../../net/heartbeat.js";
 import { limitMessages, WarningLimiter } from "../../net/bounds.js";
 import { admitRingHello, type ArrivedHello, type FrameLink, type LinkOptions } from "../../net/link.js";
@@ -124,7 +126,15 @@ export class ProviderJob {
     this.#threads = this.opts.threads ?? this.spec.threads ?? Math.max(1, Math.floor(os.cpus().length / this.ranks.length));
     for (const local of this.ranks) this.#spawn(local);
     this.mesh.start();
+    const hours = this.opts.maxJobHours;
+    if (hours) {
+      this.#deadline = setTimeout(() => this.fail(`the job ran for ${hours} h, this provider's limit (--max-job-hours): its owner ends it here`, "internal"), hours * 3600_000);
+      this.#deadline.unref();
+    }
   }
+
+  /** Set when the owner limits how long a job may run (--max-job-hours). */
+  #deadline: NodeJS.Timeout | undefined;
 
   /** The coordinator's messages for this job (hello, job and cancel are the server's). */
   handle(message: ToProvider): void {
@@ -169,12 +179,17 @@ export class ProviderJob {
 
   #spawn(local: LocalRank) {
     const label = `rank ${local.rank}`;
+    const confinement = this.opts.confinement ?? { kind: "none" };
+    const limits = this.opts.limits ?? DEFAULT_LIMITS;
     const worker = new WorkerProcess({
       python: this.opts.python.python,
       cwd: this.#dir,
       label,
       env: { NIMBLE_RANK: String(local.rank), NIMBLE_WORLD_SIZE: String(this.spec.world_size) },
       onLog: (line) => this.log(line),
+      sandbox: confinement.kind === "bwrap" ? { support: confinement.support, readOnly: confinement.readOnly, devices: gpuDeviceNodes([local.device]) } : null,
+      limits,
+      cgroup: `nimble-${process.pid}-${path.basename(this.#dir)}-rank${local.rank}-${local.restarts}`,
     });
     local.worker = worker;
     local.announce();
@@ -199,6 +214,7 @@ export class ProviderJob {
       threads: this.#threads,
       speed: this.#speed.current,
       ...(this.opts.maxMicroBatch ? { max_micro_batch: this.opts.maxMicroBatch } : {}),
+      limits: { max_processes: limits.maxProcesses, max_file_bytes: limits.maxFileBytes, max_memory_bytes: limits.maxMemoryBytes },
     });
   }
 
@@ -208,6 +224,16 @@ export class ProviderJob {
    */
   #exited(local: LocalRank, worker: WorkerProcess, exit: WorkerExit) {
     if (exit.expected || this.#ended || local.worker !== worker) return;
+    if (exit.fault) {
+      // Ended by the owner's limits: starting it again would only hit them again.
+      const why = `worker for rank ${local.rank} on ${os.hostname()} ${exit.fault}, so it leaves the job`;
+      this.mesh.leave(local.rank, why);
+      this.hostLog(why, "error");
+      local.on("left", exit.fault);
+      this.send({ t: "failed", rank: local.rank, message: why, kind: "worker" });
+      if (this.ranks.every((r) => r.state === "left")) void this.end(why);
+      return;
+    }
     const how = exit.signal ? `was killed by ${exit.signal}` : `exited with code ${exit.code}`;
     const what = `worker for rank ${local.rank} on ${os.hostname()} ${how}`;
     if (local.state !== "restarting" && local.state !== "left") {
@@ -303,6 +329,7 @@ export class ProviderJob {
 
   async #finish(reason: string) {
     this.#ended = true;
+    clearTimeout(this.#deadline);
     this.#stopControlHeartbeat();
     this.#speed.stop();
     this.mesh.close(reason);

@@ -12,7 +12,8 @@ import { ConnectionCaps, limitMessages, WarningLimiter, WrongTokens } from "../.
 import { CLOSE_AUTH_FAILED, FrameLink, readRingHello, type ArrivedHello, type LinkOptions } from "../../net/link.js";
 import { BENCH_FRAME_BYTES, servePeerBench } from "../../net/peerBench.js";
 import { MAX_FRAME_BYTES } from "../../protocol/frames.js";
-import { jobSpecProblem, MAX_CONTROL_BYTES, PROTOCOL_VERSION, type LogLevel, type ToCoordinator, type ToProvider } from "../../protocol/messages.js";
+import { jobSpecProblem, MAX_CONTROL_BYTES, PROTOCOL_VERSION, type LogLevel, type ProviderLimits, type ToCoordinator, type ToProvider } from "../../protocol/messages.js";
+import { DEFAULT_LIMITS } from "../../runtime/limits.js";
 import { cleanText } from "../../protocol/text.js";
 import { ControlConnection, MAX_HELLO_BYTES, type ControlHost } from "./control.js";
 import { linkPacing } from "./aids/pacing.js";
@@ -39,6 +40,8 @@ const MAX_TCP_CONNECTIONS = 1024;
  */
 export class Provider {
   readonly token: string | null;
+  /** What it was started with (the command reports its testing aids from them). */
+  readonly options: ProviderOptions;
   private readonly auth: Authorizer;
   private server: Server | null = null;
   private readonly controlServer = new WebSocketServer({ noServer: true, maxPayload: MAX_CONTROL_BYTES });
@@ -56,6 +59,7 @@ export class Provider {
   private readonly endedOn = new WeakMap<WebSocket, { job: string; reason: string }>();
 
   constructor(private readonly opts: ProviderOptions) {
+    this.options = opts;
     const allow = opts.allow && opts.allow.length > 0 ? new Set(opts.allow) : null;
     this.token = allow ? null : (opts.token ?? randomBytes(16).toString("hex"));
     this.auth = new Authorizer(opts.identity, { token: this.token, allow });
@@ -131,6 +135,18 @@ export class Provider {
     await new Promise<void>((resolve) => (this.server ? this.server.close(() => resolve()) : resolve()));
   }
 
+  /** The owner's limits in force, as coordinators and the dashboard are told. */
+  limits(): ProviderLimits {
+    const limits = this.opts.limits ?? DEFAULT_LIMITS;
+    return {
+      sandbox: this.opts.confinement?.kind ?? "none",
+      max_memory_bytes: limits.maxMemoryBytes,
+      max_processes: limits.maxProcesses,
+      max_file_bytes: limits.maxFileBytes,
+      max_job_hours: this.opts.maxJobHours ?? null,
+    };
+  }
+
   private log(line: string, level: LogLevel = "info") {
     this.opts.onEvent({ type: "log", line, level });
   }
@@ -167,6 +183,12 @@ export class Provider {
   private onControlMessage(conn: ControlConnection, message: ToProvider) {
     if (message.t === "job") {
       if (this.job) return conn.send({ t: "failed", message: `already running job ${this.job.spec.job}`, kind: "internal" });
+      const confinement = this.opts.confinement;
+      if (confinement?.kind === "unavailable") {
+        const why = `this provider refuses jobs: it cannot confine them (${confinement.reason}); its owner may start it with --no-sandbox to run jobs unconfined`;
+        this.log(`refused job ${cleanText(message.job, 128)} from ${conn.from}: it cannot confine jobs (${confinement.reason})`, "warn");
+        return conn.send({ t: "failed", message: why, kind: "internal" });
+      }
       const problem = jobSpecProblem(message, this.opts.devices);
       if (problem) return conn.send({ t: "failed", message: problem, kind: "internal" });
       return this.startJob(message, conn);
@@ -210,6 +232,7 @@ export class Provider {
         torch: this.opts.python.torchVersion,
         devices: this.opts.devices,
         ...(this.opts.profile ? { profile: this.opts.profile } : {}),
+        limits: this.limits(),
       },
     });
     return true;

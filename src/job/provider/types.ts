@@ -1,6 +1,8 @@
 import type { DeviceInfo, LogLevel, ProviderProfile, ToProvider } from "../../protocol/messages.js";
 import type { PythonEnv } from "../../runtime/python.js";
 import type { Identity } from "../../net/identity.js";
+import type { WorkerLimits } from "../../runtime/limits.js";
+import type { SandboxSupport } from "../../runtime/sandbox.js";
 import type { WorkerState } from "./lifecycle.js";
 
 export type { WorkerState };
@@ -98,6 +100,17 @@ export interface ProviderOptions {
   speedFile?: string;
   /** Largest micro-batch a worker runs at once; a larger share accumulates over several. */
   maxMicroBatch?: number;
+  /**
+   * How workers are confined (src/runtime/sandbox.ts): under bubblewrap, seeing `readOnly`
+   * (the Python environment's prefixes) besides the system and the runtime; not at all
+   * (the owner's --no-sandbox; in-process tests); or `unavailable`, when confinement was
+   * wanted and this host cannot do it: then every job is refused, saying why.
+   */
+  confinement?: { kind: "bwrap"; support: SandboxSupport; readOnly: string[] } | { kind: "none" } | { kind: "unavailable"; reason: string };
+  /** The owner's limits on each worker process (default DEFAULT_LIMITS). */
+  limits?: WorkerLimits;
+  /** A job running longer than this many hours is ended (--max-job-hours). */
+  maxJobHours?: number;
   /** This host's measured profile, advertised to coordinators. */
   profile?: ProviderProfile;
   /**
