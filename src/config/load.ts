@@ -123,7 +123,7 @@ function parseYaml(text: string, file: string): ParsedYaml {
   };
   const check: ParsedYaml["check"] = (schema) => {
     const result = schema.safeParse(raw);
-    if (!result.success) for (const issue of result.error.issues) for (const r of describeIssue(issue, raw)) add(r.path, r.message, r.at);
+    if (!result.success) for (const issue of result.error.issues) for (const r of describeIssue(issue, raw, schema)) add(r.path, r.message, r.at);
     return result;
   };
   const finish = () => {
@@ -240,15 +240,15 @@ interface Described extends RawIssue {
   at?: "key" | "value";
 }
 
-function describeIssue(issue: z.ZodIssue, raw: unknown): Described[] {
+function describeIssue(issue: z.ZodIssue, raw: unknown, root: z.ZodTypeAny): Described[] {
   const p = issue.path;
   const found = valueAt(raw, p);
-  const expected = describeSchema(schemaAt(p, raw));
+  const expected = describeSchema(schemaAt(p, raw, root));
   const expect = (fallback: string) => `expected ${expected ?? fallback}, found ${describeFound(found)}`;
 
   switch (issue.code) {
     case "unrecognized_keys": {
-      const allowed = allowedKeysAt(p, raw) ?? [];
+      const allowed = allowedKeysAt(p, raw, root) ?? [];
       const where = p.length ? ` in ${fieldName(p)}` : "";
       const disc = valueAt(raw, [...p, "name"]);
       const variant = typeof disc === "string" && p.length ? ` (name: ${disc})` : "";
@@ -264,7 +264,8 @@ function describeIssue(issue: z.ZodIssue, raw: unknown): Described[] {
       }
       if (p.length === 0) {
         const what = found === null ? "an empty document" : describeFound(found);
-        return [{ path: p, message: `expected a mapping of settings (name, task, steps, batch_size, ...), found ${what}` }];
+        const some = root instanceof z.ZodObject ? Object.keys(root.shape as object).slice(0, 4).join(", ") : "";
+        return [{ path: p, message: `expected a mapping of settings (${some}, ...), found ${what}` }];
       }
       return [{ path: p, message: expect(issue.expected) }];
     case "invalid_union_discriminator":

@@ -251,8 +251,8 @@ export function crossFieldIssues(raw: unknown): RawIssue[] {
 }
 
 /** The keys a mapping at `path` may hold, given the raw document (for discriminated sections). */
-export function allowedKeysAt(path: (string | number)[], raw: unknown): string[] | undefined {
-  let schema: z.ZodTypeAny = jobConfigSchema;
+export function allowedKeysAt(path: (string | number)[], raw: unknown, root: z.ZodTypeAny = jobConfigSchema): string[] | undefined {
+  let schema: z.ZodTypeAny = root;
   let value: unknown = raw;
   const steps = [...path];
   for (;;) {
@@ -281,8 +281,8 @@ export function allowedKeysAt(path: (string | number)[], raw: unknown): string[]
 }
 
 /** The schema of the field at `path` (for "what is allowed" in messages). */
-export function schemaAt(path: (string | number)[], raw: unknown): z.ZodTypeAny | undefined {
-  let schema: z.ZodTypeAny = jobConfigSchema;
+export function schemaAt(path: (string | number)[], raw: unknown, root: z.ZodTypeAny = jobConfigSchema): z.ZodTypeAny | undefined {
+  let schema: z.ZodTypeAny = root;
   let value: unknown = raw;
   for (const seg of path) {
     schema = unwrap(schema);

@@ -67,13 +67,17 @@ const tryWrite = (file: string, text: string) => {
     // an optional knob this kernel lacks
   }
 };
+/** Remove the cgroup's folders; the last processes may take a moment to leave, so try a few times. */
 const removeDirs = (dirs: string[]) => async () => {
-  for (const d of dirs) {
-    try {
-      rmdirSync(d);
-    } catch {
-      // still has a process, or gone
+  for (let attempt = 0; attempt < 20 && dirs.some(existsSync); attempt++) {
+    for (const d of dirs) {
+      try {
+        rmdirSync(d);
+      } catch {
+        // still has a process, or gone
+      }
     }
+    if (dirs.some(existsSync)) await new Promise((r) => setTimeout(r, 100));
   }
 };
 
@@ -117,7 +121,8 @@ function makeV1(name: string, limits: WorkerLimits): WorkerCgroup {
   return {
     procs: made.map((d) => path.join(d, "cgroup.procs")),
     enforces,
-    oomKilled: async () => (memory ? Number(await readFile(path.join(memory, "memory.failcnt"), "utf8").catch(() => "0")) > 0 : false),
+    // `oom_kill N` in oom_control (memory.failcnt stays 0 when the memsw limit is the one hit).
+    oomKilled: async () => (memory ? /oom_kill [1-9]/.test(await readFile(path.join(memory, "memory.oom_control"), "utf8").catch(() => "")) : false),
     remove: removeDirs(made),
   };
 }

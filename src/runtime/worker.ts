@@ -126,8 +126,9 @@ export class WorkerProcess extends EventEmitter<{ message: [WorkerMessage]; exit
     });
     void this.child.then(async (result) => {
       stopWatch();
-      // The kernel may have ended it first, at the cgroup's memory limit.
-      if (!this.fault && maxMemory !== null && result.signal === "SIGKILL" && (await cgroup?.oomKilled())) this.fault = memoryFault(maxMemory, null);
+      // The kernel may have ended it first, at the cgroup's memory limit (under bwrap the
+      // SIGKILL shows as exit code 137, not as a signal).
+      if (!this.fault && maxMemory !== null && !this.stopping && (await cgroup?.oomKilled())) this.fault = memoryFault(maxMemory, null);
       await cgroup?.remove();
       this.exited = {
         code: result.exitCode ?? null,

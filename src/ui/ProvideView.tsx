@@ -2,7 +2,7 @@
 import { Box, render, Text, type Instance } from "ink";
 import type { ProviderEvent, WorkerState } from "../job/provider/index.js";
 import { formatBytes, formatCount, formatDuration } from "./format.js";
-import { formatProfile, type ProvideReporter } from "./providePlain.js";
+import { formatLimits, formatProfile, type ProvideReporter } from "./providePlain.js";
 import { initialProvideState, provideTotals, reduceProvide, type ProvideViewState, type ProvideWorkerRow } from "./provideState.js";
 import { StateTable } from "./StateTable.js";
 import { Throttle } from "./throttle.js";
@@ -78,6 +78,12 @@ export function ProvideView({ state, now }: { state: ProvideViewState; now: numb
           {d.memory_bytes ? <Text dimColor>{`  ${formatBytes(d.memory_bytes)}`}</Text> : null}
         </Text>
       ))}
+      {s.limits ? (
+        <Text wrap="truncate">
+          {label("limits")}
+          {s.limits.sandbox === "bwrap" ? formatLimits(s.limits) : <Text color="red">{formatLimits(s.limits)}</Text>}
+        </Text>
+      ) : null}
       {s.url ? (
         <Text wrap="truncate">
           {label("profile")}
@@ -107,6 +113,7 @@ export function ProvideView({ state, now }: { state: ProvideViewState; now: numb
         <Text wrap="truncate">
           {label("from")}
           {`coordinator ${s.job.from.fingerprint} at ${s.job.from.address}`}
+          <Text dimColor>{`  task sha256 ${s.job.taskSha256.slice(0, 16)}`}</Text>
         </Text>
       ) : null}
       {s.job && s.workers.length > 0 ? <WorkerTable workers={s.workers} /> : null}

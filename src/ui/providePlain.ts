@@ -3,7 +3,7 @@
  * noteworthy event, and a stats line at most every `statsIntervalMs` while a job runs.
  */
 import type { ProviderEvent, StatsEvent, WorkerEvent } from "../job/provider/index.js";
-import type { ProviderProfile } from "../protocol/messages.js";
+import type { ProviderLimits, ProviderProfile } from "../protocol/messages.js";
 import { formatBytes, formatCount, formatRate } from "./format.js";
 import { jobBytes } from "./provideState.js";
 import type { TextSink, Verbosity } from "./plain.js";
@@ -32,12 +32,21 @@ export function formatProfile(p: ProviderProfile): string {
   return `${figures.length > 0 ? figures.join(", ") : "no figures"} (${p.device}, measured ${p.measured_at.slice(0, 10)})`;
 }
 
+/** `confined (bwrap); per worker 8.0 GB, 512 processes, files up to 17.2 GB; jobs up to 12 h`. */
+export function formatLimits(l: ProviderLimits): string {
+  const how = l.sandbox === "bwrap" ? "confined (bwrap)" : l.sandbox === "none" ? "UNCONFINED (--no-sandbox)" : "cannot confine: refuses jobs";
+  const memory = l.max_memory_bytes !== null ? `${formatBytes(l.max_memory_bytes)}, ` : "";
+  const hours = l.max_job_hours !== null ? `; jobs up to ${l.max_job_hours} h` : "";
+  return `${how}; per worker ${memory}${formatCount(l.max_processes)} processes, files up to ${formatBytes(l.max_file_bytes)}${hours}`;
+}
+
 export function formatListening(e: Extract<ProviderEvent, { type: "listening" }>): string[] {
   return [
     `nimble provider listening on ${e.url}`,
     `  key:     ${e.key} (${e.fingerprint})`,
     ...(e.token !== null ? [`  token:   ${e.token}`] : [`  admits:  ${(e.allow ?? []).map((k) => k).join(", ")}`]),
     ...e.devices.map((d) => `  device:  ${d.id} (${d.name})`),
+    `  limits:  ${formatLimits(e.limits)}`,
     ...(e.profile ? [`  profile: ${formatProfile(e.profile)}`] : []),
     e.token !== null
       ? `Give the address and token to the researcher (config \`providers:\`, with \`key:\` to check this host too). Ctrl-C stops.`
@@ -86,7 +95,7 @@ export class ProvidePlainReporter implements ProvideReporter {
       case "job":
         this.latest = null;
         this.lastStatsAt = this.now();
-        this.line(`job ${e.job} (${e.name}): ranks ${e.ranks.join(", ")} of ${e.world_size}, from ${e.coordinator.fingerprint} at ${e.coordinator.address}`);
+        this.line(`job ${e.job} (${e.name}): ranks ${e.ranks.join(", ")} of ${e.world_size}, from ${e.coordinator.fingerprint} at ${e.coordinator.address}, task sha256 ${e.task_sha256.slice(0, 16)}`);
         return;
       case "worker":
         if (!quiet) this.line(formatWorkerLine(e));

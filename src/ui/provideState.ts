@@ -1,6 +1,6 @@
 /** What the `nimble provide` view shows, and how each provider event changes it (pure, no React). */
 import type { LinkBytes, ProviderEvent, StatsEvent, WorkerState } from "../job/provider/index.js";
-import type { DeviceInfo, ProviderProfile } from "../protocol/messages.js";
+import type { DeviceInfo, ProviderLimits, ProviderProfile } from "../protocol/messages.js";
 import { appendKeepingLast } from "./state.js";
 
 /** Log lines kept for the view's rolling log. */
@@ -29,6 +29,8 @@ export interface ProvideJob {
   since: number;
   /** Who started it: the coordinator's key fingerprint and address. */
   from: { fingerprint: string; address: string };
+  /** sha256 of its task file (hex). */
+  taskSha256: string;
 }
 
 /** Bytes per second over the last two stats events, once there are two. */
@@ -45,6 +47,8 @@ export interface ProvideViewState {
   /** This provider's key fingerprint, and in key mode how many coordinator keys it admits. */
   fingerprint?: string;
   allowed?: number | null;
+  /** The owner's limits in force. */
+  limits?: ProviderLimits;
   /** When it started listening (ms since the epoch), for the uptime. */
   listeningAt?: number;
   devices: DeviceInfo[];
@@ -121,13 +125,13 @@ function rates(previous: StatsEvent | null, next: StatsEvent): ByteRates | null 
 export function reduceProvide(s: ProvideViewState, e: ProviderEvent, now: number): ProvideViewState {
   switch (e.type) {
     case "listening":
-      return { ...s, url: e.url, token: e.token, fingerprint: e.fingerprint, allowed: e.allow?.length ?? null, devices: e.devices, profile: e.profile ?? null, listeningAt: now };
+      return { ...s, url: e.url, token: e.token, fingerprint: e.fingerprint, allowed: e.allow?.length ?? null, limits: e.limits, devices: e.devices, profile: e.profile ?? null, listeningAt: now };
     case "log":
       return { ...s, lines: pushLine(s.lines, e.level === "warn" || e.level === "error" ? `${e.level}: ${e.line}` : e.line) };
     case "job":
       return {
         ...s,
-        job: { id: e.job, name: e.name, ranks: e.ranks, worldSize: e.world_size, since: now, from: { fingerprint: e.coordinator.fingerprint, address: e.coordinator.address } },
+        job: { id: e.job, name: e.name, ranks: e.ranks, worldSize: e.world_size, since: now, from: { fingerprint: e.coordinator.fingerprint, address: e.coordinator.address }, taskSha256: e.task_sha256 },
         workers: [],
         stats: null,
         rates: null,

@@ -25,14 +25,20 @@ const TASK = tinyTask({
   extra: `
 import signal
 _calls = 0
+# task_args.chaos (workers see only their own environment): slow_s, kill_rank, kill_at, once.
+_chaos = {}
+_build = build_model
+def build_model(args):
+    _chaos.update(args.get("chaos") or {})
+    return _build(args)
 def compute_loss(model, batch):
     global _calls
     _calls += 1
-    time.sleep(float(os.environ.get("NIMBLE_CHAOS_SLOW_S", "0")))  # time for a restart to rejoin
-    kill_at = int(os.environ.get("NIMBLE_CHAOS_KILL_AT", "9"))
-    if os.environ.get("NIMBLE_CHAOS_KILL_RANK") == os.environ.get("NIMBLE_RANK") and _calls == kill_at:
-        # Once (the marker file says it happened), or every time the worker starts.
-        marker = os.environ.get("NIMBLE_CHAOS_ONCE")
+    time.sleep(float(_chaos.get("slow_s", 0)))  # time for a restart to rejoin
+    kill_at = int(_chaos.get("kill_at", 9))
+    if str(_chaos.get("kill_rank")) == os.environ.get("NIMBLE_RANK") and _calls == kill_at:
+        # Once (a marker file in the job folder, kept across restarts, says it happened), or every time the worker starts.
+        marker = _chaos.get("once")
         if not marker or not os.path.exists(marker):
             if marker:
                 open(marker, "w").close()
@@ -151,9 +157,8 @@ describe("fault tolerance, end to end", () => {
   }, 600_000);
 
   it("survives a Python worker killed mid-step (SIGKILL): the others redo the step, the worker restarts and rejoins with a peer's state", async () => {
-    const config = await writeConfig("kill-worker", ["local_workers: 3"]);
-    const marker = path.join(tmp.dir, "killed-once");
-    const r = await train(config, () => {}, { NIMBLE_CHAOS_KILL_RANK: "1", NIMBLE_CHAOS_ONCE: marker, NIMBLE_CHAOS_SLOW_S: "0.4" });
+    const config = await writeConfig("kill-worker", ["local_workers: 3", "task_args: {chaos: {kill_rank: 1, once: killed-once, slow_s: 0.4}}"]);
+    const r = await train(config);
     expect(r.result.exitCode, String(r.result.stderr)).toBe(0);
     const s = r.summary!;
     expect(s.faults).toHaveLength(1);
@@ -172,8 +177,8 @@ describe("fault tolerance, end to end", () => {
   }, 600_000);
 
   it("lets a worker that keeps crashing leave after faults.max_restarts, with the reason", async () => {
-    const config = await writeConfig("crash-loop", ["local_workers: 2"], "faults: {heartbeat_s: 2, max_restarts: 1}");
-    const r = await train(config, () => {}, { NIMBLE_CHAOS_KILL_RANK: "1", NIMBLE_CHAOS_KILL_AT: "4", NIMBLE_CHAOS_SLOW_S: "0.4" });
+    const config = await writeConfig("crash-loop", ["local_workers: 2", "task_args: {chaos: {kill_rank: 1, kill_at: 4, slow_s: 0.4}}"], "faults: {heartbeat_s: 2, max_restarts: 1}");
+    const r = await train(config);
     expect(r.result.exitCode, String(r.result.stderr)).toBe(0);
     await expectEveryStepOnce(r.runDir!);
     const faults = r.summary!.faults as { kind: string; ranks: number[]; reason: string }[];
@@ -188,10 +193,10 @@ describe("fault tolerance, end to end", () => {
   }, 600_000);
 
   it("takes in a provider that comes up mid-run (optional in the config): it joins with a peer's state and gets a share", async () => {
-    const slow = { env: { ...process.env, NIMBLE_CHAOS_SLOW_S: "0.4" } };
-    const providers = await Promise.all([0, 1].map((i) => startProvider(python, `join-${i}`, [], slow)));
+    const providers = await Promise.all([0, 1].map((i) => startProvider(python, `join-${i}`)));
     const port = await freePort();
     const config = await writeConfig("join", [
+      "task_args: {chaos: {slow_s: 0.4}}",
       "providers:",
       ...providers.map((p, i) => `  - {address: "${p.address}", token: join-${i}}`),
       `  - {address: "127.0.0.1:${port}", token: join-2, optional: true}`,
@@ -200,7 +205,7 @@ describe("fault tolerance, end to end", () => {
     const r = await train(config, (e) => {
       if (e.type === "step" && e.step === 2 && !started) {
         started = true;
-        void startProvider(python, "join-2", ["--port", String(port)], slow);
+        void startProvider(python, "join-2", ["--port", String(port)]);
       }
     });
     expect(r.result.exitCode, String(r.result.stderr)).toBe(0);

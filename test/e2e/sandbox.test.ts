@@ -134,4 +134,52 @@ describe("a confined provider against a hostile task", () => {
       provider.child.kill("SIGTERM");
     }
   }, 300_000);
+
+  it("--max-memory: a worker that allocates past it is ended with a named fault, and the job goes on without it", async () => {
+    const hog = tinyTask({
+      train: 128,
+      val: 32,
+      extra: `
+_hog = []
+_calls = 0
+def compute_loss(model, batch):
+    global _calls
+    _calls += 1
+    if os.environ.get("NIMBLE_RANK") == "1" and _calls == 2:
+        _hog.append(torch.ones(400_000_000))  # 1.6 GB, touched
+    x, y = batch
+    return torch.nn.functional.cross_entropy(model(x), y)
+`,
+    });
+    const dir = path.join(tmp.dir, "hog");
+    await mkdir(dir, { recursive: true });
+    await writeFile(path.join(dir, "task.py"), hog);
+    const providers = [await startProvider(python, "hog-a"), await startProvider(python, "hog-b", ["--max-memory", "1GB"])];
+    try {
+      const config = path.join(dir, "nimble.yaml");
+      await writeFile(
+        config,
+        [
+          "name: hog",
+          "task: task.py",
+          "steps: 6",
+          "batch_size: 16",
+          "compression: {method: none}",
+          "faults: {heartbeat_s: 3}",
+          `output: ${path.join(dir, "runs")}`,
+          "providers:",
+          ...providers.map((p, i) => `  - {address: "${p.address}", token: hog-${"ab"[i]}}`),
+        ].join("\n") + "\n",
+      );
+      const run = await nimble(["train", config, "--json", "--python", python], { timeout: 240_000 });
+      expect(run.exitCode, String(run.stderr)).toBe(0);
+      const done = String(run.stdout).trim().split("\n").map((l) => JSON.parse(l)).find((e) => e.type === "done");
+      const summary = JSON.parse(await readFile(path.join(done.run_dir, "summary.json"), "utf8"));
+      expect(summary.steps).toBe(6);
+      expect(summary.faults.map((f: { ranks: number[] }) => f.ranks)).toEqual([[1]]);
+      expect(summary.faults[0].reason).toMatch(/worker for rank 1 on \S+ went past the owner's memory limit \(--max-memory 1(\.0)? GB.*\), so it leaves the job/);
+    } finally {
+      for (const p of providers) p.child.kill("SIGTERM");
+    }
+  }, 300_000);
 });

@@ -31,7 +31,7 @@ describe("reduceProvide", () => {
     expect(s.url).toBe("wss://0.0.0.0:7070");
     expect(s.listeningAt).toBe(T0);
     expect(s.profile?.matmul_gflops_fp32).toBe(19_480.4);
-    expect(s.job).toEqual({ id: "job-7f3a", name: "mnist-cnn", ranks: [1, 2], worldSize: 4, since: T0 + 1000, from: { fingerprint: "5e0c:91aa:03b2:7d41", address: "10.0.0.9" } });
+    expect(s.job).toEqual({ id: "job-7f3a", name: "mnist-cnn", ranks: [1, 2], worldSize: 4, since: T0 + 1000, from: { fingerprint: "5e0c:91aa:03b2:7d41", address: "10.0.0.9" }, taskSha256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08" });
     expect(s.workers.map((w) => [w.rank, w.state, w.restarts, w.pid, w.samples])).toEqual([
       [1, "training", 0, 4101, 1920],
       [2, "restarting", 1, 4188, 1920],
@@ -73,7 +73,8 @@ describe("ProvideView", () => {
     expect(frame).toContain("cuda:0 (NVIDIA A100-SXM4-80GB)  85.9 GB");
     expect(frame).toContain("19,480 GFLOP/s fp32, 1555 GB/s memory (cuda:0, measured 2025-06-01)");
     expect(frame).toMatch(/job\s+mnist-cnn job-7f3a  ranks 1, 2 of 4  for 3h02m  at step 120/);
-    expect(frame).toMatch(/from\s+coordinator 5e0c:91aa:03b2:7d41 at 10\.0\.0\.9/);
+    expect(frame).toMatch(/from\s+coordinator 5e0c:91aa:03b2:7d41 at 10\.0\.0\.9  task sha256 9f86d081884c7d65/);
+    expect(frame).toMatch(/limits\s+confined \(bwrap\); per worker 8\.0 GB, 512 processes, files up to 17\.2 GB; jobs up to 12 h/);
     expect(frame).toMatch(/rank\s+device\s+state\s+restarts\s+pid\s+steps\s+samples\s+compute\s+comm/);
     expect(frame).toMatch(/^\s*1\s+cuda:0\s+training\s+0\s+4101\s+120\s+1,920\s+12 ms\s+4 ms$/m);
     expect(frame).toMatch(/^\s*2\s+cuda:1\s+restarting\s+1\s+4188\s+120\s+1,920\s+13 ms\s+4 ms$/m);

@@ -9,6 +9,7 @@ export const listening: Extract<ProviderEvent, { type: "listening" }> = {
   key: "ed25519:yjP1F8x4GVlsVq9W614XG5oohUmayfKgQsGreja7iQ8",
   fingerprint: "829b:3375:1418:d6d2",
   allow: null,
+  limits: { sandbox: "bwrap", max_memory_bytes: 8e9, max_processes: 512, max_file_bytes: 16 * 1024 ** 3, max_job_hours: 12 },
   devices: [{ id: "cuda:0", kind: "cuda", name: "NVIDIA A100-SXM4-80GB", memory_bytes: 85_899_345_920 }],
   profile: { device: "cuda:0", matmul_gflops_fp32: 19_480.4, memory_gbps: 1555.2, measured_at: "2025-06-01T10:00:00.000Z" },
 };
@@ -20,6 +21,7 @@ export const jobStart: ProviderEvent = {
   ranks: [1, 2],
   world_size: 4,
   coordinator: { fingerprint: "5e0c:91aa:03b2:7d41", key: "ed25519:Ab3kP1F8x4GVlsVq9W614XG5oohUmayfKgQsGreja7i", address: "10.0.0.9" },
+  task_sha256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
 };
 
 export function stats(over: Partial<StatsEvent> = {}): StatsEvent {

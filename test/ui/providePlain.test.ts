@@ -40,6 +40,7 @@ const listeningBlock = [
   "  key:     ed25519:yjP1F8x4GVlsVq9W614XG5oohUmayfKgQsGreja7iQ8 (829b:3375:1418:d6d2)",
   "  token:   3f2a9c0d11e4b7a8",
   "  device:  cuda:0 (NVIDIA A100-SXM4-80GB)",
+  "  limits:  confined (bwrap); per worker 8.0 GB, 512 processes, files up to 17.2 GB; jobs up to 12 h",
   "  profile: 19,480 GFLOP/s fp32, 1555 GB/s memory (cuda:0, measured 2025-06-01)",
   "Give the address and token to the researcher (config `providers:`, with `key:` to check this host too). Ctrl-C stops.",
 ];
@@ -49,7 +50,7 @@ describe("ProvidePlainReporter", () => {
   it("prints the listening block, jobs, worker changes, log lines, and a stats line at most every 10 s", () => {
     expect(printed("normal")).toEqual([
       ...listeningBlock,
-      "job job-7f3a (mnist-cnn): ranks 1, 2 of 4, from 5e0c:91aa:03b2:7d41 at 10.0.0.9",
+      "job job-7f3a (mnist-cnn): ranks 1, 2 of 4, from 5e0c:91aa:03b2:7d41 at 10.0.0.9, task sha256 9f86d081884c7d65",
       "rank 1 (cuda:0): starting",
       "[rank 1] loading MNIST",
       "rank 1 (cuda:0): training",
@@ -62,7 +63,7 @@ describe("ProvidePlainReporter", () => {
   });
 
   it("--quiet: only the listening block, jobs starting and ending, warnings and errors", () => {
-    expect(printed("quiet")).toEqual([...listeningBlock, "job job-7f3a (mnist-cnn): ranks 1, 2 of 4, from 5e0c:91aa:03b2:7d41 at 10.0.0.9", "warn: worker for rank 1 exited with code 1", jobEnd]);
+    expect(printed("quiet")).toEqual([...listeningBlock, "job job-7f3a (mnist-cnn): ranks 1, 2 of 4, from 5e0c:91aa:03b2:7d41 at 10.0.0.9, task sha256 9f86d081884c7d65", "warn: worker for rank 1 exited with code 1", jobEnd]);
   });
 
   it("--verbose: also every stats event and debug lines", () => {

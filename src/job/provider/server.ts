@@ -1,4 +1,4 @@
-import { randomBytes } from "node:crypto";
+import { createHash, randomBytes } from "node:crypto";
 import os from "node:os";
 import type { IncomingMessage } from "node:http";
 import { createServer, type Server } from "node:https";
@@ -119,7 +119,7 @@ export class Provider {
     const url = `wss://${hostForUrl}:${port}`;
     const { key, fingerprint } = this.opts.identity;
     const allow = this.auth.mode === "key" ? [...(this.opts.allow ?? [])] : null;
-    this.opts.onEvent({ type: "listening", url, host: this.opts.host, port, token: this.token, key, fingerprint, allow, devices: this.opts.devices, profile: this.opts.profile ?? null });
+    this.opts.onEvent({ type: "listening", url, host: this.opts.host, port, token: this.token, key, fingerprint, allow, limits: this.limits(), devices: this.opts.devices, profile: this.opts.profile ?? null });
     return { url, port };
   }
 
@@ -250,6 +250,7 @@ export class Provider {
       ranks: spec.ranks.map((r) => r.rank),
       world_size: spec.world_size,
       coordinator: { fingerprint: coordinator.fingerprint, key: coordinator.key, address: conn.address },
+      task_sha256: createHash("sha256").update(spec.task.code).digest("hex"),
     });
     job.onEnd = (reason) => {
       if (this.job === job) this.job = null;

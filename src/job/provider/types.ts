@@ -1,4 +1,4 @@
-import type { DeviceInfo, LogLevel, ProviderProfile, ToProvider } from "../../protocol/messages.js";
+import type { DeviceInfo, LogLevel, ProviderLimits, ProviderProfile, ToProvider } from "../../protocol/messages.js";
 import type { PythonEnv } from "../../runtime/python.js";
 import type { Identity } from "../../net/identity.js";
 import type { WorkerLimits } from "../../runtime/limits.js";
@@ -41,6 +41,8 @@ export type ProviderEvent =
       fingerprint: string;
       /** Key mode: the coordinator keys it admits (null in token mode). */
       allow: string[] | null;
+      /** The owner's limits in force: confinement, memory, processes, file size, job hours. */
+      limits: ProviderLimits;
       devices: DeviceInfo[];
       /** This host's measured profile, as advertised to coordinators (null with --no-profile). */
       profile: ProviderProfile | null;
@@ -54,6 +56,8 @@ export type ProviderEvent =
       world_size: number;
       /** Who started it: the coordinator's key fingerprint and address. */
       coordinator: { fingerprint: string; key: string; address: string };
+      /** sha256 of the task file it runs (hex), for the owner to know what code that is. */
+      task_sha256: string;
     }
   | { type: "worker"; job: string; rank: number; device: string; state: WorkerState; restarts: number; pid: number | null; detail?: string }
   | {
