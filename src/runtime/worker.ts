@@ -1,5 +1,6 @@
 import { EventEmitter } from "node:events";
 import type { Socket } from "node:net";
+import os from "node:os";
 import { execa } from "execa";
 import { ProtocolError, errorMessage } from "../errors.js";
 import type { ToWorker } from "../protocol/workerOps.js";
@@ -71,6 +72,10 @@ function startWorkerProcess(opts: WorkerStartOptions, cgroup: WorkerCgroup | nul
   });
 }
 
+function signalName(n: number): string | null {
+  return Object.entries(os.constants.signals).find(([, v]) => v === n)?.[0] ?? null;
+}
+
 export interface WorkerExit {
   code: number | null;
   signal: string | null;
@@ -102,6 +107,7 @@ export class WorkerProcess extends EventEmitter<{ message: [WorkerMessage]; exit
     this.child = startWorkerProcess(opts, cgroup);
     this.link = this.child.stdio[3] as Socket;
     const maxMemory = opts.limits?.maxMemoryBytes ?? null;
+    const confined = Boolean(opts.sandbox);
     const stopWatch =
       maxMemory !== null && this.child.pid
         ? watchMemory(this.child.pid, maxMemory, (fault) => {
@@ -130,9 +136,11 @@ export class WorkerProcess extends EventEmitter<{ message: [WorkerMessage]; exit
       // SIGKILL shows as exit code 137, not as a signal).
       if (!this.fault && maxMemory !== null && !this.stopping && (await cgroup?.oomKilled())) this.fault = memoryFault(maxMemory, null);
       await cgroup?.remove();
+      // bwrap reports a child killed by signal N as exit code 128 + N: name the signal.
+      const bySignal = confined && !result.signal && (result.exitCode ?? 0) > 128 ? signalName((result.exitCode ?? 0) - 128) : null;
       this.exited = {
-        code: result.exitCode ?? null,
-        signal: result.signal ?? null,
+        code: bySignal ? null : (result.exitCode ?? null),
+        signal: result.signal ?? bySignal,
         expected: this.stopping && !this.fault,
         ...(this.fault ? { fault: this.fault } : {}),
       };

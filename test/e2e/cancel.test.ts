@@ -154,7 +154,8 @@ describe("cancelling a run leaves nothing behind", () => {
     // What this run started: 2 `nimble provide` processes and one worker under each.
     const tree = await descendants(child.pid!);
     const providers = tree.filter((p) => p.args.includes(" provide "));
-    const workers = tree.filter((p) => p.args.includes("nimble_worker"));
+    // The Python workers themselves (each under two bwrap processes, whose command lines name it too).
+    const workers = tree.filter((p) => p.args.includes("nimble_worker") && !p.args.startsWith("bwrap"));
     expect(providers, JSON.stringify(tree)).toHaveLength(2);
     expect(workers, JSON.stringify(tree)).toHaveLength(2);
 
@@ -190,7 +191,7 @@ describe("cancelling a run leaves nothing behind", () => {
     const watch = watchEvents(train);
     await watch.waitFor("step", 180_000);
 
-    const workers = (await descendants(provider.child.pid!)).filter((p) => p.args.includes("nimble_worker"));
+    const workers = (await descendants(provider.child.pid!)).filter((p) => p.args.includes("nimble_worker") && !p.args.startsWith("bwrap"));
     expect(workers).toHaveLength(1);
 
     provider.child.kill("SIGTERM");
