@@ -14,9 +14,9 @@ import { WebSocketServer } from "ws";
 import { arg } from "./lib/args.mjs";
 import { RingAllReduce, expectedBytesPerNode } from "../dist/collective/ring.js";
 import { Authorizer } from "../dist/net/auth.js";
-import { ephemeralIdentity, identityFromKey } from "../dist/net/identity.js";
+import { ephemeralIdentity, identityFromKey } from "../dist/identity/identity.js";
 import { acceptRingPeer, connectLink, connectRingPeer, FrameLink } from "../dist/net/link.js";
-import { issueCredential } from "../dist/net/proof.js";
+import { issueCredential } from "../dist/identity/proof.js";
 import { tlsServerOptions } from "../dist/net/tls.js";
 import { DEFAULT_CHUNK_BYTES, MAX_FRAME_BYTES, encodeChunk } from "../dist/protocol/frames.js";
 

@@ -1,8 +1,8 @@
 import { loadConfig } from "../config/load.js";
 import { PURPOSE } from "../net/auth.js";
-import { defaultKeyFile, loadIdentity } from "../net/identity.js";
+import { defaultKeyFile, loadIdentity } from "../identity/identity.js";
 import { measurePeer, type PeerMeasurement } from "../net/peerBench.js";
-import { prove } from "../net/proof.js";
+import { prove } from "../identity/proof.js";
 import { runHostBench, type HostBench } from "../runtime/hostBench.js";
 import { resolvePython } from "../runtime/python.js";
 import { formatBytes } from "../ui/format.js";

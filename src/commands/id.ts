@@ -1,4 +1,4 @@
-import { defaultKeyFile, loadIdentity } from "../net/identity.js";
+import { defaultKeyFile, loadIdentity } from "../identity/identity.js";
 
 export interface IdCommandOptions {
   key?: string;

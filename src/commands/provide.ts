@@ -1,7 +1,7 @@
 import { Provider, type LogLevel, type ProviderEvent, type ProviderOptions } from "../job/provider/index.js";
 import { chooseDevices, loadProviderConfig, readTokenFile, workerLimits, type ProviderConfigFile } from "../job/provider/settings.js";
-import { allowedKeys } from "../net/allowList.js";
-import { defaultKeyFile, loadIdentity } from "../net/identity.js";
+import { allowedKeys } from "../identity/allowList.js";
+import { defaultKeyFile, loadIdentity } from "../identity/identity.js";
 import { parseRate } from "../net/rateLimit.js";
 import { loadOrMeasureProfile } from "../runtime/profile.js";
 import { probeHost, resolvePython } from "../runtime/python.js";

@@ -2,7 +2,7 @@ import { execa } from "execa";
 import { UserError } from "../errors.js";
 import { forEachLine } from "../runtime/lines.js";
 import { CLI_PATH } from "../runtime/paths.js";
-import type { Identity } from "../net/identity.js";
+import type { Identity } from "../identity/identity.js";
 
 export interface LocalProvider {
   address: string;

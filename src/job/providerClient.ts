@@ -3,9 +3,9 @@ import WebSocket from "ws";
 import { UserError, errorMessage } from "../errors.js";
 import { CONTROL_BINDING, PURPOSE } from "../net/auth.js";
 import { watchHeartbeat } from "../net/heartbeat.js";
-import { fingerprint, type Identity } from "../net/identity.js";
+import { fingerprint, type Identity } from "../identity/identity.js";
 import { keyProblem } from "../net/link.js";
-import { checkProof, prove } from "../net/proof.js";
+import { checkProof, prove } from "../identity/proof.js";
 import { peerKey, sessionBinding, TLS_CLIENT_OPTIONS } from "../net/tls.js";
 import { unpack, type Incoming } from "./coordinator/answers.js";
 import {

@@ -1,8 +1,8 @@
 import { createHash, timingSafeEqual } from "node:crypto";
 import type { RingHello } from "./link.js";
 import { CLOSE_AUTH_FAILED, CLOSE_BAD_RANK } from "./link.js";
-import { fingerprint, type Identity } from "./identity.js";
-import { checkProof, credentialValid, prove, type Credential, type Proof } from "./proof.js";
+import { fingerprint, type Identity } from "../identity/identity.js";
+import { checkProof, credentialValid, prove, type Credential, type Proof } from "../identity/proof.js";
 
 /** Why a connection is refused: the close code and the reason (sent to the peer). */
 export interface Refusal {

@@ -5,7 +5,7 @@
 import WebSocket from "ws";
 import { ProtocolError } from "../errors.js";
 import { decodeFrame, encodeControl, MAX_FRAME_BYTES, type HelloMessage } from "../protocol/frames.js";
-import { fingerprint } from "./identity.js";
+import { fingerprint } from "../identity/identity.js";
 import { peerKey, sessionBinding, TLS_CLIENT_OPTIONS } from "./tls.js";
 
 /** Bytes handed to ws whose send callback has not fired, above which `send` waits. */

@@ -14,7 +14,7 @@ import { webcrypto } from "node:crypto";
 import type { TLSSocket } from "node:tls";
 import * as x509 from "@peculiar/x509";
 import type WebSocket from "ws";
-import { keyString, type Identity } from "./identity.js";
+import { keyString, type Identity } from "../identity/identity.js";
 
 x509.cryptoProvider.set(webcrypto as unknown as Crypto);
 

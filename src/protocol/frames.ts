@@ -82,7 +82,7 @@ const sized = (n: number) => z.custom<Uint8Array>((v) => v instanceof Uint8Array
 
 /**
  * The first frame on a ring link: who opens it (rank `from` of `job`, for rank `to`), the
- * opener's proof on this TLS session (key, nonce, signature: src/net/proof.ts), and the
+ * opener's proof on this TLS session (key, nonce, signature: src/identity/proof.ts), and the
  * coordinator's credential that this key stands for `from`.
  */
 export const HelloSchema = z

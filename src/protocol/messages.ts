@@ -19,9 +19,9 @@ const finite = z.number().finite();
 const count = z.number().int().min(0);
 const bytes = z.custom<Uint8Array>((value) => value instanceof Uint8Array, "expected binary data");
 const sized = (n: number) => z.custom<Uint8Array>((value) => value instanceof Uint8Array && value.byteLength === n, `expected ${n} bytes`);
-/** An identity key, `ed25519:<base64url>` (src/net/identity.ts). */
+/** An identity key, `ed25519:<base64url>` (src/identity/identity.ts). */
 export const keySchema = z.string().regex(/^ed25519:[A-Za-z0-9_-]{43}$/, "expected an ed25519: key");
-/** A handshake proof (src/net/proof.ts): the sender's key, a fresh nonce, its signature, and in token mode a MAC. */
+/** A handshake proof (src/identity/proof.ts): the sender's key, a fresh nonce, its signature, and in token mode a MAC. */
 export const proofFields = { key: keySchema, nonce: sized(32), sig: sized(64), mac: sized(32).optional() };
 /** The coordinator's signature that a provider's key stands for these ranks of the job. */
 export const credentialSchema = z.object({ ranks: z.array(count).min(1).max(4096), sig: sized(64) });
@@ -104,7 +104,7 @@ export type Decision = z.infer<typeof decisionSchema>;
 
 export const toProviderSchema = z.discriminatedUnion("t", [
   /**
-   * The coordinator's proof on this TLS session (src/net/proof.ts). The fields are optional
+   * The coordinator's proof on this TLS session (src/identity/proof.ts). The fields are optional
    * here so that a hello of another protocol version is refused as such, not as malformed.
    */
   z.object({

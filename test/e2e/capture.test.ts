@@ -9,7 +9,7 @@ import { createPrivateKey, createPublicKey } from "node:crypto";
 import { readFile, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
-import { defaultKeyFile } from "../../src/net/identity.js";
+import { defaultKeyFile } from "../../src/identity/identity.js";
 import { forEachLine } from "../../src/runtime/lines.js";
 import { execa, nimble, startProvider, type TempDir, useE2E } from "../helpers/processes.js";
 import { tinyTask } from "../helpers/tasks.js";

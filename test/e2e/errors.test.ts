@@ -1,7 +1,7 @@
 import { writeFile } from "node:fs/promises";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
-import { ephemeralIdentity } from "../../src/net/identity.js";
+import { ephemeralIdentity } from "../../src/identity/identity.js";
 import { nimble, startProvider, type TempDir, useE2E } from "../helpers/processes.js";
 import { tinyTask } from "../helpers/tasks.js";
 

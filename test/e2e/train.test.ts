@@ -1,6 +1,6 @@
 import { readFile, writeFile } from "node:fs/promises";
 import path from "node:path";
-import { defaultKeyFile, loadIdentity } from "../../src/net/identity.js";
+import { defaultKeyFile, loadIdentity } from "../../src/identity/identity.js";
 import { describe, expect, it } from "vitest";
 import { nimble, REPO_ROOT, startProvider, type TempDir, useE2E } from "../helpers/processes.js";
 import { maxWeightDifference, readSafetensors } from "../helpers/safetensors.js";

@@ -18,8 +18,8 @@ import { parseFromWorker, parseOrder } from "../../src/protocol/workerOps.js";
 import { resolvePython, type PythonEnv } from "../../src/runtime/python.js";
 import { testPython } from "../helpers/processes.js";
 import { coordinatorHello, openTls, TEST_COORDINATOR } from "../helpers/tls.js";
-import { ephemeralIdentity } from "../../src/net/identity.js";
-import { issueCredential } from "../../src/net/proof.js";
+import { ephemeralIdentity } from "../../src/identity/identity.js";
+import { issueCredential } from "../../src/identity/proof.js";
 import { tinyTask } from "../helpers/tasks.js";
 
 const SEED = 20261201;

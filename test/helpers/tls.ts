@@ -7,8 +7,8 @@ import { createServer, type Server } from "node:https";
 import type { AddressInfo } from "node:net";
 import WebSocket, { WebSocketServer, type ServerOptions } from "ws";
 import { Authorizer, CONTROL_BINDING, PURPOSE, type RingJob } from "../../src/net/auth.js";
-import { ephemeralIdentity, type Identity } from "../../src/net/identity.js";
-import { issueCredential, prove, type Credential } from "../../src/net/proof.js";
+import { ephemeralIdentity, type Identity } from "../../src/identity/identity.js";
+import { issueCredential, prove, type Credential } from "../../src/identity/proof.js";
 import { sessionBinding, TLS_CLIENT_OPTIONS, tlsServerOptions } from "../../src/net/tls.js";
 import { PROTOCOL_VERSION, type ToProvider } from "../../src/protocol/messages.js";
 

@@ -17,8 +17,8 @@ vi.mock("node:crypto", async (importOriginal) => {
   };
 });
 const { Authorizer, PURPOSE, secretsEqual } = await import("../../src/net/auth.js");
-const { ephemeralIdentity } = await import("../../src/net/identity.js");
-const { checkProof, prove } = await import("../../src/net/proof.js");
+const { ephemeralIdentity } = await import("../../src/identity/identity.js");
+const { checkProof, prove } = await import("../../src/identity/proof.js");
 
 beforeEach(() => {
   compared.length = 0;

@@ -15,7 +15,7 @@ import { unpack } from "../../src/job/coordinator/answers.js";
 
 const code = new TextEncoder().encode("import torch\n\ndef build_model(args):\n    return torch.nn.Linear(2, 2)\n");
 
-/** Shaped like a proof (net/proof.ts); what it proves is tested in test/net. */
+/** Shaped like a proof (identity/proof.ts); what it proves is tested in test/net. */
 const proof = { key: `ed25519:${"A".repeat(43)}`, nonce: new Uint8Array(32).fill(1), sig: new Uint8Array(64).fill(2), mac: new Uint8Array(32).fill(3) };
 
 const toProvider: ToProvider[] = [

@@ -1,6 +1,6 @@
 import type { DeviceInfo, LogLevel, ProviderLimits, ProviderProfile, ToProvider } from "../../protocol/messages.js";
 import type { PythonEnv } from "../../runtime/python.js";
-import type { Identity } from "../../net/identity.js";
+import type { Identity } from "../../identity/identity.js";
 import type { WorkerLimits } from "../../runtime/limits.js";
 import type { SandboxSupport } from "../../runtime/sandbox.js";
 import type { WorkerState } from "./lifecycle.js";

@@ -5,7 +5,7 @@
  */
 import net from "node:net";
 import tls from "node:tls";
-import { ephemeralIdentity } from "../../../src/net/identity.js";
+import { ephemeralIdentity } from "../../../src/identity/identity.js";
 import { coordinatorHello, openTls, ringMember, TEST_COORDINATOR } from "../../helpers/tls.js";
 import { afterEach, describe, expect, it } from "vitest";
 import WebSocket from "ws";

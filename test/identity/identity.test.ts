@@ -2,8 +2,8 @@ import { chmod, mkdtemp, readFile, rm, stat, writeFile } from "node:fs/promises"
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { allowedKeys } from "../../src/net/allowList.js";
-import { defaultKeyFile, ephemeralIdentity, fingerprint, loadIdentity, parseKey, signWith, verifySignature } from "../../src/net/identity.js";
+import { allowedKeys } from "../../src/identity/allowList.js";
+import { defaultKeyFile, ephemeralIdentity, fingerprint, loadIdentity, parseKey, signWith, verifySignature } from "../../src/identity/identity.js";
 
 const dir = await mkdtemp(path.join(tmpdir(), "nimble-identity-"));
 afterAll(() => rm(dir, { recursive: true, force: true }));

@@ -3,7 +3,7 @@
  * lives in one PEM file with 0600 permissions under the user's config folder, made on
  * first use; the public key, written `ed25519:<base64url of its 32 bytes>`, is what a
  * provider's `--allow` and a config's `providers[].key` name. TLS certificates are made
- * from it (net/tls.ts), and every handshake proof is signed with it (net/proof.ts).
+ * from it (net/tls.ts), and every handshake proof is signed with it (identity/proof.ts).
  */
 import { createHash, createPrivateKey, randomBytes, createPublicKey, generateKeyPairSync, sign, verify, type KeyObject } from "node:crypto";
 import { link, lstat, mkdir, readFile, unlink, writeFile } from "node:fs/promises";
