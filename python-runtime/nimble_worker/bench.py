@@ -197,7 +197,7 @@ class TaskBench:
         idx = [(self.cursor + i) % self.n for i in range(size)]
         self.cursor = (self.cursor + size) % self.n
         self.model.zero_grad(set_to_none=True)
-        batch = to_device(collate(self.ds, idx), self.device)
+        batch = to_device(collate(self.ds, idx, self.task.collate), self.device)
         self.task.compute_loss(self.model, batch).backward()
         self.model.zero_grad(set_to_none=True)
 

@@ -59,7 +59,10 @@ def state_files(replica: Replica, strategy: Strategy, kind: str) -> list[tuple[s
     meta = {"step": replica.next_step, "world_size": replica.world_size,
             "config": asdict(replica.cfg)}
     files = [(name, save_bytes(state[key])) for name, key in REPLICA_FILES.items()]
-    files += [("data.json", json.dumps({"step": replica.next_step}).encode()),
+    data = {"step": replica.next_step}
+    if replica.loss_scale.enabled:  # fp16: the loss scale every worker shares
+        data["loss_scale"] = replica.loss_scale.state_dict()
+    files += [("data.json", json.dumps(data).encode()),
               ("rng.pt", save_bytes(rng)),
               ("meta.json", json.dumps(meta).encode()),
               compressor_file(replica, strategy)]
@@ -76,7 +79,9 @@ def load_checkpoint(replica: Replica, strategy: Strategy, files: dict[str, bytes
         raise ValueError(f"checkpoint is missing {', '.join(missing)}")
     strategy.abort()
     state = {key: load_bytes(files[name], replica.device) for name, key in REPLICA_FILES.items()}
-    state["next_step"] = int(json.loads(files["data.json"])["step"])
+    data = json.loads(files["data.json"])
+    state["next_step"] = int(data["step"])
+    state["loss_scale"] = data.get("loss_scale")
     replica.load_state_dict(state)
     if "compressor.pt" in files and strategy.compressor is not None:
         # Error-feedback memories are per worker; the coordinator checkpoints one

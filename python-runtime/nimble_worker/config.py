@@ -41,16 +41,22 @@ class OptimizerConfig:
     """Adam/AdamW moment coefficients."""
     eps: float = 1e-8
     """Adam/AdamW denominator epsilon."""
+    no_decay: bool = False
+    """No weight decay on biases and normalisation weights (parameters of fewer than 2
+    dimensions), as is usual for transformers."""
 
 
 @dataclass
 class ScheduleConfig:
     name: str = "constant"
-    """constant, or warmup_cosine (linear warmup then cosine decay to min_lr at `steps`)."""
+    """constant; linear or cosine decay from the peak to min_lr; warmup_linear and
+    warmup_cosine, the same after a linear warmup."""
     warmup_steps: int = 0
-    """Steps of linear warmup (warmup_cosine only)."""
+    """Steps of linear warmup (warmup_* only)."""
     min_lr: float = 0.0
-    """Learning rate reached at the last step (warmup_cosine only)."""
+    """Learning rate reached at the end of the decay, and kept after it."""
+    decay_steps: int = 0
+    """The step the decay ends at (0: `steps`), so a run can decay over another horizon."""
 
 
 @dataclass
@@ -118,6 +124,12 @@ class JobConfig:
     """Optimizer settings."""
     lr_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     """Learning-rate schedule settings."""
+    grad_clip: float = 0.0
+    """Clip the reduced gradient (the same on every replica) to this global L2 norm before
+    each update; 0 leaves it as it is."""
+    precision: str = "fp32"
+    """Autocast on the worker's device: fp32 (none), bf16, or fp16 with a dynamic loss
+    scale that every worker keeps the same (a step with an inf anywhere is skipped by all)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Periodic evaluation settings."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

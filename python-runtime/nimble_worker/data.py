@@ -52,5 +52,7 @@ class GlobalSampler:
         return self.positions(start, shares[rank])
 
 
-def collate(dataset: Any, indices: Sequence[int]) -> Any:
-    return default_collate([dataset[i] for i in indices])
+def collate(dataset: Any, indices: Sequence[int], fn=None) -> Any:
+    """The items at `indices` as one batch: the task's collate(items), or torch's default."""
+    items = [dataset[i] for i in indices]
+    return fn(items) if fn is not None else default_collate(items)

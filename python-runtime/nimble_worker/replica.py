@@ -18,6 +18,7 @@ from .aids import SpeedAid
 from .config import JobConfig
 from .data import GlobalSampler, collate, derive_seed
 from .optim import build_optimizer, build_scheduler
+from .precision import LossScale, autocast
 from .task import Task
 from .tensors import params_hash, to_device, unflat
 
@@ -61,8 +62,11 @@ class Replica:
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.trainable = [p for _, p in named]
         self.names = [n for n, _ in named]
-        self.optimizer = build_optimizer(cfg, self.trainable)
+        self.buffers = [b for b in self.model.buffers()]
+        """Running statistics and the like: kept the same on every replica (strategies)."""
+        self.optimizer = task.build_optimizer(self.model) or build_optimizer(cfg, named)
         self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.loss_scale = LossScale(cfg.precision)
         self.sampler = GlobalSampler(len(self.train_ds), cfg.batch_size, cfg.seed)
         self.next_step = 0
         """The next step to run (steps applied so far): also the data position."""
@@ -79,7 +83,8 @@ class Replica:
         }
 
     def hash(self) -> str:
-        return params_hash(self.params)
+        """Of the parameters and the buffers: replicas whose running statistics drifted apart differ."""
+        return params_hash(self.params + self.buffers)
 
     @property
     def lr(self) -> float:
@@ -134,11 +139,13 @@ class Replica:
         self.optimizer.zero_grad(set_to_none=True)
         loss_value = 0.0
         self.micro_batches = 0
+        scale = self.loss_scale.value
         for start in range(0, len(indices), micro):
             chunk = indices[start:start + micro]
-            batch = to_device(collate(self.train_ds, chunk), self.device)
-            loss = self.task.compute_loss(self.model, batch)
-            (loss * (len(chunk) / self.cfg.batch_size)).backward()
+            batch = to_device(collate(self.train_ds, chunk, self.task.collate), self.device)
+            with autocast(self.cfg.precision, self.device):
+                loss = self.task.compute_loss(self.model, batch)
+            (loss.float() * (scale * len(chunk) / self.cfg.batch_size)).backward()
             loss_value += float(loss.detach()) * len(chunk)
             self.micro_batches += 1
         return loss_value / len(indices) if len(indices) else 0.0
@@ -148,9 +155,14 @@ class Replica:
         """Finish step `step`: an optimizer step with `grads` (None: a skipped step, no
         update), then the schedule's step; `next_step` becomes step + 1."""
         if grads is not None:
+            unscale = 1.0 / self.loss_scale.value
             for p, g in zip(self.trainable, grads):
-                p.grad = g.to(p.device, p.dtype).view(p.shape)
+                p.grad = (g * unscale if unscale != 1.0 else g).to(p.device, p.dtype).view(p.shape)
+            if self.cfg.grad_clip > 0:
+                # The reduced gradient is the same on every replica, so is the clipped one.
+                torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.grad_clip)
             self.optimizer.step()
+        self.loss_scale.update(skipped=grads is None)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.next_step = step + 1
@@ -176,7 +188,7 @@ class Replica:
             with torch.no_grad():
                 for b in range(start, end, batch_size):
                     idx = range(b, min(b + batch_size, end))
-                    batch = to_device(collate(self.val_ds, idx), self.device)
+                    batch = to_device(collate(self.val_ds, idx, self.task.collate), self.device)
                     for k, v in self.task.evaluate(self.model, batch).items():
                         sums[k] = sums.get(k, 0.0) + v * len(idx)
         finally:
@@ -187,10 +199,21 @@ class Replica:
     def state_dict(self) -> dict:
         """What makes another replica continue exactly like this one."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "schedule": self.scheduler.state_dict(), "next_step": self.next_step}
+                "schedule": self.scheduler.state_dict(), "next_step": self.next_step,
+                "loss_scale": self.loss_scale.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["schedule"])
         self.next_step = int(state["next_step"])
+        self.loss_scale.load_state_dict(state.get("loss_scale"))
+
+    # ---- buffers -----------------------------------------------------------------
+    def buffers_snapshot(self) -> list[torch.Tensor]:
+        return [b.detach().clone() for b in self.buffers]
+
+    def restore_buffers(self, saved: Sequence[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for b, s in zip(self.buffers, saved):
+                b.copy_(s)

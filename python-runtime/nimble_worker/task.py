@@ -1,9 +1,11 @@
 """Loads the researcher's task file and calls it defensively.
 
 Contract: build_model(args) -> nn.Module, build_dataset(split, args) -> Dataset
-(split "train" or "val"), optional compute_loss(model, batch) -> scalar Tensor,
-optional evaluate(model, batch) -> dict[str, float]. Every failure becomes a
-TaskError whose `where` names the file and the function, e.g. "task.py: build_model".
+(split "train" or "val"); optional compute_loss(model, batch) -> scalar Tensor,
+evaluate(model, batch) -> dict[str, float], collate(items) -> batch (instead of torch's
+default_collate) and build_optimizer(model, args) -> torch optimizer (its parameter
+groups are then the task's own). Every failure becomes a TaskError whose `where` names
+the file and the function, e.g. "task.py: build_model".
 """
 
 from __future__ import annotations
@@ -39,9 +41,53 @@ def _tail(exc: BaseException, lines: int = 6) -> str:
     return "\n".join(text[-lines:])
 
 
+DEFAULT_LOSS_FORMS = ("a dict batch for model(**batch) whose output has .loss or ['loss'], "
+                      "a model returning (logits, loss), or an (inputs, targets) batch for "
+                      "cross-entropy")
+
+
+def _loss_of(out: Any) -> torch.Tensor | None:
+    """The loss in a model's output: `.loss`, `["loss"]`, or the scalar second of a pair."""
+    loss = out.get("loss") if isinstance(out, dict) else getattr(out, "loss", None)
+    if isinstance(loss, torch.Tensor):
+        return loss
+    if isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[1], torch.Tensor) \
+            and out[1].dim() == 0:
+        return out[1]
+    return None
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of shape {tuple(x.shape)}"
+    if isinstance(x, dict):
+        return f"a dict with keys {sorted(map(str, x))[:8]}"
+    if isinstance(x, (tuple, list)):
+        return f"a {type(x).__name__} of {len(x)}"
+    return f"a {type(x).__name__}"
+
+
 def default_compute_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
-    x, y = batch
-    return F.cross_entropy(model(x), y)
+    """The loss when the task defines no compute_loss: see DEFAULT_LOSS_FORMS."""
+    if isinstance(batch, dict):
+        out = model(**batch)
+        loss = _loss_of(out)
+        if loss is None:
+            raise ValueError(f"model(**batch) returned {_describe(out)} with no loss; expected "
+                             f"{DEFAULT_LOSS_FORMS}, or define compute_loss(model, batch)")
+        return loss
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        x, y = batch
+        out = model(x)
+        loss = _loss_of(out)
+        if loss is not None:
+            return loss
+        if isinstance(out, torch.Tensor) and isinstance(y, torch.Tensor):
+            return F.cross_entropy(out, y)
+        raise ValueError(f"model(inputs) returned {_describe(out)}; expected {DEFAULT_LOSS_FORMS}, "
+                         "or define compute_loss(model, batch)")
+    raise ValueError(f"the batch is {_describe(batch)}; expected {DEFAULT_LOSS_FORMS}, or define "
+                     "compute_loss(model, batch)")
 
 
 class Task:
@@ -69,6 +115,10 @@ class Task:
                 raise TaskError(f"the task file must define {fn}()", f"{self.file}: {fn}")
         self._loss = getattr(module, "compute_loss", None)
         self._eval = getattr(module, "evaluate", None)
+        self._collate = getattr(module, "collate", None)
+        self._optimizer = getattr(module, "build_optimizer", None)
+        self.collate = (lambda items: self._call("collate", self._collate, items)) if callable(self._collate) else None
+        """The task's collate(items) wrapped, or None for torch's default_collate."""
 
     def where(self, fn: str) -> str:
         return f"{self.file}: {fn}"
@@ -88,6 +138,16 @@ class Task:
                             self.where("build_model"))
         return m
 
+    def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer | None:
+        """The task's own optimizer, or None to build the config's."""
+        if not callable(self._optimizer):
+            return None
+        opt = self._call("build_optimizer", self._optimizer, model, self.args)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TaskError(f"must return a torch.optim.Optimizer, got {type(opt).__name__}",
+                            self.where("build_optimizer"))
+        return opt
+
     def build_dataset(self, split: str) -> Any:
         ds = self._call("build_dataset", self.module.build_dataset, split, self.args)
         if not (hasattr(ds, "__len__") and hasattr(ds, "__getitem__")):
@@ -96,7 +156,7 @@ class Task:
         return ds
 
     def compute_loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
-        fn = "compute_loss"
+        fn = "compute_loss" if self._loss else "compute_loss (Nimble's default: the task defines none)"
         loss = self._call(fn, self._loss or default_compute_loss, model, batch)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or loss.dim() > 1:
             got = f"tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) \

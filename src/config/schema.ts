@@ -46,6 +46,8 @@ const sgd = z
     momentum: unit.default(0),
     nesterov: z.boolean().default(false),
     weight_decay: number().gte(0).default(0),
+    /** No weight decay on biases and normalisation weights (parameters of fewer than 2 dimensions). */
+    no_decay: z.boolean().default(false),
   })
   .strict();
 
@@ -57,6 +59,7 @@ function adamLike<N extends "adam" | "adamw">(name: N, weightDecay: number) {
       betas: z.tuple([unit, unit]).default([0.9, 0.999]),
       eps: positive.default(1e-8),
       weight_decay: number().gte(0).default(weightDecay),
+      no_decay: z.boolean().default(false),
     })
     .strict();
 }
@@ -69,18 +72,29 @@ export const optimizerSchema = z.discriminatedUnion("name", [
   adamLike("adamw", 0.01),
 ]);
 
-export const LR_SCHEDULE_NAMES = ["constant", "warmup_cosine"] as const;
+export const LR_SCHEDULE_NAMES = ["constant", "linear", "cosine", "warmup_linear", "warmup_cosine"] as const;
+
+/** A decaying schedule: from the peak (after warmup) to min_lr at decay_steps (0: at `steps`), then min_lr. */
+function decaying<N extends string>(name: N, warmup: boolean) {
+  return z
+    .object({
+      name: z.literal(name),
+      ...(warmup ? { warmup_steps: nonNegInt.default(0) } : {}),
+      min_lr: number().gte(0).default(0),
+      decay_steps: nonNegInt.default(0),
+    })
+    .strict();
+}
 
 export const lrScheduleSchema = z.discriminatedUnion("name", [
   z.object({ name: z.literal("constant") }).strict(),
-  z
-    .object({
-      name: z.literal("warmup_cosine"),
-      warmup_steps: nonNegInt.default(0),
-      min_lr: number().gte(0).default(0),
-    })
-    .strict(),
+  decaying("linear", false),
+  decaying("cosine", false),
+  decaying("warmup_linear", true),
+  decaying("warmup_cosine", true),
 ]);
+
+export const PRECISIONS = ["fp32", "bf16", "fp16"] as const;
 
 export const COMPRESSION_METHODS = ["none", "fp16", "bf16", "int8", "powersgd", "topk"] as const;
 
@@ -144,6 +158,10 @@ export const jobConfigSchema = z
     seed: nonNegInt.lte(Number.MAX_SAFE_INTEGER).default(0),
     optimizer: defaultName("sgd", optimizerSchema.default({ name: "sgd" })),
     lr_schedule: defaultName("constant", lrScheduleSchema.default({ name: "constant" })),
+    /** Clip the reduced gradient to this global L2 norm before each update (0: no clipping). */
+    grad_clip: number().gte(0).default(0),
+    /** Autocast on the worker's device: fp32 (none), bf16, or fp16 with a loss scale every worker agrees on. */
+    precision: z.enum(PRECISIONS).default("fp32"),
     compression: defaultName("powersgd", compressionSchema.default({ method: "powersgd" }), "method"),
     strategy: defaultName("sync", strategySchema.default({ name: "sync" })),
     /** How each step's batch is split: by measured worker speed (default) or equally. */
@@ -232,11 +250,12 @@ export function crossFieldIssues(raw: unknown): RawIssue[] {
   }
 
   const sched = raw.lr_schedule;
-  if (isRecord(sched) && sched.name === "warmup_cosine" && isInt(sched.warmup_steps) && isInt(raw.steps)) {
-    if (sched.warmup_steps >= raw.steps) {
+  if (isRecord(sched) && (sched.name === "warmup_cosine" || sched.name === "warmup_linear") && isInt(sched.warmup_steps) && isInt(raw.steps)) {
+    const horizon = isInt(sched.decay_steps) && sched.decay_steps > 0 ? sched.decay_steps : raw.steps;
+    if (sched.warmup_steps >= horizon) {
       issues.push({
         path: ["lr_schedule", "warmup_steps"],
-        message: `expected an integer < steps (${raw.steps}), found ${sched.warmup_steps}`,
+        message: `expected an integer < ${horizon === raw.steps ? "steps" : "decay_steps"} (${horizon}), found ${sched.warmup_steps}`,
       });
     }
   }

@@ -1,7 +1,7 @@
 import { readFile } from "node:fs/promises";
 import path from "node:path";
 
-/** Read float32 tensors from a .safetensors file (8-byte LE header length, JSON header, data). */
+/** Read the tensors of a .safetensors file (8-byte LE header length, JSON header, data) as float32 (I64 counters converted). */
 export async function readSafetensors(file: string): Promise<Map<string, { shape: number[]; data: Float32Array }>> {
   const buf = await readFile(file);
   const headerLen = Number(buf.readBigUInt64LE(0));
@@ -13,9 +13,11 @@ export async function readSafetensors(file: string): Promise<Map<string, { shape
   const out = new Map<string, { shape: number[]; data: Float32Array }>();
   for (const [name, t] of Object.entries(header)) {
     if (name === "__metadata__") continue;
-    if (t.dtype !== "F32") throw new Error(`${name}: dtype ${t.dtype}`);
     const bytes = buf.subarray(base + t.data_offsets[0], base + t.data_offsets[1]);
-    out.set(name, { shape: t.shape, data: new Float32Array(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength)) });
+    const raw = bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength);
+    if (t.dtype === "F32") out.set(name, { shape: t.shape, data: new Float32Array(raw) });
+    else if (t.dtype === "I64") out.set(name, { shape: t.shape, data: Float32Array.from(new BigInt64Array(raw), Number) });
+    else throw new Error(`${name}: dtype ${t.dtype}`);
   }
   return out;
 }

@@ -21,8 +21,9 @@ class Sync(Strategy):
     def __init__(self, cfg, replica, comm):
         super().__init__(cfg, replica, comm)
         self.compressor = build_compressor(cfg.compression, comm, replica.named_shapes())
-        # The prepared step: (step, its reduced gradient, the compressor's mark from before it)
-        self._pending: tuple[int, Reduced, Any] | None = None
+        # The prepared step: (step, its reduced gradient, the compressor's mark from before
+        # it, the buffers from before it: None when the model has none)
+        self._pending: tuple[int, Reduced, Any, Any] | None = None
         self.commit_s = 0.0
         """Seconds the last commit took (reported with the next step's compute)."""
 
@@ -47,7 +48,15 @@ class Sync(Strategy):
         hash_before = replica.hash() if want_hash else None
         lr = replica.lr
         t0 = time.perf_counter()
+        saved_buffers = replica.buffers_snapshot() if replica.buffers else None
         loss_value, grads = replica.grads(t, shares)
+        if saved_buffers is not None:
+            try:
+                self.sync_buffers(shares)
+            except BaseException:
+                replica.restore_buffers(saved_buffers)
+                replica.drop_grads()
+                raise
         # Forward/backward alone (what a share costs): the rest of compute_s (compression,
         # the optimizer) is about the same whatever the share, so it does not guide shares.
         t1 = time.perf_counter()
@@ -60,8 +69,10 @@ class Sync(Strategy):
         except BaseException:
             compressor.rollback(mark)
             replica.drop_grads()
+            if saved_buffers is not None:
+                replica.restore_buffers(saved_buffers)
             raise
-        self._pending = (t, res, mark)
+        self._pending = (t, res, mark, saved_buffers)
         if replica.device.type == "cuda":
             torch.cuda.synchronize(replica.device)
         t3 = time.perf_counter()
@@ -84,7 +95,7 @@ class Sync(Strategy):
         if self._pending is None:
             return
         t0 = time.perf_counter()
-        t, res, _ = self._pending
+        t, res, _, _ = self._pending
         self._pending = None
         self.replica.apply(t, res.grads)
         self.commit_s += time.perf_counter() - t0
@@ -92,9 +103,30 @@ class Sync(Strategy):
     def abort(self) -> int | None:
         if self._pending is None:
             return None
-        t, _, mark = self._pending
+        t, _, mark, saved_buffers = self._pending
         self._pending = None
         assert self.compressor is not None
         self.compressor.rollback(mark)  # its memories and Q's moved on during the reduce
         self.replica.drop_grads()
+        if saved_buffers is not None:  # the forward passes moved the running statistics on
+            self.replica.restore_buffers(saved_buffers)
         return t
+
+    def sync_buffers(self, shares: Sequence[int]) -> None:
+        """Make the buffers agree on every replica, in one all-reduce: floating ones become
+        the share-weighted mean of what each worker's forward passes left (a worker with
+        share 0 ran none and weighs nothing), the others (counters such as BatchNorm's
+        num_batches_tracked) are those of the first worker with a share."""
+        replica = self.replica
+        total = sum(shares)
+        first = next((r for r, s in enumerate(shares) if s > 0), 0)
+        weight = shares[replica.rank] / total if total else 0.0
+        parts = [(b.detach().to("cpu", torch.float64) * (weight if b.is_floating_point() else
+                  float(replica.rank == first))).reshape(-1) for b in replica.buffers]
+        summed = self.comm.allreduce(torch.cat(parts).to(torch.float32))
+        with torch.no_grad():
+            at = 0
+            for b in replica.buffers:
+                n = b.numel()
+                b.copy_(summed[at:at + n].view(b.shape).to(b.dtype))
+                at += n
