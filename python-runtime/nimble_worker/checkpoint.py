@@ -39,15 +39,38 @@ def compressor_file(replica: Replica, strategy: Strategy) -> tuple[str, bytes]:
                                          "state": state}))
 
 
+def final_weights(replica: Replica) -> bytes:
+    """The model's state as safetensors, as transformers and safetensors.torch expect it:
+    `format: pt` metadata, and tied weights (tensors sharing storage) stored once, the
+    others named in `tied` metadata. Tensors of dtypes safetensors lacks are named in
+    `dropped` and in the worker's log, not left out silently."""
+    tensors, tied, dropped, seen = {}, {}, [], {}
+    for name, t in replica.model.state_dict(keep_vars=False).items():
+        if t.dtype not in safetensors.DTYPES:
+            dropped.append(f"{name} ({t.dtype})")
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if t.numel() and key in seen:
+            tied[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t
+    meta = {"format": "pt", "step": str(replica.next_step), "name": replica.cfg.name,
+            "model": replica.describe()["model"]}
+    if tied:
+        meta["tied"] = json.dumps(tied)
+    if dropped:
+        meta["dropped"] = ", ".join(dropped)
+        print(f"nimble_worker: model.safetensors leaves out {', '.join(dropped)}: safetensors "
+              "has no such dtype", file=sys.stderr, flush=True)
+    return safetensors.dumps(tensors, meta)
+
+
 def state_files(replica: Replica, strategy: Strategy, kind: str) -> list[tuple[str, bytes]]:
     """The files of `kind`: checkpoint, final (model.safetensors) or compressor (only
     compressor.pt: the rest of a checkpoint is the same on every worker)."""
     if kind == "final":
-        tensors = {k: v for k, v in replica.model.state_dict().items()
-                   if v.dtype in safetensors.DTYPES}
-        meta = {"step": str(replica.next_step), "name": replica.cfg.name,
-                "model": replica.describe()["model"]}
-        return [("model.safetensors", safetensors.dumps(tensors, meta))]
+        return [("model.safetensors", final_weights(replica))]
     if kind == "compressor":
         return [compressor_file(replica, strategy)]
     if kind != "checkpoint":

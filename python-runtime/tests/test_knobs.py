@@ -2,6 +2,7 @@
 schedules, no_decay, the task's own optimizer and collate, the default loss's forms, and
 buffers (BatchNorm statistics) agreeing on every replica."""
 
+import json
 import threading
 
 import pytest
@@ -186,3 +187,23 @@ def test_batchnorm_statistics_agree_on_every_replica_and_a_diverged_buffer_is_ca
     with torch.no_grad():
         bn[1].running_mean.add_(0.01)
     assert trs[0].hash() != trs[1].hash()
+
+
+def test_final_weights_say_format_pt_and_store_tied_weights_once(tmp_path):
+    tied = write(tmp_path, BN_TASK.replace("def build_model(args): return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 2))", '''
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+        self.dec.weight = self.enc.weight
+        self.head = nn.Linear(4, 2)
+    def forward(self, x):
+        return self.head(self.dec(self.enc(x)))
+def build_model(args): return Tied()'''), "tied.py")
+    from nimble_worker import safetensors
+    tr = trainer(tied, batch_size=8)
+    tr.step(0, [8])
+    (_, blob), = tr.state("final")
+    tensors, meta = safetensors.loads(blob)
+    assert meta["format"] == "pt" and json.loads(meta["tied"]) == {"dec.weight": "enc.weight"}
+    assert sorted(tensors) == ["enc.weight", "head.bias", "head.weight"]
