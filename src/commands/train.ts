@@ -2,6 +2,7 @@ import { existsSync } from "node:fs";
 import path from "node:path";
 import { loadConfig } from "../config/load.js";
 import { UserError, errorMessage } from "../errors.js";
+import { TaskFailed } from "../job/coordinator/errors.js";
 import { runTraining } from "../job/coordinator/index.js";
 import { createReporter, verbosityFromFlags } from "../ui/reporter.js";
 import { RunLogReporter, TeeReporter } from "../ui/runLog.js";
@@ -44,7 +45,8 @@ export async function trainCommand(configArg: string | undefined, options: Train
   try {
     await runTraining({ loaded, local: options.local, python: options.python, torchSpec: options.torch, reporter, signal: controller.signal, resume, keyFile: options.key, sandbox: options.sandbox !== false });
   } catch (err) {
-    reporter.handle({ type: "error", message: errorMessage(err) });
+    const task = err instanceof TaskFailed ? { kind: err.kind, ...(err.where ? { where: err.where } : {}) } : {};
+    reporter.handle({ type: "error", message: errorMessage(err), ...task });
     throw err;
   } finally {
     process.off("SIGINT", onSignal);

@@ -56,7 +56,8 @@ export type TrainEvent =
   | { type: "eval"; step: number; metrics: Record<string, number> }
   | { type: "checkpoint"; step: number; path: string }
   | { type: "done"; run_dir: string; summary: Record<string, unknown> }
-  | { type: "error"; message: string };
+  /** `kind: task` (exit code 3) with `where` (file: function) for an error in the task's code. */
+  | { type: "error"; message: string; kind?: string; where?: string };
 
 export interface Reporter {
   handle(event: TrainEvent): void;

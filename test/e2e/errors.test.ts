@@ -1,4 +1,4 @@
-import { writeFile } from "node:fs/promises";
+import { readdir, readFile, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
 import { ephemeralIdentity } from "../../src/identity/identity.js";
@@ -54,13 +54,23 @@ describe("nimble train: bad input gets a clear message and a non-zero exit", () 
   it("names the task file and the missing function", async () => {
     const config = await setup("nofn", TINY_TASK.replace("def build_model", "def build_modle"));
     const r = await nimble(["train", config, "--python", python, "--local", "2"], { timeout: 120_000 });
-    expect(r.exitCode).not.toBe(0);
+    expect(r.exitCode).toBe(3); // a task error: 3 (config errors exit 2)
     expect(String(r.stderr)).toMatch(/task\.py/);
     expect(String(r.stderr)).toMatch(/build_model/);
     // Once, with its hint: not again on stdout, nor as a worker's log line.
     const told = (text: string) => text.split("\n").filter((l) => /task\.py: (build_model|import)/.test(l)).length;
     expect(told(String(r.stderr))).toBe(1);
     expect(told(String(r.stdout))).toBe(0);
+    // --json: the error event says it is the task's, and where.
+    const j = await nimble(["train", config, "--json", "--python", python, "--local", "1"], { timeout: 120_000 });
+    expect(j.exitCode).toBe(3);
+    const error = String(j.stdout).trim().split("\n").map((l) => JSON.parse(l)).find((e) => e.type === "error");
+    expect(error).toMatchObject({ kind: "task", where: "task.py: build_model" });
+    // The run folder it started is marked failed.
+    const runs = path.join(path.dirname(config), "runs");
+    for (const dir of await readdir(runs)) {
+      expect(JSON.parse(await readFile(path.join(runs, dir, "summary.json"), "utf8")).status).toBe("failed");
+    }
   }, 180_000);
 
   it("fails when a worker dies and too few are left (faults.min_workers), naming its rank, and keeps the metrics so far", async () => {

@@ -9,7 +9,7 @@ import type { ProviderClient } from "../providerClient.js";
 import type { RunDir } from "../runDir.js";
 import type { Incoming } from "./answers.js";
 import { Commits } from "./commit.js";
-import { FaultError, JobFailed, taskErrorHint, type Fault } from "./errors.js";
+import { FaultError, JobFailed, TaskFailed, taskErrorHint, type Fault } from "./errors.js";
 import { Exchanges } from "./exchanges.js";
 import { Membership } from "./membership.js";
 import { transition, survivesFaults, type Phase } from "./phase.js";
@@ -183,7 +183,7 @@ class Job {
         this.tally.retell([r.rank], r.message, this.membership.pendingFaults);
         return this.status(r.message, "warn");
       case "fail":
-        return this.exchanges.fail(new JobFailed(r.message, taskErrorHint(r.kind)));
+        return this.exchanges.fail(r.kind === "task" ? new TaskFailed(r.message, r.where, taskErrorHint(r.kind)) : new JobFailed(r.message, taskErrorHint(r.kind)));
       case "joiner":
         this.membership.joinerReady(r.rank);
         this.providers.ranks[r.rank].row.state = "joining";
@@ -241,7 +241,9 @@ class Job {
     await dir.writeSummary(this.#summary(cancelled ? "cancelled" : "failed", errorMessage(err)) as unknown as Record<string, unknown>).catch(() => {});
     await dir.close().catch(() => {});
     if (err instanceof UserError && !cancelled && !(err.hint ?? "").includes(dir.dir)) {
-      return new JobFailed(err.message, [err.hint, `Metrics and checkpoints so far are in ${dir.dir}.`].filter(Boolean).join(" "), err.exitCode);
+      const hint = [err.hint, `Metrics and checkpoints so far are in ${dir.dir}.`].filter(Boolean).join(" ");
+      if (err instanceof TaskFailed) return new TaskFailed(err.message, err.where, hint);
+      return new JobFailed(err.message, hint, err.exitCode);
     }
     return err;
   }

@@ -13,7 +13,7 @@ export type Route =
   | { action: "fault"; fault: Omit<Fault, "at"> }
   /** News of a rank out of the ring already (it crashed again while restarting, or gave up). */
   | { action: "retell"; rank: number; message: string }
-  | { action: "fail"; message: string; kind: Failed["kind"] }
+  | { action: "fail"; message: string; kind: Failed["kind"]; where?: string }
   /** A loaded worker waiting to enter the ring at the next round boundary. */
   | { action: "joiner"; rank: number }
   /** An answer for the exchanges in flight. */
@@ -42,7 +42,7 @@ export function route(m: Incoming, address: string, state: RouteState): Route {
         return { action: "retell", rank: m.rank, message: m.message };
       }
       const who = m.rank !== undefined ? `rank ${m.rank} on provider ${address}` : `provider ${address}`;
-      return { action: "fail", message: `${who} failed: ${m.where ? `${m.where}: ` : ""}${m.message}`, kind: m.kind };
+      return { action: "fail", message: `${who} failed: ${m.where ? `${m.where}: ` : ""}${m.message}`, kind: m.kind, ...(m.where ? { where: m.where } : {}) };
     }
     case "ring_lost":
       // Reports from a ring already given up (during recovery, or of an older epoch) say nothing new.
