@@ -1,6 +1,7 @@
 import { existsSync } from "node:fs";
+import { readFile } from "node:fs/promises";
 import path from "node:path";
-import { loadConfig } from "../config/load.js";
+import { loadConfig, parseOverride } from "../config/load.js";
 import { UserError, errorMessage } from "../errors.js";
 import { TaskFailed } from "../job/coordinator/errors.js";
 import { runTraining } from "../job/coordinator/index.js";
@@ -14,6 +15,8 @@ export interface TrainCommandOptions {
   json?: boolean;
   resume?: string;
   key?: string;
+  /** `--set field=value`, repeatable: overrides applied to the config before it is validated. */
+  set?: string[];
   /** commander's --no-sandbox: false runs the local providers' jobs unconfined. */
   sandbox?: boolean;
   quiet?: boolean;
@@ -24,7 +27,15 @@ export interface TrainCommandOptions {
 export async function trainCommand(configArg: string | undefined, options: TrainCommandOptions): Promise<void> {
   const { configPath, resume } = await resolveRun(configArg, options.resume);
   // Resuming runs the run directory's own copies of the config and task.
-  const loaded = await loadConfig(configPath, resume ? { taskInDir: resume } : {});
+  const overrides = (options.set ?? []).map(parseOverride);
+  const loaded = await loadConfig(configPath, { ...(resume ? { taskInDir: resume } : {}), overrides });
+  if (resume) {
+    const done = await finishedRun(resume, loaded.config.steps);
+    if (done !== null) {
+      process.stdout.write(`${resume} is a finished run: all ${done} of its ${loaded.config.steps} steps are done, so nothing was changed.\nTo train it further, resume with --set steps=N (N > ${done}).\n`);
+      return;
+    }
+  }
   if (options.local !== undefined && loaded.config.providers.length > 0) {
     throw new UserError(`--local ${options.local} was given but ${configPath} names providers`, "Drop --local, or remove `providers` from the config to train on local providers.", 2);
   }
@@ -53,6 +64,18 @@ export async function trainCommand(configArg: string | undefined, options: Train
     process.off("SIGTERM", onSignal);
     reporter.close();
   }
+}
+
+/** The steps of a run that completed all of `steps` (its summary says so), or null. */
+async function finishedRun(dir: string, steps: number): Promise<number | null> {
+  let summary: unknown;
+  try {
+    summary = JSON.parse(await readFile(path.join(dir, "summary.json"), "utf8"));
+  } catch {
+    return null; // no summary (it was killed) or a damaged one: resuming is the way on
+  }
+  const s = summary as { status?: unknown; steps?: unknown };
+  return s.status === "completed" && typeof s.steps === "number" && s.steps >= steps ? s.steps : null;
 }
 
 /** `nimble train CONFIG` or `nimble train --resume RUN_DIR` (whose config.yaml is used). */

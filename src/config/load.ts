@@ -6,7 +6,7 @@
 import { existsSync, statSync } from "node:fs";
 import { readFile, stat } from "node:fs/promises";
 import path from "node:path";
-import { isMap, isPair, isScalar, isSeq, LineCounter, parseDocument, type Node } from "yaml";
+import { isMap, isPair, isScalar, isSeq, LineCounter, parse as parseYamlValue, parseDocument, type Node } from "yaml";
 import { z } from "zod";
 import { ConfigError, errorMessage } from "../errors.js";
 import {
@@ -29,7 +29,7 @@ export interface LoadedConfig {
   config: JobConfig;
   /** Absolute path of the task file (resolved relative to `dir`). */
   taskPath: string;
-  /** The config file's text, as read. */
+  /** The config file's text, as read (with `--set` overrides written in). */
   text: string;
 }
 
@@ -41,9 +41,33 @@ export interface ConfigIssue {
   /** Dotted field path, e.g. `optimizer.lr` or `providers[0].address`; "" for the document. */
   field: string;
   message: string;
+  /** Set when the value came from the command line (`--set a.b=v`): named instead of a line. */
+  source?: string;
 }
 
-/** A ConfigError that also carries the individual issues, in file order. */
+/** `--set a.b=value`: a field path and a value read as YAML (numbers, booleans, [lists], {maps}). */
+export interface ConfigOverride {
+  path: (string | number)[];
+  value: unknown;
+  /** As given, for messages: `--set a.b=value`. */
+  flag: string;
+}
+
+export function parseOverride(arg: string): ConfigOverride {
+  const flag = `--set ${arg}`;
+  const eq = arg.indexOf("=");
+  const key = eq > 0 ? arg.slice(0, eq).trim() : "";
+  if (!/^[A-Za-z_][A-Za-z0-9_]*(\.([A-Za-z_][A-Za-z0-9_]*|\d+))*$/.test(key)) {
+    throw new ConfigError(`${flag}: expected field=value, such as steps=500 or optimizer.lr=0.001`, "name a field of the job config, with dots between sections");
+  }
+  let value: unknown;
+  try {
+    value = parseYamlValue(arg.slice(eq + 1), { maxAliasCount: 0 });
+  } catch (err) {
+    throw new ConfigError(`${flag}: the value is not valid YAML: ${firstLine(errorMessage(err))}`);
+  }
+  return { path: key.split(".").map((k) => (/^\d+$/.test(k) ? Number(k) : k)), value, flag };
+}
 export class ConfigIssuesError extends ConfigError {
   constructor(
     readonly file: string,
@@ -59,6 +83,8 @@ export const MAX_REPORTED = 10;
 export interface LoadOptions {
   /** Look for the task file (by its base name) in this folder: a run directory's copy, to resume. */
   taskInDir?: string;
+  /** `--set` overrides, applied to the file's values before they are validated. */
+  overrides?: ConfigOverride[];
 }
 
 /** The task file names providers accept (src/protocol/messages.ts, `job.task.filename`). */
@@ -97,10 +123,12 @@ interface ParsedYaml {
   check: <S extends z.ZodTypeAny>(schema: S) => z.SafeParseReturnType<z.input<S>, z.output<S>>;
   /** Throw every issue so far, in file order. */
   finish: () => void;
+  /** The text with the overrides written in (the text itself without any). */
+  text: string;
 }
 
-/** YAML parsed for validation: the plain value, and where to report an issue at a path. */
-function parseYaml(text: string, file: string): ParsedYaml {
+/** YAML parsed for validation (with command-line overrides set into it): the plain value, and where to report an issue at a path. */
+function parseYaml(text: string, file: string, overrides: ConfigOverride[] = []): ParsedYaml {
   const lineCounter = new LineCounter();
   const doc = parseDocument(text, { lineCounter, prettyErrors: true, uniqueKeys: true });
   if (doc.errors.length > 0) {
@@ -109,6 +137,13 @@ function parseYaml(text: string, file: string): ParsedYaml {
       return { line: pos.line || 1, col: pos.col || 1, field: "", message: `invalid YAML: ${firstLine(e.message)}` };
     });
     throw new ConfigIssuesError(file, issues);
+  }
+  for (const o of overrides) {
+    try {
+      doc.setIn(o.path, doc.createNode(o.value));
+    } catch (err) {
+      throw new ConfigIssuesError(file, [{ line: 1, col: 1, field: fieldName(o.path), message: `cannot be set: ${errorMessage(err)}`, source: o.flag }]);
+    }
   }
   let raw: unknown;
   try {
@@ -119,7 +154,9 @@ function parseYaml(text: string, file: string): ParsedYaml {
   const issues: ConfigIssue[] = [];
   const add: ParsedYaml["add"] = (p, message, at = "value") => {
     const { line, col } = locateIn(doc.contents, lineCounter, p, at);
-    issues.push({ line, col, field: fieldName(p), message });
+    // A field the command line set is reported under its flag, not at a line of the file.
+    const o = overrides.find((o) => o.path.length <= p.length && o.path.every((k, i) => k === p[i]));
+    issues.push({ line, col, field: fieldName(p), message, ...(o ? { source: o.flag } : {}) });
   };
   const check: ParsedYaml["check"] = (schema) => {
     const result = schema.safeParse(raw);
@@ -131,7 +168,7 @@ function parseYaml(text: string, file: string): ParsedYaml {
     issues.sort((a, b) => a.line - b.line || a.col - b.col);
     throw new ConfigIssuesError(file, dedupe(issues));
   };
-  return { raw, issues, add, check, finish };
+  return { raw, issues, add, check, finish, text: overrides.length ? doc.toString() : text };
 }
 
 /**
@@ -153,7 +190,7 @@ export function validateYaml<S extends z.ZodTypeAny>(schema: S, text: string, fi
 export function parseConfigText(text: string, file: string, opts: LoadOptions = {}): LoadedConfig {
   const abs = path.resolve(file);
   const dir = path.dirname(abs);
-  const { raw, add, check, finish, issues } = parseYaml(text, file);
+  const { raw, add, check, finish, issues, text: effective } = parseYaml(text, file, opts.overrides);
   const result = check(jobConfigSchema);
   for (const r of crossFieldIssues(raw)) add(r.path, r.message);
 
@@ -176,12 +213,12 @@ export function parseConfigText(text: string, file: string, opts: LoadOptions = 
 
   finish();
   if (!result.success) throw new ConfigIssuesError(file, issues);
-  return { path: abs, dir, config: result.data, taskPath, text };
+  return { path: abs, dir, config: result.data, taskPath, text: effective };
 }
 
 function formatIssues(file: string, issues: ConfigIssue[]): string {
   const shown = issues.slice(0, MAX_REPORTED).map((i) => {
-    const where = `${file}:${i.line}:${i.col}`;
+    const where = i.source ?? `${file}:${i.line}:${i.col}`;
     return i.field ? `${where}: ${i.field}: ${i.message}` : `${where}: ${i.message}`;
   });
   if (issues.length > MAX_REPORTED) shown.push(`... and ${issues.length - MAX_REPORTED} more problems`);

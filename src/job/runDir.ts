@@ -1,6 +1,6 @@
 import { createHash } from "node:crypto";
 import { createWriteStream, type WriteStream } from "node:fs";
-import { mkdir, readdir, readFile, rename, rm, writeFile, copyFile } from "node:fs/promises";
+import { copyFile, mkdir, readdir, readFile, rename, rm, writeFile } from "node:fs/promises";
 import path from "node:path";
 import type { WorkerFigures } from "../strategy/sync.js";
 import { parseMetricsLines } from "./metricsFile.js";
@@ -154,8 +154,9 @@ export class RunDir {
     }
   }
 
-  async copyInputs(configPath: string, taskPath: string) {
-    await copyFile(configPath, path.join(this.dir, "config.yaml"));
+  /** The run's inputs: the config as it applies (with any --set overrides written in) and the task. */
+  async copyInputs(configText: string, taskPath: string) {
+    await writeFile(path.join(this.dir, "config.yaml"), configText);
     await copyFile(taskPath, path.join(this.dir, path.basename(taskPath)));
   }
 

@@ -3,7 +3,7 @@ import { tmpdir } from "node:os";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ConfigError } from "../../src/errors.js";
-import { ConfigIssuesError, loadConfig, parseConfigText, type ConfigIssue } from "../../src/config/load.js";
+import { ConfigIssuesError, loadConfig, parseConfigText, parseOverride, type ConfigIssue } from "../../src/config/load.js";
 
 /** The message parsing `text` as `file` fails with ("" when it does not). */
 function errorOf(text: string, file: string): string {
@@ -62,8 +62,10 @@ describe("parseConfigText", () => {
       steps: 300,
       batch_size: 64,
       seed: 0,
-      optimizer: { name: "sgd", lr: 0.01, momentum: 0, nesterov: false, weight_decay: 0 },
+      optimizer: { name: "sgd", lr: 0.01, momentum: 0, nesterov: false, weight_decay: 0, no_decay: false },
       lr_schedule: { name: "constant" },
+      grad_clip: 0,
+      precision: "fp32",
       compression: { method: "powersgd", rank: 4, start_step: 10, min_compression_rate: 2, error_feedback: true, warm_start: true, seed: 0 },
       strategy: { name: "sync" },
       balance: "measured",
@@ -98,8 +100,8 @@ providers:
 `,
       file,
     );
-    expect(config.optimizer).toEqual({ name: "adamw", lr: 3e-4, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.01 });
-    expect(config.lr_schedule).toEqual({ name: "warmup_cosine", warmup_steps: 30, min_lr: 0 });
+    expect(config.optimizer).toEqual({ name: "adamw", lr: 3e-4, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.01, no_decay: false });
+    expect(config.lr_schedule).toEqual({ name: "warmup_cosine", warmup_steps: 30, min_lr: 0, decay_steps: 0 });
     expect(config.eval).toEqual({ every: 100, samples: 1000, batch_size: 256 });
     expect(config.checkpoint).toEqual({ every: 0, keep: 3 });
     expect(config.task_args).toEqual({ hidden: 128 });
@@ -111,7 +113,7 @@ providers:
 
   it("defaults an optimizer without a name to sgd", () => {
     const { config } = parseConfigText(BASE + "optimizer:\n  lr: 0.1\n  momentum: 0.9\n  nesterov: true\n", file);
-    expect(config.optimizer).toEqual({ name: "sgd", lr: 0.1, momentum: 0.9, nesterov: true, weight_decay: 0 });
+    expect(config.optimizer).toEqual({ name: "sgd", lr: 0.1, momentum: 0.9, nesterov: true, weight_decay: 0, no_decay: false });
   });
 
   it("reports malformed YAML with its line", () => {
@@ -151,7 +153,7 @@ providers:
     expect(issues[0]).toMatchObject({ line: 5, col: 1, field: "stpes" });
     expect(issues[0]!.message).toContain('unknown key "stpes"');
     expect(issues[0]!.message).toContain(
-      "allowed keys: name, task, task_args, steps, batch_size, seed, optimizer, lr_schedule, compression, strategy, balance, leave_out_slow, eval, checkpoint, faults, providers, local_workers, output",
+      "allowed keys: name, task, task_args, steps, batch_size, seed, optimizer, lr_schedule, grad_clip, precision, compression, strategy, balance, leave_out_slow, eval, checkpoint, faults, providers, local_workers, output",
     );
   });
 
@@ -166,7 +168,7 @@ providers:
     ]);
     expect(issues[0]!.message).toBe('unknown key "sample" in eval; allowed keys: every, samples, batch_size');
     expect(issues[1]!.message).toBe(
-      'unknown key "momentum" in optimizer (name: adam); allowed keys: name, lr, betas, eps, weight_decay',
+      'unknown key "momentum" in optimizer (name: adam); allowed keys: name, lr, betas, eps, weight_decay, no_decay',
     );
     expect(issues[2]!.message).toContain("allowed keys: address, token, key");
   });
@@ -194,9 +196,9 @@ providers:
   });
 
   it("lists the schedule names for a bad lr_schedule", () => {
-    const { issues } = issuesOf(BASE + "lr_schedule: {name: cosine}\n");
+    const { issues } = issuesOf(BASE + "lr_schedule: {name: exponential}\n");
     expect(issues[0]).toMatchObject({ line: 5, field: "lr_schedule.name" });
-    expect(issues[0]!.message).toContain("constant | warmup_cosine");
+    expect(issues[0]!.message).toContain("constant | linear | cosine | warmup_linear | warmup_cosine");
   });
 
   it("requires momentum > 0 for nesterov", () => {
@@ -454,3 +456,38 @@ describe("configs that would validate and then fail", () => {
     await expect(loadConfig(huge)).rejects.toThrow(/huge\.yaml: cannot read config: \d+ bytes is more than a config may have/);
   });
 });
+
+describe("--set overrides", () => {
+  const dir = mkdtempSync(path.join(tmpdir(), "nimble-config-set-"));
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+  const file = path.join(dir, "nimble.yaml");
+  writeFileSync(path.join(dir, "task.py"), "x = 1\n");
+  const text = "name: s\ntask: task.py\nsteps: 10\n# a comment kept\nbatch_size: 8\noptimizer: {name: adam}\n";
+
+  it("set fields before validation, typed as YAML, and the effective text keeps the file's comments", () => {
+    const overrides = ["steps=25", "optimizer.lr=0.0005", "eval.every=5", "compression.method=none"].map(parseOverride);
+    const loaded = parseConfigText(text, file, { overrides });
+    expect(loaded.config.steps).toBe(25);
+    expect(loaded.config.optimizer).toMatchObject({ name: "adam", lr: 0.0005 });
+    expect(loaded.config.eval.every).toBe(5);
+    expect(loaded.config.compression).toEqual({ method: "none" });
+    expect(loaded.text).toMatch(/steps: 25\n# a comment kept\n/);
+  });
+
+  it("report a bad value under the flag that gave it, and a malformed flag", () => {
+    const err = (() => {
+      try {
+        parseConfigText(text, file, { overrides: [parseOverride("steps=many"), parseOverride("optimizer.lr=-1")] });
+      } catch (e) {
+        return e as Error;
+      }
+    })();
+    expect(err!.message.split("\n").slice(1)).toEqual([
+      '  --set steps=many: steps: expected an integer >= 1, found "many" (a string)',
+      "  --set optimizer.lr=-1: optimizer.lr: expected a number > 0, found -1",
+    ]);
+    expect(() => parseOverride("steps")).toThrow("--set steps: expected field=value, such as steps=500 or optimizer.lr=0.001");
+    expect(() => parseOverride("=3")).toThrow(/expected field=value/);
+  });
+});
+

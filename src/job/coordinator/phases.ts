@@ -13,10 +13,10 @@ const LINK_PROBE_BYTES = 4 * 1024 * 1024;
 const LINK_PROBE_TIMEOUT_MS = 180_000;
 
 /** The run directory: a new one, or the one to resume with its newest intact checkpoint. */
-export async function openRunDir(run: Pick<Run, "config" | "tally" | "status" | "report">, loaded: { path: string; taskPath: string }, resume?: string): Promise<{ dir: RunDir; checkpoint: Checkpoint | null }> {
+export async function openRunDir(run: Pick<Run, "config" | "tally" | "status" | "report">, loaded: { path: string; taskPath: string; text: string }, resume?: string): Promise<{ dir: RunDir; checkpoint: Checkpoint | null }> {
   if (!resume) {
     const dir = await RunDir.create(path.resolve(run.config.output), run.config.name);
-    await dir.copyInputs(loaded.path, loaded.taskPath);
+    await dir.copyInputs(loaded.text, loaded.taskPath);
     run.report({ type: "run", run_dir: dir.dir, resumed: false });
     return { dir, checkpoint: null };
   }
