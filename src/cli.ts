@@ -3,6 +3,7 @@ import { Command, InvalidArgumentError, Option } from "commander";
 import { benchCommand } from "./commands/bench.js";
 import { envCommand } from "./commands/env.js";
 import { idCommand } from "./commands/id.js";
+import { initCommand } from "./commands/init.js";
 import { reportCommand } from "./commands/report.js";
 import { runsCommand, runsShowCommand } from "./commands/runs.js";
 import { provideCommand } from "./commands/provide.js";
@@ -61,6 +62,7 @@ program
   .description("run a training job from a YAML config, on the providers it names or on local ones")
   .argument("[config]", "job config (YAML); not with --resume")
   .option("--resume <run_dir>", "continue a run directory from its newest intact checkpoint (with --set steps=N, past its end)")
+  .option("--dry-run", "validate, build the datasets and model and run one step on one local worker, then exit (no providers, no run folder)")
   .option("--set <field=value>", "override a config field, e.g. --set steps=500 --set optimizer.lr=0.001 (repeatable)", (v: string, all: string[] = []) => [...all, v])
   .option("--local <n>", "number of local providers to start (overrides local_workers)", positiveInt)
   .option("--python <path>", "interpreter with torch for local workers (default: $NIMBLE_PYTHON or a managed environment)")
@@ -145,6 +147,12 @@ program
   .option("--output <dir>", "folder the runs are in (the config's `output`; default runs)")
   .option("--json", "print one JSON object: {report, screenshot?, data}")
   .action((run: string, opts) => reportCommand(run, opts));
+
+program
+  .command("init")
+  .description("write a commented job config and a task skeleton that trains as it is")
+  .argument("[dir]", "folder to write them in (made if missing)", ".")
+  .action((dir: string) => initCommand(dir));
 
 program
   .command("id")

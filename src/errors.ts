@@ -22,6 +22,22 @@ export class ConfigError extends UserError {
   }
 }
 
+/** Exit code of a job stopped by an error in the task's code (config errors exit 2). */
+export const EXIT_TASK_ERROR = 3;
+
+/** The job stopped on an error in the researcher's task: `where` names the file and function. */
+export class TaskFailed extends UserError {
+  readonly kind = "task";
+  constructor(
+    message: string,
+    readonly where: string | undefined,
+    hint?: string,
+  ) {
+    super(message, hint, EXIT_TASK_ERROR);
+    this.name = "TaskFailed";
+  }
+}
+
 /** Invalid data from a peer (provider, worker, ring neighbour). The link it came on is dropped. */
 export class ProtocolError extends Error {
   constructor(message: string) {

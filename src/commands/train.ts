@@ -5,6 +5,8 @@ import { loadConfig, parseOverride } from "../config/load.js";
 import { UserError, errorMessage } from "../errors.js";
 import { TaskFailed } from "../job/coordinator/errors.js";
 import { runTraining } from "../job/coordinator/index.js";
+import { dryRun } from "../runtime/dryRun.js";
+import { resolvePython } from "../runtime/python.js";
 import { createReporter, verbosityFromFlags } from "../ui/reporter.js";
 import { RunLogReporter, TeeReporter } from "../ui/runLog.js";
 
@@ -17,6 +19,8 @@ export interface TrainCommandOptions {
   key?: string;
   /** `--set field=value`, repeatable: overrides applied to the config before it is validated. */
   set?: string[];
+  /** Validate, build the model and run one step on one local worker; no providers, no run folder. */
+  dryRun?: boolean;
   /** commander's --no-sandbox: false runs the local providers' jobs unconfined. */
   sandbox?: boolean;
   quiet?: boolean;
@@ -29,6 +33,18 @@ export async function trainCommand(configArg: string | undefined, options: Train
   // Resuming runs the run directory's own copies of the config and task.
   const overrides = (options.set ?? []).map(parseOverride);
   const loaded = await loadConfig(configPath, { ...(resume ? { taskInDir: resume } : {}), overrides });
+  if (options.dryRun) {
+    const python = await resolvePython({ python: options.python, torchSpec: options.torch, onProgress: (line) => process.stderr.write(`${line}\n`) });
+    const r = await dryRun({ python: python.python, taskPath: loaded.taskPath, config: loaded.config as unknown as Record<string, unknown>, onLog: (line) => process.stderr.write(`${line}\n`) });
+    if (options.json) process.stdout.write(`${JSON.stringify({ type: "dry_run", ...r })}\n`);
+    else {
+      process.stdout.write(
+        `${configPath} is ready: ${r.model}; ${r.train_size} training and ${r.val_size} validation items; one step of ${r.batch_size} on ${r.device} ` +
+          `(${r.micro_batches} micro-batch${r.micro_batches === 1 ? "" : "es"}): loss ${r.loss.toFixed(4)}${r.skipped ? " (skipped: not finite)" : ""}\n`,
+      );
+    }
+    return;
+  }
   if (resume) {
     const done = await finishedRun(resume, loaded.config.steps);
     if (done !== null) {

@@ -1,21 +1,7 @@
 import { UserError } from "../../errors.js";
 
 export class JobFailed extends UserError {}
-
-/** Exit code of a job stopped by an error in the task's code (config errors exit 2). */
-export const EXIT_TASK_ERROR = 3;
-
-/** The job stopped on an error in the researcher's task: `where` names the file and function. */
-export class TaskFailed extends JobFailed {
-  readonly kind = "task";
-  constructor(
-    message: string,
-    readonly where: string | undefined,
-    hint?: string,
-  ) {
-    super(message, hint, EXIT_TASK_ERROR);
-  }
-}
+export { TaskFailed } from "../../errors.js";
 
 /** Something a job survives: a provider lost, a worker dead, a ring cut. */
 export interface Fault {
