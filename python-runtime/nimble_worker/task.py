@@ -93,13 +93,15 @@ def default_compute_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
 class Task:
     """The loaded task module plus checked wrappers around its functions."""
 
-    def __init__(self, path: str, args: dict[str, Any]):
+    def __init__(self, path: str, args: dict[str, Any], package_dir: str | None = None):
         self.path = os.path.abspath(path)
         self.file = os.path.basename(path)
         self.args = args
         if not os.path.isfile(self.path):
             raise TaskError(f"task file not found: {self.path}", f"{self.file}: load")
         name = f"nimble_task_{abs(hash(self.path))}"
+        if package_dir:  # a task package: its sibling modules import
+            sys.path.insert(0, os.path.abspath(package_dir))
         try:
             spec = importlib.util.spec_from_file_location(name, self.path)
             if spec is None or spec.loader is None:
@@ -108,7 +110,11 @@ class Task:
             sys.modules[name] = module  # dataclasses/pickle need the module registered
             spec.loader.exec_module(module)
         except Exception as e:
-            raise TaskError(f"importing the task failed:\n{_tail(e)}", f"{self.file}: import") from e
+            hint = ""
+            if isinstance(e, ModuleNotFoundError) and not package_dir and e.name and "." not in e.name:
+                hint = (f"\nIf {e.name}.py (or a {e.name}/ package) lies beside the task file, name the "
+                        "task's folder in the config's `task:` so that it ships with it.")
+            raise TaskError(f"importing the task failed:\n{_tail(e)}{hint}", f"{self.file}: import") from e
         self.module = module
         for fn in ("build_model", "build_dataset"):
             if not callable(getattr(module, fn, None)):

@@ -201,8 +201,11 @@ export function parseConfigText(text: string, file: string, opts: LoadOptions = 
     taskPath = opts.taskInDir ? path.join(opts.taskInDir, path.basename(task)) : path.resolve(dir, task);
     if (!existsSync(taskPath)) {
       add(["task"], `task file not found: ${JSON.stringify(task)} (looked for ${taskPath})`);
+    } else if (statSync(taskPath).isDirectory()) {
+      // A task package: the folder ships, its task.py is the entry point (src/job/package.ts).
+      if (!existsSync(path.join(taskPath, "task.py"))) add(["task"], `the task folder ${taskPath} has no task.py (its entry point)`);
     } else if (!statSync(taskPath).isFile()) {
-      add(["task"], `task must name a Python file, found a directory: ${taskPath}`);
+      add(["task"], `task must name a Python file or a folder holding task.py, found neither: ${taskPath}`);
     } else if (!TASK_FILENAME.test(path.basename(taskPath))) {
       // What providers accept: they write the task under this name in the job's folder.
       add(["task"], `the task file's name ${JSON.stringify(path.basename(taskPath))} must be 1 to 128 characters from A-Z a-z 0-9 . _ - ending in .py`);

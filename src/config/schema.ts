@@ -209,6 +209,8 @@ export const jobConfigSchema = z
     providers: nullAsAbsent(z.array(providerSchema).default([])),
     local_workers: z.number().int().gte(1).lte(64).default(2),
     output: z.string().min(1).default("runs"),
+    /** A task folder may hold at most this many MiB (src/job/package.ts). */
+    package_limit_mb: posInt.lte(256).default(64),
   })
   .strict();
 

@@ -171,6 +171,11 @@ export class ProviderClient extends EventEmitter<{ message: [Incoming]; lost: [s
     if (this.ws.readyState === WebSocket.OPEN) this.ws.send(encodeMessage(message));
   }
 
+  /** Resolves once what was sent has mostly left (under 4 MiB buffered): backpressure for bulk sends. */
+  async drained(): Promise<void> {
+    while (this.ws.readyState === WebSocket.OPEN && this.ws.bufferedAmount > 4 * 1024 * 1024) await new Promise((r) => setTimeout(r, 10));
+  }
+
   close(): void {
     this.closedByUs = true;
     this.ws.close(1000, "job over");

@@ -1,6 +1,7 @@
 import { createHash } from "node:crypto";
 import { createWriteStream, type WriteStream } from "node:fs";
 import { copyFile, mkdir, readdir, readFile, rename, rm, writeFile } from "node:fs/promises";
+import { unpackPackage, type TaskPackage } from "./package.js";
 import path from "node:path";
 import type { WorkerFigures } from "../strategy/sync.js";
 import { parseMetricsLines } from "./metricsFile.js";
@@ -154,10 +155,14 @@ export class RunDir {
     }
   }
 
-  /** The run's inputs: the config as it applies (with any --set overrides written in) and the task. */
-  async copyInputs(configText: string, taskPath: string) {
+  /**
+   * The run's inputs: the config as it applies (with any --set overrides written in) and
+   * the task: its file, or for a task folder the package's files in a folder of that name.
+   */
+  async copyInputs(configText: string, taskPath: string, pkg: TaskPackage | null = null) {
     await writeFile(path.join(this.dir, "config.yaml"), configText);
-    await copyFile(taskPath, path.join(this.dir, path.basename(taskPath)));
+    if (pkg) await unpackPackage(pkg.blob, path.join(this.dir, path.basename(taskPath)));
+    else await copyFile(taskPath, path.join(this.dir, path.basename(taskPath)));
   }
 
   appendMetrics(line: StepMetrics) {

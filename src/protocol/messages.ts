@@ -12,6 +12,8 @@ import { ProtocolError } from "../errors.js";
  * 4: TLS links; identities and session-bound proofs instead of tokens and secrets.
  */
 export const PROTOCOL_VERSION = 4;
+/** The largest task package a provider takes (its chunks travel one MiB at a time). */
+export const MAX_PACKAGE_BYTES = 256 * 1024 * 1024;
 /** Control messages carry the task file and checkpoints; bound them all the same. */
 export const MAX_CONTROL_BYTES = 512 * 1024 * 1024;
 
@@ -130,7 +132,16 @@ export const toProviderSchema = z.discriminatedUnion("t", [
     threads: z.number().int().min(1).max(1024).optional(),
     /** Joining a running job: start the workers, but wait for `ring` to enter the ring. */
     join: z.boolean().optional(),
+    /**
+     * A task package (a folder: src/job/package.ts) instead of one file: `task.code` is then
+     * empty, and the provider asks for the package (`package_needed`) unless it has it cached.
+     */
+    package: z
+      .object({ hash: z.string().regex(/^[0-9a-f]{64}$/), bytes: count.max(MAX_PACKAGE_BYTES), entry: z.string().regex(/^[A-Za-z0-9._-]{1,128}\.py$/) })
+      .optional(),
   }),
+  /** Part of the package a provider asked for, in order: `offset` is the bytes sent before it. */
+  z.object({ t: z.literal("package_chunk"), hash: z.string().regex(/^[0-9a-f]{64}$/), offset: count, data: bytes }),
   /**
    * Orders for the workers of `ranks` (each hosted here and in the ring), passed on as they
    * are: the worker-link header (`op` and its fields, one schema per operation in
@@ -200,6 +211,8 @@ export const toCoordinatorSchema = z.discriminatedUnion("t", [
     ...proofFields,
   }),
   z.object({ t: z.literal("reject"), reason: z.string().max(1000) }),
+  /** The job's task package is not in this provider's cache: send it (package_chunk). */
+  z.object({ t: z.literal("package_needed"), hash: z.string().regex(/^[0-9a-f]{64}$/) }),
   z.object({ t: z.literal("ready"), rank: count, info: workerInfoSchema }),
   /** This rank is linked into the ring of `epoch` (and its worker loaded). */
   z.object({ t: z.literal("ring_ready"), rank: count, epoch: count }),

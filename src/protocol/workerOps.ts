@@ -42,6 +42,8 @@ export const sharedOrders = {
      * RLIMIT_NPROC and RLIMIT_FSIZE; on a GPU, max_memory_bytes also caps torch's share
      * of the device (set_per_process_memory_fraction).
      */
+    /** The task's package folder (a task that is a folder): its modules import, its files are beside __file__. */
+    package_dir: z.string().max(4096).optional(),
     limits: z
       .object({ max_processes: z.number().int().min(16), max_file_bytes: z.number().int().min(1), max_memory_bytes: z.number().int().min(1).nullable() })
       .optional(),

@@ -76,6 +76,7 @@ describe("parseConfigText", () => {
       providers: [],
       local_workers: 2,
       output: "runs",
+      package_limit_mb: 64,
     });
   });
 
@@ -153,7 +154,7 @@ providers:
     expect(issues[0]).toMatchObject({ line: 5, col: 1, field: "stpes" });
     expect(issues[0]!.message).toContain('unknown key "stpes"');
     expect(issues[0]!.message).toContain(
-      "allowed keys: name, task, task_args, steps, batch_size, seed, optimizer, lr_schedule, grad_clip, precision, compression, strategy, balance, leave_out_slow, eval, checkpoint, faults, providers, local_workers, output",
+      "allowed keys: name, task, task_args, steps, batch_size, seed, optimizer, lr_schedule, grad_clip, precision, compression, strategy, balance, leave_out_slow, eval, checkpoint, faults, providers, local_workers, output, package_limit_mb",
     );
   });
 
@@ -182,10 +183,15 @@ providers:
     expect(err.message).toContain(`${file}:4:7: task: task file not found`);
   });
 
-  it("rejects a task that is a directory", () => {
+  it("takes a task folder that holds task.py (a package), and rejects one without it", () => {
     const { issues } = issuesOf(BASE.replace("task.py", "adir"));
     expect(issues[0]).toMatchObject({ line: 2, field: "task" });
-    expect(issues[0]!.message).toContain("directory");
+    expect(issues[0]!.message).toMatch(/the task folder .*adir has no task\.py \(its entry point\)/);
+    mkdirSync(path.join(dir, "pkg"), { recursive: true });
+    writeFileSync(path.join(dir, "pkg", "task.py"), "x = 1\n");
+    const loaded = parseConfigText(BASE.replace("task.py", "pkg"), file);
+    expect(loaded.taskPath).toBe(path.join(dir, "pkg"));
+    expect(loaded.config.package_limit_mb).toBe(64);
   });
 
   it("lists the optimizer names for a bad optimizer", () => {

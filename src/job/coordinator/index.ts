@@ -87,7 +87,7 @@ class Job {
   async train(): Promise<{ runDir: string; summary: TrainSummary }> {
     await this.providers.connect();
     this.membership = new Membership(this.providers.ranks.map((r) => r.rank));
-    const { dir, checkpoint } = await openRunDir(this.#partsBeforeDir(), this.opts.loaded, this.opts.resume);
+    const { dir, checkpoint } = await openRunDir(this.#partsBeforeDir(), this.opts.loaded, this.opts.resume, await this.providers.package());
     this.#dir = dir;
     this.#enter("starting");
     const run = this.#run(dir);
@@ -190,6 +190,8 @@ class Job {
         return this.status(`Rank ${r.rank} on ${client.address} is ready to join`);
       case "deliver":
         return this.exchanges.deliver(r.message);
+      case "send package":
+        return void this.providers.sendPackage(client, r.hash).catch((err) => this.exchanges.fail(err instanceof Error ? err : new Error(String(err))));
       case "ignore":
         return;
     }

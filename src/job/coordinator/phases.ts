@@ -1,6 +1,7 @@
 import path from "node:path";
 import { UserError } from "../../errors.js";
 import { slicesFor } from "../../schedule/shares.js";
+import type { TaskPackage } from "../package.js";
 import { RunDir, type Checkpoint } from "../runDir.js";
 import { JobFailed } from "./errors.js";
 import type { MessageOf } from "./exchanges.js";
@@ -13,10 +14,10 @@ const LINK_PROBE_BYTES = 4 * 1024 * 1024;
 const LINK_PROBE_TIMEOUT_MS = 180_000;
 
 /** The run directory: a new one, or the one to resume with its newest intact checkpoint. */
-export async function openRunDir(run: Pick<Run, "config" | "tally" | "status" | "report">, loaded: { path: string; taskPath: string; text: string }, resume?: string): Promise<{ dir: RunDir; checkpoint: Checkpoint | null }> {
+export async function openRunDir(run: Pick<Run, "config" | "tally" | "status" | "report">, loaded: { path: string; taskPath: string; text: string }, resume?: string, pkg: TaskPackage | null = null): Promise<{ dir: RunDir; checkpoint: Checkpoint | null }> {
   if (!resume) {
     const dir = await RunDir.create(path.resolve(run.config.output), run.config.name);
-    await dir.copyInputs(loaded.text, loaded.taskPath);
+    await dir.copyInputs(loaded.text, loaded.taskPath, pkg);
     run.report({ type: "run", run_dir: dir.dir, resumed: false });
     return { dir, checkpoint: null };
   }

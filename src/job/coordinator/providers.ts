@@ -1,4 +1,5 @@
 import { randomUUID } from "node:crypto";
+import { statSync } from "node:fs";
 import { readFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
@@ -7,6 +8,7 @@ import type { ToProvider } from "../../protocol/messages.js";
 import { resolvePython } from "../../runtime/python.js";
 import type { TrainEvent, WorkerRow } from "../events.js";
 import { startLocalProviders } from "../localProviders.js";
+import { buildPackage, PACKAGE_CHUNK_BYTES, type TaskPackage } from "../package.js";
 import { loadIdentity, type Identity } from "../../identity/identity.js";
 import { issueCredential } from "../../identity/proof.js";
 import { ProviderClient, ringUrl, type ProviderCredentials } from "../providerClient.js";
@@ -55,6 +57,7 @@ export class Providers {
   readonly #cleanups: (() => Promise<void> | void)[] = [];
   readonly #job = randomUUID();
   #code: Buffer | null = null;
+  #package: Promise<TaskPackage> | null = null;
   #identity: Identity | null = null;
 
   constructor(
@@ -79,6 +82,7 @@ export class Providers {
   /** 1-3: find or start the providers, connect and authenticate, and assign ranks. */
   async connect(): Promise<void> {
     this.#identity = await loadIdentity(this.opts.keyFile, { create: true });
+    await this.package(); // a task folder that cannot be packaged fails here, before any provider starts
     const targets = await this.#targets();
     this.events.status(`Connecting to ${targets.length} provider${targets.length === 1 ? "" : "s"} as ${this.identity.fingerprint}`);
     const settled = await Promise.allSettled(targets.map((t) => ProviderClient.connect(t.address, this.#credentials(t))));
@@ -190,9 +194,29 @@ export class Providers {
     for (const c of this.clientsOf(this.ranks.map((r) => r.rank))) c.send(message);
   }
 
+  /** The task folder's package (built once; null for a task file, which travels in the job spec). */
+  async package(): Promise<TaskPackage | null> {
+    const { loaded } = this.opts;
+    if (!statSync(loaded.taskPath).isDirectory()) return null;
+    this.#package ??= buildPackage(loaded.taskPath, loaded.config.package_limit_mb * 2 ** 20);
+    return this.#package;
+  }
+
+  /** A provider asked for the package (not in its cache): its chunks, in order, with backpressure. */
+  async sendPackage(client: ProviderClient, hash: string): Promise<void> {
+    const pkg = await this.package();
+    if (!pkg || pkg.hash !== hash) return client.send({ t: "cancel", reason: `asked for package ${hash.slice(0, 12)}, which this job does not have` });
+    this.events.status(`Sending the task package (${(pkg.blob.length / 1e6).toFixed(1)} MB, ${pkg.files.length} files) to ${client.address}`);
+    for (let offset = 0; offset < pkg.blob.length; offset += PACKAGE_CHUNK_BYTES) {
+      await client.drained();
+      client.send({ t: "package_chunk", hash, offset, data: pkg.blob.subarray(offset, offset + PACKAGE_CHUNK_BYTES) });
+    }
+  }
+
   /** 4. The job spec: the task, the config and the ranks each provider hosts. */
   async sendJob(client: ProviderClient, join: boolean): Promise<void> {
-    this.#code ??= await readFile(this.opts.loaded.taskPath);
+    const pkg = await this.package();
+    this.#code ??= pkg ? Buffer.alloc(0) : await readFile(this.opts.loaded.taskPath);
     client.send({
       t: "job",
       job: this.#job,
@@ -202,7 +226,8 @@ export class Providers {
         client.key,
         this.ranksOf(client).map((r) => r.rank),
       ),
-      task: { filename: path.basename(this.opts.loaded.taskPath), code: this.#code },
+      task: { filename: pkg ? pkg.entry : path.basename(this.opts.loaded.taskPath), code: this.#code },
+      ...(pkg ? { package: { hash: pkg.hash, bytes: pkg.blob.length, entry: pkg.entry } } : {}),
       config: this.config as unknown as Record<string, unknown>,
       world_size: this.ranks.length,
       ranks: this.ranksOf(client).map((r) => ({ rank: r.rank, device: r.device })),

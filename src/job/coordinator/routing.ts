@@ -18,6 +18,7 @@ export type Route =
   | { action: "joiner"; rank: number }
   /** An answer for the exchanges in flight. */
   | { action: "deliver"; message: Answer }
+  | { action: "send package"; hash: string }
   | { action: "ignore" };
 
 export interface RouteState {
@@ -55,6 +56,8 @@ export function route(m: Incoming, address: string, state: RouteState): Route {
     case "welcome":
     case "reject":
       return { action: "ignore" };
+    case "package_needed":
+      return { action: "send package", hash: m.hash };
     default:
       return { action: "deliver", message: m };
   }

@@ -55,6 +55,8 @@ export class ProviderJob {
     private readonly auth: Authorizer,
     /** The key of the coordinator that started the job: its credentials are what ring peers show. */
     readonly coordinatorKey: string,
+    /** The unpacked task package (read-only, shared through the cache), for a task that is a folder. */
+    private readonly packageDir?: string,
   ) {
     const faults = spec.config.faults as { max_restarts?: unknown; heartbeat_s?: unknown } | undefined;
     const maxRestarts = Number(faults?.max_restarts);
@@ -120,9 +122,13 @@ export class ProviderJob {
     this.#dir = await mkdtemp(path.join(os.tmpdir(), "nimble-job-"));
     // Not in the worker's cwd (the first entry of its sys.path): a task named torch.py or
     // json.py must not shadow the module of that name.
-    await mkdir(path.join(this.#dir, "task"));
-    this.#taskPath = path.join(this.#dir, "task", this.spec.task.filename);
-    await writeFile(this.#taskPath, this.spec.task.code);
+    if (this.packageDir) {
+      this.#taskPath = path.join(this.packageDir, this.spec.package!.entry);
+    } else {
+      await mkdir(path.join(this.#dir, "task"));
+      this.#taskPath = path.join(this.#dir, "task", this.spec.task.filename);
+      await writeFile(this.#taskPath, this.spec.task.code);
+    }
     this.#threads = this.opts.threads ?? this.spec.threads ?? Math.max(1, Math.floor(os.cpus().length / this.ranks.length));
     for (const local of this.ranks) this.#spawn(local);
     this.mesh.start();
@@ -187,7 +193,10 @@ export class ProviderJob {
       label,
       env: { NIMBLE_RANK: String(local.rank), NIMBLE_WORLD_SIZE: String(this.spec.world_size) },
       onLog: (line) => this.log(line),
-      sandbox: confinement.kind === "bwrap" ? { support: confinement.support, readOnly: confinement.readOnly, devices: gpuDeviceNodes([local.device]) } : null,
+      sandbox:
+        confinement.kind === "bwrap"
+          ? { support: confinement.support, readOnly: [...confinement.readOnly, ...(this.packageDir ? [this.packageDir] : [])], devices: gpuDeviceNodes([local.device]) }
+          : null,
       limits,
       cgroup: `nimble-${process.pid}-${path.basename(this.#dir)}-rank${local.rank}-${local.restarts}`,
     });
@@ -215,6 +224,7 @@ export class ProviderJob {
       speed: this.#speed.current,
       ...(this.opts.maxMicroBatch ? { max_micro_batch: this.opts.maxMicroBatch } : {}),
       limits: { max_processes: limits.maxProcesses, max_file_bytes: limits.maxFileBytes, max_memory_bytes: limits.maxMemoryBytes },
+      ...(this.packageDir ? { package_dir: this.packageDir } : {}),
     });
   }
 

@@ -1,5 +1,7 @@
 import { createHash, randomBytes } from "node:crypto";
+import { existsSync } from "node:fs";
 import os from "node:os";
+import path from "node:path";
 import type { IncomingMessage } from "node:http";
 import { createServer, type Server } from "node:https";
 import type { Duplex } from "node:stream";
@@ -15,6 +17,8 @@ import { MAX_FRAME_BYTES } from "../../protocol/frames.js";
 import { jobSpecProblem, MAX_CONTROL_BYTES, PROTOCOL_VERSION, type LogLevel, type ProviderLimits, type ToCoordinator, type ToProvider } from "../../protocol/messages.js";
 import { DEFAULT_LIMITS } from "../../runtime/limits.js";
 import { cleanText } from "../../protocol/text.js";
+import { cacheDir } from "../../runtime/paths.js";
+import { unpackPackage } from "../package.js";
 import { ControlConnection, MAX_HELLO_BYTES, type ControlHost } from "./control.js";
 import { linkPacing } from "./aids/pacing.js";
 import { ProviderJob } from "./job.js";
@@ -191,8 +195,10 @@ export class Provider {
       }
       const problem = jobSpecProblem(message, this.opts.devices);
       if (problem) return conn.send({ t: "failed", message: problem, kind: "internal" });
+      if (message.package) return void this.#withPackage(message, conn);
       return this.startJob(message, conn);
     }
+    if (message.t === "package_chunk") return void this.#packageChunk(message, conn);
     if (this.job && this.job.control !== conn.ws) {
       this.warn(`foreign:${conn.address}`, `ignoring ${message.t} from ${conn.from}: job ${this.job.spec.job} belongs to another coordinator`);
       return;
@@ -238,10 +244,50 @@ export class Provider {
     return true;
   }
 
-  private startJob(spec: JobSpec, conn: ControlConnection) {
+  /** A job whose task is a package: from the cache, or asked for (`package_needed`) and received in chunks. */
+  async #withPackage(spec: JobSpec, conn: ControlConnection) {
+    const { hash, bytes } = spec.package!;
+    const dir = path.join(cacheDir(), "packages", hash);
+    if (existsSync(dir)) {
+      this.log(`task package ${hash.slice(0, 12)} is cached here`, "debug");
+      return this.startJob(spec, conn, dir);
+    }
+    this.fetching = { spec, conn, dir, chunks: [], received: 0 };
+    this.log(`fetching task package ${hash.slice(0, 12)} (${(bytes / 1e6).toFixed(1)} MB) from ${conn.from}`);
+    conn.send({ t: "package_needed", hash });
+  }
+
+  async #packageChunk(m: Extract<ToProvider, { t: "package_chunk" }>, conn: ControlConnection) {
+    const f = this.fetching;
+    const fail = (why: string) => {
+      this.fetching = null;
+      conn.send({ t: "failed", message: `task package: ${why}`, kind: "internal" });
+    };
+    if (!f || f.conn !== conn || m.hash !== f.spec.package!.hash) return fail(`got a chunk of ${m.hash.slice(0, 12)}, which this provider did not ask for`);
+    if (m.offset !== f.received || f.received + m.data.byteLength > f.spec.package!.bytes) return fail(`chunk at ${m.offset} does not follow the ${f.received} bytes received`);
+    f.chunks.push(Buffer.from(m.data));
+    f.received += m.data.byteLength;
+    if (f.received < f.spec.package!.bytes) return;
+    this.fetching = null;
+    const blob = Buffer.concat(f.chunks);
+    const got = createHash("sha256").update(blob).digest("hex");
+    if (got !== m.hash) return fail(`received bytes hash to ${got.slice(0, 12)}, not ${m.hash.slice(0, 12)}`);
+    try {
+      await unpackPackage(blob, f.dir);
+    } catch (err) {
+      return fail(cleanText(errorMessage(err), 1000));
+    }
+    this.log(`task package ${m.hash.slice(0, 12)} received and cached`);
+    this.startJob(f.spec, conn, f.dir);
+  }
+
+  /** A package being received for a job that starts once it is whole. */
+  private fetching: { spec: JobSpec; conn: ControlConnection; dir: string; chunks: Buffer[]; received: number } | null = null;
+
+  private startJob(spec: JobSpec, conn: ControlConnection, packageDir?: string) {
     const send = (m: ToCoordinator) => conn.send(m);
     const coordinator = conn.coordinator!;
-    const job = new ProviderJob(spec, this.opts, send, conn.ws, conn.bytes, (line, level) => this.log(line, level), this.linkOptions, this.auth, coordinator.key);
+    const job = new ProviderJob(spec, this.opts, send, conn.ws, conn.bytes, (line, level) => this.log(line, level), this.linkOptions, this.auth, coordinator.key, packageDir);
     this.job = job;
     this.opts.onEvent({
       type: "job",
@@ -250,7 +296,7 @@ export class Provider {
       ranks: spec.ranks.map((r) => r.rank),
       world_size: spec.world_size,
       coordinator: { fingerprint: coordinator.fingerprint, key: coordinator.key, address: conn.address },
-      task_sha256: createHash("sha256").update(spec.task.code).digest("hex"),
+      task_sha256: spec.package ? spec.package.hash : createHash("sha256").update(spec.task.code).digest("hex"),
     });
     job.onEnd = (reason) => {
       if (this.job === job) this.job = null;
