@@ -10,9 +10,10 @@ import torch
 from .config import JobConfig
 
 
-def param_groups(o, named_params) -> list[dict]:
-    """One group, or with `no_decay` two: no weight decay on biases and norm weights."""
-    named = list(named_params)
+def param_groups(o, params) -> list[dict]:
+    """One group, or with `no_decay` two: no weight decay on biases and norm weights.
+    `params` are tensors or (name, tensor) pairs."""
+    named = [p if isinstance(p, tuple) else (str(i), p) for i, p in enumerate(params)]
     if not o.no_decay:
         return [{"params": [p for _, p in named]}]
     decay = [p for _, p in named if p.dim() >= 2]
@@ -20,9 +21,9 @@ def param_groups(o, named_params) -> list[dict]:
     return [g for g in ({"params": decay}, {"params": rest, "weight_decay": 0.0}) if g["params"]]
 
 
-def build_optimizer(cfg: JobConfig, named_params) -> torch.optim.Optimizer:
+def build_optimizer(cfg: JobConfig, params) -> torch.optim.Optimizer:
     o = cfg.optimizer
-    params = param_groups(o, named_params)
+    params = param_groups(o, params)
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
                                weight_decay=o.weight_decay)

@@ -5,6 +5,7 @@ import { defaultKeyFile, loadIdentity } from "../identity/identity.js";
 import { parseRate } from "../net/rateLimit.js";
 import { loadOrMeasureProfile } from "../runtime/profile.js";
 import { probeHost, resolvePython } from "../runtime/python.js";
+import { cgroupSupport } from "../runtime/limits.js";
 import { detectSandbox, pythonPrefixes } from "../runtime/sandbox.js";
 import { createProvideReporter } from "../ui/provideReporter.js";
 import { verbosityFromFlags } from "../ui/reporter.js";
@@ -78,6 +79,12 @@ async function providerOptions(options: ProvideCommandOptions, onEvent: (event: 
   const token = options.token ?? (tokenFile ? await readTokenFile(tokenFile) : process.env.NIMBLE_TOKEN);
   if (options.token) log("--token is visible to every user of this host in the process list; prefer --token-file or NIMBLE_TOKEN", "warn");
   if (allow.length > 0 && token) log("--allow is given: coordinators are admitted by key only, and the token is not used", "warn");
+  const limits = workerLimits(options.maxMemory ?? file.max_memory, options.maxProcesses ?? file.max_processes);
+  const cgroups = await cgroupSupport(limits);
+  if (!cgroups.includes("pids") && process.getuid?.() === 0) {
+    log("running as root without a writable pids cgroup: a job's processes are not bounded (RLIMIT_NPROC does not bind root); run the provider as an unprivileged user", "warn");
+  }
+  if (limits.maxMemoryBytes !== null && !cgroups.includes("memory")) log("no writable memory cgroup: --max-memory is enforced by the watchdog alone (every 0.5 s)", "info");
   return {
     host: options.host ?? file.host ?? "127.0.0.1",
     port: options.port ?? file.port ?? 7070,
@@ -88,7 +95,7 @@ async function providerOptions(options: ProvideCommandOptions, onEvent: (event: 
     devices,
     threads: options.threads ?? file.threads,
     confinement: await confinement(options.sandbox !== false && file.sandbox !== false, python.python, log),
-    limits: workerLimits(options.maxMemory ?? file.max_memory, options.maxProcesses ?? file.max_processes),
+    limits,
     maxJobHours: options.maxJobHours ?? file.max_job_hours,
     speed: options.speed ?? testing.speed,
     speedFile: options.speedFile ?? testing.speed_file,

@@ -1,9 +1,8 @@
-import { execa } from "execa";
 import { statSync } from "node:fs";
 import path from "node:path";
 import { z } from "zod";
 import { ConfigError, TaskFailed, UserError } from "../errors.js";
-import { forEachLine } from "./lines.js";
+import { runPythonJson } from "./pythonJson.js";
 import { PACKAGE_ROOT, PYTHON_RUNTIME_DIR } from "./paths.js";
 
 const dryRunSchema = z.discriminatedUnion("ok", [
@@ -21,28 +20,10 @@ export async function dryRun(opts: { python: string; taskPath: string; config: R
   // A task folder (a package): its task.py, with the folder on the module path.
   const folder = statSync(opts.taskPath).isDirectory();
   const task = folder ? ["--task", path.join(opts.taskPath, "task.py"), "--package", opts.taskPath] : ["--task", opts.taskPath];
-  const child = execa(opts.python, ["-m", "nimble_worker.dryrun", ...task, "--config", JSON.stringify(opts.config)], {
-    env: { PATH: process.env.PATH ?? "/usr/bin:/bin", PYTHONPATH: PYTHON_RUNTIME_DIR, PYTHONDONTWRITEBYTECODE: "1", NIMBLE_HOME: PACKAGE_ROOT, NIMBLE_RANK: "0", NIMBLE_WORLD_SIZE: "1" },
-    extendEnv: false,
-    reject: false,
-    buffer: { stdout: true, stderr: false },
-    stderr: "pipe",
-  });
-  const tail: string[] = [];
-  forEachLine(child.stderr, (line) => {
-    tail.push(line);
-    if (tail.length > 10) tail.shift();
-    opts.onLog?.(line);
-  });
-  const result = await child;
-  const parsed = dryRunSchema.safeParse((() => {
-    try {
-      return JSON.parse(String(result.stdout).trim().split("\n").pop() ?? "");
-    } catch {
-      return undefined;
-    }
-  })());
-  if (!parsed.success) throw new UserError(`The dry run failed (exit ${result.exitCode}): ${tail.slice(-5).join("\n")}`);
+  const env = { PATH: process.env.PATH ?? "/usr/bin:/bin", PYTHONPATH: PYTHON_RUNTIME_DIR, PYTHONDONTWRITEBYTECODE: "1", NIMBLE_HOME: PACKAGE_ROOT, NIMBLE_RANK: "0", NIMBLE_WORLD_SIZE: "1" };
+  const { exitCode, last, stderrTail } = await runPythonJson(opts.python, ["-m", "nimble_worker.dryrun", ...task, "--config", JSON.stringify(opts.config)], env, opts.onLog);
+  const parsed = dryRunSchema.safeParse(last);
+  if (!parsed.success) throw new UserError(`The dry run failed (exit ${exitCode}): ${stderrTail.slice(-5).join("\n")}`);
   const r = parsed.data;
   if (r.ok) return r;
   if (r.kind === "task") throw new TaskFailed(`${r.where}: ${r.message}`, r.where, "The error is in the task file: fix it and run `nimble train --dry-run` again.");

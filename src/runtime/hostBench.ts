@@ -1,8 +1,7 @@
-import { execa } from "execa";
 import { z } from "zod";
 import { UserError } from "../errors.js";
 import { deviceSchema } from "../protocol/messages.js";
-import { forEachLine } from "./lines.js";
+import { runPythonJson } from "./pythonJson.js";
 import { PACKAGE_ROOT, PYTHON_RUNTIME_DIR } from "./paths.js";
 
 const rate = z.number().finite().nonnegative();
@@ -39,28 +38,12 @@ export async function runHostBench(opts: HostBenchOptions): Promise<HostBench> {
   if (opts.task) args.push("--task", opts.task.path, "--config", JSON.stringify(opts.task.config));
   if (opts.device) args.push("--device", opts.device);
   if (opts.quick) args.push("--quick");
-  const child = execa(opts.python, args, {
-    env: { PYTHONPATH: [PYTHON_RUNTIME_DIR, process.env.PYTHONPATH].filter(Boolean).join(":"), NIMBLE_HOME: PACKAGE_ROOT },
-    reject: false,
-    buffer: { stdout: true, stderr: false },
-    stderr: "pipe",
-  });
-  const tail: string[] = [];
-  forEachLine(child.stderr, (line) => {
-    tail.push(line);
-    if (tail.length > 10) tail.shift();
-    opts.onProgress?.(line);
-  });
-  const result = await child;
-  const last = String(result.stdout).trim().split("\n").pop() ?? "";
-  let parsed: HostBench | undefined;
-  try {
-    parsed = hostBenchSchema.parse(JSON.parse(last));
-  } catch {
-    parsed = undefined;
+  const env = { PATH: process.env.PATH ?? "/usr/bin:/bin", PYTHONPATH: [PYTHON_RUNTIME_DIR, process.env.PYTHONPATH].filter(Boolean).join(":"), NIMBLE_HOME: PACKAGE_ROOT };
+  const { exitCode, last, stderrTail } = await runPythonJson(opts.python, args, env, opts.onProgress);
+  const result = hostBenchSchema.safeParse(last);
+  if (exitCode !== 0 || !result.success) {
+    throw new UserError(`Measuring this host failed (exit ${exitCode}): ${stderrTail.slice(-5).join("\n")}`);
   }
-  if (result.exitCode !== 0 || !parsed) {
-    throw new UserError(`Measuring this host failed (exit ${result.exitCode}): ${tail.slice(-5).join("\n")}`);
-  }
+  const parsed = result.data;
   return parsed;
 }

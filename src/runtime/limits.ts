@@ -127,6 +127,14 @@ function makeV1(name: string, limits: WorkerLimits): WorkerCgroup {
   };
 }
 
+/** What a cgroup per worker can enforce here: made and removed once, at a provider's start. */
+export async function cgroupSupport(limits: WorkerLimits): Promise<WorkerCgroup["enforces"]> {
+  const probe = makeWorkerCgroup(`nimble-probe-${process.pid}`, { ...limits, maxMemoryBytes: limits.maxMemoryBytes ?? 1 << 30 });
+  if (!probe) return [];
+  await probe.remove();
+  return probe.enforces;
+}
+
 /** Resident bytes of `pid` and all its descendants (from /proc; 0 once they are gone). */
 export async function treeResidentBytes(pid: number): Promise<number> {
   const parents = new Map<number, number>();

@@ -23,6 +23,7 @@ describe("what a provider's message means", () => {
       action: "fail",
       message: "rank 1 on provider a failed: task.py: build_model: boom",
       kind: "task",
+      where: "task.py: build_model",
     });
   });
 
