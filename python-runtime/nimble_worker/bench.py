@@ -300,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="cpu, cuda:0, mps (default: the first)")
     ap.add_argument("--quick", action="store_true", help="short measurements (tests)")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads")
+    ap.add_argument("--package", default=None, help="the task's folder, for a task package")
     args = ap.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -309,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             text = f.read()
     cfg = JobConfig.from_dict(json.loads(text))
     try:
-        task = Task(args.task, cfg.task_args) if args.task else None
+        task = Task(args.task, cfg.task_args, args.package) if args.task else None
         result = bench(args.device or default_device(), args.quick, task)
     except TaskError as e:
         log(f"nimble_worker.bench: task error at {e.where}: {e.message}")

@@ -1,8 +1,6 @@
-import { statSync } from "node:fs";
-import path from "node:path";
 import { z } from "zod";
 import { ConfigError, TaskFailed, UserError } from "../errors.js";
-import { runPythonJson } from "./pythonJson.js";
+import { runPythonJson, taskArgs } from "./pythonJson.js";
 import { PACKAGE_ROOT, PYTHON_RUNTIME_DIR } from "./paths.js";
 
 const dryRunSchema = z.discriminatedUnion("ok", [
@@ -17,9 +15,7 @@ export type DryRun = Extract<z.infer<typeof dryRunSchema>, { ok: true }>;
  * providers and no run folder. A task error throws TaskFailed (exit 3).
  */
 export async function dryRun(opts: { python: string; taskPath: string; config: Record<string, unknown>; onLog?: (line: string) => void }): Promise<DryRun> {
-  // A task folder (a package): its task.py, with the folder on the module path.
-  const folder = statSync(opts.taskPath).isDirectory();
-  const task = folder ? ["--task", path.join(opts.taskPath, "task.py"), "--package", opts.taskPath] : ["--task", opts.taskPath];
+  const task = taskArgs(opts.taskPath);
   const env = { PATH: process.env.PATH ?? "/usr/bin:/bin", PYTHONPATH: PYTHON_RUNTIME_DIR, PYTHONDONTWRITEBYTECODE: "1", NIMBLE_HOME: PACKAGE_ROOT, NIMBLE_RANK: "0", NIMBLE_WORLD_SIZE: "1" };
   const { exitCode, last, stderrTail } = await runPythonJson(opts.python, ["-m", "nimble_worker.dryrun", ...task, "--config", JSON.stringify(opts.config)], env, opts.onLog);
   const parsed = dryRunSchema.safeParse(last);

@@ -1,7 +1,7 @@
 import { z } from "zod";
 import { UserError } from "../errors.js";
 import { deviceSchema } from "../protocol/messages.js";
-import { runPythonJson } from "./pythonJson.js";
+import { runPythonJson, taskArgs } from "./pythonJson.js";
 import { PACKAGE_ROOT, PYTHON_RUNTIME_DIR } from "./paths.js";
 
 const rate = z.number().finite().nonnegative();
@@ -35,7 +35,7 @@ export interface HostBenchOptions {
 /** Measure this host with `python -m nimble_worker.bench`: devices, matmul, memory, the task. */
 export async function runHostBench(opts: HostBenchOptions): Promise<HostBench> {
   const args = ["-m", "nimble_worker.bench"];
-  if (opts.task) args.push("--task", opts.task.path, "--config", JSON.stringify(opts.task.config));
+  if (opts.task) args.push(...taskArgs(opts.task.path), "--config", JSON.stringify(opts.task.config));
   if (opts.device) args.push("--device", opts.device);
   if (opts.quick) args.push("--quick");
   const env = { PATH: process.env.PATH ?? "/usr/bin:/bin", PYTHONPATH: [PYTHON_RUNTIME_DIR, process.env.PYTHONPATH].filter(Boolean).join(":"), NIMBLE_HOME: PACKAGE_ROOT };

@@ -1,4 +1,6 @@
 import { execa } from "execa";
+import { statSync } from "node:fs";
+import path from "node:path";
 import { forEachLine } from "./lines.js";
 
 /**
@@ -23,4 +25,9 @@ export async function runPythonJson(python: string, args: string[], env: Record<
     last = undefined;
   }
   return { exitCode: result.exitCode, last, stderrTail };
+}
+
+/** `--task FILE`, or for a task folder (a package) its task.py and `--package FOLDER` (on the module path). */
+export function taskArgs(taskPath: string): string[] {
+  return statSync(taskPath).isDirectory() ? ["--task", path.join(taskPath, "task.py"), "--package", taskPath] : ["--task", taskPath];
 }
