@@ -5,7 +5,7 @@ import { envCommand } from "./commands/env.js";
 import { idCommand } from "./commands/id.js";
 import { initCommand } from "./commands/init.js";
 import { reportCommand } from "./commands/report.js";
-import { runsCommand, runsShowCommand } from "./commands/runs.js";
+import { exportCommand, runsCommand, runsShowCommand } from "./commands/runs.js";
 import { provideCommand } from "./commands/provide.js";
 import { trainCommand } from "./commands/train.js";
 import { UserError } from "./errors.js";
@@ -137,6 +137,15 @@ runs
   // `runs --output X show RUN` and `runs show RUN --output X` both work: commander gives
   // options after the subcommand name to whichever command defines them first.
   .action((run: string, opts) => runsShowCommand(run, { ...runs.opts(), ...Object.fromEntries(Object.entries(opts).filter(([, v]) => v !== undefined)) }));
+
+program
+  .command("export")
+  .description("write a run's final weights (model.safetensors, format pt) and a config.json naming what made them")
+  .argument("<run>", "run directory, or a run's folder name (or the start of one) in --output")
+  .requiredOption("--to <dir>", "folder to write them in (made if missing; not over an earlier export)")
+  .option("--output <dir>", "folder the runs are in (the config's `output`; default runs)")
+  .option("--json", "print JSON")
+  .action((run: string, opts) => exportCommand(run, opts));
 
 program
   .command("report")

@@ -1,5 +1,6 @@
 import path from "node:path";
 import { formatRunDetail, formatRunList, runListing } from "../runs/format.js";
+import { exportRun } from "../runs/export.js";
 import { listRuns, loadRun, resolveRun } from "../runs/runData.js";
 
 export interface RunsCommandOptions {
@@ -22,4 +23,11 @@ export async function runsShowCommand(runArg: string, options: RunsCommandOption
   for (const p of run.problems) process.stderr.write(`warning: ${run.dir}: ${p}\n`);
   if (options.json) process.stdout.write(JSON.stringify({ ...runListing(run), summary: run.summary, log_file: run.logFile }) + "\n");
   else process.stdout.write(formatRunDetail(run).join("\n") + "\n");
+}
+
+/** `nimble export RUN --to DIR`: the run's final weights and a config.json naming what made them. */
+export async function exportCommand(runArg: string, options: RunsCommandOptions & { to: string }): Promise<void> {
+  const out = await exportRun(await loadRun(await resolveRun(runArg, path.resolve(options.output ?? "runs"))), options.to);
+  if (options.json) process.stdout.write(JSON.stringify({ dir: out.dir, files: out.files, config: out.config }) + "\n");
+  else process.stdout.write(`${out.files.map((f) => `wrote ${f}`).join("\n")}\n`);
 }

@@ -31,6 +31,8 @@ export interface LoadedConfig {
   taskPath: string;
   /** The config file's text, as read (with `--set` overrides written in). */
   text: string;
+  /** Whether `--set` overrides changed it. */
+  overridden?: boolean;
 }
 
 export interface ConfigIssue {
@@ -216,7 +218,7 @@ export function parseConfigText(text: string, file: string, opts: LoadOptions = 
 
   finish();
   if (!result.success) throw new ConfigIssuesError(file, issues);
-  return { path: abs, dir, config: result.data, taskPath, text: effective };
+  return { path: abs, dir, config: result.data, taskPath, text: effective, overridden: (opts.overrides ?? []).length > 0 };
 }
 
 function formatIssues(file: string, issues: ConfigIssue[]): string {

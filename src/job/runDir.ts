@@ -88,9 +88,11 @@ export class RunDir {
   }
 
   /** Resuming for good (every worker loaded the checkpoint): metrics.jsonl keeps only the steps before it. */
-  async settleResume(): Promise<void> {
+  async settleResume(configText?: string): Promise<void> {
     const kept = this.#pendingKept;
     if (kept === null) return;
+    // Resumed with --set overrides: the run's config.yaml becomes the config as it now applies.
+    if (configText !== undefined) await writeFile(path.join(this.dir, "config.yaml"), configText);
     const file = path.join(this.dir, "metrics.jsonl");
     await writeFile(`${file}.tmp`, kept.map((m) => JSON.stringify(m) + "\n").join(""));
     await rename(`${file}.tmp`, file);

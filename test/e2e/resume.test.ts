@@ -2,6 +2,7 @@
  * A finished run (issue "Real training code"): `--resume` says so and changes nothing;
  * `--resume RUN --set steps=N` trains it further, to N steps, every step once.
  */
+import { createHash } from "node:crypto";
 import { readFile, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
@@ -35,5 +36,20 @@ describe("resuming a finished run", () => {
     expect(extended).toMatchObject({ status: "completed", steps: 7 });
     const steps = (await readFile(path.join(runDir, "metrics.jsonl"), "utf8")).trim().split("\n").map((l) => JSON.parse(l).step);
     expect(steps).toEqual([0, 1, 2, 3, 4, 5, 6]);
+
+    // nimble export: the weights (format pt) and a config.json naming what made them.
+    const to = path.join(tmp.dir, "exported");
+    const exp = await nimble(["export", runDir, "--to", to, "--json"]);
+    expect(exp.exitCode, String(exp.stderr)).toBe(0);
+    const made = JSON.parse(await readFile(path.join(to, "config.json"), "utf8"));
+    const taskHash = createHash("sha256").update(await readFile(path.join(tmp.dir, "task.py"))).digest("hex");
+    expect(made).toMatchObject({ format: "nimble-export-1", name: "finished", steps: 7, status: "completed", task: { task: "task.py", sha256: taskHash, package: false } });
+    expect(made.job_config.steps).toBe(7); // the config as it applied: with --set steps=7
+    const blob = await readFile(path.join(to, "model.safetensors"));
+    const header = JSON.parse(blob.subarray(8, 8 + Number(blob.readBigUInt64LE(0))).toString("utf8"));
+    expect(header.__metadata__).toMatchObject({ format: "pt", step: "7" });
+    const twice = await nimble(["export", runDir, "--to", to]);
+    expect(twice.exitCode).not.toBe(0);
+    expect(String(twice.stderr)).toContain("already holds an export");
   }, 300_000);
 });

@@ -93,7 +93,8 @@ class Job {
     const run = this.#run(dir);
     this.providers.reconnectWhile(() => survivesFaults(this.#phase), (rank) => this.membership.isActive(rank));
     const info = await startWorkers(run);
-    if (checkpoint) await restore(run, checkpoint);
+    // With --set overrides, the run's config.yaml is rewritten once the checkpoint is loaded everywhere.
+    if (checkpoint) await restore(run, checkpoint, (this.opts.loaded.overridden ? this.opts.loaded.text : undefined));
     await syncWeights(run);
     const mayLeaveOut = this.config.balance === "measured" && this.config.leave_out_slow && this.providers.clients.length > 1;
     if (mayLeaveOut) await probeLinks(run);

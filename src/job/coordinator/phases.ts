@@ -55,7 +55,7 @@ export async function startWorkers(run: Run): Promise<MessageOf<"ready">["info"]
 }
 
 /** Resuming: every rank loads the checkpoint (its own compressor memories where saved). */
-export async function restore(run: Run, checkpoint: Checkpoint): Promise<void> {
+export async function restore(run: Run, checkpoint: Checkpoint, configText?: string): Promise<void> {
   const shared = checkpoint.files.filter((f) => !/^compressor-rank-\d+\.pt$/.test(f.name));
   const loaded = run.exchanges.expect("loaded", "checkpoint loading", run.membership.active, STEP_TIMEOUT_MS);
   for (const r of run.providers.ranks) {
@@ -67,7 +67,7 @@ export async function restore(run: Run, checkpoint: Checkpoint): Promise<void> {
     if (m.step !== checkpoint.step) throw new JobFailed(`Rank ${rank} loaded step ${m.step} from a checkpoint of step ${checkpoint.step}`);
   }
   // Every worker holds the checkpoint: only now does the run directory change.
-  await run.dir.settleResume();
+  await run.dir.settleResume(configText);
 }
 
 /** Every replica starts from rank 0's weights; the broadcast's bytes count apart. */
