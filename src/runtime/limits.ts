@@ -8,7 +8,7 @@
  *   watchdog that ends the worker with a named fault once its processes hold more (not
  *   RLIMIT_AS, which breaks CUDA's address-space reservations).
  */
-import { existsSync, mkdirSync, readFileSync, rmdirSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmdirSync, writeFileSync } from "node:fs";
 import { readdir, readFile } from "node:fs/promises";
 import path from "node:path";
 import { formatBytes } from "../ui/format.js";
@@ -127,8 +127,44 @@ function makeV1(name: string, limits: WorkerLimits): WorkerCgroup {
   };
 }
 
+/**
+ * Remove the empty cgroups of providers that are gone (`nimble-<pid>-...` whose pid no
+ * longer runs): a provider killed outright cannot remove its workers' own. Returns how many.
+ */
+export function sweepStaleCgroups(root = ROOT): number {
+  let removed = 0;
+  const alive = (pid: number) => {
+    try {
+      process.kill(pid, 0);
+      return true;
+    } catch (err) {
+      return (err as NodeJS.ErrnoException).code === "EPERM";
+    }
+  };
+  for (const dir of [root, path.join(root, "pids"), path.join(root, "memory")]) {
+    let names: string[];
+    try {
+      names = readdirSync(dir);
+    } catch {
+      continue;
+    }
+    for (const name of names) {
+      const pid = /^nimble-(\d+)-/.exec(name)?.[1];
+      if (!pid || Number(pid) === process.pid || alive(Number(pid))) continue;
+      try {
+        rmdirSync(path.join(dir, name));
+        removed++;
+      } catch {
+        // still holds a process, or not ours to remove
+      }
+    }
+  }
+  return removed;
+}
+
 /** What a cgroup per worker can enforce here: made and removed once, at a provider's start. */
 export async function cgroupSupport(limits: WorkerLimits): Promise<WorkerCgroup["enforces"]> {
+  sweepStaleCgroups();
   const probe = makeWorkerCgroup(`nimble-probe-${process.pid}`, { ...limits, maxMemoryBytes: limits.maxMemoryBytes ?? 1 << 30 });
   if (!probe) return [];
   await probe.remove();
