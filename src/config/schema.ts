@@ -7,10 +7,10 @@
  * the schema's own issues even when some other field is invalid.
  */
 import { z } from "zod";
+import { KEY_PATTERN } from "../identity/identity.js";
 
 export const NAME_PATTERN = /^[A-Za-z0-9._-]{1,64}$/;
 
-const KEY_PATTERN = /^ed25519:[A-Za-z0-9_-]{43}$/;
 
 /** `host:port`, `[v6]:port` or `wss://host:port` (links are TLS: no plain `ws://`). */
 export const ADDRESS_PATTERN =

@@ -25,7 +25,8 @@ export interface Identity {
 const PREFIX = "ed25519:";
 /** DER prefix of an ed25519 SubjectPublicKeyInfo: the 32 raw key bytes follow it. */
 const SPKI_PREFIX = Buffer.from("302a300506032b6570032100", "hex");
-const KEY_PATTERN = /^ed25519:[A-Za-z0-9_-]{43}$/;
+/** How a key is written: `ed25519:` and the 32 bytes in base64url. */
+export const KEY_PATTERN = /^ed25519:[A-Za-z0-9_-]{43}$/;
 const MAX_KEY_FILE_BYTES = 16 * 1024;
 
 /** Where the identity is kept: $NIMBLE_CONFIG_DIR, else $XDG_CONFIG_HOME/nimble, else ~/.config/nimble. */

@@ -1,6 +1,7 @@
 import WebSocket from "ws";
 import { z } from "zod";
 import { ProtocolError, UserError, errorMessage } from "../errors.js";
+import { KEY_PATTERN } from "../identity/identity.js";
 import type { BenchHello } from "./auth.js";
 import { keyProblem } from "./link.js";
 import { sessionBinding, TLS_CLIENT_OPTIONS } from "./tls.js";
@@ -35,7 +36,7 @@ const b64 = (n: number) =>
 const benchHelloSchema = z
   .object({
     t: z.literal("hello"),
-    key: z.string().regex(/^ed25519:[A-Za-z0-9_-]{43}$/),
+    key: z.string().regex(KEY_PATTERN),
     nonce: b64(32),
     sig: b64(64),
     mac: b64(32).optional(),

@@ -14,6 +14,7 @@ import { decode as msgpackDecode, encode as msgpackEncode } from "@msgpack/msgpa
 import { endianness } from "node:os";
 import { z } from "zod";
 import { ProtocolError } from "../errors.js";
+import { credentialSchema, proofFields } from "./proofs.js";
 
 export const FRAME_CONTROL = 0x01;
 export const FRAME_CHUNK = 0x02;
@@ -78,8 +79,6 @@ const LITTLE_ENDIAN_HOST = endianness() === "LE";
 const u32 = z.number().int().min(0).max(0xffffffff);
 const rank = z.number().int().min(0).max(0xffff);
 
-const sized = (n: number) => z.custom<Uint8Array>((v) => v instanceof Uint8Array && v.byteLength === n, `expected ${n} bytes`);
-
 /**
  * The first frame on a ring link: who opens it (rank `from` of `job`, for rank `to`), the
  * opener's proof on this TLS session (key, nonce, signature: src/identity/proof.ts), and the
@@ -93,10 +92,10 @@ export const HelloSchema = z
     to: rank,
     /** Which formation of the ring this connection belongs to (it re-forms when ranks leave). */
     epoch: u32.default(0),
-    key: z.string().regex(/^ed25519:[A-Za-z0-9_-]{43}$/),
-    nonce: sized(32),
-    sig: sized(64),
-    credential: z.object({ ranks: z.array(rank).min(1).max(4096), sig: sized(64) }).strict(),
+    key: proofFields.key,
+    nonce: proofFields.nonce,
+    sig: proofFields.sig,
+    credential: credentialSchema,
   })
   .strict();
 

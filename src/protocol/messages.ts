@@ -1,6 +1,7 @@
 import { decode, encode } from "@msgpack/msgpack";
 import { z } from "zod";
 import { ProtocolError } from "../errors.js";
+import { credentialSchema, keySchema, proofFields } from "./proofs.js";
 
 /**
  * Control plane: coordinator <-> provider, one msgpack map per binary WebSocket message,
@@ -20,13 +21,6 @@ export const MAX_CONTROL_BYTES = 512 * 1024 * 1024;
 const finite = z.number().finite();
 const count = z.number().int().min(0);
 const bytes = z.custom<Uint8Array>((value) => value instanceof Uint8Array, "expected binary data");
-const sized = (n: number) => z.custom<Uint8Array>((value) => value instanceof Uint8Array && value.byteLength === n, `expected ${n} bytes`);
-/** An identity key, `ed25519:<base64url>` (src/identity/identity.ts). */
-export const keySchema = z.string().regex(/^ed25519:[A-Za-z0-9_-]{43}$/, "expected an ed25519: key");
-/** A handshake proof (src/identity/proof.ts): the sender's key, a fresh nonce, its signature, and in token mode a MAC. */
-export const proofFields = { key: keySchema, nonce: sized(32), sig: sized(64), mac: sized(32).optional() };
-/** The coordinator's signature that a provider's key stands for these ranks of the job. */
-export const credentialSchema = z.object({ ranks: z.array(count).min(1).max(4096), sig: sized(64) });
 const ringMember = z.object({ rank: count, url: z.string().max(1024), key: keySchema });
 
 export const deviceSchema = z.object({

@@ -50,13 +50,6 @@ class Sync(Strategy):
         t0 = time.perf_counter()
         saved_buffers = replica.buffers_snapshot() if replica.buffers else None
         loss_value, grads = replica.grads(t, shares)
-        if saved_buffers is not None:
-            try:
-                self.sync_buffers(shares)
-            except BaseException:
-                replica.restore_buffers(saved_buffers)
-                replica.drop_grads()
-                raise
         # Forward/backward alone (what a share costs): the rest of compute_s (compression,
         # the optimizer) is about the same whatever the share, so it does not guide shares.
         t1 = time.perf_counter()
@@ -64,9 +57,11 @@ class Sync(Strategy):
         bad_loss = not math.isfinite(loss_value)
         mark = compressor.mark()
         try:
+            if saved_buffers is not None:
+                self.sync_buffers(shares)
             res = compressor.reduce(t, replica.names, grads,
                                     shares[replica.rank] / self.cfg.batch_size, poison=bad_loss)
-        except BaseException:
+        except BaseException:  # the step leaves no trace: compressor, gradients, buffers
             compressor.rollback(mark)
             replica.drop_grads()
             if saved_buffers is not None:
