@@ -179,6 +179,7 @@ export class Provider {
     message: (conn, message) => this.onControlMessage(conn, message),
     closed: (conn) => {
       if (this.job && this.job.control === conn.ws) void this.job.end("coordinator disconnected");
+      if (this.fetching?.conn === conn) this.fetching = null; // its chunks will not come
     },
     log: (line, level) => this.log(line, level),
   };
@@ -187,6 +188,7 @@ export class Provider {
   private onControlMessage(conn: ControlConnection, message: ToProvider) {
     if (message.t === "job") {
       if (this.job) return conn.send({ t: "failed", message: `already running job ${this.job.spec.job}`, kind: "internal" });
+      if (this.fetching) return conn.send({ t: "failed", message: `already receiving the task package of job ${this.fetching.spec.job}`, kind: "internal" });
       const confinement = this.opts.confinement;
       if (confinement?.kind === "unavailable") {
         const why = `this provider refuses jobs: it cannot confine them (${confinement.reason}); its owner may start it with --no-sandbox to run jobs unconfined`;
