@@ -9,7 +9,7 @@ import { existsSync } from "node:fs";
 import { mkdir, readFile, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
-import { nimble, type TempDir, useE2E } from "../helpers/processes.js";
+import { nimble, startProvider, type TempDir, useE2E } from "../helpers/processes.js";
 
 let python = "";
 let tmp: TempDir;
@@ -40,7 +40,7 @@ def build_dataset(split, args):
 `;
 
 async function train(config: string) {
-  const r = await nimble(["train", config, "--json", "--local", "2", "--python", python], { timeout: 240_000 });
+  const r = await nimble(["train", config, "--json", "--python", python], { timeout: 240_000 });
   const events = String(r.stdout).trim().split("\n").filter((l) => l.startsWith("{")).map((l) => JSON.parse(l));
   return { r, events, runDir: events.find((e) => e.type === "done")?.run_dir as string | undefined };
 }
@@ -57,8 +57,25 @@ describe("task packages", () => {
     await writeFile(path.join(dir, "notes-private.txt"), "not for providers\n");
     await writeFile(path.join(dir, ".nimbleignore"), "# left out\nnotes-*.txt\n");
     await writeFile(path.join(dir, "__pycache__", "model.cpython-311.pyc"), "junk");
+    // Two providers with caches of their own (local providers of one host would share one,
+    // and whichever unpacked the package first would spare the other the fetch).
+    const providers = await Promise.all(
+      ["a", "b"].map((n) => startProvider(python, `pkg-${n}`, [], { env: { ...process.env, NIMBLE_CACHE_DIR: path.join(tmp.dir, `cache-${n}`) } })),
+    );
     const config = path.join(tmp.dir, "package.yaml");
-    await writeFile(config, ["name: package", "task: my_task", "steps: 3", "batch_size: 16", "compression: {method: none}", `output: ${path.join(tmp.dir, "runs")}`].join("\n") + "\n");
+    await writeFile(
+      config,
+      [
+        "name: package",
+        "task: my_task",
+        "steps: 3",
+        "batch_size: 16",
+        "compression: {method: none}",
+        `output: ${path.join(tmp.dir, "runs")}`,
+        "providers:",
+        ...providers.map((p, i) => `  - {address: "${p.address}", token: pkg-${"ab"[i]}}`),
+      ].join("\n") + "\n",
+    );
 
     const first = await train(config);
     expect(first.r.exitCode, String(first.r.stderr)).toBe(0);
@@ -74,6 +91,7 @@ describe("task packages", () => {
     const second = await train(config);
     expect(second.r.exitCode, String(second.r.stderr)).toBe(0);
     expect(sent(second.events)).toHaveLength(0); // from the providers' cache, by hash
+    for (const p of providers) p.child.kill("SIGTERM");
   }, 400_000);
 
   it("a single-file task that imports a sibling module is told to name the folder", async () => {
