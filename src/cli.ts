@@ -97,6 +97,7 @@ program
   .addOption(new Option("--max-memory <size>", "resident memory per worker process, e.g. 8GB (a cgroup where writable, else a watchdog; on GPUs also torch's share of the device)").helpGroup("The owner's limits:"))
   .addOption(new Option("--max-processes <n>", "processes and threads per worker (default 512)").argParser(positiveInt).helpGroup("The owner's limits:"))
   .addOption(new Option("--max-job-hours <hours>", "end a job that runs longer than this").argParser(hours).helpGroup("The owner's limits:"))
+  .addOption(new Option("--no-job-requirements", "refuse jobs that bring pip requirements of their own (nothing is installed per job)").helpGroup("The owner's limits:"))
   .addOption(new Option("--no-sandbox", "run jobs UNCONFINED (no bubblewrap): they can do anything this user can").helpGroup("The owner's limits:"))
   .addOption(new Option("--speed <fraction>", "run workers at this fraction of their speed (0-1]").argParser(fraction).helpGroup("Testing aids:"))
   .addOption(new Option("--speed-file <path>", "re-read the speed fraction from this file every 0.5 s, mid-run too").helpGroup("Testing aids:"))

@@ -77,7 +77,7 @@ class Worker:
         apply_limits(h.get("limits"), str(h.get("device") or "cpu"))
         torch.set_num_threads(max(1, int(h.get("threads") or 1)))
         cfg = JobConfig.from_dict(h["config"])
-        task = Task(h["task_path"], cfg.task_args, h.get("package_dir"))
+        task = Task(h["task_path"], cfg.task_args, h.get("package_dir"), h.get("site_dirs") or ())
         self.comm.world_size = int(h["world_size"])
         self._replica = Replica(cfg, task, int(h["rank"]), int(h["world_size"]),
                                 str(h.get("device") or "cpu"),

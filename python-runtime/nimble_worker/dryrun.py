@@ -20,10 +20,11 @@ def main(argv=None) -> int:
     ap.add_argument("--config", required=True, help="the validated job config, as JSON")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--package", default=None, help="the task's folder, for a task package")
+    ap.add_argument("--site-dir", action="append", default=[], help="installed requirements")
     a = ap.parse_args(argv)
     try:
         cfg = JobConfig.from_dict(json.loads(a.config))
-        tr = Trainer(cfg, Task(a.task, cfg.task_args, a.package), 0, 1, a.device, lambda b: b.clone())
+        tr = Trainer(cfg, Task(a.task, cfg.task_args, a.package, a.site_dir), 0, 1, a.device, lambda b: b.clone())
         report = tr.step(0, [cfg.batch_size])
     except ConfigError as e:
         print(json.dumps({"ok": False, "kind": "config", "field": e.field, "message": e.message}))

@@ -13,12 +13,16 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import site
 import sys
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import default_collate
+
+from .data import item_seed
 
 
 # What the coordinator keeps of evaluate()'s metrics (src/protocol/messages.ts, metricsSchema).
@@ -93,7 +97,8 @@ def default_compute_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
 class Task:
     """The loaded task module plus checked wrappers around its functions."""
 
-    def __init__(self, path: str, args: dict[str, Any], package_dir: str | None = None):
+    def __init__(self, path: str, args: dict[str, Any], package_dir: str | None = None,
+                 site_dirs: Sequence[str] = ()):
         self.path = os.path.abspath(path)
         self.file = os.path.basename(path)
         self.args = args
@@ -102,6 +107,8 @@ class Task:
         name = f"nimble_task_{abs(hash(self.path))}"
         if package_dir:  # a task package: its sibling modules import
             sys.path.insert(0, os.path.abspath(package_dir))
+        for d in site_dirs:  # the job's requirements: after the base environment, .pth files read
+            site.addsitedir(os.path.abspath(d))
         try:
             spec = importlib.util.spec_from_file_location(name, self.path)
             if spec is None or spec.loader is None:
@@ -111,9 +118,11 @@ class Task:
             spec.loader.exec_module(module)
         except Exception as e:
             hint = ""
-            if isinstance(e, ModuleNotFoundError) and not package_dir and e.name and "." not in e.name:
-                hint = (f"\nIf {e.name}.py (or a {e.name}/ package) lies beside the task file, name the "
-                        "task's folder in the config's `task:` so that it ships with it.")
+            if isinstance(e, ModuleNotFoundError) and e.name and "." not in e.name:
+                hint = (f"\nIf {e.name} is a pip package, add it to `requirements:` in the config.")
+                if not package_dir:
+                    hint += (f"\nIf {e.name}.py (or a {e.name}/ package) lies beside the task file, name "
+                             "the task's folder in the config's `task:` so that it ships with it.")
             raise TaskError(f"importing the task failed:\n{_tail(e)}{hint}", f"{self.file}: import") from e
         self.module = module
         for fn in ("build_model", "build_dataset"):
@@ -195,3 +204,21 @@ class Task:
             if not math.isfinite(res[str(k)]):
                 raise TaskError(f"metric {k!r} is {res[str(k)]}", self.where("evaluate"))
         return res
+
+    def load_batch(self, split: str, dataset: Any, indices: Sequence[int],
+                   seeds: Sequence[tuple] | None = None) -> Any:
+        """The items at `indices` as one batch: the task's collate(items), or torch's
+        default. A failing item is named by its split and index; seeds[k] (derive_seed's
+        parts) seeds the `data.item_generator()` of the k-th item."""
+        items = []
+        for k, i in enumerate(indices):
+            with item_seed(*(() if seeds is None else seeds[k])):
+                try:
+                    items.append(dataset[i])
+                except Exception as e:
+                    raise TaskError(f"{type(e).__name__}: {e}\n{_tail(e)}",
+                                    self.where(f"build_dataset({split!r})[{i}]")) from e
+        if self.collate is not None:
+            return self.collate(items)
+        return self._call("collate (torch's default_collate: the task defines none)",
+                          default_collate, items)

@@ -29,6 +29,8 @@ export interface ProvideCommandOptions {
   maxMemory?: string;
   maxProcesses?: number;
   maxJobHours?: number;
+  /** commander's --no-job-requirements */
+  jobRequirements?: boolean;
   /** commander's --no-sandbox: false runs jobs unconfined. */
   sandbox?: boolean;
   speed?: number;
@@ -97,6 +99,7 @@ async function providerOptions(options: ProvideCommandOptions, onEvent: (event: 
     confinement: await confinement(options.sandbox !== false && file.sandbox !== false, python.python, log),
     limits,
     maxJobHours: options.maxJobHours ?? file.max_job_hours,
+    jobRequirements: options.jobRequirements !== false && file.job_requirements !== false,
     speed: options.speed ?? testing.speed,
     speedFile: options.speedFile ?? testing.speed_file,
     maxMicroBatch: options.maxMicroBatch ?? file.max_micro_batch,

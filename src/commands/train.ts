@@ -6,6 +6,7 @@ import { UserError, errorMessage } from "../errors.js";
 import { TaskFailed } from "../job/coordinator/errors.js";
 import { runTraining } from "../job/coordinator/index.js";
 import { dryRun } from "../runtime/dryRun.js";
+import { localRequirements } from "../runtime/requirements.js";
 import { resolvePython } from "../runtime/python.js";
 import { createReporter, verbosityFromFlags } from "../ui/reporter.js";
 import { RunLogReporter, TeeReporter } from "../ui/runLog.js";
@@ -35,7 +36,9 @@ export async function trainCommand(configArg: string | undefined, options: Train
   const loaded = await loadConfig(configPath, { ...(resume ? { taskInDir: resume } : {}), overrides });
   if (options.dryRun) {
     const python = await resolvePython({ python: options.python, torchSpec: options.torch, onProgress: (line) => process.stderr.write(`${line}\n`) });
-    const r = await dryRun({ python: python.python, taskPath: loaded.taskPath, config: loaded.config as unknown as Record<string, unknown>, onLog: (line) => process.stderr.write(`${line}\n`) });
+    const log = (line: string) => process.stderr.write(`${line}\n`);
+    const siteDirs = await localRequirements(loaded.config.requirements, python.python, log);
+    const r = await dryRun({ python: python.python, taskPath: loaded.taskPath, config: loaded.config as unknown as Record<string, unknown>, siteDirs, onLog: log });
     if (options.json) process.stdout.write(`${JSON.stringify({ type: "dry_run", ...r })}\n`);
     else {
       process.stdout.write(

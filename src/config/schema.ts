@@ -11,6 +11,13 @@ import { KEY_PATTERN } from "../identity/identity.js";
 
 export const NAME_PATTERN = /^[A-Za-z0-9._-]{1,64}$/;
 
+/**
+ * A PEP 508 requirement by name (extras, version specifiers, markers), not a URL, a path or a pip
+ * option: every provider must be able to fetch it from its own index.
+ */
+export const REQUIREMENT_PATTERN = /^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?(?:\s*\[[A-Za-z0-9._,\s-]*\])?\s*(?:(?:[<>=!~]=?|===)\s*[A-Za-z0-9.*+!_-]+\s*(?:,\s*(?:[<>=!~]=?|===)\s*[A-Za-z0-9.*+!_-]+\s*)*)?(?:;[^@]*)?$/;
+export const MAX_REQUIREMENTS = 64;
+
 
 /** `host:port`, `[v6]:port` or `wss://host:port` (links are TLS: no plain `ws://`). */
 export const ADDRESS_PATTERN =
@@ -162,6 +169,8 @@ export const jobConfigSchema = z
     grad_clip: number().gte(0).default(0),
     /** Autocast on the worker's device: fp32 (none), bf16, or fp16 with a loss scale every worker agrees on. */
     precision: z.enum(PRECISIONS).default("fp32"),
+    /** Steps whose batches a worker's background thread loads ahead (0: each batch when needed); the batches are the same. */
+    prefetch: nonNegInt.lte(64).default(2),
     compression: defaultName("powersgd", compressionSchema.default({ method: "powersgd" }), "method"),
     strategy: defaultName("sync", strategySchema.default({ name: "sync" })),
     /** How each step's batch is split: by measured worker speed (default) or equally. */
@@ -211,6 +220,18 @@ export const jobConfigSchema = z
     output: z.string().min(1).default("runs"),
     /** A task folder may hold at most this many MiB (src/job/package.ts). */
     package_limit_mb: posInt.lte(256).default(64),
+    /** Pip requirements the task needs beyond the base environment (src/runtime/requirements.ts). */
+    requirements: nullAsAbsent(
+      z
+        .array(
+          z
+            .string()
+            .max(200)
+            .regex(REQUIREMENT_PATTERN, "expected a requirement by name such as `tqdm>=4.6` or `rich[jupyter]==13.7.1` (no URLs, paths or pip options: providers install from their own index)"),
+        )
+        .max(MAX_REQUIREMENTS)
+        .default([]),
+    ),
   })
   .strict();
 

@@ -42,6 +42,8 @@ export const providerLimitsSchema = z.object({
   max_file_bytes: count,
   /** A job is ended after this many hours (--max-job-hours); null: no limit. */
   max_job_hours: z.number().finite().positive().nullable(),
+  /** Whether jobs may bring requirements of their own (false: the owner's --no-job-requirements). */
+  job_requirements: z.boolean().default(true),
 });
 export type ProviderLimits = z.infer<typeof providerLimitsSchema>;
 
@@ -133,6 +135,11 @@ export const toProviderSchema = z.discriminatedUnion("t", [
     package: z
       .object({ hash: z.string().regex(/^[0-9a-f]{64}$/), bytes: count.max(MAX_PACKAGE_BYTES), entry: z.string().regex(/^[A-Za-z0-9._-]{1,128}\.py$/) })
       .optional(),
+    /**
+     * The job's requirements, resolved by the coordinator (src/runtime/requirements.ts): the
+     * provider installs exactly these wheels (its own check of every line) unless its owner forbids it.
+     */
+    requirements: z.object({ hash: z.string().regex(/^[0-9a-f]{64}$/), lock: z.string().max(64 * 1024) }).optional(),
   }),
   /** Part of the package a provider asked for, in order: `offset` is the bytes sent before it. */
   z.object({ t: z.literal("package_chunk"), hash: z.string().regex(/^[0-9a-f]{64}$/), offset: count, data: bytes }),
@@ -234,7 +241,7 @@ export const toCoordinatorSchema = z.discriminatedUnion("t", [
     where: z.string().max(1024).optional(),
     /** For kind "config": the config field at fault, e.g. `compression.rank`. */
     field: z.string().max(256).optional(),
-    kind: z.enum(["task", "config", "worker", "ring", "internal"]),
+    kind: z.enum(["task", "config", "worker", "ring", "requirements", "internal"]),
   }),
 ]);
 export type ToCoordinator = z.infer<typeof toCoordinatorSchema>;

@@ -44,6 +44,8 @@ export const sharedOrders = {
      */
     /** The task's package folder (a task that is a folder): its modules import, its files are beside __file__. */
     package_dir: z.string().max(4096).optional(),
+    /** The job's installed requirements: added to the module path after the base environment's (site.addsitedir). */
+    site_dirs: z.array(z.string().max(4096)).max(8).optional(),
     limits: z
       .object({ max_processes: z.number().int().min(16), max_file_bytes: z.number().int().min(1), max_memory_bytes: z.number().int().min(1).nullable() })
       .optional(),

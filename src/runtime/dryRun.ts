@@ -14,8 +14,8 @@ export type DryRun = Extract<z.infer<typeof dryRunSchema>, { ok: true }>;
  * forward and backward run by one local worker (python -m nimble_worker.dryrun), no
  * providers and no run folder. A task error throws TaskFailed (exit 3).
  */
-export async function dryRun(opts: { python: string; taskPath: string; config: Record<string, unknown>; onLog?: (line: string) => void }): Promise<DryRun> {
-  const task = taskArgs(opts.taskPath);
+export async function dryRun(opts: { python: string; taskPath: string; config: Record<string, unknown>; siteDirs?: string[]; onLog?: (line: string) => void }): Promise<DryRun> {
+  const task = [...taskArgs(opts.taskPath), ...(opts.siteDirs ?? []).flatMap((d) => ["--site-dir", d])];
   const env = { PATH: process.env.PATH ?? "/usr/bin:/bin", PYTHONPATH: PYTHON_RUNTIME_DIR, PYTHONDONTWRITEBYTECODE: "1", NIMBLE_HOME: PACKAGE_ROOT, NIMBLE_RANK: "0", NIMBLE_WORLD_SIZE: "1" };
   const { exitCode, last, stderrTail } = await runPythonJson(opts.python, ["-m", "nimble_worker.dryrun", ...task, "--config", JSON.stringify(opts.config)], env, opts.onLog);
   const parsed = dryRunSchema.safeParse(last);

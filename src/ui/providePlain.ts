@@ -37,7 +37,8 @@ export function formatLimits(l: ProviderLimits): string {
   const how = l.sandbox === "bwrap" ? "confined (bwrap)" : l.sandbox === "none" ? "UNCONFINED (--no-sandbox)" : "cannot confine: refuses jobs";
   const memory = l.max_memory_bytes !== null ? `${formatBytes(l.max_memory_bytes)}, ` : "";
   const hours = l.max_job_hours !== null ? `; jobs up to ${l.max_job_hours} h` : "";
-  return `${how}; per worker ${memory}${formatCount(l.max_processes)} processes, files up to ${formatBytes(l.max_file_bytes)}${hours}`;
+  const installs = l.job_requirements === false ? "; no per-job requirements" : "";
+  return `${how}; per worker ${memory}${formatCount(l.max_processes)} processes, files up to ${formatBytes(l.max_file_bytes)}${hours}${installs}`;
 }
 
 export function formatListening(e: Extract<ProviderEvent, { type: "listening" }>): string[] {

@@ -9,7 +9,7 @@ export const listening: Extract<ProviderEvent, { type: "listening" }> = {
   key: "ed25519:yjP1F8x4GVlsVq9W614XG5oohUmayfKgQsGreja7iQ8",
   fingerprint: "829b:3375:1418:d6d2",
   allow: null,
-  limits: { sandbox: "bwrap", max_memory_bytes: 8e9, max_processes: 512, max_file_bytes: 16 * 1024 ** 3, max_job_hours: 12 },
+  limits: { sandbox: "bwrap", max_memory_bytes: 8e9, max_processes: 512, max_file_bytes: 16 * 1024 ** 3, max_job_hours: 12, job_requirements: true },
   devices: [{ id: "cuda:0", kind: "cuda", name: "NVIDIA A100-SXM4-80GB", memory_bytes: 85_899_345_920 }],
   profile: { device: "cuda:0", matmul_gflops_fp32: 19_480.4, memory_gbps: 1555.2, measured_at: "2025-06-01T10:00:00.000Z" },
 };

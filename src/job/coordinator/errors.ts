@@ -21,5 +21,7 @@ export class FaultError extends Error {
 }
 
 export function taskErrorHint(kind: string): string | undefined {
-  return kind === "task" ? "The error is in the task file: fix it and run `nimble train` again." : undefined;
+  if (kind === "task") return "The error is in the task file: fix it and run `nimble train` again.";
+  if (kind === "requirements") return "Check `requirements:` in the config (names, versions, wheels for the provider's platform) and that the provider can reach its package index.";
+  return undefined;
 }

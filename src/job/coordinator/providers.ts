@@ -5,7 +5,8 @@ import os from "node:os";
 import path from "node:path";
 import { UserError, errorMessage } from "../../errors.js";
 import type { ToProvider } from "../../protocol/messages.js";
-import { resolvePython } from "../../runtime/python.js";
+import { resolvePython, type PythonEnv } from "../../runtime/python.js";
+import { lockRequirements, type RequirementsLock } from "../../runtime/requirements.js";
 import type { TrainEvent, WorkerRow } from "../events.js";
 import { startLocalProviders } from "../localProviders.js";
 import { buildPackage, PACKAGE_CHUNK_BYTES, type TaskPackage } from "../package.js";
@@ -59,6 +60,8 @@ export class Providers {
   #code: Buffer | null = null;
   #package: Promise<TaskPackage> | null = null;
   #identity: Identity | null = null;
+  #pythonEnv: Promise<PythonEnv> | null = null;
+  #lock: Promise<RequirementsLock | null> | null = null;
 
   constructor(
     private readonly opts: TrainOptions,
@@ -83,6 +86,7 @@ export class Providers {
   async connect(): Promise<void> {
     this.#identity = await loadIdentity(this.opts.keyFile, { create: true });
     await this.package(); // a task folder that cannot be packaged fails here, before any provider starts
+    await this.requirements(); // and requirements that do not resolve
     const targets = await this.#targets();
     this.events.status(`Connecting to ${targets.length} provider${targets.length === 1 ? "" : "s"} as ${this.identity.fingerprint}`);
     const settled = await Promise.allSettled(targets.map((t) => ProviderClient.connect(t.address, this.#credentials(t))));
@@ -122,7 +126,7 @@ export class Providers {
       });
     }
     const count = this.opts.local ?? config.local_workers;
-    const python = await resolvePython({ python: this.opts.python, torchSpec: this.opts.torchSpec, env, onProgress: this.events.status });
+    const python = await this.#python();
     this.events.status(`Starting ${count} local provider${count === 1 ? "" : "s"} (python ${python.pythonVersion}, torch ${python.torchVersion})`);
     const local = await startLocalProviders({
       count,
@@ -202,6 +206,24 @@ export class Providers {
     return this.#package;
   }
 
+  /** This host's worker Python: what local providers run, and what requirements are resolved against. */
+  #python(): Promise<PythonEnv> {
+    const { env = process.env } = this.opts;
+    this.#pythonEnv ??= resolvePython({ python: this.opts.python, torchSpec: this.opts.torchSpec, env, onProgress: this.events.status });
+    return this.#pythonEnv;
+  }
+
+  /** The config's requirements resolved into a lock (once; null when there are none, or the base has them all). */
+  requirements(): Promise<RequirementsLock | null> {
+    const wanted = this.config.requirements;
+    this.#lock ??= wanted.length === 0 ? Promise.resolve(null) : this.#python().then(async (python) => {
+      const lock = await lockRequirements(wanted, python.python, { onProgress: (line) => this.events.report({ type: "log", source: "requirements", line, ...(line.startsWith("  ") ? { level: "debug" } : {}) }), env: this.opts.env });
+      if (lock) this.events.status(`Requirements: ${lock.packages.map((p) => `${p.name} ${p.version}`).join(", ")} (lock ${lock.hash.slice(0, 12)}), installed by each provider`);
+      return lock;
+    });
+    return this.#lock;
+  }
+
   /** A provider asked for the package (not in its cache): its chunks, in order, with backpressure. */
   async sendPackage(client: ProviderClient, hash: string): Promise<void> {
     const pkg = await this.package();
@@ -216,6 +238,7 @@ export class Providers {
   /** 4. The job spec: the task, the config and the ranks each provider hosts. */
   async sendJob(client: ProviderClient, join: boolean): Promise<void> {
     const pkg = await this.package();
+    const lock = await this.requirements();
     this.#code ??= pkg ? Buffer.alloc(0) : await readFile(this.opts.loaded.taskPath);
     client.send({
       t: "job",
@@ -228,6 +251,7 @@ export class Providers {
       ),
       task: { filename: pkg ? pkg.entry : path.basename(this.opts.loaded.taskPath), code: this.#code },
       ...(pkg ? { package: { hash: pkg.hash, bytes: pkg.blob.length, entry: pkg.entry } } : {}),
+      ...(lock ? { requirements: { hash: lock.hash, lock: lock.lock } } : {}),
       config: this.config as unknown as Record<string, unknown>,
       world_size: this.ranks.length,
       ranks: this.ranksOf(client).map((r) => ({ rank: r.rank, device: r.device })),

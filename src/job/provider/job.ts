@@ -24,6 +24,13 @@ import type { JobSpec, LinkBytes, ProviderOptions } from "./types.js";
 
 type FailKind = "task" | "worker" | "ring" | "internal";
 
+export interface PreparedJob {
+  /** The unpacked task package, for a task that is a folder. */
+  packageDir?: string;
+  /** The job's requirements, installed (src/runtime/requirements.ts): on the workers' module path after the base's. */
+  requirementsDir?: string;
+}
+
 /** One job on this provider: its workers, their ring, and the orders and reports between them. */
 export class ProviderJob {
   readonly ranks: LocalRank[];
@@ -55,8 +62,8 @@ export class ProviderJob {
     private readonly auth: Authorizer,
     /** The key of the coordinator that started the job: its credentials are what ring peers show. */
     readonly coordinatorKey: string,
-    /** The unpacked task package (read-only, shared through the cache), for a task that is a folder. */
-    private readonly packageDir?: string,
+    /** What was fetched for the job before it started: shared through the cache, read-only to workers. */
+    private readonly prepared: PreparedJob = {},
   ) {
     const faults = spec.config.faults as { max_restarts?: unknown; heartbeat_s?: unknown } | undefined;
     const maxRestarts = Number(faults?.max_restarts);
@@ -122,8 +129,8 @@ export class ProviderJob {
     this.#dir = await mkdtemp(path.join(os.tmpdir(), "nimble-job-"));
     // Not in the worker's cwd (the first entry of its sys.path): a task named torch.py or
     // json.py must not shadow the module of that name.
-    if (this.packageDir) {
-      this.#taskPath = path.join(this.packageDir, this.spec.package!.entry);
+    if (this.prepared.packageDir) {
+      this.#taskPath = path.join(this.prepared.packageDir, this.spec.package!.entry);
     } else {
       await mkdir(path.join(this.#dir, "task"));
       this.#taskPath = path.join(this.#dir, "task", this.spec.task.filename);
@@ -195,7 +202,7 @@ export class ProviderJob {
       onLog: (line) => this.log(line),
       sandbox:
         confinement.kind === "bwrap"
-          ? { support: confinement.support, readOnly: [...confinement.readOnly, ...(this.packageDir ? [this.packageDir] : [])], devices: gpuDeviceNodes([local.device]) }
+          ? { support: confinement.support, readOnly: [...confinement.readOnly, ...[this.prepared.packageDir, this.prepared.requirementsDir].filter((d): d is string => d !== undefined)], devices: gpuDeviceNodes([local.device]) }
           : null,
       limits,
       cgroup: `nimble-${process.pid}-${path.basename(this.#dir)}-rank${local.rank}-${local.restarts}`,
@@ -224,7 +231,8 @@ export class ProviderJob {
       speed: this.#speed.current,
       ...(this.opts.maxMicroBatch ? { max_micro_batch: this.opts.maxMicroBatch } : {}),
       limits: { max_processes: limits.maxProcesses, max_file_bytes: limits.maxFileBytes, max_memory_bytes: limits.maxMemoryBytes },
-      ...(this.packageDir ? { package_dir: this.packageDir } : {}),
+      ...(this.prepared.packageDir ? { package_dir: this.prepared.packageDir } : {}),
+      ...(this.prepared.requirementsDir ? { site_dirs: [this.prepared.requirementsDir] } : {}),
     });
   }
 

@@ -18,10 +18,11 @@ import { jobSpecProblem, MAX_CONTROL_BYTES, PROTOCOL_VERSION, type LogLevel, typ
 import { DEFAULT_LIMITS } from "../../runtime/limits.js";
 import { cleanText } from "../../protocol/text.js";
 import { cacheDir } from "../../runtime/paths.js";
+import { installRequirements, lockHash, parseLock } from "../../runtime/requirements.js";
 import { unpackPackage } from "../package.js";
 import { ControlConnection, MAX_HELLO_BYTES, type ControlHost } from "./control.js";
 import { linkPacing } from "./aids/pacing.js";
-import { ProviderJob } from "./job.js";
+import { ProviderJob, type PreparedJob } from "./job.js";
 import type { JobSpec, ProviderOptions } from "./types.js";
 
 /** Close code for a ring connection whose job never arrived here. */
@@ -148,6 +149,7 @@ export class Provider {
       max_processes: limits.maxProcesses,
       max_file_bytes: limits.maxFileBytes,
       max_job_hours: this.opts.maxJobHours ?? null,
+      job_requirements: this.opts.jobRequirements !== false,
     };
   }
 
@@ -189,6 +191,7 @@ export class Provider {
     if (message.t === "job") {
       if (this.job) return conn.send({ t: "failed", message: `already running job ${this.job.spec.job}`, kind: "internal" });
       if (this.fetching) return conn.send({ t: "failed", message: `already receiving the task package of job ${this.fetching.spec.job}`, kind: "internal" });
+      if (this.installing) return conn.send({ t: "failed", message: `already installing the requirements of job ${this.installing.spec.job}`, kind: "internal" });
       const confinement = this.opts.confinement;
       if (confinement?.kind === "unavailable") {
         const why = `this provider refuses jobs: it cannot confine them (${confinement.reason}); its owner may start it with --no-sandbox to run jobs unconfined`;
@@ -197,8 +200,7 @@ export class Provider {
       }
       const problem = jobSpecProblem(message, this.opts.devices);
       if (problem) return conn.send({ t: "failed", message: problem, kind: "internal" });
-      if (message.package) return void this.#withPackage(message, conn);
-      return this.startJob(message, conn);
+      return void this.#prepare(message, conn);
     }
     if (message.t === "package_chunk") return void this.#packageChunk(message, conn);
     if (this.job && this.job.control !== conn.ws) {
@@ -246,15 +248,53 @@ export class Provider {
     return true;
   }
 
+  /** What a job needs before its workers start: its requirements installed, then its package. */
+  async #prepare(spec: JobSpec, conn: ControlConnection) {
+    const prepared: PreparedJob = {};
+    if (spec.requirements) {
+      this.installing = { spec, conn };
+      try {
+        prepared.requirementsDir = await this.#requirements(spec, conn);
+      } catch (err) {
+        const why = cleanText(errorMessage(err), 4000, { multiline: true });
+        this.log(`job ${cleanText(spec.job, 128)}: ${why}`, "warn");
+        return conn.send({ t: "failed", message: `provider ${os.hostname()}:${this.opts.port}: ${why}`, kind: "requirements" });
+      } finally {
+        this.installing = null;
+      }
+      if (conn.ws.readyState !== conn.ws.OPEN) return; // the coordinator left meanwhile (the install stays cached)
+    }
+    if (spec.package) return this.#withPackage(spec, conn, prepared);
+    this.startJob(spec, conn, prepared);
+  }
+
+  /** The job's requirements installed (or found in the cache), unless the owner forbids per-job installs. */
+  async #requirements(spec: JobSpec, conn: ControlConnection): Promise<string> {
+    const { lock, hash } = spec.requirements!;
+    if (this.opts.jobRequirements === false) {
+      throw new Error(`refuses jobs that bring requirements (its owner started it with --no-job-requirements); this job needs ${lock.split("\n").filter(Boolean).length} package(s) beyond the base environment`);
+    }
+    if (lockHash(lock) !== hash) throw new Error(`the requirements lock does not hash to ${hash.slice(0, 12)}`);
+    parseLock(lock); // nothing but name==version --hash lines reaches pip
+    const tell = (line: string) => {
+      this.log(line.startsWith("  ") ? line : `job ${cleanText(spec.job, 128)}: ${line}`, line.startsWith("  ") ? "debug" : "info");
+      conn.send({ t: "log", line: cleanText(line, 1000), level: line.startsWith("  ") ? "debug" : "info" });
+    };
+    const started = Date.now();
+    const { dir, cached } = await installRequirements(lock, this.opts.python.python, { onProgress: tell });
+    tell(cached ? `requirements ${hash.slice(0, 12)} are installed here already` : `installed requirements ${hash.slice(0, 12)} in ${((Date.now() - started) / 1000).toFixed(1)} s`);
+    return dir;
+  }
+
   /** A job whose task is a package: from the cache, or asked for (`package_needed`) and received in chunks. */
-  async #withPackage(spec: JobSpec, conn: ControlConnection) {
+  async #withPackage(spec: JobSpec, conn: ControlConnection, prepared: PreparedJob) {
     const { hash, bytes } = spec.package!;
     const dir = path.join(cacheDir(), "packages", hash);
     if (existsSync(dir)) {
       this.log(`task package ${hash.slice(0, 12)} is cached here`, "debug");
-      return this.startJob(spec, conn, dir);
+      return this.startJob(spec, conn, { ...prepared, packageDir: dir });
     }
-    this.fetching = { spec, conn, dir, chunks: [], received: 0 };
+    this.fetching = { spec, conn, dir, chunks: [], received: 0, prepared };
     this.log(`fetching task package ${hash.slice(0, 12)} (${(bytes / 1e6).toFixed(1)} MB) from ${conn.from}`);
     conn.send({ t: "package_needed", hash });
   }
@@ -280,16 +320,18 @@ export class Provider {
       return fail(cleanText(errorMessage(err), 1000));
     }
     this.log(`task package ${m.hash.slice(0, 12)} received and cached`);
-    this.startJob(f.spec, conn, f.dir);
+    this.startJob(f.spec, conn, { ...f.prepared, packageDir: f.dir });
   }
 
   /** A package being received for a job that starts once it is whole. */
-  private fetching: { spec: JobSpec; conn: ControlConnection; dir: string; chunks: Buffer[]; received: number } | null = null;
+  private fetching: { spec: JobSpec; conn: ControlConnection; dir: string; chunks: Buffer[]; received: number; prepared: PreparedJob } | null = null;
+  /** A job whose requirements are being installed. */
+  private installing: { spec: JobSpec; conn: ControlConnection } | null = null;
 
-  private startJob(spec: JobSpec, conn: ControlConnection, packageDir?: string) {
+  private startJob(spec: JobSpec, conn: ControlConnection, prepared: PreparedJob = {}) {
     const send = (m: ToCoordinator) => conn.send(m);
     const coordinator = conn.coordinator!;
-    const job = new ProviderJob(spec, this.opts, send, conn.ws, conn.bytes, (line, level) => this.log(line, level), this.linkOptions, this.auth, coordinator.key, packageDir);
+    const job = new ProviderJob(spec, this.opts, send, conn.ws, conn.bytes, (line, level) => this.log(line, level), this.linkOptions, this.auth, coordinator.key, prepared);
     this.job = job;
     this.opts.onEvent({
       type: "job",

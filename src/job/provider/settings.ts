@@ -36,6 +36,8 @@ export const providerConfigSchema = z
     max_memory: size.optional(),
     max_processes: z.number().int().min(64).max(1_000_000).optional(),
     max_job_hours: z.number().positive().max(MAX_JOB_HOURS).optional(),
+    /** false: refuse jobs that bring requirements of their own (nothing is installed per job). */
+    job_requirements: z.boolean().optional(),
     /** false: run jobs unconfined (loudly warned). */
     sandbox: z.boolean().optional(),
     testing: z

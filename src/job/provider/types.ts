@@ -115,6 +115,8 @@ export interface ProviderOptions {
   limits?: WorkerLimits;
   /** A job running longer than this many hours is ended (--max-job-hours). */
   maxJobHours?: number;
+  /** false: jobs that bring requirements of their own are refused (--no-job-requirements). */
+  jobRequirements?: boolean;
   /** This host's measured profile, advertised to coordinators. */
   profile?: ProviderProfile;
   /**
