@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 
@@ -18,10 +19,14 @@ class SpeedAid:
     """After each forward/backward the worker sleeps (1/speed - 1) x its compute time, so
     one host can stand for a slower one. On a CPU device the compute time is CPU time, not
     wall: on a host shared with other workers, contention must not be multiplied into the
-    simulated slowness."""
+    simulated slowness. Nor is the prefetch thread's (`background_cpu`): it loads data on
+    the host's CPU, which a slower device would not slow."""
 
-    def __init__(self, speed: float, device: torch.device):
+    def __init__(self, speed: float, device: torch.device,
+                 background_cpu: Callable[[], float] = lambda: 0.0):
         self.speed, self.device = check_speed(speed), device
+        self.background_cpu = background_cpu
+        """CPU seconds the worker's background threads have used so far."""
         self._wall0 = self._cpu0 = 0.0
 
     def set(self, speed) -> None:
@@ -29,7 +34,7 @@ class SpeedAid:
         self.speed = check_speed(speed)
 
     def start(self) -> None:
-        self._wall0, self._cpu0 = time.perf_counter(), time.process_time()
+        self._wall0, self._cpu0 = time.perf_counter(), time.process_time() - self.background_cpu()
 
     def stretch(self) -> None:
         """Sleep for the simulated part of the work done since `start`."""
@@ -39,5 +44,5 @@ class SpeedAid:
             torch.cuda.synchronize(self.device)
             work = time.perf_counter() - self._wall0
         else:
-            work = time.process_time() - self._cpu0
+            work = max(0.0, time.process_time() - self.background_cpu() - self._cpu0)
         time.sleep((1.0 / self.speed - 1.0) * work)

@@ -130,6 +130,10 @@ class JobConfig:
     precision: str = "fp32"
     """Autocast on the worker's device: fp32 (none), bf16, or fp16 with a dynamic loss
     scale that every worker keeps the same (a step with an inf anywhere is skipped by all)."""
+    prefetch: int = 2
+    """Steps whose batches a background thread loads ahead (dataset items and collate), while
+    this step computes and its gradient travels; 0 loads each batch when it is needed.
+    Batches are the same either way (replica.py, "Prefetch")."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Periodic evaluation settings."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -10,7 +10,9 @@ Worker `rank` takes the contiguous run of positions starting at t*B + sum(shares
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Sequence
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch.utils.data import default_collate
@@ -39,20 +41,54 @@ class GlobalSampler:
 
     def positions(self, start: int, count: int) -> list[int]:
         """Dataset indices of stream positions start .. start+count-1."""
-        out = []
-        for p in range(start, start + count):
-            out.append(int(self.perm(p // self.n)[p % self.n]))
+        out: list[int] = []
+        p, end = start, start + count
+        while p < end:  # one slice per epoch the run of positions touches
+            epoch, at = divmod(p, self.n)
+            take = min(end - p, self.n - at)
+            out += self.perm(epoch)[at:at + take].tolist()
+            p += take
         return out
+
+    def start(self, step: int, shares: Sequence[int], rank: int) -> int:
+        """The stream position of this worker's first sample of global step `step`."""
+        if sum(shares) != self.batch_size or any(s < 0 for s in shares):
+            raise ValueError(f"shares {list(shares)} must be >= 0 and sum to {self.batch_size}")
+        return step * self.batch_size + sum(shares[:rank])
 
     def indices(self, step: int, shares: Sequence[int], rank: int) -> list[int]:
         """This worker's dataset indices for global step `step`."""
-        if sum(shares) != self.batch_size or any(s < 0 for s in shares):
-            raise ValueError(f"shares {list(shares)} must be >= 0 and sum to {self.batch_size}")
-        start = step * self.batch_size + sum(shares[:rank])
-        return self.positions(start, shares[rank])
+        return self.positions(self.start(step, shares, rank), shares[rank])
 
 
 def collate(dataset: Any, indices: Sequence[int], fn=None) -> Any:
     """The items at `indices` as one batch: the task's collate(items), or torch's default."""
     items = [dataset[i] for i in indices]
     return fn(items) if fn is not None else default_collate(items)
+
+
+_item = threading.local()
+"""The item being loaded on this thread: what seeds its generator, and the generator once made."""
+
+
+@contextmanager
+def item_seed(*parts: int | str) -> Iterator[None]:
+    """While loading one item: `item_generator` gives a generator seeded from derive_seed(*parts)
+    (made only if asked for: most datasets never ask)."""
+    _item.parts, _item.generator = parts, None
+    try:
+        yield
+    finally:
+        _item.parts, _item.generator = (), None
+
+
+def item_generator() -> torch.Generator:
+    """For random augmentation in a task's Dataset.__getitem__: a generator seeded from the
+    job's seed and the item's position in the global sample stream (validation items: from
+    their index). Its draws are the same on any number of workers, with prefetch on or off,
+    and differ from epoch to epoch. Outside Nimble's loading: torch's default generator."""
+    if not getattr(_item, "parts", ()):
+        return torch.default_generator
+    if _item.generator is None:
+        _item.generator = torch.Generator().manual_seed(derive_seed(*_item.parts))
+    return _item.generator

@@ -10,15 +10,18 @@ talks to other workers: strategies (`strategies/`) decide what crosses the netwo
 from __future__ import annotations
 
 import random
-from typing import Sequence
+import sys
+from concurrent.futures import Future
+from typing import Any, Sequence
 
 import torch
 
 from .aids import SpeedAid
 from .config import JobConfig
-from .data import GlobalSampler, collate, derive_seed
+from .data import GlobalSampler, derive_seed
 from .optim import build_optimizer, build_scheduler
 from .precision import LossScale, autocast
+from .prefetch import Prefetcher, global_rng_states
 from .task import Task
 from .tensors import params_hash, to_device, unflat
 
@@ -51,7 +54,7 @@ class Replica:
         """(step, new cap) each time running out of device memory lowered max_micro_batch."""
         self.micro_batches = 0
         """Forward/backward passes of the last `grads` call."""
-        self.speed = SpeedAid(speed, self.device)
+        self.speed = SpeedAid(speed, self.device, lambda: self.prefetch.cpu_s if self.prefetch else 0.0)
         self.train_ds = task.build_dataset("train")
         self.val_ds = task.build_dataset("val")
         torch.manual_seed(cfg.seed)
@@ -70,6 +73,8 @@ class Replica:
         self.sampler = GlobalSampler(len(self.train_ds), cfg.batch_size, cfg.seed)
         self.next_step = 0
         """The next step to run (steps applied so far): also the data position."""
+        self.prefetch = Prefetcher(self._load) if cfg.prefetch > 0 else None
+        """Loads the next steps' batches in the background; None when prefetch is off."""
 
     # ---- description -------------------------------------------------------------
     def describe(self) -> dict:
@@ -108,14 +113,18 @@ class Replica:
         self.speed.start()
         if len(shares) <= self.rank:
             raise ValueError(f"got {len(shares)} shares, none for rank {self.rank}")
-        indices = self.sampler.indices(t, shares, self.rank)  # also validates shares
+        self.sampler.start(t, shares, self.rank)  # validates shares
+        size = shares[self.rank]
         torch.manual_seed(derive_seed("step", self.cfg.seed, t, self.rank))
         self.model.train()
-        size = len(indices)
         while True:
             micro = min(self.max_micro_batch or size, size) or 1
+            parts = self._parts(t, shares, micro)
+            ahead = self.prefetch.take((t, tuple(shares), micro)) if self.prefetch else None
+            if ahead is not None:
+                self._load_ahead(t, shares, micro)  # while this step computes
             try:
-                loss_value = self._accumulate(indices, micro)
+                loss_value = self._accumulate(parts, ahead)
                 break
             except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
                 if not is_out_of_memory(err) or micro <= 1:
@@ -128,27 +137,75 @@ class Replica:
             self.max_micro_batch = micro // 2
             self.memory_caps.append((t, self.max_micro_batch))
             torch.manual_seed(derive_seed("step", self.cfg.seed, t, self.rank))
+        self._load_ahead(t, shares, micro)  # while the gradient travels (no-op if done above)
         grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).detach()
                  .to(torch.float32) for p in self.trainable]
         self.speed.stretch()
         return loss_value, grads
 
-    def _accumulate(self, indices: Sequence[int], micro: int) -> float:
-        """Forward/backward over `indices` in micro-batches of at most `micro`: each loss
-        scaled by its size / batch_size, gradients accumulating. Returns the mean loss."""
+    def _accumulate(self, parts: Sequence[tuple[list[int], list[tuple]]],
+                    ahead: Sequence[Future] | None) -> float:
+        """Forward/backward over the micro-batches `parts` (loaded ahead, or loaded here):
+        each loss scaled by its size / batch_size, gradients accumulating. Returns the mean
+        loss."""
         self.optimizer.zero_grad(set_to_none=True)
         loss_value = 0.0
         self.micro_batches = 0
         scale = self.loss_scale.value
-        for start in range(0, len(indices), micro):
-            chunk = indices[start:start + micro]
-            batch = to_device(collate(self.train_ds, chunk, self.task.collate), self.device)
+        for k, part in enumerate(parts):
+            batch = ahead[k].result() if ahead is not None else self._load_here(part)
+            batch = to_device(batch, self.device)
             with autocast(self.cfg.precision, self.device):
                 loss = self.task.compute_loss(self.model, batch)
-            (loss.float() * (scale * len(chunk) / self.cfg.batch_size)).backward()
-            loss_value += float(loss.detach()) * len(chunk)
+            n = len(part[0])
+            (loss.float() * (scale * n / self.cfg.batch_size)).backward()
+            loss_value += float(loss.detach()) * n
             self.micro_batches += 1
-        return loss_value / len(indices) if len(indices) else 0.0
+        size = sum(len(indices) for indices, _ in parts)
+        return loss_value / size if size else 0.0
+
+    # ---- data --------------------------------------------------------------------
+    # Prefetch: after step t's batches are taken (or loaded), a thread loads those of steps
+    # t+1 .. t+prefetch, guessing they keep t's shares and micro-batch size; a step whose
+    # guess was wrong drops them and loads its own here. The batches are the same either
+    # way: the same indices in the same order and the same collate, each item's
+    # data.item_generator() seeded from its stream position. A dataset that draws from a
+    # global generator instead (shared with the training thread, whose per-step seed
+    # dropout uses) would change results on another thread: a load here that moves one
+    # turns prefetch off for the job.
+    def _parts(self, t: int, shares: Sequence[int], micro: int) -> list[tuple[list[int], list[tuple]]]:
+        """Step t's micro-batches of at most `micro` samples: (indices, item seeds) each."""
+        indices = self.sampler.indices(t, shares, self.rank)
+        start = self.sampler.start(t, shares, self.rank)
+        seeds = [("item", self.cfg.seed, start + k) for k in range(len(indices))]
+        return [(indices[at:at + micro], seeds[at:at + micro]) for at in range(0, len(indices), micro)]
+
+    def _load(self, part: tuple[list[int], list[tuple]]) -> Any:
+        return self.task.load_batch("train", self.train_ds, *part)
+
+    def _load_here(self, part: tuple[list[int], list[tuple]]) -> Any:
+        """A batch loaded on the training thread, checking that loading leaves the global
+        generators alone while prefetch is on."""
+        if self.prefetch is None:
+            return self._load(part)
+        before = global_rng_states()
+        batch = self._load(part)
+        if global_rng_states() != before:
+            self.prefetch = None
+            print("nimble_worker: prefetch is off: the task's dataset or collate draws from a "
+                  "global random generator (torch's, random's or numpy's), which a background "
+                  "thread would share with training; draw augmentations from "
+                  "nimble_worker.data.item_generator() instead", file=sys.stderr, flush=True)
+        return batch
+
+    def _load_ahead(self, t: int, shares: Sequence[int], micro: int) -> None:
+        """Schedule steps t+1 .. t+prefetch (within the job) with these shares and micro size."""
+        for s in range(t + 1, min(t + 1 + self.cfg.prefetch, self.cfg.steps)):
+            key = (s, tuple(shares), micro)
+            if self.prefetch is None:
+                return
+            if not self.prefetch.scheduled(key) and not self.prefetch.schedule(key, self._parts(s, shares, micro)):
+                self.prefetch = None  # no thread to be had: load as without prefetch
 
     # ---- updates -----------------------------------------------------------------
     def apply(self, step: int, grads: Sequence[torch.Tensor] | None) -> None:
@@ -183,12 +240,15 @@ class Replica:
         end = min(start + max(0, count), len(self.val_ds))
         batch_size = max(1, batch_size)
         sums: dict[str, float] = {}
+        if self.prefetch is not None:
+            self.prefetch.settle()  # the task's data code runs on one thread at a time
         self.model.eval()
         try:
             with torch.no_grad():
                 for b in range(start, end, batch_size):
                     idx = range(b, min(b + batch_size, end))
-                    batch = to_device(collate(self.val_ds, idx, self.task.collate), self.device)
+                    seeds = [("item", self.cfg.seed, "val", i) for i in idx]
+                    batch = to_device(self.task.load_batch("val", self.val_ds, idx, seeds), self.device)
                     for k, v in self.task.evaluate(self.model, batch).items():
                         sums[k] = sums.get(k, 0.0) + v * len(idx)
         finally:

@@ -137,7 +137,9 @@ def test_micro_batches_accumulate_the_one_batch_gradient(tiny_task):
 
 
 def test_speed_stretches_compute_time(tiny_task):
-    tr = trainer(tiny_task, batch_size=256, compression={"method": "none"})
+    # No prefetch: its thread would share the GIL with the timed steps, and its loading is
+    # not stretched (a slower device does not slow the host's CPU).
+    tr = trainer(tiny_task, batch_size=256, compression={"method": "none"}, prefetch=0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # less scheduling noise on a busy host
     try:

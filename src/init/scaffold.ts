@@ -18,6 +18,7 @@ optimizer: {name: adamw, lr: 0.003, weight_decay: 0.01, no_decay: true}
 lr_schedule: {name: warmup_cosine, warmup_steps: 20}   # or constant, linear, cosine, warmup_linear
 grad_clip: 1.0             # clip the reduced gradient's global norm (0: off)
 precision: fp32            # or bf16, fp16
+prefetch: 2                # steps of batches loaded ahead on a background thread (0: off)
 compression: {method: none}  # over internet links: powersgd (the default), int8, fp16, bf16, topk
 eval: {every: 50, samples: 512, batch_size: 256}
 checkpoint: {every: 100, keep: 3}

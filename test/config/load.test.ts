@@ -66,6 +66,7 @@ describe("parseConfigText", () => {
       lr_schedule: { name: "constant" },
       grad_clip: 0,
       precision: "fp32",
+      prefetch: 2,
       compression: { method: "powersgd", rank: 4, start_step: 10, min_compression_rate: 2, error_feedback: true, warm_start: true, seed: 0 },
       strategy: { name: "sync" },
       balance: "measured",
@@ -77,6 +78,7 @@ describe("parseConfigText", () => {
       local_workers: 2,
       output: "runs",
       package_limit_mb: 64,
+      requirements: [],
     });
   });
 
@@ -154,7 +156,7 @@ providers:
     expect(issues[0]).toMatchObject({ line: 5, col: 1, field: "stpes" });
     expect(issues[0]!.message).toContain('unknown key "stpes"');
     expect(issues[0]!.message).toContain(
-      "allowed keys: name, task, task_args, steps, batch_size, seed, optimizer, lr_schedule, grad_clip, precision, compression, strategy, balance, leave_out_slow, eval, checkpoint, faults, providers, local_workers, output, package_limit_mb",
+      "allowed keys: name, task, task_args, steps, batch_size, seed, optimizer, lr_schedule, grad_clip, precision, prefetch, compression, strategy, balance, leave_out_slow, eval, checkpoint, faults, providers, local_workers, output, package_limit_mb, requirements",
     );
   });
 
