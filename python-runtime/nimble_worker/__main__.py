@@ -141,8 +141,8 @@ class Worker:
 
     def eval(self, h: dict, _: bytearray) -> Reply:
         self.require_decided("eval")
-        count, sums = self.replica.eval(int(h["start"]), int(h["count"]), int(h["batch_size"]))
-        return {"op": "eval_done", "step": h["step"], "count": count, "sums": sums}, b""
+        count, sums, counts = self.replica.eval(int(h["start"]), int(h["count"]), int(h["batch_size"]))
+        return {"op": "eval_done", "step": h["step"], "count": count, "sums": sums, "counts": counts}, b""
 
     def state(self, h: dict, _: bytearray) -> Reply:
         self.require_decided("state")

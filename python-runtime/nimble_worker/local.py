@@ -21,17 +21,17 @@ def run(task_path: str, config: dict, log=print) -> dict:
     tr = Trainer(cfg, Task(task_path, cfg.task_args), 0, 1, "cpu", lambda b: b.clone())
     log(json.dumps({"ready": tr.describe(), "setup_s": round(time.perf_counter() - t0, 2)}))
     t0 = time.perf_counter()
-    n, sums = tr.eval(0, cfg.eval.samples, cfg.eval.batch_size)
-    log(json.dumps({"step": 0, **{k: round(v / max(n, 1), 4) for k, v in sums.items()}}))
+    _, sums, counts = tr.eval(0, cfg.eval.samples, cfg.eval.batch_size)
+    log(json.dumps({"step": 0, **{k: round(v / max(counts[k], 1e-12), 4) for k, v in sums.items()}}))
     t0 = time.perf_counter()
     result: dict = {}
     for t in range(cfg.steps):
         r = tr.step(t, [cfg.batch_size])
         done = t + 1
         if (cfg.eval.every and done % cfg.eval.every == 0) or done == cfg.steps:
-            n, sums = tr.eval(0, cfg.eval.samples, cfg.eval.batch_size)
+            _, sums, counts = tr.eval(0, cfg.eval.samples, cfg.eval.batch_size)
             result = {"step": done, "train_loss": round(r["loss"], 4),
-                      **{k: round(v / max(n, 1), 4) for k, v in sums.items()},
+                      **{k: round(v / max(counts[k], 1e-12), 4) for k, v in sums.items()},
                       "elapsed_s": round(time.perf_counter() - t0, 1)}
             log(json.dumps(result))
     return result

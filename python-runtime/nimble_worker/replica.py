@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import sys
 from concurrent.futures import Future
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -22,8 +22,12 @@ from .data import GlobalSampler, derive_seed
 from .optim import build_optimizer, build_scheduler
 from .precision import LossScale, autocast
 from .prefetch import Prefetcher, global_rng_states
-from .task import Task
+from .task import LossTerm, Task, TaskError
 from .tensors import params_hash, to_device, unflat
+
+
+LossTotals = Callable[[float, float], tuple[float, float]]
+"""(loss_sum, count) of this worker -> their sums over every worker."""
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -73,6 +77,8 @@ class Replica:
         self.sampler = GlobalSampler(len(self.train_ds), cfg.batch_size, cfg.seed)
         self.next_step = 0
         """The next step to run (steps applied so far): also the data position."""
+        self.loss_form: str | None = None
+        """"mean" or "sum": which form the task's compute_loss returns (known after its first call)."""
         self.prefetch = Prefetcher(self._load) if cfg.prefetch > 0 else None
         """Loads the next steps' batches in the background; None when prefetch is off."""
 
@@ -104,12 +110,17 @@ class Replica:
         return [(n, p.shape) for n, p in zip(self.names, self.trainable)]
 
     # ---- gradients ---------------------------------------------------------------
-    def grads(self, t: int, shares: Sequence[int]) -> tuple[float, list[torch.Tensor]]:
+    def grads(self, t: int, shares: Sequence[int],
+              totals: LossTotals | None = None) -> tuple[float, list[torch.Tensor]]:
         """Forward/backward over this worker's share of step t (one share per rank the job
         has had, ranks that joined later included). Returns the unscaled mean loss and one
-        float32 gradient per trainable parameter, scaled by share / batch_size: summed over
-        workers they are the gradient of the mean loss over the global batch. A share of 0
-        gives zero gradients. The speed aid's sleep is part of it."""
+        float32 gradient per trainable parameter, scaled so that summed over workers they
+        are the gradient of the mean loss over the global batch: by share / batch_size for
+        a compute_loss that returns a mean, by 1 / (every worker's count) for one that
+        returns (loss_sum, count), whose `totals` (a collective every worker joins, since
+        every worker knows the form: `loss_form`) sums (loss_sum, count) over the workers;
+        the loss is then the global one. A share of 0 gives zero gradients. The speed
+        aid's sleep is part of it."""
         self.speed.start()
         if len(shares) <= self.rank:
             raise ValueError(f"got {len(shares)} shares, none for rank {self.rank}")
@@ -124,7 +135,7 @@ class Replica:
             if ahead is not None:
                 self._load_ahead(t, shares, micro)  # while this step computes
             try:
-                loss_value = self._accumulate(parts, ahead)
+                loss_sum, count = self._accumulate(parts, ahead)
                 break
             except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
                 if not is_out_of_memory(err) or micro <= 1:
@@ -140,29 +151,64 @@ class Replica:
         self._load_ahead(t, shares, micro)  # while the gradient travels (no-op if done above)
         grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).detach()
                  .to(torch.float32) for p in self.trainable]
+        if self.loss_form is None:  # share 0 at the first step: no loss seen yet
+            self._probe_loss_form()
+        if self.loss_form == "sum":
+            loss_sum, count = totals(loss_sum, count) if totals is not None else (loss_sum, count)
+            for g in grads:
+                g.mul_(1.0 / count if count > 0 else 0.0)
+            loss_value = loss_sum / count if count > 0 else float("nan")
+        else:
+            loss_value = loss_sum / count if count else 0.0
         self.speed.stretch()
         return loss_value, grads
 
     def _accumulate(self, parts: Sequence[tuple[list[int], list[tuple]]],
-                    ahead: Sequence[Future] | None) -> float:
-        """Forward/backward over the micro-batches `parts` (loaded ahead, or loaded here):
-        each loss scaled by its size / batch_size, gradients accumulating. Returns the mean
-        loss."""
+                    ahead: Sequence[Future] | None) -> tuple[float, float]:
+        """Forward/backward over the micro-batches `parts` (loaded ahead, or loaded here),
+        gradients accumulating: a mean loss scaled by its size / batch_size, a loss sum as
+        it is. Returns (loss sum, count): samples for a mean, the task's counts for a sum."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss_value = 0.0
+        loss_sum, count = 0.0, 0.0
         self.micro_batches = 0
         scale = self.loss_scale.value
         for k, part in enumerate(parts):
             batch = ahead[k].result() if ahead is not None else self._load_here(part)
             batch = to_device(batch, self.device)
             with autocast(self.cfg.precision, self.device):
-                loss = self.task.compute_loss(self.model, batch)
+                term = self.task.loss(self.model, batch)
+            self._note_loss_form(term)
             n = len(part[0])
-            (loss.float() * (scale * n / self.cfg.batch_size)).backward()
-            loss_value += float(loss.detach()) * n
+            weight = scale * n / self.cfg.batch_size if term.count is None else scale
+            (term.value.float() * weight).backward()
+            loss_sum += float(term.value.detach()) * (n if term.count is None else 1)
+            count += n if term.count is None else term.count
             self.micro_batches += 1
-        size = sum(len(indices) for indices, _ in parts)
-        return loss_value / size if size else 0.0
+        return loss_sum, count
+
+    def _note_loss_form(self, term: LossTerm) -> None:
+        form = "mean" if term.count is None else "sum"
+        if self.loss_form is None:
+            self.loss_form = form
+        elif form != self.loss_form:
+            def said(f: str) -> str:
+                return "a scalar mean" if f == "mean" else "a (loss_sum, count) pair"
+            raise TaskError(f"returned {said(form)} after {said(self.loss_form)}; it must "
+                            "return the same form every time (every worker relies on it)",
+                            self.task.where("compute_loss"))
+
+    def _probe_loss_form(self) -> None:
+        """The loss form, for a worker whose first share is 0: from one training item, in
+        eval mode without gradients, random state and buffers left as they were."""
+        saved = self.buffers_snapshot()
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            self.model.eval()
+            try:
+                batch = to_device(self.task.load_batch("train", self.train_ds, [0], [("probe",)]), self.device)
+                self._note_loss_form(self.task.loss(self.model, batch))
+            finally:
+                self.model.train()
+                self.restore_buffers(saved)
 
     # ---- data --------------------------------------------------------------------
     # Prefetch: after step t's batches are taken (or loaded), a thread loads those of steps
@@ -234,12 +280,14 @@ class Replica:
                 p.copy_(chunk)
 
     # ---- evaluation --------------------------------------------------------------
-    def eval(self, start: int, count: int, batch_size: int) -> tuple[int, dict[str, float]]:
-        """Sums of the task's metrics (x batch length) over validation items start ..
-        start+count-1 (clipped to the split); returns (items evaluated, sums)."""
+    def eval(self, start: int, count: int, batch_size: int) -> tuple[int, dict[str, float], dict[str, float]]:
+        """The task's metrics over validation items start .. start+count-1 (clipped to the
+        split) as sums and counts (batch means count their items; a (sums, counts) pair
+        from evaluate counts as it says); returns (items evaluated, sums, counts)."""
         end = min(start + max(0, count), len(self.val_ds))
         batch_size = max(1, batch_size)
         sums: dict[str, float] = {}
+        counts: dict[str, float] = {}
         if self.prefetch is not None:
             self.prefetch.settle()  # the task's data code runs on one thread at a time
         self.model.eval()
@@ -249,11 +297,13 @@ class Replica:
                     idx = range(b, min(b + batch_size, end))
                     seeds = [("item", self.cfg.seed, "val", i) for i in idx]
                     batch = to_device(self.task.load_batch("val", self.val_ds, idx, seeds), self.device)
-                    for k, v in self.task.evaluate(self.model, batch).items():
-                        sums[k] = sums.get(k, 0.0) + v * len(idx)
+                    batch_sums, batch_counts = self.task.metric_sums(self.model, batch, len(idx))
+                    for k, v in batch_sums.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                        counts[k] = counts.get(k, 0.0) + batch_counts[k]
         finally:
             self.model.train()
-        return max(0, end - start), sums
+        return max(0, end - start), sums, counts
 
     # ---- state -------------------------------------------------------------------
     def state_dict(self) -> dict:

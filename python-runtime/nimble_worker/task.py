@@ -1,10 +1,14 @@
 """Loads the researcher's task file and calls it defensively.
 
 Contract: build_model(args) -> nn.Module, build_dataset(split, args) -> Dataset
-(split "train" or "val"); optional compute_loss(model, batch) -> scalar Tensor,
-evaluate(model, batch) -> dict[str, float], collate(items) -> batch (instead of torch's
-default_collate) and build_optimizer(model, args) -> torch optimizer (its parameter
-groups are then the task's own). Every failure becomes a TaskError whose `where` names
+(split "train" or "val"); optional compute_loss(model, batch) -> scalar Tensor (the batch's
+mean loss) or a (loss_sum, count) pair (e.g. summed over tokens, and the token count: the
+step's loss is then the sum over every worker's batches over the total count, exactly,
+however the batch is split), evaluate(model, batch) -> dict[str, float] of batch means, or
+a (sums, counts) pair of dicts (each metric is then its sums over its counts across the
+whole evaluation: token-weighted perplexity, F1 from counts), collate(items) -> batch
+(instead of torch's default_collate) and build_optimizer(model, args) -> torch optimizer
+(its parameter groups are then the task's own). Every failure becomes a TaskError whose `where` names
 the file and the function, e.g. "task.py: build_model".
 """
 
@@ -16,7 +20,7 @@ import os
 import site
 import sys
 import traceback
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +32,12 @@ from .data import item_seed
 # What the coordinator keeps of evaluate()'s metrics (src/protocol/messages.ts, metricsSchema).
 MAX_METRIC_NAME = 128
 MAX_METRICS = 256
+
+
+class LossTerm(NamedTuple):
+    """What compute_loss returned: a mean (`count` None) or a sum over `count` units."""
+    value: torch.Tensor
+    count: float | None
 
 
 class TaskError(Exception):
@@ -170,24 +180,66 @@ class Task:
                             f"__getitem__, got {type(ds).__name__}", self.where("build_dataset"))
         return ds
 
-    def compute_loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+    def loss(self, model: torch.nn.Module, batch: Any) -> LossTerm:
+        """compute_loss's result checked: a scalar mean, or a (loss_sum, count) pair."""
         fn = "compute_loss" if self._loss else "compute_loss (Nimble's default: the task defines none)"
-        loss = self._call(fn, self._loss or default_compute_loss, model, batch)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or loss.dim() > 1:
-            got = f"tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) \
-                else type(loss).__name__
-            raise TaskError(f"must return a scalar tensor, got {got}", self.where(fn))
-        if not loss.is_floating_point():
-            raise TaskError(f"loss must be a floating-point tensor, got {loss.dtype}", self.where(fn))
-        return loss.reshape(())
+        out = self._call(fn, self._loss or default_compute_loss, model, batch)
+        count = None
+        if isinstance(out, tuple) and len(out) == 2 and self._loss is not None:
+            out, count = out
+            try:
+                count = float(count.item() if isinstance(count, torch.Tensor) else count)
+            except (TypeError, ValueError, RuntimeError):
+                raise TaskError(f"returned a (loss_sum, count) pair whose count is not a number "
+                                f"({type(count).__name__})", self.where(fn)) from None
+            if not math.isfinite(count) or count < 0:
+                raise TaskError(f"returned a (loss_sum, count) pair with count {count}; it must be "
+                                "a finite number >= 0", self.where(fn))
+        if not isinstance(out, torch.Tensor) or out.numel() != 1 or out.dim() > 1:
+            got = f"tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) \
+                else type(out).__name__
+            raise TaskError(f"must return a scalar tensor or a (loss_sum, count) pair, got {got}",
+                            self.where(fn))
+        if not out.is_floating_point():
+            raise TaskError(f"loss must be a floating-point tensor, got {out.dtype}", self.where(fn))
+        return LossTerm(out.reshape(()), count)
+
+    def compute_loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """The batch's mean loss, whichever form compute_loss returns."""
+        term = self.loss(model, batch)
+        return term.value if term.count is None else term.value / max(term.count, 1e-12)
+
+    def metric_sums(self, model: torch.nn.Module, batch: Any, n: int) -> tuple[dict[str, float], dict[str, float]]:
+        """evaluate's metrics over a batch of `n` items as (sums, counts): a mean per batch
+        counts n times; a (sums, counts) pair is taken as it is."""
+        if self._eval is None:
+            term = self.loss(model, batch)
+            value = float(term.value.detach())
+            return ({"loss": value * n}, {"loss": float(n)}) if term.count is None \
+                else ({"loss": value}, {"loss": term.count})
+        out = self._call("evaluate", self._eval, model, batch)
+        if isinstance(out, tuple) and len(out) == 2 and all(isinstance(d, dict) for d in out):
+            sums, counts = self._metrics(out[0]), self._metrics(out[1])
+            if set(sums) != set(counts):
+                raise TaskError(f"returned (sums, counts) whose metrics differ: {sorted(set(sums) ^ set(counts))[:8]}",
+                                self.where("evaluate"))
+            bad = next((k for k, c in counts.items() if c < 0), None)
+            if bad is not None:
+                raise TaskError(f"count of metric {bad!r} is {counts[bad]}; counts must be >= 0",
+                                self.where("evaluate"))
+            return sums, counts
+        means = self._metrics(out)
+        return {k: v * n for k, v in means.items()}, {k: float(n) for k in means}
 
     def evaluate(self, model: torch.nn.Module, batch: Any) -> dict[str, float]:
-        if self._eval is None:
-            return {"loss": float(self.compute_loss(model, batch).detach())}
-        out = self._call("evaluate", self._eval, model, batch)
+        """The batch's metrics as means (a (sums, counts) pair divided out)."""
+        sums, counts = self.metric_sums(model, batch, 1)
+        return {k: v / counts[k] if counts[k] else 0.0 for k, v in sums.items()}
+
+    def _metrics(self, out: Any) -> dict[str, float]:
         if not isinstance(out, dict):
-            raise TaskError(f"must return a dict of metric -> float, got {type(out).__name__}",
-                            self.where("evaluate"))
+            raise TaskError(f"must return a dict of metric -> float, or a (sums, counts) pair of "
+                            f"them, got {type(out).__name__}", self.where("evaluate"))
         if len(out) > MAX_METRICS:
             raise TaskError(f"returned {len(out)} metrics; at most {MAX_METRICS} are kept",
                             self.where("evaluate"))

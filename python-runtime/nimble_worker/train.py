@@ -78,7 +78,7 @@ class Trainer:
             out["hash"] = self.hash()
         return out
 
-    def eval(self, start: int, count: int, batch_size: int) -> tuple[int, dict[str, float]]:
+    def eval(self, start: int, count: int, batch_size: int) -> tuple[int, dict[str, float], dict[str, float]]:
         return self.replica.eval(start, count, batch_size)
 
     # Replicas made equal, and state.

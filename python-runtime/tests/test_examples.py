@@ -22,9 +22,9 @@ def run(task, cfg, steps):
     cfg = JobConfig.from_dict({**cfg, "steps": steps})
     tr = Trainer(cfg, Task(os.path.join(EXAMPLES, task), cfg.task_args), 0, 1, "cpu",
                  lambda b: b.clone())
-    n, before = tr.eval(0, 256, 256)
+    n, before, _ = tr.eval(0, 256, 256)
     losses = [tr.step(t, [cfg.batch_size])["loss"] for t in range(steps)]
-    n, after = tr.eval(0, 256, 256)
+    n, after, _ = tr.eval(0, 256, 256)
     return tr, {k: v / n for k, v in before.items()}, {k: v / n for k, v in after.items()}, losses
 
 

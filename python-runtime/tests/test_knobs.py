@@ -207,3 +207,92 @@ def build_model(args): return Tied()'''), "tied.py")
     tensors, meta = safetensors.loads(blob)
     assert meta["format"] == "pt" and json.loads(meta["tied"]) == {"dec.weight": "enc.weight"}
     assert sorted(tensors) == ["enc.weight", "head.bias", "head.weight"]
+
+
+# Per-token losses over sequences of different lengths: as a (loss_sum, count) pair the
+# step's loss is the global token mean whatever the split; as a per-batch mean it is not.
+TOKEN_TASK = '''
+import torch, torch.nn as nn
+class Seqs(torch.utils.data.Dataset):
+    def __len__(self): return 40
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        return torch.randint(1, 9, (1 + (i * 7) % 6,), generator=g)
+def collate(items):
+    ids = torch.zeros(len(items), max(len(x) for x in items), dtype=torch.long)
+    for r, x in enumerate(items):
+        ids[r, :len(x)] = x
+    return ids
+def build_dataset(split, args): return Seqs()
+def build_model(args): return nn.Sequential(nn.Embedding(9, 6, padding_idx=0), nn.Tanh(), nn.Linear(6, 3))
+def compute_loss(model, ids):
+    mask = ids != 0
+    nll = nn.functional.cross_entropy(model(ids).reshape(-1, 3), (ids % 3).reshape(-1), reduction="none")
+    total = (nll * mask.reshape(-1)).sum()
+    return (total, mask.sum()) if FORM == "sum" else total / mask.sum()
+def evaluate(model, ids):
+    mask = ids != 0
+    right = ((model(ids).argmax(-1) == ids % 3) & mask).sum()
+    return ({"acc": right}, {"acc": mask.sum()}) if FORM == "sum" else {"acc": right / mask.sum()}
+'''
+
+
+def token_run(tmp_path, form, shares_per_step, world):
+    path = tmp_path / f"tokens_{form}.py"
+    path.write_text(f"FORM = {form!r}\n" + TOKEN_TASK)
+    over = {"batch_size": 12, "optimizer": {"name": "sgd", "lr": 0.5}, "compression": {"method": "none"}}
+    ring = ThreadRing(world)
+    trs = [Trainer(JobConfig.from_dict({**TINY_CONFIG, **over}), Task(str(path), {}), r, world, "cpu",
+                   ring.member(r)) for r in range(world)]
+    reports = [[] for _ in range(world)]
+
+    def run(r):
+        for t, shares in enumerate(shares_per_step):
+            reports[r].append(trs[r].step(t, shares))
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    [th.start() for th in threads]
+    [th.join() for th in threads]
+    return trs, reports
+
+
+@pytest.mark.parametrize("form, exact", [("sum", True), ("mean", False)])
+def test_loss_sum_and_count_is_exact_whatever_the_split(tmp_path, form, exact):
+    steps = [[12], [12], [12], [12]]
+    (one,), ref = token_run(tmp_path, form, steps, 1)
+    # Rank 2 has no share at the first step: it learns the form from one item (a probe).
+    trs, reports = token_run(tmp_path, form, [[5, 7, 0], [1, 1, 10], [4, 4, 4], [0, 12, 0]], 3)
+    diff = max(float((p - q).detach().abs().max()) for p, q in zip(one.params, trs[0].params))
+    if exact:
+        assert diff < 1e-6
+        for t in range(4):  # every worker reports the global token mean
+            assert all(abs(r[t]["loss"] - ref[0][t]["loss"]) < 1e-5 for r in reports)
+    else:
+        assert diff > 1e-4  # what the pair fixes: a mean per batch depends on the split
+    _, sums, counts = one.eval(0, 40, 7)
+    _, a_sums, a_counts = trs[0].eval(0, 13, 5)
+    _, b_sums, b_counts = trs[1].eval(13, 27, 9)
+    if exact:  # token accuracy: sums over counts, from slices of any size
+        assert counts["acc"] == a_counts["acc"] + b_counts["acc"] > 40
+        whole = sums["acc"] / counts["acc"]
+        assert (a_sums["acc"] + b_sums["acc"]) / (a_counts["acc"] + b_counts["acc"]) == pytest.approx(whole, abs=1e-6)
+
+
+def test_a_loss_that_changes_form_is_a_task_error(tmp_path):
+    path = tmp_path / "flip.py"
+    path.write_text("FORM = 'sum'\n" + TOKEN_TASK + "\n_n = [0]\n_orig = compute_loss\n"
+                    "def compute_loss(model, ids):\n    _n[0] += 1\n    s, c = _orig(model, ids)\n"
+                    "    return (s, c) if _n[0] == 1 else s / c\n")
+    tr = Trainer(JobConfig.from_dict({**TINY_CONFIG, "batch_size": 12}), Task(str(path), {}), 0, 1, "cpu",
+                 lambda b: b.clone())
+    tr.step(0, [12])
+    with pytest.raises(TaskError, match=r"returned a scalar mean after a \(loss_sum, count\) pair"):
+        tr.step(1, [12])
+
+
+def test_evaluate_sums_and_counts_must_name_the_same_metrics(tmp_path):
+    path = tmp_path / "badeval.py"
+    path.write_text("FORM = 'sum'\n" + TOKEN_TASK + "\ndef evaluate(model, ids):\n    return {'a': 1.0}, {'b': 2.0}\n")
+    tr = Trainer(JobConfig.from_dict({**TINY_CONFIG, "batch_size": 12}), Task(str(path), {}), 0, 1, "cpu",
+                 lambda b: b.clone())
+    with pytest.raises(TaskError, match=r"evaluate: returned \(sums, counts\) whose metrics differ: \['a', 'b'\]"):
+        tr.eval(0, 10, 5)

@@ -107,12 +107,13 @@ def test_three_workers_match_one_worker(tiny_task):
 
 def test_eval_sums_cover_disjoint_slices(tiny_task):
     tr = trainer(tiny_task)
-    n_all, all_sums = tr.eval(0, 20, 7)
-    n_a, a = tr.eval(0, 9, 4)
-    n_b, b = tr.eval(9, 100, 5)  # clipped to the 20 validation items
+    n_all, all_sums, all_counts = tr.eval(0, 20, 7)
+    n_a, a, a_counts = tr.eval(0, 9, 4)
+    n_b, b, b_counts = tr.eval(9, 100, 5)  # clipped to the 20 validation items
     assert (n_all, n_a, n_b) == (20, 9, 11)
     for k in all_sums:
         assert a[k] + b[k] == pytest.approx(all_sums[k], abs=1e-4)
+        assert (a_counts[k], b_counts[k], all_counts[k]) == (9, 11, 20)  # batch means count items
     assert tr.model.training
 
 

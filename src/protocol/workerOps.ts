@@ -101,7 +101,8 @@ export const fromWorker = {
     /** float32 elements the step's gradient would all-reduce uncompressed. */
     dense_count: count.default(0),
   }),
-  eval_done: z.object({ op: z.literal("eval_done"), step: count, count, sums: metricsSchema }),
+  /** `sums` of each metric over its `counts` (items, or the task's own units: tokens, positives). */
+  eval_done: z.object({ op: z.literal("eval_done"), step: count, count, sums: metricsSchema, counts: metricsSchema.optional() }),
   state: z.object({ op: z.literal("state"), kind: stateKind, step: count, files: z.array(fileEntry).max(4096) }),
   loaded: z.object({ op: z.literal("loaded"), step: count }),
   error: z.object({

@@ -49,7 +49,7 @@ class Sync(Strategy):
         lr = replica.lr
         t0 = time.perf_counter()
         saved_buffers = replica.buffers_snapshot() if replica.buffers else None
-        loss_value, grads = replica.grads(t, shares)
+        loss_value, grads = replica.grads(t, shares, self.loss_totals)
         # Forward/backward alone (what a share costs): the rest of compute_s (compression,
         # the optimizer) is about the same whatever the share, so it does not guide shares.
         t1 = time.perf_counter()
@@ -106,6 +106,11 @@ class Sync(Strategy):
         if saved_buffers is not None:  # the forward passes moved the running statistics on
             self.replica.restore_buffers(saved_buffers)
         return t
+
+    def loss_totals(self, loss_sum: float, count: float) -> tuple[float, float]:
+        """A (loss_sum, count) loss's sums over the workers (replica.grads asks for them)."""
+        both = self.comm.allreduce(torch.tensor([loss_sum, count], dtype=torch.float32))
+        return float(both[0]), float(both[1])
 
     def sync_buffers(self, shares: Sequence[int]) -> None:
         """Make the buffers agree on every replica, in one all-reduce: floating ones become

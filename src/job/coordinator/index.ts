@@ -241,10 +241,13 @@ class Job {
     this.exchanges.fail(err instanceof Error ? err : new Error(String(err)));
     const dir = this.#dir;
     if (!dir) return err;
-    await dir.writeSummary(this.#summary(cancelled ? "cancelled" : "failed", errorMessage(err)) as unknown as Record<string, unknown>).catch(() => {});
+    const summary = this.#summary(cancelled ? "cancelled" : "failed", errorMessage(err));
+    await dir.writeSummary(summary as unknown as Record<string, unknown>).catch(() => {});
     await dir.close().catch(() => {});
     if (err instanceof UserError && !cancelled && !(err.hint ?? "").includes(dir.dir)) {
-      const hint = [err.hint, `Metrics and checkpoints so far are in ${dir.dir}.`].filter(Boolean).join(" ");
+      // A job that failed before its first step has nothing to resume: its folder keeps the log.
+      const where = summary.steps > 0 ? `Metrics and checkpoints so far are in ${dir.dir}.` : `The run folder ${dir.dir} is marked failed; its train.log has the details.`;
+      const hint = [err.hint, where].filter(Boolean).join(" ");
       if (err instanceof TaskFailed) return new TaskFailed(err.message, err.where, hint);
       return new JobFailed(err.message, hint, err.exitCode);
     }

@@ -106,13 +106,23 @@ export async function evaluate(run: Run, step: number, samples: number): Promise
   const done = run.exchanges.expect("eval_done", `evaluation after step ${step + 1}`, members, STEP_TIMEOUT_MS, (m) => m.step === step);
   const decision = run.commits.ride();
   members.forEach((rank, k) => sendOrder(run.providers, [rank], { op: "eval", step, ...slices[k], batch_size: run.config.eval.batch_size, ...decision }));
-  const totals: Record<string, number> = {};
-  let count = 0;
-  for (const rep of (await done).values()) {
-    count += rep.count;
-    for (const [k, v] of Object.entries(rep.sums)) totals[k] = (totals[k] ?? 0) + v;
+  return foldMetrics([...(await done).values()]);
+}
+
+/**
+ * Each metric is its sums over its counts, across every member's slice: a task's (sums, counts)
+ * pairs (tokens, positives) stay exact, and plain batch means are weighted by items.
+ */
+export function foldMetrics(reports: { count: number; sums: Record<string, number>; counts?: Record<string, number> }[]): Record<string, number> {
+  const sums: Record<string, number> = {};
+  const counts: Record<string, number> = {};
+  for (const rep of reports) {
+    for (const [k, v] of Object.entries(rep.sums)) {
+      sums[k] = (sums[k] ?? 0) + v;
+      counts[k] = (counts[k] ?? 0) + (rep.counts?.[k] ?? rep.count);
+    }
   }
-  return Object.fromEntries(Object.entries(totals).map(([k, v]) => [k, v / Math.max(1, count)]));
+  return Object.fromEntries(Object.entries(sums).filter(([k]) => counts[k] > 0).map(([k, v]) => [k, v / counts[k]]));
 }
 
 /**
