@@ -13,9 +13,20 @@
 //   sudo npm run bench:wan -- --quick           # MNIST and char-LM at 100 Mbit/s, RTT 0
 //   options: --models mnist,charlm --rates 1gbit,100mbit,20mbit --rtts 0,50,100
 //            --systems nimble,nimble-psgd1,nimble-psgd4,ddp,ddp-psgd4 --steps N --out results
+//            --cap-s S (stop a run S seconds after its first step and report how far it got)
 //
 // Writes results/wan.json (every run, every figure, per-step series), results/wan.md (the
 // table) and results/wan.svg (validation loss against training time, 100 Mbit/s).
+//
+//   sudo npm run bench:wan -- --suite diloco    # DiLoCo rows beside DDP and PowerSGD r4 (~40 min)
+//
+// The DiLoCo suite: char-LM, 600 inner steps, 4 providers at 100 Mbit/s, RTT 0 and 100 ms;
+// the rows diloco-h50-int8, diloco-h50-int4, diloco-h100-int8, diloco-h100-int8-f4t2 (4
+// fragments, overlap 2 steps), the references nimble-psgd4 and ddp (stopped --cap-s 400 s
+// after their first step: they report how far they got), and diloco-nocomm, the same workers
+// with communication switched off (one DiLoCo round of all the steps: a single sync at the
+// very end, whose all-reduce time is taken out), against whose samples/s compute utilisation
+// is defined. Writes results/wan-diloco.{json,md,svg}. --steps, --rtts, --systems, --cap-s apply.
 import { execFileSync, spawn } from "node:child_process";
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import os from "node:os";
@@ -24,10 +35,12 @@ import { createInterface } from "node:readline";
 import { stringify } from "yaml";
 import { arg, CLI as cli, flag, list, ROOT as root } from "./lib/args.mjs";
 import { cannotMakeNamespaces, makeWan } from "./lib/netns.mjs";
-import { lossChartSvg, markdownTable, summarise } from "./lib/wanReport.mjs";
+import { dilocoMarkdown, lossChartSvg, markdownTable, summarise } from "./lib/wanReport.mjs";
 
 
 const quick = flag("quick");
+const suite = arg("suite", "matrix");
+if (!["matrix", "diloco"].includes(suite)) throw new Error(`--suite: expected matrix or diloco, found ${suite}`);
 const WORKERS = 4;
 const MODELS = {
   mnist: {
@@ -56,16 +69,48 @@ const SYSTEMS = {
   ddp: { engine: "ddp", compression: { method: "none" } },
   "ddp-psgd4": { engine: "ddp", compression: { method: "powersgd", rank: 4, start_step: 4 } },
 };
+// DiLoCo rows (the suite below): a `strategy` instead of `compression` (which is a config
+// error under diloco). `inner_steps: "steps"` is the run's whole length: one round.
+const OUTER = { name: "sgd", lr: 0.7, momentum: 0.9, nesterov: true };
+const diloco = (h, codec, fragments = 1, overlap = 0) => ({ engine: "nimble", strategy: { name: "diloco", inner_steps: h, outer_optimizer: OUTER, fragments, overlap_steps: overlap, alpha: 0, codec } });
+Object.assign(SYSTEMS, {
+  "diloco-h50-int8": diloco(50, "int8"),
+  "diloco-h50-int4": diloco(50, "int4"),
+  "diloco-h100-int8": diloco(100, "int8"),
+  "diloco-h100-int8-f4t2": diloco(100, "int8", 4, 2),
+  // The no-communication reference: the same workers, one sync at the very end (its time is
+  // taken out of the reference's samples/s).
+  "diloco-nocomm": { ...diloco("steps", "int8"), reference: true },
+});
+const MATRIX_SYSTEMS = ["nimble", "nimble-psgd1", "nimble-psgd4", "ddp", "ddp-psgd4"];
+const SUITE = {
+  model: "charlm",
+  steps: 600,
+  eval_every: 50,
+  // Reached by DDP at about step 250 of 600 (a calibration run: 2.18 at 250, 1.93 at 600).
+  target_val_loss: 2.2,
+  rates: "100mbit",
+  rtts: "0,100",
+  systems: "diloco-nocomm,diloco-h50-int8,diloco-h50-int4,diloco-h100-int8,diloco-h100-int8-f4t2,nimble-psgd4,ddp",
+  cap_s: 400,
+};
+const inDiloco = suite === "diloco";
 const RATES = { "1gbit": 1e9, "100mbit": 100e6, "20mbit": 20e6 };
-const models = list("models", "mnist,charlm");
-const rates = list("rates", quick ? "100mbit" : "1gbit,100mbit,20mbit");
-const rtts = list("rtts", quick ? "0" : "0,50,100").map(Number);
-const systems = list("systems", Object.keys(SYSTEMS).join(","));
+const models = inDiloco ? [SUITE.model] : list("models", "mnist,charlm");
+const rates = list("rates", inDiloco ? SUITE.rates : quick ? "100mbit" : "1gbit,100mbit,20mbit");
+const rtts = list("rtts", inDiloco ? SUITE.rtts : quick ? "0" : "0,50,100").map(Number);
+const systems = list("systems", inDiloco ? SUITE.systems : MATRIX_SYSTEMS.join(","));
 for (const m of models) if (!MODELS[m]) throw new Error(`--models: unknown model ${m} (known: ${Object.keys(MODELS).join(", ")})`);
 for (const r of rates) if (!RATES[r]) throw new Error(`--rates: unknown rate ${r} (known: ${Object.keys(RATES).join(", ")})`);
 for (const s of systems) if (!SYSTEMS[s]) throw new Error(`--systems: unknown system ${s} (known: ${Object.keys(SYSTEMS).join(", ")})`);
 for (const r of rtts) if (!(r >= 0 && r <= 2000)) throw new Error(`--rtts: ${r} is not a round trip in ms`);
 const stepsOverride = arg("steps", null);
+const capArg = arg("cap-s", inDiloco ? String(SUITE.cap_s) : null);
+const capS = capArg === null ? null : Number(capArg);
+if (capS !== null && !(capS > 0)) throw new Error(`--cap-s: expected seconds > 0, found ${capArg}`);
+const outBase = inDiloco ? "wan-diloco" : "wan";
+/** A model's settings in this suite: the DiLoCo suite trains longer and evaluates every 50 steps. */
+const modelFor = (model) => (inDiloco ? { ...MODELS[model], steps: SUITE.steps, eval: { ...MODELS[model].eval, every: SUITE.eval_every }, target_val_loss: SUITE.target_val_loss } : MODELS[model]);
 const outDir = path.resolve(root, arg("out", "results"));
 const tmp = mkdtempSync(path.join(os.tmpdir(), "nimble-bench-wan-"));
 const children = new Set();
@@ -156,8 +201,35 @@ function waitExit(child, what) {
   return new Promise((resolve) => child.once("exit", (code, signal) => resolve({ code, signal, what })));
 }
 
-async function runNimble(name, model, system, providers, steps) {
-  const m = MODELS[model];
+const gcd = (a, b) => (b ? gcd(b, a % b) : a);
+
+/** A DiLoCo system's strategy for a run of `steps` inner steps. */
+function strategyFor(system, steps) {
+  const s = SYSTEMS[system].strategy;
+  return s.inner_steps === "steps" ? { ...s, inner_steps: steps } : s;
+}
+
+/**
+ * Stop `child` (SIGINT: a clean cancel for `nimble train`, or `signal`) `capS` seconds after
+ * `started()` first resolves; `capped.at` is set when it did.
+ */
+function capAfter(started, stop) {
+  const capped = { at: null, timer: null };
+  if (capS === null) return capped;
+  started.then(() => {
+    capped.timer = setTimeout(() => {
+      capped.at = capS;
+      stop();
+    }, capS * 1000);
+  });
+  return capped;
+}
+
+async function runNimble(name, m, system, providers, steps) {
+  const strategy = SYSTEMS[system].strategy ? strategyFor(system, steps) : null;
+  if (strategy && steps % strategy.inner_steps) throw new Error(`${system}: steps (${steps}) must be a multiple of inner_steps (${strategy.inner_steps})`);
+  // Under diloco evaluation counts inner steps and must fall on a multiple of H.
+  const every = strategy ? (m.eval.every * strategy.inner_steps) / gcd(m.eval.every, strategy.inner_steps) : m.eval.every;
   const config = {
     name,
     task: m.task,
@@ -167,10 +239,10 @@ async function runNimble(name, model, system, providers, steps) {
     seed: 0,
     optimizer: m.optimizer,
     lr_schedule: { name: "constant" },
-    eval: m.eval,
+    eval: strategy ? { ...m.eval, every: Math.min(every, steps) } : m.eval,
     balance: "equal", // as DDP splits: the comparison is of communication, not balancing
     leave_out_slow: false, // all links are equal here; keep all 4 workers, as DDP does
-    compression: SYSTEMS[system].compression,
+    ...(strategy ? { strategy } : { compression: SYSTEMS[system].compression }),
     providers: providers.map((p) => ({ address: p.address, token: p.token })),
     output: path.join(tmp, "runs"),
   };
@@ -178,20 +250,39 @@ async function runNimble(name, model, system, providers, steps) {
   writeFileSync(file, stringify(config));
   const child = spawnIn(coordHost, [process.execPath, cli, "train", file, "--json", "--python", PY]);
   let runDir = null;
+  let runDirEarly = null;
   let stderr = "";
+  let firstStep;
+  const started = new Promise((r) => (firstStep = r));
   child.stderr.on("data", (d) => (stderr += d));
+  const capped = capAfter(started, () => {
+    try {
+      process.kill(child.pid, "SIGINT"); // nimble train cancels cleanly: workers stop, metrics stay
+    } catch {
+      // gone
+    }
+  });
   createInterface({ input: child.stdout }).on("line", (line) => {
     try {
       const e = JSON.parse(line);
-      if (e.type === "done") runDir = e.run_dir;
+      if (e.type === "run") runDirEarly = e.run_dir;
+      if (e.type === "step") firstStep();
+      if (e.type === "done") {
+        runDir = e.run_dir;
+        clearTimeout(capped.timer); // finished: nothing to stop
+      }
     } catch {
       // not an event
     }
   });
   const { code } = await waitExit(child);
-  if (code !== 0 || !runDir) throw new Error(`nimble train ${name} exited ${code}: ${stderr.trim().split("\n").slice(-5).join("\n")}`);
-  const metrics = readFileSync(path.join(runDir, "metrics.jsonl"), "utf8").trim().split("\n").map((l) => JSON.parse(l));
-  return metrics.map((r, i) => ({
+  clearTimeout(capped.timer);
+  firstStep();
+  if (capped.at !== null && runDirEarly) runDir = runDirEarly;
+  else if (code !== 0 || !runDir) throw new Error(`nimble train ${name} exited ${code}: ${stderr.trim().split("\n").slice(-5).join("\n")}`);
+  const metrics = readFileSync(path.join(runDir, "metrics.jsonl"), "utf8").trim().split("\n").filter(Boolean).map((l) => JSON.parse(l));
+  if (capped.at !== null && metrics.length === 0) throw new Error(`nimble train ${name}: stopped at ${capS} s with no step recorded`);
+  const series = metrics.map((r, i) => ({
     step: r.step,
     loss: r.loss,
     // Wall time between step ends (commit round trips included), less this step's evaluation.
@@ -201,14 +292,19 @@ async function runNimble(name, model, system, providers, steps) {
     allreduce_bytes: r.workers.map((w) => w.uncompressed_bytes),
     sent_bytes: r.workers.map((w) => w.bytes_sent),
     ...(r.eval ? { val_loss: r.eval.loss } : {}),
+    ...(r.samples !== undefined ? { samples: r.samples } : {}),
+    // A DiLoCo round covers several inner steps (one row per round); a sync row is one step.
+    ...(r.diloco ? { inner_steps: r.step - (i === 0 ? -1 : metrics[i - 1].step), sync_comm_s: r.diloco.comm_s, hidden_s: r.diloco.hidden_s, round: r.diloco.round, fragment: r.diloco.fragment } : {}),
   }));
+  const stepsDone = metrics[metrics.length - 1].step + 1;
+  return { series, capped: capped.at !== null && stepsDone < steps, strategy };
 }
 
-async function runDdp(name, model, system, rttMs, steps) {
-  const m = MODELS[model];
+async function runDdp(name, m, system, rttMs, steps) {
   const comp = SYSTEMS[system].compression;
   const master = providerHosts[0] ? `${providerHosts[0].ip}:29500` : `127.0.0.1:${29500 + Math.floor(Math.random() * 1000)}`;
   const outs = [];
+  const kids = [];
   const ranks = providerHosts.map((host, rank) => {
     const out = path.join(tmp, `${name}-rank${rank}.jsonl`);
     outs.push(out);
@@ -218,15 +314,53 @@ async function runDdp(name, model, system, rttMs, steps) {
       "--eval-every", String(m.eval.every), "--eval-samples", String(m.eval.samples), "--eval-batch-size", String(m.eval.batch_size), "--threads", "1", "--out", out];
     if (host) args.push("--ifname", host.ifname);
     const child = spawnIn(host, args);
+    kids.push(child);
     let stderr = "";
     child.stderr.on("data", (d) => (stderr += d));
     return waitExit(child, `rank ${rank}`).then((r) => ({ ...r, stderr }));
   });
-  for (const r of await Promise.all(ranks)) {
-    if (r.code !== 0) throw new Error(`ddp ${name} ${r.what} exited ${r.code ?? r.signal}: ${r.stderr.trim().split("\n").slice(-5).join("\n")}`);
+  // The cap counts from rank 0's first step (its first line).
+  const lines = (f) => {
+    try {
+      return readFileSync(f, "utf8").split("\n");
+    } catch {
+      return [];
+    }
+  };
+  let poll = null;
+  const started = new Promise((resolve) => {
+    poll = setInterval(() => lines(outs[0]).length > 1 && resolve(), 500);
+  });
+  const capped = capAfter(started, () => {
+    for (const k of kids) {
+      try {
+        process.kill(-k.pid, "SIGKILL");
+      } catch {
+        // gone
+      }
+    }
+  });
+  const exits = await Promise.all(ranks);
+  clearInterval(poll);
+  clearTimeout(capped.timer);
+  if (capped.at === null) {
+    for (const r of exits) {
+      if (r.code !== 0) throw new Error(`ddp ${name} ${r.what} exited ${r.code ?? r.signal}: ${r.stderr.trim().split("\n").slice(-5).join("\n")}`);
+    }
   }
-  const perRank = outs.map((f) => readFileSync(f, "utf8").trim().split("\n").map((l) => JSON.parse(l)));
-  return perRank[0].map((r0, t) => {
+  // Complete lines only (a rank stopped at the cap may have left half of one).
+  const parse = (l) => {
+    try {
+      return JSON.parse(l);
+    } catch {
+      return null;
+    }
+  };
+  let perRank = outs.map((f) => lines(f).map(parse).filter(Boolean));
+  const n = Math.min(...perRank.map((rows) => rows.length));
+  if (n === 0) throw new Error(`ddp ${name}: no step recorded`);
+  perRank = perRank.map((rows) => rows.slice(0, n));
+  const series = perRank[0].map((r0, t) => {
     const at = perRank.map((rows) => rows[t]);
     return {
       step: t,
@@ -238,6 +372,7 @@ async function runDdp(name, model, system, rttMs, steps) {
       ...(r0.val_loss !== undefined ? { val_loss: r0.val_loss } : {}),
     };
   });
+  return { series, capped: capped.at !== null && n < steps, strategy: null };
 }
 
 // ---- the matrix ----------------------------------------------------------------------------
@@ -248,14 +383,27 @@ const results = {
   ...(whyNot ? { shaping_note: `no namespaces (${whyNot}): Nimble paced in its transport, DDP unshaped` } : {}),
   latency: "one-way RTT/2: Nimble's providers delay frames (nimble provide --latency); DDP's all-reduces are delayed 2(N-1) x RTT/2 each in a comm hook (modelled: DDP figures at RTT > 0 are indicative)",
   workers: WORKERS,
-  models: Object.fromEntries(models.map((m) => [m, { ...MODELS[m], task: path.relative(root, MODELS[m].task) }])),
+  // Others may share this machine: its load when the run started (and, at the end, when it ended).
+  load_avg_start: os.loadavg().map((x) => Math.round(x * 100) / 100),
+  models: Object.fromEntries(models.map((m) => [m, { ...modelFor(m), task: path.relative(root, MODELS[m].task) }])),
+  ...(capS !== null ? { cap_s: capS, cap: `a run stops ${capS} s (wall time) after its first step and reports how far it got` } : {}),
+  ...(inDiloco
+    ? {
+        suite: "diloco",
+        reference: "diloco-nocomm",
+        reference_note: "compute utilisation = samples/s (evaluation excluded) over diloco-nocomm's: the same 4 workers, one DiLoCo round of all the steps (a single sync at the very end), its training time less that sync's all-reduce (the least-waiting worker's communication)",
+        target_val_loss: SUITE.target_val_loss,
+        systems: Object.fromEntries(systems.map((s) => [s, SYSTEMS[s]])),
+      }
+    : {}),
   runs: [],
 };
 mkdirSync(outDir, { recursive: true });
+const report = inDiloco ? dilocoMarkdown : markdownTable;
 const save = () => {
-  writeFileSync(path.join(outDir, "wan.json"), JSON.stringify(results, null, 2) + "\n");
-  writeFileSync(path.join(outDir, "wan.md"), markdownTable(results));
-  writeFileSync(path.join(outDir, "wan.svg"), lossChartSvg(results, RATES["100mbit"], 0));
+  writeFileSync(path.join(outDir, `${outBase}.json`), JSON.stringify(results, null, 2) + "\n");
+  writeFileSync(path.join(outDir, `${outBase}.md`), report(results));
+  writeFileSync(path.join(outDir, `${outBase}.svg`), lossChartSvg(results, RATES["100mbit"], inDiloco ? rtts : 0));
 };
 
 process.on("unhandledRejection", (err) => {
@@ -277,14 +425,16 @@ try {
         if (needProviders && !wan) providers = await startProviders(rtt, RATES[rate]);
         for (const model of models) {
           for (const system of systems) {
-            const steps = Number(stepsOverride ?? (quick ? Math.round(MODELS[model].steps / 2) : MODELS[model].steps));
+            const m = modelFor(model);
+            const steps = Number(stepsOverride ?? (quick ? Math.round(m.steps / 2) : m.steps));
             const name = `wan-${model}-${system}-${rate}-rtt${rtt}`;
             log(`[${++done}/${total}] ${model} ${system} at ${rate}, RTT ${rtt} ms (${steps} steps; ${((Date.now() - t0) / 60000).toFixed(1)} min so far)`);
             const before = wireBytes();
+            const load = Math.round(os.loadavg()[0] * 100) / 100; // others may share this machine
             const started = Date.now();
-            let series;
+            let out;
             try {
-              series = SYSTEMS[system].engine === "nimble" ? await runNimble(name, model, system, providers, steps) : await runDdp(name, model, system, rtt, steps);
+              out = SYSTEMS[system].engine === "nimble" ? await runNimble(name, m, system, providers, steps) : await runDdp(name, m, system, rtt, steps);
             } catch (err) {
               log(`  failed: ${err.message}`);
               results.runs.push({ model, system, rate, rate_bits: RATES[rate], rtt_ms: rtt, steps, error: err.message });
@@ -292,9 +442,12 @@ try {
               continue;
             }
             const wire = before === null ? null : wireBytes() - before;
-            const run = summarise({ model, system, rate, rate_bits: RATES[rate], rtt_ms: rtt, steps, wall_s: (Date.now() - started) / 1000, wire_bytes: wire, series, target: MODELS[model].target_val_loss, compressed_from: SYSTEMS[system].compression.start_step ?? 0 });
+            const extra = out.strategy ? { strategy: out.strategy, ...(SYSTEMS[system].reference ? { reference: true } : {}) } : {};
+            const capped = out.capped ? { capped: true, cap_s: capS } : {};
+            const run = summarise({ model, system, rate, rate_bits: RATES[rate], rtt_ms: rtt, steps, ...capped, ...extra, load_avg_1min: load, wall_s: (Date.now() - started) / 1000, wire_bytes: wire, series: out.series, batch: m.batch, target: m.target_val_loss, compressed_from: SYSTEMS[system].compression?.start_step ?? 0 });
             results.runs.push(run);
-            log(`  ${run.steps_per_s.toFixed(2)} steps/s, utilisation ${(run.compute_utilisation * 100).toFixed(0)}%` +
+            if (out.capped) log(`  stopped at the cap (${capS} s after the first step): ${run.inner_steps_done} of ${steps} steps`);
+            log(`  ${run.steps_per_s.toFixed(2)} steps/s, ${run.samples_per_s?.toFixed(1)} samples/s, utilisation ${(run.compute_utilisation * 100).toFixed(0)}%` +
               (run.busbw_fraction !== null ? `, bus bandwidth ${(run.busbw_fraction * 100).toFixed(0)}% of link` : "") +
               (run.wire_bytes_per_step !== null ? `, ${(run.wire_bytes_per_step / 1e6).toFixed(2)} MB/step on the wire` : "") +
               `, target ${run.time_to_target_s === null ? "not reached" : `${run.time_to_target_s.toFixed(1)} s`}, final val loss ${run.final_val_loss?.toFixed(3)}`);
@@ -311,6 +464,8 @@ try {
   killChildren();
   wan?.close();
 }
+results.total_min = Math.round((Date.now() - t0) / 6000) / 10;
+results.load_avg_end = os.loadavg().map((x) => Math.round(x * 100) / 100);
 save();
-process.stdout.write(markdownTable(results));
-log(`wrote ${path.relative(root, path.join(outDir, "wan.json"))}, wan.md, wan.svg (${((Date.now() - t0) / 60000).toFixed(1)} min)`);
+process.stdout.write(report(results));
+log(`wrote ${path.relative(root, path.join(outDir, `${outBase}.json`))}, ${outBase}.md, ${outBase}.svg (${((Date.now() - t0) / 60000).toFixed(1)} min)`);

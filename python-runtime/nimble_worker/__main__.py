@@ -100,7 +100,7 @@ class Worker:
 
     def decided(self, step: int, verdict: str) -> tuple[dict, bytes]:
         return {"op": "decided", "step": step, "verdict": verdict,
-                "next_step": self.replica.next_step, "hash": self.replica.hash()}, b""
+                "next_step": self.replica.next_step, "hash": self.strategy.shared_hash()}, b""
 
     # ---- the orders every strategy shares (SHARED_OPS) ------------------------------
     def set_speed(self, h: dict, _: bytearray = bytearray()) -> Reply:
@@ -141,7 +141,8 @@ class Worker:
 
     def eval(self, h: dict, _: bytearray) -> Reply:
         self.require_decided("eval")
-        count, sums, counts = self.replica.eval(int(h["start"]), int(h["count"]), int(h["batch_size"]))
+        with self.strategy.evaluation_params():  # e.g. DiLoCo's global parameters
+            count, sums, counts = self.replica.eval(int(h["start"]), int(h["count"]), int(h["batch_size"]))
         return {"op": "eval_done", "step": h["step"], "count": count, "sums": sums, "counts": counts}, b""
 
     def state(self, h: dict, _: bytearray) -> Reply:

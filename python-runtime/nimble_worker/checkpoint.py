@@ -70,7 +70,8 @@ def state_files(replica: Replica, strategy: Strategy, kind: str) -> list[tuple[s
     """The files of `kind`: checkpoint, final (model.safetensors) or compressor (only
     compressor.pt: the rest of a checkpoint is the same on every worker)."""
     if kind == "final":
-        return [("model.safetensors", final_weights(replica))]
+        with strategy.evaluation_params():  # e.g. DiLoCo's global parameters
+            return [("model.safetensors", final_weights(replica))]
     if kind == "compressor":
         return [compressor_file(replica, strategy)]
     if kind != "checkpoint":
@@ -113,13 +114,14 @@ def load_checkpoint(replica: Replica, strategy: Strategy, files: dict[str, bytes
         if c.get("method") == replica.cfg.compression.method:
             same = c.get("rank") == replica.rank and c.get("world_size") == replica.world_size
             strategy.compressor.load_state_dict(c["state"], same)
-    if "strategy.pt" in files:
-        saved = load_bytes(files["strategy.pt"], replica.device)
-        if saved.get("name") == strategy.name:
-            strategy.load_state_dict(saved["state"])
-        else:  # a run resumed under another strategy keeps the replica, not the strategy
+    saved = load_bytes(files["strategy.pt"], replica.device) if "strategy.pt" in files else None
+    if saved is not None and saved.get("name") == strategy.name:
+        strategy.load_state_dict(saved["state"])
+    else:  # none saved, or a run resumed under another strategy: it starts its own afresh
+        if saved is not None:
             print(f"nimble_worker: the checkpoint's strategy state is {saved.get('name')!r}'s; "
                   f"{strategy.name} starts its own afresh", file=sys.stderr, flush=True)
+        strategy.load_state_dict({})  # as from a peer without any (load_state_blob)
     rng = load_bytes(files["rng.pt"])
     torch.set_rng_state(rng["torch"].cpu())
     random.setstate(_to_tuple(rng["python"]))
@@ -132,8 +134,10 @@ def state_blob(replica: Replica, strategy: Strategy) -> bytes:
     """Everything a replica joining mid-run needs to continue exactly like this one:
     the replica's state, the strategy's, and the compressor's shared state (a joiner's
     error-feedback memory starts empty: it has not dropped anything yet)."""
-    blob = {**replica.state_dict(), "strategy": strategy.state_dict(),
-            "compressor": strategy.compressor.state_dict() if strategy.compressor else {}}
+    c = strategy.compressor
+    # A compressor whose state_dict holds this rank's own state too says what to share.
+    shared = {} if c is None else getattr(c, "shared_state_dict", c.state_dict)()
+    blob = {**replica.state_dict(), "strategy": strategy.state_dict(), "compressor": shared}
     return save_bytes(blob)
 
 

@@ -4,8 +4,8 @@ Everything that needs the other replicas (the compressors, the strategies, state
 hand-offs) goes through a `Comm`:
 
 - `allreduce(buf, codec="f32")`: elementwise sum of a flat float32 CPU tensor over all
-  workers (lossy on the wire for codec f16 / bf16 / int8); bitwise identical everywhere,
-  and non-finite wherever any input was.
+  workers (lossy on the wire for codec f16 / bf16 / int8 / int4); bitwise identical
+  everywhere, and non-finite wherever any input was.
 - `allgather(blob) -> [blob of rank 0, rank 1, ...]`.
 - `world_size`: the members of the ring now (fewer than the job's ranks once some left).
 

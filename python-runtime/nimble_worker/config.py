@@ -100,10 +100,43 @@ class CompressionConfig:
 
 
 @dataclass
+class OuterOptimizerConfig:
+    name: str = "sgd"
+    """diloco: the outer optimizer of the global parameters (only sgd)."""
+    lr: float = 0.7
+    """diloco: outer learning rate (> 0), applied to the averaged pseudo-gradient."""
+    momentum: float = 0.9
+    """diloco: outer SGD momentum, in [0, 1)."""
+    nesterov: bool = True
+    """diloco: outer Nesterov momentum (with momentum 0 it is plain SGD)."""
+
+
+@dataclass
 class StrategyConfig:
     name: str = "sync"
     """The training strategy (nimble_worker/strategies): sync, one optimizer step of the
-    global batch per round, its gradient all-reduced through `compression`."""
+    global batch per round, its gradient all-reduced through `compression`; or diloco
+    (DiLoCo / Streaming DiLoCo), rounds of local inner steps whose pseudo-gradients the
+    outer optimizer applies to global parameters (`optimizer`, `lr_schedule`, `grad_clip`
+    and `precision` are then the inner ones, `steps` counts inner steps, and
+    `compression` is not used)."""
+    inner_steps: int = 100
+    """diloco: inner steps (H) after which every fragment has synced once (>= 1)."""
+    outer_optimizer: OuterOptimizerConfig = field(default_factory=OuterOptimizerConfig)
+    """diloco: the outer optimizer, one instance per fragment."""
+    fragments: int = 1
+    """diloco: the model's top-level modules split into this many contiguous groups of
+    about equal size; one group syncs every inner_steps / fragments inner steps, in turn
+    (Streaming DiLoCo; 1 is plain DiLoCo). Must divide inner_steps."""
+    overlap_steps: int = 0
+    """diloco: inner steps (tau) the fragment's all-reduce overlaps: its pseudo-gradient is
+    taken this many inner steps before the sync point, in [0, inner_steps / fragments)."""
+    alpha: float = 0.0
+    """diloco: after the outer step the fragment's local weights become lerp(global, local,
+    alpha), in [0, 1]: 0 takes the global ones (dropping the overlap steps' progress)."""
+    codec: str = "none"
+    """diloco: how pseudo-gradients travel: none (float32), fp16, bf16 or int8 (lossy,
+    with error feedback)."""
 
 
 @dataclass
@@ -155,6 +188,8 @@ class JobConfig:
 
 SECTIONS = {"optimizer": OptimizerConfig, "lr_schedule": ScheduleConfig, "eval": EvalConfig,
             "checkpoint": CheckpointConfig, "compression": CompressionConfig, "strategy": StrategyConfig}
+NESTED = {"strategy.outer_optimizer": OuterOptimizerConfig}
+"""Sections inside sections, by their dotted name."""
 
 
 def _build(kind, d: dict[str, Any], prefix: str):
@@ -165,7 +200,7 @@ def _build(kind, d: dict[str, Any], prefix: str):
         if v is None:
             continue
         where = f"{prefix}{f.name}"
-        sub = SECTIONS.get(f.name) if kind is JobConfig else None
+        sub = SECTIONS.get(f.name) if kind is JobConfig else NESTED.get(where)
         if sub is not None:
             if not isinstance(v, dict):
                 raise ConfigError(where, f"{where}: expected a mapping, found {_kind(v)}")

@@ -79,7 +79,8 @@ class Trainer:
         return out
 
     def eval(self, start: int, count: int, batch_size: int) -> tuple[int, dict[str, float], dict[str, float]]:
-        return self.replica.eval(start, count, batch_size)
+        with self.strategy.evaluation_params():  # as the worker does (e.g. DiLoCo's global ones)
+            return self.replica.eval(start, count, batch_size)
 
     # Replicas made equal, and state.
     def sync(self, source: int = 0) -> str:

@@ -68,7 +68,7 @@ def test_sync_checkpoints_keep_todays_files_and_resume_exactly(tiny_task):
     files = dict(ran.state("checkpoint"))
     assert list(files) == ["model.pt", "optimizer.pt", "schedule.pt", "data.json", "rng.pt",
                            "meta.json", "compressor.pt"]  # sync has no strategy.pt
-    assert json.loads(files["meta.json"])["config"]["strategy"] == {"name": "sync"}
+    assert json.loads(files["meta.json"])["config"]["strategy"]["name"] == "sync"
     resumed = trainer(tiny_task)
     assert resumed.load_state(files) == 3 and resumed.hash() == ran.hash()
     for t in (3, 4):

@@ -208,6 +208,39 @@ def test_int8_codec_is_blockwise():
     assert torch.isnan(y[:256]).all() and torch.isfinite(y[256:]).all()
 
 
+def test_int4_codec_is_blockwise_and_symmetric():
+    # blocks of 64: a loud block leaves its neighbours' scale alone
+    x = torch.cat([torch.full((64,), 1000.0), torch.linspace(-1, 1, 101)])
+    y = encode(x, "int4")
+    assert torch.allclose(y[64:], x[64:], atol=1 / 14 + 1e-6)  # half a step of its own scale
+    assert torch.equal(y[:64], x[:64])  # absmax is encoded as 7 steps: exact here
+    # 15 levels per block, symmetric: 0 stays 0, -x gives -y
+    levels = torch.unique(encode(torch.linspace(-1, 1, 64), "int4"))
+    assert levels.numel() == 15 and torch.equal(levels, -levels.flip(0))
+    assert encode(torch.tensor([1.0, 0.0, -0.0]), "int4")[1:].tolist() == [0.0, 0.0]
+    # half away from zero: with absmax 7 the scale is 1
+    assert encode(torch.tensor([7.0, 2.5, -2.5, 0.5, -0.5]), "int4").tolist() == [7, 3, -3, 1, -1]
+    x[70] = float("nan")
+    y = encode(x, "int4")
+    assert torch.isnan(y[64:128]).all() and torch.isfinite(y[:64]).all() and torch.isfinite(y[128:]).all()
+    assert encode(torch.zeros(0), "int4").numel() == 0
+
+
+def test_int4_relative_error_on_normal_data():
+    x = torch.randn(1 << 16, generator=torch.Generator().manual_seed(3))
+    err = lambda c: ((encode(x, c) - x).norm() / x.norm()).item()  # noqa: E731
+    assert 0.09 < err("int4") < 0.12 and err("int8") < 0.01
+
+
+def test_int4_allreduce_in_the_fake_group():
+    group = FakeGroup(3)
+    bufs = [torch.randn(1000, generator=torch.Generator().manual_seed(r)) for r in range(3)]
+    out = group.run(lambda r: group.member(r).allreduce(bufs[r], "int4"))
+    assert group.log == [("allreduce", 1000, "int4")]
+    assert all(torch.equal(o, out[0]) for o in out)
+    assert torch.equal(out[0], encode(bufs[0], "int4") + encode(bufs[1], "int4") + encode(bufs[2], "int4"))
+
+
 def test_config_validation():
     shapes = [("w", torch.Size([64, 800])), ("v", torch.Size([10, 64])), ("b", torch.Size([64]))]
     with pytest.raises(ConfigError) as e:

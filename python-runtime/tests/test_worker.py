@@ -14,7 +14,7 @@ from nimble_worker import safetensors
 from nimble_worker.link import Link, LinkClosed
 
 STEPS = 6
-CODECS = ("f32", "f16", "bf16", "int8")
+CODECS = ("f32", "f16", "bf16", "int8", "int4")
 # rank 1 compresses the (8, 4) weight of the tiny model (1 x 12 x 2 < 32), not the (2, 8)
 PSGD = {"method": "powersgd", "rank": 1, "start_step": 2}
 

@@ -22,12 +22,25 @@ export function measuredFrom(compressedFrom) {
  *  - busbw (uncompressed only): bytes a worker's ring all-reduce sends / all-reduce time, the
  *    time taken from the worker that waited least (the last to be ready), median over steps;
  *  - time_to_target_s: training time (evaluation excluded) until validation loss <= target.
+ *
+ * A row may also cover several inner steps (DiLoCo: one row per round): `inner_steps` (the
+ * round's inner step count; 1 when absent), `samples` (the round's; `batch` x inner_steps
+ * when absent), `sync_comm_s`/`hidden_s` (the round's pseudo-gradient all-reduce: the time it
+ * was exposed, and the time it ran hidden behind inner steps). Per-round series are measured over every round (a run
+ * has few), steps/s counts inner steps, and bus bandwidth is not computed (the all-reduce is
+ * not one step's gradient). Every run also gets, over the whole run: samples_per_s;
+ * compute_only_samples_per_s (samples over training time less the least-waiting worker's
+ * communication: the no-communication reference of the DiLoCo suite); sync bytes per sample
+ * (`sent_bytes` of the workers, or `allreduce_bytes` where a row has none: DDP) and wire bytes
+ * per sample; the hidden fraction of sync.
  */
-export function summarise({ series, target, compressed_from: compressedFrom, rate_bits: rateBits, wire_bytes: wireBytes, steps, system, ...rest }) {
-  const from = Math.min(measuredFrom(compressedFrom), Math.max(0, series.length - 2));
+export function summarise({ series, target, compressed_from: compressedFrom, rate_bits: rateBits, wire_bytes: wireBytes, steps, system, batch, ...rest }) {
+  const inner = (r) => r.inner_steps ?? 1;
+  const perRound = series.some((r) => inner(r) > 1);
+  const from = perRound ? 0 : Math.min(measuredFrom(compressedFrom), Math.max(0, series.length - 2));
   const window = series.slice(from);
   const time = window.reduce((s, r) => s + r.step_s, 0);
-  const uncompressed = !/psgd/.test(system);
+  const uncompressed = !perRound && !/psgd|diloco/.test(system);
   const busbw = uncompressed
     ? median(window.map((r) => mean(r.allreduce_bytes) / Math.max(1e-9, Math.min(...r.comm_s))))
     : null;
@@ -44,18 +57,44 @@ export function summarise({ series, target, compressed_from: compressedFrom, rat
       stepToTarget = r.step + 1;
     }
   }
+  const sum = (xs) => xs.reduce((a, b) => a + b, 0);
+  const innerDone = sum(series.map(inner));
+  const samplesOf = (r) => r.samples ?? (batch === undefined ? null : batch * inner(r));
+  const samples = series.every((r) => samplesOf(r) !== null) ? sum(series.map(samplesOf)) : null;
+  const trainTime = sum(series.map((r) => r.step_s));
+  const lessComm = sum(series.map((r) => Math.max(0, r.step_s - Math.min(...r.comm_s))));
+  const syncBytes = sum(series.map((r) => sum(r.sent_bytes ?? r.allreduce_bytes)));
+  const ddpBytes = sum(series.map((r) => sum(r.allreduce_bytes)));
+  // A round's sync is its exposed all-reduce time (sync_comm_s) plus the part hidden behind inner steps.
+  const hiddenS = sum(series.map((r) => r.hidden_s ?? 0));
+  const syncS = sum(series.map((r) => r.sync_comm_s ?? 0)) + hiddenS;
+  const perSample = (x) => (samples ? x / samples : null);
   return {
     ...rest,
     system,
     rate_bits: rateBits,
     steps,
     measured_from_step: from,
-    steps_per_s: window.length / Math.max(1e-9, time),
+    steps_per_s: (perRound ? sum(window.map(inner)) : window.length) / Math.max(1e-9, time),
+    per_round: perRound,
+    rounds: series.length,
+    inner_steps_done: innerDone,
+    samples,
+    samples_per_s: samples === null ? null : samples / Math.max(1e-9, trainTime),
+    compute_only_samples_per_s: samples === null ? null : samples / Math.max(1e-9, lessComm),
+    sync_bytes: syncBytes,
+    sync_bytes_per_sample: perSample(syncBytes),
+    // What uncompressed DDP would send for the same samples (the workers' own count).
+    uncompressed_bytes_per_sample: perSample(ddpBytes),
+    wire_bytes_per_sample: wireBytes === null || wireBytes === undefined ? null : perSample(wireBytes),
+    sync_s: series.some((r) => r.sync_comm_s !== undefined) ? syncS : null,
+    hidden_s: series.some((r) => r.hidden_s !== undefined) ? hiddenS : null,
+    hidden_fraction: series.some((r) => r.sync_comm_s !== undefined) ? (syncS > 0 ? hiddenS / syncS : 0) : null,
     compute_utilisation: mean(window.map((r) => mean(r.compute_s) / Math.max(1e-9, r.step_s))),
     busbw_bytes_per_s: busbw,
     busbw_fraction: busbw === null ? null : (busbw * 8) / rateBits,
     wire_bytes: wireBytes,
-    wire_bytes_per_step: wireBytes === null || wireBytes === undefined ? null : wireBytes / series.length,
+    wire_bytes_per_step: wireBytes === null || wireBytes === undefined ? null : wireBytes / innerDone,
     target_val_loss: target,
     time_to_target_s: timeToTarget,
     steps_to_target: stepToTarget,
@@ -187,16 +226,23 @@ export function markdownTable(results) {
   return lines.filter((l, i) => l !== "" || lines[i - 1] !== "").join("\n") + "\n";
 }
 
-const COLOURS = { nimble: "#1f77b4", "nimble-psgd1": "#2ca02c", "nimble-psgd4": "#17becf", ddp: "#d62728", "ddp-psgd4": "#ff7f0e" };
+const COLOURS = {
+  nimble: "#1f77b4", "nimble-psgd1": "#2ca02c", "nimble-psgd4": "#17becf", ddp: "#d62728", "ddp-psgd4": "#ff7f0e",
+  "diloco-h50-int8": "#9467bd", "diloco-h50-int4": "#8c564b", "diloco-h100-int8": "#e377c2", "diloco-h100-int8-f4t2": "#bcbd22",
+};
 
-/** Validation loss against training time, one panel per model, for one link and RTT. */
+/**
+ * Validation loss against training time, one panel per model and RTT, for one link and RTT
+ * (or a list of RTTs). Runs marked `reference` (no validation curve to speak of) are left out.
+ */
 export function lossChartSvg(results, rateBits = 100e6, rttMs = 0) {
-  const groups = scenarios(results).filter((g) => g.rate_bits === rateBits && g.rtt_ms === rttMs);
+  const rtts = Array.isArray(rttMs) ? rttMs : [rttMs];
+  const groups = scenarios(results).filter((g) => g.rate_bits === rateBits && rtts.includes(g.rtt_ms));
   const W = 460;
   const H = 320;
   const pad = { l: 56, r: 16, t: 36, b: 44 };
   const panels = groups.map((g, i) => {
-    const runs = Object.entries(g.runs).filter(([, r]) => !r.error && r.val_curve.length);
+    const runs = Object.entries(g.runs).filter(([, r]) => !r.error && !r.reference && r.val_curve.length);
     const xs = runs.flatMap(([, r]) => r.val_curve.map((p) => p.t));
     const ys = runs.flatMap(([, r]) => r.val_curve.map((p) => p.val_loss));
     const xMax = Math.max(1e-3, ...xs);
@@ -207,7 +253,7 @@ export function lossChartSvg(results, rateBits = 100e6, rttMs = 0) {
     const target = runs[0]?.[1].target_val_loss;
     const parts = [
       `<g transform="translate(${i * W},0)">`,
-      `<text x="${W / 2}" y="20" text-anchor="middle" font-size="14">${g.model}: validation loss vs training time (${rateName(rateBits)}, RTT ${rttMs} ms)</text>`,
+      `<text x="${W / 2}" y="20" text-anchor="middle" font-size="14">${g.model}: validation loss vs training time (${rateName(rateBits)}, RTT ${rttLabel(g.rtt_ms)})</text>`,
       `<line x1="${pad.l}" y1="${H - pad.b}" x2="${W - pad.r}" y2="${H - pad.b}" stroke="#333"/>`,
       `<line x1="${pad.l}" y1="${pad.t}" x2="${pad.l}" y2="${H - pad.b}" stroke="#333"/>`,
       `<text x="${(W + pad.l) / 2}" y="${H - 10}" text-anchor="middle" font-size="12">training time (s)</text>`,
@@ -227,8 +273,8 @@ export function lossChartSvg(results, rateBits = 100e6, rttMs = 0) {
       const pts = r.val_curve.map((p) => `${sx(p.t).toFixed(1)},${sy(p.val_loss).toFixed(1)}`).join(" ");
       const colour = COLOURS[system] ?? "#555";
       parts.push(`<polyline fill="none" stroke="${colour}" stroke-width="2" points="${pts}"/>`);
-      parts.push(`<rect x="${W - pad.r - 120}" y="${pad.t + 6 + j * 16}" width="10" height="10" fill="${colour}"/>`);
-      parts.push(`<text x="${W - pad.r - 105}" y="${pad.t + 15 + j * 16}" font-size="11">${system}</text>`);
+      parts.push(`<rect x="${W - pad.r - 140}" y="${pad.t + 6 + j * 16}" width="10" height="10" fill="${colour}"/>`);
+      parts.push(`<text x="${W - pad.r - 125}" y="${pad.t + 15 + j * 16}" font-size="11">${system}</text>`);
     });
     parts.push("</g>");
     return parts.join("\n");
@@ -237,8 +283,175 @@ export function lossChartSvg(results, rateBits = 100e6, rttMs = 0) {
   return [
     `<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${H}" viewBox="0 0 ${width} ${H}" font-family="sans-serif">`,
     `<rect width="${width}" height="${H}" fill="white"/>`,
-    ...(panels.length ? panels : [`<text x="20" y="40" font-size="14">no runs at ${rateName(rateBits)}, RTT ${rttMs} ms</text>`]),
+    ...(panels.length ? panels : [`<text x="20" y="40" font-size="14">no runs at ${rateName(rateBits)}, RTT ${rtts.join(", ")} ms</text>`]),
     "</svg>",
     "",
   ].join("\n");
+}
+
+// ---- the DiLoCo suite (bench-wan.mjs --suite diloco) ----------------------------------------
+
+/** Whether a run is one of the suite's DiLoCo rows (not the no-communication reference). */
+const isDiloco = (run) => run.strategy?.name === "diloco" && !run.reference;
+const ok = (run) => (run && !run.error ? run : null);
+/** RTT as written beside every figure: RTT > 0 is emulated (Nimble) or modelled (DDP). */
+export function rttLabel(rttMs, system) {
+  if (!(rttMs > 0)) return `${rttMs} ms`;
+  return system === undefined ? `${rttMs} ms (emulated)` : system.startsWith("ddp") ? `${rttMs} ms (modelled)` : `${rttMs} ms (emulated)`;
+}
+
+/**
+ * The reference a suite run is judged against: the run of `system` in the same scenario, else
+ * in another scenario of the same model and link (`from` says which RTT), else null. Used for
+ * figures that do not depend on latency: DDP's losses and bytes, the no-communication speed.
+ */
+function referenceRun(results, run, pick) {
+  const same = results.runs.filter((r) => ok(r) && r.model === run.model && pick(r));
+  const here = same.find((r) => r.rate_bits === run.rate_bits && r.rtt_ms === run.rtt_ms);
+  if (here) return { run: here, from: null };
+  const other = same.find((r) => r.rate_bits === run.rate_bits) ?? same[0];
+  return other ? { run: other, from: other.rtt_ms } : null;
+}
+
+/** A run's validation loss at step index `step` (a point of its curve), or null. */
+const valAt = (run, step) => run?.val_curve.find((p) => p.step === step)?.val_loss ?? null;
+
+/**
+ * The DiLoCo suite's figures for one run, against the suite's DDP, Nimble PowerSGD r4 and
+ * no-communication reference (results.reference names its system):
+ *  - utilisation: samples/s (whole run, evaluation excluded) over the reference's samples/s
+ *    with its communication taken out (compute_only_samples_per_s);
+ *  - fewer_bytes: DDP's sync bytes per sample over this run's (wire bytes likewise);
+ *  - equal samples: this run's last validation loss against DDP's at the same step (any
+ *    DDP run of the suite that got there: DDP's losses do not depend on the link), else at
+ *    the last step both evaluated;
+ *  - time to target against DDP and PowerSGD r4 of the same scenario; where one of them did
+ *    not reach the target, a lower bound (its training time over this run's time).
+ */
+export function dilocoFigures(results, run) {
+  const refName = results.reference ?? "diloco-nocomm";
+  const ref = referenceRun(results, run, (r) => r.system === refName);
+  const ddpBytes = referenceRun(results, run, (r) => r.system === "ddp");
+  const here = (system) => ok(results.runs.find((r) => r.system === system && r.model === run.model && r.rate_bits === run.rate_bits && r.rtt_ms === run.rtt_ms));
+  const vsTime = (other) => {
+    if (!other || run.time_to_target_s === null) return null;
+    if (other.time_to_target_s === null) return { value: other.train_time_s / run.time_to_target_s, lower_bound: true };
+    return { value: other.time_to_target_s / run.time_to_target_s, lower_bound: false };
+  };
+  const last = run.val_curve[run.val_curve.length - 1] ?? null;
+  let equal = null;
+  if (last) {
+    const ddps = results.runs.filter((r) => ok(r) && r.system === "ddp" && r.model === run.model);
+    ddps.sort((a, b) => (b.rtt_ms === run.rtt_ms) - (a.rtt_ms === run.rtt_ms));
+    const exact = ddps.find((d) => valAt(d, last.step) !== null);
+    if (exact) {
+      equal = { step: last.step, val_loss: last.val_loss, ddp_val_loss: valAt(exact, last.step), ddp_rtt_ms: exact.rtt_ms, final: true };
+    } else {
+      // The last step both evaluated.
+      const mine = new Set(run.val_curve.map((p) => p.step));
+      let best = null;
+      for (const d of ddps) for (const p of d.val_curve) if (mine.has(p.step) && (!best || p.step > best.step)) best = { step: p.step, ddp: d, v: p.val_loss };
+      if (best) equal = { step: best.step, val_loss: valAt(run, best.step), ddp_val_loss: best.v, ddp_rtt_ms: best.ddp.rtt_ms, final: false };
+    }
+    if (equal) equal.relative = equal.val_loss / equal.ddp_val_loss - 1;
+  }
+  const refSps = ref?.run.compute_only_samples_per_s ?? null;
+  return {
+    utilisation: run.system === refName ? 1 : ratio(run.samples_per_s, refSps),
+    reference_rtt_ms: ref?.from ?? null,
+    fewer_bytes: ratio(ddpBytes?.run.sync_bytes_per_sample, run.sync_bytes_per_sample),
+    fewer_wire_bytes: ratio(ddpBytes?.run.wire_bytes_per_sample, run.wire_bytes_per_sample),
+    vs_ddp: vsTime(here("ddp")),
+    vs_psgd4: vsTime(here("nimble-psgd4")),
+    equal_samples: equal,
+  };
+}
+
+/** Which targets of the issue apply to a DiLoCo row: bytes only int8 at H=100 and 4 bits at H=50. */
+function bytesTargetApplies(run) {
+  const s = run.strategy ?? {};
+  return (s.codec === "int8" && s.inner_steps === 100) || (s.codec === "int4" && s.inner_steps === 50);
+}
+
+/**
+ * The issue's targets, judged for every DiLoCo row at 100 Mbit/s and RTT 100 ms (figures, not
+ * assertions): each {target, system, value, met, by} where `by` says how far off a miss is.
+ */
+export function dilocoTargets(results) {
+  const out = [];
+  for (const run of results.runs) {
+    if (!ok(run) || !isDiloco(run) || run.rate_bits !== 100e6 || run.rtt_ms !== 100) continue;
+    const f = dilocoFigures(results, run);
+    const add = (target, value, goal, fmt, lowerBound = false) => {
+      if (value === null || value === undefined) {
+        out.push({ target, system: run.system, value: null, met: false, by: "not measured" });
+        return;
+      }
+      const met = value >= goal;
+      out.push({ target, system: run.system, value, met, lower_bound: lowerBound, by: met ? null : fmt(value, goal) });
+    };
+    const times = (v, g) => `${(g / v).toFixed(2)}x short`;
+    add("compute utilisation >= 95% (samples/s over the same workers' without communication)", f.utilisation, 0.95, (v, g) => `${((g - v) * 100).toFixed(1)} points short`);
+    if (bytesTargetApplies(run)) add(">= 400x fewer bytes per sample than uncompressed DDP", f.fewer_bytes, 400, (v, g) => `${((1 - v / g) * 100).toFixed(1)}% short (${v.toFixed(0)}x)`);
+    if (f.equal_samples) {
+      const rel = f.equal_samples.relative;
+      out.push({ target: `final validation loss within 2% of DDP at equal samples${f.equal_samples.final ? "" : " (at the last step both evaluated)"}`, system: run.system, value: rel, met: rel <= 0.02, by: rel <= 0.02 ? null : `${((rel - 0.02) * 100).toFixed(1)} points over` });
+    } else out.push({ target: "final validation loss within 2% of DDP at equal samples", system: run.system, value: null, met: false, by: "no DDP loss at a step this run evaluated" });
+    if (run.time_to_target_s === null) {
+      out.push({ target: "target validation loss reached >= 5x sooner than DDP", system: run.system, value: null, met: false, by: "target not reached" });
+      out.push({ target: "target validation loss reached >= 2x sooner than Nimble PowerSGD r4", system: run.system, value: null, met: false, by: "target not reached" });
+    } else {
+      for (const [key, goal, who] of [["vs_ddp", 5, "DDP"], ["vs_psgd4", 2, "Nimble PowerSGD r4"]]) {
+        const x = f[key];
+        // A lower bound (the other did not get there) that already meets the goal is a met target;
+        // one that does not is undecided: say so.
+        if (x && x.lower_bound && x.value < goal) out.push({ target: `target validation loss reached >= ${goal}x sooner than ${who}`, system: run.system, value: x.value, lower_bound: true, met: false, by: `undecided: ${who} stopped before the target (> ${x.value.toFixed(1)}x)` });
+        else add(`target validation loss reached >= ${goal}x sooner than ${who}`, x?.value ?? null, goal, times, x?.lower_bound ?? false);
+      }
+    }
+  }
+  return out;
+}
+
+const mb = (x) => (x === null || x === undefined ? "—" : x >= 1e6 ? `${(x / 1e6).toFixed(2)} MB` : x >= 1e3 ? `${(x / 1e3).toFixed(1)} kB` : `${x.toFixed(0)} B`);
+
+/** The DiLoCo suite as markdown: one named row per run, then the targets at RTT 100 ms. */
+export function dilocoMarkdown(results) {
+  const lines = [
+    `# WAN benchmark, DiLoCo suite (${results.date.slice(0, 10)}, ${results.machine.cpu}, ${results.machine.cores} cores, ${results.workers} providers, shaping: ${results.shaping})`,
+    "",
+    results.shaping_note ? `**${results.shaping_note}.**\n` : "",
+    `Latency: ${results.latency}. Every RTT > 0 figure below is at an emulated RTT (Nimble) or a modelled one (DDP).`,
+    "",
+    results.note ? `${results.note}\n` : "",
+    "| link | RTT | row | H | F / tau | codec | inner steps | samples/s | compute util. | sync bytes / sample | fewer than DDP (sync / wire) | hidden | time to target | vs DDP | vs psgd4 | val loss at equal samples (step): row / DDP |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+  ];
+  for (const run of results.runs) {
+    const head = `| ${rateName(run.rate_bits)} | ${rttLabel(run.rtt_ms, run.system)} | ${run.system}`;
+    if (run.error) {
+      lines.push(`${head} | | | | failed: ${run.error.replace(/\|/g, "/").replace(/\n/g, " ").slice(0, 120)} | | | | | | | | | |`);
+      continue;
+    }
+    const s = run.strategy?.name === "diloco" ? run.strategy : null;
+    const f = dilocoFigures(results, run);
+    const steps = `${run.inner_steps_done}${run.capped ? ` of ${run.steps} (stopped at ${run.cap_s} s)` : ""}`;
+    const util = f.utilisation === null ? "—" : `${pct(f.utilisation)}${f.reference_rtt_ms !== null && run.system !== results.reference ? ` (ref. at RTT ${f.reference_rtt_ms})` : ""}`;
+    const fewer = run.system === "ddp" ? "1x" : `${f.fewer_bytes === null ? "—" : `${f.fewer_bytes.toFixed(0)}x`} / ${f.fewer_wire_bytes === null ? "—" : `${f.fewer_wire_bytes.toFixed(0)}x`}`;
+    const hidden = run.hidden_fraction === null ? "—" : pct(run.hidden_fraction);
+    const ttt = run.time_to_target_s === null ? `not in ${run.inner_steps_done} steps` : `${run.time_to_target_s.toFixed(1)} s (step ${run.steps_to_target})`;
+    const vs = (x, self) => (self ? "1.0x" : !x ? "—" : `${x.lower_bound ? "> " : ""}${x.value.toFixed(1)}x`);
+    const e = f.equal_samples;
+    const eq = run.system === "ddp" ? fixed(run.final_val_loss, 3) : !e ? "—" : `${e.val_loss.toFixed(3)} / ${e.ddp_val_loss.toFixed(3)} (step ${e.step + 1}${e.final ? "" : ", not final"}): ${e.relative >= 0 ? "+" : ""}${(e.relative * 100).toFixed(1)}%`;
+    lines.push(`${head} | ${s && !run.reference ? s.inner_steps : "—"} | ${s && !run.reference ? `${s.fragments} / ${s.overlap_steps}` : "—"} | ${s ? s.codec : run.system.includes("psgd") ? "PowerSGD r4" : "fp32"} | ${steps} | ${fixed(run.samples_per_s, 1)} | ${util} | ${mb(run.sync_bytes_per_sample)} | ${fewer} | ${hidden} | ${ttt} | ${vs(f.vs_ddp, run.system === "ddp")} | ${vs(f.vs_psgd4, run.system === "nimble-psgd4")} | ${eq} |`);
+  }
+  const t = dilocoTargets(results);
+  if (t.length) {
+    lines.push("", `Targets at 100 Mbit/s, RTT 100 ms (emulated for Nimble, modelled for DDP), target validation loss ${results.target_val_loss}:`, "", "| target | row | measured | met |", "| --- | --- | --- | --- |");
+    for (const x of t) {
+      const v = x.value === null ? "—" : x.target.startsWith("compute") ? pct(x.value) : x.target.startsWith("final") ? `${x.value >= 0 ? "+" : ""}${(x.value * 100).toFixed(1)}%` : `${x.lower_bound ? "> " : ""}${x.value.toFixed(x.value >= 100 ? 0 : 1)}x`;
+      lines.push(`| ${x.target} | ${x.system} | ${v} | ${x.met ? "yes" : `**no**: ${x.by}`} |`);
+    }
+  }
+  return lines.filter((l, i) => l !== "" || lines[i - 1] !== "").join("\n") + "\n";
 }

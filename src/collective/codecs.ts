@@ -14,25 +14,41 @@
  *   round(x / scale) (half away from zero), clamped to [-127, 127]; decoding gives
  *   fround(q * scale). A block holding any NaN or +-Inf gets the scale NaN and decodes
  *   to all NaN, so a non-finite gradient on any worker makes the whole sum non-finite.
+ * - int4: the same scheme with 4-bit values, for DiLoCo pseudo-gradients: blocks of
+ *   INT4_BLOCK (64) values counted from the chunk's first value. The payload is
+ *   ceil(count / 64) float32 scales, then ceil(count / 2) bytes holding two signed 4-bit
+ *   values each (two's complement nibbles, the element at the even index in the low
+ *   nibble; with an odd count the last high nibble is 0). A block's scale is
+ *   fround(absmax / 7) (0 for an all-zero block), each value round(x / scale) (half away
+ *   from zero) clamped to [-7, 7] (symmetric: -8 is never produced, 0 is exact); decoding
+ *   gives fround(q * scale); NaN / Inf as for int8. About 0.5 + 4/64 = 0.5625 bytes per
+ *   value. 64-value blocks (not 256): with only 15 levels the step is absmax/7, so a
+ *   block's error follows its absmax closely; smaller blocks keep the scale near the
+ *   local magnitude (and an outlier's damage local) for 3/64 byte more per value than
+ *   256-value blocks would cost (on normal data the L2 error is about 15% lower than
+ *   with 256-value blocks, 8% lower than with 128).
  *
  * All functions are deterministic (JavaScript double arithmetic, then one rounding to
  * float32), so decoding the same bytes gives the same bits on every host.
  */
 import { endianness } from "node:os";
-import { INT8_BLOCK, type WireCodec, wirePayloadBytes } from "../protocol/frames.js";
+import { INT4_BLOCK, INT8_BLOCK, type WireCodec, wirePayloadBytes } from "../protocol/frames.js";
 
-export { INT8_BLOCK, type WireCodec, wirePayloadBytes } from "../protocol/frames.js";
+export { INT4_BLOCK, INT8_BLOCK, type WireCodec, wirePayloadBytes } from "../protocol/frames.js";
 
 const LITTLE_ENDIAN_HOST = endianness() === "LE";
 
 /** Bytes per int8 block on the wire: its scale and its 256 values. */
 const INT8_BLOCK_WIRE = INT8_BLOCK + 4;
+/** Bytes per int4 block on the wire: its scale and its 64 values, two per byte. */
+const INT4_BLOCK_WIRE = INT4_BLOCK / 2 + 4;
 
 /**
  * Elements per chunk frame for `codec`, so that a full chunk carries at most
  * `chunkBytes` wire payload bytes: chunkBytes/4 for f32, chunkBytes/2 for f16 and bf16,
- * and for int8 a whole number of 256-element blocks (at least one block, 260 bytes,
- * even when chunkBytes is smaller).
+ * for int8 a whole number of 256-element blocks (at least one block, 260 bytes, even
+ * when chunkBytes is smaller), for int4 a whole number of 64-element blocks (at least
+ * one, 36 bytes).
  */
 export function chunkElements(codec: WireCodec, chunkBytes: number): number {
   switch (codec) {
@@ -43,6 +59,8 @@ export function chunkElements(codec: WireCodec, chunkBytes: number): number {
       return Math.floor(chunkBytes / 2);
     case "int8":
       return Math.max(1, Math.floor(chunkBytes / INT8_BLOCK_WIRE)) * INT8_BLOCK;
+    case "int4":
+      return Math.max(1, Math.floor(chunkBytes / INT4_BLOCK_WIRE)) * INT4_BLOCK;
   }
 }
 
@@ -165,7 +183,7 @@ function u16In(bytes: Uint8Array, count: number): Uint16Array {
 
 /**
  * Encode `src` into `out`, which must hold exactly wirePayloadBytes(codec, src.length)
- * bytes (typically the payload of newChunkFrame). Int8 blocks start at src[0].
+ * bytes (typically the payload of newChunkFrame). Int8 and int4 blocks start at src[0].
  */
 export function encodePayload(codec: WireCodec, src: Float32Array, out: Uint8Array): void {
   const count = src.length;
@@ -199,6 +217,9 @@ export function encodePayload(codec: WireCodec, src: Float32Array, out: Uint8Arr
     case "int8":
       encodeInt8(src, out);
       return;
+    case "int4":
+      encodeInt4(src, out);
+      return;
   }
 }
 
@@ -212,38 +233,73 @@ function int8Layout(bytes: Uint8Array, count: number): { blocks: number; scales:
   };
 }
 
+/**
+ * The scale of block src[lo, hi) for values in [-qmax, qmax]: NaN if it holds a NaN or
+ * +-Inf, 0 if it is all zero, else fround(absmax / qmax) (at least the smallest
+ * subnormal: the clamp in `quantise` absorbs the rest).
+ */
+function blockScale(src: Float32Array, lo: number, hi: number, qmax: number): number {
+  let amax = 0;
+  for (let i = lo; i < hi; i++) {
+    const v = src[i];
+    const a = v < 0 ? -v : v;
+    if (!(a < Infinity)) return NaN;
+    if (a > amax) amax = a;
+  }
+  if (amax === 0) return 0;
+  const scale = Math.fround(amax / qmax);
+  return scale === 0 ? 2 ** -149 : scale;
+}
+
+/** round(v / scale), half away from zero, clamped to [-qmax, qmax] (scale > 0). */
+function quantise(v: number, scale: number, qmax: number): number {
+  const x = v / scale;
+  const r = x < 0 ? -Math.round(-x) : Math.round(x);
+  return r > qmax ? qmax : r < -qmax ? -qmax : r;
+}
+
 function encodeInt8(src: Float32Array, out: Uint8Array): void {
   const count = src.length;
   const { blocks, scales, q } = int8Layout(out, count);
   for (let b = 0; b < blocks; b++) {
     const lo = b * INT8_BLOCK;
     const hi = Math.min(count, lo + INT8_BLOCK);
-    let amax = 0;
-    let finite = true;
-    for (let i = lo; i < hi; i++) {
-      const v = src[i];
-      const a = v < 0 ? -v : v;
-      if (!(a < Infinity)) finite = false;
-      else if (a > amax) amax = a;
-    }
-    let scale: number;
-    if (!finite) {
-      scale = NaN;
-      q.fill(0, lo, hi);
-    } else if (amax === 0) {
-      scale = 0;
-      q.fill(0, lo, hi);
-    } else {
-      scale = Math.fround(amax / 127);
-      // absmax below 127 x the smallest subnormal: the clamp below absorbs the rest
-      if (scale === 0) scale = 2 ** -149;
-      for (let i = lo; i < hi; i++) {
-        const v = src[i] / scale;
-        let r = v < 0 ? -Math.round(-v) : Math.round(v);
-        if (r > 127) r = 127;
-        else if (r < -127) r = -127;
-        q[i] = r;
+    const scale = blockScale(src, lo, hi, 127);
+    if (scale > 0) for (let i = lo; i < hi; i++) q[i] = quantise(src[i], scale, 127);
+    else q.fill(0, lo, hi);
+    scales.setFloat32(b * 4, scale, true);
+  }
+}
+
+/**
+ * An int4 payload: one float32 LE scale per block of INT4_BLOCK values, then the values
+ * packed two per byte (element 2j in the low nibble of byte j, 2j+1 in the high one).
+ */
+function int4Layout(bytes: Uint8Array, count: number): { blocks: number; scales: DataView; q: Uint8Array } {
+  const blocks = Math.ceil(count / INT4_BLOCK);
+  return {
+    blocks,
+    scales: new DataView(bytes.buffer, bytes.byteOffset, blocks * 4),
+    q: bytes.subarray(blocks * 4, blocks * 4 + Math.ceil(count / 2)),
+  };
+}
+
+function encodeInt4(src: Float32Array, out: Uint8Array): void {
+  const count = src.length;
+  const { blocks, scales, q } = int4Layout(out, count);
+  // INT4_BLOCK is even: every byte holds values of one block only
+  for (let b = 0; b < blocks; b++) {
+    const lo = b * INT4_BLOCK;
+    const hi = Math.min(count, lo + INT4_BLOCK);
+    const scale = blockScale(src, lo, hi, 7);
+    if (scale > 0) {
+      for (let i = lo; i < hi; i += 2) {
+        const low = quantise(src[i], scale, 7) & 0x0f;
+        const high = i + 1 < hi ? quantise(src[i + 1], scale, 7) & 0x0f : 0;
+        q[i >>> 1] = low | (high << 4);
       }
+    } else {
+      q.fill(0, lo >>> 1, (hi + 1) >>> 1);
     }
     scales.setFloat32(b * 4, scale, true);
   }
@@ -292,6 +348,9 @@ export function decodePayload(codec: WireCodec, payload: Uint8Array, dst: Float3
     case "int8":
       decodeInt8(payload, dst, mode);
       return;
+    case "int4":
+      decodeInt4(payload, dst, mode);
+      return;
   }
 }
 
@@ -308,6 +367,28 @@ function decodeInt8(payload: Uint8Array, dst: Float32Array, mode: "set" | "add")
       for (let i = lo; i < hi; i++) dst[i] = q[i] * scale;
     } else {
       for (let i = lo; i < hi; i++) dst[i] += Math.fround(q[i] * scale);
+    }
+  }
+}
+
+function decodeInt4(payload: Uint8Array, dst: Float32Array, mode: "set" | "add"): void {
+  const count = dst.length;
+  const { blocks, scales, q } = int4Layout(payload, count);
+  for (let b = 0; b < blocks; b++) {
+    const lo = b * INT4_BLOCK;
+    const hi = Math.min(count, lo + INT4_BLOCK);
+    const scale = scales.getFloat32(b * 4, true);
+    if (Number.isNaN(scale)) {
+      dst.fill(NaN, lo, hi);
+      continue;
+    }
+    for (let i = lo; i < hi; i++) {
+      const byte = q[i >>> 1];
+      const n = (i & 1) === 0 ? byte & 0x0f : byte >>> 4;
+      // sign-extend the nibble; the product is exact in double, stored once as float32
+      const v = ((n ^ 8) - 8) * scale;
+      if (mode === "set") dst[i] = v;
+      else dst[i] += Math.fround(v);
     }
   }
 }

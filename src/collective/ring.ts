@@ -12,7 +12,7 @@
  * later chunks are still arriving.
  *
  * Wire codecs (codecs.ts): the buffer stays float32, each chunk travels as f32, f16,
- * bf16 or int8. Reduce-scatter chunks are encoded from the running partial sums. The
+ * bf16, int8 or int4. Reduce-scatter chunks are encoded from the running partial sums. The
  * owner of a fully reduced segment (rank r owns segment (r + 1) mod N) replaces its
  * values with decode(encode(values)) as it sends them in phase N-1, and all-gather
  * chunks are forwarded as the very bytes received, so every member decodes the same

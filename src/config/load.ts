@@ -194,7 +194,12 @@ export function parseConfigText(text: string, file: string, opts: LoadOptions = 
   const dir = path.dirname(abs);
   const { raw, add, check, finish, issues, text: effective } = parseYaml(text, file, opts.overrides);
   const result = check(jobConfigSchema);
-  for (const r of crossFieldIssues(raw)) add(r.path, r.message);
+  for (const r of crossFieldIssues(raw)) {
+    // A rule that explains a value better than the schema did replaces the schema's issue there.
+    const field = fieldName(r.path);
+    for (let i = issues.length - 1; i >= 0; i--) if (issues[i].field === field && r.replaces) issues.splice(i, 1);
+    add(r.path, r.message);
+  }
 
   // The task file: checked whenever `task` itself is a usable string.
   let taskPath = "";
@@ -330,8 +335,9 @@ function describeIssue(issue: z.ZodIssue, raw: unknown, root: z.ZodTypeAny): Des
     case "invalid_string":
     case "not_finite":
     case "not_multiple_of":
-    case "invalid_enum_value":
       return [{ path: p, message: expect(issue.message) }];
+    case "invalid_enum_value":
+      return [{ path: p, message: `expected one of ${issue.options.join(" | ")}, found ${describeFound(found)}` }];
     default:
       return [{ path: p, message: `${issue.message}, found ${describeFound(found)}` }];
   }
@@ -389,5 +395,7 @@ export function configErrorAt(loaded: LoadedConfig, field: string, message: stri
   const doc = parseDocument(loaded.text, { lineCounter });
   const p = field.split(".").map((seg) => (/^\d+$/.test(seg) ? Number(seg) : seg));
   const { line, col } = locateIn(doc.contents, lineCounter, p, "value");
-  return new ConfigIssuesError(loaded.path, [{ line, col, field, message }]);
+  // Workers' messages name their field too: it is said once, before the colon.
+  const own = message.startsWith(`${field} `) ? message.slice(field.length + 1) : message;
+  return new ConfigIssuesError(loaded.path, [{ line, col, field, message: own }]);
 }

@@ -139,9 +139,36 @@ export const STRATEGY_NAMES = ["sync"] as const;
  * The training strategy: what one round is and what crosses the network
  * (src/strategy/ on the coordinator, python-runtime/nimble_worker/strategies/ on workers).
  * `sync`: one optimizer step of the global batch per round, its gradient all-reduced
- * through `compression`. A new strategy adds its option here, with its own keys.
+ * through `compression`. `diloco`: H inner steps per worker between syncs of a fragment's
+ * pseudo-gradient (README, "DiLoCo"). A new strategy adds its option here, with its own keys.
  */
-export const strategySchema = z.discriminatedUnion("name", [z.object({ name: z.literal("sync") }).strict()]);
+/** How a DiLoCo pseudo-gradient travels: a wire codec of one all-reduce (lossy ones with error feedback). */
+export const DILOCO_CODECS = ["none", "fp16", "bf16", "int8", "int4"] as const;
+
+export const strategySchema = z.discriminatedUnion("name", [
+  z.object({ name: z.literal("sync") }).strict(),
+  z
+    .object({
+      name: z.literal("diloco"),
+      /** H: inner steps between two syncs of the same fragment. */
+      inner_steps: posInt.lte(1_000_000).default(100),
+      /** Applied to the global parameters with the averaged pseudo-gradient. */
+      outer_optimizer: nullAsAbsent(
+        z
+          .object({ name: z.literal("sgd").default("sgd"), lr: positive.default(0.7), momentum: unit.default(0.9), nesterov: z.boolean().default(true) })
+          .strict()
+          .default({}),
+      ),
+      /** F: the model's top-level modules in F contiguous groups, synced in turn every H / F inner steps. */
+      fragments: posInt.lte(4096).default(1),
+      /** tau: a fragment's all-reduce starts this many inner steps before its sync, overlapped with them. */
+      overlap_steps: nonNegInt.default(0),
+      /** After the outer step a fragment's weights are lerp(global, local, alpha). */
+      alpha: number().gte(0).lte(1).default(0),
+      codec: z.enum(DILOCO_CODECS).default("none"),
+    })
+    .strict(),
+]);
 
 export const providerSchema = z
   .object({
@@ -246,6 +273,8 @@ export type ProviderConfig = JobConfig["providers"][number];
 export interface RawIssue {
   path: (string | number)[];
   message: string;
+  /** It explains the value better than the schema's own issue at the same path, which it replaces. */
+  replaces?: boolean;
 }
 
 function isRecord(v: unknown): v is Record<string, unknown> {
@@ -283,11 +312,45 @@ export function crossFieldIssues(raw: unknown): RawIssue[] {
     }
   }
 
+  issues.push(...dilocoIssues(raw));
+
   if (Array.isArray(raw.providers) && raw.providers.length > 0 && raw.local_workers !== undefined) {
     issues.push({
       path: ["local_workers"],
       message: `cannot be combined with a non-empty providers list (${raw.providers.length} given); remove one of them`,
     });
+  }
+  return issues;
+}
+
+/** DiLoCo's rules between its keys and the job's (README, "DiLoCo"). */
+function dilocoIssues(raw: Record<string, unknown>): RawIssue[] {
+  const s = raw.strategy;
+  if (!isRecord(s) || s.name !== "diloco") return [];
+  const issues: RawIssue[] = [];
+  const h = s.inner_steps === undefined ? 100 : s.inner_steps;
+  const f = s.fragments === undefined ? 1 : s.fragments;
+  if (typeof s.codec === "string" && (s.codec === "powersgd" || s.codec === "topk")) {
+    issues.push({ path: ["strategy", "codec"], message: `${s.codec} cannot carry a pseudo-gradient (it keeps per-step state of a gradient's shape); expected one of ${DILOCO_CODECS.join(" | ")}`, replaces: true });
+  }
+  if (raw.compression !== undefined) {
+    issues.push({ path: ["compression"], message: "is not used under strategy diloco: strategy.codec carries the pseudo-gradient (none | fp16 | bf16 | int8 | int4)" });
+  }
+  if (!isInt(h) || h < 1) return issues; // the schema reports it
+  if (isInt(f) && f >= 1) {
+    if (h % f !== 0) issues.push({ path: ["strategy", "fragments"], message: `must divide strategy.inner_steps (${h}) so that fragments sync every inner_steps / fragments steps, found ${f}` });
+    else if (isInt(s.overlap_steps) && s.overlap_steps >= h / f) {
+      issues.push({ path: ["strategy", "overlap_steps"], message: `expected an integer < inner_steps / fragments (${h / f}), found ${s.overlap_steps}` });
+    }
+  }
+  if (isInt(raw.steps) && raw.steps % h !== 0) {
+    issues.push({ path: ["steps"], message: `counts inner steps under diloco and must be a multiple of strategy.inner_steps (${h}), found ${raw.steps}` });
+  }
+  for (const section of ["eval", "checkpoint"] as const) {
+    const every = isRecord(raw[section]) ? (raw[section] as Record<string, unknown>).every : undefined;
+    if (isInt(every) && every > 0 && every % h !== 0) {
+      issues.push({ path: [section, "every"], message: `counts inner steps under diloco and must be a multiple of strategy.inner_steps (${h}), found ${every}` });
+    }
   }
   return issues;
 }

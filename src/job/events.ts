@@ -29,6 +29,17 @@ export interface WorkerRow {
   bytes_sent: number;
 }
 
+/** A DiLoCo round's figures (metrics.jsonl, the live view). */
+export interface DilocoFigures {
+  round: number;
+  inner_steps: number;
+  fragment: number;
+  outer_lr: number;
+  /** Seconds the round's sync took on the slowest member, and of them, hidden behind inner steps. */
+  comm_s: number;
+  hidden_s: number;
+}
+
 export type StatusLevel = "info" | "warn" | "debug";
 
 export type TrainEvent =
@@ -52,6 +63,8 @@ export type TrainEvent =
       /** Uncompressed bytes / bytes actually sent, so far (1 with one worker). */
       compression_ratio: number;
       workers: WorkerRow[];
+      /** Under diloco: the round just ended, the fragment it synced, its outer lr, and the share of its sync hidden behind inner steps. */
+      diloco?: DilocoFigures;
     }
   | { type: "eval"; step: number; metrics: Record<string, number> }
   | { type: "checkpoint"; step: number; path: string }

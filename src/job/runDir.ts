@@ -4,6 +4,7 @@ import { copyFile, mkdir, readdir, readFile, rename, rm, writeFile } from "node:
 import { unpackPackage, type TaskPackage } from "./package.js";
 import path from "node:path";
 import type { WorkerFigures } from "../strategy/sync.js";
+import type { DilocoFigures } from "./events.js";
 import { parseMetricsLines } from "./metricsFile.js";
 
 /** A checkpoint read back and verified against its manifest. */
@@ -43,6 +44,8 @@ export interface StepMetrics {
   eval?: Record<string, number>;
   /** Seconds that evaluation took (included in step_s and wall_s). */
   eval_s?: number;
+  /** Under diloco: the round this line ends (a line per round, `step` its last inner step). */
+  diloco?: DilocoFigures;
   /** Each member's figures, with its share of the global batch this step. */
   workers: (WorkerFigures & { share: number })[];
 }

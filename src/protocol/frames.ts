@@ -4,7 +4,8 @@
  * Every binary WebSocket message on `/ring` is one frame; its first byte is the kind:
  * - 0x01 control: the rest is a msgpack map (`hello` or `op`), validated by schema;
  * - 0x02 tensor chunk: a fixed 24-byte little-endian header, then `count` values in the
- *   wire encoding its dtype byte names (1 float32, 2 float16, 3 bfloat16, 4 int8 blocks);
+ *   wire encoding its dtype byte names (1 float32, 2 float16, 3 bfloat16, 4 int8 blocks,
+ *   5 int4 blocks);
  * - 0x03 blob chunk (all-gather of byte blobs): a fixed 24-byte little-endian header,
  *   then `length` raw bytes.
  *
@@ -24,6 +25,7 @@ export const DTYPE_FLOAT32 = 1;
 export const DTYPE_FLOAT16 = 2;
 export const DTYPE_BFLOAT16 = 3;
 export const DTYPE_INT8 = 4;
+export const DTYPE_INT4 = 5;
 export const CHUNK_HEADER_BYTES = 24;
 export const BLOB_HEADER_BYTES = 24;
 /** Default tensor payload per chunk frame: 256 KiB = 65536 float32 values. */
@@ -36,22 +38,25 @@ export const MAX_FRAME_BYTES = DEFAULT_CHUNK_BYTES + FRAME_HEADER_SLACK;
 export const MAX_CHUNK_BYTES = MAX_FRAME_BYTES - CHUNK_HEADER_BYTES;
 /** Elements per int8 quantisation block (one float32 scale each). */
 export const INT8_BLOCK = 256;
+/** Elements per int4 quantisation block (one float32 scale each). */
+export const INT4_BLOCK = 64;
 
 /**
  * How a tensor chunk's values travel. The buffer being reduced is always float32; the
  * codec only changes the wire bytes: f32 as is, f16 IEEE half, bf16 bfloat16 (both
- * round-to-nearest-even), int8 blockwise quantised (see wirePayloadBytes).
+ * round-to-nearest-even), int8 and int4 blockwise quantised (see wirePayloadBytes).
  */
-export type WireCodec = "f32" | "f16" | "bf16" | "int8";
-export const WIRE_CODECS: readonly WireCodec[] = ["f32", "f16", "bf16", "int8"];
+export type WireCodec = "f32" | "f16" | "bf16" | "int8" | "int4";
+export const WIRE_CODECS: readonly WireCodec[] = ["f32", "f16", "bf16", "int8", "int4"];
 
 const CODEC_DTYPE: Record<WireCodec, number> = {
   f32: DTYPE_FLOAT32,
   f16: DTYPE_FLOAT16,
   bf16: DTYPE_BFLOAT16,
   int8: DTYPE_INT8,
+  int4: DTYPE_INT4,
 };
-const DTYPE_CODEC: Record<number, WireCodec> = { 1: "f32", 2: "f16", 3: "bf16", 4: "int8" };
+const DTYPE_CODEC: Record<number, WireCodec> = { 1: "f32", 2: "f16", 3: "bf16", 4: "int8", 5: "int4" };
 
 /** dtype byte of a tensor chunk carrying `codec`. */
 export function codecDtype(codec: WireCodec): number {
@@ -60,7 +65,8 @@ export function codecDtype(codec: WireCodec): number {
 
 /**
  * Exact wire payload bytes of a tensor chunk of `count` values:
- * f32 4 per value; f16 / bf16 2; int8 ceil(count / 256) float32 scales then `count` int8.
+ * f32 4 per value; f16 / bf16 2; int8 ceil(count / 256) float32 scales then `count` int8;
+ * int4 ceil(count / 64) float32 scales then ceil(count / 2) bytes of packed 4-bit values.
  */
 export function wirePayloadBytes(codec: WireCodec, count: number): number {
   switch (codec) {
@@ -71,6 +77,8 @@ export function wirePayloadBytes(codec: WireCodec, count: number): number {
       return count * 2;
     case "int8":
       return Math.ceil(count / INT8_BLOCK) * 4 + count;
+    case "int4":
+      return Math.ceil(count / INT4_BLOCK) * 4 + Math.ceil(count / 2);
   }
 }
 
@@ -110,7 +118,7 @@ export const AllReduceOpSchema = z
     kind: z.literal("allreduce").optional(),
     count: u32,
     dtype: z.literal("float32"),
-    codec: z.enum(["f32", "f16", "bf16", "int8"]).optional(),
+    codec: z.enum(["f32", "f16", "bf16", "int8", "int4"]).optional(),
   })
   .strict();
 
@@ -155,10 +163,10 @@ export interface Float32ChunkFrame extends ChunkHeader {
   data: Float32Array;
 }
 
-/** A chunk in a compressed wire encoding (dtype 2, 3 or 4). */
+/** A chunk in a compressed wire encoding (dtype 2, 3, 4 or 5). */
 export interface CodedChunkFrame extends ChunkHeader {
   kind: "chunk";
-  dtype: "float16" | "bfloat16" | "int8";
+  dtype: "float16" | "bfloat16" | "int8" | "int4";
   codec: Exclude<WireCodec, "f32">;
   /** exactly wirePayloadBytes(codec, count) bytes: a view of the received frame */
   payload: Uint8Array;
@@ -417,6 +425,7 @@ const DTYPE_NAMES: Record<WireCodec, ChunkFrame["dtype"]> = {
   f16: "float16",
   bf16: "bfloat16",
   int8: "int8",
+  int4: "int4",
 };
 
 function decodeChunk(bytes: Uint8Array): ChunkFrame {
@@ -430,7 +439,7 @@ function decodeChunk(bytes: Uint8Array): ChunkFrame {
   const codec = DTYPE_CODEC[dtype];
   if (codec === undefined) {
     throw new ProtocolError(
-      `tensor chunk has unknown dtype code ${dtype} (expected 1 = float32, 2 = float16, 3 = bfloat16, 4 = int8)`,
+      `tensor chunk has unknown dtype code ${dtype} (expected 1 = float32, 2 = float16, 3 = bfloat16, 4 = int8, 5 = int4)`,
     );
   }
   const phase = view.getUint16(2, true);
@@ -448,7 +457,9 @@ function decodeChunk(bytes: Uint8Array): ChunkFrame {
     const how =
       codec === "int8"
         ? `${Math.ceil(count / INT8_BLOCK)} scales + ${count} int8 values = ${want}`
-        : `${want}`;
+        : codec === "int4"
+          ? `${Math.ceil(count / INT4_BLOCK)} scales + ${Math.ceil(count / 2)} bytes of int4 values = ${want}`
+          : `${want}`;
     throw new ProtocolError(
       `tensor chunk payload is ${payload} bytes but count ${count} needs ${how}` +
         `${codec === "f32" ? "" : ` as ${DTYPE_NAMES[codec]}`} (op ${op}, phase ${phase}, chunk ${chunk})`,
@@ -458,6 +469,7 @@ function decodeChunk(bytes: Uint8Array): ChunkFrame {
   if (codec !== "f32") {
     const body = bytes.subarray(CHUNK_HEADER_BYTES);
     if (codec === "int8") checkInt8Payload(body, count, op, phase, chunk);
+    else if (codec === "int4") checkInt4Payload(body, count, op, phase, chunk);
     return { kind: "chunk", dtype: DTYPE_NAMES[codec] as CodedChunkFrame["dtype"], codec, phase, op, chunk, offset, count, payload: body };
   }
   let data: Float32Array;
@@ -473,24 +485,50 @@ function decodeChunk(bytes: Uint8Array): ChunkFrame {
   return { kind: "chunk", dtype: "float32", phase, op, chunk, offset, count, data };
 }
 
+/** The first `blocks` float32 scales of a blockwise payload: NaN, or finite and >= 0. */
+function checkScales(codec: "int8" | "int4", body: Uint8Array, blocks: number, op: number, phase: number, chunk: number): void {
+  const view = new DataView(body.buffer, body.byteOffset, body.byteLength);
+  for (let b = 0; b < blocks; b++) {
+    const s = view.getFloat32(b * 4, true);
+    if (!Number.isNaN(s) && !(s >= 0 && s < Infinity)) {
+      throw new ProtocolError(`${codec} chunk has bad scale ${s} in block ${b} (op ${op}, phase ${phase}, chunk ${chunk})`);
+    }
+  }
+}
+
 /**
  * An int8 payload's scales must be NaN (the block held a non-finite value) or finite and
  * >= 0, and its values in [-127, 127] (-128 is never produced).
  */
 function checkInt8Payload(body: Uint8Array, count: number, op: number, phase: number, chunk: number): void {
   const blocks = Math.ceil(count / INT8_BLOCK);
-  const view = new DataView(body.buffer, body.byteOffset, body.byteLength);
-  for (let b = 0; b < blocks; b++) {
-    const s = view.getFloat32(b * 4, true);
-    if (!Number.isNaN(s) && !(s >= 0 && s < Infinity)) {
-      throw new ProtocolError(`int8 chunk has bad scale ${s} in block ${b} (op ${op}, phase ${phase}, chunk ${chunk})`);
-    }
-  }
+  checkScales("int8", body, blocks, op, phase, chunk);
   const q = body.subarray(blocks * 4);
   for (let i = 0; i < q.length; i++) {
     if (q[i] === 0x80) {
       throw new ProtocolError(`int8 chunk has value -128 at element ${i} (op ${op}, phase ${phase}, chunk ${chunk})`);
     }
+  }
+}
+
+/**
+ * An int4 payload's scales must be NaN or finite and >= 0 (as int8's), its values in
+ * [-7, 7] (the nibble 0x8, -8, is never produced), and with an odd count the unused high
+ * nibble of the last byte must be 0.
+ */
+function checkInt4Payload(body: Uint8Array, count: number, op: number, phase: number, chunk: number): void {
+  const blocks = Math.ceil(count / INT4_BLOCK);
+  checkScales("int4", body, blocks, op, phase, chunk);
+  const q = body.subarray(blocks * 4);
+  for (let j = 0; j < q.length; j++) {
+    const byte = q[j];
+    if ((byte & 0x0f) === 0x08 || (byte & 0xf0) === 0x80) {
+      const i = 2 * j + ((byte & 0x0f) === 0x08 ? 0 : 1);
+      throw new ProtocolError(`int4 chunk has value -8 at element ${i} (op ${op}, phase ${phase}, chunk ${chunk})`);
+    }
+  }
+  if (count % 2 === 1 && (q[q.length - 1] & 0xf0) !== 0) {
+    throw new ProtocolError(`int4 chunk has a non-zero padding nibble after element ${count - 1} (op ${op}, phase ${phase}, chunk ${chunk})`);
   }
 }
 

@@ -15,7 +15,7 @@ import { decisionSchema, metricsSchema, stepReportSchema, workerInfoSchema } fro
  */
 const count = z.number().int().min(0);
 const hash = z.string().max(128);
-const codec = z.enum(["f32", "f16", "bf16", "int8"]);
+const codec = z.enum(["f32", "f16", "bf16", "int8", "int4"]);
 const stateKind = z.enum(["checkpoint", "final", "compressor"]);
 /** A state file: its name becomes a file in a run directory, so it is a plain name. */
 const fileEntry = z.object({ name: z.string().regex(/^[A-Za-z0-9._-]{1,128}$/), size: count });
@@ -77,6 +77,10 @@ export const strategyOrders = {
     /** One optimizer step of the global batch; `attempt` is echoed in its collectives. */
     step: z.object({ op: z.literal("step"), step: count, shares: z.array(count).max(4096), want_hash: z.boolean(), attempt: count, decision }),
   },
+  diloco: {
+    /** `steps` inner steps from `step`, each of the global batch split by `shares`, then the sync of one fragment. */
+    round: z.object({ op: z.literal("round"), step: count, steps: z.number().int().min(1).max(1_000_000), shares: z.array(count).max(4096), want_hash: z.boolean(), attempt: count, decision }),
+  },
 };
 
 /** Messages from the worker to its provider. */
@@ -101,6 +105,19 @@ export const fromWorker = {
     /** float32 elements the step's gradient would all-reduce uncompressed. */
     dense_count: count.default(0),
   }),
+  /** A DiLoCo round: its inner steps' figures, and the sync of fragment `fragment`. */
+  round_done: stepReportSchema.extend({
+    op: z.literal("round_done"),
+    steps: z.number().int().min(1),
+    fragment: count,
+    outer_lr: z.number().finite(),
+    /** Seconds of the sync's communication that ran while inner steps computed. */
+    hidden_s: z.number().finite().nonnegative().default(0),
+    /** float32 elements of the pseudo-gradient all-reduced. */
+    dense_count: count.default(0),
+    /** float32 elements of the whole model's gradient (what DDP all-reduces every inner step). */
+    model_count: count.optional(),
+  }),
   /** `sums` of each metric over its `counts` (items, or the task's own units: tokens, positives). */
   eval_done: z.object({ op: z.literal("eval_done"), step: count, count, sums: metricsSchema, counts: metricsSchema.optional() }),
   state: z.object({ op: z.literal("state"), kind: stateKind, step: count, files: z.array(fileEntry).max(4096) }),
@@ -114,7 +131,7 @@ export const fromWorker = {
   }),
 };
 
-type Orders = typeof sharedOrders & (typeof strategyOrders)[keyof typeof strategyOrders];
+type Orders = typeof sharedOrders & typeof strategyOrders.sync & typeof strategyOrders.diloco;
 export type OrderOp = keyof Orders;
 /** What a provider may send its worker (defaults not yet applied: as written). */
 export type ToWorker = { [K in OrderOp]: z.input<Orders[K]> }[OrderOp];
@@ -140,6 +157,7 @@ export const replies: Record<OrderOp, readonly FromWorkerOp[]> = {
   allgather_result: [],
   /** decided: an abort arrived while the round waited on a collective. */
   step: ["step_done", "decided"],
+  round: ["round_done", "decided"],
 };
 
 /** Payload bytes each message from the worker must carry (none unless listed). */
@@ -179,7 +197,7 @@ export function parseFromWorker(message: { header: Record<string, unknown>; payl
 /** Orders the provider itself sends its workers (lifecycle, the ring, testing aids, collectives). */
 const PROVIDER_ORDERS = ["init", "ring", "set_speed", "stop", "allreduce_result", "allgather_result"] as const;
 const providerOrders = new Set<string>(PROVIDER_ORDERS);
-type RoundOp = keyof (typeof strategyOrders)[keyof typeof strategyOrders];
+type RoundOp = keyof typeof strategyOrders.sync | keyof typeof strategyOrders.diloco;
 type CoordinatorOp = Exclude<OrderOp, (typeof PROVIDER_ORDERS)[number]>;
 /** What a coordinator may order a worker (round orders without their `attempt`: the provider adds it). */
 export type CoordinatorOrder = { [K in CoordinatorOp]: K extends RoundOp ? Omit<z.input<Orders[K]>, "attempt"> : z.input<Orders[K]> }[CoordinatorOp];

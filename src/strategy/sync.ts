@@ -1,5 +1,6 @@
 import { expectedFrameBytesPerNode } from "../collective/ring.js";
 import type { JobConfig } from "../config/schema.js";
+import type { CoordinatorOrder } from "../protocol/workerOps.js";
 import { allocate } from "../schedule/allocate.js";
 import { Rebalancer } from "../schedule/rebalance.js";
 import { equalShares } from "../schedule/shares.js";
@@ -57,7 +58,11 @@ export interface SyncOptions {
  * by shares that follow their measured speed (`balance: measured`) or evenly.
  */
 export class SyncStrategy implements Strategy<SyncPlan, SyncResult> {
-  readonly name = "sync";
+  readonly name: string = "sync";
+  /** Steps one round covers. */
+  readonly stepsPerRound: number = 1;
+  /** The op of the workers' reports of a round. */
+  readonly reportOp: "step_done" | "round_done" = "step_done";
   #members: number[];
   #rebalancer: Rebalancer | null;
   readonly #opts: SyncOptions;
@@ -92,6 +97,11 @@ export class SyncStrategy implements Strategy<SyncPlan, SyncResult> {
     const shares = new Array<number>(worldSize).fill(0);
     this.shares.forEach((share, k) => (shares[members[k]] = share));
     return { round, members: [...members], wantHash: opts.wantHash, shares };
+  }
+
+  /** The order that runs `plan` on its members (the decision to ride on it is added by the run loop). */
+  order(plan: SyncPlan): CoordinatorOrder {
+    return { op: "step", step: plan.round, shares: plan.shares, want_hash: plan.wantHash };
   }
 
   fold(plan: SyncPlan, reports: ReadonlyMap<number, RoundReport>): SyncResult {

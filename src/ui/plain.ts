@@ -2,7 +2,7 @@
  * Plain-text progress for non-terminals (CI logs, pipes): one human line per
  * noteworthy event, step lines throttled so that a long run stays readable.
  */
-import type { Reporter, StatusLevel, TrainEvent, WorkerRow } from "../job/events.js";
+import type { DilocoFigures, Reporter, StatusLevel, TrainEvent, WorkerRow } from "../job/events.js";
 import { formatBytes, formatCount, formatDuration, formatMetric, formatRate, formatRatio, formatSci } from "./format.js";
 
 /** Anything with a string `write` (process.stdout, a file stream, a test buffer). */
@@ -40,8 +40,15 @@ export function formatStepLine(e: StepEvent): string {
     `lr ${formatSci(e.lr)}`,
     `${formatRate(e.samples_per_s)} samples/s`,
     `sent ${formatBytes(e.bytes_sent)} (${formatRatio(e.compression_ratio)})`,
+    ...(e.diloco ? [formatDiloco(e.diloco)] : []),
     `[${n} worker${n === 1 ? "" : "s"}]`,
   ].join("  ");
+}
+
+/** `round 3 (fragment 1) outer lr 7.0e-1, sync 0.12 s, 80% hidden`. */
+export function formatDiloco(d: DilocoFigures): string {
+  const hidden = d.comm_s + d.hidden_s > 0 ? `, ${Math.round((100 * d.hidden_s) / (d.comm_s + d.hidden_s))}% hidden` : "";
+  return `round ${d.round + 1} (fragment ${d.fragment}) outer lr ${formatSci(d.outer_lr)}, sync ${(d.comm_s + d.hidden_s).toFixed(2)} s${hidden}`;
 }
 
 export function formatMetrics(metrics: Record<string, number>): string {

@@ -4,13 +4,14 @@ import {
   chunkElements,
   decodePayload,
   decodeValues,
+  encodePayload,
   encodeValues,
   f16BitsToF32,
   f32ToBf16Bits,
   f32ToF16Bits,
   roundTrip,
 } from "../../src/collective/codecs.js";
-import { DEFAULT_CHUNK_BYTES, INT8_BLOCK, wirePayloadBytes } from "../../src/protocol/frames.js";
+import { DEFAULT_CHUNK_BYTES, INT4_BLOCK, INT8_BLOCK, wirePayloadBytes } from "../../src/protocol/frames.js";
 import { randomBuffer } from "./ringHarness.js";
 
 function bitsOf(x: number): number {
@@ -175,7 +176,7 @@ describe("payload encode/decode", () => {
 
   it("decodes from an unaligned payload", () => {
     const src = randomBuffer(33, 3);
-    for (const codec of ["f32", "f16", "bf16", "int8"] as const) {
+    for (const codec of ["f32", "f16", "bf16", "int8", "int4"] as const) {
       const enc = encodeValues(codec, src);
       const shifted = new Uint8Array(enc.byteLength + 1).subarray(1);
       shifted.set(enc);
@@ -185,7 +186,7 @@ describe("payload encode/decode", () => {
 
   it("add mode adds the decoded float32 values", () => {
     const src = randomBuffer(600, 4);
-    for (const codec of ["f32", "f16", "bf16", "int8"] as const) {
+    for (const codec of ["f32", "f16", "bf16", "int8", "int4"] as const) {
       const dst = randomBuffer(600, 5);
       const want = dst.map((v, i) => v + roundTrip(codec, src)[i]);
       decodePayload(codec, encodeValues(codec, src), dst, "add");
@@ -260,13 +261,13 @@ describe("payload encode/decode", () => {
   });
 
   it("empty payloads", () => {
-    for (const codec of ["f32", "f16", "bf16", "int8"] as const) {
+    for (const codec of ["f32", "f16", "bf16", "int8", "int4"] as const) {
       expect(encodeValues(codec, new Float32Array(0)).byteLength).toBe(0);
       expect(decodeValues(codec, new Uint8Array(0), 0).length).toBe(0);
     }
   });
 
-  it("chunk element counts keep chunks within chunkBytes of wire bytes, int8 in whole blocks", () => {
+  it("chunk element counts keep chunks within chunkBytes of wire bytes, int8 and int4 in whole blocks", () => {
     expect(chunkElements("f32", DEFAULT_CHUNK_BYTES)).toBe(65536);
     expect(chunkElements("f16", DEFAULT_CHUNK_BYTES)).toBe(131072);
     expect(chunkElements("bf16", DEFAULT_CHUNK_BYTES)).toBe(131072);
@@ -275,5 +276,116 @@ describe("payload encode/decode", () => {
     expect(wirePayloadBytes("int8", int8)).toBeLessThanOrEqual(DEFAULT_CHUNK_BYTES);
     expect(wirePayloadBytes("int8", int8 + 256)).toBeGreaterThan(DEFAULT_CHUNK_BYTES);
     expect(chunkElements("int8", 4)).toBe(256); // at least one block
+    const int4 = chunkElements("int4", DEFAULT_CHUNK_BYTES);
+    expect(int4 % 64).toBe(0);
+    expect(int4).toBe(Math.floor(DEFAULT_CHUNK_BYTES / 36) * 64);
+    expect(wirePayloadBytes("int4", int4)).toBeLessThanOrEqual(DEFAULT_CHUNK_BYTES);
+    expect(wirePayloadBytes("int4", int4 + 64)).toBeGreaterThan(DEFAULT_CHUNK_BYTES);
+    expect(chunkElements("int4", 4)).toBe(64); // at least one block
+    expect(chunkElements("int4", 36)).toBe(64);
+    expect(chunkElements("int4", 72)).toBe(128);
+  });
+});
+
+/** The signed 4-bit values of an int4 payload of `count` values (low nibble first). */
+function int4Values(enc: Uint8Array, count: number): number[] {
+  const q = enc.subarray(Math.ceil(count / INT4_BLOCK) * 4);
+  return Array.from({ length: count }, (_, i) => {
+    const n = i % 2 === 0 ? q[i >> 1] & 0x0f : q[i >> 1] >> 4;
+    return n >= 8 ? n - 16 : n;
+  });
+}
+
+describe("int4", () => {
+  it("scales first, then two values per byte, low nibble first; blocks of 64 counted from the first value", () => {
+    const src = new Float32Array(131); // blocks [0, 64), [64, 128), [128, 131)
+    src[0] = 1;
+    src[1] = -0.5;
+    src[2] = 0.25;
+    src[3] = 0.3; // 2.1 steps
+    src[4] = -3 / 7;
+    src[5] = -1;
+    // block 1: all zero; block 2: ties at scale 1
+    src.set([7, 2.5, -2.5], 128);
+    const enc = encodeValues("int4", src);
+    expect(wirePayloadBytes("int4", 131)).toBe(3 * 4 + 66);
+    expect(enc.byteLength).toBe(78);
+    const view = new DataView(enc.buffer);
+    const scale = view.getFloat32(0, true);
+    expect(scale).toBe(Math.fround(1 / 7));
+    expect(view.getFloat32(4, true)).toBe(0);
+    expect(view.getFloat32(8, true)).toBe(1);
+    const q = int4Values(enc, 131);
+    expect(q.slice(0, 7)).toEqual([7, -3, 2, 2, -3, -7, 0]);
+    expect(q.slice(64, 128).every((v) => v === 0)).toBe(true);
+    expect(q.slice(128)).toEqual([7, 3, -3]); // half away from zero
+    expect(enc[12]).toBe(0xd7); // 7 | -3 << 4
+    expect(enc[77] >> 4).toBe(0); // odd count: the last high nibble is padding, 0
+    const back = decodeValues("int4", enc, 131);
+    expect(back[0]).toBe(Math.fround(7 * scale));
+    expect(back[1]).toBe(Math.fround(-3 * scale));
+    expect(back.subarray(64, 128).every((v) => v === 0)).toBe(true);
+    expect(Array.from(back.subarray(128))).toEqual([7, 3, -3]);
+  });
+
+  it("error at most half a step (absmax/14) per block, never -8, and a partial block at the end", () => {
+    const src = randomBuffer(5001, 16);
+    for (let i = 0; i < src.length; i++) src[i] *= i < 2500 ? 1000 : 0.001; // blocks of very different scale
+    const enc = encodeValues("int4", src);
+    const back = decodeValues("int4", enc, src.length);
+    expect(int4Values(enc, src.length).every((v) => v >= -7 && v <= 7)).toBe(true);
+    const blocks = Math.ceil(src.length / INT4_BLOCK);
+    for (let b = 0; b < blocks; b++) {
+      const lo = b * INT4_BLOCK;
+      const hi = Math.min(src.length, lo + INT4_BLOCK);
+      let amax = 0;
+      for (let i = lo; i < hi; i++) amax = Math.max(amax, Math.abs(src[i]));
+      for (let i = lo; i < hi; i++) {
+        expect(Math.abs(back[i] - src[i])).toBeLessThanOrEqual((amax / 14) * (1 + 1e-6));
+      }
+      // the block's largest magnitude is encoded as +-7 steps
+      const top = Math.max(...Array.from(back.subarray(lo, hi), Math.abs));
+      expect(Math.abs(top - amax)).toBeLessThanOrEqual(amax * 2 ** -22);
+    }
+  });
+
+  it("a block with NaN or Inf decodes to all NaN, the other blocks are untouched", () => {
+    for (const bad of [NaN, Infinity, -Infinity]) {
+      const src = randomBuffer(200, 18);
+      src[100] = bad;
+      const enc = encodeValues("int4", src);
+      expect(Number.isNaN(new DataView(enc.buffer).getFloat32(4, true))).toBe(true);
+      const back = decodeValues("int4", enc, 200);
+      for (let i = 0; i < 200; i++) {
+        if (i >= 64 && i < 128) expect(Number.isNaN(back[i])).toBe(true);
+        else expect(Number.isFinite(back[i])).toBe(true);
+      }
+    }
+  });
+
+  it("tiny and huge blocks stay finite and sign-correct", () => {
+    const src = new Float32Array([2 ** -149, -(2 ** -148), 3.4e38, -3.4e38]);
+    const a = decodeValues("int4", encodeValues("int4", src.subarray(0, 2)), 2);
+    expect(a[0]).toBeGreaterThanOrEqual(0);
+    expect(a[1]).toBeLessThan(0);
+    const b = decodeValues("int4", encodeValues("int4", src.subarray(2)), 2);
+    expect(Number.isFinite(b[0]) && Number.isFinite(b[1])).toBe(true);
+    expect(Math.abs(b[0] - 3.4e38) / 3.4e38).toBeLessThan(1e-6);
+    expect(b[1]).toBe(-b[0]);
+  });
+
+  it("writes every payload byte, whatever the buffer held", () => {
+    const src = randomBuffer(129, 19);
+    src.fill(0, 64, 128); // one all-zero block
+    const fresh = encodeValues("int4", src);
+    const dirty = new Uint8Array(fresh.byteLength).fill(0xff);
+    encodePayload("int4", src, dirty);
+    expect(Array.from(dirty)).toEqual(Array.from(fresh));
+  });
+
+  it("about 0.5625 bytes per value, an eighth of the bytes of f32 plus the scales", () => {
+    expect(wirePayloadBytes("int4", 64 * 1000)).toBe(36 * 1000);
+    expect(wirePayloadBytes("int4", 1)).toBe(5);
+    expect(wirePayloadBytes("int4", 65)).toBe(8 + 33);
   });
 });

@@ -51,6 +51,7 @@ const CASES: [string, Uint8Array[]][] = [
   ["a chunk of another chunk index", [announce, encodeChunk({ ...expected, chunk: 3 }, ones(500))]],
   ["a chunk in another codec than announced", [announce, encodeCodedChunk(expected, "f16", new Uint8Array(1000))]],
   ["an int8 chunk with a negative scale", [encodeControl({ t: "op", op: 0, count: L, dtype: "float32", codec: "int8" }), int8WithScale(-1)]],
+  ["an int4 chunk with the value -8", [encodeControl({ t: "op", op: 0, count: L, dtype: "float32", codec: "int4" }), int4WithMinus8()]],
   ["a blob chunk during an all-reduce", [announce, encodeBlobChunk({ phase: 0, op: 0, owner: 1, total: 4, offset: 0, length: 4 }, new Uint8Array(4))]],
   ["a frame over the size limit", [announce, encodeChunk({ ...expected, count: MAX_FRAME_BYTES / 4 }, ones(MAX_FRAME_BYTES / 4))]],
 ];
@@ -60,6 +61,13 @@ function int8WithScale(scale: number): Uint8Array {
   const payload = new Uint8Array(Math.ceil(500 / 256) * 4 + 500);
   new DataView(payload.buffer).setFloat32(0, scale, true);
   return encodeCodedChunk(expected, "int8", payload);
+}
+
+/** An int4 chunk for the expected place whose first value is the never-produced -8. */
+function int4WithMinus8(): Uint8Array {
+  const payload = new Uint8Array(Math.ceil(500 / 64) * 4 + 250);
+  payload[Math.ceil(500 / 64) * 4] = 0x08;
+  return encodeCodedChunk(expected, "int4", payload);
 }
 
 describe("malformed ring frames from a neighbour", () => {

@@ -14,6 +14,7 @@ import {
   DEFAULT_CHUNK_BYTES,
   encodeCodedChunk,
   encodeControl,
+  INT4_BLOCK,
   INT8_BLOCK,
   MAX_FRAME_BYTES,
   newChunkFrame,
@@ -24,14 +25,14 @@ afterEach(async () => {
   await closeAll();
 });
 
-const CODECS: WireCodec[] = ["f32", "f16", "bf16", "int8"];
+const CODECS: WireCodec[] = ["f32", "f16", "bf16", "int8", "int4"];
 
 
 /**
  * What the ring computes, simulated: segment s starts at rank s, each of the next N-1
  * ranks adds its own values to decode(encode(partial sum)), and the owner (rank s-1)
- * keeps decode(encode(sum)), which every rank then decodes from the same bytes. Int8
- * chunks are whole blocks from the segment start, so encoding the segment at once
+ * keeps decode(encode(sum)), which every rank then decodes from the same bytes. Int8 and
+ * int4 chunks are whole blocks from the segment start, so encoding the segment at once
  * gives the same blocks as encoding it chunk by chunk.
  */
 function simulate(inputs: Float32Array[], codec: WireCodec): Float32Array {
@@ -58,11 +59,12 @@ function simulate(inputs: Float32Array[], codec: WireCodec): Float32Array {
  * is bounded by mag = sum over ranks of |x_r[i]| (plus the error so far: the (1 + ...)
  * factors). Half a step is 2^-11 relative for f16 (plus 2^-25 absolute in the
  * subnormals), 2^-8 relative for bf16, and for int8 scale/2 = absmax/254 of the
- * element's block, whose partial sums are bounded by blockMag = max over the block of
- * mag. Each of the N-1 float32 additions adds at most 2^-24 relative.
+ * element's block (absmax/14 for int4), whose partial sums are bounded by blockMag = max
+ * over the block of mag. Each of the N-1 float32 additions adds at most 2^-24 relative.
  *   f16:  N * 2^-11 * mag * (1 + N * 2^-10) + N * 2^-25 + N * 2^-24 * mag
  *   bf16: N * 2^-8  * mag * (1 + N * 2^-7) + N * 2^-24 * mag
  *   int8: N * blockMag / 254 * (1 + N / 254) + N * 2^-23 * blockMag
+ *   int4: N * blockMag / 14 * (1 + N / 14) + N * 2^-23 * blockMag (N <= 5 here)
  *   f32:  1e-5 * mag (as before)
  */
 function errorBound(codec: WireCodec, n: number, mag: number, blockMag: number): number {
@@ -75,6 +77,8 @@ function errorBound(codec: WireCodec, n: number, mag: number, blockMag: number):
       return n * 2 ** -8 * mag * (1 + n * 2 ** -7) + n * 2 ** -24 * mag;
     case "int8":
       return ((n * blockMag) / 254) * (1 + n / 254) + n * 2 ** -23 * blockMag;
+    case "int4":
+      return ((n * blockMag) / 14) * (1 + n / 14) + n * 2 ** -23 * blockMag;
   }
 }
 
@@ -88,11 +92,12 @@ async function checkCodec(
 ): Promise<RingStats[]> {
   const n = rings.length;
   const { inputs, exact, magnitude: mag } = randomInputs(n, length, seed);
-  // blockMag: max of mag over the element's int8 block (blocks counted from the segment start)
+  // blockMag: max of mag over the element's int8 / int4 block (blocks counted from the segment start)
   const blockMag = new Float64Array(length);
+  const blockLen = codec === "int4" ? INT4_BLOCK : INT8_BLOCK;
   for (const { start, end } of segmentBounds(length, n)) {
-    for (let lo = start; lo < end; lo += INT8_BLOCK) {
-      const hi = Math.min(end, lo + INT8_BLOCK);
+    for (let lo = start; lo < end; lo += blockLen) {
+      const hi = Math.min(end, lo + blockLen);
       let m = 0;
       for (let i = lo; i < hi; i++) m = Math.max(m, mag[i]);
       blockMag.fill(m, lo, hi);
@@ -136,7 +141,7 @@ describe("ring all-reduce with wire codecs", () => {
     }
   }
 
-  it("spans many chunks with a small chunkBytes (int8 chunks are whole blocks)", async () => {
+  it("spans many chunks with a small chunkBytes (int8 and int4 chunks are whole blocks)", async () => {
     const chunkBytes = 1024;
     const h = await startRing(3, { chunkBytes });
     const L = 100_003;
@@ -147,6 +152,7 @@ describe("ring all-reduce with wire codecs", () => {
       for (const s of stats) expect(s.frames).toBeGreaterThanOrEqual(4 * Math.floor(L / 3 / perChunk));
     }
     expect(chunkElements("int8", chunkBytes)).toBe(768);
+    expect(chunkElements("int4", chunkBytes)).toBe(28 * 64); // 28 blocks of 4 + 32 bytes
   });
 
   it("f32 through the codec option is the old all-reduce, bit for bit", async () => {
@@ -165,7 +171,7 @@ describe("ring all-reduce with wire codecs", () => {
     expect(bitsEqual(a[0], simulate(inputs, "f32"))).toBe(true);
   });
 
-  it("compressed codecs send half (f16, bf16) and about (1 + 4/256)/4 (int8) of the f32 payload", async () => {
+  it("compressed codecs send half (f16, bf16), about (1 + 4/256)/4 (int8) and (0.5 + 4/64)/4 (int4) of the f32 payload", async () => {
     const n = 4;
     const h = await startRing(n);
     const L = (1 << 20) + 13;
@@ -187,6 +193,10 @@ describe("ring all-reduce with wire codecs", () => {
     expect(ratio).toBeLessThan(((1 + 4 / 256) / 4) * 1.001);
     // the coordinator's "uncompressed" figure is the f32 frame count
     expect(expectedFrameBytesPerNode(L, n, 0, "f32") / expectedFrameBytesPerNode(L, n, 0, "int8")).toBeGreaterThan(3.9);
+    const ratio4 = payload.int4 / payload.f32;
+    expect(ratio4).toBeGreaterThanOrEqual((0.5 + 4 / 64) / 4);
+    expect(ratio4).toBeLessThan(((0.5 + 4 / 64) / 4) * 1.001);
+    expect(expectedFrameBytesPerNode(L, n, 0, "f32") / expectedFrameBytesPerNode(L, n, 0, "int4")).toBeGreaterThan(7);
   });
 
   it("every frame fits MAX_FRAME_BYTES for every codec at the default chunk size", () => {
@@ -201,7 +211,7 @@ describe("ring all-reduce with wire codecs", () => {
   it("bytesSent matches expectedFrameBytesPerNode for op numbers past 127 and 255", async () => {
     const h = await startRing(2);
     for (let k = 0; k < 300; k++) {
-      const codec = CODECS[k % 4];
+      const codec = CODECS[k % CODECS.length];
       const bufs = [new Float32Array(5).fill(1), new Float32Array(5).fill(2)];
       const stats = await Promise.all(h.rings.map((ring, r) => ring.allReduce(bufs[r], { codec })));
       expect(stats[0].op).toBe(k);
@@ -214,7 +224,7 @@ describe("ring all-reduce with wire codecs", () => {
     const n = 3;
     const h = await startRing(n, { chunkBytes: 1024 });
     const L = 3001;
-    for (let k = 0; k < 4; k++) {
+    for (let k = 0; k < CODECS.length; k++) {
       const codec = CODECS[k];
       const inputs = h.rings.map((_, r) => randomBuffer(L, 300 + 10 * k + r));
       const bufs = inputs.map((b) => b.slice());
@@ -233,9 +243,10 @@ describe("non-finite values", () => {
   const L = 1001;
   const n = 3;
   // segments of 1001 over 3 ranks: [0, 334), [334, 668), [668, 1001); element 600 is in
-  // segment 1, whose int8 blocks are [334, 590) and [590, 668)
+  // segment 1, whose int8 blocks are [334, 590) and [590, 668), and whose int4 blocks
+  // are [334 + 64k, 398 + 64k): 600 is in [590, 654)
   const bad = 600;
-  const block = [590, 668];
+  const blocks: Partial<Record<WireCodec, number[]>> = { int8: [590, 668], int4: [590, 654] };
   it("(the segments are as assumed)", () => {
     expect(segmentBounds(L, n)[1]).toEqual({ start: 334, end: 668 });
   });
@@ -250,9 +261,10 @@ describe("non-finite values", () => {
         for (let r = 0; r < n; r++) {
           expect(bitsEqual(bufs[r], bufs[0])).toBe(true);
           for (let i = 0; i < L; i++) {
-            const inBlock = codec === "int8" ? i >= block[0] && i < block[1] : i === bad;
+            const block = blocks[codec];
+            const inBlock = block ? i >= block[0] && i < block[1] : i === bad;
             if (!inBlock) expect(Number.isFinite(bufs[r][i])).toBe(true);
-            else if (codec === "int8") expect(Number.isNaN(bufs[r][i])).toBe(true);
+            else if (block) expect(Number.isNaN(bufs[r][i])).toBe(true);
             else expect(bufs[r][i]).toBe(value); // NaN stays NaN, Inf stays Inf
           }
         }
@@ -376,6 +388,34 @@ describe("codec failures", () => {
     const { err, untouched } = await rogueCase("int8", [
       op("int8"),
       encodeCodedChunk({ ...header, count: 300 }, "int8", new Uint8Array(8 + 300)),
+    ]);
+    expect((err as Error).message).toMatch(/expected op 0 phase 0 chunk 0 offset 500 count 500, got .* count 300/);
+    expect(untouched).toBe(true);
+  });
+
+  it("an int4 chunk with a scale missing is rejected", async () => {
+    // 500 values need 8 scales and 250 bytes: send 7 scales
+    const frame = new Uint8Array(CHUNK_HEADER_BYTES + 7 * 4 + 250);
+    frame.set(newChunkFrame(header, "int4").subarray(0, CHUNK_HEADER_BYTES));
+    const { err, untouched, code } = await rogueCase("int4", [op("int4"), frame]);
+    expect((err as Error).message).toMatch(/payload is 278 bytes but count 500 needs 8 scales \+ 250 bytes of int4 values = 282/);
+    expect(untouched).toBe(true);
+    expect(code).toBe(4003);
+  });
+
+  it("an int4 chunk with the value -8 is rejected", async () => {
+    const frame = newChunkFrame(header, "int4");
+    frame[CHUNK_HEADER_BYTES + 8 * 4 + 100] = 0x83; // element 201 is -8
+    const { err, untouched, code } = await rogueCase("int4", [op("int4"), frame]);
+    expect((err as Error).message).toMatch(/int4 chunk has value -8 at element 201/);
+    expect(untouched).toBe(true);
+    expect(code).toBe(4003);
+  });
+
+  it("int4 chunks cut at other than 64-element boundaries are out of sequence", async () => {
+    const { err, untouched } = await rogueCase("int4", [
+      op("int4"),
+      encodeCodedChunk({ ...header, count: 300 }, "int4", new Uint8Array(5 * 4 + 150)),
     ]);
     expect((err as Error).message).toMatch(/expected op 0 phase 0 chunk 0 offset 500 count 500, got .* count 300/);
     expect(untouched).toBe(true);

@@ -401,13 +401,29 @@ describe("strategy section", () => {
     expect(parseConfigText(body("strategy: {name: sync}\n"), file).config.strategy).toEqual({ name: "sync" });
   });
 
+  it("diloco: its defaults, and its rules between keys with their lines", () => {
+    const dl = (text: string) => body(text).replace("steps: 10\n", "steps: 200\n");
+    const dl210 = (text: string) => body(text).replace("steps: 10\n", "steps: 210\n");
+    expect(parseConfigText(dl("strategy: {name: diloco}\n"), file).config.strategy).toEqual({
+      name: "diloco", inner_steps: 100, outer_optimizer: { name: "sgd", lr: 0.7, momentum: 0.9, nesterov: true }, fragments: 1, overlap_steps: 0, alpha: 0, codec: "none",
+    });
+    const message = messageOf(dl210("eval: {every: 30}\nstrategy: {name: diloco, inner_steps: 40, fragments: 4, overlap_steps: 10, codec: topk}\n"));
+    expect(message).toContain("steps: counts inner steps under diloco and must be a multiple of strategy.inner_steps (40), found 210");
+    expect(message).toContain("eval.every: counts inner steps under diloco and must be a multiple of strategy.inner_steps (40), found 30");
+    expect(message).toContain("strategy.overlap_steps: expected an integer < inner_steps / fragments (10), found 10");
+    expect(message).toContain("strategy.codec: topk cannot carry a pseudo-gradient");
+    expect(message).not.toContain("found \"topk\" (a string)"); // the clearer rule replaces the schema's message
+    expect(messageOf(dl("strategy: {name: diloco, inner_steps: 0}\n"))).toMatch(/strategy\.inner_steps: expected an integer >= 1/);
+    expect(messageOf(dl("compression: {method: none}\nstrategy: {name: diloco, inner_steps: 5}\n"))).toMatch(/compression: is not used under strategy diloco: strategy\.codec carries the pseudo-gradient/);
+  });
+
   it("names an unknown strategy with its line and the known ones", () => {
     expect(messageOf(body("seed: 1\nstrategy:\n  name: gossip\n"))).toContain(
-      `${file}:7:9: strategy.name: expected one of sync, found "gossip"`,
+      `${file}:7:9: strategy.name: expected one of sync | diloco, found "gossip"`,
     );
     // A bare name is not a section: the message shows the form that is.
     expect(messageOf(body("strategy: sync\n"))).toContain(
-      `${file}:5:11: strategy: expected a mapping with name: one of sync (e.g. {name: sync}), found "sync" (a string)`,
+      `${file}:5:11: strategy: expected a mapping with name: one of sync | diloco (e.g. {name: sync}), found "sync" (a string)`,
     );
     expect(messageOf(body("optimizer: adam\n"))).toContain(
       `optimizer: expected a mapping with name: one of sgd | adam | adamw (e.g. {name: sgd}), found "adam" (a string)`,

@@ -104,8 +104,8 @@ describe("data-plane frames", () => {
   it("rejects a bad dtype code and a non-zero reserved field", () => {
     const bytes = encodeChunk({ phase: 0, op: 0, chunk: 0, offset: 0, count: 1 }, new Float32Array(1));
     const badDtype = bytes.slice();
-    badDtype[1] = 5; // 2..4 are float16, bfloat16 and int8 now
-    expectProtocolError(badDtype, /unknown dtype code 5/);
+    badDtype[1] = 6; // 2..5 are float16, bfloat16, int8 and int4 now
+    expectProtocolError(badDtype, /unknown dtype code 6/);
     badDtype[1] = 0;
     expectProtocolError(badDtype, /unknown dtype code 0/);
     const reserved = bytes.slice();
@@ -145,9 +145,11 @@ describe("coded tensor chunks", () => {
       ["f16", 2, "float16", 600],
       ["bf16", 3, "bfloat16", 600],
       ["int8", 4, "int8", 8 + 300],
+      ["int4", 5, "int4", 5 * 4 + 150],
     ] as const) {
       expect(wirePayloadBytes(codec, 300)).toBe(bytes);
-      const payload = new Uint8Array(bytes).map((_, i) => (i * 7) & 0x7f);
+      // positive finite scales, int8 values other than -128, int4 nibbles other than -8
+      const payload = new Uint8Array(bytes).map((_, i) => (i * 7) & (codec === "int4" ? 0x77 : 0x7f));
       const frame = encodeCodedChunk(header, codec, payload);
       expect(frame.byteLength).toBe(CHUNK_HEADER_BYTES + bytes);
       expect(frame[0]).toBe(2);
@@ -186,6 +188,36 @@ describe("coded tensor chunks", () => {
     expectProtocolError(frame, /value -128 at element 3/);
   });
 
+  it("rejects int4 payloads of the wrong length, bad scales, the value -8 and a non-zero padding nibble", () => {
+    // 65 values need 2 scales and 33 bytes
+    const h65 = { ...header, count: 65 };
+    expect(wirePayloadBytes("int4", 65)).toBe(41);
+    const short = new Uint8Array(CHUNK_HEADER_BYTES + 4 + 33);
+    short.set(newChunkFrame(h65, "int4").subarray(0, CHUNK_HEADER_BYTES));
+    expectProtocolError(short, /payload is 37 bytes but count 65 needs 2 scales \+ 33 bytes of int4 values = 41 as int4/);
+    const frame = newChunkFrame(h65, "int4");
+    const view = new DataView(frame.buffer);
+    const q = CHUNK_HEADER_BYTES + 8;
+    view.setFloat32(CHUNK_HEADER_BYTES, 0.5, true);
+    frame[q] = 0x97; // 7, then -7
+    frame[q + 32] = 0x07; // element 64, and the padding nibble 0
+    expect(decodeFrame(frame)).toMatchObject({ codec: "int4", dtype: "int4", count: 65 });
+    view.setFloat32(CHUNK_HEADER_BYTES + 4, NaN, true); // a non-finite block: allowed
+    expect(decodeFrame(frame)).toMatchObject({ codec: "int4" });
+    view.setFloat32(CHUNK_HEADER_BYTES + 4, -1, true);
+    expectProtocolError(frame, /int4 chunk has bad scale -1 in block 1/);
+    view.setFloat32(CHUNK_HEADER_BYTES + 4, Infinity, true);
+    expectProtocolError(frame, /bad scale Infinity/);
+    view.setFloat32(CHUNK_HEADER_BYTES + 4, 1, true);
+    frame[q + 5] = 0x08;
+    expectProtocolError(frame, /int4 chunk has value -8 at element 10/);
+    frame[q + 5] = 0x81;
+    expectProtocolError(frame, /int4 chunk has value -8 at element 11/);
+    frame[q + 5] = 0;
+    frame[q + 32] = 0x17;
+    expectProtocolError(frame, /non-zero padding nibble after element 64/);
+  });
+
   it("setFramePhase relabels a chunk without touching the rest", () => {
     const frame = encodeCodedChunk(header, "bf16", new Uint8Array(600).fill(9));
     setFramePhase(frame, 0x1234);
@@ -197,6 +229,7 @@ describe("op control frames", () => {
   it("round-trip all-reduce ops with a codec and all-gather ops", () => {
     for (const msg of [
       { t: "op", op: 3, kind: "allreduce", count: 12, dtype: "float32", codec: "int8" },
+      { t: "op", op: 3, kind: "allreduce", count: 12, dtype: "float32", codec: "int4" },
       { t: "op", op: 3, kind: "allgather", size: 0 },
       { t: "op", op: 0xffffffff, kind: "allgather", size: 123456 },
     ] as const) {

@@ -22,6 +22,8 @@ describe("worker messages", () => {
     expect(m).toEqual({ op: "allreduce", id: 2, dtype: "float32", count: 3, codec: "f32", attempt: 0 });
     const coded = parseFromWorker(msg({ op: "allreduce", id: 3, dtype: "float32", count: 3, codec: "int8" }, Buffer.alloc(12)), "rank 0");
     expect(coded).toMatchObject({ codec: "int8" });
+    const int4 = parseFromWorker(msg({ op: "allreduce", id: 3, dtype: "float32", count: 3, codec: "int4" }, Buffer.alloc(12)), "rank 0");
+    expect(int4).toMatchObject({ codec: "int4" });
     expect(() => parseFromWorker(msg({ op: "allreduce", id: 4, dtype: "float32", count: 3, codec: "zip" }, Buffer.alloc(12)), "rank 2")).toThrow(/codec/);
     expect(parseFromWorker(msg({ op: "allreduce", id: 0, dtype: "float32", count: 0 }), "rank 0").op).toBe("allreduce");
   });

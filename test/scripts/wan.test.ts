@@ -4,7 +4,7 @@ import { describe, expect, it } from "vitest";
 // @ts-expect-error plain ES module without types (a benchmark helper)
 import { cannotMakeNamespaces, leftoverNamespaces, setupCommands, shapeCommand, wanHosts } from "../../scripts/lib/netns.mjs";
 // @ts-expect-error plain ES module without types (a benchmark helper)
-import { lossChartSvg, markdownTable, summarise, targets } from "../../scripts/lib/wanReport.mjs";
+import { dilocoFigures, dilocoMarkdown, dilocoTargets, lossChartSvg, markdownTable, summarise, targets } from "../../scripts/lib/wanReport.mjs";
 import { REPO_ROOT } from "../helpers/processes.js";
 
 type Row = { step: number; loss: number; step_s: number; compute_s: number[]; comm_s: number[]; allreduce_bytes: number[]; val_loss?: number };
@@ -78,6 +78,141 @@ describe("WAN benchmark figures", () => {
     expect(md).toContain("**no namespaces.**");
     expect(md).toContain("| m | 100 Mbit/s | 0 ms | ddp | 10.00 | unshaped |");
     expect(md).not.toMatch(/nimble \| 1\.67 \| 0\.\d+x/);
+  });
+});
+
+type Round = Row & { inner_steps: number; samples: number; sent_bytes: number[]; sync_comm_s: number; hidden_s: number };
+
+/** A DiLoCo run: `rounds` rounds of `h` inner steps of 32 samples, 4 workers, evaluation every round. */
+function rounds(count: number, h: number, roundS: number, sent: number, val: (step: number) => number, commS = 0.5, hiddenS = 0.25): Round[] {
+  return Array.from({ length: count }, (_, k) => ({
+    step: (k + 1) * h - 1,
+    loss: 3,
+    step_s: roundS,
+    compute_s: [roundS - commS, roundS - commS, roundS - commS, roundS - 0.1],
+    comm_s: [commS, commS, commS, 0.1],
+    allreduce_bytes: [h * 1.5e6, h * 1.5e6, h * 1.5e6, h * 1.5e6],
+    sent_bytes: [sent, sent, sent, sent],
+    inner_steps: h,
+    samples: h * 32,
+    sync_comm_s: commS,
+    hidden_s: hiddenS,
+    val_loss: val((k + 1) * h),
+  }));
+}
+
+/** A per-step run (DDP, PowerSGD) of 4 workers, evaluation every 50 steps. */
+function steps4(count: number, stepS: number, bytes: number, val: (step: number) => number): Row[] {
+  return Array.from({ length: count }, (_, t) => ({
+    step: t,
+    loss: 3,
+    step_s: stepS,
+    compute_s: [0.1, 0.1, 0.1, 0.1],
+    comm_s: [stepS - 0.1, stepS - 0.1, stepS - 0.1, stepS - 0.1],
+    allreduce_bytes: [bytes, bytes, bytes, bytes],
+    ...((t + 1) % 50 === 0 ? { val_loss: val(t + 1) } : {}),
+  }));
+}
+
+describe("WAN benchmark, DiLoCo suite", () => {
+  const wan = { model: "charlm", rate: "100mbit", rate_bits: 100e6, wall_s: 1, target: 2.2, compressed_from: 0, batch: 32 };
+  const ddpLoss = (s: number) => 3 - s / 500; // 2.2 at step 400
+  const dilocoLoss = (s: number) => 3.01 - s / 400; // 2.26 at 300, 2.01 at 400... 1.51 at 600
+  const strategy = (h: number, codec: string) => ({ name: "diloco", inner_steps: h, fragments: 1, overlap_steps: 0, codec });
+
+  it("measures per-round series by inner steps and samples, with bytes per sample and the hidden fraction of sync", () => {
+    const run = summarise({ ...wan, system: "diloco-h100-int8", rtt_ms: 100, steps: 600, wire_bytes: 8e6, strategy: strategy(100, "int8"), series: rounds(6, 100, 10, 375_000, dilocoLoss) });
+    expect(run.per_round).toBe(true);
+    expect(run.measured_from_step).toBe(0); // every round counts: a run has few
+    expect(run.inner_steps_done).toBe(600);
+    expect(run.steps_per_s).toBeCloseTo(10, 9); // 100 inner steps per 10 s round
+    expect(run.samples).toBe(19_200);
+    expect(run.samples_per_s).toBeCloseTo(320, 9);
+    // Less the least-waiting worker's communication (0.1 s a round).
+    expect(run.compute_only_samples_per_s).toBeCloseTo(19_200 / (6 * 9.9), 9);
+    expect(run.sync_bytes_per_sample).toBeCloseTo((6 * 4 * 375_000) / 19_200, 9);
+    expect(run.uncompressed_bytes_per_sample).toBeCloseTo((6 * 4 * 100 * 1.5e6) / 19_200, 9);
+    expect(run.wire_bytes_per_sample).toBeCloseTo(8e6 / 19_200, 9);
+    expect(run.wire_bytes_per_step).toBeCloseTo(8e6 / 600, 9);
+    expect(run.busbw_fraction).toBeNull();
+    expect(run.sync_s).toBeCloseTo(6 * 0.75, 9); // exposed 0.5 s + hidden 0.25 s a round
+    expect(run.hidden_fraction).toBeCloseTo(1 / 3, 9);
+    // 2.26 at step 300 (3 rounds, 30 s), 2.01 at step 400.
+    expect(run.steps_to_target).toBe(400);
+    expect(run.time_to_target_s).toBeCloseTo(40, 9);
+    // A per-step run keeps its figures (and has no hidden fraction).
+    const ddp = summarise({ ...wan, system: "ddp", rtt_ms: 100, steps: 600, wire_bytes: null, series: steps4(600, 1, 1.5e6, ddpLoss) });
+    expect(ddp.per_round).toBe(false);
+    expect(ddp.measured_from_step).toBe(3);
+    expect(ddp.samples).toBe(600 * 32);
+    expect(ddp.sync_bytes_per_sample).toBeCloseTo((4 * 1.5e6) / 32, 9);
+    expect(ddp.hidden_fraction).toBeNull();
+  });
+
+  function suite(capDdp: boolean) {
+    const ddpRows = capDdp ? 350 : 600;
+    const runs = [
+      summarise({ ...wan, system: "diloco-nocomm", rtt_ms: 0, steps: 600, wire_bytes: null, reference: true, strategy: strategy(600, "int8"), series: rounds(1, 600, 60.1, 375_000, dilocoLoss, 0.5, 0) }),
+      summarise({ ...wan, system: "ddp", rtt_ms: 0, steps: 600, wire_bytes: null, series: steps4(600, 0.5, 1.5e6, ddpLoss) }),
+      summarise({ ...wan, system: "diloco-h100-int8", rtt_ms: 100, steps: 600, wire_bytes: null, strategy: strategy(100, "int8"), series: rounds(6, 100, 10.62, 375_000, dilocoLoss) }),
+      summarise({ ...wan, system: "diloco-h50-int4", rtt_ms: 100, steps: 600, wire_bytes: null, strategy: strategy(50, "int4"), series: rounds(12, 50, 5, 200_000, ddpLoss) }),
+      summarise({ ...wan, system: "nimble-psgd4", rtt_ms: 100, steps: 600, wire_bytes: null, series: steps4(600, 0.25, 1e5, ddpLoss) }),
+      summarise({ ...wan, system: "ddp", rtt_ms: 100, steps: 600, wire_bytes: null, ...(capDdp ? { capped: true, cap_s: 350 } : {}), series: steps4(ddpRows, 1, 1.5e6, ddpLoss) }),
+    ];
+    return { date: "2026-12-01T00:00:00Z", machine: { cpu: "cpu", cores: 2 }, workers: 4, shaping: "netns+tbf", latency: "emulated", suite: "diloco", reference: "diloco-nocomm", target_val_loss: 2.2, runs };
+  }
+
+  it("judges the issue's targets at RTT 100 ms, with the misses said by how much", () => {
+    const results = suite(false);
+    const [, , h100, h50] = results.runs;
+    const f = dilocoFigures(results, h100);
+    // The reference ran at RTT 0 only: 19,200 samples in 60 s once its least-waiting worker's
+    // communication (0.1 s) is out; this run took 6 x 10.62 s.
+    expect(f.reference_rtt_ms).toBe(0);
+    expect(f.utilisation).toBeCloseTo(60 / 63.72, 9);
+    expect(f.fewer_bytes).toBeCloseTo(4 * 1.5e6 / 32 / ((4 * 375_000) / 3200), 9); // 400x
+    expect(f.vs_ddp?.value).toBeCloseTo(400 / 42.48, 9);
+    expect(f.vs_ddp?.lower_bound).toBe(false);
+    expect(f.vs_psgd4?.value).toBeCloseTo(100 / 42.48, 9);
+    // DDP at RTT 100 reached step 600: the loss at equal samples is its own.
+    expect(f.equal_samples).toMatchObject({ step: 599, val_loss: 1.51, ddp_val_loss: 1.8, ddp_rtt_ms: 100, final: true });
+    const t = dilocoTargets(results);
+    const of = (system: string, start: string) => t.find((x: { system: string; target: string }) => x.system === system && x.target.startsWith(start));
+    expect(of("diloco-h100-int8", "compute")).toMatchObject({ met: false, by: "0.8 points short" }); // 94.2%
+    expect(of("diloco-h50-int4", "compute")?.met).toBe(true); // 60 / 60
+    expect(of("diloco-h100-int8", ">= 400x")?.met).toBe(true);
+    expect(of("diloco-h50-int4", ">= 400x")).toMatchObject({ met: false, by: "6.3% short (375x)" }); // 500 B a sample against 187.5 kB
+    expect(of("diloco-h100-int8", "final")?.met).toBe(true); // lower than DDP
+    expect(of("diloco-h100-int8", "target validation loss reached >= 5x")?.met).toBe(true);
+    expect(of("diloco-h100-int8", "target validation loss reached >= 2x")?.met).toBe(true);
+    expect(of("diloco-nocomm", "compute")).toBeUndefined(); // the reference is not a row to judge
+    const md = dilocoMarkdown(results);
+    expect(md).toContain("| 100 Mbit/s | 100 ms (emulated) | diloco-h100-int8 | 100 | 1 / 0 | int8 | 600 |");
+    expect(md).toContain("| 100 Mbit/s | 100 ms (modelled) | ddp |");
+    expect(md).toContain("| 100 Mbit/s | 0 ms | diloco-nocomm |");
+    expect(md).toContain("| compute utilisation >= 95% (samples/s over the same workers' without communication) | diloco-h100-int8 | 94% | **no**: 0.8 points short |");
+    const svg = lossChartSvg(results, 100e6, [0, 100]);
+    expect(svg).toContain("RTT 100 ms (emulated)");
+    expect(svg.match(/<polyline/g)).toHaveLength(5); // two panels; the reference is left out
+  });
+
+  it("with DDP stopped at the cap: time to target is a lower bound, and equal samples come from a DDP run that got there", () => {
+    const results = suite(true);
+    const h100 = results.runs[2];
+    const f = dilocoFigures(results, h100);
+    // DDP at RTT 100 stopped at step 350 (loss 2.3): it never reached 2.2.
+    expect(f.vs_ddp?.value).toBeCloseTo(350 / 42.48, 9);
+    expect(f.vs_ddp?.lower_bound).toBe(true);
+    // Step 600 from the DDP run at RTT 0: the same computation, another link.
+    expect(f.equal_samples).toMatchObject({ step: 599, ddp_val_loss: 1.8, ddp_rtt_ms: 0, final: true });
+    const t = dilocoTargets(results);
+    expect(t.find((x: { system: string; target: string }) => x.system === "diloco-h100-int8" && x.target.includes("5x"))).toMatchObject({ met: true, lower_bound: true });
+    const md = dilocoMarkdown(results);
+    expect(md).toContain("350 of 600 (stopped at 350 s)");
+    expect(md).toContain("> 8.2x");
+    // Without a DDP run that reached step 600, the comparison falls back to the last common step.
+    results.runs.splice(1, 1);
+    expect(dilocoFigures(results, h100).equal_samples).toMatchObject({ step: 299, final: false });
   });
 });
 

@@ -23,7 +23,7 @@ from ..config import CompressionConfig, ConfigError  # noqa: F401 - raised by co
 from ..tensors import flat_cpu, unflat
 
 METHODS = ("none", "fp16", "bf16", "int8", "powersgd", "topk")
-CODECS = ("f32", "f16", "bf16", "int8")
+CODECS = ("f32", "f16", "bf16", "int8", "int4")  # wire codecs of Comm.allreduce
 
 
 @dataclass

@@ -2,7 +2,8 @@
 worker runs in its own thread and gets a `Comm` whose collectives meet at a barrier.
 
 The lossy codecs are simulated per contribution (encode, decode, then a float32 sum in
-rank order); the provider's real wire encoding lives in TypeScript (src/collective).
+rank order); the provider's real wire encoding lives in TypeScript (src/collective/codecs.ts),
+and `encode` gives the same bits as its decode(encode(x)) (test/collective/codecParity.test.ts).
 """
 
 from __future__ import annotations
@@ -13,25 +14,44 @@ from typing import Any, Callable
 import torch
 
 INT8_BLOCK = 256
+INT4_BLOCK = 64
+# (values per block, largest |q|) of the blockwise codecs
+BLOCKWISE = {"int8": (INT8_BLOCK, 127), "int4": (INT4_BLOCK, 7)}
+
+
+def _blockwise(buf: torch.Tensor, block: int, qmax: int) -> torch.Tensor:
+    """decode(encode(buf)) of a blockwise codec, with the TypeScript arithmetic: blocks
+    from buf[0]; scale = fround(absmax / qmax), at least 2^-149 (0 for an all-zero block);
+    q = round(x / scale) in double, half away from zero, clamped to [-qmax, qmax]; out =
+    fround(q * scale); a block holding NaN or +-Inf becomes all NaN."""
+    n = buf.numel()
+    x = torch.cat([buf.to(torch.float32), torch.zeros((-n) % block)]).view(-1, block)
+    bad = ~torch.isfinite(x).all(dim=1, keepdim=True)
+    amax = x.abs().amax(dim=1, keepdim=True).double()
+    scale = (amax / qmax).float().double()  # fround(absmax / qmax)
+    scale = torch.where((amax > 0) & (scale == 0), torch.full_like(scale, 2.0 ** -149), scale)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    v = x.double() / safe
+    a = v.abs()
+    t = a.trunc()
+    r = (t + (a - t >= 0.5).double()).clamp(max=qmax)  # exact: a - trunc(a) is exact
+    q = torch.where(v < 0, -r, r) + 0.0  # + 0.0: -0 becomes +0, as the int arrays store it
+    out = torch.where(scale > 0, (q * scale).float(), torch.zeros_like(x))  # q x scale exact in double
+    out = torch.where(bad, torch.full_like(x, float("nan")), out)
+    return out.reshape(-1)[:n]
 
 
 def encode(buf: torch.Tensor, codec: str) -> torch.Tensor:
-    """What `buf` becomes after a trip through `codec` (float32 out)."""
+    """What `buf` becomes after a trip through `codec` (float32 out), bit for bit what the
+    provider's wire codec gives."""
     if codec == "f32":
         return buf.clone()
     if codec == "f16":
         return buf.to(torch.float16).to(torch.float32)
     if codec == "bf16":
         return buf.to(torch.bfloat16).to(torch.float32)
-    if codec == "int8":
-        n = buf.numel()
-        pad = (-n) % INT8_BLOCK
-        x = torch.cat([buf, torch.zeros(pad)]).view(-1, INT8_BLOCK)
-        bad = ~torch.isfinite(x).all(dim=1, keepdim=True)
-        scale = x.abs().amax(dim=1, keepdim=True) / 127
-        q = torch.where(scale > 0, torch.round(x / scale), torch.zeros_like(x)).clamp(-127, 127)
-        out = torch.where(bad, torch.full_like(x, float("nan")), q * scale)
-        return out.reshape(-1)[:n]
+    if codec in BLOCKWISE:
+        return _blockwise(buf, *BLOCKWISE[codec])
     raise ValueError(f"unknown codec {codec!r}")
 
 

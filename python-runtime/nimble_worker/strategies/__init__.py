@@ -1,4 +1,5 @@
-"""Training strategies, chosen by the config key `strategy: {name: ...}` (default sync)."""
+"""Training strategies, chosen by the config key `strategy: {name: ...}`: sync (the
+default) or diloco."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ from ..comm import TimedComm
 from ..config import ConfigError, JobConfig
 from ..replica import Replica
 from .base import Strategy
+from .diloco import DiLoCo
 from .sync import Sync
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Sync,)}
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Sync, DiLoCo)}
 
 
 def build_strategy(cfg: JobConfig, replica: Replica, comm: TimedComm) -> Strategy:

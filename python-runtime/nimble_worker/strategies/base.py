@@ -13,7 +13,8 @@ operations in the worker-link schema (src/protocol/workerOps.ts).
 
 from __future__ import annotations
 
-from typing import ClassVar
+import contextlib
+from typing import ClassVar, ContextManager
 
 from ..comm import TimedComm
 from ..compress import Compressor
@@ -69,6 +70,12 @@ class Strategy:
         else:
             self.abort()
 
+    def shared_hash(self) -> str:
+        """Hash of what every replica holds the same (the coordinator compares them): the
+        parameters and buffers under sync; a strategy whose replicas differ by design says
+        what they share."""
+        return self.replica.hash()
+
     def state_dict(self) -> dict:
         """State of this strategy that every replica shares (e.g. outer parameters and
         the outer optimizer), beyond the replica's own; empty when it has none."""
@@ -76,3 +83,9 @@ class Strategy:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what `state_dict` returned (from a checkpoint or a peer)."""
+
+    def evaluation_params(self) -> ContextManager[None]:
+        """While inside, the model holds the parameters that evaluation and the final
+        weights are taken from: the replica's own (here), or e.g. DiLoCo's global ones,
+        the local ones put back on leaving."""
+        return contextlib.nullcontext()

@@ -3,6 +3,7 @@ import { configErrorAt } from "../../config/load.js";
 import { UserError, errorMessage } from "../../errors.js";
 import { WarningLimiter } from "../../net/bounds.js";
 import { cleanText } from "../../protocol/text.js";
+import { DilocoStrategy } from "../../strategy/diloco.js";
 import { SyncStrategy } from "../../strategy/sync.js";
 import type { Reporter, StatusLevel } from "../events.js";
 import type { ProviderClient } from "../providerClient.js";
@@ -94,12 +95,14 @@ class Job {
     this.providers.reconnectWhile(() => survivesFaults(this.#phase), (rank) => this.membership.isActive(rank));
     const info = await startWorkers(run);
     // With --set overrides, the run's config.yaml is rewritten once the checkpoint is loaded everywhere.
+    // A checkpoint gives every replica its state (under diloco each rank's own local weights,
+    // which a broadcast of rank 0's would overwrite); a fresh start broadcasts rank 0's weights.
     if (checkpoint) await restore(run, checkpoint, (this.opts.loaded.overridden ? this.opts.loaded.text : undefined));
-    await syncWeights(run);
+    else await syncWeights(run);
     const mayLeaveOut = this.config.balance === "measured" && this.config.leave_out_slow && this.providers.clients.length > 1;
     if (mayLeaveOut) await probeLinks(run);
     this.#enter("training");
-    const finalFiles = await trainRounds(run, { first: checkpoint?.step ?? 0, valSize: info.val_size, mayLeaveOut, stopRequested: () => this.stopRequested });
+    const finalFiles = await trainRounds(run, { first: checkpoint?.step ?? 0, verifyFirst: Boolean(checkpoint), valSize: info.val_size, mayLeaveOut, stopRequested: () => this.stopRequested });
     this.#enter("ended");
     for (const f of finalFiles) await dir.writeFile(f.name, f.data);
     for (const rank of this.membership.active) this.providers.ranks[rank].row.state = "done";
@@ -133,16 +136,16 @@ class Job {
 
   #strategy(): SyncStrategy {
     const ranks = this.providers.ranks;
-    return new SyncStrategy(
-      ranks.map((r) => r.rank),
-      {
-        batchSize: this.config.batch_size,
-        balance: this.config.balance,
-        compression: this.config.compression,
-        // Shares follow each worker's measured speed: its profile first, then every step's compute.
-        initialRates: ranks.map((r) => r.client.info.profile?.matmul_gflops_fp32 ?? 0),
-      },
-    );
+    const opts = {
+      batchSize: this.config.batch_size,
+      balance: this.config.balance,
+      compression: this.config.compression,
+      // Shares follow each worker's measured speed: its profile first, then every step's compute.
+      initialRates: ranks.map((r) => r.client.info.profile?.matmul_gflops_fp32 ?? 0),
+    };
+    const members = ranks.map((r) => r.rank);
+    const strategy = this.config.strategy;
+    return strategy.name === "diloco" ? new DilocoStrategy(members, opts, strategy) : new SyncStrategy(members, opts);
   }
 
   #partsBeforeDir() {

@@ -68,6 +68,7 @@ export async function restore(run: Run, checkpoint: Checkpoint, configText?: str
   }
   // Every worker holds the checkpoint: only now does the run directory change.
   await run.dir.settleResume(configText);
+  for (const r of run.providers.ranks) r.row.state = "training";
 }
 
 /** Every replica starts from rank 0's weights; the broadcast's bytes count apart. */

@@ -1,5 +1,7 @@
 import { errorMessage, UserError } from "../../errors.js";
+import type { DilocoResult } from "../../strategy/diloco.js";
 import type { SyncPlan, SyncResult } from "../../strategy/sync.js";
+import type { DilocoFigures } from "../events.js";
 import type { RoundReport } from "../../strategy/types.js";
 import { FaultError, JobFailed } from "./errors.js";
 import { checkHashes, checkpointFiles, evaluate, finalWeights } from "./phases.js";
@@ -13,6 +15,8 @@ export const HASH_EVERY = 10;
 export interface RoundsOptions {
   /** The first round to run (the checkpoint's step when resuming). */
   first: number;
+  /** Compare replicas at the first round (after loading a checkpoint, which no broadcast followed). */
+  verifyFirst?: boolean;
   valSize: number;
   /** Slow workers may be left out once the first steps are measured. */
   mayLeaveOut: boolean;
@@ -38,37 +42,40 @@ async function surviving<T>(run: Run, phase: () => Promise<T>): Promise<T> {
 export async function trainRounds(run: Run, opts: RoundsOptions): Promise<{ name: string; data: Uint8Array }[]> {
   const { config } = run;
   /** After a recovery: compare replicas at the next round. */
-  let verifyNext = false;
-  for (let step = opts.first; step < config.steps; step++) {
+  let verifyNext = opts.verifyFirst ?? false;
+  // A round covers stepsPerRound steps from `step` (sync: one; diloco: inner_steps / fragments).
+  const per = run.strategy.stepsPerRound;
+  for (let step = opts.first; step < config.steps; step += per) {
     if (run.membership.joiners.length > 0) await surviving(run, () => admit(run, step));
     const stepStart = Date.now();
     const attempt = await attemptRound(run, step, verifyNext);
     if ("fault" in attempt) {
       await recover(run, attempt.fault);
       verifyNext = true;
-      step -= 1; // run it again on the re-formed ring
+      step -= per; // run it again on the re-formed ring
       continue;
     }
     verifyNext = false;
     const result = fold(run, attempt.plan, attempt.reports);
     run.commits.decide(step, "reported");
     recordRound(run, result);
-    const evaluation = await maybeEvaluate(run, step, opts.valSize);
-    run.dir.appendMetrics(run.tally.metricsOf(result, stepStart, evaluation));
+    const end = result.round; // the round's last step
+    const evaluation = await maybeEvaluate(run, end, opts.valSize);
+    run.dir.appendMetrics(run.tally.metricsOf(result, stepStart, evaluation, dilocoFigures(result)));
     reportRound(run, result, evaluation?.metrics);
     if (opts.mayLeaveOut && step === run.strategy.leaveOutAfter && step < config.steps - 1) {
       await surviving(run, () => leaveOutSlow(run, step, Math.max(...result.workers.map((w) => w.bytes_sent))));
     }
-    const stopping = opts.stopRequested() && step < config.steps - 1;
-    if ((config.checkpoint.every > 0 && (step + 1) % config.checkpoint.every === 0) || stopping) {
-      const files = await surviving(run, () => checkpointFiles(run, step));
-      const where = await run.dir.writeCheckpoint(step + 1, files, config.checkpoint.keep);
-      run.report({ type: "checkpoint", step: step + 1, path: where });
+    const stopping = opts.stopRequested() && end < config.steps - 1;
+    if ((config.checkpoint.every > 0 && (end + 1) % config.checkpoint.every === 0) || stopping) {
+      const files = await surviving(run, () => checkpointFiles(run, end));
+      const where = await run.dir.writeCheckpoint(end + 1, files, config.checkpoint.keep);
+      run.report({ type: "checkpoint", step: end + 1, path: where });
     }
     if (stopping) {
       throw new UserError(
-        `Training cancelled after step ${step + 1} of ${config.steps}`,
-        `A checkpoint of step ${step + 1} is in ${run.dir.dir}; continue with \`nimble train --resume ${run.dir.dir}\`.`,
+        `Training cancelled after step ${end + 1} of ${config.steps}`,
+        `A checkpoint of step ${end + 1} is in ${run.dir.dir}; continue with \`nimble train --resume ${run.dir.dir}\`.`,
         130,
       );
     }
@@ -82,15 +89,17 @@ type Attempt = { plan: SyncPlan; reports: ReadonlyMap<number, RoundReport> } | {
 /** One attempt at round `step`: its orders (carrying the last decision) out, its reports in. */
 async function attemptRound(run: Run, step: number, verify: boolean): Promise<Attempt> {
   const { config, membership, providers } = run;
-  const wantHash = (step + 1) % HASH_EVERY === 0 || step === config.steps - 1 || verify;
+  const per = run.strategy.stepsPerRound;
+  const wantHash = (Math.floor(step / per) + 1) % HASH_EVERY === 0 || step + per >= config.steps || verify;
   const plan = run.strategy.plan(step, membership.active, providers.ranks.length, { wantHash });
   let sent = false;
   try {
-    const done = run.exchanges.expect("step_done", `step ${step}`, plan.members, STEP_TIMEOUT_MS, (m) => m.step === step);
+    const what = per === 1 ? `step ${step}` : `the round of steps ${step}-${step + per - 1}`;
+    const done = run.exchanges.expect(run.strategy.reportOp, what, plan.members, STEP_TIMEOUT_MS, (m) => m.step === step);
     const decision = run.commits.ride();
-    sendOrder(providers, plan.members, { op: "step", step, shares: plan.shares, want_hash: wantHash, ...decision });
+    sendOrder(providers, plan.members, { ...run.strategy.order(plan), ...decision });
     sent = true;
-    const reports = await done;
+    const reports = (await done) as ReadonlyMap<number, RoundReport>;
     // Hashes are taken before the round's update (which waits for its decision).
     if (wantHash) checkHashes(plan.members, reports, `before step ${step}`);
     return { plan, reports };
@@ -112,6 +121,8 @@ function fold(run: Run, plan: SyncPlan, reports: ReadonlyMap<number, RoundReport
 function recordRound(run: Run, result: SyncResult): void {
   const { providers, tally } = run;
   tally.recordStep(result);
+  const diloco = dilocoFigures(result);
+  if (diloco) tally.recordRound(diloco, result.bytesSent);
   for (const w of result.workers) {
     const r = providers.ranks[w.rank];
     if (w.max_micro_batch !== r.maxMicroBatch) {
@@ -149,6 +160,20 @@ async function maybeEvaluate(run: Run, step: number, valSize: number): Promise<{
   return { metrics, seconds: (Date.now() - start) / 1000 };
 }
 
+/** A DiLoCo round's own figures (none for sync). */
+export function dilocoFigures(result: SyncResult): DilocoFigures | undefined {
+  if (!("fragment" in result)) return undefined;
+  const r = result as DilocoResult;
+  return {
+    round: Math.floor(r.firstStep / r.innerSteps),
+    inner_steps: r.innerSteps,
+    fragment: r.fragment,
+    outer_lr: r.outerLr,
+    comm_s: Math.max(0, ...r.workers.map((w) => w.comm_s)),
+    hidden_s: r.hiddenS,
+  };
+}
+
 function reportRound(run: Run, result: SyncResult, evalMetrics?: Record<string, number>): void {
   const { tally } = run;
   run.report({
@@ -163,6 +188,7 @@ function reportRound(run: Run, result: SyncResult, evalMetrics?: Record<string, 
     bytes_sent: tally.bytesSent,
     compression_ratio: tally.compressionRatio,
     workers: run.providers.rows(),
+    ...(dilocoFigures(result) ? { diloco: dilocoFigures(result) } : {}),
   });
   if (evalMetrics) run.report({ type: "eval", step: result.round + 1, metrics: evalMetrics });
 }

@@ -1,6 +1,7 @@
 import type { JobConfig } from "../../config/schema.js";
 import type { SyncResult } from "../../strategy/sync.js";
 import type { StepMetrics } from "../runDir.js";
+import type { DilocoFigures } from "../events.js";
 import type { Fault } from "./errors.js";
 
 export interface TrainSummary {
@@ -25,6 +26,9 @@ export interface TrainSummary {
   /** uncompressed_bytes / (bytes_sent - sync_bytes). */
   compression_ratio: number;
   compression: JobConfig["compression"];
+  strategy: JobConfig["strategy"];
+  /** Under diloco: rounds synced, wire bytes per round, and the share of sync time hidden behind inner steps. */
+  diloco?: { rounds: number; bytes_per_round: number; sync_s: number; hidden_s: number; hidden_fraction: number | null };
   /** Steps whose update every worker skipped because of non-finite gradients. */
   steps_skipped: number[];
   /** Workers left out of the ring because they would have slowed every step, and why. */
@@ -117,6 +121,16 @@ export class Tally {
     if (known && reason.startsWith(known.reason)) known.reason = reason;
   }
 
+  /** DiLoCo rounds: how many, and their sync seconds (slowest member) and of them hidden ones. */
+  readonly diloco = { rounds: 0, bytes: 0, syncS: 0, hiddenS: 0 };
+
+  recordRound(figures: DilocoFigures, bytes: number): void {
+    this.diloco.rounds += 1;
+    this.diloco.bytes += bytes;
+    this.diloco.syncS += figures.comm_s + figures.hidden_s;
+    this.diloco.hiddenS += figures.hidden_s;
+  }
+
   /** A step completed: faults before it are recovered from. */
   recordStep(result: SyncResult): void {
     const now = Date.now();
@@ -150,7 +164,7 @@ export class Tally {
   }
 
   /** The step's metrics line, once its evaluation (if any) is done: `stepStart` is Date.now() when it began. */
-  metricsOf(result: SyncResult, stepStart: number, evaluation?: { metrics: Record<string, number>; seconds: number }): StepMetrics {
+  metricsOf(result: SyncResult, stepStart: number, evaluation?: { metrics: Record<string, number>; seconds: number }, diloco?: DilocoFigures): StepMetrics {
     const now = Date.now();
     const stepSeconds = (now - stepStart) / 1000;
     this.trainSeconds += stepSeconds;
@@ -167,6 +181,7 @@ export class Tally {
       uncompressed_bytes: result.uncompressedBytes,
       ...(result.skipped ? { skipped: true, nonfinite: result.nonfinite } : {}),
       ...(evaluation ? { eval: evaluation.metrics, eval_s: evaluation.seconds } : {}),
+      ...(diloco ? { diloco } : {}),
       workers: result.workers.map(({ rank, samples, ...rest }) => ({ rank, samples, share: samples, ...rest })),
     };
   }
@@ -195,6 +210,18 @@ export class Tally {
       uncompressed_bytes: this.uncompressedBytes,
       compression_ratio: this.compressionRatio,
       compression: config.compression,
+      strategy: config.strategy,
+      ...(config.strategy.name === "diloco"
+        ? {
+            diloco: {
+              rounds: this.diloco.rounds,
+              bytes_per_round: this.diloco.rounds ? this.diloco.bytes / this.diloco.rounds : 0,
+              sync_s: this.diloco.syncS,
+              hidden_s: this.diloco.hiddenS,
+              hidden_fraction: this.diloco.syncS > 0 ? this.diloco.hiddenS / this.diloco.syncS : null,
+            },
+          }
+        : {}),
       steps_skipped: this.stepsSkipped,
       left_out: this.leftOut,
       faults: this.faults,
