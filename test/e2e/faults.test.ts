@@ -48,7 +48,7 @@ def compute_loss(model, batch):
 `,
 });
 
-async function writeConfig(name: string, lines: string[], faults = "faults: {heartbeat_s: 2}"): Promise<string> {
+async function writeConfig(name: string, lines: string[], faults = "faults: {heartbeat_s: 2}", strategy: string | null = null): Promise<string> {
   const dir = path.join(tmp.dir, name);
   await import("node:fs/promises").then((fs) => fs.mkdir(dir, { recursive: true }));
   await writeFile(path.join(dir, "task.py"), TASK);
@@ -60,7 +60,7 @@ async function writeConfig(name: string, lines: string[], faults = "faults: {hea
     "batch_size: 48",
     "optimizer: {name: sgd, lr: 0.2, momentum: 0.9}",
     // Compressed from step 2: an abandoned step must also undo PowerSGD's memories and Q's.
-    "compression: {method: powersgd, rank: 2, start_step: 2}",
+    strategy ?? "compression: {method: powersgd, rank: 2, start_step: 2}",
     "eval: {samples: 128, batch_size: 64}",
     faults,
     `output: ${path.join(dir, "runs")}`,
@@ -174,6 +174,27 @@ describe("fault tolerance, end to end", () => {
     const rows = r.events.filter((e) => e.event.type === "workers").at(-1)!.event as unknown as { workers: { state: string }[] };
     expect(rows.workers.map((w) => w.state)).toEqual(["done", "done", "done"]);
     expect(Math.abs((s.eval.loss as number) - (await faultFreeLoss()))).toBeLessThan(0.15);
+  }, 600_000);
+
+  it("diloco: a worker killed mid-round costs the survivors no inner steps: only the round's all-reduce is redone, then it rejoins", async () => {
+    // 3 inner steps of 16 samples per worker per round; the kill comes in round 2's second step.
+    const strategy = "strategy: {name: diloco, inner_steps: 6, fragments: 2, overlap_steps: 1, codec: int8}";
+    const config = await writeConfig("diloco-kill", ["local_workers: 3", "balance: equal", "task_args: {chaos: {kill_rank: 1, kill_at: 8, once: killed-once, slow_s: 0.3}}"], "faults: {heartbeat_s: 2}", strategy);
+    const r = await train(config);
+    expect(r.result.exitCode, String(r.result.stderr)).toBe(0);
+    const s = r.summary!;
+    expect(s).toMatchObject({ status: "completed", steps: STEPS });
+    expect(s.faults).toHaveLength(1);
+    expect(s.faults[0]).toMatchObject({ kind: "worker died", ranks: [1] });
+    expect(s.steps_redone).toEqual([6]);
+    const lines = await metricsOf(r.runDir!);
+    expect(lines.map((l: { step: number }) => l.step)).toEqual([2, 5, 8, 11, 14, 17, 20, 23, 26, 29]);
+    // The round the fault struck: the survivors' shares as they were (rank 1's not handed out).
+    const struck = lines.find((l: { step: number }) => l.step === 8);
+    expect(struck.workers.map((w: { rank: number; samples: number }) => [w.rank, w.samples])).toEqual([[0, 48], [2, 48]]);
+    const joined = r.events.find((e) => e.event.type === "status" && /^Rank 1 joined before step \d+ with rank 0's state/.test(e.event.message!));
+    expect(joined, "rank 1 rejoined").toBeTruthy();
+    expect(lines.at(-1).workers.map((w: { rank: number }) => w.rank)).toEqual([0, 1, 2]);
   }, 600_000);
 
   it("lets a worker that keeps crashing leave after faults.max_restarts, with the reason", async () => {
