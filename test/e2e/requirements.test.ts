@@ -8,31 +8,23 @@ import { mkdir, readdir, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { beforeAll, describe, expect, it } from "vitest";
 import { execa, nimble, REPO_ROOT, startProvider, type TempDir, useE2E } from "../helpers/processes.js";
+import { tinyTask } from "../helpers/tasks.js";
 
 let python = "";
 let tmp: TempDir;
 useE2E((env) => ({ python, tmp } = env));
 
-const TASK = `import torch
+const TASK = tinyTask({
+  train: 64,
+  val: 16,
+  extra: `
 import nimbletiny  # from the job's requirements, not the base environment
-
-class Points(torch.utils.data.Dataset):
-    def __init__(self, n):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(n, 4, generator=g)
-        self.y = (self.x.sum(1) > 0).long()
-    def __len__(self):
-        return len(self.x)
-    def __getitem__(self, i):
-        return self.x[i], self.y[i]
-
+_build = build_model
 def build_model(args):
     assert nimbletiny.VALUE == 42
-    return torch.nn.Linear(4, 2)
-
-def build_dataset(split, args):
-    return Points(64 if split == "train" else 16)
-`;
+    return _build(args)
+`,
+});
 
 let env: NodeJS.ProcessEnv = {};
 beforeAll(async () => {
