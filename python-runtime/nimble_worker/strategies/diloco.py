@@ -111,7 +111,7 @@ class DiLoCo(Strategy):
         self._check_order(t0, n, shares)
         replica, total = self.replica, sum(shares)
         share = shares[replica.rank]
-        weight = share / total if total else 0.0
+        weight, after = self._weights(shares, share)
         self._ensure_globals()
         hash_before = self.global_hash() if order.get("want_hash") else None
         commit_s, self.commit_s = self.commit_s, 0.0
@@ -124,6 +124,8 @@ class DiLoCo(Strategy):
             else:  # the same round again: its inner steps are done, redo the all-reduce
                 self._restore(rnd.after)
                 summed, comm_s, hidden_s = self._transfer(rnd, weight, background=False).result()
+            if after != 1.0:
+                summed = summed * after
             rnd.own_buffers = replica.buffers_snapshot() if replica.buffers else None
             t = time.perf_counter()
             if rnd.own_buffers is not None:
@@ -134,6 +136,18 @@ class DiLoCo(Strategy):
                 self._back_to_start(rnd, hold=isinstance(err, StepAborted) and rnd.trained)
             raise
         return self._report(rnd, summed, commit_s, comm_s, hidden_s, hash_before)
+
+    @staticmethod
+    def _weights(shares: Sequence[int], share: int) -> tuple[float, float]:
+        """(this worker's weight in the all-reduce, the factor applied to the sum): the
+        share-weighted mean; with equal shares a plain sum over the workers with a share,
+        divided by their count, as torchft averages (bit for bit, whatever their number)."""
+        active = [s for s in shares if s > 0]
+        if not active:
+            return 0.0, 1.0
+        if len(set(active)) == 1:
+            return (1.0 if share > 0 else 0.0), 1.0 / len(active)
+        return share / sum(active), 1.0
 
     def _check_order(self, t0: int, n: int, shares: Sequence[int]) -> None:
         if self._pending is not None:
