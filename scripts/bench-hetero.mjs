@@ -3,9 +3,12 @@
 //   (a) equal shares, (b) capability-weighted shares (measured, self-correcting), against
 //   (c) the ideal: the sum of each provider's standalone throughput.
 // Then provider 0 is slowed to 0.25 mid-run: steps until throughput is back within 10% of
-// the new ideal. Prints a table and writes JSON.
+// the new ideal. And DiLoCo (strategy diloco, H = --inner-steps): (d) equal shares and (e)
+// measured shares, whose inner steps then take about the same time on every provider.
+// Prints a table and writes JSON.
 //
-//   npm run bench:hetero [-- --steps 40 --batch 1024 --out results/hetero.json]
+//   npm run bench:hetero [-- --steps 40 --batch 1024 --inner-steps 4 --out results/hetero.json]
+//   npm run bench:hetero -- --only diloco      # the standalone runs and the DiLoCo cases
 import { spawn } from "node:child_process";
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import os from "node:os";
@@ -18,6 +21,11 @@ const steps = Number(arg("steps", "40"));
 // Large enough that compute, not per-step fixed costs, dominates a step on a CPU.
 const batch = Number(arg("batch", "1024"));
 const out = path.resolve(root, arg("out", "results/hetero.json"));
+const only = arg("only", null);
+const innerSteps = Number(arg("inner-steps", "4"));
+/** DiLoCo rounds of `innerSteps` inner steps, twice the steps (a line a round), int8 pseudo-gradients. */
+const DILOCO = { strategy: { name: "diloco", inner_steps: innerSteps, codec: "int8" }, steps: Math.ceil((2 * steps) / innerSteps) * innerSteps };
+const WARMUP_ROUNDS = 2;
 const SPEEDS = [1, 0.5, 0.25];
 const WARMUP = 8; // steps left out of throughput figures (worker start, first rebalancing)
 const tmp = mkdtempSync(path.join(os.tmpdir(), "nimble-bench-hetero-"));
@@ -47,7 +55,7 @@ function startProvider(i) {
 }
 
 /** One `nimble train` run; `onStep(step)` may act mid-run. Returns per-step samples/s. */
-function train(name, providers, balance, onStep = () => {}) {
+function train(name, providers, balance, onStep = () => {}, extra = {}) {
   const config = {
     name,
     task: path.join(root, "examples", "mnist", "task.py"),
@@ -58,6 +66,7 @@ function train(name, providers, balance, onStep = () => {}) {
     eval: { every: 0, samples: 500, batch_size: 500 },
     providers: providers.map((p) => ({ address: p.address, token: p.token })),
     output: path.join(tmp, "runs"),
+    ...extra,
   };
   const file = path.join(tmp, `${name}.yaml`);
   writeFileSync(file, stringify(config));
@@ -86,6 +95,39 @@ try {
   const standalone = [];
   for (let i = 0; i < providers.length; i++) standalone.push(steady(await train(`alone-${i}`, [providers[i]], "equal")));
   const ideal = standalone.reduce((a, b) => a + b, 0);
+  // DiLoCo: a metrics line per round (its samples over its time), the first rounds left out.
+  const steadyRounds = (curve) => mean(curve.slice(WARMUP_ROUNDS).map((s) => s.rate));
+  process.stderr.write(`diloco (H=${innerSteps}), equal and measured shares ...\n`);
+  const dilocoEqual = steadyRounds(await train("diloco-equal", providers, "equal", undefined, DILOCO));
+  const dilocoWeightedCurve = await train("diloco-weighted", providers, "measured", undefined, DILOCO);
+  const dilocoWeighted = steadyRounds(dilocoWeightedCurve);
+  const diloco = {
+    inner_steps: innerSteps,
+    steps: DILOCO.steps,
+    equal_samples_per_s: dilocoEqual,
+    weighted_samples_per_s: dilocoWeighted,
+    equal_fraction_of_ideal: dilocoEqual / ideal,
+    weighted_fraction_of_ideal: dilocoWeighted / ideal,
+    weighted_final_shares: dilocoWeightedCurve[dilocoWeightedCurve.length - 1].shares,
+  };
+  const dilocoRows = () => {
+    console.log(`| (d) diloco H=${innerSteps}, equal shares | ${dilocoEqual.toFixed(0)} | ${((dilocoEqual / ideal) * 100).toFixed(1)}% |`);
+    console.log(`| (e) diloco H=${innerSteps}, measured shares (final ${diloco.weighted_final_shares.join(" : ")}) | ${dilocoWeighted.toFixed(0)} | ${((dilocoWeighted / ideal) * 100).toFixed(1)}% |`);
+  };
+  if (only === "diloco") {
+    const result = { date: new Date().toISOString(), machine: { cpu: os.cpus()[0]?.model ?? "cpu", cores: os.cpus().length }, speeds: SPEEDS, batch, standalone_samples_per_s: standalone, ideal_samples_per_s: ideal, diloco };
+    console.log(`\nHeterogeneous providers at speeds ${SPEEDS.join(" : ")}, MNIST batch ${batch}, ${result.machine.cores}-core ${result.machine.cpu}`);
+    console.log("| setting | samples/s | of ideal |");
+    console.log("| --- | --- | --- |");
+    console.log(`| (c) ideal: sum of standalone (${standalone.map((x) => x.toFixed(0)).join(" + ")}) | ${ideal.toFixed(0)} | 100% |`);
+    dilocoRows();
+    mkdirSync(path.dirname(out), { recursive: true });
+    writeFileSync(out, JSON.stringify(result, null, 2));
+    console.log(`wrote ${path.relative(root, out)}`);
+    for (const c of children) c.kill("SIGTERM");
+    rmSync(tmp, { recursive: true, force: true });
+    process.exit(0);
+  }
   process.stderr.write("equal shares ...\n");
   const equal = steady(await train("equal", providers, "equal"));
   process.stderr.write("capability-weighted shares ...\n");
@@ -140,6 +182,7 @@ try {
     equal_fraction_of_ideal: equal / ideal,
     weighted_fraction_of_ideal: weighted / ideal,
     weighted_final_shares: weightedCurve[weightedCurve.length - 1].shares,
+    diloco,
     slowdown: {
       at_step: changeAt,
       new_ideal_samples_per_s: newIdeal,
@@ -158,6 +201,7 @@ try {
   console.log(`| (c) ideal: sum of standalone (${standalone.map((x) => x.toFixed(0)).join(" + ")}) | ${ideal.toFixed(0)} | 100% |`);
   console.log(`| (a) equal shares | ${equal.toFixed(0)} | ${((equal / ideal) * 100).toFixed(1)}% |`);
   console.log(`| (b) capability-weighted (final shares ${result.weighted_final_shares.join(" : ")}) | ${weighted.toFixed(0)} | ${((weighted / ideal) * 100).toFixed(1)}% |`);
+  dilocoRows();
   console.log(
     `\nprovider 0 slowed to 0.25 at step ${changeAt}: shares ${result.slowdown.shares_before.join(" : ")} -> ${result.slowdown.shares_after.join(" : ")}; ` +
       `within 10% of the new ideal (${newIdeal.toFixed(0)} samples/s) after ${recoverySteps ?? "more than " + (steps - changeAt - 3)} steps; ` +
