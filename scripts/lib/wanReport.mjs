@@ -82,6 +82,8 @@ export function summarise({ series, target, compressed_from: compressedFrom, rat
     samples,
     samples_per_s: samples === null ? null : samples / Math.max(1e-9, trainTime),
     compute_only_samples_per_s: samples === null ? null : samples / Math.max(1e-9, lessComm),
+    // Within the run (outside load slows both sides alike): the slowest worker's compute over the time.
+    slowest_compute_share: sum(series.map((r) => Math.max(...r.compute_s))) / Math.max(1e-9, trainTime),
     sync_bytes: syncBytes,
     sync_bytes_per_sample: perSample(syncBytes),
     // What uncompressed DDP would send for the same samples (the workers' own count).
@@ -253,7 +255,7 @@ export function lossChartSvg(results, rateBits = 100e6, rttMs = 0) {
     const target = runs[0]?.[1].target_val_loss;
     const parts = [
       `<g transform="translate(${i * W},0)">`,
-      `<text x="${W / 2}" y="20" text-anchor="middle" font-size="14">${g.model}: validation loss vs training time (${rateName(rateBits)}, RTT ${rttLabel(g.rtt_ms)})</text>`,
+      ((title) => `<text x="${W / 2}" y="20" text-anchor="middle" font-size="${title.length > 64 ? 12 : 14}">${title}</text>`)(`${g.model}: validation loss vs training time (${rateName(rateBits)}, RTT ${rttLabel(g.rtt_ms)})`),
       `<line x1="${pad.l}" y1="${H - pad.b}" x2="${W - pad.r}" y2="${H - pad.b}" stroke="#333"/>`,
       `<line x1="${pad.l}" y1="${pad.t}" x2="${pad.l}" y2="${H - pad.b}" stroke="#333"/>`,
       `<text x="${(W + pad.l) / 2}" y="${H - 10}" text-anchor="middle" font-size="12">training time (s)</text>`,
@@ -307,10 +309,10 @@ export function rttLabel(rttMs, system) {
  */
 function referenceRun(results, run, pick) {
   const same = results.runs.filter((r) => ok(r) && r.model === run.model && pick(r));
-  const here = same.find((r) => r.rate_bits === run.rate_bits && r.rtt_ms === run.rtt_ms);
-  if (here) return { run: here, from: null };
+  const here = same.filter((r) => r.rate_bits === run.rate_bits && r.rtt_ms === run.rtt_ms);
+  if (here.length) return { run: here[0], runs: here, from: null };
   const other = same.find((r) => r.rate_bits === run.rate_bits) ?? same[0];
-  return other ? { run: other, from: other.rtt_ms } : null;
+  return other ? { run: other, runs: same.filter((r) => r.rate_bits === other.rate_bits && r.rtt_ms === other.rtt_ms), from: other.rtt_ms } : null;
 }
 
 /** A run's validation loss at step index `step` (a point of its curve), or null. */
@@ -320,7 +322,9 @@ const valAt = (run, step) => run?.val_curve.find((p) => p.step === step)?.val_lo
  * The DiLoCo suite's figures for one run, against the suite's DDP, Nimble PowerSGD r4 and
  * no-communication reference (results.reference names its system):
  *  - utilisation: samples/s (whole run, evaluation excluded) over the reference's samples/s
- *    with its communication taken out (compute_only_samples_per_s);
+ *    with its communication taken out (compute_only_samples_per_s; the mean where the
+ *    scenario ran the reference more than once, as the suite does before and after its
+ *    DiLoCo rows, whose spread is given: this machine may be shared);
  *  - fewer_bytes: DDP's sync bytes per sample over this run's (wire bytes likewise);
  *  - equal samples: this run's last validation loss against DDP's at the same step (any
  *    DDP run of the suite that got there: DDP's losses do not depend on the link), else at
@@ -355,10 +359,13 @@ export function dilocoFigures(results, run) {
     }
     if (equal) equal.relative = equal.val_loss / equal.ddp_val_loss - 1;
   }
-  const refSps = ref?.run.compute_only_samples_per_s ?? null;
+  const refSpeeds = ref ? ref.runs.map((r) => r.compute_only_samples_per_s).filter((x) => x !== null) : [];
+  const refSps = mean(refSpeeds);
   return {
-    utilisation: run.system === refName ? 1 : ratio(run.samples_per_s, refSps),
+    utilisation: ratio(run.samples_per_s, refSps),
     reference_rtt_ms: ref?.from ?? null,
+    reference_samples_per_s: refSps,
+    reference_spread: refSpeeds.length > 1 ? (Math.max(...refSpeeds) - Math.min(...refSpeeds)) / refSps : null,
     fewer_bytes: ratio(ddpBytes?.run.sync_bytes_per_sample, run.sync_bytes_per_sample),
     fewer_wire_bytes: ratio(ddpBytes?.run.wire_bytes_per_sample, run.wire_bytes_per_sample),
     vs_ddp: vsTime(here("ddp")),
@@ -415,6 +422,20 @@ export function dilocoTargets(results) {
 
 const mb = (x) => (x === null || x === undefined ? "—" : x >= 1e6 ? `${(x / 1e6).toFixed(2)} MB` : x >= 1e3 ? `${(x / 1e3).toFixed(1)} kB` : `${x.toFixed(0)} B`);
 
+/** What compute utilisation is measured against, per scenario, with the spread of repeated reference runs. */
+function referenceLines(results) {
+  const name = results.reference ?? "diloco-nocomm";
+  const out = [];
+  for (const g of scenarios(results)) {
+    const refs = results.runs.filter((r) => ok(r) && r.system === name && r.model === g.model && r.rate_bits === g.rate_bits && r.rtt_ms === g.rtt_ms);
+    if (!refs.length) continue;
+    const f = dilocoFigures(results, refs[0]);
+    const each = refs.map((r) => r.compute_only_samples_per_s.toFixed(1)).join(", ");
+    out.push(`- ${rateName(g.rate_bits)}, RTT ${rttLabel(g.rtt_ms)}: ${name} ${f.reference_samples_per_s.toFixed(1)} samples/s with its one sync taken out${refs.length > 1 ? ` (mean of ${each}: spread ${pct(f.reference_spread)})` : ""}.`);
+  }
+  return out.length ? ["Compute utilisation = samples/s (evaluation excluded) over the same workers' with communication switched off:", "", ...out, ""] : [];
+}
+
 /** The DiLoCo suite as markdown: one named row per run, then the targets at RTT 100 ms. */
 export function dilocoMarkdown(results) {
   const lines = [
@@ -424,13 +445,14 @@ export function dilocoMarkdown(results) {
     `Latency: ${results.latency}. Every RTT > 0 figure below is at an emulated RTT (Nimble) or a modelled one (DDP).`,
     "",
     results.note ? `${results.note}\n` : "",
-    "| link | RTT | row | H | F / tau | codec | inner steps | samples/s | compute util. | sync bytes / sample | fewer than DDP (sync / wire) | hidden | time to target | vs DDP | vs psgd4 | val loss at equal samples (step): row / DDP |",
-    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ...referenceLines(results),
+    "| link | RTT | row | H | F / tau | codec | inner steps | samples/s | compute util. | in-run compute share | sync bytes / sample | fewer than DDP (sync / wire) | hidden | time to target | vs DDP | vs psgd4 | val loss at equal samples (step): row / DDP |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
   ];
   for (const run of results.runs) {
     const head = `| ${rateName(run.rate_bits)} | ${rttLabel(run.rtt_ms, run.system)} | ${run.system}`;
     if (run.error) {
-      lines.push(`${head} | | | | failed: ${run.error.replace(/\|/g, "/").replace(/\n/g, " ").slice(0, 120)} | | | | | | | | | |`);
+      lines.push(`${head} | | | | failed: ${run.error.replace(/\|/g, "/").replace(/\n/g, " ").slice(0, 120)} | | | | | | | | | | |`);
       continue;
     }
     const s = run.strategy?.name === "diloco" ? run.strategy : null;
@@ -443,7 +465,7 @@ export function dilocoMarkdown(results) {
     const vs = (x, self) => (self ? "1.0x" : !x ? "—" : `${x.lower_bound ? "> " : ""}${x.value.toFixed(1)}x`);
     const e = f.equal_samples;
     const eq = run.system === "ddp" ? fixed(run.final_val_loss, 3) : !e ? "—" : `${e.val_loss.toFixed(3)} / ${e.ddp_val_loss.toFixed(3)} (step ${e.step + 1}${e.final ? "" : ", not final"}): ${e.relative >= 0 ? "+" : ""}${(e.relative * 100).toFixed(1)}%`;
-    lines.push(`${head} | ${s && !run.reference ? s.inner_steps : "—"} | ${s && !run.reference ? `${s.fragments} / ${s.overlap_steps}` : "—"} | ${s ? s.codec : run.system.includes("psgd") ? "PowerSGD r4" : "fp32"} | ${steps} | ${fixed(run.samples_per_s, 1)} | ${util} | ${mb(run.sync_bytes_per_sample)} | ${fewer} | ${hidden} | ${ttt} | ${vs(f.vs_ddp, run.system === "ddp")} | ${vs(f.vs_psgd4, run.system === "nimble-psgd4")} | ${eq} |`);
+    lines.push(`${head} | ${s && !run.reference ? s.inner_steps : "—"} | ${s && !run.reference ? `${s.fragments} / ${s.overlap_steps}` : "—"} | ${s ? s.codec : run.system.includes("psgd") ? "PowerSGD r4" : "fp32"} | ${steps} | ${fixed(run.samples_per_s, 1)} | ${util} | ${pct(run.slowest_compute_share)} | ${mb(run.sync_bytes_per_sample)} | ${fewer} | ${hidden} | ${ttt} | ${vs(f.vs_ddp, run.system === "ddp")} | ${vs(f.vs_psgd4, run.system === "nimble-psgd4")} | ${eq} |`);
   }
   const t = dilocoTargets(results);
   if (t.length) {

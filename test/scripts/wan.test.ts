@@ -210,6 +210,16 @@ describe("WAN benchmark, DiLoCo suite", () => {
     const md = dilocoMarkdown(results);
     expect(md).toContain("350 of 600 (stopped at 350 s)");
     expect(md).toContain("> 8.2x");
+    // A reference run twice in a scenario (before and after the rows): its mean, and the spread.
+    const again = summarise({ ...wan, system: "diloco-nocomm", rtt_ms: 100, steps: 600, wire_bytes: null, reference: true, strategy: strategy(600, "int8"), series: rounds(1, 600, 50.1, 375_000, dilocoLoss, 0.5, 0) });
+    const later = summarise({ ...wan, system: "diloco-nocomm", rtt_ms: 100, steps: 600, wire_bytes: null, reference: true, strategy: strategy(600, "int8"), series: rounds(1, 600, 70.1, 375_000, dilocoLoss, 0.5, 0) });
+    results.runs.push(again, later);
+    const g = dilocoFigures(results, h100);
+    expect(g.reference_rtt_ms).toBeNull(); // this scenario's own now
+    expect(g.reference_samples_per_s).toBeCloseTo((19_200 / 50 + 19_200 / 70) / 2, 9);
+    expect(g.reference_spread).toBeCloseTo((19_200 / 50 - 19_200 / 70) / ((19_200 / 50 + 19_200 / 70) / 2), 9);
+    expect(dilocoMarkdown(results)).toContain("RTT 100 ms (emulated): diloco-nocomm 329.1 samples/s with its one sync taken out (mean of 384.0, 274.3: spread 33%)");
+    results.runs.splice(-2, 2);
     // Without a DDP run that reached step 600, the comparison falls back to the last common step.
     results.runs.splice(1, 1);
     expect(dilocoFigures(results, h100).equal_samples).toMatchObject({ step: 299, final: false });

@@ -14,7 +14,9 @@ operations in the worker-link schema (src/protocol/workerOps.ts).
 from __future__ import annotations
 
 import contextlib
-from typing import ClassVar, ContextManager
+from typing import ClassVar, ContextManager, Sequence
+
+import torch
 
 from ..comm import TimedComm
 from ..compress import Compressor
@@ -89,3 +91,22 @@ class Strategy:
         weights are taken from: the replica's own (here), or e.g. DiLoCo's global ones,
         the local ones put back on leaving."""
         return contextlib.nullcontext()
+
+
+def average_buffers(replica, comm, shares: Sequence[int]) -> None:
+    """Make the buffers agree on every replica, in one all-reduce: floating ones become
+    the share-weighted mean of what each worker's forward passes left (a worker with
+    share 0 ran none and weighs nothing), the others (counters such as BatchNorm's
+    num_batches_tracked) are those of the first worker with a share."""
+    total = sum(shares)
+    first = next((r for r, s in enumerate(shares) if s > 0), 0)
+    weight = shares[replica.rank] / total if total else 0.0
+    parts = [(b.detach().to("cpu", torch.float64) * (weight if b.is_floating_point() else
+              float(replica.rank == first))).reshape(-1) for b in replica.buffers]
+    summed = comm.allreduce(torch.cat(parts).to(torch.float32))
+    with torch.no_grad():
+        at = 0
+        for b in replica.buffers:
+            n = b.numel()
+            b.copy_(summed[at:at + n].view(b.shape).to(b.dtype))
+            at += n

@@ -37,10 +37,9 @@ from ..compress import local_nonfinite
 from ..compress.fake import encode
 from ..link import LinkError
 from ..tensors import flat_cpu, params_hash, unflat
-from .base import Strategy
+from .base import Strategy, average_buffers
 from .diloco_parts import WIRE_CODECS, RankState, Transfer, copy_state, validate
 from .fragments import partition
-from .sync import Sync
 
 
 @dataclass
@@ -129,7 +128,7 @@ class DiLoCo(Strategy):
             rnd.own_buffers = replica.buffers_snapshot() if replica.buffers else None
             t = time.perf_counter()
             if rnd.own_buffers is not None:
-                Sync.sync_buffers(self, shares)  # type: ignore[arg-type] - uses replica, comm
+                average_buffers(replica, self.comm, shares)
             comm_s += time.perf_counter() - t
         except BaseException as err:
             if rnd is not None:

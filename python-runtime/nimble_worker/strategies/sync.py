@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import torch
 
 from ..compress import Reduced, build_compressor
-from .base import Strategy
+from .base import Strategy, average_buffers
 
 
 class Sync(Strategy):
@@ -58,7 +58,7 @@ class Sync(Strategy):
         mark = compressor.mark()
         try:
             if saved_buffers is not None:
-                self.sync_buffers(shares)
+                average_buffers(replica, self.comm, shares)
             res = compressor.reduce(t, replica.names, grads,
                                     shares[replica.rank] / self.cfg.batch_size, poison=bad_loss)
         except BaseException:  # the step leaves no trace: compressor, gradients, buffers
@@ -111,22 +111,3 @@ class Sync(Strategy):
         """A (loss_sum, count) loss's sums over the workers (replica.grads asks for them)."""
         both = self.comm.allreduce(torch.tensor([loss_sum, count], dtype=torch.float32))
         return float(both[0]), float(both[1])
-
-    def sync_buffers(self, shares: Sequence[int]) -> None:
-        """Make the buffers agree on every replica, in one all-reduce: floating ones become
-        the share-weighted mean of what each worker's forward passes left (a worker with
-        share 0 ran none and weighs nothing), the others (counters such as BatchNorm's
-        num_batches_tracked) are those of the first worker with a share."""
-        replica = self.replica
-        total = sum(shares)
-        first = next((r for r, s in enumerate(shares) if s > 0), 0)
-        weight = shares[replica.rank] / total if total else 0.0
-        parts = [(b.detach().to("cpu", torch.float64) * (weight if b.is_floating_point() else
-                  float(replica.rank == first))).reshape(-1) for b in replica.buffers]
-        summed = self.comm.allreduce(torch.cat(parts).to(torch.float32))
-        with torch.no_grad():
-            at = 0
-            for b in replica.buffers:
-                n = b.numel()
-                b.copy_(summed[at:at + n].view(b.shape).to(b.dtype))
-                at += n
