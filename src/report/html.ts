@@ -4,6 +4,7 @@
  */
 import type { TrainSummary } from "../job/coordinator/index.js";
 import type { StepMetrics } from "../job/runDir.js";
+import type { DilocoFigures } from "../job/events.js";
 import { type RunData, type RunFigures, runFigures } from "../runs/runData.js";
 import { formatBytes, formatCount, formatDuration, formatMetric, formatRate, formatRatio } from "../ui/format.js";
 import { type ChartSpec, escapeXml, type Marker, movingAverage, niceTicks, PALETTE, type Point, renderChart, type Series, stack } from "./svg.js";
@@ -35,6 +36,9 @@ export interface ReportData {
     samples_per_s: number | null;
     uncompressed_bytes: number | null;
     compression_method: string | null;
+    /** The strategy, and under diloco its rounds' figures. */
+    strategy: string | null;
+    diloco: { rounds: number; bytes_per_round: number; sync_s: number; hidden_fraction: number | null } | null;
     steps_redone: number[] | null;
     steps_skipped: number[];
     checkpoints: number[];
@@ -52,6 +56,8 @@ export interface ReportData {
     /** Per rank: fraction of each step's global batch. */
     shares: { rank: number; label: string; points: { step: number; share: number }[] }[];
     bytes: { step: number; wall_s: number; bytes_sent: number; uncompressed_bytes: number }[];
+    /** Under diloco, each round's figures (its metrics line's `step` is its last inner step). */
+    rounds: ({ step: number; bytes_sent: number } & DilocoFigures)[];
   };
 }
 
@@ -120,7 +126,9 @@ export function reportData(run: RunData): ReportData {
     figures: {
       ...figures,
       uncompressed_bytes: s?.uncompressed_bytes ?? (sent > 0 ? metrics.reduce((a, m) => a + m.uncompressed_bytes, 0) : null),
-      compression_method: s?.compression ? describeCompression(s.compression) : null,
+      compression_method: s?.strategy?.name === "diloco" ? null : s?.compression ? describeCompression(s.compression) : null,
+      strategy: s?.strategy ? describeStrategy(s.strategy) : null,
+      diloco: s?.diloco ?? null,
       steps_redone: s?.steps_redone ?? null,
       steps_skipped: s?.steps_skipped ?? metrics.filter((m) => m.skipped).map((m) => m.step),
       checkpoints: run.checkpoints,
@@ -136,8 +144,14 @@ export function reportData(run: RunData): ReportData {
       throughput,
       shares,
       bytes: metrics.map((m) => ({ step: m.step, wall_s: m.wall_s, bytes_sent: m.bytes_sent, uncompressed_bytes: m.uncompressed_bytes })),
+      rounds: metrics.flatMap((m) => (m.diloco ? [{ step: m.step, bytes_sent: m.bytes_sent, ...m.diloco }] : [])),
     },
   };
+}
+
+function describeStrategy(st: { name: string; [k: string]: unknown }): string {
+  if (st.name !== "diloco") return st.name;
+  return `diloco: H=${st.inner_steps}, ${st.fragments} fragment(s), overlap ${st.overlap_steps}, alpha ${st.alpha}, codec ${st.codec}`;
 }
 
 function describeCompression(c: TrainSummary["compression"]): string {
@@ -290,7 +304,17 @@ function summaryTable(d: ReportData): string {
     ["Final loss", f.final_loss === null ? null : formatMetric(f.final_loss)],
     ["Final validation", evalText],
     ["Bytes sent", `${formatBytes(f.bytes_sent)}${f.uncompressed_bytes ? ` (uncompressed ${formatBytes(f.uncompressed_bytes)})` : ""}`],
+    ["Strategy", f.strategy],
     ["Compression", compression],
+    ...(f.diloco
+      ? ([
+          [
+            "DiLoCo rounds",
+            `${formatCount(f.diloco.rounds)}, ${formatBytes(f.diloco.bytes_per_round)} per round; sync ${f.diloco.sync_s.toFixed(1)} s` +
+              (f.diloco.hidden_fraction !== null ? `, ${Math.round(f.diloco.hidden_fraction * 100)}% of it hidden behind inner steps` : ""),
+          ],
+        ] as [string, string][])
+      : []),
     ["Workers", f.workers],
     ["Faults", f.faults],
     ["Steps redone", stepList(f.steps_redone)],
@@ -319,6 +343,17 @@ function workersTable(d: ReportData): string {
     ]),
     "workers",
   );
+}
+
+/** Under diloco: the rounds, the last 200 of them. */
+function roundsSection(d: ReportData): string {
+  const rounds = d.series.rounds.slice(-200);
+  if (rounds.length === 0) return "";
+  const hidden = (r: DilocoFigures) => (r.comm_s + r.hidden_s > 0 ? `${Math.round((100 * r.hidden_s) / (r.comm_s + r.hidden_s))}%` : "—");
+  return `<h2>DiLoCo rounds</h2>\n${table(
+    ["round", "inner steps to", "fragment", "outer lr", "sync", "hidden", "bytes sent"],
+    rounds.map((r) => [String(r.round + 1), String(r.step + 1), String(r.fragment), formatMetric(r.outer_lr), `${(r.comm_s + r.hidden_s).toFixed(2)} s`, hidden(r), formatBytes(r.bytes_sent)]),
+  )}`;
 }
 
 function faultsSection(d: ReportData): string {
@@ -407,6 +442,7 @@ export function buildReport(run: RunData, generatedAt: Date = new Date()): strin
 ${summaryTable(d)}
 <h2>Workers</h2>
 ${workersTable(d)}
+${roundsSection(d)}
 ${faultsSection(d)}
 ${linksTable(d)}
 <h2>Charts</h2>

@@ -31,6 +31,8 @@ export const summarySchema = z
     uncompressed_bytes: num.optional(),
     compression_ratio: num.nullable().default(null),
     compression: z.object({ method: text }).passthrough().optional(),
+    strategy: z.object({ name: text }).passthrough().optional(),
+    diloco: z.object({ rounds: count, bytes_per_round: num, sync_s: num, hidden_s: num, hidden_fraction: num.nullable() }).passthrough().optional(),
     steps_skipped: z.array(count).default([]),
     left_out: z.array(z.object({ rank: count, id: text, after_step: count, reason: text }).passthrough()).default([]),
     faults: z

@@ -49,6 +49,12 @@ describe("diloco", () => {
     const ddp = lines.reduce((a, l) => a + l.uncompressed_bytes, 0);
     expect(ddp / sent).toBeGreaterThan(4);
     expect(whole.events.filter((e) => e.type === "eval").map((e) => e.step)).toEqual([8, 16]);
+    // The report shows the rounds too.
+    const report = await nimble(["report", whole.runDir!, "--json"], { timeout: 60_000 });
+    const data = JSON.parse(String(report.stdout)).data;
+    expect(data.figures.strategy).toMatch(/^diloco: H=4, 2 fragment\(s\), overlap 1, alpha 0.5, codec int8$/);
+    expect(data.figures.diloco.rounds).toBe(8);
+    expect(data.series.rounds.map((r: { fragment: number }) => r.fragment)).toEqual([0, 1, 0, 1, 0, 1, 0, 1]);
 
     // Stopped after 8 of 16 steps, then resumed: the same weights as straight through.
     const half = await train("half", ["steps: 8", "checkpoint: {every: 8}", STRATEGY]);
