@@ -13,7 +13,7 @@ import {
   progressBar,
   sparkline,
 } from "./format.js";
-import { formatMetrics } from "./plain.js";
+import { formatDiloco, formatMetrics } from "./plain.js";
 import { initialViewState, reduceView, type TrainViewState } from "./state.js";
 import { StateTable } from "./StateTable.js";
 import { Throttle } from "./throttle.js";
@@ -84,6 +84,7 @@ export function TrainView({ state }: { state: TrainViewState }) {
         {`${s.samplesPerS !== undefined ? formatRate(s.samplesPerS) : "-"} samples/s  `}
         {`${formatCount(s.samples)} samples  sent ${formatBytes(s.bytesSent)} (${formatRatio(s.compressionRatio)} compression)`}
       </Text>
+      {s.diloco ? <Text wrap="truncate">{formatDiloco(s.diloco)}</Text> : null}
       {s.eval ? (
         <Text wrap="truncate" color="blue">
           {`eval @ step ${s.eval.step}: ${formatMetrics(s.eval.metrics)}`}

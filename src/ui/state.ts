@@ -1,5 +1,5 @@
 /** What the live view shows, and how each event changes it (pure, no React). */
-import type { TrainEvent, WorkerRow } from "../job/events.js";
+import type { DilocoFigures, TrainEvent, WorkerRow } from "../job/events.js";
 import { formatSummary, type RunTotals } from "./plain.js";
 
 export const LOSS_HISTORY = 40;
@@ -20,6 +20,8 @@ export interface TrainViewState {
   wallS: number;
   bytesSent: number;
   compressionRatio: number;
+  /** Under diloco, the last round's figures. */
+  diloco?: DilocoFigures;
   eval?: { step: number; metrics: Record<string, number> };
   /** Each validation metric's last LOSS_HISTORY values, oldest first (the trend beside the latest). */
   evalHistory: Record<string, number[]>;
@@ -87,6 +89,7 @@ export function reduceView(s: TrainViewState, e: TrainEvent): TrainViewState {
         wallS: e.wall_s,
         bytesSent: e.bytes_sent,
         compressionRatio: e.compression_ratio,
+        ...(e.diloco ? { diloco: e.diloco } : {}),
         workers: e.workers.length > 0 ? e.workers : s.workers,
       };
     }
