@@ -20,6 +20,7 @@ from nimble_worker.strategies.fragments import balanced_split, partition
 from nimble_worker.task import Task
 from nimble_worker.train import Trainer
 from test_worker import FakeProvider
+from test_knobs import BN_TASK
 
 # torchft's recorded regression histories (BSD-3-Clause; see the folder's README.md)
 ORACLES = os.path.join(os.path.dirname(__file__), "fixtures", "torchft-diloco")
@@ -55,18 +56,6 @@ LINEAR_TASK = MOCKED_TASK.replace(
     "return 2 * sum(layer.weight.sum() for layer in model.layers) + 0 * batch.sum()",
     "return sum((layer.weight.sum() * batch).mean() for layer in model.layers)")
 
-BN_TASK = '''
-import torch, torch.nn as nn, torch.nn.functional as F
-class Points(torch.utils.data.Dataset):
-    def __init__(self, n, seed):
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n, 4, generator=g) * 3 + 1
-        self.y = (self.x.sum(1) > 4).long()
-    def __len__(self): return len(self.x)
-    def __getitem__(self, i): return self.x[i], self.y[i]
-def build_dataset(split, args): return Points(48 if split == "train" else 16, 1)
-def build_model(args): return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 2))
-'''
 
 
 def write(tmp_path, text, name="task.py"):
