@@ -213,8 +213,9 @@ function strategyFor(system, steps) {
 }
 
 /**
- * Stop `child` (SIGINT: a clean cancel for `nimble train`, or `signal`) `capS` seconds after
- * `started()` first resolves; `capped.at` is set when it did.
+ * Call `stop` (a clean SIGINT cancel for `nimble train`, SIGKILL for DDP's ranks) `capS`
+ * seconds after the promise `started` (the run's first step) resolves; `capped.at` is set
+ * when it did. Without --cap-s, nothing.
  */
 function capAfter(started, stop) {
   const capped = { at: null, timer: null };

@@ -271,12 +271,15 @@ export function lossChartSvg(results, rateBits = 100e6, rttMs = 0) {
       parts.push(`<line x1="${pad.l}" y1="${sy(target)}" x2="${W - pad.r}" y2="${sy(target)}" stroke="#999" stroke-dasharray="4 3"/>`);
       parts.push(`<text x="${W - pad.r}" y="${sy(target) - 4}" text-anchor="end" font-size="10" fill="#666">target ${target}</text>`);
     }
+    const labelOf = (system) => (g.rtt_ms > 0 && system.startsWith("ddp") ? `${system} (RTT modelled)` : system);
+    // The legend's left edge: room for the longest label (120 px as before for the matrix's names).
+    const legend = Math.max(120, Math.round(6.2 * Math.max(0, ...runs.map(([system]) => labelOf(system).length)) + 20));
     runs.forEach(([system, r], j) => {
       const pts = r.val_curve.map((p) => `${sx(p.t).toFixed(1)},${sy(p.val_loss).toFixed(1)}`).join(" ");
       const colour = COLOURS[system] ?? "#555";
       parts.push(`<polyline fill="none" stroke="${colour}" stroke-width="2" points="${pts}"/>`);
-      parts.push(`<rect x="${W - pad.r - 140}" y="${pad.t + 6 + j * 16}" width="10" height="10" fill="${colour}"/>`);
-      parts.push(`<text x="${W - pad.r - 125}" y="${pad.t + 15 + j * 16}" font-size="11">${system}</text>`);
+      parts.push(`<rect x="${W - pad.r - legend}" y="${pad.t + 6 + j * 16}" width="10" height="10" fill="${colour}"/>`);
+      parts.push(`<text x="${W - pad.r - legend + 15}" y="${pad.t + 15 + j * 16}" font-size="11">${labelOf(system)}</text>`);
     });
     parts.push("</g>");
     return parts.join("\n");
@@ -459,13 +462,13 @@ export function dilocoMarkdown(results) {
     const f = dilocoFigures(results, run);
     const steps = `${run.inner_steps_done}${run.capped ? ` of ${run.steps} (stopped at ${run.cap_s} s)` : ""}`;
     const util = f.utilisation === null ? "—" : `${pct(f.utilisation)}${f.reference_rtt_ms !== null && run.system !== results.reference ? ` (ref. at RTT ${f.reference_rtt_ms})` : ""}`;
-    const fewer = run.system === "ddp" ? "1x" : `${f.fewer_bytes === null ? "—" : `${f.fewer_bytes.toFixed(0)}x`} / ${f.fewer_wire_bytes === null ? "—" : `${f.fewer_wire_bytes.toFixed(0)}x`}`;
-    const hidden = run.hidden_fraction === null ? "—" : pct(run.hidden_fraction);
-    const ttt = run.time_to_target_s === null ? `not in ${run.inner_steps_done} steps` : `${run.time_to_target_s.toFixed(1)} s (step ${run.steps_to_target})`;
+    const fewer = run.reference ? "—" : run.system === "ddp" ? "1x" : `${f.fewer_bytes === null ? "—" : `${f.fewer_bytes.toFixed(0)}x`} / ${f.fewer_wire_bytes === null ? "—" : `${f.fewer_wire_bytes.toFixed(0)}x`}`;
+    const hidden = run.hidden_fraction === null || run.reference ? "—" : pct(run.hidden_fraction);
+    const ttt = run.reference ? "—" : run.time_to_target_s === null ? `not in ${run.inner_steps_done} steps` : `${run.time_to_target_s.toFixed(1)} s (step ${run.steps_to_target})`;
     const vs = (x, self) => (self ? "1.0x" : !x ? "—" : `${x.lower_bound ? "> " : ""}${x.value.toFixed(1)}x`);
     const e = f.equal_samples;
-    const eq = run.system === "ddp" ? fixed(run.final_val_loss, 3) : !e ? "—" : `${e.val_loss.toFixed(3)} / ${e.ddp_val_loss.toFixed(3)} (step ${e.step + 1}${e.final ? "" : ", not final"}): ${e.relative >= 0 ? "+" : ""}${(e.relative * 100).toFixed(1)}%`;
-    lines.push(`${head} | ${s && !run.reference ? s.inner_steps : "—"} | ${s && !run.reference ? `${s.fragments} / ${s.overlap_steps}` : "—"} | ${s ? s.codec : run.system.includes("psgd") ? "PowerSGD r4" : "fp32"} | ${steps} | ${fixed(run.samples_per_s, 1)} | ${util} | ${pct(run.slowest_compute_share)} | ${mb(run.sync_bytes_per_sample)} | ${fewer} | ${hidden} | ${ttt} | ${vs(f.vs_ddp, run.system === "ddp")} | ${vs(f.vs_psgd4, run.system === "nimble-psgd4")} | ${eq} |`);
+    const eq = run.reference ? "— (a reference for speed only)" : run.system === "ddp" ? fixed(run.final_val_loss, 3) : !e ? "—" : `${e.val_loss.toFixed(3)} / ${e.ddp_val_loss.toFixed(3)} (step ${e.step + 1}${e.final ? "" : ", not final"}): ${e.relative >= 0 ? "+" : ""}${(e.relative * 100).toFixed(1)}%`;
+    lines.push(`${head} | ${s ? `${s.inner_steps}${run.reference ? " (all)" : ""}` : "—"} | ${s ? `${s.fragments} / ${s.overlap_steps}` : "—"} | ${s ? s.codec : run.system.includes("psgd") ? "PowerSGD r4" : "fp32"} | ${steps} | ${fixed(run.samples_per_s, 1)} | ${util} | ${pct(run.slowest_compute_share)} | ${mb(run.sync_bytes_per_sample)} | ${fewer} | ${hidden} | ${ttt} | ${vs(f.vs_ddp, run.system === "ddp")} | ${vs(f.vs_psgd4, run.system === "nimble-psgd4")} | ${eq} |`);
   }
   const t = dilocoTargets(results);
   if (t.length) {

@@ -193,6 +193,7 @@ describe("WAN benchmark, DiLoCo suite", () => {
     expect(md).toContain("| compute utilisation >= 95% (samples/s over the same workers' without communication) | diloco-h100-int8 | 94% | **no**: 0.8 points short |");
     const svg = lossChartSvg(results, 100e6, [0, 100]);
     expect(svg).toContain("RTT 100 ms (emulated)");
+    expect(svg).toContain("ddp (RTT modelled)");
     expect(svg.match(/<polyline/g)).toHaveLength(5); // two panels; the reference is left out
   });
 
