@@ -11,6 +11,7 @@ import { trainCommand } from "./commands/train.js";
 import { UserError } from "./errors.js";
 import { MAX_JOB_HOURS } from "./job/provider/settings.js";
 import { parseRate } from "./net/rateLimit.js";
+import { parseSize } from "./runtime/limits.js";
 
 function positiveInt(value: string): number {
   const n = Number(value);
@@ -27,6 +28,14 @@ function fraction(value: string): number {
 function rate(value: string): number {
   try {
     return parseRate(value);
+  } catch (err) {
+    throw new InvalidArgumentError((err as Error).message);
+  }
+}
+
+function size(value: string): number {
+  try {
+    return parseSize(value);
   } catch (err) {
     throw new InvalidArgumentError((err as Error).message);
   }
@@ -119,6 +128,7 @@ program
   .option("--torch <requirement>", "torch requirement for the managed environment")
   .option("--device <id>", "device to measure (default: the first)")
   .option("--quick", "short measurements (less accurate)")
+  .option("--max-memory <size>", "with a config that has parallel: each worker's memory limit the stage plan assumes, e.g. 8GB (as provide's --max-memory; default none)", size)
   .option("--json", "print JSON")
   .action((config: string | undefined, opts) => benchCommand(config, opts));
 

@@ -11,6 +11,7 @@ No dropout, so 1 worker and N workers compute the same steps.
 import math
 import os
 import re
+from collections import OrderedDict
 
 import torch
 import torch.nn as nn
@@ -102,6 +103,9 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
         self.heads = heads
 
+    def reset_parameters(self):
+        """Its parameters are its children's, which reset themselves."""
+
     def forward(self, x):
         b, t, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
@@ -111,18 +115,43 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-class CharTransformer(nn.Module):
-    def __init__(self, vocab, block, d=64, layers=2, heads=4):
+class Embed(nn.Module):
+    """Token plus position embeddings."""
+
+    def __init__(self, vocab, block, d):
         super().__init__()
         self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(block, d)
-        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
-        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
+
+    def reset_parameters(self):
+        """Its parameters are its embeddings', which reset themselves (a pipeline builds
+        the model on the meta device and calls every module's reset_parameters)."""
 
     def forward(self, idx):
-        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
-        for blk in self.blocks:
-            x = blk(x)
-        return self.head(self.ln(x))
+        return self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+
+
+class Head(nn.Module):
+    """Final layer norm and the projection to the vocabulary."""
+
+    def __init__(self, d, vocab):
+        super().__init__()
+        self.ln, self.out = nn.LayerNorm(d), nn.Linear(d, vocab)
+
+    def reset_parameters(self):
+        """Its parameters are its children's, which reset themselves."""
+
+    def forward(self, x):
+        return self.out(self.ln(x))
+
+
+class CharTransformer(nn.Sequential):
+    """embed, block0 .. block{layers-1}, head: an nn.Sequential, so that a pipeline
+    (`parallel:`) can split it between stages."""
+
+    def __init__(self, vocab, block, d=64, layers=2, heads=4):
+        super().__init__(OrderedDict([("embed", Embed(vocab, block, d))]
+                                     + [(f"block{i}", Block(d, heads)) for i in range(layers)]
+                                     + [("head", Head(d, vocab))]))
 
 
 def build_model(args):

@@ -8,6 +8,7 @@ No dropout or batchnorm, so 1 worker and N workers compute the same steps.
 
 import json
 import os
+from collections import OrderedDict
 
 import torch
 import torch.nn as nn
@@ -66,18 +67,18 @@ def build_dataset(split, args):
     return TensorDataset(x[:N_VAL], y[:N_VAL])
 
 
-class SmallCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 3)   # 28 -> 26 -> pool 13
-        self.conv2 = nn.Conv2d(16, 32, 3)  # 13 -> 11 -> pool 5
-        self.fc1 = nn.Linear(32 * 5 * 5, 64)
-        self.fc2 = nn.Linear(64, 10)
+class SmallCNN(nn.Sequential):
+    """conv(16) -> relu -> pool -> conv(32) -> relu -> pool -> fc(64) -> relu -> fc(10), as
+    an nn.Sequential so that a pipeline (`parallel:`) can split it between stages."""
 
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+    def __init__(self):
+        super().__init__(OrderedDict([
+            ("conv1", nn.Conv2d(1, 16, 3)), ("relu1", nn.ReLU()), ("pool1", nn.MaxPool2d(2)),   # 28 -> 26 -> 13
+            ("conv2", nn.Conv2d(16, 32, 3)), ("relu2", nn.ReLU()), ("pool2", nn.MaxPool2d(2)),  # 13 -> 11 -> 5
+            ("flatten", nn.Flatten()),
+            ("fc1", nn.Linear(32 * 5 * 5, 64)), ("relu3", nn.ReLU()),
+            ("fc2", nn.Linear(64, 10)),
+        ]))
 
 
 def build_model(args):

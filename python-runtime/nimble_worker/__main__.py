@@ -23,6 +23,7 @@ from .config import ConfigError, JobConfig
 from .handoff import sync_params, sync_state
 from .limits import apply_limits
 from .link import Link, LinkClosed, LinkError
+from .pipeline.stage_replica import build_replica
 from .replica import Replica
 from .strategies import STRATEGIES, Strategy, build_strategy
 from .task import Task, TaskError
@@ -79,10 +80,10 @@ class Worker:
         cfg = JobConfig.from_dict(h["config"])
         task = Task(h["task_path"], cfg.task_args, h.get("package_dir"), h.get("site_dirs") or ())
         self.comm.world_size = int(h["world_size"])
-        self._replica = Replica(cfg, task, int(h["rank"]), int(h["world_size"]),
-                                str(h.get("device") or "cpu"),
-                                max_micro_batch=h.get("max_micro_batch"),
-                                speed=1.0 if h.get("speed") is None else h["speed"])
+        self._replica = build_replica(cfg, task, int(h["rank"]), int(h["world_size"]),
+                                      str(h.get("device") or "cpu"), pipeline=h.get("pipeline"),
+                                      max_micro_batch=h.get("max_micro_batch"),
+                                      speed=1.0 if h.get("speed") is None else h["speed"])
         self._strategy = build_strategy(cfg, self._replica, TimedComm(self.comm))
         self.link.send({"op": "ready", **self._replica.describe()})
 
@@ -121,6 +122,8 @@ class Worker:
         return None
 
     def sync(self, h: dict, _: bytearray) -> Reply:
+        if self.strategy.name == "pipeline":  # stages differ: every layout starts from the seeded init
+            raise LinkError("sync under pipeline parallelism: its stages are not replicas of one model")
         source = int(h.get("source") or 0)
         # A source no rank holds would zero every weight: refuse it.
         if not 0 <= source < self.replica.world_size:
@@ -131,7 +134,8 @@ class Worker:
     def sync_state(self, h: dict, _: bytearray) -> Reply:
         # A member joined: every member takes rank `source`'s whole training state.
         self.require_decided("sync_state")
-        digest = sync_state(self.replica, self.strategy, self.comm, int(h["source"]))
+        digest = sync_state(self.replica, self.strategy, self.strategy.handoff_comm(self.comm),
+                            int(h["source"]))
         return {"op": "synced_state", "step": self.replica.next_step, "hash": digest}, b""
 
     def decide(self, h: dict, _: bytearray) -> Reply:
@@ -142,7 +146,8 @@ class Worker:
     def eval(self, h: dict, _: bytearray) -> Reply:
         self.require_decided("eval")
         with self.strategy.evaluation_params():  # e.g. DiLoCo's global parameters
-            count, sums, counts = self.replica.eval(int(h["start"]), int(h["count"]), int(h["batch_size"]))
+            count, sums, counts = self.strategy.evaluate(int(h["start"]), int(h["count"]),
+                                                         int(h["batch_size"]), h)
         return {"op": "eval_done", "step": h["step"], "count": count, "sums": sums, "counts": counts}, b""
 
     def state(self, h: dict, _: bytearray) -> Reply:

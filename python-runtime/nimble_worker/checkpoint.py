@@ -45,7 +45,7 @@ def final_weights(replica: Replica) -> bytes:
     others named in `tied` metadata. Tensors of dtypes safetensors lacks are named in
     `dropped` and in the worker's log, not left out silently."""
     tensors, tied, dropped, seen = {}, {}, [], {}
-    for name, t in replica.model.state_dict(keep_vars=False).items():
+    for name, t in replica.weights_state_dict().items():
         if t.dtype not in safetensors.DTYPES:
             dropped.append(f"{name} ({t.dtype})")
             continue

@@ -9,10 +9,15 @@ hand-offs) goes through a `Comm`:
 - `allgather(blob) -> [blob of rank 0, rank 1, ...]`.
 - `world_size`: the members of the ring now (fewer than the job's ranks once some left).
 
+Under pipeline parallelism (`PipeComm`) collectives take a `group` (None: the whole ring;
+"stage": this rank's stage replicas), and `send(to, tag, payload)` / `recv(frm, tag)`
+carry activations between neighbouring stages (`pipe_send` / `pipe_recv` on the link).
+
 Adapters: `LinkComm` (the provider over fd 3, what workers run), `FnComm` (a plain
 `allreduce(buf) -> sum` callable, for tests and single-process runs), `TimedComm`
-(counts the seconds spent in collectives). `compress.fake.FakeGroup` is the in-process
-group of threads used by tests and the DDP oracle.
+(counts the seconds spent in collectives), `GroupComm` (one group's collectives as a
+plain Comm). `compress.fake.FakeGroup` is the in-process group of threads used by tests
+and the DDP oracle; `compress.fake.PipeGroup` the same with stage groups and messages.
 """
 
 from __future__ import annotations
@@ -33,6 +38,43 @@ class Comm(Protocol):
     def allgather(self, blob: bytes) -> list[bytes]: ...
 
 
+class PipeComm(Comm, Protocol):
+    """A Comm of pipeline parallelism: collectives may run on a `group` (None: the whole
+    ring; "stage": this rank's stage replicas), and point-to-point messages go between
+    ranks under a tag (buffered: a send does not wait for its receive)."""
+
+    def allreduce(self, buf: torch.Tensor, codec: str = "f32", group: str | None = None) -> torch.Tensor: ...
+
+    def allgather(self, blob: bytes, group: str | None = None) -> list[bytes]: ...
+
+    def send(self, to: int, tag: str, payload: bytes) -> None: ...
+
+    def recv(self, frm: int, tag: str) -> bytearray: ...
+
+
+GROUPS = (None, "stage")
+
+
+def _check_group(group: str | None) -> None:
+    if group not in GROUPS:
+        raise ValueError(f"unknown collective group {group!r} (None or 'stage')")
+
+
+class GroupComm:
+    """A Comm whose collectives all run on one group of `inner` (e.g. the compressor of a
+    pipeline stage, or a state hand-off between a stage's replicas)."""
+
+    def __init__(self, inner, group: str | None, world_size: int = 1):
+        _check_group(group)
+        self.inner, self.group, self.world_size = inner, group, world_size
+
+    def allreduce(self, buf: torch.Tensor, codec: str = "f32") -> torch.Tensor:
+        return self.inner.allreduce(buf, codec, group=self.group)
+
+    def allgather(self, blob: bytes) -> list[bytes]:
+        return self.inner.allgather(blob, group=self.group)
+
+
 class StepAborted(Exception):
     """A collective of this round was abandoned: a ring member was lost. Raised by the
     worker's Comm; the strategy's round then leaves no trace."""
@@ -49,7 +91,8 @@ class FnComm:
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], world_size: int = 1):
         self.fn, self.world_size = fn, world_size
 
-    def allreduce(self, buf: torch.Tensor, codec: str = "f32") -> torch.Tensor:
+    def allreduce(self, buf: torch.Tensor, codec: str = "f32", group: str | None = None) -> torch.Tensor:
+        self._group(group)
         if codec != "f32" and self.world_size == 1:
             from .compress.fake import encode
             return encode(buf, codec)
@@ -57,10 +100,23 @@ class FnComm:
             raise ValueError(f"this all-reduce callable only takes float32, not {codec}")
         return self.fn(buf)
 
-    def allgather(self, blob: bytes) -> list[bytes]:
+    def allgather(self, blob: bytes, group: str | None = None) -> list[bytes]:
+        self._group(group)
         if self.world_size != 1:
             raise ValueError("this communicator has no allgather")
         return [bytes(blob)]
+
+    def _group(self, group: str | None) -> None:
+        # One worker: its stage group is itself. With more, the callable is the whole ring's.
+        _check_group(group)
+        if group is not None and self.world_size != 1:
+            raise ValueError("this all-reduce callable has no stage groups")
+
+    def send(self, to: int, tag: str, payload: bytes) -> None:
+        raise ValueError("this communicator has no point-to-point messages")
+
+    def recv(self, frm: int, tag: str) -> bytearray:
+        raise ValueError("this communicator has no point-to-point messages")
 
 
 def as_comm(x, world_size: int) -> Comm:
@@ -68,7 +124,8 @@ def as_comm(x, world_size: int) -> Comm:
 
 
 class TimedComm:
-    """Counts the seconds spent inside collectives (`comm_s` of a report)."""
+    """Counts the seconds spent inside collectives and point-to-point messages (`comm_s`
+    of a report)."""
 
     def __init__(self, inner: Comm):
         self.inner, self.seconds = inner, 0.0
@@ -77,17 +134,32 @@ class TimedComm:
     def world_size(self) -> int:
         return self.inner.world_size
 
-    def allreduce(self, buf: torch.Tensor, codec: str = "f32") -> torch.Tensor:
+    def allreduce(self, buf: torch.Tensor, codec: str = "f32", group: str | None = None) -> torch.Tensor:
         t0 = time.perf_counter()
-        try:
-            return self.inner.allreduce(buf, codec)
+        try:  # a Comm without groups is called as before
+            return self.inner.allreduce(buf, codec) if group is None \
+                else self.inner.allreduce(buf, codec, group=group)
         finally:
             self.seconds += time.perf_counter() - t0
 
-    def allgather(self, blob: bytes) -> list[bytes]:
+    def allgather(self, blob: bytes, group: str | None = None) -> list[bytes]:
         t0 = time.perf_counter()
         try:
-            return self.inner.allgather(blob)
+            return self.inner.allgather(blob) if group is None else self.inner.allgather(blob, group=group)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def send(self, to: int, tag: str, payload: bytes) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.inner.send(to, tag, payload)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def recv(self, frm: int, tag: str) -> bytearray:
+        t0 = time.perf_counter()
+        try:
+            return self.inner.recv(frm, tag)
         finally:
             self.seconds += time.perf_counter() - t0
 
@@ -118,13 +190,20 @@ class LinkComm:
             raise LinkError(f"expected {op} {rid}, got {header['op']} id={header.get('id')}")
         return header, payload
 
-    def allreduce(self, buf: torch.Tensor, codec: str = "f32") -> torch.Tensor:
-        rid, count = self.next_id, buf.numel()
+    def _id(self) -> int:
+        rid = self.next_id
         self.next_id += 1
+        return rid
+
+    def allreduce(self, buf: torch.Tensor, codec: str = "f32", group: str | None = None) -> torch.Tensor:
+        _check_group(group)
+        rid, count = self._id(), buf.numel()
+        header = {"op": "allreduce", "id": rid, "dtype": "float32", "count": count,
+                  "codec": codec, "attempt": self.attempt}
+        if group is not None:
+            header["group"] = group
         # The tensor's own memory goes to the socket (no bytes copy of the gradient).
-        self.link.send({"op": "allreduce", "id": rid, "dtype": "float32", "count": count,
-                        "codec": codec, "attempt": self.attempt},
-                       buf.detach().contiguous().numpy())
+        self.link.send(header, buf.detach().contiguous().numpy())
         header, payload = self._reply("allreduce_result", rid)
         if header.get("dtype") != "float32" or header.get("count") != count \
                 or header.get("codec", codec) != codec or len(payload) != 4 * count:
@@ -136,20 +215,45 @@ class LinkComm:
             return torch.zeros(0, dtype=torch.float32)
         return torch.frombuffer(payload, dtype=torch.float32)  # payload: ours, writable
 
-    def allgather(self, blob: bytes) -> list[bytes]:
-        rid = self.next_id
-        self.next_id += 1
-        self.link.send({"op": "allgather", "id": rid, "size": len(blob),
-                        "attempt": self.attempt}, blob)
+    def allgather(self, blob: bytes, group: str | None = None) -> list[bytes]:
+        _check_group(group)
+        rid = self._id()
+        header = {"op": "allgather", "id": rid, "size": len(blob), "attempt": self.attempt}
+        if group is not None:
+            header["group"] = group
+        self.link.send(header, blob)
         header, payload = self._reply("allgather_result", rid)
         sizes = header.get("sizes")
-        if not isinstance(sizes, list) or len(sizes) != self.world_size \
-                or not all(isinstance(s, int) and s >= 0 for s in sizes) \
+        # A stage's replicas are the provider's to count: at least this worker.
+        members_ok = isinstance(sizes, list) and (len(sizes) == self.world_size if group is None
+                                                  else 1 <= len(sizes) <= max(1, self.world_size))
+        if not members_ok or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in sizes) \
                 or sum(sizes) != len(payload):
+            who = f"{self.world_size} workers" if group is None else f"at most {self.world_size} stage replicas"
             raise LinkError(f"allgather_result {rid}: sizes {sizes!r} do not split "
-                            f"{len(payload)} bytes between {self.world_size} workers")
+                            f"{len(payload)} bytes between {who}")
         out, at = [], 0
         for s in sizes:
             out.append(payload[at:at + s])
             at += s
         return out
+
+    def send(self, to: int, tag: str, payload: bytes) -> None:
+        """`payload` for rank `to` under `tag`; returns once the provider has taken it
+        (`pipe_sent`), not when `to` receives it."""
+        rid = self._id()
+        self.link.send({"op": "pipe_send", "id": rid, "to": int(to), "tag": tag,
+                        "size": len(payload), "attempt": self.attempt}, payload)
+        header, body = self._reply("pipe_sent", rid)
+        if len(body):
+            raise LinkError(f"pipe_sent {rid}: carries {len(body)} bytes (it carries none)")
+
+    def recv(self, frm: int, tag: str) -> bytearray:
+        """The message rank `frm` sends under `tag` (`pipe_data`)."""
+        rid = self._id()
+        self.link.send({"op": "pipe_recv", "id": rid, "from": int(frm), "tag": tag,
+                        "attempt": self.attempt})
+        header, payload = self._reply("pipe_data", rid)
+        if header.get("tag") != tag:
+            raise LinkError(f"pipe_data {rid}: tag {header.get('tag')!r}, expected {tag!r}")
+        return payload

@@ -139,6 +139,25 @@ class StrategyConfig:
     with error feedback)."""
 
 
+PIPELINE_SCHEDULES = ("gpipe", "1f1b")
+ACTIVATION_CODECS = ("none", "fp16", "bf16", "int8")
+
+
+@dataclass
+class ParallelConfig:
+    pipeline_stages: int = 1
+    """S: the model's top-level layers in this many contiguous stages (>= 1), each held by
+    workers / S replicas (nimble_worker/pipeline, strategies/pipeline.py)."""
+    micro_batches: int = 4
+    """M: micro-batches each chain's share of a step flows through the stages in (>= 1)."""
+    schedule: str = "1f1b"
+    """gpipe (every forward, then every backward) or 1f1b (one forward one backward after a
+    warmup: at most S - stage micro-batches' activations alive, Narayanan et al. 2021)."""
+    activation_codec: str = "none"
+    """How activations and their gradients travel between stages: none (their own dtype,
+    exact), fp16, bf16 or int8 (blockwise absmax; lossy)."""
+
+
 @dataclass
 class JobConfig:
     name: str = "job"
@@ -175,6 +194,9 @@ class JobConfig:
     """Gradient compression settings (nimble_worker/compress)."""
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     """What one round is and what crosses the network (nimble_worker/strategies)."""
+    parallel: ParallelConfig | None = None
+    """Pipeline parallelism (None: none). When set the strategy is `pipeline`, whatever
+    `strategy` says, and the model is initialised per layer from seeds (pipeline/split.py)."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "JobConfig":
@@ -183,11 +205,29 @@ class JobConfig:
         cfg = _build(cls, d, "")
         cfg.optimizer.betas = tuple(float(b) for b in cfg.optimizer.betas)  # type: ignore[assignment]
         cfg.task_args = dict(cfg.task_args or {})
+        if cfg.parallel is not None:
+            validate_parallel(cfg.parallel)
         return cfg
 
 
+def validate_parallel(p: ParallelConfig) -> None:
+    """Values the types alone do not check; a ConfigError naming `parallel.<field>`."""
+    if p.pipeline_stages < 1:
+        raise ConfigError("parallel.pipeline_stages",
+                          f"parallel.pipeline_stages: expected an integer >= 1, found {p.pipeline_stages}")
+    if p.micro_batches < 1:
+        raise ConfigError("parallel.micro_batches",
+                          f"parallel.micro_batches: expected an integer >= 1, found {p.micro_batches}")
+    for name, allowed in (("schedule", PIPELINE_SCHEDULES), ("activation_codec", ACTIVATION_CODECS)):
+        v = getattr(p, name)
+        if v not in allowed:
+            raise ConfigError(f"parallel.{name}", f"parallel.{name}: expected one of "
+                                                  f"{' | '.join(allowed)}, found {_kind(v)}")
+
+
 SECTIONS = {"optimizer": OptimizerConfig, "lr_schedule": ScheduleConfig, "eval": EvalConfig,
-            "checkpoint": CheckpointConfig, "compression": CompressionConfig, "strategy": StrategyConfig}
+            "checkpoint": CheckpointConfig, "compression": CompressionConfig, "strategy": StrategyConfig,
+            "parallel": ParallelConfig}
 NESTED = {"strategy.outer_optimizer": OuterOptimizerConfig}
 """Sections inside sections, by their dotted name."""
 

@@ -63,10 +63,10 @@ class Replica:
         self.val_ds = task.build_dataset("val")
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        self.model = task.build_model().to(self.device)
+        self.model = self._build_model()
         self.model.train()
         self.params = list(self.model.parameters())
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self._named_parameters() if p.requires_grad]
         self.trainable = [p for _, p in named]
         self.names = [n for n, _ in named]
         self.buffers = [b for b in self.model.buffers()]
@@ -81,6 +81,20 @@ class Replica:
         """"mean" or "sum": which form the task's compute_loss returns (known after its first call)."""
         self.prefetch = Prefetcher(self._load) if cfg.prefetch > 0 else None
         """Loads the next steps' batches in the background; None when prefetch is off."""
+
+    def _build_model(self) -> torch.nn.Module:
+        """The model this replica trains, on its device (a pipeline stage builds only its own
+        layers: pipeline/stage_replica.py)."""
+        return self.task.build_model().to(self.device)
+
+    def _named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """(name, parameter) of every parameter, model.parameters() order; the names are
+        those of the whole model (what gradients and final weights are named by)."""
+        return list(self.model.named_parameters())
+
+    def weights_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state under the whole model's names (model.safetensors)."""
+        return self.model.state_dict(keep_vars=False)
 
     # ---- description -------------------------------------------------------------
     def describe(self) -> dict:

@@ -13,17 +13,19 @@ from .checkpoint import load_checkpoint, load_state_blob, state_blob, state_file
 from .comm import TimedComm, as_comm
 from .config import JobConfig
 from .handoff import sync_params, sync_state
-from .replica import Replica
+from .pipeline.stage_replica import build_replica
 from .strategies import build_strategy
 from .task import Task
 
 
 class Trainer:
     def __init__(self, cfg: JobConfig, task: Task, rank: int, world_size: int, device: str,
-                 comm, max_micro_batch: int | None = None, speed: float = 1.0):
+                 comm, max_micro_batch: int | None = None, speed: float = 1.0,
+                 pipeline: dict | None = None):
         self.cfg = cfg
         self.comm = TimedComm(as_comm(comm, world_size))
-        self.replica = Replica(cfg, task, rank, world_size, device, max_micro_batch, speed)
+        # With `parallel` in the config: the stage `pipeline` names (init's header; None: 0 of 1)
+        self.replica = build_replica(cfg, task, rank, world_size, device, pipeline, max_micro_batch, speed)
         self.strategy = build_strategy(cfg, self.replica, self.comm)
 
     # The parts tests and scripts read.
@@ -61,8 +63,9 @@ class Trainer:
         self.replica.speed.set(speed)
 
     # Rounds (sync: one step each).
-    def prepare(self, t: int, shares: Sequence[int], want_hash: bool = False) -> dict:
-        return self.strategy.prepare({"step": t, "shares": list(shares), "want_hash": want_hash})
+    def prepare(self, t: int, shares: Sequence[int], want_hash: bool = False, **order) -> dict:
+        """Round t (more of the order, e.g. a pipeline's `chains`, in `order`)."""
+        return self.strategy.prepare({"step": t, "shares": list(shares), "want_hash": want_hash, **order})
 
     def commit(self) -> None:
         self.strategy.commit()
@@ -80,7 +83,7 @@ class Trainer:
 
     def eval(self, start: int, count: int, batch_size: int) -> tuple[int, dict[str, float], dict[str, float]]:
         with self.strategy.evaluation_params():  # as the worker does (e.g. DiLoCo's global ones)
-            return self.replica.eval(start, count, batch_size)
+            return self.strategy.evaluate(start, count, batch_size, {})
 
     # Replicas made equal, and state.
     def sync(self, source: int = 0) -> str:
@@ -88,7 +91,7 @@ class Trainer:
 
     def sync_state(self, source: int) -> str:
         self.commit()
-        return sync_state(self.replica, self.strategy, self.comm, source)
+        return sync_state(self.replica, self.strategy, self.strategy.handoff_comm(self.comm), source)
 
     def state_blob(self) -> bytes:
         self.commit()

@@ -16,10 +16,27 @@ export interface IncomingLink {
   link: FrameLink;
 }
 
+/** What a mesh makes of a member's two links: a ring all-reduce (the default) or a pipe. */
+export interface MeshChannel {
+  abort(reason: string): void;
+}
+
+/** The member's links once both are up, for the mesh's channel factory. */
+export interface ChannelLinks {
+  /** The member's rank and its position in the ring of `size`. */
+  rank: number;
+  position: number;
+  size: number;
+  prevRank: number;
+  nextRank: number;
+  next: FrameLink | null;
+  prev: FrameLink | null;
+}
+
 /** What the mesh tells its owner: a narrow set of callbacks, no owner object. */
-export interface MeshEvents {
+export interface MeshEvents<C extends MeshChannel = RingAllReduce> {
   /** Both links of `rank` in `epoch` are up (or it is the only member): its ring, of `size` members. */
-  linked(rank: number, epoch: number, ring: RingAllReduce, size: number): void;
+  linked(rank: number, epoch: number, ring: C, size: number): void;
   /** A link of `rank` broke in `epoch` (once per rank and epoch). */
   lost(rank: number, epoch: number, reason: string): void;
   /** `rank` cannot reach its successor in time, or the ring is malformed: the job cannot go on. */
@@ -50,10 +67,10 @@ export interface MeshOptions {
   holdEarlyMs?: number;
 }
 
-interface Slot {
+interface Slot<C> {
   next: FrameLink | null;
   prev: FrameLink | null;
-  ring: RingAllReduce | null;
+  ring: C | null;
   /** The epoch its ring was last formed in (-1: never since it (re)started). */
   formed: number;
   /** The epoch whose loss it already reported. */
@@ -68,19 +85,23 @@ interface Slot {
  * a hello for an epoch not reached yet is held until `reform` reaches it, one for an older
  * epoch is closed with CLOSE_REFORM.
  */
-export class Mesh {
+export class Mesh<C extends MeshChannel = RingAllReduce> {
   #members: number[];
   #epoch = 0;
   #closed = false;
   readonly #peers: Map<number, RingPeer>;
-  readonly #slots = new Map<number, Slot>();
+  readonly #slots = new Map<number, Slot<C>>();
+  readonly #channel: (links: ChannelLinks) => C;
   #early: IncomingLink[] = [];
   readonly #earlyTimers = new Map<IncomingLink, NodeJS.Timeout>();
 
   constructor(
     private readonly opts: MeshOptions,
-    private readonly events: MeshEvents,
+    private readonly events: MeshEvents<C>,
+    /** What a member's links become (default: a RingAllReduce). */
+    channel?: (links: ChannelLinks) => C,
   ) {
+    this.#channel = channel ?? ((l) => new RingAllReduce({ rank: l.position, size: l.size, next: l.next, prev: l.prev }) as unknown as C);
     this.#members = [...opts.members];
     this.#peers = new Map(opts.peers);
     for (const rank of opts.local) this.#slots.set(rank, { next: null, prev: null, ring: null, formed: -1, lostEpoch: -1, out: false });
@@ -100,7 +121,7 @@ export class Mesh {
     return !!slot && !slot.out && this.#members.includes(rank);
   }
 
-  ringOf(rank: number): RingAllReduce | null {
+  ringOf(rank: number): C | null {
     return this.#slots.get(rank)?.ring ?? null;
   }
 
@@ -217,7 +238,7 @@ export class Mesh {
     for (const e of this.#early) e.link.close(1000, "job ended");
   }
 
-  #unlink(slot: Slot, why: string) {
+  #unlink(slot: Slot<C>, why: string) {
     slot.ring = null;
     for (const link of [slot.next, slot.prev]) link?.close(CLOSE_REFORM, why);
     slot.next = slot.prev = null;
@@ -234,7 +255,8 @@ export class Mesh {
     if (!this.inRing(rank) || slot.formed === this.#epoch) return;
     const size = this.#members.length;
     if (size > 1 && (!slot.next || !slot.prev)) return;
-    slot.ring = new RingAllReduce({ rank: this.neighbours(rank).position, size, next: slot.next, prev: slot.prev });
+    const { position, prev, next } = this.neighbours(rank);
+    slot.ring = this.#channel({ rank, position, size, prevRank: prev, nextRank: next, next: slot.next, prev: slot.prev });
     slot.formed = this.#epoch;
     this.events.linked(rank, this.#epoch, slot.ring, size);
   }

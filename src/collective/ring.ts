@@ -520,6 +520,7 @@ export class RingAllReduce {
     if (frame.kind === "control") {
       const m = frame.msg;
       if (m.t !== "op") throw new ProtocolError(`unexpected "${m.t}" control frame from prev (rank ${prevRank})`);
+      if (m.kind === "pipe") throw new ProtocolError(`a pipe message from prev (rank ${prevRank}) on a ring link`);
       if (this.rx && !this.rx.done) {
         throw new ProtocolError(`prev announced op ${m.op} before finishing op ${this.rx.op}`);
       }

@@ -33,7 +33,7 @@ export async function trainCommand(configArg: string | undefined, options: Train
   const { configPath, resume } = await resolveRun(configArg, options.resume);
   // Resuming runs the run directory's own copies of the config and task.
   const overrides = (options.set ?? []).map(parseOverride);
-  const loaded = await loadConfig(configPath, { ...(resume ? { taskInDir: resume } : {}), overrides });
+  const loaded = await loadConfig(configPath, { ...(resume ? { taskInDir: resume } : {}), overrides, ...(options.local !== undefined ? { localWorkers: options.local } : {}) });
   if (options.dryRun) {
     const python = await resolvePython({ python: options.python, torchSpec: options.torch, onProgress: (line) => process.stderr.write(`${line}\n`) });
     const log = (line: string) => process.stderr.write(`${line}\n`);

@@ -18,6 +18,7 @@ import {
   type JobConfig,
   type RawIssue,
 } from "./schema.js";
+import { withParallelDefaults } from "./parallelRules.js";
 
 export type { JobConfig } from "./schema.js";
 
@@ -87,6 +88,8 @@ export interface LoadOptions {
   taskInDir?: string;
   /** `--set` overrides, applied to the file's values before they are validated. */
   overrides?: ConfigOverride[];
+  /** `nimble train --local N`: the local workers the job starts instead of local_workers (rules that count workers). */
+  localWorkers?: number;
 }
 
 /** The task file names providers accept (src/protocol/messages.ts, `job.task.filename`). */
@@ -194,7 +197,7 @@ export function parseConfigText(text: string, file: string, opts: LoadOptions = 
   const dir = path.dirname(abs);
   const { raw, add, check, finish, issues, text: effective } = parseYaml(text, file, opts.overrides);
   const result = check(jobConfigSchema);
-  for (const r of crossFieldIssues(raw)) {
+  for (const r of crossFieldIssues(raw, { localWorkers: opts.localWorkers })) {
     // A rule that explains a value better than the schema did replaces the schema's issue there.
     const field = fieldName(r.path);
     for (let i = issues.length - 1; i >= 0; i--) if (issues[i].field === field && r.replaces) issues.splice(i, 1);
@@ -223,7 +226,7 @@ export function parseConfigText(text: string, file: string, opts: LoadOptions = 
 
   finish();
   if (!result.success) throw new ConfigIssuesError(file, issues);
-  return { path: abs, dir, config: result.data, taskPath, text: effective, overridden: (opts.overrides ?? []).length > 0 };
+  return { path: abs, dir, config: withParallelDefaults(result.data, raw), taskPath, text: effective, overridden: (opts.overrides ?? []).length > 0 };
 }
 
 function formatIssues(file: string, issues: ConfigIssue[]): string {

@@ -9,6 +9,7 @@
 import { z } from "zod";
 import { KEY_PATTERN } from "../identity/identity.js";
 import { dilocoIssues } from "./dilocoRules.js";
+import { parallelIssues } from "./parallelRules.js";
 
 export const NAME_PATTERN = /^[A-Za-z0-9._-]{1,64}$/;
 
@@ -171,6 +172,27 @@ export const strategySchema = z.discriminatedUnion("name", [
     .strict(),
 ]);
 
+/** How micro-batches flow through the stages: all forwards then all backwards (gpipe), or interleaved (1f1b). */
+export const PIPELINE_SCHEDULES = ["gpipe", "1f1b"] as const;
+/** How activations and their gradients travel between stages. */
+export const ACTIVATION_CODECS = ["none", "fp16", "bf16", "int8"] as const;
+
+/**
+ * Pipeline parallelism (`parallel:`): the model's layers in S contiguous stages, each held by
+ * workers / S replicas; each step's batch flows through every chain of stages in M
+ * micro-batches (src/schedule/stages.ts plans the split). Absent: no pipeline.
+ */
+export const parallelSchema = z
+  .object({
+    /** S: stages along the pipeline; the workers must be a multiple of it. */
+    pipeline_stages: posInt.lte(4096),
+    /** M: micro-batches of each chain's share of a step. */
+    micro_batches: posInt.lte(65_536).default(4),
+    schedule: z.enum(PIPELINE_SCHEDULES).default("1f1b"),
+    activation_codec: z.enum(ACTIVATION_CODECS).default("none"),
+  })
+  .strict();
+
 export const providerSchema = z
   .object({
     address: z.string().regex(ADDRESS_PATTERN),
@@ -201,6 +223,8 @@ export const jobConfigSchema = z
     prefetch: nonNegInt.lte(64).default(2),
     compression: defaultName("powersgd", compressionSchema.default({ method: "powersgd" }), "method"),
     strategy: defaultName("sync", strategySchema.default({ name: "sync" })),
+    /** Pipeline parallelism; absent (no pipeline) when not given, so the parsed config has no key. */
+    parallel: nullAsAbsent(parallelSchema.optional()),
     /** How each step's batch is split: by measured worker speed (default) or equally. */
     balance: z.enum(["measured", "equal"]).default("measured"),
     /**
@@ -269,6 +293,7 @@ export type OptimizerConfig = JobConfig["optimizer"];
 export type CompressionConfig = JobConfig["compression"];
 export type LrScheduleConfig = JobConfig["lr_schedule"];
 export type StrategyConfig = JobConfig["strategy"];
+export type ParallelConfig = NonNullable<JobConfig["parallel"]>;
 export type ProviderConfig = JobConfig["providers"][number];
 
 export interface RawIssue {
@@ -286,8 +311,11 @@ function isInt(v: unknown): v is number {
   return typeof v === "number" && Number.isInteger(v);
 }
 
-/** Rules that span fields, checked on the raw (unvalidated) document. */
-export function crossFieldIssues(raw: unknown): RawIssue[] {
+/**
+ * Rules that span fields, checked on the raw (unvalidated) document. `localWorkers`: the
+ * local workers the command starts when it overrides local_workers (`nimble train --local N`).
+ */
+export function crossFieldIssues(raw: unknown, opts: { localWorkers?: number } = {}): RawIssue[] {
   const issues: RawIssue[] = [];
   if (!isRecord(raw)) return issues;
 
@@ -314,6 +342,7 @@ export function crossFieldIssues(raw: unknown): RawIssue[] {
   }
 
   issues.push(...dilocoIssues(raw));
+  issues.push(...parallelIssues(raw, opts.localWorkers));
 
   if (Array.isArray(raw.providers) && raw.providers.length > 0 && raw.local_workers !== undefined) {
     issues.push({

@@ -42,6 +42,20 @@ export interface DilocoFigures {
 
 export type StatusLevel = "info" | "warn" | "debug";
 
+/** A stage worker's figures of the last step, as the live view shows them. */
+export interface PipelineStageRow {
+  rank: number;
+  stage: number;
+  /** [lo, hi): the top-level layers it holds (null: the task's build_stages). */
+  layers: [number, number] | null;
+  chains: number[];
+  compute_ms: number;
+  send_ms: number;
+  recv_ms: number;
+  bubble_ms: number;
+  peak_saved_bytes: number;
+}
+
 export type TrainEvent =
   /** info: progress a user follows; warn: faults, skipped steps, workers left out; debug: detail (rebalanced shares). */
   | { type: "status"; message: string; level?: StatusLevel }
@@ -65,6 +79,8 @@ export type TrainEvent =
       workers: WorkerRow[];
       /** Under diloco: the round just ended, the fragment it synced, its outer lr, and the share of its sync hidden behind inner steps. */
       diloco?: DilocoFigures;
+      /** Under `parallel`: one row per stage worker (layers held, its step's compute / send / receive / bubble ms). */
+      pipeline?: PipelineStageRow[];
     }
   | { type: "eval"; step: number; metrics: Record<string, number> }
   | { type: "checkpoint"; step: number; path: string }

@@ -116,8 +116,8 @@ export class Authorizer {
   }
 
   /** The hello this host sends its ring successor on the session `binding`. */
-  ringHello(job: { job: string; credential: Credential }, from: number, to: number, epoch: number, binding: Uint8Array): RingHello {
-    const base = { job: job.job, from, to, epoch };
+  ringHello(job: { job: string; credential: Credential }, from: number, to: number, epoch: number, binding: Uint8Array, group?: string): RingHello {
+    const base = { job: job.job, from, to, epoch, ...(group ? { group } : {}) };
     return { ...base, ...prove(this.identity, PURPOSE.ring, binding, { context: ringContext(base) }), credential: job.credential };
   }
 
@@ -127,8 +127,9 @@ export class Authorizer {
   }
 }
 
-function ringContext(h: { job: string; from: number; to: number; epoch?: number }): string {
-  return `${h.job}\n${h.from}->${h.to}@${h.epoch ?? 0}`;
+function ringContext(h: { job: string; from: number; to: number; epoch?: number; group?: string }): string {
+  // A group's links are signed as such: a ring link cannot be replayed as a pipe's.
+  return `${h.job}\n${h.from}->${h.to}@${h.epoch ?? 0}${h.group ? `#${h.group}` : ""}`;
 }
 
 function digest(s: string): Buffer {

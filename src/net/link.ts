@@ -416,7 +416,7 @@ export function readRingHello(ws: WebSocket | FrameLink, timeoutMs: number, opts
  * the hello stay queued until someone calls link.onFrame); refused, it closes with the
  * code `admit` gives and this throws ProtocolError.
  */
-export function admitRingHello(arrived: { hello: ArrivedHello; link: FrameLink }, admit: RingAdmission): { from: number; to: number; epoch: number; link: FrameLink } {
+export function admitRingHello(arrived: { hello: ArrivedHello; link: FrameLink }, admit: RingAdmission): { from: number; to: number; epoch: number; group?: string; link: FrameLink } {
   const { hello, link } = arrived;
   const refusal = admit(hello, sessionBinding(link.ws, RING_BINDING));
   link.ws.resume();
@@ -424,7 +424,7 @@ export function admitRingHello(arrived: { hello: ArrivedHello; link: FrameLink }
     link.close(refusal.code, refusal.reason);
     throw new ProtocolError(refusal.reason);
   }
-  return { from: hello.from, to: hello.to, epoch: hello.epoch, link };
+  return { from: hello.from, to: hello.to, epoch: hello.epoch, ...(hello.group ? { group: hello.group } : {}), link };
 }
 
 /** `readRingHello` then `admitRingHello`. */
@@ -433,6 +433,6 @@ export async function acceptRingPeer(
   admit: RingAdmission,
   timeoutMs: number,
   opts: LinkOptions = {},
-): Promise<{ from: number; to: number; epoch: number; link: FrameLink }> {
+): Promise<{ from: number; to: number; epoch: number; group?: string; link: FrameLink }> {
   return admitRingHello(await readRingHello(ws, timeoutMs, opts), admit);
 }

@@ -100,6 +100,11 @@ export const HelloSchema = z
     to: rank,
     /** Which formation of the ring this connection belongs to (it re-forms when ranks leave). */
     epoch: u32.default(0),
+    /**
+     * Absent: the job's ring. Otherwise the group this link belongs to: a stage's ring of
+     * replicas (`stage:S`) or a point-to-point pipe between consecutive stages (`pipe:A:B`).
+     */
+    group: z.string().regex(/^[a-z0-9:_-]{1,64}$/).optional(),
     key: proofFields.key,
     nonce: proofFields.nonce,
     sig: proofFields.sig,
@@ -132,15 +137,30 @@ export const AllGatherOpSchema = z
   })
   .strict();
 
+/**
+ * Announces point-to-point message number `op` on a pipe link (pipeline stages): `size`
+ * bytes follow in blob chunks (phase 0, owner 0), delivered to the receiver's `tag`.
+ */
+export const PipeOpSchema = z
+  .object({
+    t: z.literal("op"),
+    op: u32,
+    kind: z.literal("pipe"),
+    tag: z.string().regex(/^[A-Za-z0-9:._-]{1,128}$/),
+    size: u32,
+  })
+  .strict();
+
 /** Kept under its old name: the all-reduce announcement. */
 export const OpSchema = AllReduceOpSchema;
 
-export const ControlSchema = z.union([HelloSchema, AllReduceOpSchema, AllGatherOpSchema]);
+export const ControlSchema = z.union([HelloSchema, AllReduceOpSchema, AllGatherOpSchema, PipeOpSchema]);
 
 export type HelloMessage = z.infer<typeof HelloSchema>;
 export type AllReduceOpMessage = z.infer<typeof AllReduceOpSchema>;
 export type AllGatherOpMessage = z.infer<typeof AllGatherOpSchema>;
-export type OpMessage = AllReduceOpMessage | AllGatherOpMessage;
+export type PipeOpMessage = z.infer<typeof PipeOpSchema>;
+export type OpMessage = AllReduceOpMessage | AllGatherOpMessage | PipeOpMessage;
 export type ControlMessage = HelloMessage | OpMessage;
 
 export interface ChunkHeader {
@@ -230,6 +250,7 @@ function parseControl(value: object): ParseResult {
   let result: z.SafeParseReturnType<unknown, ControlMessage>;
   if (t === "hello") result = HelloSchema.safeParse(value);
   else if (t === "op" && kind === "allgather") result = AllGatherOpSchema.safeParse(value);
+  else if (t === "op" && kind === "pipe") result = PipeOpSchema.safeParse(value);
   else if (t === "op") result = AllReduceOpSchema.safeParse(value);
   else return { success: false, error: `t: expected "hello" or "op"` };
   return result.success ? { success: true, data: result.data } : { success: false, error: describeIssues(result.error) };

@@ -22,6 +22,22 @@ const finite = z.number().finite();
 const count = z.number().int().min(0);
 const bytes = z.custom<Uint8Array>((value) => value instanceof Uint8Array, "expected binary data");
 const ringMember = z.object({ rank: count, url: z.string().max(1024), key: keySchema });
+/** A group of ranks with links of its own (src/collective/groups.ts): a stage's ring, or a pipe. */
+export const groupSpecSchema = z.object({
+  id: z.string().regex(/^[a-z0-9:_-]{1,64}$/),
+  kind: z.enum(["ring", "pipe"]),
+  members: z.array(count).min(1).max(4096),
+});
+/** Pipeline parallelism's layout, as providers need it: each rank's stage, the layers of each, the groups. */
+export const pipelineSpecSchema = z.object({
+  stages: z.number().int().min(1).max(4096),
+  /** Top-level layer index where each stage starts, and the end (stages + 1 numbers); null: the task's build_stages. */
+  bounds: z.array(count).max(4097).nullable(),
+  /** The stage of every rank the job has had. */
+  stage_of: z.array(count).max(4096),
+  groups: z.array(groupSpecSchema).max(16384),
+});
+export type PipelineSpec = z.infer<typeof pipelineSpecSchema>;
 
 export const deviceSchema = z.object({
   id: z.string().max(64),
@@ -140,6 +156,8 @@ export const toProviderSchema = z.discriminatedUnion("t", [
      * provider installs exactly these wheels (its own check of every line) unless its owner forbids it.
      */
     requirements: z.object({ hash: z.string().regex(/^[0-9a-f]{64}$/), lock: z.string().max(64 * 1024) }).optional(),
+    /** Pipeline parallelism (config `parallel`): the stages, and the groups each rank links into. */
+    pipeline: pipelineSpecSchema.optional(),
   }),
   /** Part of the package a provider asked for, in order: `offset` is the bytes sent before it. */
   z.object({ t: z.literal("package_chunk"), hash: z.string().regex(/^[0-9a-f]{64}$/), offset: count, data: bytes }),
@@ -157,6 +175,8 @@ export const toProviderSchema = z.discriminatedUnion("t", [
     members: z.array(count).min(1).max(4096),
     /** Data-plane URLs of ranks that joined since the job started. */
     urls: z.array(ringMember).max(4096).optional(),
+    /** Pipeline parallelism: the groups of this epoch (stage rings, pipes), beside the ring. */
+    groups: z.array(groupSpecSchema).max(16384).optional(),
   }),
   /** Measure this provider's upload to the next member's provider (the `/bench` path, with its credential). */
   z.object({ t: z.literal("probe_links"), bytes: z.number().int().min(1024).max(256 * 1024 * 1024) }),

@@ -20,8 +20,28 @@ const stateKind = z.enum(["checkpoint", "final", "compressor"]);
 /** A state file: its name becomes a file in a run directory, so it is a plain name. */
 const fileEntry = z.object({ name: z.string().regex(/^[A-Za-z0-9._-]{1,128}$/), size: count });
 const speed = z.number().gt(0).lte(1);
+/** A point-to-point message's tag between pipeline stages (`f:step:chain:micro-batch`, ...). */
+const pipeTag = z.string().regex(/^[A-Za-z0-9:._-]{1,128}$/);
+/** Which ring a collective runs on: absent, the job's; `stage`, the worker's stage replicas'. */
+const group = z.literal("stage").optional();
 /** The last round's decision, riding on an order that every member receives: applied on receipt. */
 const decision = decisionSchema.optional();
+
+const seconds = z.number().finite().nonnegative();
+/** One stage worker's figures of a pipeline step; the timeline is bounded (4 entries per micro-batch). */
+export const pipelineReportSchema = z.object({
+  stage: count,
+  chains: z.array(count).max(4096),
+  compute_s: seconds,
+  send_s: seconds,
+  recv_s: seconds,
+  bubble_s: seconds,
+  peak_saved_bytes: count,
+  act_bytes_sent: count,
+  /** [F or B, chain, micro-batch, start, end] with wall-clock seconds (time.time()). */
+  timeline: z.array(z.tuple([z.enum(["F", "B"]), count, count, z.number().finite(), z.number().finite()])).max(65536).default([]),
+});
+export type PipelineReport = z.infer<typeof pipelineReportSchema>;
 
 /** Orders every strategy shares, from the provider to its worker. */
 export const sharedOrders = {
@@ -49,6 +69,8 @@ export const sharedOrders = {
     limits: z
       .object({ max_processes: z.number().int().min(16), max_file_bytes: z.number().int().min(1), max_memory_bytes: z.number().int().min(1).nullable() })
       .optional(),
+    /** Pipeline parallelism: the stage this worker holds, of `stages`, and where each stage's layers start (null: the task's build_stages). */
+    pipeline: z.object({ stage: count, stages: z.number().int().min(1), bounds: z.array(count).max(4097).nullable() }).optional(),
   }),
   /** Rank `source` contributes its parameters to one all-reduce, the others zeros. */
   sync: z.object({ op: z.literal("sync"), source: count.optional() }),
@@ -58,7 +80,8 @@ export const sharedOrders = {
   sync_state: z.object({ op: z.literal("sync_state"), source: count, decision }),
   /** A decision alone: apply it (an abort also ends the round waiting on a collective); reply with the hash after it. */
   decide: decisionSchema.extend({ op: z.literal("decide") }),
-  eval: z.object({ op: z.literal("eval"), step: count, start: count, count, batch_size: z.number().int().min(1), decision }),
+  /** Pipeline: `chains` (as in pipe_step) share the items; only last stages report sums. */
+  eval: z.object({ op: z.literal("eval"), step: count, start: count, count, batch_size: z.number().int().min(1), chains: z.array(z.array(count).max(4096)).max(4096).optional(), decision }),
   state: z.object({ op: z.literal("state"), kind: stateKind, decision }),
   /** Payload: the files' bytes concatenated in order. */
   load_state: z.object({ op: z.literal("load_state"), files: z.array(fileEntry).max(4096) }),
@@ -69,6 +92,10 @@ export const sharedOrders = {
   allreduce_result: z.object({ op: z.literal("allreduce_result"), id: count, dtype: z.literal("float32"), count, codec: codec.optional() }),
   /** Payload: every member's blob, concatenated in ring order. */
   allgather_result: z.object({ op: z.literal("allgather_result"), id: count, sizes: z.array(count).max(4096) }),
+  /** A pipe_send's bytes are on their way (handed to the link). */
+  pipe_sent: z.object({ op: z.literal("pipe_sent"), id: count }),
+  /** Payload: the message a pipe_recv asked for. */
+  pipe_data: z.object({ op: z.literal("pipe_data"), id: count, tag: pipeTag }),
 };
 
 /** The rounds of each strategy (its `Strategy.orders` on the worker), by strategy name. */
@@ -80,6 +107,21 @@ export const strategyOrders = {
   diloco: {
     /** `steps` inner steps from `step`, each of the global batch split by `shares`, then the sync of one fragment. */
     round: z.object({ op: z.literal("round"), step: count, steps: z.number().int().min(1).max(1_000_000), shares: z.array(count).max(4096), want_hash: z.boolean(), attempt: count, decision }),
+  },
+  pipeline: {
+    /**
+     * One optimizer step through the stages: chains[d][s] is the rank serving stage s for
+     * chain d, shares[d] its samples (in micro-batches); a worker serves every chain naming it.
+     */
+    pipe_step: z.object({
+      op: z.literal("pipe_step"),
+      step: count,
+      chains: z.array(z.array(count).min(1).max(4096)).min(1).max(4096),
+      shares: z.array(count).max(4096),
+      want_hash: z.boolean(),
+      attempt: count,
+      decision,
+    }),
   },
 };
 
@@ -94,8 +136,13 @@ export const fromWorker = {
     codec: codec.default("f32"),
     /** The step attempt it belongs to (from the `step` message); stale ones are dropped. */
     attempt: count.default(0),
+    group,
   }),
-  allgather: z.object({ op: z.literal("allgather"), id: count, size: count, attempt: count.default(0) }),
+  allgather: z.object({ op: z.literal("allgather"), id: count, size: count, attempt: count.default(0), group }),
+  /** Payload: `size` bytes for rank `to` (a neighbouring stage's worker), under `tag`. */
+  pipe_send: z.object({ op: z.literal("pipe_send"), id: count, to: count, tag: pipeTag, size: count, attempt: count.default(0) }),
+  /** The message rank `from` sends under `tag` (answered by pipe_data). */
+  pipe_recv: z.object({ op: z.literal("pipe_recv"), id: count, from: count, tag: pipeTag, attempt: count.default(0) }),
   synced: z.object({ op: z.literal("synced"), hash }),
   synced_state: z.object({ op: z.literal("synced_state"), step: count, hash }),
   /** The decision for round `step` is applied; `next_step` is the step it runs next, `hash` of its parameters now. */
@@ -104,6 +151,8 @@ export const fromWorker = {
     op: z.literal("step_done"),
     /** float32 elements the step's gradient would all-reduce uncompressed. */
     dense_count: count.default(0),
+    /** Pipeline: this stage's figures of the step (src/strategy/pipeline.ts). */
+    pipeline: pipelineReportSchema.optional(),
   }),
   /** A DiLoCo round: its inner steps' figures, and the sync of fragment `fragment`. */
   round_done: stepReportSchema.extend({
@@ -131,7 +180,7 @@ export const fromWorker = {
   }),
 };
 
-type Orders = typeof sharedOrders & typeof strategyOrders.sync & typeof strategyOrders.diloco;
+type Orders = typeof sharedOrders & typeof strategyOrders.sync & typeof strategyOrders.diloco & typeof strategyOrders.pipeline;
 export type OrderOp = keyof Orders;
 /** What a provider may send its worker (defaults not yet applied: as written). */
 export type ToWorker = { [K in OrderOp]: z.input<Orders[K]> }[OrderOp];
@@ -155,15 +204,19 @@ export const replies: Record<OrderOp, readonly FromWorkerOp[]> = {
   stop: [],
   allreduce_result: [],
   allgather_result: [],
+  pipe_sent: [],
+  pipe_data: [],
   /** decided: an abort arrived while the round waited on a collective. */
   step: ["step_done", "decided"],
   round: ["round_done", "decided"],
+  pipe_step: ["step_done", "decided"],
 };
 
 /** Payload bytes each message from the worker must carry (none unless listed). */
 const payloadBytes: { [K in FromWorkerOp]?: (m: z.output<(typeof fromWorker)[K]>) => number } = {
   allreduce: (m) => m.count * 4,
   allgather: (m) => m.size,
+  pipe_send: (m) => m.size,
   state: (m) => m.files.reduce((sum, f) => sum + f.size, 0),
 };
 
@@ -195,9 +248,9 @@ export function parseFromWorker(message: { header: Record<string, unknown>; payl
 }
 
 /** Orders the provider itself sends its workers (lifecycle, the ring, testing aids, collectives). */
-const PROVIDER_ORDERS = ["init", "ring", "set_speed", "stop", "allreduce_result", "allgather_result"] as const;
+const PROVIDER_ORDERS = ["init", "ring", "set_speed", "stop", "allreduce_result", "allgather_result", "pipe_sent", "pipe_data"] as const;
 const providerOrders = new Set<string>(PROVIDER_ORDERS);
-type RoundOp = keyof typeof strategyOrders.sync | keyof typeof strategyOrders.diloco;
+type RoundOp = keyof typeof strategyOrders.sync | keyof typeof strategyOrders.diloco | keyof typeof strategyOrders.pipeline;
 type CoordinatorOp = Exclude<OrderOp, (typeof PROVIDER_ORDERS)[number]>;
 /** What a coordinator may order a worker (round orders without their `attempt`: the provider adds it). */
 export type CoordinatorOrder = { [K in CoordinatorOp]: K extends RoundOp ? Omit<z.input<Orders[K]>, "attempt"> : z.input<Orders[K]> }[CoordinatorOp];
@@ -238,5 +291,5 @@ export function parseOrder(order: Record<string, unknown>, payloadBytes: number,
 }
 
 /** Messages of a worker that its provider acts on itself; every other one is a report, passed on. */
-export const providerHandles: ReadonlySet<FromWorkerOp> = new Set(["ready", "allreduce", "allgather", "error"]);
-export type ReportOp = Exclude<FromWorkerOp, "ready" | "allreduce" | "allgather" | "error">;
+export const providerHandles: ReadonlySet<FromWorkerOp> = new Set(["ready", "allreduce", "allgather", "pipe_send", "pipe_recv", "error"]);
+export type ReportOp = Exclude<FromWorkerOp, "ready" | "allreduce" | "allgather" | "pipe_send" | "pipe_recv" | "error">;

@@ -7,6 +7,7 @@ import type { StepMetrics } from "../job/runDir.js";
 import type { DilocoFigures } from "../job/events.js";
 import { type RunData, type RunFigures, runFigures } from "../runs/runData.js";
 import { formatBytes, formatCount, formatDuration, formatMetric, formatRate, formatRatio } from "../ui/format.js";
+import { type PipelineReport, pipelineReport, pipelineSection } from "./pipeline.js";
 import { type ChartSpec, escapeXml, type Marker, movingAverage, niceTicks, PALETTE, type Point, renderChart, type Series, stack } from "./svg.js";
 
 type Fault = TrainSummary["faults"][number];
@@ -48,6 +49,8 @@ export interface ReportData {
   faults: ReportFault[];
   left_out: TrainSummary["left_out"];
   links: TrainSummary["links"];
+  /** Under `parallel`: the plan, one step's timeline and the bubble (summary.json's, checked). */
+  pipeline: PipelineReport | null;
   series: {
     loss: { step: number; wall_s: number; loss: number }[];
     eval: { step: number; wall_s: number; metrics: Record<string, number> }[];
@@ -138,6 +141,7 @@ export function reportData(run: RunData): ReportData {
     faults: (s?.faults ?? []).map((f) => ({ ...f, wall_s: typeof f.wall_s === "number" ? f.wall_s : wallAtStep(metrics, f.step) })),
     left_out: s?.left_out ?? [],
     links: s?.links ?? [],
+    pipeline: pipelineReport(s?.pipeline),
     series: {
       loss: metrics.filter((m) => typeof m.loss === "number" && Number.isFinite(m.loss)).map((m) => ({ step: m.step, wall_s: m.wall_s, loss: m.loss! })),
       eval: metrics.filter((m) => m.eval && Object.keys(m.eval).length > 0).map((m) => ({ step: m.step, wall_s: m.wall_s, metrics: m.eval! })),
@@ -443,6 +447,7 @@ ${summaryTable(d)}
 <h2>Workers</h2>
 ${workersTable(d)}
 ${roundsSection(d)}
+${pipelineSection(d.pipeline)}
 ${faultsSection(d)}
 ${linksTable(d)}
 <h2>Charts</h2>

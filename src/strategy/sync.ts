@@ -1,3 +1,4 @@
+import type { GroupSpec } from "../collective/groups.js";
 import { expectedFrameBytesPerNode } from "../collective/ring.js";
 import type { JobConfig } from "../config/schema.js";
 import type { CoordinatorOrder } from "../protocol/workerOps.js";
@@ -190,6 +191,24 @@ export class SyncStrategy implements Strategy<SyncPlan, SyncResult> {
       workers: this.#members.map((rank, k) => ({ id: describe(rank), samplesPerS: rates[k], linkBytesPerS: links.get(rank) })),
     });
     return decision.excluded.map((e) => ({ rank: this.#members[e.index], reason: e.reason }));
+  }
+
+  /** Groups of links beside the ring that `members` need (none: sync needs only the ring). */
+  groupsFor(_members: readonly number[]): GroupSpec[] | undefined {
+    return undefined;
+  }
+
+  /**
+   * Who hands their state to `joined` and to whom (undefined: one member's state to all of
+   * `members` over the ring, as sync does).
+   */
+  handovers(_members: readonly number[], _joined: readonly number[]): { source: number; members: number[] }[] | undefined {
+    return undefined;
+  }
+
+  /** Ranks whose parameter hashes must agree share a group (sync: every replica). */
+  hashGroup(_rank: number): number {
+    return 0;
   }
 
   state(): null {

@@ -14,6 +14,7 @@ import {
   sparkline,
 } from "./format.js";
 import { formatDiloco, formatMetrics } from "./plain.js";
+import { formatPipelineRows } from "./pipeline.js";
 import { initialViewState, reduceView, type TrainViewState } from "./state.js";
 import { StateTable } from "./StateTable.js";
 import { Throttle } from "./throttle.js";
@@ -85,6 +86,15 @@ export function TrainView({ state }: { state: TrainViewState }) {
         {`${formatCount(s.samples)} samples  sent ${formatBytes(s.bytesSent)} (${formatRatio(s.compressionRatio)} compression)`}
       </Text>
       {s.diloco ? <Text wrap="truncate">{formatDiloco(s.diloco)}</Text> : null}
+      {s.pipeline ? (
+        <Box flexDirection="column">
+          {formatPipelineRows(s.pipeline).map((l, i) => (
+            <Text key={i} wrap="truncate" color="cyan">
+              {l}
+            </Text>
+          ))}
+        </Box>
+      ) : null}
       {s.eval ? (
         <Text wrap="truncate" color="blue">
           {`eval @ step ${s.eval.step}: ${formatMetrics(s.eval.metrics)}`}

@@ -4,6 +4,7 @@
  */
 import type { DilocoFigures, Reporter, StatusLevel, TrainEvent, WorkerRow } from "../job/events.js";
 import { formatBytes, formatCount, formatDuration, formatMetric, formatRate, formatRatio, formatSci } from "./format.js";
+import { formatPipelineLine } from "./pipeline.js";
 
 /** Anything with a string `write` (process.stdout, a file stream, a test buffer). */
 export interface TextSink {
@@ -197,6 +198,7 @@ export class PlainReporter implements Reporter {
 
   private printStep(e: StepEvent): void {
     this.line(formatStepLine(e));
+    if (e.pipeline && e.pipeline.length > 0) this.line(formatPipelineLine(e.pipeline));
     this.lastPrintAt = this.now();
     this.lastPrintedStep = e.step;
     this.pendingStep = undefined;

@@ -1,5 +1,5 @@
 /** What the live view shows, and how each event changes it (pure, no React). */
-import type { DilocoFigures, TrainEvent, WorkerRow } from "../job/events.js";
+import type { DilocoFigures, PipelineStageRow, TrainEvent, WorkerRow } from "../job/events.js";
 import { formatSummary, type RunTotals } from "./plain.js";
 
 export const LOSS_HISTORY = 40;
@@ -22,6 +22,8 @@ export interface TrainViewState {
   compressionRatio: number;
   /** Under diloco, the last round's figures. */
   diloco?: DilocoFigures;
+  /** Under `parallel`, each stage worker's figures of the last step. */
+  pipeline?: PipelineStageRow[];
   eval?: { step: number; metrics: Record<string, number> };
   /** Each validation metric's last LOSS_HISTORY values, oldest first (the trend beside the latest). */
   evalHistory: Record<string, number[]>;
@@ -90,6 +92,7 @@ export function reduceView(s: TrainViewState, e: TrainEvent): TrainViewState {
         bytesSent: e.bytes_sent,
         compressionRatio: e.compression_ratio,
         ...(e.diloco ? { diloco: e.diloco } : {}),
+        ...(e.pipeline && e.pipeline.length > 0 ? { pipeline: e.pipeline } : {}),
         workers: e.workers.length > 0 ? e.workers : s.workers,
       };
     }

@@ -3,12 +3,13 @@ import { tmpdir } from "node:os";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ConfigError } from "../../src/errors.js";
-import { ConfigIssuesError, loadConfig, parseConfigText, parseOverride, type ConfigIssue } from "../../src/config/load.js";
+import { ConfigIssuesError, loadConfig, parseConfigText, parseOverride, type ConfigIssue, type LoadOptions } from "../../src/config/load.js";
+import { checkPipelineWorkers } from "../../src/config/parallelRules.js";
 
 /** The message parsing `text` as `file` fails with ("" when it does not). */
-function errorOf(text: string, file: string): string {
+function errorOf(text: string, file: string, opts?: LoadOptions): string {
   try {
-    parseConfigText(text, file);
+    parseConfigText(text, file, opts);
   } catch (err) {
     return (err as Error).message;
   }
@@ -156,7 +157,7 @@ providers:
     expect(issues[0]).toMatchObject({ line: 5, col: 1, field: "stpes" });
     expect(issues[0]!.message).toContain('unknown key "stpes"');
     expect(issues[0]!.message).toContain(
-      "allowed keys: name, task, task_args, steps, batch_size, seed, optimizer, lr_schedule, grad_clip, precision, prefetch, compression, strategy, balance, leave_out_slow, eval, checkpoint, faults, providers, local_workers, output, package_limit_mb, requirements",
+      "allowed keys: name, task, task_args, steps, batch_size, seed, optimizer, lr_schedule, grad_clip, precision, prefetch, compression, strategy, parallel, balance, leave_out_slow, eval, checkpoint, faults, providers, local_workers, output, package_limit_mb, requirements",
     );
   });
 
@@ -415,6 +416,75 @@ describe("strategy section", () => {
     expect(message).not.toContain("found \"topk\" (a string)"); // the clearer rule replaces the schema's message
     expect(messageOf(dl("strategy: {name: diloco, inner_steps: 0}\n"))).toMatch(/strategy\.inner_steps: expected an integer >= 1/);
     expect(messageOf(dl("compression: {method: none}\nstrategy: {name: diloco, inner_steps: 5}\n"))).toMatch(/compression: is not used under strategy diloco: strategy\.codec carries the pseudo-gradient/);
+  });
+
+  it("parallel: absent by default, its defaults, and compression none under it", () => {
+    expect("parallel" in parseConfigText(body(""), file).config).toBe(false);
+    expect(parseConfigText(body("parallel:\n"), file).config.parallel).toBeUndefined();
+    const { config } = parseConfigText(body("parallel: {pipeline_stages: 2}\n"), file);
+    expect(config.parallel).toEqual({ pipeline_stages: 2, micro_batches: 4, schedule: "1f1b", activation_codec: "none" });
+    expect(config.compression).toEqual({ method: "none" }); // the job default (powersgd) cannot carry a stage's gradient
+    const given = parseConfigText(body("compression: {method: int8}\nparallel: {pipeline_stages: 1, micro_batches: 2, schedule: gpipe, activation_codec: bf16}\n"), file).config;
+    expect(given.parallel).toEqual({ pipeline_stages: 1, micro_batches: 2, schedule: "gpipe", activation_codec: "bf16" });
+    expect(given.compression).toEqual({ method: "int8" });
+  });
+
+  it("parallel: its own keys' errors with their lines", () => {
+    expect(messageOf(body("parallel:\n  pipeline_stages: 0\n"))).toContain(`${file}:6:20: parallel.pipeline_stages: expected an integer >= 1 and <= 4096, found 0`);
+    expect(messageOf(body("parallel:\n  micro_batches: 2\n"))).toContain(`${file}:5:1: parallel.pipeline_stages: missing required field`);
+    expect(messageOf(body("parallel:\n  pipeline_stages: 2\n  schedule: zb\n"))).toContain(`${file}:7:13: parallel.schedule: expected one of gpipe | 1f1b, found "zb" (a string)`);
+    expect(messageOf(body("parallel:\n  pipeline_stages: 2\n  activation_codec: int4\n"))).toContain(`${file}:7:21: parallel.activation_codec: expected one of none | fp16 | bf16 | int8, found "int4" (a string)`);
+    expect(messageOf(body("parallel:\n  pipeline_stages: 2\n  stages: 2\n"))).toContain(`${file}:7:3: parallel.stages: unknown key "stages" in parallel; allowed keys: pipeline_stages, micro_batches, schedule, activation_codec`);
+  });
+
+  it("parallel: its rules between keys, with their lines", () => {
+    // 3 local workers cannot form 2 stages of equal size.
+    expect(messageOf(body("local_workers: 3\nparallel:\n  pipeline_stages: 2\n"))).toContain(
+      `${file}:7:20: parallel.pipeline_stages: 2 does not divide the 3 workers (local_workers 3): every stage needs the same number of replicas; expected a divisor of 3 (1, 3)`,
+    );
+    // The default local_workers (2) counts too.
+    expect(messageOf(body("parallel: {pipeline_stages: 3}\n"))).toContain(`parallel.pipeline_stages: 3 does not divide the 2 workers (local_workers, 2 by default)`);
+    // --local N counts instead of local_workers.
+    expect(parseConfigText(body("parallel: {pipeline_stages: 4}\n"), file, { localWorkers: 4 }).config.parallel?.pipeline_stages).toBe(4);
+    expect(errorOf(body("local_workers: 4\nparallel: {pipeline_stages: 4}\n"), file, { localWorkers: 6 })).toContain("parallel.pipeline_stages: 4 does not divide the 6 workers (--local 6)");
+    // With a providers list the count is known only at the start (checkPipelineWorkers).
+    expect(parseConfigText(body("providers:\n  - address: 127.0.0.1:7070\nparallel: {pipeline_stages: 3}\n"), file).config.parallel?.pipeline_stages).toBe(3);
+    // batch_size 8 over 4 workers in 2 stages: 2 chains of 4 samples, so at most 4 micro-batches.
+    expect(messageOf(body("local_workers: 4\nparallel:\n  pipeline_stages: 2\n  micro_batches: 5\n"))).toContain(
+      `${file}:8:18: parallel.micro_batches: expected at most batch_size / (workers / pipeline_stages) = 8 / (4 / 2) = 4: each of the 2 chains gets 4 samples a step and needs at least one per micro-batch, found 5`,
+    );
+    expect(parseConfigText(body("local_workers: 4\nparallel: {pipeline_stages: 2, micro_batches: 4}\n"), file).config.parallel?.micro_batches).toBe(4);
+    expect(messageOf(body("batch_size: 3\n").replace("batch_size: 8\n", "") + "parallel: {pipeline_stages: 1}\n")).toContain(
+      "parallel.micro_batches: expected at most batch_size / (workers / pipeline_stages) = 3 / (2 / 1) = 1: each of the 2 chains gets about 1 sample a step and needs at least one per micro-batch, found 4 (the default)",
+    );
+    // Not with diloco, and not with a codec that keeps state of the whole gradient.
+    const withDiloco = messageOf(body("strategy: {name: diloco, inner_steps: 5}\nparallel:\n  pipeline_stages: 2\n"));
+    expect(withDiloco).toContain(`${file}:7:3: parallel: pipeline with diloco is not supported yet`);
+    expect(messageOf(body("compression:\n  method: powersgd\n  rank: 2\nparallel: {pipeline_stages: 2}\n"))).toContain(
+      `${file}:6:11: compression.method: powersgd cannot be used with parallel: a stage's gradient is reduced per stage, among that stage's replicas only, and powersgd keeps low-rank factors and error feedback of the whole model's gradient; expected one of none | fp16 | bf16 | int8`,
+    );
+    expect(messageOf(body("compression: {method: topk}\nparallel: {pipeline_stages: 2}\n"))).toMatch(/compression\.method: topk cannot be used with parallel: a stage's gradient is reduced per stage/);
+    // A section without its method is powersgd.
+    expect(messageOf(body("compression: {rank: 2}\nparallel: {pipeline_stages: 2}\n"))).toContain(`${file}:5:14: compression: powersgd cannot be used with parallel`);
+  });
+
+  it("checkPipelineWorkers: the rules once the providers are counted", () => {
+    const config = parseConfigText(body("providers:\n  - address: 127.0.0.1:7070\nparallel: {pipeline_stages: 2, micro_batches: 3}\n"), file).config;
+    expect(() => checkPipelineWorkers(config, 4)).not.toThrow();
+    expect(() => checkPipelineWorkers({ ...config, parallel: undefined }, 3)).not.toThrow();
+    let err: unknown;
+    try {
+      checkPipelineWorkers(config, 3);
+    } catch (e) {
+      err = e;
+    }
+    expect(err).toBeInstanceOf(ConfigError);
+    expect((err as ConfigError).exitCode).toBe(2);
+    expect((err as Error).message).toBe(
+      "parallel.pipeline_stages: 2 does not divide the 3 workers (counted when the job started): every stage needs the same number of replicas; expected a divisor of 3 (1, 3)",
+    );
+    // batch_size 8 over 6 workers in 2 stages: 3 chains of about 2 samples, fewer than 3 micro-batches.
+    expect(() => checkPipelineWorkers(config, 6)).toThrow(/parallel\.micro_batches: expected at most batch_size \/ \(workers \/ pipeline_stages\) = 8 \/ \(6 \/ 2\) = 2/);
   });
 
   it("names an unknown strategy with its line and the known ones", () => {

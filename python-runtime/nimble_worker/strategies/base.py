@@ -86,6 +86,18 @@ class Strategy:
     def load_state_dict(self, state: dict) -> None:
         """Restore what `state_dict` returned (from a checkpoint or a peer)."""
 
+    def evaluate(self, start: int, count: int, batch_size: int,
+                 order: dict) -> tuple[int, dict[str, float], dict[str, float]]:
+        """The task's metrics over validation items start .. start+count-1 as (items,
+        sums, counts) (`order`: the whole `eval` order): the replica's own evaluation here;
+        a pipeline runs the items through its stages."""
+        return self.replica.eval(start, count, batch_size)
+
+    def handoff_comm(self, comm):
+        """The Comm a state hand-off (handoff.sync_state) runs on: the whole ring here, a
+        pipeline stage's replicas under pipeline parallelism."""
+        return comm
+
     def evaluation_params(self) -> ContextManager[None]:
         """While inside, the model holds the parameters that evaluation and the final
         weights are taken from: the replica's own (here), or e.g. DiLoCo's global ones,

@@ -5,6 +5,8 @@ import { WarningLimiter } from "../../net/bounds.js";
 import { cleanText } from "../../protocol/text.js";
 import { DilocoStrategy } from "../../strategy/diloco.js";
 import { SyncStrategy } from "../../strategy/sync.js";
+import { PipelineStrategy } from "../../strategy/pipeline.js";
+import { planPipeline, type PipelineStart } from "./pipelinePhases.js";
 import type { Reporter, StatusLevel } from "../events.js";
 import type { ProviderClient } from "../providerClient.js";
 import type { RunDir } from "../runDir.js";
@@ -90,19 +92,24 @@ class Job {
     this.membership = new Membership(this.providers.ranks.map((r) => r.rank));
     const { dir, checkpoint } = await openRunDir(this.#partsBeforeDir(), this.opts.loaded, this.opts.resume, await this.providers.package());
     this.#dir = dir;
+    // Pipeline parallelism: the stages are planned (or taken from the checkpoint) before any worker starts.
+    const pipeline = this.config.parallel ? await planPipeline(this.#partsBeforeStart(), this.opts.loaded, checkpoint) : null;
+    this.providers.pipeline = pipeline?.spec ?? null;
     this.#enter("starting");
-    const run = this.#run(dir);
+    const run = this.#run(dir, pipeline);
     this.providers.reconnectWhile(() => survivesFaults(this.#phase), (rank) => this.membership.isActive(rank));
     const info = await startWorkers(run);
     // With --set overrides, the run's config.yaml is rewritten once the checkpoint is loaded everywhere.
     // A checkpoint gives every replica its state (under diloco each rank's own local weights,
     // which a broadcast of rank 0's would overwrite); a fresh start broadcasts rank 0's weights.
+    // Under pipeline every layout starts from the same seeded layers: nothing to broadcast.
     if (checkpoint) await restore(run, checkpoint, (this.opts.loaded.overridden ? this.opts.loaded.text : undefined));
+    else if (pipeline) for (const r of this.providers.ranks) r.row.state = "training";
     else await syncWeights(run);
     const mayLeaveOut = this.config.balance === "measured" && this.config.leave_out_slow && this.providers.clients.length > 1;
     if (mayLeaveOut) await probeLinks(run);
     this.#enter("training");
-    const finalFiles = await trainRounds(run, { first: checkpoint?.step ?? 0, verifyFirst: Boolean(checkpoint), valSize: info.val_size, mayLeaveOut, stopRequested: () => this.stopRequested });
+    const finalFiles = await trainRounds(run, { first: checkpoint?.step ?? 0, verifyFirst: Boolean(checkpoint) || Boolean(pipeline), valSize: info.val_size, mayLeaveOut, stopRequested: () => this.stopRequested });
     this.#enter("ended");
     for (const f of finalFiles) await dir.writeFile(f.name, f.data);
     for (const rank of this.membership.active) this.providers.ranks[rank].row.state = "done";
@@ -114,7 +121,7 @@ class Job {
     return { runDir: dir.dir, summary };
   }
 
-  #run(dir: RunDir): Run {
+  #run(dir: RunDir, pipeline: PipelineStart | null): Run {
     const self = this;
     return {
       config: this.config,
@@ -125,8 +132,9 @@ class Job {
       },
       commits: this.commits,
       tally: this.tally,
-      strategy: this.#strategy(),
+      strategy: this.#strategy(pipeline),
       dir,
+      ...(pipeline ? { pipelineBounds: pipeline.bounds } : {}),
       phase: () => this.#phase,
       enter: (phase) => this.#enter(phase),
       status: (message, level) => this.status(message, level),
@@ -134,7 +142,7 @@ class Job {
     };
   }
 
-  #strategy(): SyncStrategy {
+  #strategy(pipeline: PipelineStart | null): SyncStrategy {
     const ranks = this.providers.ranks;
     const opts = {
       batchSize: this.config.batch_size,
@@ -145,7 +153,12 @@ class Job {
     };
     const members = ranks.map((r) => r.rank);
     const strategy = this.config.strategy;
+    if (pipeline) return new PipelineStrategy(members, opts, pipeline.layout, this.config.parallel!);
     return strategy.name === "diloco" ? new DilocoStrategy(members, opts, strategy) : new SyncStrategy(members, opts);
+  }
+
+  #partsBeforeStart() {
+    return { config: this.config, providers: this.providers, tally: this.tally, status: (m: string, l?: StatusLevel) => this.status(m, l) };
   }
 
   #partsBeforeDir() {

@@ -7,6 +7,8 @@ import { JobFailed } from "./errors.js";
 import type { MessageOf } from "./exchanges.js";
 import { sendOrder } from "./orders.js";
 import { checkStateFiles } from "./stateFiles.js";
+import { PipelineStrategy } from "../../strategy/pipeline.js";
+import { pipelineCheckpointFiles, pipelineEvalOrder, pipelineFinalWeights, pipelineRestore } from "./pipelinePhases.js";
 import { type Run, READY_TIMEOUT_MS, RECOVERY_TIMEOUT_MS, RING_TIMEOUT_MS, STEP_TIMEOUT_MS } from "./run.js";
 
 /** Bytes each host uploads to its ring successor to measure the link. */
@@ -56,6 +58,12 @@ export async function startWorkers(run: Run): Promise<MessageOf<"ready">["info"]
 
 /** Resuming: every rank loads the checkpoint (its own compressor memories where saved). */
 export async function restore(run: Run, checkpoint: Checkpoint, configText?: string): Promise<void> {
+  if (run.strategy instanceof PipelineStrategy) {
+    await pipelineRestore(run, run.strategy, checkpoint);
+    await run.dir.settleResume(configText);
+    for (const r of run.providers.ranks) r.row.state = "training";
+    return;
+  }
   const shared = checkpoint.files.filter((f) => !/^compressor-rank-\d+\.pt$/.test(f.name));
   const loaded = run.exchanges.expect("loaded", "checkpoint loading", run.membership.active, STEP_TIMEOUT_MS);
   for (const r of run.providers.ranks) {
@@ -103,6 +111,11 @@ function formatRate(bytesPerS: number): string {
 /** Validation metrics after `step`, each member evaluating a slice of the first `samples` items. */
 export async function evaluate(run: Run, step: number, samples: number): Promise<Record<string, number>> {
   const members = run.membership.active;
+  if (run.strategy instanceof PipelineStrategy) {
+    const done = run.exchanges.expect("eval_done", `evaluation after step ${step + 1}`, members, STEP_TIMEOUT_MS, (m) => m.step === step);
+    sendOrder(run.providers, members, { ...pipelineEvalOrder(run.strategy, step, samples, run.config.eval.batch_size), ...run.commits.ride() });
+    return foldMetrics([...(await done).values()]);
+  }
   const slices = slicesFor(samples, members.map(() => 1));
   const done = run.exchanges.expect("eval_done", `evaluation after step ${step + 1}`, members, STEP_TIMEOUT_MS, (m) => m.step === step);
   const decision = run.commits.ride();
@@ -132,6 +145,7 @@ export function foldMetrics(reports: { count: number; sums: Record<string, numbe
  * are per worker).
  */
 export async function checkpointFiles(run: Run, step: number): Promise<{ name: string; data: Uint8Array }[]> {
+  if (run.strategy instanceof PipelineStrategy) return pipelineCheckpointFiles(run, run.strategy, step, run.pipelineBounds ?? null);
   const members = run.membership.active;
   const source = members[0];
   const state = run.exchanges.expect("state", `checkpoint at step ${step + 1}`, members, STEP_TIMEOUT_MS, (m) => m.kind === (m.rank === source ? "checkpoint" : "compressor"));
@@ -169,12 +183,13 @@ export async function flushDecision(
   const acks = run.exchanges.expect("decided", what, members, timeoutMs, (m) => m.step === decision.step);
   sendOrder(run.providers, members, { op: "decide", ...decision });
   const got = await acks;
-  if (decision.verdict === "commit") checkHashes(members, got, when);
+  if (decision.verdict === "commit") checkHashes(members, got, when, (r) => run.strategy.hashGroup(r));
 }
 
 /** The final weights, once every replica applied the last step and the hashes agree. */
 export async function finalWeights(run: Run): Promise<{ name: string; data: Uint8Array }[]> {
   await flushDecision(run, "the last step's update", "after the last step", STEP_TIMEOUT_MS);
+  if (run.strategy instanceof PipelineStrategy) return pipelineFinalWeights(run, run.strategy);
   const source = run.membership.active[0];
   const final = run.exchanges.expect("state", "final weights", [source], STEP_TIMEOUT_MS, (m) => m.kind === "final");
   sendOrder(run.providers, [source], { op: "state", kind: "final" });
@@ -183,11 +198,17 @@ export async function finalWeights(run: Run): Promise<{ name: string; data: Uint
   return files;
 }
 
-export function checkHashes(members: readonly number[], reports: ReadonlyMap<number, { hash?: string }>, when: string): void {
-  const hashes = members.map((r) => reports.get(r)?.hash);
-  const first = hashes[0];
-  if (!first || hashes.some((h) => h !== first)) {
-    const list = members.map((r, k) => `rank ${r} ${hashes[k]?.slice(0, 12) ?? "(none)"}`).join(", ");
-    throw new JobFailed(`Replicas diverged ${when}: parameter hashes ${list}`, "This is a bug in nimble or a nondeterministic task; please report it with the run directory.");
+/** Replicas' hashes agree; `groupOf` says which ranks hold the same parameters (a pipeline's stages differ). */
+export function checkHashes(members: readonly number[], reports: ReadonlyMap<number, { hash?: string }>, when: string, groupOf: (rank: number) => number = () => 0): void {
+  const groups = new Map<number, number[]>();
+  for (const r of members) groups.set(groupOf(r), [...(groups.get(groupOf(r)) ?? []), r]);
+  for (const [group, ranks] of groups) {
+    const hashes = ranks.map((r) => reports.get(r)?.hash);
+    const first = hashes[0];
+    if (!first || hashes.some((h) => h !== first)) {
+      const list = ranks.map((r, k) => `rank ${r} ${hashes[k]?.slice(0, 12) ?? "(none)"}`).join(", ");
+      const what = groups.size > 1 ? `Replicas of stage ${group} diverged` : "Replicas diverged";
+      throw new JobFailed(`${what} ${when}: parameter hashes ${list}`, "This is a bug in nimble or a nondeterministic task; please report it with the run directory.");
+    }
   }
 }

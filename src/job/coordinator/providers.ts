@@ -4,7 +4,7 @@ import { readFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { UserError, errorMessage } from "../../errors.js";
-import type { ToProvider } from "../../protocol/messages.js";
+import type { PipelineSpec, ToProvider } from "../../protocol/messages.js";
 import { resolvePython, type PythonEnv } from "../../runtime/python.js";
 import { lockRequirements, type RequirementsLock } from "../../runtime/requirements.js";
 import type { TrainEvent, WorkerRow } from "../events.js";
@@ -206,7 +206,14 @@ export class Providers {
     return this.#package;
   }
 
-  /** This host's worker Python: what local providers run, and what requirements are resolved against. */
+  /** Pipeline parallelism: what providers are told of the stages (null: no pipeline). */
+  pipeline: PipelineSpec | null = null;
+
+  /** This host's worker Python (local providers run it; requirements and the layer profile use it). */
+  python(): Promise<PythonEnv> {
+    return this.#python();
+  }
+
   #python(): Promise<PythonEnv> {
     const { env = process.env } = this.opts;
     this.#pythonEnv ??= resolvePython({ python: this.opts.python, torchSpec: this.opts.torchSpec, env, onProgress: this.events.status });
@@ -257,6 +264,7 @@ export class Providers {
       ranks: this.ranksOf(client).map((r) => ({ rank: r.rank, device: r.device })),
       ring: this.ringPeers(),
       ...(join ? { join: true } : {}),
+      ...(this.pipeline ? { pipeline: this.pipeline } : {}),
     });
   }
 

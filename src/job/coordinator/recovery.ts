@@ -1,3 +1,4 @@
+import { StageLostError } from "../../strategy/pipeline.js";
 import { FaultError, JobFailed, type Fault } from "./errors.js";
 import { quorum, type Quorum } from "./membership.js";
 import type { Phase } from "./phase.js";
@@ -13,7 +14,17 @@ const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 export async function reformRing(run: Run, members: readonly number[], what: string): Promise<void> {
   const epoch = run.membership.reform(members);
   const formed = run.exchanges.expect("ring_ready", what, members, RING_TIMEOUT_MS);
-  run.providers.broadcast({ t: "ring", epoch, members: [...members], urls: run.providers.ringPeers() });
+  let groups;
+  try {
+    groups = run.strategy.groupsFor(members);
+  } catch (err) {
+    if (!(err instanceof StageLostError)) throw err;
+    throw new JobFailed(
+      `Pipeline stage ${err.stage} was lost: no worker left holds it (ranks ${members.join(", ")} remain)`,
+      "Give each stage a replica (more workers than pipeline_stages), or continue from the last checkpoint with `nimble train --resume RUN_DIR`.",
+    );
+  }
+  run.providers.broadcast({ t: "ring", epoch, members: [...members], urls: run.providers.ringPeers(), ...(groups ? { groups } : {}) });
   await formed;
 }
 
@@ -128,11 +139,13 @@ export async function admit(run: Run, step: number): Promise<void> {
   const source = membership.active[0];
   const names = newcomers.join(", ");
   await reformRing(run, q.members, `the ring re-forming with rank(s) ${names}`);
-  const synced = run.exchanges.expect("synced_state", `rank ${source}'s state reaching the new members`, q.members, STEP_TIMEOUT_MS);
+  // Under pipeline each stage's holders hand over among themselves (over their stage's ring).
+  const handovers = run.strategy.handovers(q.members, newcomers) ?? [{ source, members: q.members }];
+  const synced = run.exchanges.expect("synced_state", `the current state reaching the new members`, handovers.flatMap((h) => h.members), STEP_TIMEOUT_MS);
   const decision = run.commits.ride();
-  sendOrder(providers, q.members, { op: "sync_state", source, ...decision });
+  for (const h of handovers) sendOrder(providers, h.members, { op: "sync_state", source: h.source, ...decision });
   const got = await synced;
-  checkHashes(q.members, got, `after rank(s) ${names} took rank ${source}'s state`);
+  checkHashes([...got.keys()], got, `after rank(s) ${names} took the current state`, (r) => run.strategy.hashGroup(r));
   for (const [rank, m] of got) {
     if (m.step !== step) throw new JobFailed(`Rank ${rank} is at step ${m.step} after taking rank ${source}'s state, not ${step}`);
   }

@@ -1,7 +1,8 @@
 import { errorMessage, UserError } from "../../errors.js";
 import type { DilocoResult } from "../../strategy/diloco.js";
 import type { SyncPlan, SyncResult } from "../../strategy/sync.js";
-import type { DilocoFigures } from "../events.js";
+import type { PipelineResult } from "../../strategy/pipeline.js";
+import type { DilocoFigures, PipelineStageRow } from "../events.js";
 import type { RoundReport } from "../../strategy/types.js";
 import { FaultError, JobFailed } from "./errors.js";
 import { checkHashes, checkpointFiles, evaluate, finalWeights } from "./phases.js";
@@ -101,7 +102,7 @@ async function attemptRound(run: Run, step: number, verify: boolean): Promise<At
     sent = true;
     const reports = (await done) as ReadonlyMap<number, RoundReport>;
     // Hashes are taken before the round's update (which waits for its decision).
-    if (wantHash) checkHashes(plan.members, reports, `before step ${step}`);
+    if (wantHash) checkHashes(plan.members, reports, `before step ${step}`, (r) => run.strategy.hashGroup(r));
     return { plan, reports };
   } catch (err) {
     if (!(err instanceof FaultError)) throw err;
@@ -121,6 +122,7 @@ function fold(run: Run, plan: SyncPlan, reports: ReadonlyMap<number, RoundReport
 function recordRound(run: Run, result: SyncResult): void {
   const { providers, tally } = run;
   tally.recordStep(result);
+  if ("stages" in result) tally.recordPipelineStep(result as PipelineResult);
   const diloco = dilocoFigures(result);
   if (diloco) tally.recordRound(diloco, result.bytesSent);
   for (const w of result.workers) {
@@ -174,6 +176,22 @@ export function dilocoFigures(result: SyncResult): DilocoFigures | undefined {
   };
 }
 
+/** The live view's rows of a pipeline step: each stage worker with the layers it holds. */
+function stageRows(run: Run, result: PipelineResult): PipelineStageRow[] {
+  const b = run.pipelineBounds;
+  return result.stages.map((s) => ({
+    rank: s.rank,
+    stage: s.stage,
+    layers: b ? [b[s.stage], b[s.stage + 1]] : null,
+    chains: s.chains,
+    compute_ms: s.compute_ms,
+    send_ms: s.send_ms,
+    recv_ms: s.recv_ms,
+    bubble_ms: s.bubble_ms,
+    peak_saved_bytes: s.peak_saved_bytes,
+  }));
+}
+
 function reportRound(run: Run, result: SyncResult, evalMetrics?: Record<string, number>): void {
   const { tally } = run;
   run.report({
@@ -189,6 +207,7 @@ function reportRound(run: Run, result: SyncResult, evalMetrics?: Record<string, 
     compression_ratio: tally.compressionRatio,
     workers: run.providers.rows(),
     ...(dilocoFigures(result) ? { diloco: dilocoFigures(result) } : {}),
+    ...("stages" in result ? { pipeline: stageRows(run, result as PipelineResult) } : {}),
   });
   if (evalMetrics) run.report({ type: "eval", step: result.round + 1, metrics: evalMetrics });
 }

@@ -23,6 +23,8 @@ export interface Run {
   readonly tally: Tally;
   readonly strategy: SyncStrategy;
   readonly dir: RunDir;
+  /** Pipeline parallelism: where each stage's layers start (null: the task's build_stages; undefined: no pipeline). */
+  readonly pipelineBounds?: number[] | null;
   /** The phase now, and the one transition into another. */
   phase(): Phase;
   enter(phase: Phase): void;

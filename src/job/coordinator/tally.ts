@@ -1,8 +1,21 @@
 import type { JobConfig } from "../../config/schema.js";
 import type { SyncResult } from "../../strategy/sync.js";
+import type { PipelineResult, StageFigures } from "../../strategy/pipeline.js";
 import type { StepMetrics } from "../runDir.js";
 import type { DilocoFigures } from "../events.js";
 import type { Fault } from "./errors.js";
+
+export interface PipelineSummary {
+  config: NonNullable<JobConfig["parallel"]>;
+  plan: unknown;
+  why: string[];
+  /** Per stage worker, of the last step. */
+  stages: StageFigures[];
+  /** The last step's timeline: [F|B, chain, micro-batch, start, end] per worker, seconds from the step's first event. */
+  timeline: { step: number; workers: { rank: number; stage: number; events: [string, number, number, number, number][] }[] } | null;
+  /** Peak autograd-saved bytes per stage over the run. */
+  peak_saved_bytes: number[];
+}
 
 export interface TrainSummary {
   name: string;
@@ -29,6 +42,11 @@ export interface TrainSummary {
   strategy: JobConfig["strategy"];
   /** Under diloco: rounds synced, wire bytes per round, and the share of sync time hidden behind inner steps. */
   diloco?: { rounds: number; bytes_per_round: number; sync_s: number; hidden_s: number; hidden_fraction: number | null };
+  /**
+   * Under `parallel`: the plan (stages, their layers, memory estimates, and why), the stages'
+   * figures of the last step, and that step's timeline (when each worker ran which micro-batch).
+   */
+  pipeline?: PipelineSummary;
   /** Steps whose update every worker skipped because of non-finite gradients. */
   steps_skipped: number[];
   /** Workers left out of the ring because they would have slowed every step, and why. */
@@ -123,6 +141,24 @@ export class Tally {
 
   /** DiLoCo rounds: how many, and their sync seconds (slowest member) and of them hidden ones. */
   readonly diloco = { rounds: 0, bytes: 0, syncS: 0, hiddenS: 0 };
+  /** Pipeline parallelism's plan and figures (null: no pipeline). */
+  pipeline: PipelineSummary | null = null;
+
+  recordPipelinePlan(config: NonNullable<JobConfig["parallel"]>, plan: unknown, why: string[]): void {
+    this.pipeline = { config, plan, why, stages: [], timeline: null, peak_saved_bytes: new Array(config.pipeline_stages).fill(0) };
+  }
+
+  /** A pipeline step's figures: the stages' of the last step, its timeline relative to its first event. */
+  recordPipelineStep(result: PipelineResult): void {
+    const p = this.pipeline;
+    if (!p) return;
+    p.stages = result.stages;
+    for (const s of result.stages) p.peak_saved_bytes[s.stage] = Math.max(p.peak_saved_bytes[s.stage] ?? 0, s.peak_saved_bytes);
+    const t0 = Math.min(...result.timelines.flatMap((w) => w.timeline.map((e) => e[3])));
+    if (!Number.isFinite(t0)) return;
+    const r = (x: number) => Math.round((x - t0) * 1e6) / 1e6;
+    p.timeline = { step: result.round, workers: result.timelines.map((w) => ({ rank: w.rank, stage: w.stage, events: w.timeline.map((e) => [e[0], e[1], e[2], r(e[3]), r(e[4])] as [string, number, number, number, number]) })) };
+  }
 
   recordRound(figures: DilocoFigures, bytes: number): void {
     this.diloco.rounds += 1;
@@ -182,6 +218,7 @@ export class Tally {
       ...(result.skipped ? { skipped: true, nonfinite: result.nonfinite } : {}),
       ...(evaluation ? { eval: evaluation.metrics, eval_s: evaluation.seconds } : {}),
       ...(diloco ? { diloco } : {}),
+      ...("stages" in result ? { pipeline: (result as PipelineResult).stages } : {}),
       workers: result.workers.map(({ rank, samples, ...rest }) => ({ rank, samples, share: samples, ...rest })),
     };
   }
@@ -222,6 +259,7 @@ export class Tally {
             },
           }
         : {}),
+      ...(this.pipeline ? { pipeline: this.pipeline } : {}),
       steps_skipped: this.stepsSkipped,
       left_out: this.leftOut,
       faults: this.faults,

@@ -2,6 +2,7 @@ import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import type { WebSocket } from "ws";
+import { GroupMeshes, type GroupSpec } from "../../collective/groups.js";
 import { Mesh } from "../../collective/mesh.js";
 import { errorMessage } from "../../errors.js";
 import type { Authorizer, RingJob } from "../../net/auth.js";
@@ -35,6 +36,8 @@ export interface PreparedJob {
 export class ProviderJob {
   readonly ranks: LocalRank[];
   readonly mesh: Mesh;
+  /** Pipeline parallelism: the stage rings and pipes this host's ranks belong to (none otherwise). */
+  readonly groups: GroupMeshes;
   readonly #stats: JobStats;
   readonly #relay: Relay;
   readonly #speed: SpeedAid;
@@ -91,17 +94,36 @@ export class ProviderJob {
         link: linkOptions,
       },
       {
-        linked: (rank, epoch, _ring, size) => this.#linked(rank, epoch, size),
+        linked: (rank) => this.#linked(rank),
         lost: (rank, epoch, reason) => this.#ringLost(rank, epoch, reason),
         fail: (message, rank) => this.fail(message, "ring", rank),
         log: (line, level) => this.log(line, level),
         track: (link) => this.#stats.track(link),
       },
     );
+    this.groups = new GroupMeshes(
+      {
+        local: spec.ranks.map((r) => r.rank),
+        peers: new Map(spec.ring.map((r) => [r.rank, { url: r.url, key: r.key }])),
+        hello: (group, from, to, epoch, binding) => auth.ringHello(spec, from, to, epoch, binding, group),
+        heartbeatMs: this.#heartbeatMs,
+        link: linkOptions,
+      },
+      {
+        linked: (rank) => this.#linked(rank),
+        lost: (rank, epoch, reason) => this.#ringLost(rank, epoch, reason),
+        fail: (message, rank) => this.fail(message, "ring", rank),
+        log: (line, level) => this.log(line, level),
+        track: (link) => this.#stats.track(link),
+      },
+      spec.join ? [] : (spec.pipeline?.groups ?? []),
+    );
     this.#relay = new Relay({
       rank: (rank) => this.#local(rank),
       inRing: (rank) => this.mesh.inRing(rank) && !!this.#local(rank)?.loaded,
       ringOf: (rank) => (this.#ended ? null : this.mesh.ringOf(rank)),
+      stageRingOf: (rank) => (this.#ended ? null : this.groups.hasStageRing(rank) ? this.groups.stageRing(rank) : "lone"),
+      pipeOf: (rank, peer) => (this.#ended ? null : this.groups.pipe(rank, peer)),
       abortAttempts: (step) => this.#abortAttempts(step),
       send: (m) => this.send(m),
       loaded: (local, m) => this.#loaded(local, m),
@@ -139,6 +161,7 @@ export class ProviderJob {
     this.#threads = this.opts.threads ?? this.spec.threads ?? Math.max(1, Math.floor(os.cpus().length / this.ranks.length));
     for (const local of this.ranks) this.#spawn(local);
     this.mesh.start();
+    this.groups.start();
     const hours = this.opts.maxJobHours;
     if (hours) {
       this.#deadline = setTimeout(() => this.fail(`the job ran for ${hours} h, this provider's limit (--max-job-hours): its owner ends it here`, "internal"), hours * 3600_000);
@@ -152,7 +175,7 @@ export class ProviderJob {
   /** The coordinator's messages for this job (hello, job and cancel are the server's). */
   handle(message: ToProvider): void {
     if (message.t === "order") this.#relay.order(message);
-    else if (message.t === "ring") this.#reform(message.epoch, message.members, message.urls ?? []);
+    else if (message.t === "ring") this.#reform(message.epoch, message.members, message.urls ?? [], message.groups ?? []);
     else if (message.t === "probe_links") void probeLinks(this, message.bytes, (binding) => this.auth.benchHello(this.spec, binding), this.linkOptions.throttle);
   }
 
@@ -162,7 +185,8 @@ export class ProviderJob {
     try {
       const hello = admitRingHello(arrived, (h, binding) => this.auth.admitRingPeer(h, binding, this.ringJob(ranks)));
       limitMessages(arrived.link.ws, MAX_FRAME_BYTES);
-      this.mesh.accept(hello);
+      if (hello.group !== undefined) this.groups.accept({ ...hello, group: hello.group });
+      else this.mesh.accept(hello);
     } catch (err) {
       const line = this.#warnings.pass("ring refused", `refused a ring connection: ${cleanText(errorMessage(err), 1000)}`);
       if (line) this.hostLog(line, "warn");
@@ -233,6 +257,7 @@ export class ProviderJob {
       limits: { max_processes: limits.maxProcesses, max_file_bytes: limits.maxFileBytes, max_memory_bytes: limits.maxMemoryBytes },
       ...(this.prepared.packageDir ? { package_dir: this.prepared.packageDir } : {}),
       ...(this.prepared.requirementsDir ? { site_dirs: [this.prepared.requirementsDir] } : {}),
+      ...(this.spec.pipeline ? { pipeline: { stage: this.spec.pipeline.stage_of[local.rank] ?? 0, stages: this.spec.pipeline.stages, bounds: this.spec.pipeline.bounds } } : {}),
     });
   }
 
@@ -246,6 +271,7 @@ export class ProviderJob {
       // Ended by the owner's limits: starting it again would only hit them again.
       const why = `worker for rank ${local.rank} on ${os.hostname()} ${exit.fault}, so it leaves the job`;
       this.mesh.leave(local.rank, why);
+      this.groups.leave(local.rank, why);
       this.hostLog(why, "error");
       local.on("left", exit.fault);
       this.send({ t: "failed", rank: local.rank, message: why, kind: "worker" });
@@ -256,6 +282,7 @@ export class ProviderJob {
     const what = `worker for rank ${local.rank} on ${os.hostname()} ${how}`;
     if (local.state !== "restarting" && local.state !== "left") {
       this.mesh.leave(local.rank, what);
+      this.groups.leave(local.rank, what);
       this.hostLog(what, "warn");
       this.send({ t: "failed", rank: local.rank, message: what, kind: "worker" });
     }
@@ -280,12 +307,17 @@ export class ProviderJob {
     local.info = info;
     local.on("loaded");
     this.send({ t: "ready", rank: local.rank, info });
-    if (this.mesh.isLinked(local.rank)) this.#enterRing(local, this.mesh.members.length);
+    if (this.#fullyLinked(local.rank)) this.#enterRing(local, this.mesh.members.length);
   }
 
-  #linked(rank: number, _epoch: number, size: number) {
+  /** Linked into the ring and every group it belongs to, in this epoch. */
+  #fullyLinked(rank: number): boolean {
+    return this.mesh.isLinked(rank) && this.groups.allLinked(rank);
+  }
+
+  #linked(rank: number) {
     const local = this.#local(rank)!;
-    if (local.loaded) this.#enterRing(local, size);
+    if (local.loaded && this.#fullyLinked(rank)) this.#enterRing(local, this.mesh.members.length);
   }
 
   #enterRing(local: LocalRank, size: number) {
@@ -298,10 +330,11 @@ export class ProviderJob {
    * Re-form the ring with `members` only (between rounds: no collective in flight). Local
    * ranks left out stop their workers; those (re)joining wait for a ring that names them.
    */
-  #reform(epoch: number, members: number[], urls: { rank: number; url: string; key: string }[]) {
+  #reform(epoch: number, members: number[], urls: { rank: number; url: string; key: string }[], groups: GroupSpec[]) {
     let leftOut: number[];
     try {
       leftOut = this.mesh.reform(epoch, members, urls);
+      this.groups.reform(epoch, groups, urls);
     } catch (err) {
       return this.fail(errorMessage(err), "internal");
     }
@@ -326,6 +359,7 @@ export class ProviderJob {
   #abortAttempts(step: number) {
     this.#stats.aborted(step);
     this.mesh.abortRounds(`step ${step} abandoned`);
+    this.groups.abortRounds(`step ${step} abandoned`);
     for (const r of this.ranks) {
       if (!this.mesh.inRing(r.rank)) continue;
       r.attempt += 1;
@@ -351,6 +385,7 @@ export class ProviderJob {
     this.#stopControlHeartbeat();
     this.#speed.stop();
     this.mesh.close(reason);
+    this.groups.close(reason);
     await Promise.all(this.ranks.map((r) => r.worker?.stop()));
     if (this.#dir) await rm(this.#dir, { recursive: true, force: true });
     for (const r of this.ranks) if (r.state !== "left") r.on("stopped");

@@ -1,3 +1,4 @@
+import type { PipeChannel } from "../../collective/pipe.js";
 import type { RingAllReduce, WireCodec } from "../../collective/ring.js";
 import { errorMessage } from "../../errors.js";
 import type { ToCoordinator, ToProvider } from "../../protocol/messages.js";
@@ -12,6 +13,10 @@ export interface RelayHost {
   /** In the current ring and loaded. */
   inRing(rank: number): boolean;
   ringOf(rank: number): RingAllReduce | null;
+  /** Pipeline: the ring of the rank's stage replicas; `lone` when it holds its stage alone (collectives of one). */
+  stageRingOf(rank: number): RingAllReduce | "lone" | null;
+  /** Pipeline: the pipe between the rank and `peer` (a neighbouring stage's worker). */
+  pipeOf(rank: number, peer: number): PipeChannel | null;
   /** Every local member's round attempt ends (an abort decision): collectives in flight are dropped. */
   abortAttempts(step: number): void;
   send(message: ToCoordinator): void;
@@ -73,11 +78,19 @@ export class Relay {
       case "allreduce":
         // A request of an abandoned attempt is never served (its worker reads the abort next).
         if (m.attempt !== local.attempt) return;
-        local.queue = local.queue.then(() => this.#allReduce(local, m.id, m.count, m.codec, payload, m.attempt));
+        local.queue = local.queue.then(() => this.#allReduce(local, m.id, m.count, m.codec, payload, m.attempt, m.group));
         return;
       case "allgather":
         if (m.attempt !== local.attempt) return;
-        local.queue = local.queue.then(() => this.#allGather(local, m.id, payload, m.attempt));
+        local.queue = local.queue.then(() => this.#allGather(local, m.id, payload, m.attempt, m.group));
+        return;
+      case "pipe_send":
+        if (m.attempt !== local.attempt) return;
+        local.queue = local.queue.then(() => this.#pipeSend(local, m.id, m.to, m.tag, payload, m.attempt));
+        return;
+      case "pipe_recv":
+        if (m.attempt !== local.attempt) return;
+        local.queue = local.queue.then(() => this.#pipeRecv(local, m.id, m.from, m.tag, m.attempt));
         return;
       default: {
         // A report: passed on once the collectives it queued have counted their bytes.
@@ -91,9 +104,41 @@ export class Relay {
     }
   }
 
-  async #allGather(local: LocalRank, id: number, payload: Buffer, attempt: number) {
-    const ring = this.host.ringOf(local.rank);
+  /** The ring a collective runs on: the job's, or (group "stage") the rank's stage replicas'. */
+  #ringFor(local: LocalRank, group: "stage" | undefined): RingAllReduce | "lone" | null {
+    return group === "stage" ? this.host.stageRingOf(local.rank) : this.host.ringOf(local.rank);
+  }
+
+  async #pipeSend(local: LocalRank, id: number, to: number, tag: string, payload: Buffer, attempt: number) {
+    const pipe = this.host.pipeOf(local.rank, to);
+    if (!local.worker || local.attempt !== attempt) return;
+    if (!pipe) return this.host.ringLost(local, `rank ${local.rank} has no pipe to rank ${to} in this epoch`);
+    try {
+      const stats = await pipe.send(tag, payload);
+      local.bytesSinceReport += stats.bytesSent;
+    } catch (err) {
+      return this.host.ringLost(local, `pipe from rank ${local.rank} to rank ${to} failed: ${errorMessage(err)}`);
+    }
+    if (local.attempt === attempt) local.worker.send({ op: "pipe_sent", id });
+  }
+
+  async #pipeRecv(local: LocalRank, id: number, from: number, tag: string, attempt: number) {
+    const pipe = this.host.pipeOf(local.rank, from);
+    if (!local.worker || local.attempt !== attempt) return;
+    if (!pipe) return this.host.ringLost(local, `rank ${local.rank} has no pipe from rank ${from} in this epoch`);
+    let data: Uint8Array;
+    try {
+      data = await pipe.recv(tag);
+    } catch (err) {
+      return this.host.ringLost(local, `pipe into rank ${local.rank} from rank ${from} failed: ${errorMessage(err)}`);
+    }
+    if (local.attempt === attempt) local.worker.send({ op: "pipe_data", id, tag }, data);
+  }
+
+  async #allGather(local: LocalRank, id: number, payload: Buffer, attempt: number, group?: "stage") {
+    const ring = this.#ringFor(local, group);
     if (!ring || !local.worker || local.attempt !== attempt) return;
+    if (ring === "lone") return local.worker.send({ op: "allgather_result", id, sizes: [payload.byteLength] }, payload);
     try {
       const { blobs, stats } = await ring.allGather(payload);
       local.bytesSinceReport += stats.bytesSent;
@@ -103,9 +148,10 @@ export class Relay {
     }
   }
 
-  async #allReduce(local: LocalRank, id: number, count: number, codec: WireCodec, payload: Buffer, attempt: number) {
-    const ring = this.host.ringOf(local.rank);
+  async #allReduce(local: LocalRank, id: number, count: number, codec: WireCodec, payload: Buffer, attempt: number, group?: "stage") {
+    const ring = this.#ringFor(local, group);
     if (!ring || !local.worker || local.attempt !== attempt) return;
+    if (ring === "lone") return local.worker.send({ op: "allreduce_result", id, dtype: "float32", count, codec }, payload);
     // Float32Array needs 4-byte alignment; the link decoder's slices need not have it.
     const data =
       payload.byteOffset % 4 === 0

@@ -1,0 +1,193 @@
+import { checkPipelineWorkers } from "../../config/parallelRules.js";
+import { configErrorAt, type LoadedConfig } from "../../config/load.js";
+import { ConfigError, UserError } from "../../errors.js";
+import type { PipelineSpec } from "../../protocol/messages.js";
+import { runLayerProfile } from "../../runtime/layerProfile.js";
+import { mergeSafetensors } from "../../runs/safetensors.js";
+import { describePlan, optimizerStateFactor, PlanError, planStages } from "../../schedule/stages.js";
+import { pipelineGroups, routeChains, type PipelineLayout, type PipelineStrategy } from "../../strategy/pipeline.js";
+import type { Checkpoint } from "../runDir.js";
+import { JobFailed } from "./errors.js";
+import { sendOrder } from "./orders.js";
+import { checkStateFiles } from "./stateFiles.js";
+import { type Run, STEP_TIMEOUT_MS } from "./run.js";
+
+/** The checkpoint file that records the pipeline's layout, so a resumed run keeps it. */
+export const PIPELINE_FILE = "pipeline.json";
+
+export interface SavedLayout extends PipelineLayout {
+  bounds: number[] | null;
+}
+
+/** A stage's file in a checkpoint: its own name, prefixed (`stage1-model.pt`). */
+export const stageFile = (stage: number, name: string) => `stage${stage}-${name}`;
+
+/** One holder of each stage (the one serving the lowest chain), by stage. */
+function sources(strategy: PipelineStrategy): number[] {
+  const routes = strategy.routes;
+  return Array.from({ length: strategy.layout.stages }, (_, s) => routes[0][s]);
+}
+
+/** Validation metrics under pipeline: every member evaluates, the chains share the items, last stages report. */
+export function pipelineEvalOrder(strategy: PipelineStrategy, step: number, samples: number, batchSize: number) {
+  return { op: "eval" as const, step, start: 0, count: samples, batch_size: batchSize, chains: strategy.routes };
+}
+
+/**
+ * A checkpoint of a pipeline: each stage's files from one of its holders (prefixed by its
+ * stage), every rank's compressor state, and the layout (pipeline.json) that resuming keeps.
+ */
+export async function pipelineCheckpointFiles(run: Run, strategy: PipelineStrategy, step: number, bounds: number[] | null): Promise<{ name: string; data: Uint8Array }[]> {
+  const members = run.membership.active;
+  const from = sources(strategy);
+  const isSource = (rank: number) => from.includes(rank);
+  const state = run.exchanges.expect("state", `checkpoint at step ${step + 1}`, members, STEP_TIMEOUT_MS, (m) => m.kind === (isSource(m.rank) ? "checkpoint" : "compressor"));
+  const decision = run.commits.ride();
+  sendOrder(run.providers, from, { op: "state", kind: "checkpoint", ...decision });
+  const others = members.filter((rank) => !isSource(rank));
+  if (others.length > 0) sendOrder(run.providers, others, { op: "state", kind: "compressor", ...decision });
+  const got = await state;
+  for (const [rank, m] of got) checkStateFiles(m.kind, m.files, `rank ${rank} (${run.providers.ranks[rank].client.address})`);
+  const out: { name: string; data: Uint8Array }[] = [];
+  from.forEach((rank, s) => {
+    for (const f of got.get(rank)!.files) if (f.name !== "compressor.pt") out.push({ name: stageFile(s, f.name), data: f.data });
+  });
+  for (const rank of members) {
+    const own = got.get(rank)!.files.find((f) => f.name === "compressor.pt");
+    if (own) out.push({ name: `compressor-rank-${rank}.pt`, data: own.data });
+  }
+  const layout: SavedLayout = { ...strategy.layout, bounds };
+  out.push({ name: PIPELINE_FILE, data: Buffer.from(JSON.stringify(layout)) });
+  return out;
+}
+
+/** The layout a checkpoint was written with (null: not a pipeline checkpoint, or unreadable). */
+export function savedLayout(checkpoint: Checkpoint): SavedLayout | null {
+  const f = checkpoint.files.find((x) => x.name === PIPELINE_FILE);
+  if (!f) return null;
+  try {
+    const v = JSON.parse(Buffer.from(f.data).toString("utf8")) as SavedLayout;
+    const ints = (a: unknown) => Array.isArray(a) && a.every((x) => Number.isInteger(x) && x >= 0);
+    if (!Number.isInteger(v.stages) || !ints(v.stageOf) || !Array.isArray(v.chains) || !v.chains.every(ints) || !(v.bounds === null || ints(v.bounds))) return null;
+    return v;
+  } catch {
+    return null;
+  }
+}
+
+/** Resuming a pipeline: each rank loads its stage's files (and its own compressor state). */
+export async function pipelineRestore(run: Run, strategy: PipelineStrategy, checkpoint: Checkpoint): Promise<void> {
+  const loaded = run.exchanges.expect("loaded", "checkpoint loading", run.membership.active, STEP_TIMEOUT_MS);
+  for (const rank of run.membership.active) {
+    const s = strategy.layout.stageOf[rank];
+    const prefix = stageFile(s, "");
+    const files = checkpoint.files.filter((f) => f.name.startsWith(prefix)).map((f) => ({ name: f.name.slice(prefix.length), data: f.data }));
+    if (files.length === 0) throw new JobFailed(`The checkpoint of step ${checkpoint.step} has no files of stage ${s}`);
+    const own = checkpoint.files.find((f) => f.name === `compressor-rank-${rank}.pt`);
+    if (own) files.push({ name: "compressor.pt", data: own.data });
+    sendOrder(run.providers, [rank], { op: "load_state", files: files.map((f) => ({ name: f.name, size: f.data.byteLength })) }, Buffer.concat(files.map((f) => f.data)));
+  }
+  for (const [rank, m] of await loaded) {
+    if (m.step !== checkpoint.step) throw new JobFailed(`Rank ${rank} loaded step ${m.step} from a checkpoint of step ${checkpoint.step}`);
+  }
+}
+
+/** The final weights: each stage's tensors from one holder, merged under the unsplit model's names. */
+export async function pipelineFinalWeights(run: Run, strategy: PipelineStrategy): Promise<{ name: string; data: Uint8Array }[]> {
+  const from = sources(strategy);
+  const final = run.exchanges.expect("state", "final weights", from, STEP_TIMEOUT_MS, (m) => m.kind === "final");
+  sendOrder(run.providers, from, { op: "state", kind: "final" });
+  const got = await final;
+  const parts = from.map((rank, s) => {
+    const files = got.get(rank)!.files;
+    const what = `rank ${rank} (${run.providers.ranks[rank].client.address}), stage ${s}`;
+    checkStateFiles("final", files, what);
+    return { what, bytes: files.find((f) => f.name === "model.safetensors")!.data };
+  });
+  try {
+    return [{ name: "model.safetensors", data: mergeSafetensors(parts) }];
+  } catch (err) {
+    throw new JobFailed(`The stages' final weights do not merge: ${err instanceof Error ? err.message : String(err)}`);
+  }
+}
+
+/** What the coordinator decided of the pipeline before the job starts. */
+export interface PipelineStart {
+  layout: PipelineLayout;
+  bounds: number[] | null;
+  spec: PipelineSpec;
+}
+
+/**
+ * The pipeline's layout: a resumed run keeps its checkpoint's; otherwise the task's layers
+ * are profiled here (one layer built at a time) and split by the planner, sized to each
+ * worker's memory limit and speed. The plan, and why, goes to the console and summary.json.
+ */
+export async function planPipeline(
+  run: Pick<Run, "config" | "providers" | "tally" | "status">,
+  loaded: LoadedConfig,
+  checkpoint: Checkpoint | null,
+): Promise<PipelineStart> {
+  try {
+    return await planOrResume(run, loaded, checkpoint);
+  } catch (err) {
+    // The profile's and the planner's config errors point at the config's line.
+    if (err instanceof PlanError) throw configErrorAt(loaded, "parallel.pipeline_stages", err.message);
+    const field = err instanceof ConfigError ? /^([a-z_]+(?:\.[a-z_0-9]+)*): ([\s\S]*)$/.exec(err.message) : null;
+    if (field) throw configErrorAt(loaded, field[1], field[2]);
+    throw err;
+  }
+}
+
+async function planOrResume(run: Pick<Run, "config" | "providers" | "tally" | "status">, loaded: LoadedConfig, checkpoint: Checkpoint | null): Promise<PipelineStart> {
+  const { config, providers } = run;
+  const parallel = config.parallel!;
+  const ranks = providers.ranks;
+  checkPipelineWorkers(config, ranks.length);
+  const saved = checkpoint ? savedLayout(checkpoint) : null;
+  if (checkpoint && !saved) throw new UserError(`The checkpoint of step ${checkpoint.step} has no readable ${PIPELINE_FILE}: it was not written by a pipeline run`, "Resume it without `parallel`, or start afresh.", 2);
+  if (saved) {
+    if (saved.stageOf.length !== ranks.length || saved.stages !== parallel.pipeline_stages) {
+      throw new UserError(
+        `The checkpoint's pipeline has ${saved.stages} stages over ${saved.stageOf.length} workers; this run has ${parallel.pipeline_stages} over ${ranks.length}`,
+        "Resume with the same workers and parallel.pipeline_stages.",
+        2,
+      );
+    }
+    run.status(`Pipeline: the checkpoint's layout, ${saved.stages} stages of ${saved.chains.length} replica(s)${saved.bounds ? ` (layers ${saved.bounds.join(" | ")})` : ""}`);
+    run.tally.recordPipelinePlan(parallel, { resumed: true, bounds: saved.bounds, chains: saved.chains }, ["the layout of the checkpoint resumed"]);
+    return { layout: saved, bounds: saved.bounds, spec: specOf(saved, saved.bounds) };
+  }
+  const python = await providers.python();
+  const replicas = ranks.length / parallel.pipeline_stages;
+  run.status(`Pipeline: profiling the model's layers (one at a time) to plan ${parallel.pipeline_stages} stages`);
+  const profile = await runLayerProfile({ python: python.python, taskPath: loaded.taskPath, config: config as unknown as Record<string, unknown>, replicas });
+  const plan = planStages({
+    layers: profile.layers,
+    workers: ranks.map((r) => {
+      const device = r.client.info.devices.find((d) => d.id === r.device);
+      const limit = r.client.info.limits?.max_memory_bytes ?? null;
+      const gpu = device && device.kind !== "cpu" ? device.memory_bytes ?? null : null;
+      const memoryBytes = limit !== null && gpu !== null ? Math.min(limit, gpu) : (limit ?? gpu);
+      return { rank: r.rank, memoryBytes, samplesPerS: r.client.info.profile?.matmul_gflops_fp32 || 1 };
+    }),
+    stages: parallel.pipeline_stages,
+    microBatches: parallel.micro_batches,
+    schedule: parallel.schedule,
+    optimizerStateFactor: optimizerStateFactor(config.optimizer),
+    baseBytes: profile.base_rss_bytes,
+  });
+  const bounds = profile.sequential ? plan.bounds : null;
+  for (const line of describePlan(plan)) run.status(`Pipeline: ${line}`);
+  for (const line of plan.why) run.status(`  ${line}`, "debug");
+  run.tally.recordPipelinePlan(parallel, { ...plan, model: profile.model, micro_batch: profile.micro_batch, sequential: profile.sequential }, plan.why);
+  const stageOf = new Array<number>(ranks.length).fill(0);
+  for (const s of plan.stages) for (const r of s.ranks) stageOf[r] = s.index;
+  const layout: PipelineLayout = { stages: parallel.pipeline_stages, stageOf, chains: plan.chains };
+  return { layout, bounds, spec: specOf(layout, bounds) };
+}
+
+function specOf(layout: PipelineLayout, bounds: number[] | null): PipelineSpec {
+  const members = layout.stageOf.map((_, r) => r);
+  return { stages: layout.stages, bounds, stage_of: [...layout.stageOf], groups: pipelineGroups(layout, members, routeChains(layout, members)) };
+}
