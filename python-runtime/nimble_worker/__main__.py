@@ -155,7 +155,7 @@ class Worker:
         files = state_files(self.replica, self.strategy, h["kind"])
         return ({"op": "state", "kind": h["kind"], "step": self.replica.next_step,
                  "files": [{"name": n, "size": len(b)} for n, b in files]},
-                b"".join(b for _, b in files))
+                [b for _, b in files])  # sent part after part: no joined copy of the state
 
     def load_state(self, h: dict, payload: bytearray) -> Reply:
         step = load_checkpoint(self.replica, self.strategy, split_files(h, payload))

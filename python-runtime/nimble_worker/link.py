@@ -28,16 +28,19 @@ class Link:
         self.sock = sock
         self.max_payload = max_payload
 
-    def send(self, header: dict, payload: bytes | bytearray | memoryview = b"") -> None:
-        payload = memoryview(payload).cast("B")
+    def send(self, header: dict, payload: bytes | bytearray | memoryview | list = b"") -> None:
+        """One frame; a list payload is sent part after part as one payload (no joined copy)."""
+        parts = [memoryview(p).cast("B") for p in (payload if isinstance(payload, list) else [payload])]
+        size = sum(len(p) for p in parts)
         head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
         if len(head) > MAX_HEADER:
             raise LinkError(f"header of {len(head)} bytes exceeds {MAX_HEADER}")
-        if len(payload) > 0xFFFFFFFF:
-            raise LinkError(f"payload of {len(payload)} bytes does not fit a u32")
-        self.sock.sendall(PREFIX.pack(len(head), len(payload)) + head)
-        if len(payload):
-            self.sock.sendall(payload)
+        if size > 0xFFFFFFFF:
+            raise LinkError(f"payload of {size} bytes does not fit a u32")
+        self.sock.sendall(PREFIX.pack(len(head), size) + head)
+        for p in parts:
+            if len(p):
+                self.sock.sendall(p)
 
     def _read(self, n: int, at_boundary: bool = False) -> bytearray:
         buf = bytearray(n)

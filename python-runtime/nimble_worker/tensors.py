@@ -29,7 +29,8 @@ def params_hash(params: Sequence[torch.Tensor]) -> str:
     """sha256 of the float32 bytes of every tensor, in order: equal replicas, equal hash."""
     h = hashlib.sha256()
     for p in params:
-        h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        # The array's own buffer (no bytes copy: a stage near its memory limit hashes too).
+        h.update(p.detach().to("cpu", torch.float32).contiguous().numpy())
     return h.hexdigest()
 
 
@@ -45,10 +46,12 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def save_bytes(obj: Any) -> bytes:
+def save_bytes(obj: Any) -> memoryview:
+    """torch.save into memory; the buffer itself, not a copy of it (checkpoints of a stage
+    near its memory limit would otherwise hold the state three times)."""
     buf = io.BytesIO()
     torch.save(obj, buf)
-    return buf.getvalue()
+    return buf.getbuffer()
 
 
 def load_bytes(data: bytes, device: torch.device | str = "cpu") -> Any:

@@ -73,7 +73,7 @@ export function layerProfileResult(last: unknown, exitCode: number | undefined, 
   if (!parsed.success) throw new UserError(`The layer profile failed (exit ${exitCode}): ${stderrTail.slice(-5).join("\n")}`);
   const r = parsed.data;
   if (r.ok) return r;
-  if (r.kind === "task") throw new TaskFailed(`${r.where}: ${r.message}`, r.where, "The error is in the task file: fix it and run `nimble bench` again.");
+  if (r.kind === "task") throw new TaskFailed(`${r.where}: ${r.message}`, r.where, "The error is in the task file: fix it and run again (`nimble bench CONFIG` shows the layer profile).");
   throw new ConfigError(`${r.field}: ${r.message}`);
 }
 

@@ -97,4 +97,102 @@ describe("pipeline parallelism", () => {
       expect((await maxWeightDifference(reference, run.runDir!)).maxDiff, name).toBeLessThan(1e-4);
     }
   }, 600_000);
+
+  it("a stage's provider killed mid-step with a replica left: its micro-batches are rerouted, the job ends with the reference's weights", async () => {
+    expect(reference).not.toBe("");
+    const providers = await Promise.all([0, 1, 2, 3].map((i) => startProvider(python, `pp-kill-${i}`)));
+    try {
+      let killed = false;
+      const run = await train(
+        "pp-kill-replica",
+        ["providers:", ...providers.map((p, i) => `  - {address: "${p.address}", token: pp-kill-${i}}`), "parallel: {pipeline_stages: 2, micro_batches: 4}", "faults: {heartbeat_s: 2}", "task_args: {slow_s: 0.05}"],
+        [],
+        (e) => {
+          if (e.type === "step" && e.step === 8 && !killed) {
+            killed = true;
+            providers[3].child.kill("SIGKILL"); // rank 3: stage 1 of chain 1
+          }
+        },
+      );
+      expect(run.result.exitCode, String(run.result.stderr)).toBe(0);
+      const s = await summaryOf(run.runDir!);
+      expect(s.faults).toHaveLength(1);
+      expect(s.faults[0]).toMatchObject({ kind: "provider lost", ranks: [3] });
+      expect(s.steps_redone.length).toBeLessThanOrEqual(1);
+      // Rank 2, the other replica of stage 1, now serves both chains.
+      expect(s.pipeline.stages.find((x: { rank: number }) => x.rank === 2).chains).toEqual([0, 1]);
+      const steps = (await readFile(path.join(run.runDir!, "metrics.jsonl"), "utf8")).trim().split("\n").map((l) => JSON.parse(l).step);
+      expect(steps).toEqual([...Array(20).keys()]);
+      // Rerouting changes who computes, not what: the same weights as one worker's.
+      expect((await maxWeightDifference(reference, run.runDir!)).maxDiff).toBeLessThan(1e-4);
+    } finally {
+      for (const p of providers) p.child.kill("SIGTERM");
+    }
+  }, 600_000);
+
+  it("bad input: config errors with their line and exit 2, before any provider starts", async () => {
+    const notSequential = `import torch
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 2)
+    def forward(self, x):
+        return self.a(x)
+def build_model(args):
+    return Net()
+def build_dataset(split, args):
+    return torch.utils.data.TensorDataset(torch.randn(32, 8), torch.zeros(32, dtype=torch.long))
+`;
+    const cases: [string, string[], RegExp, string?][] = [
+      ["pp-odd", ["local_workers: 3", "parallel: {pipeline_stages: 2}"], /pipeline_stages: 2 does not divide the 3 workers/],
+      ["pp-many", ["local_workers: 6", "parallel: {pipeline_stages: 6, micro_batches: 2}"], /6 pipeline stages but the model has only 5 top-level layers/],
+      ["pp-notseq", ["local_workers: 2", "parallel: {pipeline_stages: 2}"], /not an nn.Sequential; define build_stages/, notSequential],
+    ];
+    for (const [name, lines, message, task] of cases) {
+      const dir = path.join(tmp.dir, name);
+      await import("node:fs/promises").then((fs) => fs.mkdir(dir, { recursive: true }));
+      await writeFile(path.join(dir, "task.py"), task ?? TASK);
+      const config = path.join(dir, "nimble.yaml");
+      await writeFile(config, [`name: ${name}`, "task: task.py", `output: ${path.join(dir, "runs")}`, ...BASE, ...lines].join("\n") + "\n");
+      const r = await nimble(["train", config, "--python", python], { timeout: 120_000 });
+      expect(r.exitCode, `${name}: ${String(r.stderr)}`).toBe(2);
+      const lineOf = BASE.length + lines.length + 3; // the parallel line
+      expect(String(r.stderr)).toMatch(new RegExp(`nimble\\.yaml:${lineOf}:\\d+: parallel\\.pipeline_stages`));
+      expect(String(r.stderr)).toMatch(message);
+      expect(String(r.stderr)).not.toMatch(/Starting \d+ local provider/);
+    }
+  }, 300_000);
+
+  it("a model no provider can hold alone (--max-memory) is refused as one stage and trains as two", async () => {
+    const big = tinyTask({
+      features: 2048,
+      model: "torch.nn.Sequential(*[m for _ in range(4) for m in (torch.nn.Linear(2048, 2048), torch.nn.Tanh())], torch.nn.Linear(2048, 2))",
+      train: 64,
+      val: 16,
+    });
+    const providers = await Promise.all([0, 1].map((i) => startProvider(python, `pp-mem-${i}`, ["--max-memory", "450MB"])));
+    try {
+      const dir = path.join(tmp.dir, "pp-mem");
+      await import("node:fs/promises").then((fs) => fs.mkdir(dir, { recursive: true }));
+      await writeFile(path.join(dir, "task.py"), big);
+      const write = async (file: string, stages: number, n: number) => {
+        const lines = ["name: pp-mem", "task: task.py", `output: ${path.join(dir, "runs")}`, "steps: 6", "batch_size: 8", "optimizer: {name: sgd, lr: 0.01, momentum: 0.9}"];
+        lines.push("providers:", ...providers.slice(0, n).map((p, i) => `  - {address: "${p.address}", token: pp-mem-${i}}`), `parallel: {pipeline_stages: ${stages}, micro_batches: 2}`);
+        await writeFile(path.join(dir, file), lines.join("\n") + "\n");
+        return path.join(dir, file);
+      };
+      const alone = await nimble(["train", await write("one.yaml", 1, 1), "--python", python], { timeout: 120_000 });
+      expect(alone.exitCode, String(alone.stderr)).toBe(2);
+      expect(String(alone.stderr)).toMatch(/stage 0 needs at least [\d.]+ MB \(layers 0-8\), its providers allow 450 MB/);
+      const split = await nimble(["train", await write("two.yaml", 2, 2), "--json", "--python", python], { timeout: 300_000 });
+      expect(split.exitCode, String(split.stderr)).toBe(0);
+      const done = String(split.stdout).split("\n").filter((l) => l.startsWith("{")).map((l) => JSON.parse(l)).find((e) => e.type === "done");
+      const s = await summaryOf(done.run_dir);
+      expect(s.steps).toBe(6);
+      expect(s.faults).toEqual([]);
+      for (const stage of s.pipeline.plan.stages) expect(stage.memoryBytes).toBeLessThanOrEqual(450 * 1e6);
+    } finally {
+      for (const p of providers) p.child.kill("SIGTERM");
+    }
+  }, 600_000);
 });

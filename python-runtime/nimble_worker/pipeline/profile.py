@@ -19,9 +19,11 @@ import math
 import os
 import sys
 
+import torch
+
 from ..config import ConfigError, JobConfig
 from ..task import Task, TaskError
-from .split import meta_model, profile_layers
+from .split import UnsplittableModel, _too_many, meta_model, profile_layers
 
 
 def resident_bytes() -> int:
@@ -43,9 +45,18 @@ def micro_batch_of(cfg: JobConfig, replicas: int) -> int:
 def run(task: Task, cfg: JobConfig, replicas: int = 1, device: str = "cpu") -> dict:
     train = task.build_dataset("train")
     task.build_dataset("val")
+    # The runtime's one-time costs (thread pools, allocator caches: about 35 MB here) come
+    # with the first operations a worker runs: count them in its base.
+    warm = torch.nn.Linear(512, 512)
+    warm(torch.randn(64, 512)).sum().backward()
+    del warm
     base = resident_bytes()
     model = meta_model(task)
     n = sum(p.numel() for p in model.parameters())
+    stages = cfg.parallel.pipeline_stages if cfg.parallel is not None else 1
+    import torch.nn as nn
+    if isinstance(model, nn.Sequential) and stages > len(model):
+        raise _too_many(task, stages, len(model))
     micro = micro_batch_of(cfg, replicas)
     layers = profile_layers(task, cfg, micro, device, train_ds=train)
     import torch.nn as nn
@@ -68,6 +79,10 @@ def main(argv=None) -> int:
         out = run(Task(a.task, cfg.task_args, a.package_dir, a.site_dir), cfg, a.replicas, a.device)
     except ConfigError as e:
         print(json.dumps({"ok": False, "kind": "config", "field": e.field, "message": e.message}))
+        return 2
+    except UnsplittableModel as e:  # the task is fine; the config's stages do not fit it
+        print(json.dumps({"ok": False, "kind": "config", "field": "parallel.pipeline_stages",
+                          "message": f"{e.where}: {e.message}"}))
         return 2
     except TaskError as e:
         print(json.dumps({"ok": False, "kind": "task", "where": e.where, "message": e.message}))

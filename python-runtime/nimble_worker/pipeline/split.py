@@ -83,8 +83,13 @@ def _check_sequential(task: Task, model: nn.Sequential) -> list[tuple[str, nn.Mo
     return list(model.named_children())
 
 
+class UnsplittableModel(TaskError):
+    """The model cannot be split into the configured stages: a config error for the
+    coordinator (parallel.pipeline_stages), though found in the task."""
+
+
 def _not_sequential(task: Task, model: nn.Module) -> TaskError:
-    return TaskError(f"build_model returned {type(model).__name__}, not an nn.Sequential; define "
+    return UnsplittableModel(f"build_model returned {type(model).__name__}, not an nn.Sequential; define "
                      "build_stages(args, n_stages) or return an nn.Sequential", task.where("build_model"))
 
 
@@ -106,7 +111,7 @@ def default_bounds(children: Sequence[nn.Module], stages: int) -> list[int]:
 
 
 def _too_many(task: Task, stages: int, n: int) -> TaskError:
-    return TaskError(f"{stages} pipeline stages but the model has only {n} top-level layers; "
+    return UnsplittableModel(f"{stages} pipeline stages but the model has only {n} top-level layers; "
                      f"use at most {n} stages (parallel.pipeline_stages)", task.where("build_model"))
 
 

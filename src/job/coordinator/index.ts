@@ -6,7 +6,7 @@ import { cleanText } from "../../protocol/text.js";
 import { DilocoStrategy } from "../../strategy/diloco.js";
 import { SyncStrategy } from "../../strategy/sync.js";
 import { PipelineStrategy } from "../../strategy/pipeline.js";
-import { planPipeline, type PipelineStart } from "./pipelinePhases.js";
+import { planPipeline, profilePipeline, type PipelineStart } from "./pipelinePhases.js";
 import type { Reporter, StatusLevel } from "../events.js";
 import type { ProviderClient } from "../providerClient.js";
 import type { RunDir } from "../runDir.js";
@@ -88,12 +88,15 @@ class Job {
 
   /** The run loop: connect, start, restore, sync, probe links, then the rounds; finish. */
   async train(): Promise<{ runDir: string; summary: TrainSummary }> {
+    // A pipeline's layers are profiled first: a task that cannot be split fails before any provider starts.
+    const profiled = this.config.parallel && !this.opts.resume ? await profilePipeline(this.#partsBeforeStart(), this.opts.loaded, this.#workersExpected()) : null;
     await this.providers.connect();
     this.membership = new Membership(this.providers.ranks.map((r) => r.rank));
+    // Planned before the run folder exists, so a plan that cannot fit leaves none behind (a resumed run keeps its checkpoint's).
+    let pipeline = this.config.parallel && !this.opts.resume ? await planPipeline(this.#partsBeforeStart(), this.opts.loaded, null, profiled ? Promise.resolve(profiled) : null) : null;
     const { dir, checkpoint } = await openRunDir(this.#partsBeforeDir(), this.opts.loaded, this.opts.resume, await this.providers.package());
     this.#dir = dir;
-    // Pipeline parallelism: the stages are planned (or taken from the checkpoint) before any worker starts.
-    const pipeline = this.config.parallel ? await planPipeline(this.#partsBeforeStart(), this.opts.loaded, checkpoint) : null;
+    if (this.config.parallel && this.opts.resume) pipeline = await planPipeline(this.#partsBeforeStart(), this.opts.loaded, checkpoint, null);
     this.providers.pipeline = pipeline?.spec ?? null;
     this.#enter("starting");
     const run = this.#run(dir, pipeline);
@@ -155,6 +158,11 @@ class Job {
     const strategy = this.config.strategy;
     if (pipeline) return new PipelineStrategy(members, opts, pipeline.layout, this.config.parallel!);
     return strategy.name === "diloco" ? new DilocoStrategy(members, opts, strategy) : new SyncStrategy(members, opts);
+  }
+
+  /** Workers the config implies before providers answer: local ones, or one per listed provider. */
+  #workersExpected(): number {
+    return this.config.providers.length > 0 ? this.config.providers.length : (this.opts.local ?? this.config.local_workers);
   }
 
   #partsBeforeStart() {

@@ -2,7 +2,7 @@ import { checkPipelineWorkers } from "../../config/parallelRules.js";
 import { configErrorAt, type LoadedConfig } from "../../config/load.js";
 import { ConfigError, UserError } from "../../errors.js";
 import type { PipelineSpec } from "../../protocol/messages.js";
-import { runLayerProfile } from "../../runtime/layerProfile.js";
+import { runLayerProfile, type LayerProfile } from "../../runtime/layerProfile.js";
 import { mergeSafetensors } from "../../runs/safetensors.js";
 import { describePlan, optimizerStateFactor, PlanError, planStages } from "../../schedule/stages.js";
 import { pipelineGroups, routeChains, type PipelineLayout, type PipelineStrategy } from "../../strategy/pipeline.js";
@@ -111,6 +111,9 @@ export async function pipelineFinalWeights(run: Run, strategy: PipelineStrategy)
   }
 }
 
+/** What a worker holds beyond the profile's base and its stage: the link, prefetched batches, the allocator's slack. */
+const WORKER_MARGIN_BYTES = 32 * 1024 * 1024;
+
 /** What the coordinator decided of the pipeline before the job starts. */
 export interface PipelineStart {
   layout: PipelineLayout;
@@ -127,19 +130,40 @@ export async function planPipeline(
   run: Pick<Run, "config" | "providers" | "tally" | "status">,
   loaded: LoadedConfig,
   checkpoint: Checkpoint | null,
+  profile: Promise<LayerProfile> | null,
 ): Promise<PipelineStart> {
   try {
-    return await planOrResume(run, loaded, checkpoint);
+    return await planOrResume(run, loaded, checkpoint, profile);
   } catch (err) {
     // The profile's and the planner's config errors point at the config's line.
-    if (err instanceof PlanError) throw configErrorAt(loaded, "parallel.pipeline_stages", err.message);
+    if (err instanceof PlanError) throw configErrorAt(loaded, "parallel.pipeline_stages", err.message.replace(/^parallel\.pipeline_stages: /, ""));
     const field = err instanceof ConfigError ? /^([a-z_]+(?:\.[a-z_0-9]+)*): ([\s\S]*)$/.exec(err.message) : null;
     if (field) throw configErrorAt(loaded, field[1], field[2]);
     throw err;
   }
 }
 
-async function planOrResume(run: Pick<Run, "config" | "providers" | "tally" | "status">, loaded: LoadedConfig, checkpoint: Checkpoint | null): Promise<PipelineStart> {
+/**
+ * The task's layers measured on this machine, one at a time (python -m
+ * nimble_worker.pipeline.profile), before any provider is started: a task that cannot be
+ * split, or has fewer layers than stages, fails here at once. `workers` is the count the
+ * config implies (local_workers, or one per listed provider), for the micro-batch size.
+ */
+export async function profilePipeline(run: Pick<Run, "config" | "providers" | "status">, loaded: LoadedConfig, workers: number): Promise<LayerProfile> {
+  const { config } = run;
+  const python = await run.providers.python();
+  const replicas = Math.max(1, Math.floor(workers / config.parallel!.pipeline_stages));
+  run.status(`Pipeline: profiling the model's layers (one at a time) to plan ${config.parallel!.pipeline_stages} stages`);
+  try {
+    return await runLayerProfile({ python: python.python, taskPath: loaded.taskPath, config: config as unknown as Record<string, unknown>, replicas });
+  } catch (err) {
+    const field = err instanceof ConfigError ? /^([a-z_]+(?:\.[a-z_0-9]+)*): ([\s\S]*)$/.exec(err.message) : null;
+    if (field) throw configErrorAt(loaded, field[1], field[2]);
+    throw err;
+  }
+}
+
+async function planOrResume(run: Pick<Run, "config" | "providers" | "tally" | "status">, loaded: LoadedConfig, checkpoint: Checkpoint | null, profiled: Promise<LayerProfile> | null): Promise<PipelineStart> {
   const { config, providers } = run;
   const parallel = config.parallel!;
   const ranks = providers.ranks;
@@ -158,10 +182,7 @@ async function planOrResume(run: Pick<Run, "config" | "providers" | "tally" | "s
     run.tally.recordPipelinePlan(parallel, { resumed: true, bounds: saved.bounds, chains: saved.chains }, ["the layout of the checkpoint resumed"]);
     return { layout: saved, bounds: saved.bounds, spec: specOf(saved, saved.bounds) };
   }
-  const python = await providers.python();
-  const replicas = ranks.length / parallel.pipeline_stages;
-  run.status(`Pipeline: profiling the model's layers (one at a time) to plan ${parallel.pipeline_stages} stages`);
-  const profile = await runLayerProfile({ python: python.python, taskPath: loaded.taskPath, config: config as unknown as Record<string, unknown>, replicas });
+  const profile = await (profiled ?? profilePipeline(run, loaded, ranks.length));
   const plan = planStages({
     layers: profile.layers,
     workers: ranks.map((r) => {
@@ -174,8 +195,8 @@ async function planOrResume(run: Pick<Run, "config" | "providers" | "tally" | "s
     stages: parallel.pipeline_stages,
     microBatches: parallel.micro_batches,
     schedule: parallel.schedule,
-    optimizerStateFactor: optimizerStateFactor(config.optimizer),
-    baseBytes: profile.base_rss_bytes,
+    optimizerStateFactor: stateFactor(config),
+    baseBytes: profile.base_rss_bytes + WORKER_MARGIN_BYTES,
   });
   const bounds = profile.sequential ? plan.bounds : null;
   for (const line of describePlan(plan)) run.status(`Pipeline: ${line}`);
@@ -185,6 +206,18 @@ async function planOrResume(run: Pick<Run, "config" | "providers" | "tally" | "s
   for (const s of plan.stages) for (const r of s.ranks) stageOf[r] = s.index;
   const layout: PipelineLayout = { stages: parallel.pipeline_stages, stageOf, chains: plan.chains };
   return { layout, bounds, spec: specOf(layout, bounds) };
+}
+
+/**
+ * Bytes a stage holds per parameter byte beyond the parameters and their gradient (the
+ * planner adds those two): the optimizer's state, plus one more copy for autograd's
+ * temporaries (a micro-batch's weight gradient before it is added to the accumulated one)
+ * and the allocator's slack; while a checkpoint is written the parameters and the
+ * optimizer state are held once more.
+ */
+function stateFactor(config: Run["config"]): number {
+  const f = optimizerStateFactor(config.optimizer);
+  return Math.max(f + 1, config.checkpoint.every > 0 ? 2 * f : 0);
 }
 
 function specOf(layout: PipelineLayout, bounds: number[] | null): PipelineSpec {
