@@ -433,7 +433,9 @@ def test_profile_cli_prints_one_json_line(tasks, tmp_path):
     with redirect_stdout(out):
         code = profile_main(["--task", str(tmp_path / "bad.py"), "--config", "{}"])
     got = json.loads(out.getvalue())
-    assert code == 3 and got["ok"] is False and got["kind"] == "task" and got["where"] == "bad.py: build_model"
+    # The task is fine; it cannot be split: a config error the coordinator points at parallel with.
+    assert code == 2 and got["ok"] is False and got["kind"] == "config" and got["field"] == "parallel.pipeline_stages"
+    assert got["message"].startswith("bad.py: build_model: build_model returned GRU, not an nn.Sequential")
     out = io.StringIO()
     with redirect_stdout(out):
         code = profile_main(["--task", tasks["mlp"], "--config", '{"parallel": {"schedule": "x"}}'])
