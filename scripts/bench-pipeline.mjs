@@ -213,7 +213,7 @@ function rssSampler(pids) {
 
 // ---- one run -------------------------------------------------------------------------------
 /** `nimble train` of `config` (in `host`'s namespace when given): its exit code, error message, run folder. */
-function train(name, config, wan = null, host = null) {
+function train(name, config, wan = null, host = null, onStep = null) {
   const file = path.join(tmp, `${name}.yaml`);
   writeFileSync(file, stringify({ name, output: path.join(tmp, "runs"), ...config }));
   const child = spawnIn(wan, host, [process.execPath, cli, "train", file, "--json", "--python", PY]);
@@ -227,6 +227,7 @@ function train(name, config, wan = null, host = null) {
       if (e.type === "run") runDir = e.run_dir;
       if (e.type === "done") runDir = e.run_dir;
       if (e.type === "error") error = e.message;
+      if (e.type === "step") onStep?.(e);
     } catch {
       // not an event
     }
@@ -253,7 +254,7 @@ function readRun(runDir) {
   return { summary, metrics };
 }
 
-function baseConfig({ model = MODEL, M, schedule, codec = "none", stages = S, providers, evalSamples = 0, runSteps }) {
+function baseConfig({ model = MODEL, M, schedule, codec = "none", stages = S, providers, evalSamples = 64, runSteps }) {
   return {
     task: TASK,
     task_args: model,
@@ -263,7 +264,10 @@ function baseConfig({ model = MODEL, M, schedule, codec = "none", stages = S, pr
     optimizer: OPTIMIZER,
     lr_schedule: { name: "constant" },
     compression: { method: "none" },
-    eval: evalSamples > 0 ? { every: runSteps, samples: evalSamples, batch_size: 32 } : { every: 0 },
+    // A run evaluates after its last step whatever `every` says: few samples, and batches no
+    // larger than a step's (the planner sizes stages for the training micro-batches, not for
+    // an evaluation batch: the default 256 would put every worker ~230 MB past its estimate).
+    eval: { every: 0, samples: evalSamples, batch_size: BATCH },
     parallel: { pipeline_stages: stages, micro_batches: M, schedule, activation_codec: codec },
     providers: providers.map((p) => ({ address: p.address, token: p.token })),
   };
@@ -442,25 +446,34 @@ try {
     for (const codec of codecs) {
       const name = `pipe-wan-${codec}`;
       log(`[${name}] 1f1b, M = ${WAN_M}, activation_codec ${codec}, 100 Mbit/s, RTT ${RTT_MS} ms, ${wanSteps} steps (${minutes()} min so far; load ${load()[0]})`);
+      // The providers' wire bytes over the measured steps: from the end of step 2 to the end of the
+      // last but one (the last step's event comes after the final evaluation).
       const tx = () => (wan ? sum(hosts.map((h) => wan.txBytes(h))) : null);
-      const before = tx();
+      const marks = new Map();
+      const onStep = (e) => {
+        const done = Number(e.step ?? e.steps_done ?? NaN);
+        if (Number.isFinite(done)) marks.set(done, tx());
+      };
       const loadAt = load()[0];
       const started = Date.now();
-      const out = await train(name, baseConfig({ M: WAN_M, schedule: "1f1b", codec, providers, evalSamples: 512, runSteps: wanSteps }), wan, coord);
+      const out = await train(name, baseConfig({ M: WAN_M, schedule: "1f1b", codec, providers, evalSamples: 512, runSteps: wanSteps }), wan, coord, onStep);
       if (out.code !== 0 || !out.runDir) {
         log(`  failed (exit ${out.code}): ${out.error}`);
         results.wan.runs.push({ name, codec, error: out.error, exit_code: out.code });
         save();
         continue;
       }
-      const wire = before === null ? null : tx() - before;
+      const seen = [...marks.keys()].sort((a, b) => a - b);
+      const from = seen.find((k) => k >= seen[0] + 1);
+      const to = seen.filter((k) => k < wanSteps).pop();
+      const wirePerStep = wan && from !== undefined && to > from ? (marks.get(to) - marks.get(from)) / (to - from) : null;
       const { summary, metrics } = readRun(out.runDir);
       const fig = stageFigures(metrics, S);
       const run = {
         name, codec, M: WAN_M, schedule: "1f1b", steps: wanSteps, load_avg_1min: loadAt, wall_s: r2((Date.now() - started) / 1000, 1),
         samples_per_s: fig.samples_per_s, ideal_samples_per_s: fig.ideal_samples_per_s, step_s: fig.step_s,
         act_bytes_per_step: fig.act_bytes_per_step,
-        wire_bytes_per_step: wire === null ? null : wire / wanSteps,
+        wire_bytes_per_step: wirePerStep,
         send_ms: fig.send_ms, recv_ms: fig.recv_ms,
         final_loss: summary.final_loss,
         final_val_loss: summary.eval?.loss ?? null,

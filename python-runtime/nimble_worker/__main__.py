@@ -20,7 +20,7 @@ import torch
 from .checkpoint import load_checkpoint, state_files
 from .comm import LinkComm, StepAborted, Stop, TimedComm
 from .config import ConfigError, JobConfig
-from .handoff import sync_params, sync_state
+from .handoff import load_mirror, mirror_state, sync_params, sync_state
 from .limits import apply_limits
 from .link import Link, LinkClosed, LinkError
 from .pipeline.stage_replica import build_replica
@@ -138,6 +138,17 @@ class Worker:
                             int(h["source"]))
         return {"op": "synced_state", "step": self.replica.next_step, "hash": digest}, b""
 
+    def mirror(self, h: dict, _: bytearray) -> Reply:
+        # Pipeline: this stage's state, kept by a peer's provider until the next checkpoint.
+        self.require_decided("mirror")
+        size = mirror_state(self.replica, self.strategy, self.comm, int(h["to"]), str(h["tag"]))
+        return {"op": "mirrored", "step": self.replica.next_step, "bytes": size}, b""
+
+    def load_mirror(self, h: dict, _: bytearray) -> Reply:
+        # Pipeline: a replacement takes its stage's state from the peer that kept it.
+        step = load_mirror(self.replica, self.strategy, self.comm, int(h["from"]), str(h["tag"]))
+        return {"op": "loaded", "step": step}, b""
+
     def decide(self, h: dict, _: bytearray) -> Reply:
         # A decision alone: at the end of a job, before recovery, or an abort mid-round.
         self.apply(h)
@@ -178,6 +189,8 @@ SHARED_OPS: dict[str, Op] = {
     "sync": Op(Worker.sync),
     "sync_state": Op(Worker.sync_state),
     "decide": Op(Worker.decide),
+    "mirror": Op(Worker.mirror),
+    "load_mirror": Op(Worker.load_mirror),
     "eval": Op(Worker.eval),
     "state": Op(Worker.state),
     "load_state": Op(Worker.load_state),

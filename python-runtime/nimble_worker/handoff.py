@@ -31,3 +31,18 @@ def sync_state(replica: Replica, strategy: Strategy, comm: Comm, source: int) ->
     if replica.rank != source:
         load_state_blob(replica, strategy, bytes(blobs[0]))
     return replica.hash()
+
+
+def mirror_state(replica: Replica, strategy: Strategy, comm: Comm, to: int, tag: str) -> int:
+    """A copy of this worker's whole training state to rank `to`'s provider, which keeps it
+    (pipeline: a stage's sole holder, at each checkpoint boundary). Returns its bytes."""
+    blob = state_blob(replica, strategy)
+    comm.send(to, tag, blob)
+    return len(blob)
+
+
+def load_mirror(replica: Replica, strategy: Strategy, comm: Comm, frm: int, tag: str) -> int:
+    """Take the state a peer's provider kept (mirror_state's) in place of this worker's
+    own: a stage's replacement after its sole holder was lost. Returns its step."""
+    load_state_blob(replica, strategy, bytes(comm.recv(frm, tag)))
+    return replica.next_step

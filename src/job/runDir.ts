@@ -214,6 +214,21 @@ export class RunDir {
 
   async close() {
     const metrics = this.#metrics;
+    this.#metrics = null;
     if (metrics) await new Promise<void>((resolve) => metrics.end(() => resolve()));
+  }
+
+  /**
+   * Training went back to `step` mid-run (a lost stage taken over from its mirror): metrics
+   * lines of that step and later are dropped, to be written again. Returns the lines kept.
+   */
+  async rollBackTo(step: number): Promise<StepMetrics[]> {
+    await this.close();
+    const file = path.join(this.dir, "metrics.jsonl");
+    const text = await readFile(file, "utf8").catch(() => "");
+    const kept = parseMetricsLines(text).metrics.filter((m) => m.step < step);
+    await writeFile(`${file}.tmp`, kept.map((m) => JSON.stringify(m) + "\n").join(""));
+    await rename(`${file}.tmp`, file);
+    return kept;
   }
 }

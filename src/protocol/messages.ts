@@ -178,6 +178,14 @@ export const toProviderSchema = z.discriminatedUnion("t", [
     /** Pipeline parallelism: the groups of this epoch (stage rings, pipes), beside the ring. */
     groups: z.array(groupSpecSchema).max(16384).optional(),
   }),
+  /**
+   * Pipeline: keep the state that rank `from` sends local rank `rank` under `tag` (a stage's
+   * sole holder's, at a checkpoint boundary), in this provider's memory, replacing what it
+   * kept of that stage before; answered by `mirror_kept`.
+   */
+  z.object({ t: z.literal("mirror_take"), rank: count, from: count, stage: count, tag: z.string().regex(/^[A-Za-z0-9:._-]{1,128}$/) }),
+  /** Pipeline: send the state kept of `stage` from local rank `rank` to rank `to` (its replacement), under `tag`. */
+  z.object({ t: z.literal("mirror_give"), rank: count, to: count, stage: count, tag: z.string().regex(/^[A-Za-z0-9:._-]{1,128}$/) }),
   /** Measure this provider's upload to the next member's provider (the `/bench` path, with its credential). */
   z.object({ t: z.literal("probe_links"), bytes: z.number().int().min(1024).max(256 * 1024 * 1024) }),
   z.object({ t: z.literal("cancel"), reason: z.string().max(1000) }),
@@ -252,6 +260,8 @@ export const toCoordinatorSchema = z.discriminatedUnion("t", [
     rtt_ms: z.number().finite().nonnegative().nullable(),
     upload_bytes_per_s: z.number().finite().positive().nullable(),
   }),
+  /** Pipeline: local rank `rank` keeps `bytes` of stage `stage`'s state, sent under `tag` (mirror_take). */
+  z.object({ t: z.literal("mirror_kept"), rank: count, stage: count, tag: z.string().max(128), bytes: count }),
   // level: how the coordinator shows it (debug lines only with --verbose; all go to train.log).
   z.object({ t: z.literal("log"), line: z.string().max(64 * 1024), level: logLevelSchema.optional() }),
   z.object({

@@ -81,6 +81,10 @@ export const sharedOrders = {
   /** A decision alone: apply it (an abort also ends the round waiting on a collective); reply with the hash after it. */
   decide: decisionSchema.extend({ op: z.literal("decide") }),
   /** Pipeline: `chains` (as in pipe_step) share the items; only last stages report sums. */
+  /** Pipeline: send this worker's whole training state to rank `to` (whose provider keeps it), under `tag`. */
+  mirror: z.object({ op: z.literal("mirror"), to: count, tag: pipeTag, decision }),
+  /** Pipeline: take the state rank `from`'s provider kept (sent under `tag`) in place of this worker's own. */
+  load_mirror: z.object({ op: z.literal("load_mirror"), from: count, tag: pipeTag }),
   eval: z.object({ op: z.literal("eval"), step: count, start: count, count, batch_size: z.number().int().min(1), chains: z.array(z.array(count).max(4096)).max(4096).optional(), decision }),
   state: z.object({ op: z.literal("state"), kind: stateKind, decision }),
   /** Payload: the files' bytes concatenated in order. */
@@ -145,6 +149,8 @@ export const fromWorker = {
   pipe_recv: z.object({ op: z.literal("pipe_recv"), id: count, from: count, tag: pipeTag, attempt: count.default(0) }),
   synced: z.object({ op: z.literal("synced"), hash }),
   synced_state: z.object({ op: z.literal("synced_state"), step: count, hash }),
+  /** The state the `mirror` order sent: of next step `step`, `bytes` long. */
+  mirrored: z.object({ op: z.literal("mirrored"), step: count, bytes: count }),
   /** The decision for round `step` is applied; `next_step` is the step it runs next, `hash` of its parameters now. */
   decided: decisionSchema.extend({ op: z.literal("decided"), next_step: count, hash }),
   step_done: stepReportSchema.extend({
@@ -197,6 +203,8 @@ export const replies: Record<OrderOp, readonly FromWorkerOp[]> = {
   ring: [],
   sync_state: ["synced_state"],
   decide: ["decided"],
+  mirror: ["mirrored"],
+  load_mirror: ["loaded"],
   eval: ["eval_done"],
   state: ["state"],
   load_state: ["loaded"],

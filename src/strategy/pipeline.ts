@@ -54,7 +54,7 @@ export class StageLostError extends Error {
  * (SWARM's rerouting, here only after a fault). Pure; throws StageLostError when a stage
  * has no member left.
  */
-export function routeChains(layout: PipelineLayout, members: readonly number[]): number[][] {
+export function routeChains(layout: PipelineLayout, members: readonly number[], allowLost = false): number[][] {
   const alive = new Set(members);
   const load = new Map<number, number>();
   const routes = layout.chains.map((chain) => chain.map((rank) => (alive.has(rank) ? rank : -1)));
@@ -63,12 +63,35 @@ export function routeChains(layout: PipelineLayout, members: readonly number[]):
     chain.forEach((rank, s) => {
       if (rank >= 0) return;
       const holders = members.filter((r) => layout.stageOf[r] === s).sort((a, b) => (load.get(a) ?? 0) - (load.get(b) ?? 0) || a - b);
-      if (holders.length === 0) throw new StageLostError(s);
+      if (holders.length === 0) {
+        if (allowLost) return; // stays -1: the stage waits for a replacement
+        throw new StageLostError(s);
+      }
       chain[s] = holders[0];
       load.set(holders[0], (load.get(holders[0]) ?? 0) + 1);
     });
   }
   return routes;
+}
+
+/** Stages no member holds. */
+export function lostStages(layout: PipelineLayout, members: readonly number[]): number[] {
+  return Array.from({ length: layout.stages }, (_, s) => s).filter((s) => !members.some((r) => layout.stageOf[r] === s));
+}
+
+/**
+ * Where each sole-held stage's state is mirrored at a checkpoint boundary: to the worker of
+ * the next stage in chain 0 (the last stage's to the first's), which is a pipe neighbour.
+ */
+export function mirrorTargets(layout: PipelineLayout, members: readonly number[], routes: readonly (readonly number[])[]): { stage: number; holder: number; keeper: number }[] {
+  if (layout.stages < 2) return [];
+  const out: { stage: number; holder: number; keeper: number }[] = [];
+  for (let s = 0; s < layout.stages; s++) {
+    const holders = members.filter((r) => layout.stageOf[r] === s);
+    const keeper = routes[0][(s + 1) % layout.stages];
+    if (holders.length === 1 && keeper >= 0) out.push({ stage: s, holder: holders[0], keeper });
+  }
+  return out;
 }
 
 /** The groups of links `routes` need beside the ring: a ring per stage with replicas, a pipe per consecutive pair. */
@@ -79,14 +102,14 @@ export function pipelineGroups(layout: PipelineLayout, members: readonly number[
     if (holders.length > 1) groups.push({ id: `stage:${s}`, kind: "ring", members: holders });
   }
   const pipes = new Set<string>();
-  for (const chain of routes) {
-    for (let s = 0; s + 1 < chain.length; s++) {
-      const id = `pipe:${chain[s]}:${chain[s + 1]}`;
-      if (pipes.has(id)) continue;
-      pipes.add(id);
-      groups.push({ id, kind: "pipe", members: [chain[s], chain[s + 1]] });
-    }
-  }
+  const pipe = (a: number, b: number) => {
+    if (a < 0 || b < 0 || a === b || pipes.has(`${a}:${b}`) || pipes.has(`${b}:${a}`)) return;
+    pipes.add(`${a}:${b}`);
+    groups.push({ id: `pipe:${a}:${b}`, kind: "pipe", members: [a, b] });
+  };
+  for (const chain of routes) for (let s = 0; s + 1 < chain.length; s++) pipe(chain[s], chain[s + 1]);
+  // A sole holder's state goes to its keeper at each checkpoint (the last stage's to the first's: no pipe otherwise).
+  for (const m of mirrorTargets(layout, members, routes)) pipe(m.holder, m.keeper);
   return groups;
 }
 
@@ -143,7 +166,28 @@ export class PipelineStrategy extends SyncStrategy {
 
   /** The groups the ring needs with `members` (for the `ring` message of a re-forming epoch). */
   override groupsFor(members: readonly number[]): GroupSpec[] {
-    return pipelineGroups(this.layout, members, routeChains(this.layout, members));
+    // A lost stage that a keeper mirrored waits for its replacement: the others' links form meanwhile.
+    const waiting = lostStages(this.layout, members).every((s) => this.canReplace(s, members));
+    return pipelineGroups(this.layout, members, routeChains(this.layout, members, waiting));
+  }
+
+  /** Sole-held stages' states, kept by a peer's provider since the last checkpoint: by stage. */
+  readonly mirrors = new Map<number, { keeper: number; tag: string; step: number }>();
+
+  /** A stage lost with its only holder can be taken over: its state was mirrored to a member. */
+  canReplace(stage: number, members: readonly number[]): boolean {
+    const m = this.mirrors.get(stage);
+    return !!m && members.includes(m.keeper);
+  }
+
+  /** Stages no member holds now. */
+  lost(members: readonly number[]): number[] {
+    return lostStages(this.layout, members);
+  }
+
+  /** Where the sole-held stages mirror to at this checkpoint. */
+  mirrorTargets(): { stage: number; holder: number; keeper: number }[] {
+    return mirrorTargets(this.layout, this.#members, this.#routes);
   }
 
   /**
@@ -152,11 +196,15 @@ export class PipelineStrategy extends SyncStrategy {
    */
   override handovers(members: readonly number[], joined: readonly number[]): { source: number; members: number[] }[] {
     const stages = [...new Set(joined.map((r) => this.layout.stageOf[r]))].sort((a, b) => a - b);
-    return stages.map((s) => {
+    // A stage with no holder but joiners is taken over from its mirror (replaceFromMirror), not handed over.
+    return stages.flatMap((s) => {
       const holders = members.filter((r) => this.layout.stageOf[r] === s);
       const source = holders.find((r) => !joined.includes(r));
-      if (source === undefined) throw new StageLostError(s);
-      return { source, members: holders };
+      if (source === undefined) {
+        if (this.canReplace(s, members)) return [];
+        throw new StageLostError(s);
+      }
+      return [{ source, members: holders }];
     });
   }
 
@@ -246,7 +294,7 @@ export class PipelineStrategy extends SyncStrategy {
   /** Members changed: chains of a lost worker are rerouted through another replica of its stage. */
   override membersChanged(change: MembersChange): void {
     this.#members = [...change.members];
-    this.#routes = routeChains(this.layout, change.members);
+    this.#routes = routeChains(this.layout, change.members, true);
   }
 
   /** Leaving a worker out would lose its chain's share of a stage: never under pipeline. */

@@ -195,4 +195,36 @@ def build_dataset(split, args):
       for (const p of providers) p.child.kill("SIGTERM");
     }
   }, 600_000);
+
+  it("a sole holder's provider killed mid-step: its replacement takes the stage from the peer that mirrored it, and the run ends with the reference's weights", async () => {
+    expect(reference).not.toBe("");
+    const providers = await Promise.all([0, 1].map((i) => startProvider(python, `pp-sole-${i}`)));
+    const port = Number(new URL(providers[1].address).port);
+    let back: Awaited<ReturnType<typeof startProvider>> | null = null;
+    try {
+      let killed = false;
+      const run = await train(
+        "pp-sole",
+        ["providers:", ...providers.map((p, i) => `  - {address: "${p.address}", token: pp-sole-${i}}`), "parallel: {pipeline_stages: 2, micro_batches: 4}", "checkpoint: {every: 10}", "faults: {heartbeat_s: 2, wait_s: 90}", "task_args: {slow_s: 0.05}"],
+        [],
+        (e) => {
+          if (e.type === "step" && e.step === 14 && !killed) {
+            killed = true;
+            providers[1].child.kill("SIGKILL"); // rank 1, the only holder of stage 1
+            setTimeout(() => void startProvider(python, "pp-sole-1", ["--port", String(port)]).then((p) => (back = p)), 1500);
+          }
+        },
+      );
+      expect(run.result.exitCode, String(run.result.stderr)).toBe(0);
+      const statuses = run.events.filter((e) => e.type === "status").map((e) => String(e.message));
+      expect(statuses.some((m) => /Stage 1 \(rank 1, from rank 0's provider\) taken over with the state mirrored at step 10/.test(m)), statuses.join("\n")).toBe(true);
+      const s = await summaryOf(run.runDir!);
+      expect(s.rolled_back_to).toEqual([10]);
+      const steps = (await readFile(path.join(run.runDir!, "metrics.jsonl"), "utf8")).trim().split("\n").map((l) => JSON.parse(l).step);
+      expect(steps).toEqual([...Array(20).keys()]);
+      expect((await maxWeightDifference(reference, run.runDir!)).maxDiff).toBeLessThan(1e-4);
+    } finally {
+      for (const p of [...providers, back]) (p as { child: { kill: (s: string) => void } } | null)?.child.kill("SIGTERM");
+    }
+  }, 600_000);
 });

@@ -6,7 +6,7 @@ import { runLayerProfile, type LayerProfile } from "../../runtime/layerProfile.j
 import { mergeSafetensors } from "../../runs/safetensors.js";
 import { describePlan, optimizerStateFactor, PlanError, planStages } from "../../schedule/stages.js";
 import { pipelineGroups, routeChains, type PipelineLayout, type PipelineStrategy } from "../../strategy/pipeline.js";
-import type { Checkpoint } from "../runDir.js";
+import { RunDir, type Checkpoint } from "../runDir.js";
 import { JobFailed } from "./errors.js";
 import { sendOrder } from "./orders.js";
 import { checkStateFiles } from "./stateFiles.js";
@@ -58,7 +58,61 @@ export async function pipelineCheckpointFiles(run: Run, strategy: PipelineStrate
   }
   const layout: SavedLayout = { ...strategy.layout, bounds };
   out.push({ name: PIPELINE_FILE, data: Buffer.from(JSON.stringify(layout)) });
+  await mirrorSoleHolders(run, strategy, step + 1);
   return out;
+}
+
+/**
+ * Each stage held by one worker alone sends its whole state to a pipe neighbour's
+ * provider, which keeps it (provider to provider, not through this machine): should that
+ * worker or its provider be lost, its replacement starts from there.
+ */
+async function mirrorSoleHolders(run: Run, strategy: PipelineStrategy, step: number): Promise<void> {
+  const targets = strategy.mirrorTargets();
+  if (targets.length === 0) return;
+  const tagOf = (stage: number) => `m:${step}:${stage}`;
+  const what = `stage states reaching their keepers at step ${step}`;
+  const kept = run.exchanges.expect("mirror_kept", what, targets.map((t) => t.keeper), STEP_TIMEOUT_MS, (m) => targets.some((t) => t.keeper === m.rank && m.tag === tagOf(t.stage)));
+  const sent = run.exchanges.expect("mirrored", what, targets.map((t) => t.holder), STEP_TIMEOUT_MS);
+  for (const t of targets) run.providers.ranks[t.keeper].client.send({ t: "mirror_take", rank: t.keeper, from: t.holder, stage: t.stage, tag: tagOf(t.stage) });
+  for (const t of targets) sendOrder(run.providers, [t.holder], { op: "mirror", to: t.keeper, tag: tagOf(t.stage) });
+  const [got] = await Promise.all([kept, sent]);
+  for (const t of targets) strategy.mirrors.set(t.stage, { keeper: t.keeper, tag: tagOf(t.stage), step });
+  const bytes = [...got.values()].reduce((a, m) => a + m.bytes, 0);
+  run.status(`Mirrored ${targets.map((t) => `stage ${t.stage} (rank ${t.holder} -> rank ${t.keeper})`).join(", ")}: ${(bytes / 1e6).toFixed(1)} MB kept by providers`, "debug");
+}
+
+/**
+ * A stage lost with its only holder, and its replacement ready (a restarted worker, a
+ * provider back): the replacement loads the state its keeper mirrored at the last
+ * checkpoint, every other member loads that checkpoint's state of its own stage, and the
+ * run goes back to that step. Returns the step training continues from.
+ */
+export async function replaceFromMirror(run: Run, strategy: PipelineStrategy, members: readonly number[], replacing: { stage: number; rank: number }[]): Promise<number> {
+  const mirrors = replacing.map((r) => ({ ...r, ...strategy.mirrors.get(r.stage)! }));
+  const step = mirrors[0].step;
+  if (mirrors.some((m) => m.step !== step)) throw new JobFailed(`The lost stages' mirrors are of different steps (${mirrors.map((m) => m.step).join(", ")})`);
+  const { checkpoint } = await RunDir.latestCheckpoint(run.dir.dir);
+  if (!checkpoint || checkpoint.step !== step) {
+    throw new JobFailed(`Stage ${mirrors[0].stage}'s mirror is of step ${step} but the run's newest checkpoint is ${checkpoint ? `of step ${checkpoint.step}` : "missing"}`, "Continue with `nimble train --resume RUN_DIR`.");
+  }
+  const others = members.filter((r) => !replacing.some((x) => x.rank === r));
+  const loaded = run.exchanges.expect("loaded", `stage states of step ${step} loading`, members, STEP_TIMEOUT_MS);
+  for (const m of mirrors) {
+    run.providers.ranks[m.keeper].client.send({ t: "mirror_give", rank: m.keeper, to: m.rank, stage: m.stage, tag: m.tag });
+    sendOrder(run.providers, [m.rank], { op: "load_mirror", from: m.keeper, tag: m.tag });
+  }
+  for (const rank of others) {
+    const s = strategy.layout.stageOf[rank];
+    const prefix = stageFile(s, "");
+    const files = checkpoint.files.filter((f) => f.name.startsWith(prefix)).map((f) => ({ name: f.name.slice(prefix.length), data: f.data }));
+    sendOrder(run.providers, [rank], { op: "load_state", files: files.map((f) => ({ name: f.name, size: f.data.byteLength })) }, Buffer.concat(files.map((f) => f.data)));
+  }
+  for (const [rank, m] of await loaded) if (m.step !== step) throw new JobFailed(`Rank ${rank} loaded step ${m.step}, not the mirrored step ${step}`);
+  const kept = await run.dir.rollBackTo(step);
+  run.tally.rollBack(step, kept);
+  run.status(`Stage${mirrors.length === 1 ? "" : "s"} ${mirrors.map((m) => `${m.stage} (rank ${m.rank}, from rank ${m.keeper}'s provider)`).join(", ")} taken over with the state mirrored at step ${step}; the others back to that step's checkpoint: steps ${step + 1} on run again`, "warn");
+  return step;
 }
 
 /** The layout a checkpoint was written with (null: not a pipeline checkpoint, or unreadable). */

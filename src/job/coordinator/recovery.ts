@@ -1,4 +1,5 @@
-import { StageLostError } from "../../strategy/pipeline.js";
+import { PipelineStrategy, StageLostError } from "../../strategy/pipeline.js";
+import { replaceFromMirror } from "./pipelinePhases.js";
 import { FaultError, JobFailed, type Fault } from "./errors.js";
 import { quorum, type Quorum } from "./membership.js";
 import type { Phase } from "./phase.js";
@@ -40,7 +41,7 @@ export interface FaultedAt {
  * among the rest; below faults.min_workers, wait for providers to come back. Retried when
  * another fault strikes meanwhile.
  */
-export async function recover(run: Run, at: FaultedAt): Promise<void> {
+export async function recover(run: Run, at: FaultedAt): Promise<number | null> {
   const resume: Phase = run.phase() === "finishing" ? "finishing" : "training";
   for (let attempt = 1; ; attempt++) {
     run.enter("recovering");
@@ -49,14 +50,15 @@ export async function recover(run: Run, at: FaultedAt): Promise<void> {
       await dropLost(run, faults, at);
       at = { step: at.step, sent: false };
       run.enter(resume);
-      await waitForQuorum(run, at.step ?? run.tally.stepsDone, faults);
+      let back = await waitForQuorum(run, at.step ?? run.tally.stepsDone, faults);
+      back ??= await waitForReplacement(run, at.step ?? run.tally.stepsDone);
       const active = run.membership.active;
       run.status(
         `Ring re-formed with ${active.length} worker${active.length === 1 ? "" : "s"} (ranks ${active.join(", ")})` +
           (at.step !== null ? `; redoing step ${at.step} with shares ${run.strategy.shares.join(" : ")}` : ""),
       );
       run.report({ type: "workers", workers: run.providers.rows() });
-      return;
+      return back;
     } catch (err) {
       run.enter(resume);
       if (!(err instanceof FaultError)) throw err;
@@ -113,9 +115,9 @@ function currentQuorum(run: Run, lost: readonly number[], shortSince: number | n
 }
 
 /** Below faults.min_workers: wait for providers to come back (or restarted workers), then bring them in. */
-async function waitForQuorum(run: Run, step: number, faults: Fault[]): Promise<void> {
+async function waitForQuorum(run: Run, step: number, faults: Fault[]): Promise<number | null> {
   let q = currentQuorum(run, [], null);
-  if (q.decision !== "wait") return;
+  if (q.decision !== "wait") return null;
   const shortSince = Date.now();
   run.status(`Waiting up to ${run.config.faults.wait_s} s for providers: ${q.reason}`, "warn");
   while (q.decision === "wait") {
@@ -123,7 +125,30 @@ async function waitForQuorum(run: Run, step: number, faults: Fault[]): Promise<v
     q = currentQuorum(run, [], shortSince, describe(faults));
   }
   if (q.decision === "fail") throw new JobFailed(q.reason, q.hint);
-  await admit(run, step);
+  return admit(run, step);
+}
+
+/**
+ * Pipeline: a stage lost with its only holder (its state mirrored at the last checkpoint)
+ * waits, up to faults.wait_s, for a worker of that stage to come back (a restarted worker,
+ * its provider back), which then takes the stage over from the mirror.
+ */
+async function waitForReplacement(run: Run, step: number): Promise<number | null> {
+  const strategy = run.strategy;
+  if (!(strategy instanceof PipelineStrategy)) return null;
+  const lost = () => strategy.lost(run.membership.active);
+  if (lost().length === 0) return null;
+  const covered = () => lost().every((s) => run.membership.joiners.some((r) => strategy.layout.stageOf[r] === s));
+  run.status(`Waiting up to ${run.config.faults.wait_s} s for a worker to take over stage ${lost().join(", ")} from its mirror`, "warn");
+  const deadline = Date.now() + run.config.faults.wait_s * 1000;
+  while (!covered() && Date.now() < deadline) await sleep(250);
+  if (!covered()) {
+    throw new JobFailed(
+      `Pipeline stage ${lost().join(", ")} was lost with its only worker, and none came back to take it over within faults.wait_s (${run.config.faults.wait_s} s)`,
+      "Its state is mirrored at a peer and in the last checkpoint: continue with `nimble train --resume RUN_DIR`, or give each stage a replica.",
+    );
+  }
+  return admit(run, step);
 }
 
 /**
@@ -131,12 +156,15 @@ async function waitForQuorum(run: Run, step: number, faults: Fault[]): Promise<v
  * joined) into the ring before `step`: the ring re-forms with them, every member takes one
  * current member's whole training state over the ring, and the work is split anew.
  */
-export async function admit(run: Run, step: number): Promise<void> {
+export async function admit(run: Run, step: number): Promise<number | null> {
   const { membership, providers } = run;
   const q = currentQuorum(run, [], null);
-  if (q.decision !== "quorum" || q.joining.length === 0) return;
+  if (q.decision !== "quorum" || q.joining.length === 0) return null;
   const newcomers = q.joining;
   const source = membership.active[0];
+  // Pipeline: stages no member holds now (lost with their only worker), before the ring takes the newcomers in.
+  const strategy = run.strategy;
+  const lostStages = strategy instanceof PipelineStrategy ? strategy.lost(membership.active) : [];
   const names = newcomers.join(", ");
   await reformRing(run, q.members, `the ring re-forming with rank(s) ${names}`);
   // Under pipeline each stage's holders hand over among themselves (over their stage's ring).
@@ -149,11 +177,21 @@ export async function admit(run: Run, step: number): Promise<void> {
   for (const [rank, m] of got) {
     if (m.step !== step) throw new JobFailed(`Rank ${rank} is at step ${m.step} after taking rank ${source}'s state, not ${step}`);
   }
+  // Pipeline: a stage whose only holder was lost is taken over from its mirror; training goes back to it.
+  let back: number | null = null;
+  if (strategy instanceof PipelineStrategy) {
+    const replacing = lostStages.flatMap((stage) => {
+      const rank = newcomers.find((r) => strategy.layout.stageOf[r] === stage);
+      return rank === undefined ? [] : [{ stage, rank }];
+    });
+    if (replacing.length > 0) back = await replaceFromMirror(run, strategy, q.members, replacing);
+  }
   for (const r of newcomers) providers.ranks[r].row.state = "training";
   run.strategy.membersChanged({ members: q.members, left: [], joined: newcomers });
   const shares = run.strategy.shares.join(" : ");
   run.status(`Rank${newcomers.length === 1 ? "" : "s"} ${names} joined before step ${step} with rank ${source}'s state; ${q.members.length} workers, shares ${shares}`);
   run.report({ type: "workers", workers: providers.rows() });
+  return back;
 }
 
 /**

@@ -24,6 +24,13 @@ export interface RoundsOptions {
   stopRequested: () => boolean;
 }
 
+/** Training went back to `step` during a recovery (a pipeline stage taken over from its mirror). */
+class RolledBack extends Error {
+  constructor(readonly step: number) {
+    super(`rolled back to step ${step}`);
+  }
+}
+
 /** Run a phase between rounds (evaluation, checkpoint, final weights), again after any fault. */
 async function surviving<T>(run: Run, phase: () => Promise<T>): Promise<T> {
   for (;;) {
@@ -31,7 +38,8 @@ async function surviving<T>(run: Run, phase: () => Promise<T>): Promise<T> {
       return await phase();
     } catch (err) {
       if (!(err instanceof FaultError)) throw err;
-      await recover(run, { step: null, sent: false });
+      const back = await recover(run, { step: null, sent: false });
+      if (back !== null) throw new RolledBack(back);
     }
   }
 }
@@ -47,42 +55,54 @@ export async function trainRounds(run: Run, opts: RoundsOptions): Promise<{ name
   // A round covers stepsPerRound steps from `step` (sync: one; diloco: inner_steps / fragments).
   const per = run.strategy.stepsPerRound;
   for (let step = opts.first; step < config.steps; step += per) {
-    if (run.membership.joiners.length > 0) await surviving(run, () => admit(run, step));
-    const stepStart = Date.now();
-    const attempt = await attemptRound(run, step, verifyNext);
-    if ("fault" in attempt) {
-      await recover(run, attempt.fault);
+    try {
+      await runRound(run, opts, step, verifyNext, (v) => (verifyNext = v));
+    } catch (err) {
+      if (!(err instanceof RolledBack)) throw err;
+      step = err.step - per; // from the mirrored step again
       verifyNext = true;
-      step -= per; // run it again on the re-formed ring
-      continue;
-    }
-    verifyNext = false;
-    const result = fold(run, attempt.plan, attempt.reports);
-    run.commits.decide(step, "reported");
-    recordRound(run, result);
-    const end = result.round; // the round's last step
-    const evaluation = await maybeEvaluate(run, end, opts.valSize);
-    run.dir.appendMetrics(run.tally.metricsOf(result, stepStart, evaluation, dilocoFigures(result)));
-    reportRound(run, result, evaluation?.metrics);
-    if (opts.mayLeaveOut && step === run.strategy.leaveOutAfter && step < config.steps - 1) {
-      await surviving(run, () => leaveOutSlow(run, step, Math.max(...result.workers.map((w) => w.bytes_sent))));
-    }
-    const stopping = opts.stopRequested() && end < config.steps - 1;
-    if ((config.checkpoint.every > 0 && (end + 1) % config.checkpoint.every === 0) || stopping) {
-      const files = await surviving(run, () => checkpointFiles(run, end));
-      const where = await run.dir.writeCheckpoint(end + 1, files, config.checkpoint.keep);
-      run.report({ type: "checkpoint", step: end + 1, path: where });
-    }
-    if (stopping) {
-      throw new UserError(
-        `Training cancelled after step ${end + 1} of ${config.steps}`,
-        `A checkpoint of step ${end + 1} is in ${run.dir.dir}; continue with \`nimble train --resume ${run.dir.dir}\`.`,
-        130,
-      );
     }
   }
   run.enter("finishing");
   return surviving(run, () => finalWeights(run));
+}
+
+/** One round from `step`: admit joiners, plan, attempt, decide, record, evaluate, checkpoint. Throws RolledBack to run again from a step. */
+async function runRound(run: Run, opts: RoundsOptions, step: number, verify: boolean, setVerify: (v: boolean) => void): Promise<void> {
+  const { config } = run;
+  const back = run.membership.joiners.length > 0 ? await surviving(run, () => admit(run, step)) : null;
+  if (back !== null) throw new RolledBack(back);
+  const stepStart = Date.now();
+  const attempt = await attemptRound(run, step, verify);
+  if ("fault" in attempt) {
+    const back = await recover(run, attempt.fault);
+    // Run it again on the re-formed ring (or from the mirrored step).
+    throw new RolledBack(back ?? step);
+  }
+  setVerify(false);
+  const result = fold(run, attempt.plan, attempt.reports);
+  run.commits.decide(step, "reported");
+  recordRound(run, result);
+  const end = result.round; // the round's last step
+  const evaluation = await maybeEvaluate(run, end, opts.valSize);
+  run.dir.appendMetrics(run.tally.metricsOf(result, stepStart, evaluation, dilocoFigures(result)));
+  reportRound(run, result, evaluation?.metrics);
+  if (opts.mayLeaveOut && step === run.strategy.leaveOutAfter && step < config.steps - 1) {
+    await surviving(run, () => leaveOutSlow(run, step, Math.max(...result.workers.map((w) => w.bytes_sent))));
+  }
+  const stopping = opts.stopRequested() && end < config.steps - 1;
+  if ((config.checkpoint.every > 0 && (end + 1) % config.checkpoint.every === 0) || stopping) {
+    const files = await surviving(run, () => checkpointFiles(run, end));
+    const where = await run.dir.writeCheckpoint(end + 1, files, config.checkpoint.keep);
+    run.report({ type: "checkpoint", step: end + 1, path: where });
+  }
+  if (stopping) {
+    throw new UserError(
+      `Training cancelled after step ${end + 1} of ${config.steps}`,
+      `A checkpoint of step ${end + 1} is in ${run.dir.dir}; continue with \`nimble train --resume ${run.dir.dir}\`.`,
+      130,
+    );
+  }
 }
 
 type Attempt = { plan: SyncPlan; reports: ReadonlyMap<number, RoundReport> } | { fault: FaultedAt };

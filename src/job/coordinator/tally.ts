@@ -56,6 +56,8 @@ export interface TrainSummary {
   faults: { step: number; wall_s: number; kind: Fault["kind"]; ranks: number[]; reason: string; recovery_s: number | null }[];
   /** Steps abandoned by a fault and run again (once per abandonment). */
   steps_redone: number[];
+  /** Pipeline: steps training went back to after a sole-held stage was taken over from its mirror. */
+  rolled_back_to?: number[];
   /** Each provider's measured upload to its ring successor (none for a single host). */
   links: { rank: number; to: number; rtt_ms: number | null; upload_bytes_per_s: number | null }[];
   workers: { id: string; rank: number; provider: string; device: string; samples: number; share: number }[];
@@ -115,6 +117,20 @@ export class Tally {
       if (m.skipped) this.stepsSkipped.push(m.step);
     }
   }
+
+  /** Training went back to `step` (metrics lines `kept` are those before it); bytes already sent stay counted. */
+  rollBack(step: number, kept: StepMetrics[]): void {
+    this.stepsDone = step;
+    this.samplesDone = kept.reduce((a, m) => a + m.samples, 0);
+    this.trainSeconds = kept.reduce((a, m) => a + m.step_s, 0);
+    this.lastLoss = [...kept].reverse().find((m) => m.loss !== null)?.loss ?? null;
+    this.stepsSkipped.splice(0, this.stepsSkipped.length, ...this.stepsSkipped.filter((s) => s < step));
+    this.#recent.length = 0;
+    this.rolledBack.push(step);
+  }
+
+  /** Steps training went back to, mid-run, after a sole-held stage was taken over from its mirror. */
+  readonly rolledBack: number[] = [];
 
   recordSync(bytes: number): void {
     this.syncBytes = bytes;
@@ -264,6 +280,7 @@ export class Tally {
       left_out: this.leftOut,
       faults: this.faults,
       steps_redone: this.stepsRedone,
+      ...(this.rolledBack.length ? { rolled_back_to: this.rolledBack } : {}),
       links: this.links,
       workers: workers.map((w) => ({ ...w, share: this.samplesDone > 0 ? w.samples / this.samplesDone : 0 })),
       run_dir: runDir,

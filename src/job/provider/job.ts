@@ -169,6 +169,36 @@ export class ProviderJob {
     }
   }
 
+  /** Pipeline: the state this host keeps of other providers' sole-held stages (one per stage, the latest). */
+  readonly #mirrors = new Map<number, { tag: string; data: Uint8Array }>();
+
+  /** Receive a stage's state from its holder over the pipe to local rank `rank`, and keep it. */
+  async #mirrorTake(rank: number, from: number, stage: number, tag: string) {
+    const pipe = this.groups.pipe(rank, from);
+    if (!this.#local(rank) || !pipe) return this.fail(`asked to keep stage ${stage}'s state at rank ${rank} from rank ${from}, with no pipe between them`, "internal");
+    try {
+      const data = await pipe.recv(tag);
+      this.#mirrors.set(stage, { tag, data });
+      this.send({ t: "mirror_kept", rank, stage, tag, bytes: data.byteLength });
+    } catch (err) {
+      this.#ringLost(rank, this.mesh.epoch, `keeping stage ${stage}'s state from rank ${from} failed: ${errorMessage(err)}`);
+    }
+  }
+
+  /** Send the kept state of `stage` from local rank `rank` to its replacement `to`. */
+  async #mirrorGive(rank: number, to: number, stage: number, tag: string) {
+    const kept = this.#mirrors.get(stage);
+    const pipe = this.groups.pipe(rank, to);
+    if (!kept || !pipe) return this.fail(`asked for stage ${stage}'s kept state at rank ${rank}, which ${kept ? "has no pipe to rank " + to : "keeps none"}`, "internal");
+    try {
+      const stats = await pipe.send(tag, kept.data);
+      const local = this.#local(rank);
+      if (local) local.bytesSinceReport += stats.bytesSent;
+    } catch (err) {
+      this.#ringLost(rank, this.mesh.epoch, `sending stage ${stage}'s kept state to rank ${to} failed: ${errorMessage(err)}`);
+    }
+  }
+
   /** Set when the owner limits how long a job may run (--max-job-hours). */
   #deadline: NodeJS.Timeout | undefined;
 
@@ -176,6 +206,8 @@ export class ProviderJob {
   handle(message: ToProvider): void {
     if (message.t === "order") this.#relay.order(message);
     else if (message.t === "ring") this.#reform(message.epoch, message.members, message.urls ?? [], message.groups ?? []);
+    else if (message.t === "mirror_take") void this.#mirrorTake(message.rank, message.from, message.stage, message.tag);
+    else if (message.t === "mirror_give") void this.#mirrorGive(message.rank, message.to, message.stage, message.tag);
     else if (message.t === "probe_links") void probeLinks(this, message.bytes, (binding) => this.auth.benchHello(this.spec, binding), this.linkOptions.throttle);
   }
 
