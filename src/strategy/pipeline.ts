@@ -3,7 +3,7 @@ import type { GroupSpec } from "../collective/groups.js";
 import type { JobConfig } from "../config/schema.js";
 import type { CoordinatorOrder, PipelineReport } from "../protocol/workerOps.js";
 import { equalShares } from "../schedule/shares.js";
-import { SyncStrategy, type SyncOptions, type SyncPlan, type SyncResult } from "./sync.js";
+import { SyncStrategy, workerFigures, type SyncOptions, type SyncPlan, type SyncResult } from "./sync.js";
 import type { MembersChange, PlanOptions, RoundReport } from "./types.js";
 
 /** Where each rank sits in the grid: its stage, and the chains (data-parallel replicas of the pipeline). */
@@ -246,24 +246,12 @@ export class PipelineStrategy extends SyncStrategy {
     });
     // Every worker reports the step's global loss (one all-reduce of the last stages' sums).
     const last = got.find((rep) => rep.pipeline.stage === this.layout.stages - 1) ?? first;
-    const maxCompute = Math.max(...got.map((rep) => rep.compute_s));
     const uncompressed = got.map((rep, k) => {
       const holders = p.members.filter((r) => this.layout.stageOf[r] === rep.pipeline.stage);
       const grads = holders.length > 1 && rep.dense_count > 0 ? expectedFrameBytesPerNode(rep.dense_count, holders.length, holders.indexOf(p.members[k]), "f32") : 0;
       return grads + rep.pipeline.act_bytes_sent * (ACTIVATION_RATIO[this.#codec] ?? 1);
     });
-    const workers = got.map((rep, k) => ({
-      rank: p.members[k],
-      samples: rep.samples,
-      compute_s: rep.compute_s,
-      forward_backward_s: rep.forward_backward_s ?? null,
-      comm_s: rep.comm_s,
-      idle_s: maxCompute - rep.compute_s,
-      bytes_sent: rep.bytes_sent,
-      uncompressed_bytes: Math.round(uncompressed[k]),
-      micro_batches: rep.micro_batches,
-      max_micro_batch: rep.max_micro_batch,
-    }));
+    const workers = workerFigures(p.members, got, uncompressed);
     const ms = (s: number) => Math.round(s * 1e4) / 10;
     return {
       round: p.round,

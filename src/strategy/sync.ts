@@ -40,6 +40,23 @@ export interface SyncResult extends RoundResult {
   sharesChanged: { shares: number[]; rates: number[] } | null;
 }
 
+/** Each member's figures of a round from its report: `uncompressed` bytes by member, idle time against the slowest. */
+export function workerFigures(members: readonly number[], got: readonly RoundReport[], uncompressed: readonly number[]): WorkerFigures[] {
+  const maxCompute = Math.max(...got.map((rep) => rep.compute_s));
+  return got.map((rep, k) => ({
+    rank: members[k],
+    samples: rep.samples,
+    compute_s: rep.compute_s,
+    forward_backward_s: rep.forward_backward_s ?? null,
+    comm_s: rep.comm_s,
+    idle_s: maxCompute - rep.compute_s,
+    bytes_sent: rep.bytes_sent,
+    uncompressed_bytes: Math.round(uncompressed[k]),
+    micro_batches: rep.micro_batches,
+    max_micro_batch: rep.max_micro_batch,
+  }));
+}
+
 /** A worker to leave out, and why (with the figures behind it). */
 export interface LeaveOut {
   rank: number;
@@ -113,7 +130,6 @@ export class SyncStrategy implements Strategy<SyncPlan, SyncResult> {
       return rep;
     });
     const first = got[0];
-    const maxCompute = Math.max(...got.map((rep) => rep.compute_s));
     const nonfinite: string[] = [];
     let loss = 0;
     got.forEach((rep, k) => {
@@ -126,18 +142,7 @@ export class SyncStrategy implements Strategy<SyncPlan, SyncResult> {
     // What one plain float32 ring all-reduce of the whole gradient would have sent from each.
     const size = plan.members.length;
     const uncompressed = got.map((rep, k) => (size > 1 && rep.dense_count > 0 ? expectedFrameBytesPerNode(rep.dense_count, size, k, "f32") : 0));
-    const workers = got.map((rep, k) => ({
-      rank: plan.members[k],
-      samples: rep.samples,
-      compute_s: rep.compute_s,
-      forward_backward_s: rep.forward_backward_s ?? null,
-      comm_s: rep.comm_s,
-      idle_s: maxCompute - rep.compute_s,
-      bytes_sent: rep.bytes_sent,
-      uncompressed_bytes: uncompressed[k],
-      micro_batches: rep.micro_batches,
-      max_micro_batch: rep.max_micro_batch,
-    }));
+    const workers = workerFigures(plan.members, got, uncompressed);
     return {
       round: plan.round,
       skipped: first.skipped,

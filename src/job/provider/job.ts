@@ -83,6 +83,14 @@ export class ProviderJob {
       this.log(`speed set to ${speed} from ${file}`);
       for (const r of this.ranks) r.worker?.send({ op: "set_speed", speed });
     });
+    // The ring's and the groups' links report alike: a rank linked, lost, a failure, a line, bytes.
+    const linkEvents = {
+      linked: (rank: number) => this.#linked(rank),
+      lost: (rank: number, epoch: number, reason: string) => this.#ringLost(rank, epoch, reason),
+      fail: (message: string, rank?: number) => this.fail(message, "ring", rank),
+      log: (line: string, level: "debug" | "info" | "warn") => this.log(line, level),
+      track: (link: FrameLink) => this.#stats.track(link),
+    };
     this.mesh = new Mesh(
       {
         local: spec.ranks.map((r) => r.rank),
@@ -93,13 +101,7 @@ export class ProviderJob {
         heartbeatMs: this.#heartbeatMs,
         link: linkOptions,
       },
-      {
-        linked: (rank) => this.#linked(rank),
-        lost: (rank, epoch, reason) => this.#ringLost(rank, epoch, reason),
-        fail: (message, rank) => this.fail(message, "ring", rank),
-        log: (line, level) => this.log(line, level),
-        track: (link) => this.#stats.track(link),
-      },
+      linkEvents,
     );
     this.groups = new GroupMeshes(
       {
@@ -109,13 +111,7 @@ export class ProviderJob {
         heartbeatMs: this.#heartbeatMs,
         link: linkOptions,
       },
-      {
-        linked: (rank) => this.#linked(rank),
-        lost: (rank, epoch, reason) => this.#ringLost(rank, epoch, reason),
-        fail: (message, rank) => this.fail(message, "ring", rank),
-        log: (line, level) => this.log(line, level),
-        track: (link) => this.#stats.track(link),
-      },
+      linkEvents,
       spec.join ? [] : (spec.pipeline?.groups ?? []),
     );
     this.#relay = new Relay({
