@@ -54,6 +54,8 @@ export interface PipelineStageRow {
   recv_ms: number;
   bubble_ms: number;
   peak_saved_bytes: number;
+  /** The worker's resident memory after the step (null: not reported). */
+  rss_bytes?: number | null;
 }
 
 export type TrainEvent =

@@ -38,6 +38,8 @@ export const pipelineReportSchema = z.object({
   bubble_s: seconds,
   peak_saved_bytes: count,
   act_bytes_sent: count,
+  /** The worker's resident memory at the end of the step (what --max-memory limits). */
+  rss_bytes: count.optional(),
   /** [F or B, chain, micro-batch, start, end] with wall-clock seconds (time.time()). */
   timeline: z.array(z.tuple([z.enum(["F", "B"]), count, count, z.number().finite(), z.number().finite()])).max(65536).default([]),
 });

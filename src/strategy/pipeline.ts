@@ -33,6 +33,8 @@ export interface StageFigures {
   bubble_ms: number;
   peak_saved_bytes: number;
   act_bytes_sent: number;
+  /** Resident memory at the end of the step (null: the worker did not say). */
+  rss_bytes: number | null;
 }
 
 export interface PipelineResult extends SyncResult {
@@ -274,6 +276,7 @@ export class PipelineStrategy extends SyncStrategy {
         bubble_ms: ms(rep.pipeline.bubble_s),
         peak_saved_bytes: rep.pipeline.peak_saved_bytes,
         act_bytes_sent: rep.pipeline.act_bytes_sent,
+        rss_bytes: rep.pipeline.rss_bytes ?? null,
       })),
       timelines: got.map((rep, k) => ({ rank: p.members[k], stage: rep.pipeline.stage, timeline: rep.pipeline.timeline })),
     };

@@ -42,7 +42,7 @@ function chainsCell(chains: unknown): string {
 
 /**
  * One row per stage worker, sorted by stage then rank, columns aligned:
- * `stage 1  rank 3  layers 4-7  chains 0,1  compute 12.3 ms  send 1.2  recv 3.4  bubble 5.6 ms  saved 1.2 MB`
+ * `stage 1  rank 3  layers 4-7  chains 0,1  compute 12.3 ms  send 1.2  recv 3.4  bubble 5.6 ms  saved 1.2 MB  mem 310 MB`
  * (the chains column only when some worker serves more than one: it was rerouted to).
  * More than `max` rows: the first `max`, then `… N more stage workers`.
  */
@@ -63,6 +63,7 @@ export function formatPipelineRows(rows: readonly PipelineStageRow[], max = MAX_
     `recv ${ms(r.recv_ms)}`,
     `bubble ${ms(r.bubble_ms)} ms`,
     `saved ${finite(r.peak_saved_bytes) ? formatBytes(r.peak_saved_bytes) : "-"}`,
+    ...(shown.some((x) => finite(x.rss_bytes)) ? [`mem ${finite(r.rss_bytes) ? formatBytes(r.rss_bytes) : "-"}`] : []),
   ]);
   // Numbers right-aligned inside their column, labels left: "compute  2.0 ms" under "compute 12.3 ms".
   const widths = cells[0]!.map((_, i) => Math.max(...cells.map((c) => c[i]!.length)));

@@ -47,6 +47,14 @@ describe("formatPipelineRows", () => {
     expect(line).toBe("stage 0  rank 0  layers build_stages  compute - ms  send 1.2  recv 3.4  bubble 5.6 ms  saved -");
   });
 
+  it("shows each worker's resident memory when the workers report it", () => {
+    const rows = [row(0, 0, { rss_bytes: 310e6 }), row(1, 1, { rss_bytes: null })];
+    const lines = formatPipelineRows(rows);
+    expect(lines[0]).toMatch(/mem 310(\.0)? MB$/);
+    expect(lines[1]).toMatch(/mem -$/);
+    expect(formatPipelineRows([row(0, 0)])[0]).not.toMatch(/mem/);
+  });
+
   it("bounds the rows and counts the rest", () => {
     const many = Array.from({ length: 40 }, (_, r) => row(r, r % 4));
     const lines = formatPipelineRows(many, 16);

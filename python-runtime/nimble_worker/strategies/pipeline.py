@@ -41,6 +41,7 @@ from ..data import derive_seed
 from ..link import LinkError
 from ..pipeline.capture import SavedBytes, Tail, head
 from ..pipeline.codec import pack, unpack
+from ..pipeline.profile import resident_bytes
 from ..pipeline.schedule import actions, micro_sizes
 from ..pipeline.stage_replica import StageReplica
 from ..precision import autocast
@@ -212,7 +213,8 @@ class Pipeline(Strategy):
                             "send_s": st.send_s, "recv_s": st.recv_s,
                             "bubble_s": max(0.0, phase_s - st.compute_s - st.send_s),
                             "peak_saved_bytes": int(self.saved.peak),
-                            "act_bytes_sent": st.act_bytes_sent, "timeline": st.timeline}}
+                            "act_bytes_sent": st.act_bytes_sent, "timeline": st.timeline,
+                            "rss_bytes": resident_bytes()}}
         if skipped:
             out["nonfinite"] = (["loss"] if bad_loss else []) + res.nonfinite
         if hash_before is not None:

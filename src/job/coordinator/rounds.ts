@@ -209,6 +209,7 @@ function stageRows(run: Run, result: PipelineResult): PipelineStageRow[] {
     recv_ms: s.recv_ms,
     bubble_ms: s.bubble_ms,
     peak_saved_bytes: s.peak_saved_bytes,
+    rss_bytes: s.rss_bytes,
   }));
 }
 
