@@ -130,7 +130,7 @@ export function reportData(run: RunData): ReportData {
       ...figures,
       uncompressed_bytes: s?.uncompressed_bytes ?? (sent > 0 ? metrics.reduce((a, m) => a + m.uncompressed_bytes, 0) : null),
       compression_method: s?.strategy?.name === "diloco" ? null : s?.compression ? describeCompression(s.compression) : null,
-      strategy: s?.strategy ? describeStrategy(s.strategy) : null,
+      strategy: s?.strategy ? describeStrategy(s.strategy) + describeParallel(s.pipeline?.config) : null,
       diloco: s?.diloco ?? null,
       steps_redone: s?.steps_redone ?? null,
       steps_skipped: s?.steps_skipped ?? metrics.filter((m) => m.skipped).map((m) => m.step),
@@ -156,6 +156,15 @@ export function reportData(run: RunData): ReportData {
 function describeStrategy(st: { name: string; [k: string]: unknown }): string {
   if (st.name !== "diloco") return st.name;
   return `diloco: H=${st.inner_steps}, ${st.fragments} fragment(s), overlap ${st.overlap_steps}, alpha ${st.alpha}, codec ${st.codec}`;
+}
+
+/** ", pipeline: S stages, M micro-batches, 1f1b" under `parallel` (read from the file: checked). */
+function describeParallel(p: unknown): string {
+  if (typeof p !== "object" || p === null) return "";
+  const { pipeline_stages: s, micro_batches: m, schedule, activation_codec: codec } = p as Record<string, unknown>;
+  if (!Number.isInteger(s) || !Number.isInteger(m)) return "";
+  const name = (v: unknown) => (typeof v === "string" && /^[a-z0-9]{1,16}$/.test(v) ? v : "?");
+  return `, pipeline: ${s} stages, ${m} micro-batches, ${name(schedule)}, activations ${name(codec)}`;
 }
 
 function describeCompression(c: TrainSummary["compression"]): string {
