@@ -22,31 +22,40 @@ DTYPES = {
 FROM_NAME = {v: k for k, v in DTYPES.items()}
 
 
-def _bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().to("cpu").contiguous()
-    if t.numel() == 0:
-        return b""
-    # view as bytes keeps bf16 and friends exact; the host is little-endian (x86/arm)
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def dumps(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+def dumps(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytearray:
+    """The file's bytes, written into one buffer: the tensors' bytes are copied once (not
+    per tensor, then joined, then prefixed: three copies of a stage's weights at the end
+    of a run, past a --max-memory the stage was planned within)."""
     header: dict = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    blobs, offset = [], 0
-    for name in sorted(tensors):
+    names, offset = sorted(tensors), 0
+    for name in names:
         t = tensors[name]
         if t.dtype not in DTYPES:
             raise ValueError(f"{name}: dtype {t.dtype} is not supported by safetensors")
-        b = _bytes(t)
+        size = t.numel() * t.element_size()
         header[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(b)]}
-        blobs.append(b)
-        offset += len(b)
+                        "data_offsets": [offset, offset + size]}
+        offset += size
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
     head += b" " * (-len(head) % 8)
-    return struct.pack("<Q", len(head)) + head + b"".join(blobs)
+    base = 8 + len(head)
+    out = bytearray(base + offset)
+    out[:base] = struct.pack("<Q", len(head)) + head
+    view = memoryview(out)
+    for name in names:
+        b, e = header[name]["data_offsets"]
+        if e > b:
+            view[base + b:base + e] = _bytes_view(tensors[name])
+    return out
+
+
+def _bytes_view(t: torch.Tensor) -> memoryview:
+    """The tensor's bytes, without a copy where it is already a contiguous CPU tensor."""
+    t = t.detach().to("cpu").contiguous()
+    # view as bytes keeps bf16 and friends exact; the host is little-endian (x86/arm)
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def loads(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

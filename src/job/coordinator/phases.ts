@@ -52,7 +52,10 @@ export async function startWorkers(run: Run): Promise<MessageOf<"ready">["info"]
   await providers.startJob();
   const info = (await ready).get(0)!.info;
   await linked;
-  run.status(`Workers ready: ${info.model}; ${info.train_size} training and ${info.val_size} validation samples`);
+  // Under pipeline a worker holds its stage only: the whole model is the profile's.
+  const plan = run.tally.pipeline?.plan as { model?: string } | undefined;
+  const model = plan?.model ? `${plan.model} in ${run.config.parallel!.pipeline_stages} stages` : info.model;
+  run.status(`Workers ready: ${model}; ${info.train_size} training and ${info.val_size} validation samples`);
   return info;
 }
 

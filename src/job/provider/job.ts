@@ -18,6 +18,7 @@ import { parseFromWorker, type FromWorker } from "../../protocol/workerOps.js";
 import { WorkerProcess, type WorkerExit } from "../../runtime/worker.js";
 import { SpeedAid } from "./aids/speed.js";
 import { probeLinks } from "./probe.js";
+import { MirrorStore } from "./mirrors.js";
 import { LocalRank } from "./rank.js";
 import { Relay } from "./relay.js";
 import { JobStats } from "./stats.js";
@@ -165,17 +166,15 @@ export class ProviderJob {
     }
   }
 
-  /** Pipeline: the state this host keeps of other providers' sole-held stages (one per stage, the latest). */
-  readonly #mirrors = new Map<number, { tag: string; data: Uint8Array }>();
+  /** Pipeline: the states this host keeps of other providers' sole-held stages. */
+  readonly #mirrors = new MirrorStore();
 
   /** Receive a stage's state from its holder over the pipe to local rank `rank`, and keep it. */
   async #mirrorTake(rank: number, from: number, stage: number, tag: string) {
     const pipe = this.groups.pipe(rank, from);
     if (!this.#local(rank) || !pipe) return this.fail(`asked to keep stage ${stage}'s state at rank ${rank} from rank ${from}, with no pipe between them`, "internal");
     try {
-      const data = await pipe.recv(tag);
-      this.#mirrors.set(stage, { tag, data });
-      this.send({ t: "mirror_kept", rank, stage, tag, bytes: data.byteLength });
+      this.send({ t: "mirror_kept", rank, stage, tag, bytes: await this.#mirrors.take(pipe, stage, tag) });
     } catch (err) {
       this.#ringLost(rank, this.mesh.epoch, `keeping stage ${stage}'s state from rank ${from} failed: ${errorMessage(err)}`);
     }
@@ -183,13 +182,11 @@ export class ProviderJob {
 
   /** Send the kept state of `stage` from local rank `rank` to its replacement `to`. */
   async #mirrorGive(rank: number, to: number, stage: number, tag: string) {
-    const kept = this.#mirrors.get(stage);
     const pipe = this.groups.pipe(rank, to);
-    if (!kept || !pipe) return this.fail(`asked for stage ${stage}'s kept state at rank ${rank}, which ${kept ? "has no pipe to rank " + to : "keeps none"}`, "internal");
+    const local = this.#local(rank);
+    if (!local || !pipe || !this.#mirrors.has(stage)) return this.fail(`asked for stage ${stage}'s kept state at rank ${rank}, which ${pipe ? "keeps none" : `has no pipe to rank ${to}`}`, "internal");
     try {
-      const stats = await pipe.send(tag, kept.data);
-      const local = this.#local(rank);
-      if (local) local.bytesSinceReport += stats.bytesSent;
+      local.bytesSinceReport += await this.#mirrors.give(pipe, stage, tag);
     } catch (err) {
       this.#ringLost(rank, this.mesh.epoch, `sending stage ${stage}'s kept state to rank ${to} failed: ${errorMessage(err)}`);
     }
