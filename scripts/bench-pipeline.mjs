@@ -32,6 +32,7 @@
 //   npm run bench:pipeline                     # everything (about 15 min here; root for namespaces)
 //   npm run bench:pipeline -- --quick          # M = 8 only, codecs none and int8
 //   npm run bench:pipeline -- --parts pair --merge   # run one part again into the same results
+//   npm run bench:pipeline -- --render               # only rewrite pipeline.md from pipeline.json
 //   options: --parts loopback,wan,pair --merge --keep (keep the configs and run folders)
 //            --out DIR (default results) --steps N (loopback runs) --wan-steps N
 //            --max-memory SIZE (each of the 4 providers; default 640MB) --speed F
@@ -131,7 +132,6 @@ function python() {
   const out = execFileSync(process.execPath, [cli, "env", "--json"], { encoding: "utf8", stdio: ["ignore", "pipe", "inherit"] });
   return JSON.parse(out).python;
 }
-const PY = python();
 
 /** Spawn in its own process group (workers go with it), inside `wan`'s namespace `host` when given. */
 function spawnIn(wan, host, cmd) {
@@ -378,6 +378,16 @@ function planOf(summary) {
 }
 
 // ---- the runs ------------------------------------------------------------------------------
+if (flag("render")) {
+  // Only the tables again, from DIR/pipeline.json (after a change to them): nothing runs.
+  const res = JSON.parse(readFileSync(path.join(outDir, "pipeline.json"), "utf8"));
+  writeFileSync(path.join(outDir, "pipeline.md"), markdown(res));
+  process.stdout.write(markdown(res));
+  process.exit(0);
+}
+
+const PY = python();
+
 const results = {
   date: new Date().toISOString(),
   machine: { cpu: os.cpus()[0]?.model ?? "unknown", cores: os.cpus().length, memory_gib: Math.round(os.totalmem() / 2 ** 30), gpu: null },
@@ -728,7 +738,6 @@ function markdown(res) {
     L.push("");
   }
   for (const r of (w.runs ?? []).filter((x) => x.error)) L.push(`- ${r.name} failed (exit ${r.exit_code}): ${r.error}`);
-  L.push(...targets(res));
   if (res.pairs?.length) {
     L.push(`## 5. A memory-mixed pair (S = 2, 1f1b, M = 8, ${JSON.stringify(res.pairs[0].task_args ?? PAIR_MODEL)})`);
     L.push("");
@@ -745,5 +754,6 @@ function markdown(res) {
     }
     L.push("");
   }
+  L.push(...targets(res));
   return L.join("\n") + "\n";
 }

@@ -10,7 +10,8 @@ const NEXT: Record<Phase, readonly Phase[]> = {
   starting: ["training", "ended"],
   training: ["recovering", "finishing", "ended"],
   recovering: ["training", "finishing", "ended"],
-  finishing: ["recovering", "ended"],
+  // Back to training only when a recovery while finishing went back to a step (a pipeline stage taken over from its mirror).
+  finishing: ["recovering", "training", "ended"],
   ended: [],
 };
 

@@ -54,17 +54,26 @@ export async function trainRounds(run: Run, opts: RoundsOptions): Promise<{ name
   let verifyNext = opts.verifyFirst ?? false;
   // A round covers stepsPerRound steps from `step` (sync: one; diloco: inner_steps / fragments).
   const per = run.strategy.stepsPerRound;
-  for (let step = opts.first; step < config.steps; step += per) {
+  for (let first = opts.first; ; ) {
+    for (let step = first; step < config.steps; step += per) {
+      try {
+        await runRound(run, opts, step, verifyNext, (v) => (verifyNext = v));
+      } catch (err) {
+        if (!(err instanceof RolledBack)) throw err;
+        step = err.step - per; // from the mirrored step again
+        verifyNext = true;
+      }
+    }
+    run.enter("finishing");
     try {
-      await runRound(run, opts, step, verifyNext, (v) => (verifyNext = v));
+      return await surviving(run, () => finalWeights(run));
     } catch (err) {
       if (!(err instanceof RolledBack)) throw err;
-      step = err.step - per; // from the mirrored step again
+      run.enter("training"); // a stage lost while finishing was taken over: its last steps again
+      first = err.step;
       verifyNext = true;
     }
   }
-  run.enter("finishing");
-  return surviving(run, () => finalWeights(run));
 }
 
 /** One round from `step`: admit joiners, plan, attempt, decide, record, evaluate, checkpoint. Throws RolledBack to run again from a step. */
