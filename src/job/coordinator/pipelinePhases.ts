@@ -3,6 +3,7 @@ import { configErrorAt, type LoadedConfig } from "../../config/load.js";
 import { ConfigError, UserError } from "../../errors.js";
 import type { PipelineSpec } from "../../protocol/messages.js";
 import { runLayerProfile, type LayerProfile } from "../../runtime/layerProfile.js";
+import { localRequirements } from "../../runtime/requirements.js";
 import { mergeSafetensors } from "../../runs/safetensors.js";
 import { describePlan, optimizerStateFactor, PlanError, planStages } from "../../schedule/stages.js";
 import { pipelineGroups, routeChains, type PipelineLayout, type PipelineStrategy } from "../../strategy/pipeline.js";
@@ -213,7 +214,9 @@ export async function profilePipeline(run: Pick<Run, "config" | "providers" | "s
   const replicas = Math.max(1, Math.floor(workers / config.parallel!.pipeline_stages));
   run.status(`Pipeline: profiling the model's layers (one at a time) to plan ${config.parallel!.pipeline_stages} stages`);
   try {
-    return await runLayerProfile({ python: python.python, taskPath: loaded.taskPath, config: config as unknown as Record<string, unknown>, replicas });
+    // A task importing one of its requirements is profiled with them installed here (cached, as for the dry run).
+    const siteDirs = config.requirements.length > 0 ? await localRequirements(config.requirements, python.python, (line) => run.status(line, "debug")) : [];
+    return await runLayerProfile({ python: python.python, taskPath: loaded.taskPath, config: config as unknown as Record<string, unknown>, replicas, siteDirs });
   } catch (err) {
     const field = err instanceof ConfigError ? /^([a-z_]+(?:\.[a-z_0-9]+)*): ([\s\S]*)$/.exec(err.message) : null;
     if (field) throw configErrorAt(loaded, field[1], field[2]);
