@@ -8,8 +8,9 @@ import { runHostBench, type HostBench } from "../runtime/hostBench.js";
 import { runLayerProfile, type LayerProfile, type ProfiledLayer } from "../runtime/layerProfile.js";
 import { resolvePython } from "../runtime/python.js";
 import { localRequirements } from "../runtime/requirements.js";
-import { describePlan, optimizerStateFactor, PlanError, planStages, type PipelinePlan } from "../schedule/stages.js";
+import { describePlan, PlanError, planStages, type PipelinePlan } from "../schedule/stages.js";
 import { alignColumns, formatBytes, formatCount } from "../ui/format.js";
+import { pipelinePlanInput } from "../job/coordinator/pipelinePhases.js";
 
 export interface BenchCommandOptions {
   peer?: string[];
@@ -127,15 +128,8 @@ export function planFromProfile(
     max_memory_bytes: maxMemory,
   };
   try {
-    const plan = planStages({
-      layers: profile.layers,
-      workers: Array.from({ length: workers }, (_, rank) => ({ rank, memoryBytes: maxMemory, samplesPerS: 1 })),
-      stages: parallel.pipeline_stages,
-      microBatches: parallel.micro_batches,
-      schedule: parallel.schedule,
-      optimizerStateFactor: optimizerStateFactor(config.optimizer),
-      baseBytes: profile.base_rss_bytes,
-    });
+    // The same input `nimble train` plans with (margins, checkpoints, evaluation included).
+    const plan = planStages(pipelinePlanInput(config, profile, Array.from({ length: workers }, (_, rank) => ({ rank, memoryBytes: maxMemory, samplesPerS: 1 }))));
     return { plan, pipeline };
   } catch (err) {
     if (!(err instanceof PlanError)) throw err;

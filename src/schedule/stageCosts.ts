@@ -45,6 +45,8 @@ export class CostModel {
   #params: Float64Array;
   /** #maxAct[k][i]: the largest activation in layers [i, i + 2^k). */
   #maxAct: Float64Array[];
+  /** The same for a layer's forward alone (what it saves plus its input and output): evaluation's peak. */
+  #maxForward: Float64Array[];
 
   constructor(readonly input: StagePlanInput) {
     const { layers } = input;
@@ -59,14 +61,25 @@ export class CostModel {
     this.#saved = prefix((l) => l.saved_bytes);
     this.#fb = prefix((l) => l.forward_backward_s);
     this.#params = prefix((l) => l.params);
-    this.#maxAct = [Float64Array.from(layers, (l) => l.activation_bytes)];
-    for (let k = 1; 1 << k <= this.L; k++) {
-      const prev = this.#maxAct[k - 1]!;
-      const half = 1 << (k - 1);
-      const row = new Float64Array(this.L - (1 << k) + 1);
-      for (let i = 0; i < row.length; i++) row[i] = Math.max(prev[i]!, prev[i + half]!);
-      this.#maxAct.push(row);
-    }
+    const rangeMax = (get: (l: LayerCost) => number) => {
+      const table = [Float64Array.from(layers, get)];
+      for (let k = 1; 1 << k <= this.L; k++) {
+        const prev = table[k - 1]!;
+        const half = 1 << (k - 1);
+        const row = new Float64Array(this.L - (1 << k) + 1);
+        for (let i = 0; i < row.length; i++) row[i] = Math.max(prev[i]!, prev[i + half]!);
+        table.push(row);
+      }
+      return table;
+    };
+    this.#maxAct = rangeMax((l) => l.activation_bytes);
+    this.#maxForward = rangeMax((l) => l.saved_bytes + 2 * l.activation_bytes);
+  }
+
+  static #max(table: Float64Array[], lo: number, hi: number): number {
+    const k = 31 - Math.clz32(hi - lo);
+    const row = table[k]!;
+    return Math.max(row[lo]!, row[hi - (1 << k)]!);
   }
 
   inFlight(s: number): number {
@@ -76,11 +89,13 @@ export class CostModel {
 
   /** Estimated peak bytes of stage `s` holding layers [lo, hi) (lo < hi). */
   memory(s: number, lo: number, hi: number): number {
-    const k = 31 - Math.clz32(hi - lo);
-    const row = this.#maxAct[k]!;
-    const maxAct = Math.max(row[lo]!, row[hi - (1 << k)]!);
-    const { baseBytes, optimizerStateFactor: f } = this.input;
-    return baseBytes + (this.#paramBytes[hi]! - this.#paramBytes[lo]!) * (2 + f) + (this.#saved[hi]! - this.#saved[lo]!) * this.inFlight(s) + 2 * maxAct;
+    const maxAct = CostModel.#max(this.#maxAct, lo, hi);
+    const { baseBytes, optimizerStateFactor: f, evalBatchRatio = 0 } = this.input;
+    const params = this.#paramBytes[hi]! - this.#paramBytes[lo]!;
+    const training = baseBytes + params * (2 + f) + (this.#saved[hi]! - this.#saved[lo]!) * this.inFlight(s) + 2 * maxAct;
+    // Evaluation: no gradients, one batch of eval.batch_size through one layer at a time.
+    const evaluation = baseBytes + params * (1 + f) + CostModel.#max(this.#maxForward, lo, hi) * evalBatchRatio;
+    return Math.max(training, evaluation);
   }
 
   frac(s: number, g: Group, lo: number, hi: number): number {

@@ -63,6 +63,8 @@ export interface StagePlanInput {
   optimizerStateFactor: number;
   /** What a worker costs before any layer (the profile's base_rss_bytes). */
   baseBytes: number;
+  /** eval.batch_size over the profile's micro-batch: evaluation's activations against training's (0: no evaluation). */
+  evalBatchRatio?: number;
 }
 
 export interface PlannedStage {

@@ -29,6 +29,17 @@ function errorOf(f: () => unknown): PlanError {
 }
 
 describe("planStages", () => {
+  it("allows for evaluation's larger batch: a stage needs the more of training and evaluating", () => {
+    const layers = equalLayers(4, { saved_bytes: 1 * MB, activation_bytes: 0.5 * MB });
+    const training = planStages(input({ layers, stages: 1, workers: [worker(0)] })).stages[0]!.memoryBytes;
+    // Training: 16 MB of parameters x 2 + 4 MB saved x 1 in flight + 2 x 0.5 MB.
+    expect(training).toBe(16 * MB * 2 + 4 * MB + 1 * MB);
+    // Evaluating 64 micro-batches' worth at once: parameters once + one layer's forward (1 + 2 x 0.5 MB) x 64.
+    const evaluating = planStages(input({ layers, stages: 1, workers: [worker(0)], evalBatchRatio: 64 })).stages[0]!.memoryBytes;
+    expect(evaluating).toBe(16 * MB + 2 * MB * 64);
+    expect(planStages(input({ layers, stages: 1, workers: [worker(0)], evalBatchRatio: 2 })).stages[0]!.memoryBytes).toBe(training);
+  });
+
   it("balances equal workers by compute, with the plan's figures", () => {
     const plan = planStages(input({ workers: [worker(0), worker(1), worker(2)], stages: 3 }));
     expect(plan.objective).toBe("compute");

@@ -5,7 +5,7 @@ import type { PipelineSpec } from "../../protocol/messages.js";
 import { runLayerProfile, type LayerProfile } from "../../runtime/layerProfile.js";
 import { localRequirements } from "../../runtime/requirements.js";
 import { mergeSafetensors } from "../../runs/safetensors.js";
-import { describePlan, optimizerStateFactor, PlanError, planStages } from "../../schedule/stages.js";
+import { describePlan, optimizerStateFactor, PlanError, planStages, type StagePlanInput, type StageWorker } from "../../schedule/stages.js";
 import { pipelineGroups, routeChains, type PipelineLayout, type PipelineStrategy } from "../../strategy/pipeline.js";
 import { RunDir, type Checkpoint } from "../runDir.js";
 import { JobFailed } from "./errors.js";
@@ -244,21 +244,19 @@ async function planOrResume(run: Pick<Run, "config" | "providers" | "tally" | "s
     return { layout: saved, bounds: saved.bounds, spec: specOf(saved, saved.bounds) };
   }
   const profile = await (profiled ?? profilePipeline(run, loaded, ranks.length));
-  const plan = planStages({
-    layers: profile.layers,
-    workers: ranks.map((r) => {
-      const device = r.client.info.devices.find((d) => d.id === r.device);
-      const limit = r.client.info.limits?.max_memory_bytes ?? null;
-      const gpu = device && device.kind !== "cpu" ? device.memory_bytes ?? null : null;
-      const memoryBytes = limit !== null && gpu !== null ? Math.min(limit, gpu) : (limit ?? gpu);
-      return { rank: r.rank, memoryBytes, samplesPerS: r.client.info.profile?.matmul_gflops_fp32 || 1 };
-    }),
-    stages: parallel.pipeline_stages,
-    microBatches: parallel.micro_batches,
-    schedule: parallel.schedule,
-    optimizerStateFactor: stateFactor(config),
-    baseBytes: profile.base_rss_bytes + WORKER_MARGIN_BYTES,
-  });
+  const plan = planStages(
+    pipelinePlanInput(
+      config,
+      profile,
+      ranks.map((r) => {
+        const device = r.client.info.devices.find((d) => d.id === r.device);
+        const limit = r.client.info.limits?.max_memory_bytes ?? null;
+        const gpu = device && device.kind !== "cpu" ? device.memory_bytes ?? null : null;
+        const memoryBytes = limit !== null && gpu !== null ? Math.min(limit, gpu) : (limit ?? gpu);
+        return { rank: r.rank, memoryBytes, samplesPerS: r.client.info.profile?.matmul_gflops_fp32 || 1 };
+      }),
+    ),
+  );
   const bounds = profile.sequential ? plan.bounds : null;
   for (const line of describePlan(plan)) run.status(`Pipeline: ${line}`);
   for (const line of plan.why) run.status(`  ${line}`, "debug");
@@ -267,6 +265,22 @@ async function planOrResume(run: Pick<Run, "config" | "providers" | "tally" | "s
   for (const s of plan.stages) for (const r of s.ranks) stageOf[r] = s.index;
   const layout: PipelineLayout = { stages: parallel.pipeline_stages, stageOf, chains: plan.chains };
   return { layout, bounds, spec: specOf(layout, bounds) };
+}
+
+/** What the planner is given for `config` and this profile, over `workers` (train and bench plan alike). */
+export function pipelinePlanInput(config: Run["config"], profile: LayerProfile, workers: StageWorker[]): StagePlanInput {
+  const parallel = config.parallel!;
+  return {
+    layers: profile.layers,
+    workers,
+    stages: parallel.pipeline_stages,
+    microBatches: parallel.micro_batches,
+    schedule: parallel.schedule,
+    optimizerStateFactor: stateFactor(config),
+    baseBytes: profile.base_rss_bytes + WORKER_MARGIN_BYTES,
+    // Every run evaluates at least at its end, in batches of eval.batch_size.
+    evalBatchRatio: config.eval.batch_size / Math.max(1, profile.micro_batch),
+  };
 }
 
 /**
