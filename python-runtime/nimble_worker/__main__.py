@@ -71,6 +71,7 @@ class Worker:
             if decision is not None:  # the last round's decision rides on this order
                 self.apply(decision)
             reply = op.handle(self, h, payload)
+            self.comm.flush()  # no acknowledgement of this op's sends may trail its reply
             if reply is not None:
                 self.link.send(*reply)
 
@@ -177,6 +178,7 @@ class Worker:
         self.comm.attempt = int(h.get("attempt") or 0)
         try:
             report = self.strategy.prepare(h)
+            self.comm.flush()  # its sends are on their way before its report
         except StepAborted:  # an abort decision arrived instead of a collective's result
             return self.decided(int(h["step"]), "abort")
         return {"op": self.strategy.orders[h["op"]], **report}, b""

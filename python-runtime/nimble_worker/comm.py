@@ -173,19 +173,32 @@ class LinkComm:
     def __init__(self, link: Link, world_size: int, on_set_speed: Callable[[dict], None]):
         self.link, self.world_size, self.on_set_speed = link, world_size, on_set_speed
         self.next_id = 0
+        self._unacked: list[int] = []
+        """Ids of sends not yet acknowledged, oldest first."""
         # The provider's number for the step attempt now running: collectives carry it, so
         # that requests of an abandoned attempt are never served on a re-formed ring.
         self.attempt = 0
 
+    SEND_WINDOW = 4
+    """Point-to-point sends the provider may hold unacknowledged: a worker goes on computing
+    while its activations travel, and waits only when this many are still on their way."""
+
     def _reply(self, op: str, rid: int) -> tuple[dict, bytearray]:
         header, payload = self.link.recv()
-        while header["op"] == "set_speed":  # may arrive at any time; no reply
-            self.on_set_speed(header)
+        # set_speed may arrive at any time (no reply); a send's pipe_sent arrives in order.
+        while header["op"] == "set_speed" or (header["op"] == "pipe_sent" and not (op == "pipe_sent" and header.get("id") == rid)):
+            if header["op"] == "set_speed":
+                self.on_set_speed(header)
+            else:
+                self._acked(header, payload)
             header, payload = self.link.recv()
         if header["op"] == "stop":
             raise Stop()
         if header["op"] == "decide" and header.get("verdict") == "abort":
-            raise StepAborted()  # a ring member was lost: this round is abandoned
+            # A ring member was lost: this round is abandoned, and its sends with it (the
+            # provider drops what it had not sent; what it had was acknowledged before this).
+            self._unacked.clear()
+            raise StepAborted()
         if header["op"] != op or header.get("id") != rid:
             raise LinkError(f"expected {op} {rid}, got {header['op']} id={header.get('id')}")
         return header, payload
@@ -239,14 +252,29 @@ class LinkComm:
         return out
 
     def send(self, to: int, tag: str, payload: bytes) -> None:
-        """`payload` for rank `to` under `tag`; returns once the provider has taken it
-        (`pipe_sent`), not when `to` receives it."""
+        """`payload` for rank `to` under `tag`; returns once it is on the link to the
+        provider, which acknowledges it (`pipe_sent`) when it is on its way to `to`: with
+        SEND_WINDOW sends unacknowledged, this waits for the oldest."""
         rid = self._id()
         self.link.send({"op": "pipe_send", "id": rid, "to": int(to), "tag": tag,
                         "size": len(payload), "attempt": self.attempt}, payload)
-        header, body = self._reply("pipe_sent", rid)
+        self._unacked.append(rid)
+        while len(self._unacked) > self.SEND_WINDOW:
+            self._acked(*self._reply("pipe_sent", self._unacked[0]))
+
+    def flush(self) -> None:
+        """Wait until every send is acknowledged (before a reply: nothing of a round may
+        arrive after it)."""
+        while self._unacked:
+            self._acked(*self._reply("pipe_sent", self._unacked[0]))
+
+    def _acked(self, header: dict, body: bytearray) -> None:
+        rid = header.get("id")
+        if not self._unacked or rid != self._unacked[0]:
+            raise LinkError(f"pipe_sent {rid}: expected {self._unacked[0] if self._unacked else 'none'}")
         if len(body):
             raise LinkError(f"pipe_sent {rid}: carries {len(body)} bytes (it carries none)")
+        self._unacked.pop(0)
 
     def recv(self, frm: int, tag: str) -> bytearray:
         """The message rank `frm` sends under `tag` (`pipe_data`)."""
