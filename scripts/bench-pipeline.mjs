@@ -49,6 +49,7 @@ import { createInterface } from "node:readline";
 import { stringify } from "yaml";
 import { arg, CLI as cli, flag, list, ROOT as root } from "./lib/args.mjs";
 import { cannotMakeNamespaces, makeWan } from "./lib/netns.mjs";
+import { killGroups, mean, median } from "./lib/stats.mjs";
 
 const quick = flag("quick");
 const outDir = path.resolve(root, arg("out", "results"));
@@ -92,28 +93,12 @@ const children = new Set();
 const log = (line) => process.stderr.write(`${line}\n`);
 const r2 = (x, d = 2) => (x === null || x === undefined || !Number.isFinite(x) ? null : Math.round(x * 10 ** d) / 10 ** d);
 const load = () => os.loadavg().map((x) => r2(x));
-const median = (xs) => {
-  if (xs.length === 0) return null;
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
-};
-const mean = (xs) => (xs.length ? xs.reduce((a, b) => a + b, 0) / xs.length : null);
 const sum = (xs) => xs.reduce((a, b) => a + b, 0);
 const MB = (b) => (b === null || b === undefined ? "-" : `${(b / 1e6).toFixed(1)} MB`);
 const pct = (x, d = 1) => (x === null || x === undefined ? "-" : `${(x * 100).toFixed(d)}%`);
 const fx = (x, d = 2) => (x === null || x === undefined ? "-" : x.toFixed(d));
 
-function killChildren() {
-  for (const c of children) {
-    try {
-      process.kill(-c.pid, "SIGKILL");
-    } catch {
-      // gone
-    }
-  }
-  children.clear();
-}
+const killChildren = () => killGroups(children);
 process.on("exit", () => {
   killChildren();
   if (keep) log(`kept ${tmp} (configs and run folders)`);

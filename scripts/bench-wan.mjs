@@ -37,6 +37,7 @@ import { stringify } from "yaml";
 import { arg, CLI as cli, flag, list, ROOT as root } from "./lib/args.mjs";
 import { cannotMakeNamespaces, makeWan } from "./lib/netns.mjs";
 import { dilocoMarkdown, lossChartSvg, markdownTable, summarise } from "./lib/wanReport.mjs";
+import { killGroups } from "./lib/stats.mjs";
 
 
 const quick = flag("quick");
@@ -128,16 +129,7 @@ const coordHost = wan?.hosts[0];
 const providerHosts = wan ? wan.hosts.slice(1) : Array.from({ length: WORKERS }, () => null);
 const inHost = (host, cmd) => (host ? [...wan.exec(host), ...cmd] : cmd);
 
-function killChildren() {
-  for (const c of children) {
-    try {
-      process.kill(-c.pid, "SIGKILL");
-    } catch {
-      // gone
-    }
-  }
-  children.clear();
-}
+const killChildren = () => killGroups(children);
 process.on("exit", () => {
   killChildren();
   rmSync(tmp, { recursive: true, force: true });

@@ -1,13 +1,7 @@
 // Figures, the markdown table and the SVG chart of the WAN benchmark (bench-wan.mjs), from
 // per-step series. Kept apart from the harness so they are tested without namespaces.
 
-const median = (xs) => {
-  if (xs.length === 0) return null;
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
-};
-const mean = (xs) => (xs.length ? xs.reduce((a, b) => a + b, 0) / xs.length : null);
+import { mean, median } from "./stats.mjs";
 
 /** Steps left out of rate figures: start-up, and the first steps after compression begins. */
 export function measuredFrom(compressedFrom) {

@@ -1,3 +1,5 @@
+import type { StageFigures } from "../strategy/pipeline.js";
+
 /**
  * What the coordinator reports while a job runs. Collected by `job/`, printed by `ui/`
  * (ink view on a terminal, plain lines otherwise, one JSON object per line with --json).
@@ -42,21 +44,13 @@ export interface DilocoFigures {
 
 export type StatusLevel = "info" | "warn" | "debug";
 
-/** A stage worker's figures of the last step, as the live view shows them. */
-export interface PipelineStageRow {
-  rank: number;
-  stage: number;
+/** A stage worker's figures of the last step, as the live view shows them: its figures and the layers it holds. */
+export type PipelineStageRow = Omit<StageFigures, "act_bytes_sent" | "rss_bytes"> & {
   /** [lo, hi): the top-level layers it holds (null: the task's build_stages). */
   layers: [number, number] | null;
-  chains: number[];
-  compute_ms: number;
-  send_ms: number;
-  recv_ms: number;
-  bubble_ms: number;
-  peak_saved_bytes: number;
-  /** The worker's resident memory after the step (null: not reported). */
+  /** The worker's resident memory after the step (null or absent: not reported). */
   rss_bytes?: number | null;
-}
+};
 
 export type TrainEvent =
   /** info: progress a user follows; warn: faults, skipped steps, workers left out; debug: detail (rebalanced shares). */

@@ -208,18 +208,7 @@ export function dilocoFigures(result: SyncResult): DilocoFigures | undefined {
 /** The live view's rows of a pipeline step: each stage worker with the layers it holds. */
 function stageRows(run: Run, result: PipelineResult): PipelineStageRow[] {
   const b = run.pipelineBounds;
-  return result.stages.map((s) => ({
-    rank: s.rank,
-    stage: s.stage,
-    layers: b ? [b[s.stage], b[s.stage + 1]] : null,
-    chains: s.chains,
-    compute_ms: s.compute_ms,
-    send_ms: s.send_ms,
-    recv_ms: s.recv_ms,
-    bubble_ms: s.bubble_ms,
-    peak_saved_bytes: s.peak_saved_bytes,
-    rss_bytes: s.rss_bytes,
-  }));
+  return result.stages.map(({ act_bytes_sent: _sent, ...s }) => ({ ...s, layers: b ? [b[s.stage], b[s.stage + 1]] : null }));
 }
 
 function reportRound(run: Run, result: SyncResult, evalMetrics?: Record<string, number>): void {
