@@ -63,13 +63,15 @@ class Worker:
             raise LinkError(f"expected init, got {header['op']}")
         self.init(header)
         while True:
-            h, payload = self.link.recv()
+            h, payload = self.comm.next_order()
             op = SHARED_OPS.get(h["op"]) or (ROUND if h["op"] in self.strategy.orders else None)
             if op is None:
                 raise LinkError(f"unexpected op {h['op']!r}")
             decision = h.get("decision")
             if decision is not None:  # the last round's decision rides on this order
                 self.apply(decision)
+            if op is ROUND and int(h.get("attempt") or 0) < self.comm.live_from:
+                continue  # ordered ahead of a round that was then aborted: aborted with it
             reply = op.handle(self, h, payload)
             self.comm.flush()  # no acknowledgement of this op's sends may trail its reply
             if reply is not None:
@@ -81,6 +83,7 @@ class Worker:
         cfg = JobConfig.from_dict(h["config"])
         task = Task(h["task_path"], cfg.task_args, h.get("package_dir"), h.get("site_dirs") or ())
         self.comm.world_size = int(h["world_size"])
+        self.comm.round_ops = frozenset(STRATEGIES[cfg.strategy.name].orders) if cfg.strategy.name in STRATEGIES else frozenset()
         self._replica = build_replica(cfg, task, int(h["rank"]), int(h["world_size"]),
                                       str(h.get("device") or "cpu"), pipeline=h.get("pipeline"),
                                       max_micro_batch=h.get("max_micro_batch"),
@@ -152,6 +155,8 @@ class Worker:
 
     def decide(self, h: dict, _: bytearray) -> Reply:
         # A decision alone: at the end of a job, before recovery, or an abort mid-round.
+        if h.get("verdict") == "abort":
+            self.comm.aborted(h)
         self.apply(h)
         return self.decided(int(h["step"]), h["verdict"])
 
@@ -179,8 +184,11 @@ class Worker:
         try:
             report = self.strategy.prepare(h)
             self.comm.flush()  # its sends are on their way before its report
-        except StepAborted:  # an abort decision arrived instead of a collective's result
-            return self.decided(int(h["step"]), "abort")
+        except StepAborted as aborted:  # an abort decision arrived instead of a collective's result
+            step = int(h["step"]) if aborted.step is None else aborted.step
+            if step != int(h["step"]):
+                self.strategy.decide(step, "abort")  # the step applied ahead, and this one with it
+            return self.decided(step, "abort")
         return {"op": self.strategy.orders[h["op"]], **report}, b""
 
 

@@ -77,7 +77,12 @@ class GroupComm:
 
 class StepAborted(Exception):
     """A collective of this round was abandoned: a ring member was lost. Raised by the
-    worker's Comm; the strategy's round then leaves no trace."""
+    worker's Comm; the strategy's round then leaves no trace. `step` is the round the
+    abort decision names (with orders ahead, the round before this one's)."""
+
+    def __init__(self, step: int | None = None):
+        super().__init__(f"step {step} aborted")
+        self.step = step
 
 
 class Stop(Exception):
@@ -178,6 +183,21 @@ class LinkComm:
         # The provider's number for the step attempt now running: collectives carry it, so
         # that requests of an abandoned attempt are never served on a re-formed ring.
         self.attempt = 0
+        # Orders ahead (docs/protocol.md): round orders that arrived while a collective
+        # waited, served next; and the first attempt still alive (an abort ends the rest).
+        self.held: list[tuple[dict, bytearray]] = []
+        self.live_from = 0
+        self.round_ops: frozenset[str] = frozenset()
+
+    def next_order(self) -> tuple[dict, bytearray]:
+        """The next order to serve: one held while a collective waited, else the link's."""
+        return self.held.pop(0) if self.held else self.link.recv()
+
+    def aborted(self, header: dict) -> None:
+        """An abort decision: every attempt the provider had started before it is over."""
+        attempt = header.get("attempt")
+        if isinstance(attempt, int) and not isinstance(attempt, bool):
+            self.live_from = max(self.live_from, attempt)
 
     SEND_WINDOW = 4
     """Point-to-point sends the provider may hold unacknowledged: a worker goes on computing
@@ -186,9 +206,14 @@ class LinkComm:
     def _reply(self, op: str, rid: int) -> tuple[dict, bytearray]:
         header, payload = self.link.recv()
         # set_speed may arrive at any time (no reply); a send's pipe_sent arrives in order.
-        while header["op"] == "set_speed" or (header["op"] == "pipe_sent" and not (op == "pipe_sent" and header.get("id") == rid)):
+        while header["op"] == "set_speed" or header["op"] in self.round_ops or \
+                (header["op"] == "pipe_sent" and not (op == "pipe_sent" and header.get("id") == rid)):
             if header["op"] == "set_speed":
                 self.on_set_speed(header)
+            elif header["op"] in self.round_ops:  # the next round, ordered ahead
+                if len(self.held) >= 2:
+                    raise LinkError(f"{header['op']} {header.get('step')} ordered while two rounds are held")
+                self.held.append((header, payload))
             else:
                 self._acked(header, payload)
             header, payload = self.link.recv()
@@ -198,7 +223,8 @@ class LinkComm:
             # A ring member was lost: this round is abandoned, and its sends with it (the
             # provider drops what it had not sent; what it had was acknowledged before this).
             self._unacked.clear()
-            raise StepAborted()
+            self.aborted(header)
+            raise StepAborted(header.get("step") if isinstance(header.get("step"), int) else None)
         if header["op"] != op or header.get("id") != rid:
             raise LinkError(f"expected {op} {rid}, got {header['op']} id={header.get('id')}")
         return header, payload

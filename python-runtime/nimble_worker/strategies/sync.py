@@ -11,6 +11,8 @@ from typing import Any, Sequence
 import torch
 
 from ..compress import Reduced, build_compressor
+from ..link import LinkError
+from ..snapshot import StateSnapshot
 from .base import Strategy, average_buffers
 
 
@@ -24,14 +26,23 @@ class Sync(Strategy):
         # The prepared step: (step, its reduced gradient, the compressor's mark from before
         # it, the buffers from before it: None when the model has none)
         self._pending: tuple[int, Reduced, Any, Any] | None = None
+        # A step applied ahead of its decision (orders ahead): (step, the compressor's mark
+        # and the buffers from before it); the replica's state from before it is in _snapshot.
+        self._ahead: tuple[int, Any, Any] | None = None
+        self._snapshot = StateSnapshot()
         self.commit_s = 0.0
         """Seconds the last commit took (reported with the next step's compute)."""
 
     @property
     def pending(self) -> int | None:
+        """The oldest undecided step: one applied ahead, else the prepared one."""
+        if self._ahead is not None:
+            return self._ahead[0]
         return None if self._pending is None else self._pending[0]
 
     def prepare(self, order: dict) -> dict:
+        if order.get("ahead") and self._pending is not None:
+            self.apply_ahead(int(order["step"]))
         return self.prepare_step(int(order["step"]), [int(s) for s in order["shares"]],
                                  bool(order.get("want_hash")))
 
@@ -94,6 +105,45 @@ class Sync(Strategy):
         self._pending = None
         self.replica.apply(t, res.grads)
         self.commit_s += time.perf_counter() - t0
+
+    def apply_ahead(self, next_step: int) -> None:
+        """Orders ahead: the order for `next_step` came before the prepared step's decision.
+        Apply that step now, keeping what undoes it, so that `next_step` starts at once; a
+        worker holds at most two undecided steps (this one and `next_step`)."""
+        assert self._pending is not None
+        t, _, mark, saved_buffers = self._pending
+        if self._ahead is not None:
+            raise LinkError(f"step {next_step} ordered ahead while steps {self._ahead[0]} and {t} are "
+                            "both undecided (at most two may be)")
+        if next_step != t + 1:
+            raise LinkError(f"step {next_step} ordered ahead of step {t}'s decision: only step {t + 1} may be")
+        self._snapshot.take(self.replica)
+        self._ahead = (t, mark, saved_buffers)
+        self.commit()
+
+    def decide(self, step: int, verdict: str) -> None:
+        if self._ahead is None:
+            return super().decide(step, verdict)
+        if verdict not in ("commit", "abort"):
+            raise LinkError(f"decision for step {step}: unknown verdict {verdict!r}")
+        ahead = self._ahead[0]
+        if step == ahead + 1 and verdict == "abort":
+            self.abort()  # the later step only: the one applied ahead still awaits its own
+            return
+        if step != ahead:
+            raise LinkError(f"decision for step {step}, but step {ahead} is the one applied ahead")
+        if verdict == "commit":
+            self._ahead = None
+            return
+        # Aborting a step also aborts the one after it.
+        self.abort()
+        _, mark, saved_buffers = self._ahead
+        self._ahead = None
+        self._snapshot.restore(self.replica)
+        assert self.compressor is not None
+        self.compressor.rollback(mark)
+        if saved_buffers is not None:
+            self.replica.restore_buffers(saved_buffers)
 
     def abort(self) -> int | None:
         if self._pending is None:
