@@ -42,6 +42,7 @@ class Worker:
     def __init__(self, link: Link):
         self.link = link
         self.comm = LinkComm(link, 1, self.set_speed)
+        self.comm.on_decision = self.apply
         self._replica: Replica | None = None
         self._strategy: Strategy | None = None
 
@@ -158,6 +159,8 @@ class Worker:
         if h.get("verdict") == "abort":
             self.comm.aborted(h)
         self.apply(h)
+        if h.get("quiet") is True:
+            return None
         return self.decided(int(h["step"]), h["verdict"])
 
     def eval(self, h: dict, _: bytearray) -> Reply:

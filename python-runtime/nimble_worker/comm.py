@@ -75,6 +75,11 @@ class GroupComm:
         return self.inner.allgather(blob, group=self.group)
 
 
+def _quiet(header: dict) -> bool:
+    """A commit sent while a round ordered ahead runs (no reply)."""
+    return header["op"] == "decide" and header.get("quiet") is True and header.get("verdict") == "commit"
+
+
 class StepAborted(Exception):
     """A collective of this round was abandoned: a ring member was lost. Raised by the
     worker's Comm; the strategy's round then leaves no trace. `step` is the round the
@@ -188,6 +193,7 @@ class LinkComm:
         self.held: list[tuple[dict, bytearray]] = []
         self.live_from = 0
         self.round_ops: frozenset[str] = frozenset()
+        self.on_decision: Callable[[dict], None] = lambda h: None
 
     def next_order(self) -> tuple[dict, bytearray]:
         """The next order to serve: one held while a collective waited, else the link's."""
@@ -206,10 +212,12 @@ class LinkComm:
     def _reply(self, op: str, rid: int) -> tuple[dict, bytearray]:
         header, payload = self.link.recv()
         # set_speed may arrive at any time (no reply); a send's pipe_sent arrives in order.
-        while header["op"] == "set_speed" or header["op"] in self.round_ops or \
+        while header["op"] == "set_speed" or header["op"] in self.round_ops or _quiet(header) or \
                 (header["op"] == "pipe_sent" and not (op == "pipe_sent" and header.get("id") == rid)):
             if header["op"] == "set_speed":
                 self.on_set_speed(header)
+            elif _quiet(header):  # the decision of the round applied ahead of this one
+                self.on_decision(header)
             elif header["op"] in self.round_ops:  # the next round, ordered ahead
                 if len(self.held) >= 2:
                     raise LinkError(f"{header['op']} {header.get('step')} ordered while two rounds are held")

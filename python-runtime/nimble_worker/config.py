@@ -120,6 +120,10 @@ class StrategyConfig:
     outer optimizer applies to global parameters (`optimizer`, `lr_schedule`, `grad_clip`
     and `precision` are then the inner ones, `steps` counts inner steps, and
     `compression` is not used)."""
+    orders_ahead: str = "auto"
+    """sync: auto, on or off. On, step t+1's order may arrive before step t's decision: the
+    worker then applies step t at once, keeping a snapshot of its state to undo it
+    (snapshot.py). The coordinator chooses; the worker follows the orders' `ahead`."""
     inner_steps: int = 100
     """diloco: inner steps (H) after which every fragment has synced once (>= 1)."""
     outer_optimizer: OuterOptimizerConfig = field(default_factory=OuterOptimizerConfig)

@@ -148,7 +148,18 @@ export const STRATEGY_NAMES = ["sync"] as const;
 export const DILOCO_CODECS = ["none", "fp16", "bf16", "int8", "int4"] as const;
 
 export const strategySchema = z.discriminatedUnion("name", [
-  z.object({ name: z.literal("sync") }).strict(),
+  z
+    .object({
+      name: z.literal("sync"),
+      /**
+       * Step t+1's orders go out before step t's reports are in, so workers do not wait one
+       * control round trip per step; a worker then applies step t before its decision and
+       * keeps a snapshot of its state to undo it (README, "Orders ahead"). auto: on once the
+       * round trip is measured above 5% of a step.
+       */
+      orders_ahead: z.enum(["auto", "on", "off"]).default("auto"),
+    })
+    .strict(),
   z
     .object({
       name: z.literal("diloco"),

@@ -81,7 +81,13 @@ export const sharedOrders = {
   /** Every member takes rank `source`'s whole training state over one all-gather. */
   sync_state: z.object({ op: z.literal("sync_state"), source: count, decision }),
   /** A decision alone: apply it (an abort also ends the round waiting on a collective); reply with the hash after it. */
-  decide: decisionSchema.extend({ op: z.literal("decide") }),
+  decide: decisionSchema.extend({
+    op: z.literal("decide"),
+    /** The provider's first attempt still alive after an abort: rounds ordered ahead before it are dropped. */
+    attempt: count.optional(),
+    /** A commit sent while the worker runs a round ordered ahead: applied at once, no reply. */
+    quiet: z.boolean().optional(),
+  }),
   /** Pipeline: `chains` (as in pipe_step) share the items; only last stages report sums. */
   /** Pipeline: send this worker's whole training state to rank `to` (whose provider keeps it), under `tag`. */
   mirror: z.object({ op: z.literal("mirror"), to: count, tag: pipeTag, decision }),
@@ -108,7 +114,16 @@ export const sharedOrders = {
 export const strategyOrders = {
   sync: {
     /** One optimizer step of the global batch; `attempt` is echoed in its collectives. */
-    step: z.object({ op: z.literal("step"), step: count, shares: z.array(count).max(4096), want_hash: z.boolean(), attempt: count, decision }),
+    step: z.object({
+      op: z.literal("step"),
+      step: count,
+      shares: z.array(count).max(4096),
+      want_hash: z.boolean(),
+      attempt: count,
+      decision,
+      /** Sent before the previous step's reports were in: the worker applies that step first (orders ahead). */
+      ahead: z.boolean().optional(),
+    }),
   },
   diloco: {
     /** `steps` inner steps from `step`, each of the global batch split by `shares`, then the sync of one fragment. */

@@ -69,7 +69,7 @@ describe("parseConfigText", () => {
       precision: "fp32",
       prefetch: 2,
       compression: { method: "powersgd", rank: 4, start_step: 10, min_compression_rate: 2, error_feedback: true, warm_start: true, seed: 0 },
-      strategy: { name: "sync" },
+      strategy: { name: "sync", orders_ahead: "auto" },
       balance: "measured",
       leave_out_slow: true,
       faults: { heartbeat_s: 10, min_workers: 1, max_restarts: 3, wait_s: 300 },
@@ -396,10 +396,10 @@ describe("strategy section", () => {
   const messageOf = (text: string) => errorOf(text, file);
 
   it("defaults to sync, also when the section is empty or leaves out its name", () => {
-    expect(parseConfigText(body(""), file).config.strategy).toEqual({ name: "sync" });
-    expect(parseConfigText(body("strategy:\n"), file).config.strategy).toEqual({ name: "sync" });
-    expect(parseConfigText(body("strategy: {}\n"), file).config.strategy).toEqual({ name: "sync" });
-    expect(parseConfigText(body("strategy: {name: sync}\n"), file).config.strategy).toEqual({ name: "sync" });
+    expect(parseConfigText(body(""), file).config.strategy).toEqual({ name: "sync", orders_ahead: "auto" });
+    expect(parseConfigText(body("strategy:\n"), file).config.strategy).toEqual({ name: "sync", orders_ahead: "auto" });
+    expect(parseConfigText(body("strategy: {}\n"), file).config.strategy).toEqual({ name: "sync", orders_ahead: "auto" });
+    expect(parseConfigText(body("strategy: {name: sync}\n"), file).config.strategy).toEqual({ name: "sync", orders_ahead: "auto" });
   });
 
   it("diloco: its defaults, and its rules between keys with their lines", () => {

@@ -8,6 +8,7 @@ import { FaultError, JobFailed } from "./errors.js";
 import { checkHashes, checkpointFiles, evaluate, finalWeights } from "./phases.js";
 import { admit, leaveOutSlow, recover, type FaultedAt } from "./recovery.js";
 import { sendOrder } from "./orders.js";
+import { controlShare, mayOrderAhead, ordersAheadOn, type OrdersAheadMode, type RoundTiming } from "./ahead.js";
 import { type Run, STEP_TIMEOUT_MS } from "./run.js";
 
 /** How often replicas compare parameter hashes (and always on the last step). */
@@ -29,6 +30,45 @@ class RolledBack extends Error {
   constructor(readonly step: number) {
     super(`rolled back to step ${step}`);
   }
+}
+
+/** A round whose orders are out: its plan and the exchange of its reports. */
+interface SentRound {
+  step: number;
+  plan: SyncPlan;
+  wantHash: boolean;
+  sentAt: number;
+  reports: Promise<ReadonlyMap<number, RoundReport>>;
+}
+
+/** The rounds' orders ahead (ahead.ts): whether they are on, the round ordered ahead, and the timings `auto` decides from. */
+class OrdersAhead {
+  on: boolean;
+  next: SentRound | null = null;
+  readonly timings: RoundTiming[] = [];
+  constructor(
+    readonly mode: OrdersAheadMode,
+    private readonly run: Run,
+  ) {
+    this.on = mode === "on";
+    if (mode !== "off") run.tally.ordersAhead = { mode, from_step: this.on ? 0 : null, control_share: null };
+  }
+  /** A round timed with nothing ordered ahead (the first, which warms up, is not counted). */
+  observe(step: number, first: number, timing: RoundTiming): void {
+    if (this.on || this.mode !== "auto" || step === first) return;
+    this.timings.push(timing);
+    const share = controlShare(this.timings.slice(-3));
+    this.on = ordersAheadOn(this.mode, this.timings);
+    this.run.tally.ordersAhead = { mode: this.mode, from_step: this.on ? step + 1 : null, control_share: share };
+    if (this.on) this.run.status(`Orders ahead from step ${step + 1}: the control round trip took ${(share * 100).toFixed(0)}% of a step`);
+  }
+}
+
+/** Sync rounds may be ordered ahead; DiLoCo's are long and a pipeline's stages are not replicas. */
+function aheadMode(run: Run): OrdersAheadMode {
+  const strategy = run.config.strategy;
+  if (strategy.name !== "sync" || run.config.parallel || run.strategy.stepsPerRound !== 1) return "off";
+  return strategy.orders_ahead;
 }
 
 /** Run a phase between rounds (evaluation, checkpoint, final weights), again after any fault. */
@@ -54,10 +94,11 @@ export async function trainRounds(run: Run, opts: RoundsOptions): Promise<{ name
   let verifyNext = opts.verifyFirst ?? false;
   // A round covers stepsPerRound steps from `step` (sync: one; diloco: inner_steps / fragments).
   const per = run.strategy.stepsPerRound;
+  const ahead = new OrdersAhead(aheadMode(run), run);
   for (let first = opts.first; ; ) {
     for (let step = first; step < config.steps; step += per) {
       try {
-        await runRound(run, opts, step, verifyNext, (v) => (verifyNext = v));
+        await runRound(run, opts, step, verifyNext, (v) => (verifyNext = v), ahead);
       } catch (err) {
         if (!(err instanceof RolledBack)) throw err;
         step = err.step - per; // from the mirrored step again
@@ -77,12 +118,14 @@ export async function trainRounds(run: Run, opts: RoundsOptions): Promise<{ name
 }
 
 /** One round from `step`: admit joiners, plan, attempt, decide, record, evaluate, checkpoint. Throws RolledBack to run again from a step. */
-async function runRound(run: Run, opts: RoundsOptions, step: number, verify: boolean, setVerify: (v: boolean) => void): Promise<void> {
+async function runRound(run: Run, opts: RoundsOptions, step: number, verify: boolean, setVerify: (v: boolean) => void, ahead: OrdersAhead): Promise<void> {
   const { config } = run;
-  const back = run.membership.joiners.length > 0 ? await surviving(run, () => admit(run, step)) : null;
+  // Joiners wait while a round is ordered ahead (none is once they are waiting).
+  const orderedAhead = ahead.next?.step === step;
+  const back = run.membership.joiners.length > 0 && !orderedAhead ? await surviving(run, () => admit(run, step)) : null;
   if (back !== null) throw new RolledBack(back);
   const stepStart = Date.now();
-  const attempt = await attemptRound(run, step, verify);
+  const attempt = await attemptRound(run, step, verify, ahead, opts);
   if ("fault" in attempt) {
     const back = await recover(run, attempt.fault);
     // Run it again on the re-formed ring (or from the mirrored step).
@@ -99,7 +142,7 @@ async function runRound(run: Run, opts: RoundsOptions, step: number, verify: boo
   if (opts.mayLeaveOut && step === run.strategy.leaveOutAfter && step < config.steps - 1) {
     await surviving(run, () => leaveOutSlow(run, step, Math.max(...result.workers.map((w) => w.bytes_sent))));
   }
-  const stopping = opts.stopRequested() && end < config.steps - 1;
+  const stopping = opts.stopRequested() && end < config.steps - 1 && ahead.next === null;
   if ((config.checkpoint.every > 0 && (end + 1) % config.checkpoint.every === 0) || stopping) {
     const files = await surviving(run, () => checkpointFiles(run, end));
     const where = await run.dir.writeCheckpoint(end + 1, files, config.checkpoint.keep);
@@ -116,27 +159,66 @@ async function runRound(run: Run, opts: RoundsOptions, step: number, verify: boo
 
 type Attempt = { plan: SyncPlan; reports: ReadonlyMap<number, RoundReport> } | { fault: FaultedAt };
 
-/** One attempt at round `step`: its orders (carrying the last decision) out, its reports in. */
-async function attemptRound(run: Run, step: number, verify: boolean): Promise<Attempt> {
+/** Order round `step`: its plan, the exchange for its reports, and its orders (carrying the last decision) out. */
+function orderRound(run: Run, step: number, verify: boolean, ahead: boolean): SentRound {
   const { config, membership, providers } = run;
   const per = run.strategy.stepsPerRound;
   const wantHash = (Math.floor(step / per) + 1) % HASH_EVERY === 0 || step + per >= config.steps || verify;
   const plan = run.strategy.plan(step, membership.active, providers.ranks.length, { wantHash });
+  const what = per === 1 ? `step ${step}` : `the round of steps ${step}-${step + per - 1}`;
+  // A round ordered ahead waits for the round before it too.
+  const timeout = ahead ? 2 * STEP_TIMEOUT_MS : STEP_TIMEOUT_MS;
+  const reports = run.exchanges.expect(run.strategy.reportOp, what, plan.members, timeout, (m) => m.step === step) as Promise<ReadonlyMap<number, RoundReport>>;
+  const decision = run.commits.ride();
+  sendOrder(providers, plan.members, { ...run.strategy.order(plan), ...decision, ...(ahead ? { ahead: true } : {}) });
+  return { step, plan, wantHash, sentAt: Date.now(), reports };
+}
+
+/**
+ * One attempt at round `step`: its orders out (unless they went ahead), the next round's
+ * ahead of its reports when it may be, its reports in. The last decision rides on the
+ * first orders out, or goes alone (`quiet`: the workers are busy with the round ordered ahead).
+ */
+async function attemptRound(run: Run, step: number, verify: boolean, ahead: OrdersAhead, opts: RoundsOptions): Promise<Attempt> {
+  const { config } = run;
   let sent = false;
   try {
-    const what = per === 1 ? `step ${step}` : `the round of steps ${step}-${step + per - 1}`;
-    const done = run.exchanges.expect(run.strategy.reportOp, what, plan.members, STEP_TIMEOUT_MS, (m) => m.step === step);
-    const decision = run.commits.ride();
-    sendOrder(providers, plan.members, { ...run.strategy.order(plan), ...decision });
+    const round = ahead.next?.step === step ? ahead.next : orderRound(run, step, verify, false);
+    ahead.next = null;
     sent = true;
-    const reports = (await done) as ReadonlyMap<number, RoundReport>;
+    const next = {
+      step,
+      steps: config.steps,
+      evalEvery: config.eval.every,
+      checkpointEvery: config.checkpoint.every,
+      leaveOutAfter: opts.mayLeaveOut ? run.strategy.leaveOutAfter : null,
+      joinersWaiting: run.membership.joiners.length > 0,
+      stopRequested: opts.stopRequested(),
+    };
+    if (ahead.on && mayOrderAhead(next)) ahead.next = orderRound(run, step + 1, false, true);
+    else if (run.commits.waiting) {
+      sendOrder(run.providers, round.plan.members, { op: "decide", ...run.commits.ride().decision!, quiet: true });
+    }
+    const reports = await round.reports;
+    ahead.observe(step, opts.first, { wallS: (Date.now() - round.sentAt) / 1000, busyS: busiest(reports) });
     // Hashes are taken before the round's update (which waits for its decision).
-    if (wantHash) checkHashes(plan.members, reports, `before step ${step}`, (r) => run.strategy.hashGroup(r));
-    return { plan, reports };
+    if (round.wantHash) checkHashes(round.plan.members, reports, `before step ${step}`, (r) => run.strategy.hashGroup(r));
+    return { plan: round.plan, reports };
   } catch (err) {
     if (!(err instanceof FaultError)) throw err;
+    ahead.next = null; // aborting this round aborts the one ordered ahead of it
     return { fault: { step, sent } };
   }
+}
+
+/** The longest any worker was busy in a round (compute and collectives). */
+function busiest(reports: ReadonlyMap<number, RoundReport>): number {
+  let most = 0;
+  for (const r of reports.values()) {
+    const { compute_s: compute, comm_s: comm } = r as { compute_s?: number; comm_s?: number };
+    most = Math.max(most, (compute ?? 0) + (comm ?? 0));
+  }
+  return most;
 }
 
 function fold(run: Run, plan: SyncPlan, reports: ReadonlyMap<number, RoundReport>): SyncResult {

@@ -17,6 +17,12 @@ export interface PipelineSummary {
   peak_saved_bytes: number[];
 }
 
+export interface OrdersAheadSummary {
+  mode: "auto" | "on" | "off";
+  from_step: number | null;
+  control_share: number | null;
+}
+
 export interface TrainSummary {
   name: string;
   status: "completed" | "failed" | "cancelled";
@@ -47,6 +53,8 @@ export interface TrainSummary {
    * figures of the last step, and that step's timeline (when each worker ran which micro-batch).
    */
   pipeline?: PipelineSummary;
+  /** Under sync: orders ahead (README, "Orders ahead"): the mode, the step they began at (null: never), and the control round trip's share of a step that `auto` measured. */
+  orders_ahead?: OrdersAheadSummary;
   /** Steps whose update every worker skipped because of non-finite gradients. */
   steps_skipped: number[];
   /** Workers left out of the ring because they would have slowed every step, and why. */
@@ -157,6 +165,7 @@ export class Tally {
 
   /** DiLoCo rounds: how many, and their sync seconds (slowest member) and of them hidden ones. */
   readonly diloco = { rounds: 0, bytes: 0, syncS: 0, hiddenS: 0 };
+  ordersAhead: OrdersAheadSummary | null = null;
   /** Pipeline parallelism's plan and figures (null: no pipeline). */
   pipeline: PipelineSummary | null = null;
 
@@ -276,6 +285,7 @@ export class Tally {
           }
         : {}),
       ...(this.pipeline ? { pipeline: this.pipeline } : {}),
+      ...(this.ordersAhead ? { orders_ahead: this.ordersAhead } : {}),
       steps_skipped: this.stepsSkipped,
       left_out: this.leftOut,
       faults: this.faults,

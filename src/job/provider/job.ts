@@ -388,6 +388,7 @@ export class ProviderJob {
     for (const r of this.ranks) {
       if (!this.mesh.inRing(r.rank)) continue;
       r.attempt += 1;
+      r.liveFrom = r.attempt;
       r.queue = Promise.resolve();
     }
   }

@@ -14,8 +14,10 @@ export class LocalRank {
   info: WorkerInfo | null = null;
   /** Times its worker was started again after dying. */
   restarts = 0;
-  /** The round attempt its worker runs now; collectives of other attempts are dropped. */
+  /** The latest round attempt ordered (with orders ahead, the worker may still run the one before). */
   attempt = 0;
+  /** The first attempt still alive: an abort ends every attempt before it, and their collectives are dropped. */
+  liveFrom = 0;
   /** Ring bytes sent since its last report. */
   bytesSinceReport = 0;
   /** Its collectives, served one at a time in order; reports wait for them. */
@@ -66,6 +68,7 @@ export class LocalRank {
     this.worker = null;
     this.info = null;
     this.attempt = 0;
+    this.liveFrom = 0;
     this.queue = Promise.resolve();
     this.#state = transition(this.#state, "crashed");
   }

@@ -29,6 +29,11 @@ export interface RelayHost {
   fail(message: string, kind: "internal", rank?: number): void;
 }
 
+/** A collective of `attempt` is served: an attempt ordered and not ended by an abort (orders ahead: the current one or the next). */
+function live(local: LocalRank, attempt: number): boolean {
+  return attempt >= local.liveFrom && attempt <= local.attempt;
+}
+
 /**
  * Carries orders from the coordinator to the workers and reports back, validated against
  * the worker-link schema (src/protocol/workerOps.ts) and otherwise unread: it acts only on
@@ -63,6 +68,8 @@ export class Relay {
         local.attempt += 1;
         header = { ...order, attempt: local.attempt } as ToWorker;
         local.on("round");
+      } else if (order.op === "decide" && order.verdict === "abort") {
+        header = { ...order, attempt: local.liveFrom }; // rounds ordered ahead before it end with it
       }
       local.worker?.send(header, payload.byteLength > 0 ? payload : undefined);
     }
@@ -77,19 +84,19 @@ export class Relay {
         return this.host.workerError(local, m);
       case "allreduce":
         // A request of an abandoned attempt is never served (its worker reads the abort next).
-        if (m.attempt !== local.attempt) return;
+        if (!live(local, m.attempt)) return;
         local.queue = local.queue.then(() => this.#allReduce(local, m.id, m.count, m.codec, payload, m.attempt, m.group));
         return;
       case "allgather":
-        if (m.attempt !== local.attempt) return;
+        if (!live(local, m.attempt)) return;
         local.queue = local.queue.then(() => this.#allGather(local, m.id, payload, m.attempt, m.group));
         return;
       case "pipe_send":
-        if (m.attempt !== local.attempt) return;
+        if (!live(local, m.attempt)) return;
         local.queue = local.queue.then(() => this.#pipeSend(local, m.id, m.to, m.tag, payload, m.attempt));
         return;
       case "pipe_recv":
-        if (m.attempt !== local.attempt) return;
+        if (!live(local, m.attempt)) return;
         local.queue = local.queue.then(() => this.#pipeRecv(local, m.id, m.from, m.tag, m.attempt));
         return;
       default: {
@@ -111,7 +118,7 @@ export class Relay {
 
   async #pipeSend(local: LocalRank, id: number, to: number, tag: string, payload: Buffer, attempt: number) {
     const pipe = this.host.pipeOf(local.rank, to);
-    if (!local.worker || local.attempt !== attempt) return;
+    if (!local.worker || !live(local, attempt)) return;
     if (!pipe) return this.host.ringLost(local, `rank ${local.rank} has no pipe to rank ${to} in this epoch`);
     try {
       const stats = await pipe.send(tag, payload);
@@ -119,12 +126,12 @@ export class Relay {
     } catch (err) {
       return this.host.ringLost(local, `pipe from rank ${local.rank} to rank ${to} failed: ${errorMessage(err)}`);
     }
-    if (local.attempt === attempt) local.worker.send({ op: "pipe_sent", id });
+    if (live(local, attempt)) local.worker.send({ op: "pipe_sent", id });
   }
 
   async #pipeRecv(local: LocalRank, id: number, from: number, tag: string, attempt: number) {
     const pipe = this.host.pipeOf(local.rank, from);
-    if (!local.worker || local.attempt !== attempt) return;
+    if (!local.worker || !live(local, attempt)) return;
     if (!pipe) return this.host.ringLost(local, `rank ${local.rank} has no pipe from rank ${from} in this epoch`);
     let data: Uint8Array;
     try {
@@ -132,17 +139,17 @@ export class Relay {
     } catch (err) {
       return this.host.ringLost(local, `pipe into rank ${local.rank} from rank ${from} failed: ${errorMessage(err)}`);
     }
-    if (local.attempt === attempt) local.worker.send({ op: "pipe_data", id, tag }, data);
+    if (live(local, attempt)) local.worker.send({ op: "pipe_data", id, tag }, data);
   }
 
   async #allGather(local: LocalRank, id: number, payload: Buffer, attempt: number, group?: "stage") {
     const ring = this.#ringFor(local, group);
-    if (!ring || !local.worker || local.attempt !== attempt) return;
+    if (!ring || !local.worker || !live(local, attempt)) return;
     if (ring === "lone") return local.worker.send({ op: "allgather_result", id, sizes: [payload.byteLength] }, payload);
     try {
       const { blobs, stats } = await ring.allGather(payload);
       local.bytesSinceReport += stats.bytesSent;
-      if (local.attempt === attempt) local.worker.send({ op: "allgather_result", id, sizes: blobs.map((b) => b.byteLength) }, Buffer.concat(blobs));
+      if (live(local, attempt)) local.worker.send({ op: "allgather_result", id, sizes: blobs.map((b) => b.byteLength) }, Buffer.concat(blobs));
     } catch (err) {
       this.host.ringLost(local, `ring all-gather failed on rank ${local.rank}: ${errorMessage(err)}`);
     }
@@ -150,7 +157,7 @@ export class Relay {
 
   async #allReduce(local: LocalRank, id: number, count: number, codec: WireCodec, payload: Buffer, attempt: number, group?: "stage") {
     const ring = this.#ringFor(local, group);
-    if (!ring || !local.worker || local.attempt !== attempt) return;
+    if (!ring || !local.worker || !live(local, attempt)) return;
     if (ring === "lone") return local.worker.send({ op: "allreduce_result", id, dtype: "float32", count, codec }, payload);
     // Float32Array needs 4-byte alignment; the link decoder's slices need not have it.
     const data =
@@ -165,7 +172,7 @@ export class Relay {
       this.host.ringLost(local, `ring all-reduce failed on rank ${local.rank}: ${errorMessage(err)}`);
       return;
     }
-    if (local.attempt !== attempt) return;
+    if (!live(local, attempt)) return;
     local.worker.send({ op: "allreduce_result", id, dtype: "float32", count, codec }, new Uint8Array(data.buffer, data.byteOffset, data.byteLength));
   }
 }
