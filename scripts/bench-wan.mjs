@@ -66,6 +66,8 @@ const MODELS = {
 };
 const SYSTEMS = {
   nimble: { engine: "nimble", compression: { method: "none" } },
+  // The same without orders ahead: each step waits one control round trip for its orders.
+  "nimble-inturn": { engine: "nimble", compression: { method: "none" }, ordersAhead: "off" },
   "nimble-psgd1": { engine: "nimble", compression: { method: "powersgd", rank: 1, start_step: 4 } },
   "nimble-psgd4": { engine: "nimble", compression: { method: "powersgd", rank: 4, start_step: 4 } },
   ddp: { engine: "ddp", compression: { method: "none" } },
@@ -239,6 +241,7 @@ async function runNimble(name, m, system, providers, steps) {
     balance: "equal", // as DDP splits: the comparison is of communication, not balancing
     leave_out_slow: false, // all links are equal here; keep all 4 workers, as DDP does
     ...(strategy ? { strategy } : { compression: SYSTEMS[system].compression }),
+    ...(SYSTEMS[system].ordersAhead ? { strategy: { name: "sync", orders_ahead: SYSTEMS[system].ordersAhead } } : {}),
     providers: providers.map((p) => ({ address: p.address, token: p.token })),
     output: path.join(tmp, "runs"),
   };

@@ -49,9 +49,10 @@ class OrdersAhead {
   constructor(
     readonly mode: OrdersAheadMode,
     private readonly run: Run,
+    first: number,
   ) {
     this.on = mode === "on";
-    if (mode !== "off") run.tally.ordersAhead = { mode, from_step: this.on ? 0 : null, control_share: null };
+    if (mode !== "off") run.tally.ordersAhead = { mode, from_step: this.on ? first : null, control_share: null };
   }
   /** A round timed with nothing ordered ahead (the first, which warms up, is not counted). */
   observe(step: number, first: number, timing: RoundTiming): void {
@@ -94,7 +95,7 @@ export async function trainRounds(run: Run, opts: RoundsOptions): Promise<{ name
   let verifyNext = opts.verifyFirst ?? false;
   // A round covers stepsPerRound steps from `step` (sync: one; diloco: inner_steps / fragments).
   const per = run.strategy.stepsPerRound;
-  const ahead = new OrdersAhead(aheadMode(run), run);
+  const ahead = new OrdersAhead(aheadMode(run), run, opts.first);
   for (let first = opts.first; ; ) {
     for (let step = first; step < config.steps; step += per) {
       try {
