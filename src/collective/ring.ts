@@ -708,13 +708,9 @@ export class RingAllReduce {
     const o = frame.offset;
     const reduce = frame.phase < this.size - 1;
     if (frame.dtype === "float32") {
-      const dst = op.data;
-      const src = frame.data;
-      if (reduce) {
-        for (let i = 0, n = src.length; i < n; i++) dst[o + i] += src[i];
-      } else {
-        dst.set(src, o);
-      }
+      // summed by the SIMD kernels (codecs.ts) straight from the received bytes
+      if (reduce) decodePayload("f32", bytes.subarray(CHUNK_HEADER_BYTES), op.data.subarray(o, o + frame.count), "add");
+      else op.data.set(frame.data, o);
     } else {
       decodePayload(frame.codec, frame.payload, op.data.subarray(o, o + frame.count), reduce ? "add" : "set");
       // all-gather chunks travel on as the same bytes (only the phase changes)

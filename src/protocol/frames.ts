@@ -339,7 +339,9 @@ export function encodeChunk(header: ChunkHeader, data: Float32Array): Uint8Array
   if (data.length !== count) {
     throw new Error(`chunk data has ${data.length} elements, header says ${count}`);
   }
-  const out = new Uint8Array(CHUNK_HEADER_BYTES + count * 4);
+  // Every byte is written below: no zero-filling (a fresh buffer past Buffer's pool, so the
+  // payload starts aligned).
+  const out = Buffer.allocUnsafe(CHUNK_HEADER_BYTES + count * 4);
   writeChunkHeader(out, header, "f32");
   if (LITTLE_ENDIAN_HOST) {
     out.set(new Uint8Array(data.buffer, data.byteOffset, count * 4), CHUNK_HEADER_BYTES);
