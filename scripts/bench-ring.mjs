@@ -9,7 +9,7 @@
 // prefix "nring-", each upload shaped with tc tbf to --rate-mbit, default 1000).
 //
 //   npm run bench:ring -- [--parts loopback,shaped] [--sizes 1,4,16,64,256] [--shaped-sizes 64]
-//       [--reps 5] [--label after] [--no-plain] [--prof DIR] [--codec f32]
+//       [--reps 5] [--label after] [--no-plain] [--prof DIR] [--codec f32] [--variants name:VAR=1,...]
 import { spawn, execFileSync } from "node:child_process";
 import { generateKeyPairSync } from "node:crypto";
 import { existsSync, readFileSync, writeFileSync } from "node:fs";
@@ -32,6 +32,14 @@ const rateMbit = Number(arg("rate-mbit", "1000"));
 const codec = arg("codec", "f32");
 const prof = arg("prof", "");
 const withPlain = !flag("no-plain");
+// Nimble TLS rows with extra environment, alternated with the rest: `name:VAR=value+VAR2=value,...`
+// (e.g. scalar:NIMBLE_NO_WASM_SIMD=1 measures the SIMD kernels, js-mask:WS_NO_BUFFER_UTIL=1 bufferutil).
+const variants = Object.fromEntries(
+  list("variants", "").map((v) => {
+    const [name, vars = ""] = v.split(":");
+    return [name, Object.fromEntries(vars.split("+").filter(Boolean).map((kv) => [kv.slice(0, kv.indexOf("=")), kv.slice(kv.indexOf("=") + 1)]))];
+  }),
+);
 const OP_TIMEOUT_MS = 180_000;
 const children = new Set();
 process.on("exit", () => killGroups(children));
@@ -45,8 +53,8 @@ function python() {
 }
 
 /** A child speaking JSON lines; `next()` is its next line, bounded in time. */
-function jsonChild(argv, what) {
-  const child = spawn(argv[0], argv.slice(1), { detached: true, stdio: ["pipe", "pipe", "inherit"], cwd: ROOT });
+function jsonChild(argv, what, env = {}) {
+  const child = spawn(argv[0], argv.slice(1), { detached: true, stdio: ["pipe", "pipe", "inherit"], cwd: ROOT, env: { ...process.env, ...env } });
   children.add(child);
   const queue = [];
   const waiters = [];
@@ -90,12 +98,12 @@ function group(ranks) {
   };
 }
 
-async function startNimble(mode, hosts) {
+async function startNimble(mode, hosts, env = {}) {
   const coordinatorPem = generateKeyPairSync("ed25519").privateKey.export({ format: "pem", type: "pkcs8" });
   const ranks = hosts.map((h, rank) => {
     const profArgs = prof && rank === 0 && mode === "tls" ? ["--cpu-prof", "--cpu-prof-dir", prof] : [];
     const argv = [process.execPath, ...profArgs, path.join(ROOT, "scripts", "bench-ring-rank.mjs"), "--rank", String(rank), "--world", String(N), "--mode", mode, "--host", h.ip];
-    return jsonChild([...h.exec, ...argv], `nimble ${mode} rank ${rank}`);
+    return jsonChild([...h.exec, ...argv], `nimble ${mode} rank ${rank}`, env);
   });
   const peers = await Promise.all(ranks.map((r) => r.next()));
   for (const r of ranks) r.send({ peers, coordinatorPem });
@@ -125,6 +133,7 @@ async function startGloo(hosts, PY) {
 async function measure(part, hosts, partSizes, PY) {
   const sides = { nimble: await startNimble("tls", hosts), gloo: await startGloo(hosts, PY) };
   if (withPlain) sides.plain = await startNimble("plain", hosts);
+  for (const [name, env] of Object.entries(variants)) sides[name] = await startNimble("tls", hosts, env);
   const rows = [];
   for (const mib of partSizes) {
     const elements = Math.floor((mib * 1024 * 1024) / 4);
@@ -156,7 +165,8 @@ function printRow(r) {
   const mb = (x) => (x / 1e6).toFixed(0).padStart(6);
   const link = r.linkBytesPerS ? `  nimble ${((100 * r.nimble.busbw) / r.linkBytesPerS).toFixed(0)}% / gloo ${((100 * r.gloo.busbw) / r.linkBytesPerS).toFixed(0)}% of the link` : "";
   const plain = r.plain ? `  plain ws ${mb(r.plain.busbw)} MB/s` : "";
-  console.log(`${r.part.padEnd(8)} ${String(r.mib).padStart(4)} MiB  nimble ${mb(r.nimble.busbw)} MB/s  gloo ${mb(r.gloo.busbw)} MB/s  ratio ${r.ratio.toFixed(2)}${plain}${link}  load ${r.load.toFixed(2)}`);
+  const extra = Object.keys(variants).map((v) => `  ${v} ${mb(r[v].busbw)} MB/s`).join("");
+  console.log(`${r.part.padEnd(8)} ${String(r.mib).padStart(4)} MiB  nimble ${mb(r.nimble.busbw)} MB/s  gloo ${mb(r.gloo.busbw)} MB/s  ratio ${r.ratio.toFixed(2)}${plain}${extra}${link}  load ${r.load.toFixed(2)}`);
 }
 
 const PY = python();
