@@ -1,7 +1,7 @@
 // One rank of `npm run bench:ring`, in a process of its own (as a provider runs it), started
 // by scripts/bench-ring.mjs. Talks JSON lines: it prints {port, key} once listening; reads
 // {peers, coordinatorPem}, forms the ring and prints {linked}; for each {run: {elements,
-// iters, codec}} it prints {seconds, correct}; {exit} ends it.
+// iters, codec}} it prints {seconds, cpuSeconds, correct}; {exit} ends it.
 //
 // --mode tls: the data plane as providers make it: this rank's identity in a self-signed TLS
 //   1.3 certificate (net/tls.ts), the coordinator's credential, the ring formed by a Mesh
@@ -13,15 +13,21 @@ import { createServer as createHttpServer } from "node:http";
 import { createServer as createHttpsServer } from "node:https";
 import { createInterface } from "node:readline";
 import { WebSocketServer } from "ws";
+import { pathToFileURL } from "node:url";
 import { arg } from "./lib/args.mjs";
-import { Mesh } from "../dist/collective/mesh.js";
-import { RingAllReduce } from "../dist/collective/ring.js";
-import { Authorizer } from "../dist/net/auth.js";
-import { ephemeralIdentity, identityFromKey } from "../dist/identity/identity.js";
-import { issueCredential } from "../dist/identity/proof.js";
-import { admitRingHello, connectLink, FrameLink, readRingHello } from "../dist/net/link.js";
-import { tlsServerOptions } from "../dist/net/tls.js";
-import { MAX_FRAME_BYTES } from "../dist/protocol/frames.js";
+
+// NIMBLE_BENCH_DIST: another build of Nimble (e.g. an earlier commit's dist/) to measure in
+// the same alternation, through `bench-ring.mjs --variants`.
+const dist = process.env.NIMBLE_BENCH_DIST ? pathToFileURL(`${process.env.NIMBLE_BENCH_DIST.replace(/\/$/, "")}/`) : new URL("../dist/", import.meta.url);
+const load = (file) => import(new URL(file, dist).href);
+const { Mesh } = await load("collective/mesh.js");
+const { RingAllReduce } = await load("collective/ring.js");
+const { Authorizer } = await load("net/auth.js");
+const { ephemeralIdentity, identityFromKey } = await load("identity/identity.js");
+const { issueCredential } = await load("identity/proof.js");
+const { admitRingHello, connectLink, FrameLink, readRingHello } = await load("net/link.js");
+const { tlsServerOptions } = await load("net/tls.js");
+const { MAX_FRAME_BYTES } = await load("protocol/frames.js");
 
 const JOB = "bench-ring";
 const rank = Number(arg("rank", "0"));
@@ -67,8 +73,10 @@ for (;;) {
   const want = (world * (world + 1)) / 2;
   const correct = data[0] === want && data[elements - 1] === want;
   const start = performance.now();
+  const cpu = process.cpuUsage();
   for (let i = 0; i < iters; i++) await ring.allReduce(data, { codec });
-  say({ seconds: (performance.now() - start) / 1000, correct });
+  const used = process.cpuUsage(cpu);
+  say({ seconds: (performance.now() - start) / 1000, cpuSeconds: (used.user + used.system) / 1e6, correct });
 }
 ring.close();
 server.close();

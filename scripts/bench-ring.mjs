@@ -4,6 +4,8 @@
 // Each size runs in alternation (Nimble TLS, gloo, Nimble plain ws), `--reps` times; the
 // figures are medians. Bus bandwidth is NCCL's: 2(N-1)/N * bytes / seconds, what each link
 // carries per second. The plain-ws row is a reference only (every shipped link is TLS).
+// Each side's CPU time per all-reduce (all N processes, user + system) is reported beside
+// it: on a machine shared with other work, throughput follows the CPU share a side gets.
 //
 // Parts: `loopback` (127.0.0.1) and `shaped` (as root: one network namespace per rank,
 // prefix "nring-", each upload shaped with tc tbf to --rate-mbit, default 1000).
@@ -89,7 +91,12 @@ function group(ranks) {
     async run(elements, iters) {
       for (const r of ranks) r.send({ run: { elements, iters, codec } });
       const answers = await Promise.all(ranks.map((r) => r.next()));
-      return { seconds: Math.max(...answers.map((a) => a.seconds)) / iters, correct: answers.every((a) => a.correct) };
+      return {
+        seconds: Math.max(...answers.map((a) => a.seconds)) / iters,
+        // CPU time of all N processes per all-reduce: what a busy machine's throughput follows
+        cpuSeconds: answers.reduce((t, a) => t + a.cpuSeconds, 0) / iters,
+        correct: answers.every((a) => a.correct),
+      };
     },
     async close() {
       for (const r of ranks) r.send({ exit: true });
@@ -139,20 +146,24 @@ async function measure(part, hosts, partSizes, PY) {
     const elements = Math.floor((mib * 1024 * 1024) / 4);
     const iters = itersFor(mib);
     const runs = Object.fromEntries(Object.keys(sides).map((k) => [k, []]));
+    const cpu = Object.fromEntries(Object.keys(sides).map((k) => [k, []]));
     const loads = [];
     for (let rep = 0; rep < reps; rep++) {
       for (const [name, side] of Object.entries(sides)) {
         const r = await side.run(elements, iters);
         if (!r.correct) throw new Error(`${name} gave a wrong sum at ${mib} MiB`);
         runs[name].push(r.seconds);
+        cpu[name].push(r.cpuSeconds);
       }
       loads.push(os.loadavg()[0]);
     }
     const bytes = elements * 4;
     const busbw = (s) => ((2 * (N - 1)) / N) * (bytes / s);
     const row = { part, mib, bytes, iters, reps, load: median(loads) };
-    for (const [name, secs] of Object.entries(runs)) row[name] = { seconds: median(secs), busbw: busbw(median(secs)), runs: secs };
+    for (const [name, secs] of Object.entries(runs)) row[name] = { seconds: median(secs), busbw: busbw(median(secs)), runs: secs, cpuSeconds: median(cpu[name]) };
     row.ratio = row.nimble.busbw / row.gloo.busbw;
+    // > 1: Nimble spends less CPU than gloo on the same all-reduce
+    row.cpuRatio = row.gloo.cpuSeconds / row.nimble.cpuSeconds;
     if (part === "shaped") row.linkBytesPerS = (rateMbit * 1e6) / 8;
     rows.push(row);
     printRow(row);
@@ -166,7 +177,7 @@ function printRow(r) {
   const link = r.linkBytesPerS ? `  nimble ${((100 * r.nimble.busbw) / r.linkBytesPerS).toFixed(0)}% / gloo ${((100 * r.gloo.busbw) / r.linkBytesPerS).toFixed(0)}% of the link` : "";
   const plain = r.plain ? `  plain ws ${mb(r.plain.busbw)} MB/s` : "";
   const extra = Object.keys(variants).map((v) => `  ${v} ${mb(r[v].busbw)} MB/s`).join("");
-  console.log(`${r.part.padEnd(8)} ${String(r.mib).padStart(4)} MiB  nimble ${mb(r.nimble.busbw)} MB/s  gloo ${mb(r.gloo.busbw)} MB/s  ratio ${r.ratio.toFixed(2)}${plain}${extra}${link}  load ${r.load.toFixed(2)}`);
+  console.log(`${r.part.padEnd(8)} ${String(r.mib).padStart(4)} MiB  nimble ${mb(r.nimble.busbw)} MB/s  gloo ${mb(r.gloo.busbw)} MB/s  ratio ${r.ratio.toFixed(2)}${plain}${extra}${link}  CPU s/op nimble ${r.nimble.cpuSeconds.toFixed(3)} gloo ${r.gloo.cpuSeconds.toFixed(3)}  load ${r.load.toFixed(2)}`);
 }
 
 const PY = python();

@@ -5,7 +5,7 @@ Started once per rank by scripts/bench-ring.mjs; reads one JSON command per line
 and answers one JSON line on stdout:
   {"run": {"elements": L, "iters": K}} -> one warm-up all-reduce of L float32 values (all
       ranks hold rank + 1, so the sum is checked), then K timed ones:
-      {"seconds": total for the K, "correct": bool}
+      {"seconds": total for the K, "cpuSeconds": CPU time the process used in them, "correct": bool}
   {"exit": true} -> leaves the process group and exits.
 """
 
@@ -43,11 +43,13 @@ def main() -> None:
         want = a.world * (a.world + 1) / 2
         correct = bool(data[0].item() == want and data[-1].item() == want)
         start = time.perf_counter()
+        cpu = time.process_time()  # every thread of the process, user and system
         for _ in range(iters):
             dist.all_reduce(data)
         seconds = time.perf_counter() - start
+        cpu_seconds = time.process_time() - cpu
         del data
-        print(json.dumps({"seconds": seconds, "correct": correct}), flush=True)
+        print(json.dumps({"seconds": seconds, "cpuSeconds": cpu_seconds, "correct": correct}), flush=True)
     dist.destroy_process_group()
 
 

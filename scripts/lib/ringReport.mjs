@@ -7,14 +7,19 @@ function table(run) {
   const out = [
     `${run.date.slice(0, 10)}, N = ${run.world}, ${run.cores} cores (${run.cpu}), codec ${run.codec}; medians of alternating runs.`,
     "",
-    "| part | size | Nimble (TLS) bus bandwidth | gloo | Nimble / gloo | plain ws (reference) | TLS / plain | of the link (Nimble, gloo) | load |",
-    "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    "| part | size | Nimble (TLS) bus bandwidth | gloo | Nimble / gloo | plain ws (reference) | TLS / plain | of the link (Nimble, gloo) | CPU s per all-reduce (Nimble, gloo) | load |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
   ];
   for (const r of run.rows) {
     const plain = r.plain ? `${mb(r.plain.busbw)} MB/s` : "";
     const tlsCost = r.plain ? (r.nimble.busbw / r.plain.busbw).toFixed(2) : "";
     const link = r.linkBytesPerS ? `${((100 * r.nimble.busbw) / r.linkBytesPerS).toFixed(0)}%, ${((100 * r.gloo.busbw) / r.linkBytesPerS).toFixed(0)}%` : "";
-    out.push(`| ${r.part} | ${r.mib} MiB | ${mb(r.nimble.busbw)} MB/s | ${mb(r.gloo.busbw)} MB/s | ${r.ratio.toFixed(2)}x | ${plain} | ${tlsCost} | ${link} | ${r.load.toFixed(2)} |`);
+    out.push(`| ${r.part} | ${r.mib} MiB | ${mb(r.nimble.busbw)} MB/s | ${mb(r.gloo.busbw)} MB/s | ${r.ratio.toFixed(2)}x | ${plain} | ${tlsCost} | ${link} | ${r.nimble.cpuSeconds === undefined ? "" : `${r.nimble.cpuSeconds.toFixed(3)}, ${r.gloo.cpuSeconds.toFixed(3)}`} | ${r.load.toFixed(2)} |`);
+  }
+  // --variants rows: Nimble TLS with some environment changed, alternated with the rest
+  for (const r of run.rows) {
+    const variants = Object.entries(r).filter(([k, v]) => v && typeof v === "object" && "busbw" in v && !["nimble", "gloo", "plain"].includes(k));
+    if (variants.length) out.push("", `Variants at ${r.part} ${r.mib} MiB (same alternation): Nimble ${mb(r.nimble.busbw)} MB/s; ${variants.map(([k, v]) => `${k} ${mb(v.busbw)} MB/s (Nimble / ${k} ${(r.nimble.busbw / v.busbw).toFixed(2)})`).join("; ")}.`);
   }
   return out;
 }
@@ -30,10 +35,11 @@ export function ringMarkdown(all) {
     "",
   ];
   for (const l of labels) out.push(`## ${l}`, "", ...table(all.runs[l]), "");
+  const [from, to] = all.runs.before && all.runs.after ? ["before", "after"] : [labels[0], labels[labels.length - 1]];
   if (labels.length > 1) {
-    const first = all.runs[labels[0]];
-    const last = all.runs[labels[labels.length - 1]];
-    out.push(`## ${labels[0]} -> ${labels[labels.length - 1]}`, "", "| part | size | Nimble before | after | after / before | gloo before | gloo after |", "| --- | --- | --- | --- | --- | --- | --- |");
+    const first = all.runs[from];
+    const last = all.runs[to];
+    out.push(`## ${from} -> ${to} (separate runs: the load differed)`, "", "| part | size | Nimble before | after | after / before | gloo before | gloo after |", "| --- | --- | --- | --- | --- | --- | --- |");
     for (const r of last.rows) {
       const b = first.rows.find((x) => x.part === r.part && x.mib === r.mib);
       if (!b) continue;
