@@ -19,7 +19,7 @@ function table(run) {
   // --variants rows: Nimble TLS with some environment changed, alternated with the rest
   for (const r of run.rows) {
     const variants = Object.entries(r).filter(([k, v]) => v && typeof v === "object" && "busbw" in v && !["nimble", "gloo", "plain"].includes(k));
-    if (variants.length) out.push("", `Variants at ${r.part} ${r.mib} MiB (same alternation): Nimble ${mb(r.nimble.busbw)} MB/s; ${variants.map(([k, v]) => `${k} ${mb(v.busbw)} MB/s (Nimble / ${k} ${(r.nimble.busbw / v.busbw).toFixed(2)})`).join("; ")}.`);
+    if (variants.length) out.push("", `Variants at ${r.part} ${r.mib} MiB (same alternation): Nimble ${mb(r.nimble.busbw)} MB/s; ${variants.map(([k, v]) => `${k} ${mb(v.busbw)} MB/s (Nimble / ${k} ${(r.nimble.busbw / v.busbw).toFixed(2)}${v.cpuSeconds === undefined ? "" : `; CPU ${v.cpuSeconds.toFixed(3)} s per all-reduce against Nimble's ${r.nimble.cpuSeconds.toFixed(3)}`})`).join("; ")}.`);
   }
   return out;
 }
