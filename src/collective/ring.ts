@@ -718,9 +718,9 @@ export class RingAllReduce {
       else op.data.set(frame.data, o);
     } else {
       decodePayload(frame.codec, frame.payload, op.data.subarray(o, o + frame.count), reduce ? "add" : "set");
+      // all-gather chunks travel on as the same bytes (only the phase changes)
+      if (!reduce && frame.phase < this.phases - 1) op.forward.push({ bytes, phase: frame.phase + 1 });
     }
-    // all-gather chunks travel on as the same bytes (only the phase changes): no re-encoding
-    if (!reduce && frame.phase < this.phases - 1) op.forward.push({ bytes, phase: frame.phase + 1 });
     this.wake(op);
   }
 
@@ -769,12 +769,12 @@ export class RingAllReduce {
         const header = { phase: p, op: op.op, chunk: c, offset, count };
         let frame: Uint8Array;
         let onWritten: (() => void) | undefined;
-        if (p >= this.size) {
-          frame = this.takeForward(op, p, c, offset);
-        } else if (codec === "f32") {
+        if (codec === "f32") {
           const buf = this.framePool.take();
           frame = encodeChunkInto(buf, header, op.data.subarray(offset, offset + count));
           onWritten = () => this.framePool.give(buf);
+        } else if (p >= this.size) {
+          frame = this.takeForward(op, p, c, offset);
         } else {
           frame = newChunkFrame(header, codec);
           const values = op.data.subarray(offset, offset + count);
