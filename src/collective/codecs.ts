@@ -33,6 +33,7 @@
  */
 import { endianness } from "node:os";
 import { INT4_BLOCK, INT8_BLOCK, type WireCodec, wirePayloadBytes } from "../protocol/frames.js";
+import { simdKernels } from "./simd.js";
 
 export { INT4_BLOCK, INT8_BLOCK, type WireCodec, wirePayloadBytes } from "../protocol/frames.js";
 
@@ -314,6 +315,22 @@ export function decodePayload(codec: WireCodec, payload: Uint8Array, dst: Float3
   const count = dst.length;
   const want = wirePayloadBytes(codec, count);
   if (payload.byteLength !== want) throw new RangeError(`${codec} payload of ${count} values needs ${want} bytes, got ${payload.byteLength}`);
+  if (count === 0) return;
+  // The summation kernels: the same bits as the scalar code below, four lanes at a time.
+  if (mode === "add" && simdKernels) {
+    if (codec === "int8") return simdKernels.addInt8(dst, payload);
+    if (codec === "f32" || codec === "f16" || codec === "bf16") {
+      const done = codec === "f32" ? simdKernels.addF32(dst, payload) : simdKernels.addHalf(codec, dst, payload);
+      if (done < count) decodeScalar(codec, payload.subarray(wirePayloadBytes(codec, done)), dst.subarray(done), mode);
+      return;
+    }
+  }
+  decodeScalar(codec, payload, dst, mode);
+}
+
+/** decodePayload without the SIMD kernels (the reference they are tested against). */
+export function decodeScalar(codec: WireCodec, payload: Uint8Array, dst: Float32Array, mode: "set" | "add"): void {
+  const count = dst.length;
   if (count === 0) return;
   switch (codec) {
     case "f32": {

@@ -41,7 +41,8 @@ import {
   DEFAULT_CHUNK_BYTES,
   decodeFrame,
   encodeBlobChunk,
-  encodeChunk,
+  chunkFrameBytes,
+  encodeChunkInto,
   encodeControl,
   type Frame,
   MAX_CHUNK_BYTES,
@@ -52,6 +53,7 @@ import {
   wirePayloadBytes,
 } from "../protocol/frames.js";
 import { chunkElements, decodePayload, encodePayload } from "./codecs.js";
+import { FramePool } from "./framePool.js";
 
 export type { WireCodec } from "../protocol/frames.js";
 
@@ -327,6 +329,8 @@ export class RingAllReduce {
   private dead: Error | null = null;
   private completed = 0;
   private readonly unsubscribe: Array<() => void> = [];
+  /** f32 chunk frames are encoded into these and reused once sent */
+  private readonly framePool: FramePool;
 
   constructor(opts: RingOptions) {
     const { rank, size } = opts;
@@ -347,6 +351,7 @@ export class RingAllReduce {
     this.size = size;
     this.chunkBytes = chunkBytes;
     this.chunkElems = chunkBytes / 4;
+    this.framePool = new FramePool(chunkFrameBytes(this.chunkElems));
     this.maxBlobBytes = maxBlobBytes;
     this.phases = 2 * (size - 1);
     this.maxBufferedBytes = opts.maxBufferedBytes ?? DEFAULT_MAX_BUFFERED_BYTES;
@@ -708,13 +713,9 @@ export class RingAllReduce {
     const o = frame.offset;
     const reduce = frame.phase < this.size - 1;
     if (frame.dtype === "float32") {
-      const dst = op.data;
-      const src = frame.data;
-      if (reduce) {
-        for (let i = 0, n = src.length; i < n; i++) dst[o + i] += src[i];
-      } else {
-        dst.set(src, o);
-      }
+      // summed by the SIMD kernels (codecs.ts) straight from the received bytes
+      if (reduce) decodePayload("f32", bytes.subarray(CHUNK_HEADER_BYTES), op.data.subarray(o, o + frame.count), "add");
+      else op.data.set(frame.data, o);
     } else {
       decodePayload(frame.codec, frame.payload, op.data.subarray(o, o + frame.count), reduce ? "add" : "set");
       // all-gather chunks travel on as the same bytes (only the phase changes)
@@ -745,10 +746,10 @@ export class RingAllReduce {
     return rx.phase > phase - 1 || (rx.phase === phase - 1 && rx.chunk > chunk);
   }
 
-  private async send(op: OpState, bytes: Uint8Array): Promise<void> {
+  private async send(op: OpState, bytes: Uint8Array, onWritten?: () => void): Promise<void> {
     op.bytesSent += bytes.byteLength;
     op.frames += 1;
-    await this.next!.send(bytes);
+    await this.next!.send(bytes, onWritten);
   }
 
   private async pumpReduce(op: ReduceOp): Promise<void> {
@@ -767,8 +768,11 @@ export class RingAllReduce {
         const count = Math.min(op.chunkElems, seg.end - offset);
         const header = { phase: p, op: op.op, chunk: c, offset, count };
         let frame: Uint8Array;
+        let onWritten: (() => void) | undefined;
         if (codec === "f32") {
-          frame = encodeChunk(header, op.data.subarray(offset, offset + count));
+          const buf = this.framePool.take();
+          frame = encodeChunkInto(buf, header, op.data.subarray(offset, offset + count));
+          onWritten = () => this.framePool.give(buf);
         } else if (p >= this.size) {
           frame = this.takeForward(op, p, c, offset);
         } else {
@@ -780,7 +784,7 @@ export class RingAllReduce {
           if (p === this.size - 1) decodePayload(codec, payload, values, "set");
         }
         op.payloadBytes += frame.byteLength - CHUNK_HEADER_BYTES;
-        await this.send(op, frame);
+        await this.send(op, frame, onWritten);
         if (op.settled) return;
       }
     }

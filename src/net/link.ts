@@ -135,10 +135,12 @@ export class FrameLink {
    * Hand one frame to the socket (frames go out in call order). Resolves at once while
    * the outstanding bytes are at or below the high-water mark, else when they drain
    * back to it. Rejects on a closed link. Callers that await every send keep at most
-   * highWaterMark + one frame outstanding.
+   * highWaterMark + one frame outstanding. `onWritten` is called once the socket no longer
+   * needs `bytes` (written, or failed), so the caller may reuse the buffer.
    */
-  send(bytes: Uint8Array): Promise<void> {
+  send(bytes: Uint8Array, onWritten?: () => void): Promise<void> {
     if (this.closed) {
+      onWritten?.();
       return Promise.reject(new LinkClosedError(this.describeClosed()));
     }
     const n = bytes.byteLength;
@@ -149,6 +151,7 @@ export class FrameLink {
     const done = (err?: Error | null) => {
       this.pending -= n;
       if (err && !this.lastError) this.lastError = err;
+      onWritten?.();
       this.wakeDrainWaiters();
     };
     const throttle = this.throttle;

@@ -335,19 +335,31 @@ function writeChunkHeader(out: Uint8Array, header: ChunkHeader, codec: WireCodec
  * subarray of the buffer being reduced). The values are copied once, into the frame.
  */
 export function encodeChunk(header: ChunkHeader, data: Float32Array): Uint8Array {
+  // Every byte is written: no zero-filling (a fresh buffer past Buffer's pool, so the
+  // payload starts aligned).
+  return encodeChunkInto(Buffer.allocUnsafe(chunkFrameBytes(header.count)), header, data);
+}
+
+/**
+ * encodeChunk into `out` (at least chunkFrameBytes(header.count) bytes, e.g. a reused send
+ * buffer); returns the frame, a view of `out`'s first bytes.
+ */
+export function encodeChunkInto(out: Uint8Array, header: ChunkHeader, data: Float32Array): Uint8Array {
   const { count } = header;
   if (data.length !== count) {
     throw new Error(`chunk data has ${data.length} elements, header says ${count}`);
   }
-  const out = new Uint8Array(CHUNK_HEADER_BYTES + count * 4);
-  writeChunkHeader(out, header, "f32");
+  const bytes = chunkFrameBytes(count);
+  if (out.byteLength < bytes) throw new RangeError(`a chunk of ${count} values needs ${bytes} bytes, the buffer has ${out.byteLength}`);
+  const frame = out.byteLength === bytes ? out : out.subarray(0, bytes);
+  writeChunkHeader(frame, header, "f32");
   if (LITTLE_ENDIAN_HOST) {
-    out.set(new Uint8Array(data.buffer, data.byteOffset, count * 4), CHUNK_HEADER_BYTES);
+    frame.set(new Uint8Array(data.buffer, data.byteOffset, count * 4), CHUNK_HEADER_BYTES);
   } else {
-    const view = new DataView(out.buffer, out.byteOffset, out.byteLength);
+    const view = new DataView(frame.buffer, frame.byteOffset, frame.byteLength);
     for (let i = 0; i < count; i++) view.setFloat32(CHUNK_HEADER_BYTES + i * 4, data[i], true);
   }
-  return out;
+  return frame;
 }
 
 /**
