@@ -20,8 +20,11 @@ export interface Network {
   betaSPerByte: number;
 }
 
-/** What a member's CPU costs per message and per byte, as measured (SimCosts less the network). */
-export type SoftwareCosts = Omit<SimCosts, "alphaS" | "betaSPerByte">;
+/**
+ * What a member's CPU costs per message and per byte, as measured (SimCosts less the
+ * network), and a fixed cost per op (setting it up and settling it) added to every algorithm.
+ */
+export type SoftwareCosts = Omit<SimCosts, "alphaS" | "betaSPerByte"> & { opS?: number };
 
 export const NO_SOFTWARE_COSTS: SoftwareCosts = { sendMessageS: 0, recvMessageS: 0, sendSPerByte: 0, recvSPerByte: 0 };
 
@@ -66,19 +69,22 @@ function bestOf(simS: Record<AllReduceAlgorithm, number>): AllReduceAlgorithm {
 }
 
 function simulateAll(n: number, bytes: number, net: Network, sw: SoftwareCosts, groupSize: number, scheduleOf: ScheduleOf) {
-  const costs: SimCosts = { ...net, ...sw };
+  const { opS = 0, ...cpu } = sw;
+  const costs: SimCosts = { ...net, ...cpu };
   const simS = {} as Record<AllReduceAlgorithm, number>;
-  for (const a of ALL_REDUCE_ALGORITHMS) simS[a] = simulate(scheduleOf(a, n, bytes, a === "two_level" ? groupSize : undefined), costs).seconds;
+  for (const a of ALL_REDUCE_ALGORITHMS) simS[a] = opS + simulate(scheduleOf(a, n, bytes, a === "two_level" ? groupSize : undefined), costs).seconds;
   return simS;
 }
 
 /**
- * Why a best time is over 2x the bound: the software costs when the same cell without them is
- * within 2x (per-byte CPU when the CPU is slower per byte than the uplink, else per message);
- * otherwise latency when the bound is mostly its latency term, else bandwidth.
+ * Why a best time is over 2x the bound, from the same cell re-simulated with only the
+ * per-byte software costs, and with none: per-message CPU (per message and per op) when the
+ * per-byte costs alone stay within 2x, per-byte CPU when the bare network does; otherwise
+ * latency when the bound is mostly its latency term, else bandwidth.
  */
-export function missReason(withoutSoftwareRatio: number, net: Network, sw: SoftwareCosts, n: number, bytes: number): MissReason {
-  if (withoutSoftwareRatio <= 2) return sw.sendSPerByte + sw.recvSPerByte > net.betaSPerByte ? "per-byte CPU" : "per-message CPU";
+export function missReason(perByteOnlyRatio: number, withoutSoftwareRatio: number, net: Network, n: number, bytes: number): MissReason {
+  if (perByteOnlyRatio <= 2) return "per-message CPU";
+  if (withoutSoftwareRatio <= 2) return "per-byte CPU";
   const latency = net.alphaS * Math.ceil(Math.log2(n));
   return latency >= allReduceLowerBoundS(n, bytes, { ...net }) / 2 ? "latency" : "bandwidth";
 }
@@ -95,8 +101,9 @@ export function studyCell(n: number, bytes: number, net: Network, sw: SoftwareCo
   let ratioWithoutSoftware: number | null = null;
   if (ratio > 2) {
     const bare = simulateAll(n, bytes, net, NO_SOFTWARE_COSTS, groupSize, scheduleOf);
+    const perByte = simulateAll(n, bytes, net, { ...NO_SOFTWARE_COSTS, sendSPerByte: sw.sendSPerByte, recvSPerByte: sw.recvSPerByte }, groupSize, scheduleOf);
     ratioWithoutSoftware = bare[bestOf(bare)] / boundS;
-    miss = missReason(ratioWithoutSoftware, net, sw, n, bytes);
+    miss = missReason(perByte[bestOf(perByte)] / boundS, ratioWithoutSoftware, net, n, bytes);
   }
   return { n, bytes, simS, boundS, best, ratio, modelChoice, regret: simS[modelChoice] / simS[best], groupSize, miss, ratioWithoutSoftware };
 }

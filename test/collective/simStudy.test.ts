@@ -39,7 +39,8 @@ describe("studyCell", () => {
   });
 
   it("names per-message software costs at large n and small buffers", () => {
-    const sw = { sendMessageS: 1e-3, recvMessageS: 1e-3, sendSPerByte: 0, recvSPerByte: 0 };
+    // A CPU slower per byte than the link too, but the buffer is small: messages are what cost.
+    const sw = { sendMessageS: 1e-3, recvMessageS: 1e-3, sendSPerByte: 1e-8, recvSPerByte: 1e-8 };
     const c = studyCell(64, 1024, { alphaS: 0.001, betaSPerByte: 8 / 1e9 }, sw);
     expect(c.miss).toBe("per-message CPU");
   });
@@ -47,7 +48,9 @@ describe("studyCell", () => {
 
 describe("missReason", () => {
   it("latency or bandwidth when even the bare network misses", () => {
-    expect(missReason(3, { alphaS: 0.05, betaSPerByte: 1e-9 }, NO_SOFTWARE_COSTS, 1024, 1024)).toBe("latency");
-    expect(missReason(3, { alphaS: 1e-6, betaSPerByte: 1e-6 }, NO_SOFTWARE_COSTS, 6, 64 * MiB)).toBe("bandwidth");
+    expect(missReason(3, 3, { alphaS: 0.05, betaSPerByte: 1e-9 }, 1024, 1024)).toBe("latency");
+    expect(missReason(3, 3, { alphaS: 1e-6, betaSPerByte: 1e-6 }, 6, 64 * MiB)).toBe("bandwidth");
+    expect(missReason(1.5, 1, gbit10, 6, 64 * MiB)).toBe("per-message CPU");
+    expect(missReason(3, 1, gbit10, 6, 64 * MiB)).toBe("per-byte CPU");
   });
 });

@@ -1,0 +1,52 @@
+// bench-sim's software costs, measured with Nimble's ring on loopback (scripts/bench-ring.mjs:
+// ranks as threads, TLS 1.3 links with a hello, as providers link). Runs alternate and the
+// figures are medians:
+//   tiny buffers (a few floats) at N = 2 and 3: per op 2(N-1) hops, so the per-hop cost (one
+//     send and one receive on a member's CPU) is the difference over 2, what is left the op's;
+//   16 MiB at N = 2, beside bench-ring's transport-only reference (the same bytes, no ring): per
+//     byte, a send costs half the reference's, a receive the rest of the ring's (decode, sum).
+import { execFileSync } from "node:child_process";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { ROOT } from "./args.mjs";
+import { median } from "./stats.mjs";
+
+function benchRing(dir, args) {
+  const out = path.join(dir, "ring.json");
+  execFileSync(process.execPath, [path.join(ROOT, "scripts", "bench-ring.mjs"), ...args, "--tls", "on", "--json", out], { stdio: ["ignore", "ignore", "inherit"], timeout: 180_000 });
+  return JSON.parse(readFileSync(out, "utf8"));
+}
+
+export function measureSoftwareCosts({ repeats = 3, log = console.log } = {}) {
+  const dir = mkdtempSync(path.join(os.tmpdir(), "nimble-simcosts-"));
+  const tiny2 = [];
+  const tiny3 = [];
+  const large = [];
+  const loads = [];
+  try {
+    for (let i = 0; i < repeats; i++) {
+      loads.push(os.loadavg()[0]);
+      const tiny = benchRing(dir, ["--sizes", "2,3", "--mb", "0.0001", "--iters", "300"]);
+      tiny2.push(tiny.rows.find((r) => r.n === 2).ringSeconds);
+      tiny3.push(tiny.rows.find((r) => r.n === 3).ringSeconds);
+      const big = benchRing(dir, ["--sizes", "2", "--mb", "16", "--iters", "3"]).rows[0];
+      large.push({ ring: big.ringSeconds, ref: big.refSeconds, bytes: big.bytesPerNode });
+      log(`  loopback run ${i + 1}: tiny op N=2 ${(tiny2[i] * 1e6).toFixed(0)} us, N=3 ${(tiny3[i] * 1e6).toFixed(0)} us; 16 MiB N=2 ring ${big.ringSeconds.toFixed(3)} s, transport ${big.refSeconds.toFixed(3)} s (load ${loads[i].toFixed(1)})`);
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+  const t2 = median(tiny2);
+  const t3 = median(tiny3);
+  // Two more hops at N = 3; if noise says otherwise, charge the whole N = 2 op to its two hops.
+  const hop = t3 > t2 ? (t3 - t2) / 2 : t2 / 2;
+  const bytes = large[0].bytes;
+  const ringPerByte = Math.max(0, (median(large.map((l) => l.ring)) - t2) / bytes);
+  const transportPerByte = median(large.map((l) => l.ref)) / bytes;
+  const sendSPerByte = Math.min(transportPerByte / 2, ringPerByte / 2);
+  return {
+    software: { sendMessageS: hop / 2, recvMessageS: hop / 2, sendSPerByte, recvSPerByte: ringPerByte - sendSPerByte },
+    measured: { tiny_op_n2_s: t2, tiny_op_n3_s: t3, hop_s: hop, op_fixed_s: Math.max(0, t2 - 2 * hop), ring_s_per_byte: ringPerByte, transport_s_per_byte: transportPerByte, load: median(loads), repeats, cores: os.cpus().length },
+  };
+}
