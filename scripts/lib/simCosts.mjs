@@ -18,7 +18,9 @@ function benchRing(dir, args) {
   return JSON.parse(readFileSync(out, "utf8"));
 }
 
-export function measureSoftwareCosts({ repeats = 3, log = console.log } = {}) {
+const least = (xs) => Math.min(...xs);
+
+export function measureSoftwareCosts({ repeats = 5, log = console.log } = {}) {
   const dir = mkdtempSync(path.join(os.tmpdir(), "nimble-simcosts-"));
   const tiny2 = [];
   const tiny3 = [];
@@ -37,16 +39,21 @@ export function measureSoftwareCosts({ repeats = 3, log = console.log } = {}) {
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
-  const t2 = median(tiny2);
-  const t3 = median(tiny3);
-  // Two more hops at N = 3; if noise says otherwise, charge the whole N = 2 op to its two hops.
-  const hop = t3 > t2 ? (t3 - t2) / 2 : t2 / 2;
-  const bytes = large[0].bytes;
-  const ringPerByte = Math.max(0, (median(large.map((l) => l.ring)) - t2) / bytes);
-  const transportPerByte = median(large.map((l) => l.ref)) / bytes;
-  const sendSPerByte = Math.min(transportPerByte / 2, ringPerByte / 2);
+  const fit = (pick) => {
+    const t2 = pick(tiny2);
+    const t3 = pick(tiny3);
+    // Two more hops at N = 3; if noise says otherwise, charge the whole N = 2 op to its two hops.
+    const hop = t3 > t2 ? (t3 - t2) / 2 : t2 / 2;
+    const bytes = large[0].bytes;
+    const ringPerByte = Math.max(0, (pick(large.map((l) => l.ring)) - t2) / bytes);
+    const transportPerByte = pick(large.map((l) => l.ref)) / bytes;
+    return { tiny_op_n2_s: t2, tiny_op_n3_s: t3, hop_s: hop, op_fixed_s: Math.max(0, t2 - 2 * hop), ring_s_per_byte: ringPerByte, transport_s_per_byte: transportPerByte };
+  };
+  const m = fit(least);
+  const sendSPerByte = Math.min(m.transport_s_per_byte / 2, m.ring_s_per_byte / 2);
   return {
-    software: { sendMessageS: hop / 2, recvMessageS: hop / 2, sendSPerByte, recvSPerByte: ringPerByte - sendSPerByte },
-    measured: { tiny_op_n2_s: t2, tiny_op_n3_s: t3, hop_s: hop, op_fixed_s: Math.max(0, t2 - 2 * hop), ring_s_per_byte: ringPerByte, transport_s_per_byte: transportPerByte, load: median(loads), repeats, cores: os.cpus().length },
+    software: { sendMessageS: m.hop_s / 2, recvMessageS: m.hop_s / 2, sendSPerByte, recvSPerByte: m.ring_s_per_byte - sendSPerByte },
+    measured: { ...m, medians: fit(median), load: median(loads), repeats, cores: os.cpus().length },
+    samples: { tiny_n2_s: tiny2, tiny_n3_s: tiny3, large_n2: large },
   };
 }
