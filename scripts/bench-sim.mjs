@@ -5,36 +5,49 @@
 // ring on loopback), then checked against real ring runs among N = 2..8 network namespaces.
 //
 //   npm run bench:sim [-- --n 4,8,...] [--rtt 10,100] [--rates 20e6,...] [--sizes 1024,...]
-//                     [--costs FILE (reuse results/sim.json's costs)] [--no-validate]
+//                     [--costs FILE (the loopback runs of results/sim-costs.json again)] [--no-validate]
 //                     [--validate-n 2,3,4,6,8] [--validate-iters 3] [--out results/sim]
+//                     [--from results/sim.json (only write the report again)]
 import { readFileSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import { allReduceSchedule } from "../dist/collective/simSchedules.js";
 import { simulate } from "../dist/collective/simEngine.js";
 import { studyCell } from "../dist/collective/simStudy.js";
 import { arg, flag, list } from "./lib/args.mjs";
-import { measureSoftwareCosts } from "./lib/simCosts.mjs";
+import { costsFromSamples, measureSoftwareCosts } from "./lib/simCosts.mjs";
 import { simChartSvg, simMarkdown } from "./lib/simReport.mjs";
 import { validateRing } from "./lib/simValidate.mjs";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
-const ns = list("n", "4,6,8,12,16,32,64,100,128,256,1000,1024").map(Number);
+const ns = list("n", "4,6,8,12,16,32,64,100,128,256,1024").map(Number);
 const rtts = list("rtt", "10,100").map(Number);
 const rates = list("rates", "20e6,100e6,1e9,10e9").map(Number);
 const sizes = list("sizes", `${KiB},${64 * KiB},${MiB},${16 * MiB},${256 * MiB}`).map(Number);
 const out = arg("out", "results/sim");
 const started = Date.now();
 
+// --from FILE: only write the report again from a results file.
+if (arg("from", "")) {
+  const results = JSON.parse(readFileSync(arg("from", ""), "utf8"));
+  writeFileSync(`${out}.md`, simMarkdown(results));
+  writeFileSync(`${out}.svg`, simChartSvg(results));
+  console.log(`wrote ${out}.{md,svg} from ${arg("from", "")}`);
+  process.exit(0);
+}
+
 // 1. Software costs.
 let costs;
 const costsFile = arg("costs", "");
 if (costsFile) {
-  costs = JSON.parse(readFileSync(costsFile, "utf8")).costs;
-  console.log(`software costs from ${costsFile} (measured at load ${costs.measured.load})`);
+  const saved = JSON.parse(readFileSync(costsFile, "utf8")).costs;
+  const { load, repeats, cores } = saved.measured;
+  costs = costsFromSamples(saved.samples, { load, repeats, cores });
+  console.log(`software costs from the runs in ${costsFile} (measured at load ${load})`);
 } else {
   console.log("measuring software costs with Nimble's ring on loopback (TLS) ...");
   costs = measureSoftwareCosts();
+  writeFileSync(`${out}-costs.json`, `${JSON.stringify({ costs }, null, 1)}\n`);
 }
 const sw = { ...costs.software, opS: costs.measured.op_fixed_s };
 const us = (s) => `${(s * 1e6).toFixed(1)} us`;

@@ -201,19 +201,17 @@ export function allReduceSchedule(algorithm: AllReduceAlgorithm, n: number, byte
   const elements = Math.ceil(bytes / 4);
   const per = chunkBytes / 4;
   if (n === 1) return new Schedule(1);
-  switch (algorithm) {
-    case "ring":
-      return ringSchedule(n, elements, per);
-    case "direct":
-      return directSchedule(n, elements, per);
-    case "halving_doubling":
-      return halvingDoublingSchedule(n, elements, per);
-    case "two_level":
-      return twoLevelSchedule(n, elements, per, opts.groupSize ?? defaultGroupSize(n));
-    default:
-      throw new RangeError(`unknown all-reduce algorithm ${String(algorithm)}`);
-  }
+  const build = BUILDERS[algorithm];
+  if (!build) throw new RangeError(`unknown all-reduce algorithm ${String(algorithm)}`);
+  return build(n, elements, per, opts);
 }
+
+const BUILDERS: Record<AllReduceAlgorithm, (n: number, elements: number, per: number, opts: ScheduleOptions) => Schedule> = {
+  ring: (n, elements, per) => ringSchedule(n, elements, per),
+  direct: (n, elements, per) => directSchedule(n, elements, per),
+  halving_doubling: (n, elements, per) => halvingDoublingSchedule(n, elements, per),
+  two_level: (n, elements, per, opts) => twoLevelSchedule(n, elements, per, opts.groupSize ?? defaultGroupSize(n)),
+};
 
 function directSchedule(n: number, elements: number, per: number): Schedule {
   const s = new Schedule(n);

@@ -100,6 +100,8 @@ export function studyCell(n: number, bytes: number, net: Network, sw: SoftwareCo
   let miss: MissReason | null = null;
   let ratioWithoutSoftware: number | null = null;
   if (ratio > 2) {
+    // Every algorithm again without software costs (what the network allows), and with the
+    // per-byte costs alone (which of the software costs it is).
     const bare = simulateAll(n, bytes, net, NO_SOFTWARE_COSTS, groupSize, scheduleOf);
     const perByte = simulateAll(n, bytes, net, { ...NO_SOFTWARE_COSTS, sendSPerByte: sw.sendSPerByte, recvSPerByte: sw.recvSPerByte }, groupSize, scheduleOf);
     ratioWithoutSoftware = bare[bestOf(bare)] / boundS;

@@ -142,6 +142,7 @@ describe("allReduceSchedule", () => {
     expect(() => allReduceSchedule("two_level", 12, 1024, { groupSize: 5 })).toThrow(/divide/);
     expect(() => allReduceSchedule("ring", 4, 1024, { chunkBytes: 6 })).toThrow(/chunkBytes/);
     expect(() => allReduceSchedule("ring", 4, -4)).toThrow(/bytes/);
+    expect(() => allReduceSchedule("bogus" as never, 4, 1024)).toThrow(/unknown/);
     expect(defaultGroupSize(1024)).toBe(32);
     expect(defaultGroupSize(12)).toBe(4);
   });

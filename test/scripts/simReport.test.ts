@@ -37,7 +37,7 @@ const results = {
 describe("bench:sim report", () => {
   it("counts the cells within 2x, the model's agreement, and groups the misses by reason", () => {
     const s = summary(results);
-    expect([s.cells, s.met, s.agree]).toEqual([2, 1, 1]);
+    expect([s.cells, s.met, s.metBare, s.agree]).toEqual([2, 1, 2, 1]);
     expect(Object.keys(s.byReason)).toEqual(["per-message CPU"]);
     expect(s.worst.n).toBe(1024);
     expect(s.regret.regret).toBe(1.2);
