@@ -4,7 +4,8 @@
 //   -> {"ready":true}                         its /ring server listens on SIM_RANK.ips[rank]:port
 //   <- {"cmd":"run","latencyMs","sizes","iters"}  link the ring (frames delayed latencyMs one way,
 //                                             as `nimble provide --latency` does), one warm-up and
-//   -> {"results":[{"bytes","seconds":[...]}]}   `iters` timed all-reduces per size, then unlink
+//   -> {"results":[{"bytes","seconds":[...]}]}   `iters` timed all-reduces per size
+//   <- {"cmd":"close"}  -> {"closed":true}      unlink, once every rank has answered
 //   <- {"cmd":"exit"}
 import { createPrivateKey } from "node:crypto";
 import { readFileSync } from "node:fs";
@@ -84,17 +85,26 @@ async function run({ latencyMs, sizes, iters }) {
     if (data[0] !== expected || data[data.length - 1] !== expected) throw new Error(`rank ${rank}: wrong sum at ${bytes} bytes`);
     results.push({ bytes, seconds });
   }
-  ring.close();
-  next.close();
-  prev.close();
+  // Closed on the parent's word, once every rank has finished: a rank that closed as soon as
+  // its own last op settled would cut off a neighbour still receiving that op's last chunks.
+  open = { ring, next, prev };
   return results;
 }
+
+let open = null;
 
 const lines = createInterface({ input: process.stdin });
 for await (const line of lines) {
   const msg = JSON.parse(line);
   if (msg.cmd === "exit") break;
   if (msg.cmd === "run") say({ results: await run(msg) });
+  if (msg.cmd === "close") {
+    open?.ring.close();
+    open?.next.close();
+    open?.prev.close();
+    open = null;
+    say({ closed: true });
+  }
 }
 server.close();
 https.close();

@@ -79,6 +79,8 @@ export async function validateRing({ sizes, rttsMs, ratesBits, bytes, iters, log
           wan.shape(rateBits, wan.hosts.slice(0, n));
           ranks.forEach((r) => r.send({ cmd: "run", latencyMs: rttMs / 2, sizes: bytes, iters }));
           const answers = await Promise.all(ranks.map((r) => r.next(RUN_TIMEOUT_MS)));
+          ranks.forEach((r) => r.send({ cmd: "close" }));
+          await Promise.all(ranks.map((r) => r.next(30_000)));
           bytes.forEach((b, i) => {
             const perOp = Array.from({ length: iters }, (_, k) => Math.max(...answers.map((a) => a.results[i].seconds[k])));
             const row = { n, rtt_ms: rttMs, rate_bits: rateBits, bytes: b, measured_s: median(perOp), load: os.loadavg()[0] };
