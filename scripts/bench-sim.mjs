@@ -8,6 +8,7 @@
 //                     [--costs FILE (the loopback runs of results/sim-costs.json again)] [--no-validate]
 //                     [--validate-n 2,3,4,6,8] [--validate-iters 3] [--out results/sim]
 //                     [--from results/sim.json (only write the report again)]
+//                     [--grid-from results/sim.json (keep its grid, validate again)]
 import { readFileSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import { allReduceSchedule } from "../dist/collective/simSchedules.js";
@@ -56,8 +57,10 @@ console.log(
 );
 
 // 2. The grid. Schedules are built once per (algorithm, N, size, group) and reused across links.
-const cells = [];
-for (const n of ns) {
+// --grid-from FILE: the grid of an earlier results file (to validate again only).
+const gridFrom = arg("grid-from", "") ? JSON.parse(readFileSync(arg("grid-from", ""), "utf8")) : null;
+const cells = gridFrom ? gridFrom.cells : [];
+for (const n of gridFrom ? [] : ns) {
   for (const bytes of sizes) {
     const cache = new Map();
     const scheduleOf = (a, n_, b, g) => {
@@ -80,7 +83,7 @@ const write = (validation) => {
   const results = {
     generated: new Date().toISOString(),
     machine: { cores: os.cpus().length, cpu: os.cpus()[0]?.model ?? "cpu", load_end: os.loadavg()[0] },
-    settings: { n: ns, rtt_ms: rtts, rate_bits: rates, bytes: sizes },
+    settings: gridFrom ? gridFrom.settings : { n: ns, rtt_ms: rtts, rate_bits: rates, bytes: sizes },
     costs,
     cells,
     validation,

@@ -35,8 +35,10 @@ const say = (m) => process.stdout.write(`${JSON.stringify(m)}\n`);
 const https = createServer(await tlsServerOptions(identity));
 await new Promise((resolve) => https.listen(port, ips[rank], resolve));
 const server = new WebSocketServer({ server: https, path: "/ring", maxPayload: MAX_FRAME_BYTES, perMessageDeflate: false });
+// Connections from prev, in order: prev may link for a run before this rank has read its order.
+const incoming = [];
 let onPrev = null;
-server.on("connection", (ws) => onPrev?.(ws));
+server.on("connection", (ws) => (onPrev ? onPrev(ws) : incoming.push(ws)));
 say({ ready: true });
 
 const to = (rank + 1) % size;
@@ -60,11 +62,15 @@ async function connectNext(latencyMs) {
 
 async function run({ latencyMs, sizes, iters }) {
   const prevLink = new Promise((resolve, reject) => {
-    onPrev = (ws) =>
+    const accept = (ws) => {
+      onPrev = null;
       acceptRingPeer(ws, (hello, binding) => auth.admitRingPeer(hello, binding, { job: JOB, coordinatorKey: coordinator.key, ranks: new Set([rank]) }), 10_000, { latencyMs }).then(
         ({ link }) => resolve(link),
         reject,
       );
+    };
+    if (incoming.length) accept(incoming.shift());
+    else onPrev = accept;
   });
   const next = await connectNext(latencyMs);
   const prev = await prevLink;

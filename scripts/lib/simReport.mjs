@@ -100,6 +100,7 @@ export function simMarkdown(results) {
       "|---|---|---|---|---|---|---|---|",
       ...v.rows.map((r) => `| ${r.n} | ${r.rtt_ms} ms | ${rateName(r.rate_bits)} | ${sizeName(r.bytes)} | ${ms(r.measured_s)} | ${ms(r.simulated_s)} | ${(r.error * 100).toFixed(0)}% | ${r.load.toFixed(1)} |`),
     );
+    if (v.failed) lines.push("", `The validation stopped early: ${v.failed}.`);
     const errs = v.rows.map((r) => Math.abs(r.error)).sort((a, b) => a - b);
     if (errs.length) lines.push("", `Median absolute error ${(errs[errs.length >> 1] * 100).toFixed(0)}%, largest ${(errs[errs.length - 1] * 100).toFixed(0)}%.`);
   }

@@ -71,6 +71,7 @@ export async function validateRing({ sizes, rttsMs, ratesBits, bytes, iters, log
   writeFileSync(keysFile, JSON.stringify({ coordinator: pem(ephemeralIdentity()), ranks: Array.from({ length: maxN }, () => pem(ephemeralIdentity())) }), { mode: 0o600 });
   const children = new Set();
   const rows = [];
+  let failed = null;
   try {
     for (const n of sizes) {
       const ranks = await startRanks(wan, n, keysFile, children);
@@ -93,10 +94,14 @@ export async function validateRing({ sizes, rttsMs, ratesBits, bytes, iters, log
       await Promise.all(ranks.map((r) => new Promise((resolve) => (r.child.exitCode !== null ? resolve() : r.child.once("exit", resolve)))));
       for (const r of ranks) children.delete(r.child);
     }
+  } catch (err) {
+    // What was measured before stays.
+    failed = String(err.message ?? err);
+    log(`  validation stopped: ${failed}`);
   } finally {
     killGroups(children);
     wan.close();
     rmSync(dir, { recursive: true, force: true });
   }
-  return { skipped: null, rows };
+  return { skipped: null, failed, rows };
 }
