@@ -60,6 +60,7 @@ console.log(
 // --grid-from FILE: the grid of an earlier results file (to validate again only).
 const gridFrom = arg("grid-from", "") ? JSON.parse(readFileSync(arg("grid-from", ""), "utf8")) : null;
 const cells = gridFrom ? gridFrom.cells : [];
+let gridSeconds = gridFrom?.grid_seconds ?? null;
 for (const n of gridFrom ? [] : ns) {
   for (const bytes of sizes) {
     const cache = new Map();
@@ -75,6 +76,7 @@ for (const n of gridFrom ? [] : ns) {
       }
     }
   }
+  gridSeconds = (Date.now() - started) / 1000;
   const mine = cells.filter((c) => c.n === n);
   console.log(`  N=${n}: best within 2x of the bound in ${mine.filter((c) => c.ratio <= 2).length}/${mine.length} cells (${((Date.now() - started) / 1000).toFixed(0)} s)`);
 }
@@ -88,6 +90,7 @@ const write = (validation) => {
     cells,
     validation,
     seconds: (Date.now() - started) / 1000,
+    grid_seconds: gridSeconds,
   };
   writeFileSync(`${out}.json`, `${JSON.stringify(results, null, 1)}\n`);
   writeFileSync(`${out}.md`, simMarkdown(results));
