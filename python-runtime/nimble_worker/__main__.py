@@ -76,6 +76,11 @@ class Worker:
                 self.link.send(*reply)
 
     def init(self, h: dict) -> None:
+        # A warm spare was started before its job: the job's own variables arrive here.
+        env = h.get("env") or {}
+        if not isinstance(env, dict):
+            raise LinkError(f"init: bad env {env!r}")
+        os.environ.update({str(k): str(v) for k, v in env.items()})
         apply_limits(h.get("limits"), str(h.get("device") or "cpu"))
         torch.set_num_threads(max(1, int(h.get("threads") or 1)))
         cfg = JobConfig.from_dict(h["config"])
@@ -231,6 +236,9 @@ def _error(link: Link, message: str, where: str, kind: str, **extra) -> None:
 def main() -> int:
     link = Link(socket.socket(fileno=3))
     worker = Worker(link)
+    if os.environ.get("NIMBLE_ANNOUNCE_START") == "1":
+        # torch is imported: the provider learns that this worker (maybe a warm spare) is ready for `init`.
+        link.send({"op": "started"})
     try:
         worker.serve()
     except Stop:

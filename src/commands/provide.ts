@@ -39,6 +39,8 @@ export interface ProvideCommandOptions {
   linkRate?: number;
   latency?: number;
   managed?: boolean;
+  /** commander's --no-warm: false keeps no worker started ahead of the next job. */
+  warm?: boolean;
   /** commander's --no-profile: false skips measuring (or loading) this host's profile. */
   profile?: boolean;
   json?: boolean;
@@ -106,6 +108,7 @@ async function providerOptions(options: ProvideCommandOptions, onEvent: (event: 
     linkRate: options.linkRate ?? (typeof testing.link_rate === "string" ? parseRate(testing.link_rate) : testing.link_rate),
     latencyMs: options.latency ?? testing.latency_ms,
     profile,
+    warm: options.warm !== false && file.warm !== false,
     onEvent,
   };
 }
