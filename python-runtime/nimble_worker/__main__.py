@@ -233,9 +233,21 @@ def _error(link: Link, message: str, where: str, kind: str, **extra) -> None:
         print(f"nimble_worker: {kind} error at {where}: {message}", file=sys.stderr, flush=True)
 
 
+def warm_up() -> None:
+    """What every job's start would otherwise wait for, done before `init` (a warm spare does
+    it before its job comes): torch.optim's first optimizer imports torch._dynamo (over a
+    second here), and the first backward starts autograd. No random numbers are drawn."""
+    w = torch.zeros(4, requires_grad=True)
+    for make in (torch.optim.SGD, torch.optim.Adam):
+        opt = make([w], lr=0.1)
+        (w * 2).sum().backward()
+        opt.step()
+
+
 def main() -> int:
     link = Link(socket.socket(fileno=3))
     worker = Worker(link)
+    warm_up()
     if os.environ.get("NIMBLE_ANNOUNCE_START") == "1":
         # torch is imported: the provider learns that this worker (maybe a warm spare) is ready for `init`.
         link.send({"op": "started"})

@@ -5,7 +5,7 @@ import os from "node:os";
 import path from "node:path";
 import { UserError, errorMessage } from "../../errors.js";
 import type { PipelineSpec, ToProvider } from "../../protocol/messages.js";
-import { resolvePython, type PythonEnv } from "../../runtime/python.js";
+import { probeHost, resolvePython, type PythonEnv } from "../../runtime/python.js";
 import { lockRequirements, type RequirementsLock } from "../../runtime/requirements.js";
 import type { TrainEvent, WorkerRow } from "../events.js";
 import { startLocalProviders } from "../localProviders.js";
@@ -130,6 +130,8 @@ export class Providers {
     }
     const count = this.opts.local ?? config.local_workers;
     const python = await this.#python();
+    // One probe here (a managed environment's marker holds none) instead of one per local provider.
+    const probe = python.probe ?? (await probeHost(python.python));
     this.clock?.mark("python");
     this.events.status(`Starting ${count} local provider${count === 1 ? "" : "s"} (python ${python.pythonVersion}, torch ${python.torchVersion})`);
     const local = await startLocalProviders({
@@ -137,6 +139,7 @@ export class Providers {
       identity: this.identity,
       sandbox: this.opts.sandbox !== false,
       python: python.python,
+      probe,
       threads: Math.max(1, Math.floor(os.cpus().length / count)),
       env,
       onLog: (source, line) => this.events.report({ type: "log", source, line }),

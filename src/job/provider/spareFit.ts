@@ -39,6 +39,9 @@ export function canUseSpare(spare: (WorkerSetup & { alive: boolean }) | null, jo
   if (job.sandbox !== spare.sandbox) return { use: false, why: `the job is ${describe(job.sandbox)}, the warm worker ${describe(spare.sandbox)}` };
   const missing = job.readOnly.filter((d) => !spare.readOnly.includes(d));
   if (missing.length > 0) return { use: false, why: `the job needs ${missing.join(", ")} bound read-only, which the warm worker's sandbox lacks` };
+  // Nor may the job see more than a cold start would show it.
+  const extra = spare.readOnly.filter((d) => !job.readOnly.includes(d));
+  if (extra.length > 0) return { use: false, why: `the warm worker's sandbox also binds ${extra.join(", ")}, which this job's would not` };
   if (job.device !== spare.device || !sameSet(job.devices, spare.devices)) return { use: false, why: `the job's worker runs on ${job.device}, the warm worker on ${spare.device}` };
   const limit = (Object.keys(job.limits) as (keyof WorkerLimits)[]).find((k) => job.limits[k] !== spare.limits[k]);
   if (limit) return { use: false, why: `the job's ${limit} is ${job.limits[limit]}, the warm worker's ${spare.limits[limit]}` };
