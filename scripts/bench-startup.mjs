@@ -5,9 +5,11 @@
 //         up: with warm spares, until each says its warm worker is ready), the job's
 //         config naming them. Each warm run leaves them to start fresh spares for the next.
 // Prints medians, where the time went (from the events as they arrive, and from
-// summary.json's `startup` where the CLI writes one) and the load average.
+// summary.json's `startup` where the CLI writes one) and the load average. With
+// --base-cli, a reference build (e.g. the commit before warm spares, built elsewhere) runs
+// the same two modes in the same alternation, each with its own providers.
 //
-//   npm run build && node scripts/bench-startup.mjs [--runs 3] [--label after] [--cli dist/cli.js] [--json FILE]
+//   npm run build && node scripts/bench-startup.mjs [--runs 3] [--base-cli /path/to/old/dist/cli.js]
 import { spawn } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import os from "node:os";
@@ -18,9 +20,8 @@ import { arg, CLI, ROOT } from "./lib/args.mjs";
 import { killGroups, median } from "./lib/stats.mjs";
 
 const runs = Number(arg("runs", "3"));
-const label = arg("label", "after");
-const cli = path.resolve(arg("cli", CLI));
-const jsonOut = arg("json", path.join(ROOT, "results", `startup-${label}.json`));
+const variants = [{ label: "now", cli: path.resolve(arg("cli", CLI)) }, ...(arg("base-cli", "") ? [{ label: "before", cli: path.resolve(arg("base-cli", "")) }] : [])];
+const jsonOut = arg("json", path.join(ROOT, "results", "startup.json"));
 const python = arg("python", process.env.NIMBLE_PYTHON ?? "");
 const WORKERS = 3;
 const SETTLE_MS = 8000; // without warm spares: time for providers to finish starting
@@ -40,7 +41,7 @@ const base = {
   output: path.join(tmp, "runs"),
 };
 
-function start(args, onLine) {
+function start(cli, args, onLine) {
   const child = spawn(process.execPath, [cli, ...args], { stdio: ["ignore", "pipe", "pipe"], detached: true });
   children.add(child);
   createInterface({ input: child.stdout }).on("line", (l) => onLine(l, "stdout"));
@@ -51,14 +52,14 @@ function start(args, onLine) {
 const pythonArgs = python ? ["--python", python] : [];
 
 /** One `nimble train`: seconds to each milestone, from the events as they arrive. */
-function train(config) {
+function train(cli, config) {
   return new Promise((resolve, reject) => {
     const t0 = performance.now();
     const at = {};
     const mark = (name) => (at[name] ??= (performance.now() - t0) / 1000);
     let runDir = null;
     const tail = [];
-    const child = start(["train", config, "--json", "--key", key, ...pythonArgs], (line, stream) => {
+    const child = start(cli, ["train", config, "--json", "--key", key, ...pythonArgs], (line, stream) => {
       if (stream === "stderr") return void (tail.push(line), tail.length > 20 && tail.shift());
       let e;
       try {
@@ -91,10 +92,10 @@ function train(config) {
 }
 
 /** WORKERS `nimble provide` processes in key mode admitting `key`; resolves when each is warm (or settled). */
-async function startProviders() {
+async function startProviders(cli) {
   const identity = await new Promise((resolve) => {
     let out = "";
-    const c = start(["id", "--key", key, "--json"], (l) => (out += l));
+    const c = start(cli, ["id", "--key", key, "--json"], (l) => (out += l));
     c.once("exit", () => resolve(JSON.parse(out)));
   });
   const started = performance.now();
@@ -102,7 +103,7 @@ async function startProviders() {
     Array.from({ length: WORKERS }, () => new Promise((resolve, reject) => {
       let listening = null;
       let warm = false;
-      const child = start(["provide", "--host", "127.0.0.1", "--port", "0", "--json", "--no-profile", "--key", key, "--allow", identity.key, "--threads", "1", ...pythonArgs], (line) => {
+      const child = start(cli, ["provide", "--host", "127.0.0.1", "--port", "0", "--json", "--no-profile", "--key", key, "--allow", identity.key, "--threads", "1", ...pythonArgs], (line) => {
         let e;
         try {
           e = JSON.parse(line);
@@ -141,24 +142,29 @@ function waitForSpares(providers) {
 
 const loads = [];
 const load = () => loads.push(os.loadavg()[0]);
-const rows = { cold: [], warm: [] };
 try {
-  const cold = path.join(tmp, "cold.yaml");
-  writeFileSync(cold, stringify({ name: "startup-cold", ...base, local_workers: WORKERS }));
-  const { providers, ready_s } = await startProviders();
-  console.log(`${WORKERS} providers up (${providers.every((p) => p.warm) ? "warm workers ready" : "no warm workers"}) after ${ready_s.toFixed(1)} s`);
-  const warm = path.join(tmp, "warm.yaml");
-  writeFileSync(warm, stringify({ name: "startup-warm", ...base, providers: providers.map((p) => ({ address: p.address, key: p.key })) }));
+  for (const v of variants) {
+    v.rows = { cold: [], warm: [] };
+    v.coldConfig = path.join(tmp, `cold-${v.label}.yaml`);
+    writeFileSync(v.coldConfig, stringify({ name: `startup-cold-${v.label}`, ...base, local_workers: WORKERS }));
+    const { providers, ready_s } = await startProviders(v.cli);
+    v.providers = providers;
+    console.log(`${v.label}: ${WORKERS} providers up (${providers.every((p) => p.warm) ? "warm workers ready" : "no warm workers"}) after ${ready_s.toFixed(1)} s`);
+    v.warmConfig = path.join(tmp, `warm-${v.label}.yaml`);
+    writeFileSync(v.warmConfig, stringify({ name: `startup-warm-${v.label}`, ...base, providers: providers.map((p) => ({ address: p.address, key: p.key })) }));
+  }
   for (let i = 0; i < runs; i++) {
-    load();
-    const c = await train(cold);
-    rows.cold.push(c);
-    console.log(`cold ${i + 1}: first step ${c.first_step_s.toFixed(2)} s`);
-    load();
-    const w = await train(warm);
-    rows.warm.push(w);
-    console.log(`warm ${i + 1}: first step ${w.first_step_s.toFixed(2)} s${w.startup ? ` (${w.startup.workers.filter((x) => x.warm).length} of ${w.startup.workers.length} workers warm)` : ""}`);
-    await waitForSpares(providers);
+    for (const v of variants) {
+      load();
+      const c = await train(v.cli, v.coldConfig);
+      v.rows.cold.push(c);
+      console.log(`${v.label} cold ${i + 1}: first step ${c.first_step_s.toFixed(2)} s`);
+      load();
+      const w = await train(v.cli, v.warmConfig);
+      v.rows.warm.push(w);
+      console.log(`${v.label} warm ${i + 1}: first step ${w.first_step_s.toFixed(2)} s${w.startup ? ` (${w.startup.workers.filter((x) => x.warm).length} of ${w.startup.workers.length} workers warm)` : ""}`);
+      await waitForSpares(v.providers);
+    }
   }
 } finally {
   killGroups(children);
@@ -181,16 +187,42 @@ function summarize(list) {
 }
 
 const result = {
-  label,
-  cli,
   runs,
   workers: WORKERS,
   machine: `${os.cpus().length} cores, ${os.cpus()[0]?.model ?? "?"}`,
   load_avg_1m: { min: Math.min(...loads), max: Math.max(...loads), median: median(loads) },
-  cold: summarize(rows.cold),
-  warm: summarize(rows.warm),
+  ...Object.fromEntries(variants.map((v) => [v.label, { cli: v.cli, cold: summarize(v.rows.cold), warm: summarize(v.rows.warm) }])),
 };
-result.warm_over_cold = result.warm.first_step_s / result.cold.first_step_s;
 writeFileSync(jsonOut, `${JSON.stringify(result, null, 2)}\n`);
-console.log(JSON.stringify({ cold: result.cold.first_step_s, warm: result.warm.first_step_s, load: result.load_avg_1m }, null, 0));
+writeFileSync(jsonOut.replace(/\.json$/, ".md"), markdown(result));
+console.log(markdown(result));
 console.log(`wrote ${jsonOut}`);
+
+function markdown(r) {
+  const f = (x) => (x === null || x === undefined ? "-" : x.toFixed(2));
+  const rows = variants.flatMap((v) => ["cold", "warm"].map((mode) => ({ name: `${v.label}, ${mode}`, s: r[v.label][mode] })));
+  const now = r.now;
+  const lines = [
+    `# Start-up: \`nimble train\` to the first completed step (MNIST example, ${WORKERS} local providers)`,
+    "",
+    `${r.runs} alternating runs per row, medians; ${r.machine}; load average (1 min) ${r.load_avg_1m.min.toFixed(1)}-${r.load_avg_1m.max.toFixed(1)}, median ${r.load_avg_1m.median.toFixed(1)}.`,
+    "cold: `nimble train` starts its own local providers; warm: providers already running (`nimble provide`, warm workers ready where the build has them).",
+    "",
+    "| run | first step (s) | runs (s) | providers up | connected | workers ready | workers warm |",
+    "| --- | ---: | --- | ---: | ---: | ---: | --- |",
+    ...rows.map(({ name, s }) => `| ${name} | ${f(s.first_step_s)} | ${s.runs.map(f).join(", ")} | ${f(s.milestones_s.providers_up)} | ${f(s.milestones_s.connected)} | ${f(s.milestones_s.workers_ready)} | ${s.warm_workers.map((n) => (n === null ? "-" : `${n}/${WORKERS}`)).join(", ")} |`),
+    "",
+    `Ratios: warm / cold ${f(now.warm.first_step_s / now.cold.first_step_s)}${r.before ? `; now / before: cold ${f(now.cold.first_step_s / r.before.cold.first_step_s)}, warm ${f(now.warm.first_step_s / r.before.warm.first_step_s)}` : ""}.`,
+    "",
+    "Where the time went (summary.json `startup`, medians, s):",
+    "",
+    "| run | config | python | local providers | connect | workers | ring | sync | first step | a worker's torch import | a worker's load |",
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ...["cold", "warm"].map((mode) => {
+      const p = now[mode].phases_s;
+      return `| now, ${mode} | ${["config", "python", "local_providers", "connect", "workers", "ring", "sync", "first_step"].map((k) => f(p[k])).join(" | ")} | ${f(now[mode].worker_import_s)} | ${f(now[mode].worker_load_s)} |`;
+    }),
+    "",
+  ];
+  return lines.join("\n");
+}
