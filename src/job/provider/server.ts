@@ -73,7 +73,7 @@ export class Provider {
     this.auth = new Authorizer(opts.identity, { token: this.token, allow });
     // The testing aids' pacing and latency, for every link of this host.
     this.linkOptions = linkPacing(opts.linkRate, opts.latencyMs);
-    this.spares = opts.warm === false ? null : new Spares(opts, opts.devices.map((d) => d.id), (line, level) => this.log(line, level), (e) => opts.onEvent(e));
+    this.spares = opts.warm ? new Spares(opts, opts.devices.map((d) => d.id), (line, level) => this.log(line, level), (e) => opts.onEvent(e)) : null;
   }
 
   async start(): Promise<{ url: string; port: number }> {

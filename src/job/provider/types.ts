@@ -124,7 +124,7 @@ export interface ProviderOptions {
   jobRequirements?: boolean;
   /** This host's measured profile, advertised to coordinators. */
   profile?: ProviderProfile;
-  /** Keep a worker per device started, torch imported, for the next job (default true; --no-warm). */
+  /** Keep a worker per device started, torch imported, for the next job (`nimble provide` does unless --no-warm; default false). */
   warm?: boolean;
   /**
    * Testing and benchmarking aid: pace everything this host uploads (ring frames, bench
