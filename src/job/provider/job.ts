@@ -1,4 +1,4 @@
-import { cp, mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
+import { mkdir, rm, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import type { WebSocket } from "ws";
@@ -14,7 +14,7 @@ import { cleanText, MAX_PEER_TEXT } from "../../protocol/text.js";
 import type { LogLevel, ToCoordinator, ToProvider } from "../../protocol/messages.js";
 import { parseFromWorker, type FromWorker } from "../../protocol/workerOps.js";
 import type { WorkerProcess, WorkerExit } from "../../runtime/worker.js";
-import { launchWorker, workerSetup, type Spares } from "./spares.js";
+import { handOffLine, jobFolder, launchWorker, workerSetup, type Spares } from "./spares.js";
 import { SpeedAid } from "./aids/speed.js";
 import { probeLinks } from "./probe.js";
 import { MirrorStore } from "./mirrors.js";
@@ -149,13 +149,7 @@ export class ProviderJob {
   async start(): Promise<void> {
     await this.#speed.start();
     const claim = this.spares?.claim(this.ranks, (device) => ({ ...this.#setup(device, false), requirements: this.spec.requirements?.hash ?? null })) ?? null;
-    this.#dir = claim?.dir ?? (await mkdtemp(path.join(os.tmpdir(), "nimble-job-")));
-    this.#packageDir = this.prepared.packageDir;
-    if (claim?.dir && this.#packageDir) {
-      // A warm worker's sandbox cannot gain a bind: the package is copied into its job folder instead.
-      await cp(this.#packageDir, path.join(this.#dir, "package"), { recursive: true });
-      this.#packageDir = path.join(this.#dir, "package");
-    }
+    ({ dir: this.#dir, packageDir: this.#packageDir } = await jobFolder(claim, this.prepared.packageDir));
     // Not in the worker's cwd (the first entry of its sys.path): a task named torch.py or
     // json.py must not shadow the module of that name.
     if (this.#packageDir) {
@@ -167,11 +161,9 @@ export class ProviderJob {
     }
     this.#threads = this.opts.threads ?? this.spec.threads ?? Math.max(1, Math.floor(os.cpus().length / this.ranks.length));
     for (const local of this.ranks) {
-      const warm = claim?.workers.get(local.rank);
-      const cold = claim?.cold.get(local.rank);
-      if (warm) this.log(`rank ${local.rank}: using the warm worker (pid ${warm.pid}${warm.startedAt === null ? ", still importing torch" : ""})`);
-      else if (cold) this.log(`rank ${local.rank}: starting its worker cold: ${cold}`);
-      this.#spawn(local, warm);
+      const line = claim && handOffLine(claim, local.rank);
+      if (line) this.log(line);
+      this.#spawn(local, claim?.workers.get(local.rank));
     }
     this.mesh.start();
     this.groups.start();

@@ -7,7 +7,7 @@
  * what is job-specific (variables, threads, seeds, the task's import) comes with `init`.
  * A job that needs anything else bound or installed starts its workers cold (canUseSpare).
  */
-import { mkdtemp, rm } from "node:fs/promises";
+import { cp, mkdtemp, rm } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { errorMessage } from "../../errors.js";
@@ -66,6 +66,27 @@ export interface Claim {
   dir: string | null;
   workers: Map<number, WorkerProcess>;
   cold: Map<number, string>;
+}
+
+/**
+ * The job's folder and its package's folder as its workers see them: the spares' folder,
+ * with the package copied in (a running sandbox cannot gain a bind), when one was taken;
+ * else a new folder, and the package where the cache keeps it (bound read-only).
+ */
+export async function jobFolder(claim: Claim | null, packageDir: string | undefined): Promise<{ dir: string; packageDir: string | undefined }> {
+  if (!claim?.dir) return { dir: await mkdtemp(path.join(os.tmpdir(), "nimble-job-")), packageDir };
+  if (!packageDir) return { dir: claim.dir, packageDir };
+  const copy = path.join(claim.dir, "package");
+  await cp(packageDir, copy, { recursive: true });
+  return { dir: claim.dir, packageDir: copy };
+}
+
+/** The line that says how rank `rank`'s worker starts: the warm one, or cold and why. */
+export function handOffLine(claim: Claim, rank: number): string | null {
+  const warm = claim.workers.get(rank);
+  if (warm) return `rank ${rank}: using the warm worker (pid ${warm.pid}${warm.startedAt === null ? ", still importing torch" : ""})`;
+  const why = claim.cold.get(rank);
+  return why ? `rank ${rank}: starting its worker cold: ${why}` : null;
 }
 
 export class Spares {
