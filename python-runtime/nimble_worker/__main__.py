@@ -247,11 +247,11 @@ def warm_up() -> None:
 def main() -> int:
     link = Link(socket.socket(fileno=3))
     worker = Worker(link)
-    warm_up()
-    if os.environ.get("NIMBLE_ANNOUNCE_START") == "1":
-        # torch is imported: the provider learns that this worker (maybe a warm spare) is ready for `init`.
-        link.send({"op": "started"})
     try:
+        warm_up()
+        if os.environ.get("NIMBLE_ANNOUNCE_START") == "1":
+            # torch is imported: the provider learns that this worker (maybe a warm spare) is ready for `init`.
+            link.send({"op": "started"})
         worker.serve()
     except Stop:
         return 0
