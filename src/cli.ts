@@ -1,14 +1,17 @@
 #!/usr/bin/env node
 import { Command, InvalidArgumentError, Option } from "commander";
-import { benchCommand } from "./commands/bench.js";
-import { envCommand } from "./commands/env.js";
-import { idCommand } from "./commands/id.js";
-import { initCommand } from "./commands/init.js";
-import { reportCommand } from "./commands/report.js";
-import { exportCommand, runsCommand, runsShowCommand } from "./commands/runs.js";
-import { provideCommand } from "./commands/provide.js";
-import { trainCommand } from "./commands/train.js";
 import { UserError } from "./errors.js";
+// Commands load when run: `nimble train` does not wait for the live views or the report's modules of the others.
+const commands = {
+  train: () => import("./commands/train.js"),
+  provide: () => import("./commands/provide.js"),
+  bench: () => import("./commands/bench.js"),
+  runs: () => import("./commands/runs.js"),
+  report: () => import("./commands/report.js"),
+  init: () => import("./commands/init.js"),
+  id: () => import("./commands/id.js"),
+  env: () => import("./commands/env.js"),
+};
 import { MAX_JOB_HOURS } from "./job/provider/settings.js";
 import { parseRate } from "./net/rateLimit.js";
 import { parseSize } from "./runtime/limits.js";
@@ -81,7 +84,7 @@ program
   .option("--json", "print one JSON event per line instead of the live view")
   .option("-q, --quiet", "no live view: only warnings, errors and the final summary (train.log keeps everything)")
   .option("-v, --verbose", "also every step and detail such as rebalanced shares")
-  .action((config: string | undefined, opts) => trainCommand(config, opts));
+  .action(async (config: string | undefined, opts) => (await commands.train()).trainCommand(config, opts));
 
 program
   .command("provide")
@@ -94,6 +97,7 @@ program
   .option("--threads <n>", "torch threads per worker", positiveInt)
   .option("--max-micro-batch <n>", "largest micro-batch a worker runs at once (larger shares accumulate)", positiveInt)
   .option("--no-profile", "do not measure or advertise this host's profile")
+  .option("--no-warm", "keep no worker started (torch imported) ahead of the next job; each job starts its workers cold")
   .option("--json", "print one JSON event per line")
   .option("-q, --quiet", "only the listening block, jobs starting and ending, warnings and errors; no live view")
   .option("-v, --verbose", "also every stats update and debug lines (connections, ring links)")
@@ -115,7 +119,7 @@ program
   // Set by `nimble train` for the local providers it starts: they ignore Ctrl-C (the
   // coordinator stops them after its last checkpoint) and exit if it dies.
   .addOption(new Option("--managed", "run as a local provider of the parent nimble train").hideHelp())
-  .action((opts) => provideCommand(opts));
+  .action(async (opts) => (await commands.provide()).provideCommand(opts));
 
 program
   .command("bench")
@@ -130,14 +134,14 @@ program
   .option("--quick", "short measurements (less accurate)")
   .option("--max-memory <size>", "with a config that has parallel: each worker's memory limit the stage plan assumes, e.g. 8GB (as provide's --max-memory; default none)", size)
   .option("--json", "print JSON")
-  .action((config: string | undefined, opts) => benchCommand(config, opts));
+  .action(async (config: string | undefined, opts) => (await commands.bench()).benchCommand(config, opts));
 
 const runs = program
   .command("runs")
   .description("list past runs in the output folder with their key figures")
   .option("--output <dir>", "folder the runs are in (the config's `output`; default runs)")
   .option("--json", "print JSON")
-  .action((opts) => runsCommand(opts));
+  .action(async (opts) => (await commands.runs()).runsCommand(opts));
 
 runs
   .command("show")
@@ -147,7 +151,7 @@ runs
   .option("--json", "print JSON")
   // `runs --output X show RUN` and `runs show RUN --output X` both work: commander gives
   // options after the subcommand name to whichever command defines them first.
-  .action((run: string, opts) => runsShowCommand(run, { ...runs.opts(), ...Object.fromEntries(Object.entries(opts).filter(([, v]) => v !== undefined)) }));
+  .action(async (run: string, opts) => (await commands.runs()).runsShowCommand(run, { ...runs.opts(), ...Object.fromEntries(Object.entries(opts).filter(([, v]) => v !== undefined)) }));
 
 program
   .command("export")
@@ -156,7 +160,7 @@ program
   .requiredOption("--to <dir>", "folder to write them in (made if missing; not over an earlier export)")
   .option("--output <dir>", "folder the runs are in (the config's `output`; default runs)")
   .option("--json", "print JSON")
-  .action((run: string, opts) => exportCommand(run, opts));
+  .action(async (run: string, opts) => (await commands.runs()).exportCommand(run, opts));
 
 program
   .command("report")
@@ -166,20 +170,20 @@ program
   .option("--screenshot <png>", "also render the report to a full-page PNG with headless Chromium")
   .option("--output <dir>", "folder the runs are in (the config's `output`; default runs)")
   .option("--json", "print one JSON object: {report, screenshot?, data}")
-  .action((run: string, opts) => reportCommand(run, opts));
+  .action(async (run: string, opts) => (await commands.report()).reportCommand(run, opts));
 
 program
   .command("init")
   .description("write a commented job config and a task skeleton that trains as it is")
   .argument("[dir]", "folder to write them in (made if missing)", ".")
-  .action((dir: string) => initCommand(dir));
+  .action(async (dir: string) => (await commands.init()).initCommand(dir));
 
 program
   .command("id")
   .description("print your identity key (made on first use): give it to providers' owners for --allow")
   .option("--key <file>", "another key file (made if missing)")
   .option("--json", "print JSON")
-  .action((opts) => idCommand(opts));
+  .action(async (opts) => (await commands.id()).idCommand(opts));
 
 program
   .command("env")
@@ -187,7 +191,7 @@ program
   .option("--python <path>", "check this interpreter instead")
   .option("--torch <requirement>", "torch requirement for the managed environment")
   .option("--json", "print JSON")
-  .action((opts) => envCommand(opts));
+  .action(async (opts) => (await commands.env()).envCommand(opts));
 
 /** The one place errors become exit codes: user errors print their hint, anything else its stack. */
 program.parseAsync(process.argv).then(

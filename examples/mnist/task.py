@@ -44,14 +44,25 @@ def find_package(name, args, key):
 _cache = {}
 
 
+def read_digits(path):
+    """One digit's images, flat. numpy parses the JSON array of 784,000 numbers in C: several
+    times faster than json.load and torch.tensor, which every worker's start waited on."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        import numpy as np
+    except ImportError:  # torch does not require numpy
+        return torch.tensor(json.loads(text)["data"], dtype=torch.float32)
+    start = text.index("[", text.index('"data"'))
+    return torch.from_numpy(np.fromstring(text[start + 1:text.index("]", start)], dtype=np.float32, sep=","))
+
+
 def load_all(args):
     root = find_package("mnist", args, "mnist_dir")
     if root not in _cache:
         xs, ys = [], []
         for digit in range(10):
-            with open(os.path.join(root, "src", "digits", f"{digit}.json")) as f:
-                data = torch.tensor(json.load(f)["data"], dtype=torch.float32)
-            data = data.view(-1, 1, 28, 28)
+            data = read_digits(os.path.join(root, "src", "digits", f"{digit}.json")).view(-1, 1, 28, 28)
             xs.append(data)
             ys.append(torch.full((len(data),), digit, dtype=torch.int64))
         x, y = torch.cat(xs), torch.cat(ys)

@@ -79,6 +79,11 @@ class Worker:
                 self.link.send(*reply)
 
     def init(self, h: dict) -> None:
+        # A warm spare was started before its job: the job's own variables arrive here.
+        env = h.get("env") or {}
+        if not isinstance(env, dict):
+            raise LinkError(f"init: bad env {env!r}")
+        os.environ.update({str(k): str(v) for k, v in env.items()})
         apply_limits(h.get("limits"), str(h.get("device") or "cpu"))
         torch.set_num_threads(max(1, int(h.get("threads") or 1)))
         cfg = JobConfig.from_dict(h["config"])
@@ -239,10 +244,25 @@ def _error(link: Link, message: str, where: str, kind: str, **extra) -> None:
         print(f"nimble_worker: {kind} error at {where}: {message}", file=sys.stderr, flush=True)
 
 
+def warm_up() -> None:
+    """What every job's start would otherwise wait for, done before `init` (a warm spare does
+    it before its job comes): torch.optim's first optimizer imports torch._dynamo (over a
+    second here), and the first backward starts autograd. No random numbers are drawn."""
+    w = torch.zeros(4, requires_grad=True)
+    for make in (torch.optim.SGD, torch.optim.Adam):
+        opt = make([w], lr=0.1)
+        (w * 2).sum().backward()
+        opt.step()
+
+
 def main() -> int:
     link = Link(socket.socket(fileno=3))
     worker = Worker(link)
     try:
+        warm_up()
+        if os.environ.get("NIMBLE_ANNOUNCE_START") == "1":
+            # torch is imported: the provider learns that this worker (maybe a warm spare) is ready for `init`.
+            link.send({"op": "started"})
         worker.serve()
     except Stop:
         return 0

@@ -4,9 +4,9 @@ import { allowedKeys } from "../identity/allowList.js";
 import { defaultKeyFile, loadIdentity } from "../identity/identity.js";
 import { parseRate } from "../net/rateLimit.js";
 import { loadOrMeasureProfile } from "../runtime/profile.js";
-import { probeHost, resolvePython } from "../runtime/python.js";
+import { probeFromEnv, probeHost, resolvePython } from "../runtime/python.js";
 import { cgroupSupport } from "../runtime/limits.js";
-import { detectSandbox, pythonPrefixes } from "../runtime/sandbox.js";
+import { detectSandbox, pythonPrefixes, type SandboxSupport } from "../runtime/sandbox.js";
 import { createProvideReporter } from "../ui/provideReporter.js";
 import { verbosityFromFlags } from "../ui/reporter.js";
 
@@ -39,6 +39,8 @@ export interface ProvideCommandOptions {
   linkRate?: number;
   latency?: number;
   managed?: boolean;
+  /** commander's --no-warm: false keeps no worker started ahead of the next job. */
+  warm?: boolean;
   /** commander's --no-profile: false skips measuring (or loading) this host's profile. */
   profile?: boolean;
   json?: boolean;
@@ -68,21 +70,29 @@ export async function provideCommand(options: ProvideCommandOptions): Promise<vo
 async function providerOptions(options: ProvideCommandOptions, onEvent: (event: ProviderEvent) => void, log: (line: string, level?: LogLevel) => void): Promise<ProviderOptions> {
   const file: ProviderConfigFile = options.config ? await loadProviderConfig(options.config) : {};
   const testing = file.testing ?? {};
-  const python = await resolvePython({ python: options.python ?? file.python, torchSpec: options.torch ?? file.torch, onProgress: (line) => log(line) });
+  // Independent checks run side by side: the interpreter's probe (a torch import) is the long one.
+  const sandboxWanted = options.sandbox !== false && file.sandbox !== false;
+  const sandbox = sandboxWanted ? settledLater(detectSandbox()) : null;
+  const identityP = settledLater(loadIdentity(options.key ?? file.key ?? defaultKeyFile(), { create: true }));
+  const limits = workerLimits(options.maxMemory ?? file.max_memory, options.maxProcesses ?? file.max_processes);
+  const cgroupsP = settledLater(cgroupSupport(limits));
+  // A local provider's `nimble train` probed this interpreter a moment ago and hands the probe down.
+  const known = options.managed ? probeFromEnv() : undefined;
+  const python = await resolvePython({ python: options.python ?? file.python, torchSpec: options.torch ?? file.torch, onProgress: (line) => log(line), known });
+  const confinementP = settledLater(confinement(sandboxWanted, sandbox, python.python, log));
   const { devices: all } = python.probe ?? (await probeHost(python.python));
   const devices = chooseDevices(all, options.devices ?? file.devices);
   const profile =
     options.profile === false || file.profile === false
       ? undefined
       : (await loadOrMeasureProfile({ python: python.python, torch: python.torchVersion, devices, onProgress: (line) => log(line) })).profile;
-  const identity = await loadIdentity(options.key ?? file.key ?? defaultKeyFile(), { create: true });
+  const identity = await identityP;
   const allow = await allowedKeys([...(options.allow ?? file.allow ?? [])], [...(options.allowFile ?? file.allow_file ?? [])]);
   const tokenFile = options.tokenFile ?? file.token_file;
   const token = options.token ?? (tokenFile ? await readTokenFile(tokenFile) : process.env.NIMBLE_TOKEN);
   if (options.token) log("--token is visible to every user of this host in the process list; prefer --token-file or NIMBLE_TOKEN", "warn");
   if (allow.length > 0 && token) log("--allow is given: coordinators are admitted by key only, and the token is not used", "warn");
-  const limits = workerLimits(options.maxMemory ?? file.max_memory, options.maxProcesses ?? file.max_processes);
-  const cgroups = await cgroupSupport(limits);
+  const cgroups = await cgroupsP;
   if (!cgroups.includes("pids") && process.getuid?.() === 0) {
     log("running as root without a writable pids cgroup: a job's processes are not bounded (RLIMIT_NPROC does not bind root); run the provider as an unprivileged user", "warn");
   }
@@ -96,7 +106,7 @@ async function providerOptions(options: ProvideCommandOptions, onEvent: (event: 
     python,
     devices,
     threads: options.threads ?? file.threads,
-    confinement: await confinement(options.sandbox !== false && file.sandbox !== false, python.python, log),
+    confinement: await confinementP,
     limits,
     maxJobHours: options.maxJobHours ?? file.max_job_hours,
     jobRequirements: options.jobRequirements !== false && file.job_requirements !== false,
@@ -106,17 +116,24 @@ async function providerOptions(options: ProvideCommandOptions, onEvent: (event: 
     linkRate: options.linkRate ?? (typeof testing.link_rate === "string" ? parseRate(testing.link_rate) : testing.link_rate),
     latencyMs: options.latency ?? testing.latency_ms,
     profile,
+    warm: options.warm !== false && file.warm !== false,
     onEvent,
   };
 }
 
+/** A promise awaited later: its failure is thrown there, not reported meanwhile as unhandled. */
+function settledLater<T>(p: Promise<T>): Promise<T> {
+  p.catch(() => {});
+  return p;
+}
+
 /** Confine workers under bubblewrap, or say loudly that they are not. */
-async function confinement(wanted: boolean, python: string, log: (line: string, level?: LogLevel) => void): Promise<ProviderOptions["confinement"]> {
-  if (!wanted) {
+async function confinement(wanted: boolean, detected: Promise<SandboxSupport> | null, python: string, log: (line: string, level?: LogLevel) => void): Promise<ProviderOptions["confinement"]> {
+  if (!wanted || !detected) {
     log("--no-sandbox: jobs run UNCONFINED, with every right of the user running this provider (its files, its network, its processes)", "warn");
     return { kind: "none" };
   }
-  const support = await detectSandbox();
+  const support = await detected;
   if (support.kind === "none") {
     log(`cannot confine jobs: ${support.reason}; every job will be refused (install bubblewrap, or start with --no-sandbox to run them unconfined)`, "warn");
     return { kind: "unavailable", reason: support.reason! };

@@ -60,7 +60,7 @@ export async function trainCommand(configArg: string | undefined, options: Train
   }
   const verbosity = verbosityFromFlags(options);
   // The terminal shows what the flags ask for; train.log in the run directory keeps everything.
-  const reporter = new TeeReporter(createReporter({ json: Boolean(options.json), name: loaded.config.name, verbosity }), new RunLogReporter());
+  const reporter = new TeeReporter(await createReporter({ json: Boolean(options.json), name: loaded.config.name, verbosity }), new RunLogReporter());
   const controller = new AbortController();
   // First Ctrl-C cancels cleanly (providers stop their workers, the summary is written);
   // a second one exits at once.

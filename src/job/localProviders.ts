@@ -3,6 +3,7 @@ import { UserError } from "../errors.js";
 import { forEachLine } from "../runtime/lines.js";
 import { CLI_PATH } from "../runtime/paths.js";
 import type { Identity } from "../identity/identity.js";
+import type { HostProbe } from "../runtime/python.js";
 
 export interface LocalProvider {
   address: string;
@@ -18,6 +19,8 @@ export interface LocalProviderOptions {
   /** false: their jobs run unconfined (--no-sandbox, loudly warned by each). */
   sandbox?: boolean;
   python: string;
+  /** The coordinator's probe of `python`: handed down, so that each provider does not import torch again to learn it. */
+  probe?: HostProbe;
   /** torch threads per worker, so N local workers share this host's cores instead of fighting. */
   threads: number;
   onLog: (source: string, line: string) => void;
@@ -42,7 +45,7 @@ export async function startLocalProviders(opts: LocalProviderOptions): Promise<{
         "--python", opts.python, "--threads", String(opts.threads),
         ...(opts.sandbox === false ? ["--no-sandbox"] : []),
       ],
-      { env: { ...opts.env, NIMBLE_PYTHON: opts.python }, buffer: false, reject: false, stdin: "ignore", cleanup: true },
+      { env: { ...opts.env, NIMBLE_PYTHON: opts.python, ...(opts.probe ? { NIMBLE_HOST_PROBE: JSON.stringify(opts.probe) } : {}) }, buffer: false, reject: false, stdin: "ignore", cleanup: true },
     );
     return { child, label: `provider ${i}` };
   });

@@ -12,11 +12,8 @@
  */
 import { webcrypto } from "node:crypto";
 import type { TLSSocket } from "node:tls";
-import * as x509 from "@peculiar/x509";
 import type WebSocket from "ws";
 import { keyString, type Identity } from "../identity/identity.js";
-
-x509.cryptoProvider.set(webcrypto as unknown as Crypto);
 
 export interface TlsCredentials {
   key: string;
@@ -38,6 +35,9 @@ export function tlsCredentials(identity: Identity): Promise<TlsCredentials> {
 }
 
 async function makeCertificate(identity: Identity): Promise<TlsCredentials> {
+  // Loaded here, by the servers that make a certificate: a coordinator only checks one (seconds saved on a busy host).
+  const x509 = await import("@peculiar/x509");
+  x509.cryptoProvider.set(webcrypto as unknown as Crypto);
   const subtle = webcrypto.subtle;
   const keys = {
     privateKey: await subtle.importKey("pkcs8", identity.privateKey.export({ format: "der", type: "pkcs8" }), ED25519, false, ["sign"]),

@@ -81,6 +81,10 @@ export const workerInfoSchema = z.object({
 });
 export type WorkerInfo = z.infer<typeof workerInfoSchema>;
 
+/** How a worker started: a provider's warm spare or cold; seconds its job waited for torch's import, then for init (task, data, model). */
+export const workerStartupSchema = z.object({ warm: z.boolean(), import_s: z.number().finite().nonnegative().max(1e6), load_s: z.number().finite().nonnegative().max(1e6) });
+export type WorkerStartup = z.infer<typeof workerStartupSchema>;
+
 /** Validation metrics by name (an `eval_done` report's sums). */
 export const metricsSchema = z.record(z.string().max(128), finite);
 
@@ -242,7 +246,7 @@ export const toCoordinatorSchema = z.discriminatedUnion("t", [
   z.object({ t: z.literal("reject"), reason: z.string().max(1000) }),
   /** The job's task package is not in this provider's cache: send it (package_chunk). */
   z.object({ t: z.literal("package_needed"), hash: z.string().regex(/^[0-9a-f]{64}$/) }),
-  z.object({ t: z.literal("ready"), rank: count, info: workerInfoSchema }),
+  z.object({ t: z.literal("ready"), rank: count, info: workerInfoSchema, startup: workerStartupSchema.optional() }),
   /** This rank is linked into the ring of `epoch` (and its worker loaded). */
   z.object({ t: z.literal("ring_ready"), rank: count, epoch: count }),
   /** This rank's ring (of `epoch`) broke: a neighbour was lost or a link cut. It waits for `abort`. */

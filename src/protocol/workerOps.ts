@@ -73,6 +73,8 @@ export const sharedOrders = {
       .optional(),
     /** Pipeline parallelism: the stage this worker holds, of `stages`, and where each stage's layers start (null: the task's build_stages). */
     pipeline: z.object({ stage: count, stages: z.number().int().min(1), bounds: z.array(count).max(4097).nullable() }).optional(),
+    /** The job's variables (NIMBLE_RANK, ...), set before the task loads: a warm spare was started without them. */
+    env: z.record(z.string().regex(/^[A-Z_][A-Z0-9_]{0,63}$/), z.string().max(4096)).optional(),
   }),
   /** Rank `source` contributes its parameters to one all-reduce, the others zeros. */
   sync: z.object({ op: z.literal("sync"), source: count.optional() }),

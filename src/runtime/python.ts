@@ -29,6 +29,8 @@ export interface ResolvePythonOptions {
   env?: NodeJS.ProcessEnv;
   /** Called with each line of progress while a managed environment is being made. */
   onProgress?: (line: string) => void;
+  /** What a probe of the explicit interpreter found already (a local provider's parent probed it): not probed again. */
+  known?: HostProbe;
 }
 
 const hostProbeSchema = z.object({ python: z.string(), torch: z.string(), devices: z.array(deviceSchema.passthrough()).min(1) });
@@ -61,8 +63,23 @@ export async function probeHost(python: string): Promise<HostProbe> {
       "Point --python (or NIMBLE_PYTHON) at an interpreter that has torch installed, or leave both unset to let nimble make its own environment.",
     );
   }
+  return hostProbe(parsed);
+}
+
+/** The fields of a probe that nimble uses (the probe may print more). */
+function hostProbe(parsed: z.infer<typeof hostProbeSchema>): HostProbe {
   const devices = parsed.devices.map((d) => ({ id: d.id, kind: d.kind, name: d.name, memory_bytes: d.memory_bytes, cores: d.cores }));
   return { python: parsed.python, torch: parsed.torch, devices };
+}
+
+/** A probe handed down in $NIMBLE_HOST_PROBE (by `nimble train` to its local providers), or undefined when absent or malformed. */
+export function probeFromEnv(env: NodeJS.ProcessEnv = process.env): HostProbe | undefined {
+  if (!env.NIMBLE_HOST_PROBE) return undefined;
+  try {
+    return hostProbe(hostProbeSchema.parse(JSON.parse(env.NIMBLE_HOST_PROBE)));
+  } catch {
+    return undefined; // probed again: the provider's own check
+  }
 }
 
 /** The managed environment's folder: one per torch requirement, so changing it makes a new one. */
@@ -90,7 +107,7 @@ export async function resolvePython(opts: ResolvePythonOptions = {}): Promise<Py
   const env = opts.env ?? process.env;
   const explicit = opts.python ?? env.NIMBLE_PYTHON;
   if (explicit) {
-    const info = await probeHost(explicit);
+    const info = opts.known ?? (await probeHost(explicit));
     return { python: explicit, pythonVersion: info.python, torchVersion: info.torch, source: opts.python ? "option" : "env", probe: info };
   }
   const torchSpec = opts.torchSpec ?? env.NIMBLE_TORCH ?? DEFAULT_TORCH_SPEC;

@@ -6,7 +6,7 @@ import { ProtocolError, errorMessage } from "../errors.js";
 import type { ToWorker } from "../protocol/workerOps.js";
 import { makeWorkerCgroup, memoryFault, watchMemory, type WorkerCgroup, type WorkerLimits } from "./limits.js";
 import { forEachLine } from "./lines.js";
-import { PACKAGE_ROOT, PYTHON_RUNTIME_DIR } from "./paths.js";
+import { PACKAGE_ROOT, PYTHON_RUNTIME_DIR, packageReadOnly } from "./paths.js";
 import { bwrapArgs, type SandboxSupport } from "./sandbox.js";
 import { encodeWorkerFrame, WorkerFrameDecoder, type WorkerMessage } from "./workerLink.js";
 
@@ -41,6 +41,8 @@ function workerEnv(extra: Record<string, string> = {}): Record<string, string> {
     // 67 MB model here): trimmed past 1 MiB, a worker's resident memory is what it holds,
     // which --max-memory and the pipeline's stage sizes rely on (same speed, measured).
     MALLOC_TRIM_THRESHOLD_: String(1024 * 1024),
+    // Ask for a `started` message once torch is imported (a warm spare's readiness; start-up timing).
+    NIMBLE_ANNOUNCE_START: "1",
     ...extra,
   };
 }
@@ -51,7 +53,7 @@ function workerCommand(opts: WorkerStartOptions, cgroup: WorkerCgroup | null): {
   let command = [opts.python, "-u", "-m", "nimble_worker"];
   let outerEnv = env;
   if (opts.sandbox) {
-    const plan = { readOnly: [...opts.sandbox.readOnly, PYTHON_RUNTIME_DIR, PACKAGE_ROOT], jobDir: opts.cwd, env, devices: opts.sandbox.devices };
+    const plan = { readOnly: [...opts.sandbox.readOnly, ...packageReadOnly()], jobDir: opts.cwd, env, devices: opts.sandbox.devices };
     command = [opts.sandbox.support.bwrap!, ...bwrapArgs(plan, command)];
     outerEnv = { PATH: env.PATH!, LANG: env.LANG! };
   }
@@ -95,7 +97,7 @@ export interface WorkerExit {
  * socket pair; stdout/stderr are log lines. The worker leads its own process group so that
  * kill() takes down anything it started too.
  */
-export class WorkerProcess extends EventEmitter<{ message: [WorkerMessage]; exit: [WorkerExit]; error: [Error] }> {
+export class WorkerProcess extends EventEmitter<{ message: [WorkerMessage]; started: []; exit: [WorkerExit]; error: [Error] }> {
   private readonly child: ReturnType<typeof startWorkerProcess>;
   private readonly link: Socket;
   private readonly decoder = new WorkerFrameDecoder();
@@ -104,9 +106,17 @@ export class WorkerProcess extends EventEmitter<{ message: [WorkerMessage]; exit
   exited: WorkerExit | null = null;
   /** What enforces this worker's limits beyond its own rlimits (for the owner's view). */
   readonly enforcedBy: string[];
+  readonly spawnedAt = performance.now();
+  /** Prefix of its log lines, and where they go: a warm spare's change when its job takes it. */
+  label: string;
+  onLog: (line: string) => void;
+  /** performance.now() when it said `started` (torch imported, waiting for `init`); null before. */
+  startedAt: number | null = null;
 
   constructor(opts: WorkerStartOptions) {
     super();
+    this.label = opts.label;
+    this.onLog = opts.onLog;
     const cgroup = opts.limits && opts.cgroup ? makeWorkerCgroup(opts.cgroup, opts.limits) : null;
     this.enforcedBy = cgroup ? cgroup.enforces.map((c) => `${c} cgroup`) : [];
     this.child = startWorkerProcess(opts, cgroup);
@@ -120,7 +130,7 @@ export class WorkerProcess extends EventEmitter<{ message: [WorkerMessage]; exit
             this.kill();
           })
         : () => {};
-    for (const stream of [this.child.stdout, this.child.stderr]) forEachLine(stream, (line) => opts.onLog(`[${opts.label}] ${line}`));
+    for (const stream of [this.child.stdout, this.child.stderr]) forEachLine(stream, (line) => this.onLog(`[${this.label}] ${line}`));
     this.link.on("data", (chunk: Buffer) => {
       let messages: WorkerMessage[];
       try {
@@ -130,7 +140,13 @@ export class WorkerProcess extends EventEmitter<{ message: [WorkerMessage]; exit
         this.kill();
         return;
       }
-      for (const m of messages) this.emit("message", m);
+      for (const m of messages) {
+        // `started` is this process's own lifecycle (sent once, before init): not the job's.
+        if (m.header.op === "started" && this.startedAt === null) {
+          this.startedAt = performance.now();
+          this.emit("started");
+        } else this.emit("message", m);
+      }
     });
     this.link.on("error", () => {
       // The worker went away; the exit handler reports it.

@@ -109,6 +109,8 @@ export class ProvidePlainReporter implements ProvideReporter {
           this.line(formatStatsLine(e));
         }
         return;
+      case "spare":
+        return; // its lines come as log events
       case "log":
         if (e.level === "warn" || e.level === "error") this.line(`${e.level}: ${e.line}`);
         else if (e.level === "info" ? !quiet : verbose) this.line(e.line);

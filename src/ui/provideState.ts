@@ -126,6 +126,8 @@ export function reduceProvide(s: ProvideViewState, e: ProviderEvent, now: number
   switch (e.type) {
     case "listening":
       return { ...s, url: e.url, token: e.token, fingerprint: e.fingerprint, allowed: e.allow?.length ?? null, limits: e.limits, devices: e.devices, profile: e.profile ?? null, listeningAt: now };
+    case "spare":
+      return s; // its lines come as log events
     case "log":
       return { ...s, lines: pushLine(s.lines, e.level === "warn" || e.level === "error" ? `${e.level}: ${e.line}` : e.line) };
     case "job":

@@ -3,7 +3,6 @@ import { UserError } from "../errors.js";
 import type { Reporter } from "../job/events.js";
 import { JsonReporter } from "./json.js";
 import { PlainReporter, type Verbosity } from "./plain.js";
-import { InkReporter } from "./TrainView.js";
 
 /** What decides between JSON lines, a live view and plain lines (`nimble train` and `nimble provide`). */
 export interface ReporterKindOptions {
@@ -46,13 +45,16 @@ export function reporterKind(options: ReporterKindOptions): ReporterKind {
   return stream.isTTY === true && !isCI(env) ? "ink" : "plain";
 }
 
-export function createReporter(options: CreateReporterOptions): Reporter {
+export async function createReporter(options: CreateReporterOptions): Promise<Reporter> {
   const stream = options.stream ?? process.stdout;
   switch (reporterKind(options)) {
     case "json":
       return new JsonReporter({ out: stream });
-    case "ink":
+    case "ink": {
+      // ink and react load only for the live view: --json and plain output start without them.
+      const { InkReporter } = await import("./TrainView.js");
       return new InkReporter({ stdout: stream, name: options.name, runDir: options.runDir, verbose: options.verbosity === "verbose" });
+    }
     case "plain":
       // The command prints the error itself (once, with its hint, on stderr).
       return new PlainReporter({ out: stream, verbosity: options.verbosity, errors: false });

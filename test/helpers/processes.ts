@@ -59,25 +59,25 @@ export async function startProvider(
   token: string,
   extra: string[] = [],
   opts: { profile?: boolean; env?: NodeJS.ProcessEnv } = {},
-): Promise<{ address: string; key: string; child: ResultPromise }> {
+): Promise<{ address: string; key: string; child: ResultPromise; listening: Record<string, unknown> }> {
   // Measuring the host's profile takes seconds; only the tests about profiles ask for it.
   const profile = opts.profile ? [] : ["--no-profile"];
   const child = nimble(["provide", "--host", "127.0.0.1", "--port", "0", "--token", token, "--python", python, "--json", "--threads", "1", ...profile, ...extra], {
     buffer: false,
     ...(opts.env ? { env: opts.env } : {}),
   });
-  const { address, key } = await new Promise<{ address: string; key: string }>((resolve, reject) => {
+  const { address, key, listening } = await new Promise<{ address: string; key: string; listening: Record<string, unknown> }>((resolve, reject) => {
     forEachLine(child.stdout, (line) => {
       try {
         const event = JSON.parse(line);
-        if (event.type === "listening") resolve({ address: event.url, key: event.key });
+        if (event.type === "listening") resolve({ address: event.url, key: event.key, listening: event });
       } catch {
         // not an event line
       }
     });
     void child.then((r) => reject(new Error(`provider exited early with code ${r.exitCode}`)));
   });
-  return { address, key, child };
+  return { address, key, child, listening };
 }
 
 export { execa };

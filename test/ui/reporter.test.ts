@@ -11,18 +11,18 @@ function stream(isTTY: boolean): NodeJS.WriteStream {
 }
 
 describe("createReporter", () => {
-  it("uses JSON lines for --json, whatever the stream", () => {
-    expect(createReporter({ json: true, stream: stream(true), env: {} })).toBeInstanceOf(JsonReporter);
-    expect(createReporter({ json: true, stream: stream(false), env: { CI: "true" } })).toBeInstanceOf(JsonReporter);
+  it("uses JSON lines for --json, whatever the stream", async () => {
+    expect(await createReporter({ json: true, stream: stream(true), env: {} })).toBeInstanceOf(JsonReporter);
+    expect(await createReporter({ json: true, stream: stream(false), env: { CI: "true" } })).toBeInstanceOf(JsonReporter);
   });
 
-  it("uses plain lines when the stream is not a TTY", () => {
-    expect(createReporter({ json: false, stream: stream(false), env: {} })).toBeInstanceOf(PlainReporter);
+  it("uses plain lines when the stream is not a TTY", async () => {
+    expect(await createReporter({ json: false, stream: stream(false), env: {} })).toBeInstanceOf(PlainReporter);
   });
 
-  it("uses plain lines when CI is set, even on a TTY", () => {
-    expect(createReporter({ json: false, stream: stream(true), env: { CI: "true" } })).toBeInstanceOf(PlainReporter);
-    expect(createReporter({ json: false, stream: stream(true), env: { CI: "1" } })).toBeInstanceOf(PlainReporter);
+  it("uses plain lines when CI is set, even on a TTY", async () => {
+    expect(await createReporter({ json: false, stream: stream(true), env: { CI: "true" } })).toBeInstanceOf(PlainReporter);
+    expect(await createReporter({ json: false, stream: stream(true), env: { CI: "1" } })).toBeInstanceOf(PlainReporter);
   });
 
   it("picks ink on a TTY outside CI", () => {
@@ -31,11 +31,11 @@ describe("createReporter", () => {
     expect(isCI({ CI: "" })).toBe(false);
   });
 
-  it("writes plain lines to the given stream", () => {
+  it("writes plain lines to the given stream", async () => {
     const s = stream(false);
     const chunks: string[] = [];
     (s as unknown as PassThrough).on("data", (c: Buffer) => chunks.push(c.toString()));
-    const r = createReporter({ json: false, stream: s, env: {} });
+    const r = await createReporter({ json: false, stream: s, env: {} });
     r.handle({ type: "status", message: "hello" });
     r.close();
     return new Promise<void>((resolve) =>

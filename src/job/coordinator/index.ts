@@ -90,6 +90,7 @@ class Job {
   async train(): Promise<{ runDir: string; summary: TrainSummary }> {
     // A pipeline's layers are profiled first: a task that cannot be split fails before any provider starts.
     const profiled = this.config.parallel && !this.opts.resume ? await profilePipeline(this.#partsBeforeStart(), this.opts.loaded, this.#workersExpected()) : null;
+    this.providers.clock = this.tally.startup;
     await this.providers.connect();
     this.membership = new Membership(this.providers.ranks.map((r) => r.rank));
     // Planned before the run folder exists, so a plan that cannot fit leaves none behind (a resumed run keeps its checkpoint's).
@@ -109,6 +110,7 @@ class Job {
     if (checkpoint) await restore(run, checkpoint, (this.opts.loaded.overridden ? this.opts.loaded.text : undefined));
     else if (pipeline) for (const r of this.providers.ranks) r.row.state = "training";
     else await syncWeights(run);
+    this.tally.startup.mark("sync");
     const mayLeaveOut = this.config.balance === "measured" && this.config.leave_out_slow && this.providers.clients.length > 1;
     if (mayLeaveOut) await probeLinks(run);
     this.#enter("training");

@@ -50,8 +50,12 @@ export async function startWorkers(run: Run): Promise<MessageOf<"ready">["info"]
   const linked = run.exchanges.expect("ring_ready", "the first ring", members, READY_TIMEOUT_MS + RING_TIMEOUT_MS, (m) => m.epoch === 0);
   run.status(`Starting ${providers.ranks.length} worker${providers.ranks.length === 1 ? "" : "s"}; run directory ${run.dir.dir}`);
   await providers.startJob();
-  const info = (await ready).get(0)!.info;
+  const readies = await ready;
+  run.tally.startup.mark("workers");
+  run.tally.startup.workers([...readies].flatMap(([rank, m]) => (m.startup ? [{ rank, ...m.startup }] : [])));
+  const info = readies.get(0)!.info;
   await linked;
+  run.tally.startup.mark("ring");
   // Under pipeline a worker holds its stage only: the whole model is the profile's.
   const plan = run.tally.pipeline?.plan as { model?: string } | undefined;
   const model = plan?.model ? `${plan.model} in ${run.config.parallel!.pipeline_stages} stages` : info.model;

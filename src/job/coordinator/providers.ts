@@ -5,7 +5,7 @@ import os from "node:os";
 import path from "node:path";
 import { UserError, errorMessage } from "../../errors.js";
 import type { PipelineSpec, ToProvider } from "../../protocol/messages.js";
-import { resolvePython, type PythonEnv } from "../../runtime/python.js";
+import { probeHost, resolvePython, type PythonEnv } from "../../runtime/python.js";
 import { lockRequirements, type RequirementsLock } from "../../runtime/requirements.js";
 import type { TrainEvent, WorkerRow } from "../events.js";
 import { startLocalProviders } from "../localProviders.js";
@@ -14,6 +14,7 @@ import { loadIdentity, type Identity } from "../../identity/identity.js";
 import { issueCredential } from "../../identity/proof.js";
 import { ProviderClient, ringUrl, type ProviderCredentials } from "../providerClient.js";
 import type { Incoming } from "./answers.js";
+import type { StartupClock } from "./startup.js";
 import type { TrainOptions } from "./index.js";
 
 /** How often providers that are away are tried again, and how long one try may take. */
@@ -87,6 +88,7 @@ export class Providers {
     this.#identity = await loadIdentity(this.opts.keyFile, { create: true });
     await this.package(); // a task folder that cannot be packaged fails here, before any provider starts
     await this.requirements(); // and requirements that do not resolve
+    this.clock?.mark("config");
     const targets = await this.#targets();
     this.events.status(`Connecting to ${targets.length} provider${targets.length === 1 ? "" : "s"} as ${this.identity.fingerprint}`);
     const settled = await Promise.allSettled(targets.map((t) => ProviderClient.connect(t.address, this.#credentials(t))));
@@ -105,6 +107,7 @@ export class Providers {
     if (refused) throw (refused as PromiseRejectedResult).reason;
     if (this.clients.length === 0) throw new UserError("None of the providers is reachable", "Start `nimble provide` on at least one of them.");
     for (const client of this.clients) this.#addRanks(client);
+    this.clock?.mark("connect");
     this.events.report({ type: "workers", workers: this.rows() });
     for (const client of this.clients) this.#attach(client);
   }
@@ -127,17 +130,22 @@ export class Providers {
     }
     const count = this.opts.local ?? config.local_workers;
     const python = await this.#python();
+    // One probe here (a managed environment's marker holds none) instead of one per local provider.
+    const probe = python.probe ?? (await probeHost(python.python));
+    this.clock?.mark("python");
     this.events.status(`Starting ${count} local provider${count === 1 ? "" : "s"} (python ${python.pythonVersion}, torch ${python.torchVersion})`);
     const local = await startLocalProviders({
       count,
       identity: this.identity,
       sandbox: this.opts.sandbox !== false,
       python: python.python,
+      probe,
       threads: Math.max(1, Math.floor(os.cpus().length / count)),
       env,
       onLog: (source, line) => this.events.report({ type: "log", source, line }),
     });
     this.#cleanups.push(local.stop);
+    this.clock?.mark("local_providers");
     // They run as this user, with this user's key, and admit only it (key mode).
     return local.providers.map((p) => ({ address: p.address, key: this.identity.key, optional: false }));
   }
@@ -205,6 +213,9 @@ export class Providers {
     this.#package ??= buildPackage(loaded.taskPath, loaded.config.package_limit_mb * 2 ** 20);
     return this.#package;
   }
+
+  /** Where start-up time goes (the run's tally's). */
+  clock: StartupClock | null = null;
 
   /** Pipeline parallelism: what providers are told of the stages (null: no pipeline). */
   pipeline: PipelineSpec | null = null;

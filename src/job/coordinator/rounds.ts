@@ -1,3 +1,4 @@
+import { startupLine } from "./startup.js";
 import { errorMessage, UserError } from "../../errors.js";
 import type { DilocoResult } from "../../strategy/diloco.js";
 import type { SyncPlan, SyncResult } from "../../strategy/sync.js";
@@ -234,6 +235,7 @@ function fold(run: Run, plan: SyncPlan, reports: ReadonlyMap<number, RoundReport
 function recordRound(run: Run, result: SyncResult): void {
   const { providers, tally } = run;
   tally.recordStep(result);
+  if (!tally.startup.summary) run.status(startupLine(tally.startup.finish()));
   if ("stages" in result) tally.recordPipelineStep(result as PipelineResult);
   const diloco = dilocoFigures(result);
   if (diloco) tally.recordRound(diloco, result.bytesSent);

@@ -4,6 +4,7 @@ import type { PipelineResult, StageFigures } from "../../strategy/pipeline.js";
 import type { StepMetrics } from "../runDir.js";
 import type { DilocoFigures } from "../events.js";
 import type { Fault } from "./errors.js";
+import { StartupClock, type StartupSummary } from "./startup.js";
 
 export interface PipelineSummary {
   config: NonNullable<JobConfig["parallel"]>;
@@ -71,6 +72,8 @@ export interface TrainSummary {
   workers: { id: string; rank: number; provider: string; device: string; samples: number; share: number }[];
   run_dir: string;
   started_at: string;
+  /** Where the time to the first completed step went (absent when no step completed). */
+  startup?: StartupSummary;
 }
 
 type FaultEntry = TrainSummary["faults"][number];
@@ -98,6 +101,7 @@ export class Tally {
   readonly faults: FaultEntry[] = [];
   readonly stepsRedone: number[] = [];
   readonly links: TrainSummary["links"] = [];
+  readonly startup = new StartupClock();
   /** Faults whose recovery time (to the next completed step) is still open. */
   #unrecovered: { entry: FaultEntry; at: number }[] = [];
   /** The last steps' samples and seconds, for the samples/s the live view shows. */
@@ -295,6 +299,7 @@ export class Tally {
       workers: workers.map((w) => ({ ...w, share: this.samplesDone > 0 ? w.samples / this.samplesDone : 0 })),
       run_dir: runDir,
       started_at: this.startedAt,
+      ...(this.startup.summary ? { startup: this.startup.summary } : {}),
     };
   }
 }

@@ -1,4 +1,4 @@
-import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
+import { mkdir, rm, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import type { WebSocket } from "ws";
@@ -6,8 +6,6 @@ import { GroupMeshes, type GroupSpec } from "../../collective/groups.js";
 import { Mesh } from "../../collective/mesh.js";
 import { errorMessage } from "../../errors.js";
 import type { Authorizer, RingJob } from "../../net/auth.js";
-import { DEFAULT_LIMITS } from "../../runtime/limits.js";
-import { gpuDeviceNodes } from "../../runtime/sandbox.js";
 import { watchHeartbeat } from "../../net/heartbeat.js";
 import { limitMessages, WarningLimiter } from "../../net/bounds.js";
 import { admitRingHello, type ArrivedHello, type FrameLink, type LinkOptions } from "../../net/link.js";
@@ -15,7 +13,8 @@ import { MAX_FRAME_BYTES } from "../../protocol/frames.js";
 import { cleanText, MAX_PEER_TEXT } from "../../protocol/text.js";
 import type { LogLevel, ToCoordinator, ToProvider } from "../../protocol/messages.js";
 import { parseFromWorker, type FromWorker } from "../../protocol/workerOps.js";
-import { WorkerProcess, type WorkerExit } from "../../runtime/worker.js";
+import type { WorkerProcess, WorkerExit } from "../../runtime/worker.js";
+import { handOffLine, jobFolder, launchWorker, workerSetup, type Spares } from "./spares.js";
 import { SpeedAid } from "./aids/speed.js";
 import { probeLinks } from "./probe.js";
 import { MirrorStore } from "./mirrors.js";
@@ -48,6 +47,8 @@ export class ProviderJob {
   readonly #stopControlHeartbeat: () => void;
   #dir = "";
   #taskPath = "";
+  /** The task package's folder as the workers see it (in the job folder when a warm worker took the job). */
+  #packageDir: string | undefined;
   #threads = 1;
   #ended = false;
   onEnd: (reason: string) => void = () => {};
@@ -68,6 +69,8 @@ export class ProviderJob {
     readonly coordinatorKey: string,
     /** What was fetched for the job before it started: shared through the cache, read-only to workers. */
     private readonly prepared: PreparedJob = {},
+    /** Warm spares this job's ranks may take (null: the owner turned them off). */
+    private readonly spares: Spares | null = null,
   ) {
     const faults = spec.config.faults as { max_restarts?: unknown; heartbeat_s?: unknown } | undefined;
     const maxRestarts = Number(faults?.max_restarts);
@@ -145,18 +148,23 @@ export class ProviderJob {
 
   async start(): Promise<void> {
     await this.#speed.start();
-    this.#dir = await mkdtemp(path.join(os.tmpdir(), "nimble-job-"));
+    const claim = this.spares?.claim(this.ranks, (device) => ({ ...this.#setup(device, false), requirements: this.spec.requirements?.hash ?? null })) ?? null;
+    ({ dir: this.#dir, packageDir: this.#packageDir } = await jobFolder(claim, this.prepared.packageDir));
     // Not in the worker's cwd (the first entry of its sys.path): a task named torch.py or
     // json.py must not shadow the module of that name.
-    if (this.prepared.packageDir) {
-      this.#taskPath = path.join(this.prepared.packageDir, this.spec.package!.entry);
+    if (this.#packageDir) {
+      this.#taskPath = path.join(this.#packageDir, this.spec.package!.entry);
     } else {
       await mkdir(path.join(this.#dir, "task"));
       this.#taskPath = path.join(this.#dir, "task", this.spec.task.filename);
       await writeFile(this.#taskPath, this.spec.task.code);
     }
     this.#threads = this.opts.threads ?? this.spec.threads ?? Math.max(1, Math.floor(os.cpus().length / this.ranks.length));
-    for (const local of this.ranks) this.#spawn(local);
+    for (const local of this.ranks) {
+      const line = claim && handOffLine(claim, local.rank);
+      if (line) this.log(line);
+      this.#spawn(local, claim?.workers.get(local.rank));
+    }
     this.mesh.start();
     this.groups.start();
     const hours = this.opts.maxJobHours;
@@ -239,23 +247,14 @@ export class ProviderJob {
     void this.end(text);
   }
 
-  #spawn(local: LocalRank) {
+  #spawn(local: LocalRank, warm?: WorkerProcess) {
     const label = `rank ${local.rank}`;
-    const confinement = this.opts.confinement ?? { kind: "none" };
-    const limits = this.opts.limits ?? DEFAULT_LIMITS;
-    const worker = new WorkerProcess({
-      python: this.opts.python.python,
-      cwd: this.#dir,
-      label,
-      env: { NIMBLE_RANK: String(local.rank), NIMBLE_WORLD_SIZE: String(this.spec.world_size) },
-      onLog: (line) => this.log(line),
-      sandbox:
-        confinement.kind === "bwrap"
-          ? { support: confinement.support, readOnly: [...confinement.readOnly, ...[this.prepared.packageDir, this.prepared.requirementsDir].filter((d): d is string => d !== undefined)], devices: gpuDeviceNodes([local.device]) }
-          : null,
-      limits,
-      cgroup: `nimble-${process.pid}-${path.basename(this.#dir)}-rank${local.rank}-${local.restarts}`,
-    });
+    const env = { NIMBLE_RANK: String(local.rank), NIMBLE_WORLD_SIZE: String(this.spec.world_size) };
+    const onLog = (line: string) => this.log(line);
+    const setup = this.#setup(local.device);
+    const worker = warm ?? launchWorker(this.opts, setup, { cwd: this.#dir, label, env, onLog, cgroup: `nimble-${process.pid}-${path.basename(this.#dir)}-rank${local.rank}-${local.restarts}` });
+    if (warm) Object.assign(warm, { label, onLog });
+    const limits = setup.limits;
     local.worker = worker;
     local.announce();
     worker.on("message", (m) => {
@@ -269,8 +268,10 @@ export class ProviderJob {
     });
     worker.on("error", (err) => this.fail(`${label}: ${errorMessage(err)}`, "internal", local.rank));
     worker.on("exit", (exit) => this.#exited(local, worker, exit));
+    local.startup = { warm: Boolean(warm), initAt: performance.now() };
     worker.send({
       op: "init",
+      env,
       task_path: this.#taskPath,
       config: this.spec.config,
       rank: local.rank,
@@ -280,10 +281,16 @@ export class ProviderJob {
       speed: this.#speed.current,
       ...(this.opts.maxMicroBatch ? { max_micro_batch: this.opts.maxMicroBatch } : {}),
       limits: { max_processes: limits.maxProcesses, max_file_bytes: limits.maxFileBytes, max_memory_bytes: limits.maxMemoryBytes },
-      ...(this.prepared.packageDir ? { package_dir: this.prepared.packageDir } : {}),
+      ...(this.#packageDir ? { package_dir: this.#packageDir } : {}),
       ...(this.prepared.requirementsDir ? { site_dirs: [this.prepared.requirementsDir] } : {}),
       ...(this.spec.pipeline ? { pipeline: { stage: this.spec.pipeline.stage_of[local.rank] ?? 0, stages: this.spec.pipeline.stages, bounds: this.spec.pipeline.bounds } } : {}),
     });
+  }
+
+  /** What a cold start of a worker on `device` makes (a warm spare must be the same); a package copied into the job folder needs no bind. */
+  #setup(device: string, bindPackage = this.#packageDir === this.prepared.packageDir) {
+    const extra = [bindPackage ? this.prepared.packageDir : undefined, this.prepared.requirementsDir].filter((d): d is string => d !== undefined);
+    return workerSetup(this.opts, device, extra);
   }
 
   /**
@@ -331,7 +338,7 @@ export class ProviderJob {
     const { op: _op, ...info } = m;
     local.info = info;
     local.on("loaded");
-    this.send({ t: "ready", rank: local.rank, info });
+    this.send({ t: "ready", rank: local.rank, info, ...(local.worker ? { startup: local.startupFigures(local.worker) } : {}) });
     if (this.#fullyLinked(local.rank)) this.#enterRing(local, this.mesh.members.length);
   }
 

@@ -1,4 +1,4 @@
-import type { WorkerInfo } from "../../protocol/messages.js";
+import type { WorkerInfo, WorkerStartup } from "../../protocol/messages.js";
 import type { WorkerProcess } from "../../runtime/worker.js";
 import { isGone, isLoaded, transition, viewState, type RankEvent, type RankState } from "./lifecycle.js";
 import type { WorkerEvent } from "./types.js";
@@ -24,6 +24,8 @@ export class LocalRank {
   queue: Promise<void> = Promise.resolve();
   /** Why it left, for a `left` state. */
   leftBecause: string | undefined;
+  /** Its worker's start: a warm spare or a cold one, and when `init` was sent (performance.now()). */
+  startup: { warm: boolean; initAt: number } | null = null;
   /** The view state, restarts and pid last reported in a `worker` event. */
   #reported = "";
 
@@ -60,6 +62,15 @@ export class LocalRank {
     if (key === this.#reported) return;
     this.#reported = key;
     this.report({ rank: this.rank, device: this.device, state, restarts: this.restarts, pid, ...(state === "left" && this.leftBecause ? { detail: this.leftBecause } : {}) });
+  }
+
+  /** Where its worker's start went, now that it is ready: waiting for torch's import (none for a spare that had it), then init. */
+  startupFigures(worker: WorkerProcess): WorkerStartup {
+    const now = performance.now();
+    const initAt = this.startup?.initAt ?? worker.spawnedAt;
+    const imported = worker.startedAt ?? initAt;
+    const importS = this.startup?.warm ? Math.max(0, imported - initAt) : imported - worker.spawnedAt;
+    return { warm: this.startup?.warm ?? false, import_s: importS / 1000, load_s: (now - Math.max(initAt, imported)) / 1000 };
   }
 
   /** Its worker died and starts again: nothing of the old one carries over (the new worker's `announce` tells the view). */

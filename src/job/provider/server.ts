@@ -23,6 +23,7 @@ import { unpackPackage } from "../package.js";
 import { ControlConnection, MAX_HELLO_BYTES, type ControlHost } from "./control.js";
 import { linkPacing } from "./aids/pacing.js";
 import { ProviderJob, type PreparedJob } from "./job.js";
+import { Spares } from "./spares.js";
 import type { JobSpec, ProviderOptions } from "./types.js";
 
 /** Close code for a ring connection whose job never arrived here. */
@@ -60,6 +61,8 @@ export class Provider {
   private readonly wrongTokens = new WrongTokens();
   private readonly warnings = new WarningLimiter();
   private readonly linkOptions: LinkOptions;
+  /** Workers kept started for the next job (null: --no-warm). */
+  private readonly spares: Spares | null;
   /** Per control connection: the job that ended on it, so late messages for it are not failures. */
   private readonly endedOn = new WeakMap<WebSocket, { job: string; reason: string }>();
 
@@ -70,9 +73,12 @@ export class Provider {
     this.auth = new Authorizer(opts.identity, { token: this.token, allow });
     // The testing aids' pacing and latency, for every link of this host.
     this.linkOptions = linkPacing(opts.linkRate, opts.latencyMs);
+    this.spares = opts.warm ? new Spares(opts, opts.devices.map((d) => d.id), (line, level) => this.log(line, level), (e) => opts.onEvent(e)) : null;
   }
 
   async start(): Promise<{ url: string; port: number }> {
+    // Its torch import overlaps with the rest of the start-up and the first coordinator's hello.
+    void this.spares?.fill();
     const server = createServer(
       {
         ...(await tlsServerOptions(this.opts.identity)),
@@ -124,12 +130,13 @@ export class Provider {
     const url = `wss://${hostForUrl}:${port}`;
     const { key, fingerprint } = this.opts.identity;
     const allow = this.auth.mode === "key" ? [...(this.opts.allow ?? [])] : null;
-    this.opts.onEvent({ type: "listening", url, host: this.opts.host, port, token: this.token, key, fingerprint, allow, limits: this.limits(), devices: this.opts.devices, profile: this.opts.profile ?? null });
+    this.opts.onEvent({ type: "listening", url, host: this.opts.host, port, token: this.token, key, fingerprint, allow, limits: this.limits(), devices: this.opts.devices, profile: this.opts.profile ?? null, warm: this.spares !== null });
     return { url, port };
   }
 
   async close(): Promise<void> {
     await this.job?.end("provider shutting down");
+    await this.spares?.close();
     for (const p of this.pendingRing) p.arrived.link.terminate();
     for (const ws of this.controlServer.clients) ws.terminate();
     for (const ws of this.ringServer.clients) ws.terminate();
@@ -331,7 +338,7 @@ export class Provider {
   private startJob(spec: JobSpec, conn: ControlConnection, prepared: PreparedJob = {}) {
     const send = (m: ToCoordinator) => conn.send(m);
     const coordinator = conn.coordinator!;
-    const job = new ProviderJob(spec, this.opts, send, conn.ws, conn.bytes, (line, level) => this.log(line, level), this.linkOptions, this.auth, coordinator.key, prepared);
+    const job = new ProviderJob(spec, this.opts, send, conn.ws, conn.bytes, (line, level) => this.log(line, level), this.linkOptions, this.auth, coordinator.key, prepared, this.spares);
     this.job = job;
     this.opts.onEvent({
       type: "job",
@@ -346,6 +353,8 @@ export class Provider {
       if (this.job === job) this.job = null;
       this.endedOn.set(conn.ws, { job: spec.job, reason });
       this.opts.onEvent({ type: "job_end", job: spec.job, reason });
+      // The next job gets a fresh spare for each one this job took.
+      void this.spares?.fill();
     };
     void job.start().catch((err) => {
       send({ t: "failed", message: errorMessage(err), kind: "internal" });

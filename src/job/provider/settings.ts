@@ -38,6 +38,8 @@ export const providerConfigSchema = z
     max_job_hours: z.number().positive().max(MAX_JOB_HOURS).optional(),
     /** false: refuse jobs that bring requirements of their own (nothing is installed per job). */
     job_requirements: z.boolean().optional(),
+    /** false: keep no worker started (torch imported) ahead of the next job. */
+    warm: z.boolean().optional(),
     /** false: run jobs unconfined (loudly warned). */
     sandbox: z.boolean().optional(),
     testing: z

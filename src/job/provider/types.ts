@@ -4,6 +4,7 @@ import type { Identity } from "../../identity/identity.js";
 import type { WorkerLimits } from "../../runtime/limits.js";
 import type { SandboxSupport } from "../../runtime/sandbox.js";
 import type { WorkerState } from "./lifecycle.js";
+import type { SpareEvent } from "./spares.js";
 
 export type { WorkerState };
 
@@ -46,6 +47,8 @@ export type ProviderEvent =
       devices: DeviceInfo[];
       /** This host's measured profile, as advertised to coordinators (null with --no-profile). */
       profile: ProviderProfile | null;
+      /** Whether it keeps a warm worker per device for the next job (false with --no-warm). */
+      warm: boolean;
     }
   | { type: "log"; line: string; level: LogLevel }
   | {
@@ -78,7 +81,9 @@ export type ProviderEvent =
       /** The coordinator's control connection that carries the job (task file and checkpoints included). */
       control: LinkBytes;
     }
-  | { type: "job_end"; job: string; reason: string };
+  | { type: "job_end"; job: string; reason: string }
+  /** A warm spare (src/job/provider/spares.ts) starting, ready (torch imported), taken by a job, or gone. */
+  | SpareEvent;
 
 export type StatsEvent = Extract<ProviderEvent, { type: "stats" }>;
 export type WorkerEvent = Extract<ProviderEvent, { type: "worker" }>;
@@ -119,6 +124,8 @@ export interface ProviderOptions {
   jobRequirements?: boolean;
   /** This host's measured profile, advertised to coordinators. */
   profile?: ProviderProfile;
+  /** Keep a worker per device started, torch imported, for the next job (`nimble provide` does unless --no-warm; default false). */
+  warm?: boolean;
   /**
    * Testing and benchmarking aid: pace everything this host uploads (ring frames, bench
    * uploads) to this many bytes/s, to reproduce a slow internet link over loopback.

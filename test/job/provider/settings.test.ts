@@ -34,7 +34,7 @@ describe("the provider config file", () => {
     expect((err as Error).message.split("\n").slice(1)).toEqual([
       `  ${file}:2:7: port: expected an integer >= 0 and <= 65535, found 99999`,
       `  ${file}:3:16: max_job_hours: expected a number > 0 and <= 500, found 1000`,
-      `  ${file}:4:1: token: unknown key "token"; allowed keys: host, port, key, allow, allow_file, token_file, python, torch, threads, max_micro_batch, profile, devices, max_memory, max_processes, max_job_hours, job_requirements, sandbox, testing`,
+      `  ${file}:4:1: token: unknown key "token"; allowed keys: host, port, key, allow, allow_file, token_file, python, torch, threads, max_micro_batch, profile, devices, max_memory, max_processes, max_job_hours, job_requirements, warm, sandbox, testing`,
     ]);
   });
 });
