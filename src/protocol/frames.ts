@@ -337,7 +337,7 @@ function writeChunkHeader(out: Uint8Array, header: ChunkHeader, codec: WireCodec
 export function encodeChunk(header: ChunkHeader, data: Float32Array): Uint8Array {
   // Every byte is written: no zero-filling (a fresh buffer past Buffer's pool, so the
   // payload starts aligned).
-  return encodeChunkInto(Buffer.allocUnsafe(chunkFrameBytes(header.count)), header, data);
+  return encodeChunkInto(Buffer.allocUnsafeSlow(chunkFrameBytes(header.count)), header, data);
 }
 
 /**
