@@ -337,7 +337,9 @@ function writeChunkHeader(out: Uint8Array, header: ChunkHeader, codec: WireCodec
 export function encodeChunk(header: ChunkHeader, data: Float32Array): Uint8Array {
   // Every byte is written: no zero-filling (a fresh buffer past Buffer's pool, so the
   // payload starts aligned).
-  return encodeChunkInto(Buffer.allocUnsafeSlow(chunkFrameBytes(header.count)), header, data);
+  // A plain Uint8Array (a Buffer's slice() would share memory where callers expect a copy).
+  const buf = Buffer.allocUnsafeSlow(chunkFrameBytes(header.count));
+  return encodeChunkInto(new Uint8Array(buf.buffer, buf.byteOffset, buf.byteLength), header, data);
 }
 
 /**
