@@ -39,6 +39,14 @@ export const pipelineSpecSchema = z.object({
 });
 export type PipelineSpec = z.infer<typeof pipelineSpecSchema>;
 
+/** How a round's all-reduces are run (the coordinator's choice, src/job/coordinator/collective.ts). */
+export const collectiveChoiceSchema = z.object({ direct_max_bytes: count.nullable() });
+export type CollectiveChoice = z.infer<typeof collectiveChoiceSchema>;
+
+/** One all-reduce a provider ran for a rank: how, its wire bytes (the buffer's, in its codec), and its seconds. */
+export const collectiveTimingSchema = z.object({ algorithm: z.enum(["ring", "direct"]), bytes: count, seconds: z.number().finite().nonnegative() });
+export type CollectiveTiming = z.infer<typeof collectiveTimingSchema>;
+
 export const deviceSchema = z.object({
   id: z.string().max(64),
   kind: z.string().max(32),
@@ -158,6 +166,12 @@ export const toProviderSchema = z.discriminatedUnion("t", [
     requirements: z.object({ hash: z.string().regex(/^[0-9a-f]{64}$/), lock: z.string().max(64 * 1024) }).optional(),
     /** Pipeline parallelism (config `parallel`): the stages, and the groups each rank links into. */
     pipeline: pipelineSpecSchema.optional(),
+    /**
+     * The direct all-reduce (config `collective`): every rank also links to every other (pair
+     * groups `direct:A:B`, src/collective/directMesh.ts) while the ring has at least
+     * `direct_min_members` members. Absent: the ring only.
+     */
+    collective: z.object({ direct_min_members: z.number().int().min(2).max(4096) }).optional(),
   }),
   /** Part of the package a provider asked for, in order: `offset` is the bytes sent before it. */
   z.object({ t: z.literal("package_chunk"), hash: z.string().regex(/^[0-9a-f]{64}$/), offset: count, data: bytes }),
@@ -167,7 +181,18 @@ export const toProviderSchema = z.discriminatedUnion("t", [
    * src/protocol/workerOps.ts) and its payload. The provider validates the order and acts
    * only on its attempts (round orders start one; an abort decision ends it).
    */
-  z.object({ t: z.literal("order"), ranks: z.array(count).min(1).max(4096), order: z.record(z.string(), z.unknown()), payload: bytes.optional() }),
+  z.object({
+    t: z.literal("order"),
+    ranks: z.array(count).min(1).max(4096),
+    order: z.record(z.string(), z.unknown()),
+    payload: bytes.optional(),
+    /**
+     * On a round order: how the round's all-reduces on the job's ring run. An all-reduce of at
+     * most `direct_max_bytes` wire bytes (null: any) takes the direct all-reduce when its links
+     * are up; the others, and every all-reduce of a round without it, take the ring.
+     */
+    collective: collectiveChoiceSchema.optional(),
+  }),
   /** Re-form the ring with only `members` (in ring order); local ranks left out stop. */
   z.object({
     t: z.literal("ring"),
@@ -251,7 +276,15 @@ export const toCoordinatorSchema = z.discriminatedUnion("t", [
    * A worker's report, passed on as it came (validated against src/protocol/workerOps.ts),
    * with the ring bytes this rank sent since its previous report.
    */
-  z.object({ t: z.literal("report"), rank: count, bytes_sent: count, report: z.record(z.string(), z.unknown()), payload: bytes.optional() }),
+  z.object({
+    t: z.literal("report"),
+    rank: count,
+    bytes_sent: count,
+    report: z.record(z.string(), z.unknown()),
+    payload: bytes.optional(),
+    /** The all-reduces this rank ran on the job's ring since its previous report, in order (the coordinator refines its cost model with them). */
+    collectives: z.array(collectiveTimingSchema).max(4096).optional(),
+  }),
   /** Upload from this rank's provider to its ring successor's; nulls when both are on one host. */
   z.object({
     t: z.literal("link"),

@@ -1,4 +1,5 @@
 import { randomUUID } from "node:crypto";
+import { directMinMembers } from "./collective.js";
 import { statSync } from "node:fs";
 import { readFile } from "node:fs/promises";
 import os from "node:os";
@@ -265,6 +266,7 @@ export class Providers {
       ring: this.ringPeers(),
       ...(join ? { join: true } : {}),
       ...(this.pipeline ? { pipeline: this.pipeline } : {}),
+      ...(directMinMembers(this.config) !== null ? { collective: { direct_min_members: directMinMembers(this.config)! } } : {}),
     });
   }
 

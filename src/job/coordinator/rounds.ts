@@ -4,6 +4,7 @@ import type { SyncPlan, SyncResult } from "../../strategy/sync.js";
 import type { PipelineResult } from "../../strategy/pipeline.js";
 import type { DilocoFigures, PipelineStageRow } from "../events.js";
 import type { RoundReport } from "../../strategy/types.js";
+import type { CollectiveTiming } from "../../protocol/messages.js";
 import { FaultError, JobFailed } from "./errors.js";
 import { checkHashes, checkpointFiles, evaluate, finalWeights } from "./phases.js";
 import { admit, leaveOutSlow, recover, type FaultedAt } from "./recovery.js";
@@ -90,6 +91,7 @@ async function runRound(run: Run, opts: RoundsOptions, step: number, verify: boo
   }
   setVerify(false);
   const result = fold(run, attempt.plan, attempt.reports);
+  run.collective?.observe(attempt.reports.values() as Iterable<{ collectives?: CollectiveTiming[] }>, attempt.plan.members.length);
   run.commits.decide(step, "reported");
   recordRound(run, result);
   const end = result.round; // the round's last step
@@ -127,7 +129,7 @@ async function attemptRound(run: Run, step: number, verify: boolean): Promise<At
     const what = per === 1 ? `step ${step}` : `the round of steps ${step}-${step + per - 1}`;
     const done = run.exchanges.expect(run.strategy.reportOp, what, plan.members, STEP_TIMEOUT_MS, (m) => m.step === step);
     const decision = run.commits.ride();
-    sendOrder(providers, plan.members, { ...run.strategy.order(plan), ...decision });
+    sendOrder(providers, plan.members, { ...run.strategy.order(plan), ...decision }, undefined, run.collective?.orderField(plan.members.length));
     sent = true;
     const reports = (await done) as ReadonlyMap<number, RoundReport>;
     // Hashes are taken before the round's update (which waits for its decision).

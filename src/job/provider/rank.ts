@@ -1,4 +1,4 @@
-import type { WorkerInfo } from "../../protocol/messages.js";
+import type { CollectiveChoice, CollectiveTiming, WorkerInfo } from "../../protocol/messages.js";
 import type { WorkerProcess } from "../../runtime/worker.js";
 import { isGone, isLoaded, transition, viewState, type RankEvent, type RankState } from "./lifecycle.js";
 import type { WorkerEvent } from "./types.js";
@@ -18,6 +18,10 @@ export class LocalRank {
   attempt = 0;
   /** Ring bytes sent since its last report. */
   bytesSinceReport = 0;
+  /** How the current round's all-reduces run (its order's choice; null: the ring). */
+  collective: CollectiveChoice | null = null;
+  /** The all-reduces it ran since its last report. */
+  collectives: CollectiveTiming[] = [];
   /** Its collectives, served one at a time in order; reports wait for them. */
   queue: Promise<void> = Promise.resolve();
   /** Why it left, for a `left` state. */
@@ -66,6 +70,8 @@ export class LocalRank {
     this.worker = null;
     this.info = null;
     this.attempt = 0;
+    this.collective = null;
+    this.collectives = [];
     this.queue = Promise.resolve();
     this.#state = transition(this.#state, "crashed");
   }
