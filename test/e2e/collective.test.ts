@@ -45,7 +45,9 @@ describe("the direct all-reduce in a job", () => {
 
     const ring = await train("ring-3", [...BODY, "collective: {algorithm: ring}"]);
     expect(ring.result.exitCode, String(ring.result.stderr)).toBe(0);
-    expect(ring.summary.collective).toBeUndefined();
+    expect(ring.summary.collective).toMatchObject({ config: "ring", algorithm: "ring" });
+    expect(ring.summary.collective.observed.ring.count).toBeGreaterThanOrEqual(12);
+    expect(ring.summary.collective.observed.direct.count).toBe(0);
     // The same bytes per member: 2(N-1)/N of the gradient (plus N-2 more op frames per step).
     const perStep = (x: { bytes_sent: number; sync_bytes: number }) => (x.bytes_sent - x.sync_bytes) / 12;
     expect(perStep(s) / perStep(ring.summary)).toBeGreaterThan(0.999);

@@ -83,7 +83,9 @@ function median(xs: number[]): number {
 
 export class CollectivePlanner {
   readonly config: JobConfig["collective"]["algorithm"];
-  /** false: the ring, always (pipeline; or one host's ranks only... see `directMinMembers`). */
+  /** The job's all-reduces are the job's ring's (not a pipeline's stage rings): they are timed and summarised. */
+  readonly tracked: boolean;
+  /** The direct all-reduce may run (not `ring`, not a pipeline): see `directMinMembers`. */
   readonly enabled: boolean;
   #link: { rttMs: number; rate: number; source: "measured" | "loopback" } = { rttMs: LOOPBACK_RTT_MS, rate: LOOPBACK_RATE_BYTES_PER_S, source: "loopback" };
   readonly #hopS: number;
@@ -98,6 +100,7 @@ export class CollectivePlanner {
     this.config = config.collective.algorithm;
     this.#minMembers = directMinMembers(config);
     this.enabled = this.#minMembers !== null;
+    this.tracked = !config.parallel;
     this.#hopS = opts.hopS ?? DEFAULT_HOP_S;
   }
 

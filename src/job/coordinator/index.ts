@@ -116,10 +116,10 @@ class Job {
     // Leaving out slow workers, and choosing ring or direct all-reduces, weigh the links measured here.
     const members = this.membership.active.length;
     if (mayLeaveOut || (this.collective.wantsLinks(members) && this.providers.clients.length > 1)) await probeLinks(run);
-    if (this.collective.enabled) {
+    if (this.collective.tracked) {
       this.collective.setLinks(this.tally.links);
       this.collective.gradientBytes = estimateGradientBytes(this.config, info.param_bytes);
-      this.status(this.collective.describe(members));
+      if (members > 1) this.status(this.collective.describe(members));
     }
     this.#enter("training");
     const finalFiles = await trainRounds(run, { first: checkpoint?.step ?? 0, verifyFirst: Boolean(checkpoint) || Boolean(pipeline), valSize: info.val_size, mayLeaveOut, stopRequested: () => this.stopRequested });
@@ -147,7 +147,7 @@ class Job {
       tally: this.tally,
       strategy: this.#strategy(pipeline),
       dir,
-      ...(this.collective.enabled ? { collective: this.collective } : {}),
+      ...(this.collective.tracked ? { collective: this.collective } : {}),
       ...(pipeline ? { pipelineBounds: pipeline.bounds } : {}),
       phase: () => this.#phase,
       enter: (phase) => this.#enter(phase),
@@ -264,7 +264,7 @@ class Job {
   #summary(status: TrainSummary["status"], error?: string): TrainSummary {
     const workers = this.providers.ranks.map((r) => ({ id: r.row.id, rank: r.rank, provider: r.row.provider, device: r.device, samples: r.row.samples }));
     const summary = this.tally.summary(this.config, status, workers, this.#dir?.dir ?? "", error);
-    return this.collective.enabled ? { ...summary, collective: this.collective.summary(this.membership.active.length) } : summary;
+    return this.collective.tracked ? { ...summary, collective: this.collective.summary(this.membership.active.length) } : summary;
   }
 
   /** The error to rethrow: the run directory keeps a summary, and the hint says where it is. */
