@@ -3,6 +3,7 @@ import path from "node:path";
 import { describe, expect, it } from "vitest";
 import { nimble, REPO_ROOT, type TempDir, useE2E } from "../helpers/processes.js";
 import { maxWeightDifference } from "../helpers/safetensors.js";
+import { tinyTask } from "../helpers/tasks.js";
 
 const MNIST_TASK = path.join(REPO_ROOT, "examples", "mnist", "task.py");
 
@@ -10,9 +11,9 @@ let python = "";
 let tmp: TempDir;
 useE2E((env) => ({ python, tmp } = env));
 
-async function train(name: string, body: string[]) {
+async function train(name: string, body: string[], task = MNIST_TASK) {
   const file = path.join(tmp.dir, `${name}.yaml`);
-  await writeFile(file, [`name: ${name}`, `task: ${MNIST_TASK}`, `output: ${path.join(tmp.dir, "runs")}`, ...body].join("\n") + "\n");
+  await writeFile(file, [`name: ${name}`, `task: ${task}`, `output: ${path.join(tmp.dir, "runs")}`, ...body].join("\n") + "\n");
   const result = await nimble(["train", file, "--json", "--python", python], { timeout: 480_000 });
   const events = String(result.stdout)
     .split("\n")
@@ -69,5 +70,51 @@ describe("the direct all-reduce in a job", () => {
     expect(c.link.rate_bytes_per_s).toBeGreaterThan(0);
     expect(c.observed.ring.count + c.observed.direct.count).toBeGreaterThanOrEqual(6);
     expect(auto.events.some((e) => e.type === "status" && /^Collective: (ring|direct) for the gradient all-reduce/.test(e.message))).toBe(true);
+  }, 600_000);
+
+  it("collective direct survives a worker killed mid-step: the step is redone on re-formed pair links, the worker rejoins, replicas agree", async () => {
+    const task = tinyTask({
+      features: 8,
+      model: "torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2))",
+      train: 512,
+      val: 128,
+      extra: `
+import signal
+_calls = 0
+def compute_loss(model, batch):
+    global _calls
+    _calls += 1
+    time.sleep(0.3)
+    # once: a marker in the job folder (the worker's working directory, kept across restarts)
+    if os.environ.get("NIMBLE_RANK") == "1" and _calls == 9 and not os.path.exists("killed-once"):
+        open("killed-once", "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    x, y = batch
+    return torch.nn.functional.cross_entropy(model(x), y)
+`,
+    });
+    const file = path.join(tmp.dir, "direct-kill.py");
+    await writeFile(file, task);
+    const run = await train("direct-kill", [
+      "steps: 20",
+      "batch_size: 48",
+      "optimizer: {name: sgd, lr: 0.2}",
+      "compression: {method: powersgd, rank: 2, start_step: 2}",
+      "eval: {samples: 128, batch_size: 64}",
+      "faults: {heartbeat_s: 2}",
+      "local_workers: 3",
+      "collective: {algorithm: direct}",
+    ], file);
+    expect(run.result.exitCode, String(run.result.stderr)).toBe(0);
+    const s = run.summary;
+    expect(s).toMatchObject({ status: "completed", steps: 20 });
+    expect(s.faults).toHaveLength(1);
+    expect(s.faults[0]).toMatchObject({ kind: "worker died", ranks: [1] });
+    expect(s.steps_redone).toHaveLength(1);
+    expect(run.events.some((e) => e.type === "status" && /^Rank 1 joined before step \d+ with rank 0's state/.test(e.message))).toBe(true);
+    // Every all-reduce of the steps ran direct: 3 members, then 2 while rank 1 restarted, then 3 again.
+    expect(s.collective.observed.ring.count).toBe(0);
+    expect(s.collective.observed.direct.count).toBeGreaterThanOrEqual(20);
+    expect(s.collective.members).toBe(3);
   }, 600_000);
 });

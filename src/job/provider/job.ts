@@ -222,7 +222,7 @@ export class ProviderJob {
     else if (message.t === "ring") this.#reform(message.epoch, message.members, message.urls ?? [], message.groups ?? []);
     else if (message.t === "mirror_take") void this.#mirrorTake(message.rank, message.from, message.stage, message.tag);
     else if (message.t === "mirror_give") void this.#mirrorGive(message.rank, message.to, message.stage, message.tag);
-    else if (message.t === "probe_links") void probeLinks(this, message.bytes, (binding) => this.auth.benchHello(this.spec, binding), this.linkOptions.throttle);
+    else if (message.t === "probe_links") void probeLinks(this, message.bytes, (binding) => this.auth.benchHello(this.spec, binding), this.linkOptions.throttle, this.linkOptions.latencyMs);
   }
 
   /** An incoming ring connection's hello: admitted by the Authorizer (reading resumes), then the mesh's. */
