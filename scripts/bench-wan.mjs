@@ -23,8 +23,10 @@
 // Parts of the matrix suite (--parts, default matrix): `matrix`, the table above; `direct`,
 // the direct (butterfly) all-reduce against the ring: MNIST and char-LM at 100 Mbit/s, RTT 50
 // and 100 ms, uncompressed and PowerSGD r4, each with collective ring, direct (and auto for
-// PowerSGD), in namespaces prefixed "ndir-". A part's runs replace those of the same model,
-// system, rate and RTT in results/wan.json; the others there are kept.
+// PowerSGD): rows nimble-ring, nimble-direct, nimble-psgd4-ring, nimble-psgd4-direct and
+// nimble-psgd4-auto, in namespaces prefixed "ndir-". A part's runs replace those of the same
+// model, system, rate and RTT in results/wan.json; the others there are kept (and, without
+// the matrix part, the file's heading).
 //
 //   sudo npm run bench:wan -- --suite diloco    # DiLoCo rows beside DDP and PowerSGD r4 (~40 min)
 //
@@ -78,7 +80,10 @@ const SYSTEMS = {
   nimble: { engine: "nimble", compression: { method: "none" }, collective: { algorithm: "ring" } },
   "nimble-psgd1": { engine: "nimble", compression: { method: "powersgd", rank: 1, start_step: 4 }, collective: { algorithm: "ring" } },
   "nimble-psgd4": { engine: "nimble", compression: PSGD4, collective: { algorithm: "ring" } },
-  // The direct all-reduce (`collective: direct`), and the coordinator's choice (`auto`).
+  // The direct all-reduce (`collective: direct`), the coordinator's choice (`auto`), and the
+  // ring rows they are held to, run beside them (the matrix's rows are kept as they were).
+  "nimble-ring": { engine: "nimble", compression: { method: "none" }, collective: { algorithm: "ring" } },
+  "nimble-psgd4-ring": { engine: "nimble", compression: PSGD4, collective: { algorithm: "ring" } },
   "nimble-direct": { engine: "nimble", compression: { method: "none" }, collective: { algorithm: "direct" } },
   "nimble-psgd4-direct": { engine: "nimble", compression: PSGD4, collective: { algorithm: "direct" } },
   "nimble-psgd4-auto": { engine: "nimble", compression: PSGD4, collective: { algorithm: "auto" } },
@@ -118,7 +123,7 @@ const DIRECT = {
   models: "mnist,charlm",
   rates: "100mbit",
   rtts: "50,100",
-  systems: "nimble,nimble-direct,nimble-psgd4,nimble-psgd4-direct,nimble-psgd4-auto",
+  systems: "nimble-ring,nimble-direct,nimble-psgd4-ring,nimble-psgd4-direct,nimble-psgd4-auto",
   prefix: "ndir-",
 };
 const parts = inDiloco ? ["diloco"] : list("parts", "matrix");
@@ -431,17 +436,25 @@ mkdirSync(outDir, { recursive: true });
 // A part's runs replace the same scenarios' runs of an earlier results file; the others stay.
 const earlier = (() => {
   const file = path.join(outDir, `${outBase}.json`);
-  if (inDiloco || !existsSync(file)) return [];
+  if (inDiloco || !existsSync(file)) return null;
   try {
-    return JSON.parse(readFileSync(file, "utf8")).runs ?? [];
+    return JSON.parse(readFileSync(file, "utf8"));
   } catch {
-    return [];
+    return null;
   }
 })();
 const runKey = (r) => `${r.model}|${r.system}|${r.rate}|${r.rtt_ms}`;
 const planned = new Set(rtts.flatMap((rtt) => rates.flatMap((rate) => models.flatMap((model) => systems.map((system) => runKey({ model, system, rate, rtt_ms: rtt }))))));
-results.runs = earlier.filter((r) => !planned.has(runKey(r)));
-if (!inDiloco) results.parts = parts;
+const thisPart = { date: results.date, load_avg_start: results.load_avg_start };
+if (earlier) {
+  results.runs = (earlier.runs ?? []).filter((r) => !planned.has(runKey(r)));
+  // Without the matrix, the file's heading (its date, machine, load) stays the matrix's.
+  if (!parts.includes("matrix")) for (const k of ["date", "machine", "load_avg_start", "load_avg_end", "total_min"]) if (earlier[k] !== undefined) results[k] = earlier[k];
+}
+if (!inDiloco) {
+  const before = earlier?.parts && !Array.isArray(earlier.parts) ? earlier.parts : {};
+  results.parts = { ...before, ...Object.fromEntries(parts.map((p) => [p, thisPart])) };
+}
 const report = inDiloco ? dilocoMarkdown : markdownTable;
 const save = () => {
   writeFileSync(path.join(outDir, `${outBase}.json`), JSON.stringify(results, null, 2) + "\n");
@@ -513,8 +526,10 @@ try {
   killChildren();
   wan?.close();
 }
-results.total_min = Math.round((Date.now() - t0) / 6000) / 10;
-results.load_avg_end = os.loadavg().map((x) => Math.round(x * 100) / 100);
+Object.assign(parts.includes("matrix") || inDiloco ? results : thisPart, {
+  total_min: Math.round((Date.now() - t0) / 6000) / 10,
+  load_avg_end: os.loadavg().map((x) => Math.round(x * 100) / 100),
+});
 save();
 process.stdout.write(report(results));
 log(`wrote ${path.relative(root, path.join(outDir, `${outBase}.json`))}, ${outBase}.md, ${outBase}.svg (${((Date.now() - t0) / 60000).toFixed(1)} min)`);

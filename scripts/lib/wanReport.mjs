@@ -179,6 +179,8 @@ export function compactTable(results) {
 }
 
 const DIRECT_SYSTEMS = ["nimble-direct", "nimble-psgd4-direct", "nimble-psgd4-auto"];
+/** The ring rows the direct ones are held to: run beside them (`--parts direct`), else the matrix's. */
+const RING_OF = { "nimble-direct": ["nimble-ring", "nimble"], "nimble-psgd4-direct": ["nimble-psgd4-ring", "nimble-psgd4"] };
 
 /**
  * The direct all-reduce against the ring, per scenario that has its rows: steps/s of each
@@ -190,6 +192,7 @@ export function directTable(results) {
   const groups = scenarios(results).filter((g) => DIRECT_SYSTEMS.some((s) => g.runs[s]));
   if (groups.length === 0) return "";
   const ok = (g, s) => (g.runs[s] && !g.runs[s].error ? g.runs[s] : null);
+  const ringOf = (g, s) => RING_OF[s].find((r) => ok(g, r)) ?? RING_OF[s][0];
   const sps = (g, s) => (ok(g, s) ? fixed(ok(g, s).steps_per_s) : "—");
   const x = (g, a, b) => {
     const r = ratio(ok(g, a)?.steps_per_s, ok(g, b)?.steps_per_s);
@@ -205,13 +208,13 @@ export function directTable(results) {
     const auto = ok(g, "nimble-psgd4-auto")?.collective;
     const chose = auto ? `${auto.algorithm}${auto.direct_max_bytes === null ? " (any size)" : auto.direct_max_bytes > 0 ? ` (up to ${(auto.direct_max_bytes / 1e6).toFixed(2)} MB)` : ""}` : "—";
     lines.push(
-      `| ${g.model} | ${rateName(g.rate_bits)} | ${g.rtt_ms} ms | ${sps(g, "nimble")} | ${sps(g, "nimble-direct")} | ${x(g, "nimble-direct", "nimble")} | ${sps(g, "nimble-psgd4")} | ${sps(g, "nimble-psgd4-direct")} | ${sps(g, "nimble-psgd4-auto")} | ${x(g, "nimble-psgd4-direct", "nimble-psgd4")} | ${x(g, "nimble-psgd4-auto", "nimble-psgd4")} | ${chose} |`,
+      `| ${g.model} | ${rateName(g.rate_bits)} | ${g.rtt_ms} ms | ${sps(g, ringOf(g, "nimble-direct"))} | ${sps(g, "nimble-direct")} | ${x(g, "nimble-direct", ringOf(g, "nimble-direct"))} | ${sps(g, ringOf(g, "nimble-psgd4-direct"))} | ${sps(g, "nimble-psgd4-direct")} | ${sps(g, "nimble-psgd4-auto")} | ${x(g, "nimble-psgd4-direct", ringOf(g, "nimble-psgd4-direct"))} | ${x(g, "nimble-psgd4-auto", ringOf(g, "nimble-psgd4-direct"))} | ${chose} |`,
     );
   }
   const ms = (v) => (v === null || v === undefined ? "—" : `${(v * 1000).toFixed(1)}`);
   lines.push("", "| model | RTT | system | all-reduces (ring / direct) | mean all-reduce ms, measured | gradient all-reduce | predicted ring / direct ms | model's link |", "| --- | --- | --- | --- | --- | --- | --- | --- |");
   for (const g of groups) {
-    for (const s of ["nimble", "nimble-direct", "nimble-psgd4", ...DIRECT_SYSTEMS.slice(1)]) {
+    for (const s of ["nimble-ring", "nimble", "nimble-direct", "nimble-psgd4-ring", "nimble-psgd4", ...DIRECT_SYSTEMS.slice(1)]) {
       const c = ok(g, s)?.collective;
       if (!c) continue;
       const o = c.observed;
@@ -271,7 +274,7 @@ export function markdownTable(results) {
 
 const COLOURS = {
   nimble: "#1f77b4", "nimble-psgd1": "#2ca02c", "nimble-psgd4": "#17becf", ddp: "#d62728", "ddp-psgd4": "#ff7f0e",
-  "nimble-direct": "#393b79", "nimble-psgd4-direct": "#637939", "nimble-psgd4-auto": "#8c6d31",
+  "nimble-direct": "#393b79", "nimble-psgd4-direct": "#637939", "nimble-psgd4-auto": "#8c6d31", "nimble-ring": "#6baed6", "nimble-psgd4-ring": "#9edae5",
   "diloco-h50-int8": "#9467bd", "diloco-h50-int4": "#8c564b", "diloco-h100-int8": "#e377c2", "diloco-h100-int8-f4t2": "#bcbd22",
 };
 

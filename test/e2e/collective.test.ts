@@ -84,7 +84,7 @@ _calls = 0
 def compute_loss(model, batch):
     global _calls
     _calls += 1
-    time.sleep(0.3)
+    time.sleep(0.6)  # time for the restarted worker to load and rejoin
     # once: a marker in the job folder (the worker's working directory, kept across restarts)
     if os.environ.get("NIMBLE_RANK") == "1" and _calls == 9 and not os.path.exists("killed-once"):
         open("killed-once", "w").close()
@@ -96,7 +96,7 @@ def compute_loss(model, batch):
     const file = path.join(tmp.dir, "direct-kill.py");
     await writeFile(file, task);
     const run = await train("direct-kill", [
-      "steps: 20",
+      "steps: 40",
       "batch_size: 48",
       "optimizer: {name: sgd, lr: 0.2}",
       "compression: {method: powersgd, rank: 2, start_step: 2}",
@@ -107,14 +107,15 @@ def compute_loss(model, batch):
     ], file);
     expect(run.result.exitCode, String(run.result.stderr)).toBe(0);
     const s = run.summary;
-    expect(s).toMatchObject({ status: "completed", steps: 20 });
+    expect(s).toMatchObject({ status: "completed", steps: 40 });
     expect(s.faults).toHaveLength(1);
     expect(s.faults[0]).toMatchObject({ kind: "worker died", ranks: [1] });
     expect(s.steps_redone).toHaveLength(1);
-    expect(run.events.some((e) => e.type === "status" && /^Rank 1 joined before step \d+ with rank 0's state/.test(e.message))).toBe(true);
+    const statuses = run.events.filter((e) => e.type === "status").map((e) => e.message as string);
+    expect(statuses.some((m) => /^Rank 1 joined before step \d+ with rank 0's state/.test(m)), statuses.join("\n")).toBe(true);
     // Every all-reduce of the steps ran direct: 3 members, then 2 while rank 1 restarted, then 3 again.
     expect(s.collective.observed.ring.count).toBe(0);
-    expect(s.collective.observed.direct.count).toBeGreaterThanOrEqual(20);
+    expect(s.collective.observed.direct.count).toBeGreaterThanOrEqual(40);
     expect(s.collective.members).toBe(3);
   }, 600_000);
 });

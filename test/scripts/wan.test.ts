@@ -96,9 +96,9 @@ describe("WAN benchmark, the direct all-reduce's rows", () => {
       observed: { ring: { count: ring, mean_s: ring ? 0.33 : null }, direct: { count: direct, mean_s: direct ? 0.12 : null } },
     });
     const runs = [
-      summarise({ ...rtt, system: "nimble", steps: 20, series: series(20, 1.0, [0.9, 0.9]), collective: collective("ring", 20, 0) }),
+      summarise({ ...rtt, system: "nimble-ring", steps: 20, series: series(20, 1.0, [0.9, 0.9]), collective: collective("ring", 20, 0) }),
       summarise({ ...rtt, system: "nimble-direct", steps: 20, series: series(20, 0.5, [0.4, 0.4]), collective: collective("direct", 0, 20) }),
-      summarise({ ...rtt, system: "nimble-psgd4", steps: 20, series: series(20, 0.8, [0.7, 0.7]) }),
+      summarise({ ...rtt, system: "nimble-psgd4-ring", steps: 20, series: series(20, 0.8, [0.7, 0.7]) }),
       summarise({ ...rtt, system: "nimble-psgd4-direct", steps: 20, series: series(20, 0.4, [0.3, 0.3]) }),
       summarise({ ...rtt, system: "nimble-psgd4-auto", steps: 20, series: series(20, 0.4, [0.3, 0.3]), collective: collective("direct", 0, 60) }),
     ];
@@ -107,7 +107,11 @@ describe("WAN benchmark, the direct all-reduce's rows", () => {
     expect(table).toContain("| m | 100 Mbit/s | 100 ms | 1.00 | 2.00 | 2.00x | 1.25 | 2.50 | 2.50 | 2.00x | 2.00x | direct (up to 5.00 MB) |");
     expect(table).toContain("| m | 100 ms | nimble-psgd4-auto | 0 / 60 | direct 120.0 | 0.20 MB: direct | 320.0 / 110.0 | rtt 100 ms, 100 Mbit/s, alpha refined to 52.0 ms |");
     expect(markdownTable(results)).toContain("Direct (butterfly) all-reduce against the ring");
+    expect(directTable(results)).toContain("| m | 100 ms | nimble-ring | 20 / 0 | ring 330.0 |");
     expect(directTable({ ...results, runs: runs.slice(0, 1) })).toBe("");
+    // Without rows of its own part, the ring figures are the matrix's.
+    const matrix = [{ ...runs[0], system: "nimble" }, runs[1]];
+    expect(directTable({ ...results, runs: matrix })).toContain("| m | 100 Mbit/s | 100 ms | 1.00 | 2.00 | 2.00x |");
   });
 });
 
