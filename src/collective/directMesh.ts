@@ -11,9 +11,9 @@ export function isDirectGroup(group: string | undefined): boolean {
   return group !== undefined && group.startsWith(DIRECT_GROUP_PREFIX);
 }
 
-/** Every pair of `members`, as pair groups (none below `minMembers`). */
-export function pairSpecs(members: readonly number[], minMembers = 2): HostGroupSpec[] {
-  if (members.length < Math.max(2, minMembers)) return [];
+/** Every pair of `members`, as pair groups (none below `minMembers` or above `maxMembers`). */
+export function pairSpecs(members: readonly number[], minMembers = 2, maxMembers = Infinity): HostGroupSpec[] {
+  if (members.length < Math.max(2, minMembers) || members.length > maxMembers) return [];
   const out: HostGroupSpec[] = [];
   for (let i = 0; i < members.length; i++) {
     for (let j = i + 1; j < members.length; j++) {
@@ -27,8 +27,10 @@ export function pairSpecs(members: readonly number[], minMembers = 2): HostGroup
 export interface DirectMeshOptions extends GroupOptions {
   /** Ring members at the start, in ring order (positions); none for a host joining a running job. */
   members: readonly number[];
-  /** Pairs are linked only while the ring has at least this many members (2 or more). */
+  /** Pairs are linked only while the ring has at least this many members (2 or more)... */
   minMembers: number;
+  /** ...and at most this many (default: any). */
+  maxMembers?: number;
 }
 
 /**
@@ -41,6 +43,7 @@ export class DirectMeshes {
   readonly #groups: GroupMeshes;
   readonly #local: readonly number[];
   readonly #minMembers: number;
+  readonly #maxMembers: number;
   #members: number[];
   #epoch = 0;
   readonly #reducers = new Map<number, { epoch: number; reducer: DirectAllReduce }>();
@@ -48,6 +51,7 @@ export class DirectMeshes {
   constructor(opts: DirectMeshOptions, private readonly events: GroupEvents) {
     this.#local = opts.local;
     this.#minMembers = Math.max(2, opts.minMembers);
+    this.#maxMembers = opts.maxMembers ?? Infinity;
     this.#members = [...opts.members];
     this.#groups = new GroupMeshes(
       opts,
@@ -58,7 +62,7 @@ export class DirectMeshes {
           events.linked(rank, epoch);
         },
       },
-      pairSpecs(this.#members, this.#minMembers),
+      pairSpecs(this.#members, this.#minMembers, this.#maxMembers),
     );
   }
 
@@ -87,7 +91,7 @@ export class DirectMeshes {
     this.#reducers.clear();
     this.#epoch = epoch;
     this.#members = [...members];
-    this.#groups.reform(epoch, pairSpecs(members, this.#minMembers), peers);
+    this.#groups.reform(epoch, pairSpecs(members, this.#minMembers, this.#maxMembers), peers);
     for (const rank of this.#local) this.#maybeBuild(rank);
   }
 
@@ -111,7 +115,7 @@ export class DirectMeshes {
 
   #maybeBuild(rank: number): void {
     const position = this.#members.indexOf(rank);
-    if (position < 0 || this.#members.length < this.#minMembers) return;
+    if (position < 0 || this.#members.length < this.#minMembers || this.#members.length > this.#maxMembers) return;
     const have = this.#reducers.get(rank);
     if (have && have.epoch === this.#epoch) return;
     const peers: { position: number; rank: number; send: FrameLink; recv: FrameLink }[] = [];

@@ -169,9 +169,9 @@ export const toProviderSchema = z.discriminatedUnion("t", [
     /**
      * The direct all-reduce (config `collective`): every rank also links to every other (pair
      * groups `direct:A:B`, src/collective/directMesh.ts) while the ring has at least
-     * `direct_min_members` members. Absent: the ring only.
+     * `direct_min_members` members (and at most `direct_max_members`). Absent: the ring only.
      */
-    collective: z.object({ direct_min_members: z.number().int().min(2).max(4096) }).optional(),
+    collective: z.object({ direct_min_members: z.number().int().min(2).max(4096), direct_max_members: z.number().int().min(2).max(4096).optional() }).optional(),
   }),
   /** Part of the package a provider asked for, in order: `offset` is the bytes sent before it. */
   z.object({ t: z.literal("package_chunk"), hash: z.string().regex(/^[0-9a-f]{64}$/), offset: count, data: bytes }),

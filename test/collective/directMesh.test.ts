@@ -87,6 +87,7 @@ describe("the direct all-reduce's links", () => {
     expect(pairSpecs([3, 0, 5]).map((s) => s.id)).toEqual(["direct:0:3", "direct:3:5", "direct:0:5"]);
     expect(pairSpecs([0, 1], 3)).toEqual([]);
     expect(pairSpecs([0, 1], 2)).toHaveLength(1);
+    expect(pairSpecs([0, 1, 2, 3], 3, 3)).toEqual([]);
   });
 
   it("links every pair, makes each rank's all-reduce, and re-forms by epoch without reporting a loss", async () => {

@@ -53,11 +53,24 @@ export function estimateGradientBytes(config: JobConfig, paramBytes: number): nu
   return Math.round(paramBytes * ratio(config.compression.method));
 }
 
+/**
+ * `auto` links every pair only up to this many members: N(N-1) links per job, and beyond it
+ * the direct all-reduce's N-1 messages per phase through each uplink rarely pay.
+ */
+export const AUTO_MAX_MEMBERS = 32;
+
 /** Which members link to every other (the job spec's `collective`): none with `ring` or a pipeline. */
 export function directMinMembers(config: JobConfig): number | null {
   if (config.parallel || config.collective.algorithm === "ring") return null;
   // With two members the direct all-reduce is the ring's own schedule: auto links pairs from three.
   return config.collective.algorithm === "direct" ? 2 : 3;
+}
+
+/** The job spec's `collective` (undefined: the ring only). */
+export function directLinksSpec(config: JobConfig): { direct_min_members: number; direct_max_members?: number } | undefined {
+  const min = directMinMembers(config);
+  if (min === null) return undefined;
+  return config.collective.algorithm === "auto" ? { direct_min_members: min, direct_max_members: AUTO_MAX_MEMBERS } : { direct_min_members: min };
 }
 
 /** Seconds of `algorithm` on `n` members, solving for the alpha that predicts `seconds` (bisection: predictions grow with alpha). */
@@ -95,10 +108,12 @@ export class CollectivePlanner {
   /** The gradient all-reduce's bytes: estimated, then the largest all-reduce of the last round. */
   gradientBytes = 0;
   #minMembers: number | null;
+  readonly #maxMembers: number;
 
   constructor(config: JobConfig, opts: { hopS?: number } = {}) {
     this.config = config.collective.algorithm;
     this.#minMembers = directMinMembers(config);
+    this.#maxMembers = config.collective.algorithm === "auto" ? AUTO_MAX_MEMBERS : Infinity;
     this.enabled = this.#minMembers !== null;
     this.tracked = !config.parallel;
     this.#hopS = opts.hopS ?? DEFAULT_HOP_S;
@@ -106,7 +121,7 @@ export class CollectivePlanner {
 
   /** Whether the choice needs measured links for `members` (auto, with the direct all-reduce possible). */
   wantsLinks(members: number): boolean {
-    return this.enabled && this.config === "auto" && this.#minMembers !== null && members >= this.#minMembers;
+    return this.enabled && this.config === "auto" && this.#minMembers !== null && members >= this.#minMembers && members <= this.#maxMembers;
   }
 
   /** The links the probe measured: the model takes the bottleneck (longest round trip, slowest upload). */
@@ -124,7 +139,7 @@ export class CollectivePlanner {
 
   /** The algorithms `members` may use now. */
   #available(members: number): Algorithm[] {
-    if (!this.enabled || members < (this.#minMembers ?? Infinity)) return ["ring"];
+    if (!this.enabled || members < (this.#minMembers ?? Infinity) || members > this.#maxMembers) return ["ring"];
     if (this.config === "direct") return ["direct"];
     if (this.config === "ring") return ["ring"];
     return ["ring", "direct"];
@@ -210,7 +225,8 @@ export class CollectivePlanner {
     const { algorithm, predictedS } = this.choose(members, bytes);
     const ms = (s: number) => `${(s * 1000).toFixed(s < 0.01 ? 2 : 1)} ms`;
     const max = this.directMaxBytes(members);
-    const why = this.config === "auto" ? (this.#available(members).length === 1 ? ` (fewer than ${this.#minMembers} members: ring)` : "") : " (as configured)";
+    const why =
+      this.config !== "auto" ? " (as configured)" : this.#available(members).length > 1 ? "" : members > this.#maxMembers ? ` (more than ${this.#maxMembers} members: ring)` : ` (fewer than ${this.#minMembers} members: ring)`;
     const rule =
       this.config !== "auto" || this.#available(members).length === 1 ? "" : max === null ? "; direct at every size" : max === 0 ? "; ring at every size" : `; direct for all-reduces up to ${formatBytes(max)}`;
     const l = this.#link;

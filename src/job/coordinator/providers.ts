@@ -1,5 +1,5 @@
 import { randomUUID } from "node:crypto";
-import { directMinMembers } from "./collective.js";
+import { directLinksSpec } from "./collective.js";
 import { statSync } from "node:fs";
 import { readFile } from "node:fs/promises";
 import os from "node:os";
@@ -266,7 +266,7 @@ export class Providers {
       ring: this.ringPeers(),
       ...(join ? { join: true } : {}),
       ...(this.pipeline ? { pipeline: this.pipeline } : {}),
-      ...(directMinMembers(this.config) !== null ? { collective: { direct_min_members: directMinMembers(this.config)! } } : {}),
+      ...(directLinksSpec(this.config) ? { collective: directLinksSpec(this.config)! } : {}),
     });
   }
 

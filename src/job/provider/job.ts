@@ -126,6 +126,7 @@ export class ProviderJob {
               local: spec.ranks.map((r) => r.rank),
               members: spec.join ? [] : [...Array(spec.world_size).keys()],
               minMembers: direct.direct_min_members,
+              maxMembers: direct.direct_max_members,
               peers: new Map(spec.ring.map((r) => [r.rank, { url: r.url, key: r.key }])),
               hello: (group, from, to, epoch, binding) => auth.ringHello(spec, from, to, epoch, binding, group),
               heartbeatMs: this.#heartbeatMs,

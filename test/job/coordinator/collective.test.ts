@@ -1,7 +1,7 @@
 import { describe, expect, it } from "vitest";
 import { predictAllReduceS } from "../../../src/collective/costModel.js";
 import { parseConfigText } from "../../../src/config/load.js";
-import { CollectivePlanner, directMinMembers, estimateGradientBytes } from "../../../src/job/coordinator/collective.js";
+import { CollectivePlanner, directLinksSpec, directMinMembers, estimateGradientBytes } from "../../../src/job/coordinator/collective.js";
 import path from "node:path";
 import { REPO_ROOT } from "../../helpers/processes.js";
 
@@ -16,6 +16,9 @@ describe("the coordinator's choice of ring or direct", () => {
     expect(directMinMembers(config("collective: {algorithm: direct}\n"))).toBe(2);
     expect(directMinMembers(config("collective: {algorithm: ring}\n"))).toBeNull();
     expect(directMinMembers(config("local_workers: 2\nparallel: {pipeline_stages: 2}\ncompression: {method: none}\n"))).toBeNull();
+    expect(directLinksSpec(config())).toEqual({ direct_min_members: 3, direct_max_members: 32 });
+    expect(directLinksSpec(config("collective: {algorithm: direct}\n"))).toEqual({ direct_min_members: 2 });
+    expect(directLinksSpec(config("collective: {algorithm: ring}\n"))).toBeUndefined();
   });
 
   it("auto over slow, far links: direct for the gradient all-reduce, predictions from the bottleneck link, a size rule for the orders", () => {
@@ -104,5 +107,8 @@ describe("the coordinator's choice of ring or direct", () => {
     expect(p.describe(4)).toMatch(/^Collective: (ring|direct) for the gradient all-reduce of 1\.5 MB among 4: predicted ring [\d.]+ ms, direct [\d.]+ ms \(measured link: rtt 100\.0 ms, 12\.5 MB\/s\); direct/);
     expect(new CollectivePlanner(config("collective: {algorithm: ring}\n")).describe(4)).toMatch(/^Collective: ring \(as configured\)/);
     expect(p.describe(2)).toMatch(/^Collective: ring \(fewer than 3 members: ring\)/);
+    expect(p.describe(33)).toMatch(/^Collective: ring \(more than 32 members: ring\)/);
+    expect(p.wantsLinks(33)).toBe(false);
+    expect(p.orderField(33)).toBeUndefined();
   });
 });
