@@ -18,6 +18,16 @@
 // Writes results/wan.json (every run, every figure, per-step series), results/wan.md (the
 // table) and results/wan.svg (validation loss against training time, 100 Mbit/s).
 //
+//   sudo npm run bench:wan -- --parts direct    # only the direct all-reduce's rows (~15 min)
+//
+// Parts of the matrix suite (--parts, default matrix): `matrix`, the table above; `direct`,
+// the direct (butterfly) all-reduce against the ring: MNIST and char-LM at 100 Mbit/s, RTT 50
+// and 100 ms, uncompressed and PowerSGD r4, each with collective ring, direct (and auto for
+// PowerSGD): rows nimble-ring, nimble-direct, nimble-psgd4-ring, nimble-psgd4-direct and
+// nimble-psgd4-auto, in namespaces prefixed "ndir-". A part's runs replace those of the same
+// model, system, rate and RTT in results/wan.json; the others there are kept (and, without
+// the matrix part, the file's heading).
+//
 //   sudo npm run bench:wan -- --suite diloco    # DiLoCo rows beside DDP and PowerSGD r4 (~40 min)
 //
 // The DiLoCo suite: char-LM, 600 inner steps, 4 providers at 100 Mbit/s, RTT 0 and 100 ms;
@@ -29,7 +39,7 @@
 // whose mean samples/s compute utilisation is defined. Writes results/wan-diloco.{json,md,svg}.
 // --steps, --rtts, --systems (a system may come twice), --cap-s apply.
 import { execFileSync, spawn } from "node:child_process";
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { createInterface } from "node:readline";
@@ -64,12 +74,23 @@ const MODELS = {
     target_val_loss: 2.55,
   },
 };
+// Nimble's rows pin `collective` (the matrix was measured on the ring; auto is the default).
+const PSGD4 = { method: "powersgd", rank: 4, start_step: 4 };
 const SYSTEMS = {
-  nimble: { engine: "nimble", compression: { method: "none" } },
-  // The same without orders ahead: each step waits one control round trip for its orders.
-  "nimble-inturn": { engine: "nimble", compression: { method: "none" }, ordersAhead: "off" },
-  "nimble-psgd1": { engine: "nimble", compression: { method: "powersgd", rank: 1, start_step: 4 } },
-  "nimble-psgd4": { engine: "nimble", compression: { method: "powersgd", rank: 4, start_step: 4 } },
+  nimble: { engine: "nimble", compression: { method: "none" }, collective: { algorithm: "ring" } },
+  "nimble-psgd1": { engine: "nimble", compression: { method: "powersgd", rank: 1, start_step: 4 }, collective: { algorithm: "ring" } },
+  "nimble-psgd4": { engine: "nimble", compression: PSGD4, collective: { algorithm: "ring" } },
+  // The direct all-reduce (`collective: direct`), the coordinator's choice (`auto`), and the
+  // ring rows they are held to, run beside them (the matrix's rows are kept as they were).
+  "nimble-ring": { engine: "nimble", compression: { method: "none" }, collective: { algorithm: "ring" } },
+  "nimble-psgd4-ring": { engine: "nimble", compression: PSGD4, collective: { algorithm: "ring" } },
+  "nimble-direct": { engine: "nimble", compression: { method: "none" }, collective: { algorithm: "direct" } },
+  "nimble-psgd4-direct": { engine: "nimble", compression: PSGD4, collective: { algorithm: "direct" } },
+  "nimble-psgd4-auto": { engine: "nimble", compression: PSGD4, collective: { algorithm: "auto" } },
+  // As shipped (collective auto, orders ahead auto), and the same with orders ahead off:
+  // each step then waits one control round trip for its orders.
+  "nimble-auto": { engine: "nimble", compression: { method: "none" }, collective: { algorithm: "auto" } },
+  "nimble-inturn": { engine: "nimble", compression: { method: "none" }, collective: { algorithm: "auto" }, ordersAhead: "off" },
   ddp: { engine: "ddp", compression: { method: "none" } },
   "ddp-psgd4": { engine: "ddp", compression: { method: "powersgd", rank: 4, start_step: 4 } },
 };
@@ -101,11 +122,22 @@ const SUITE = {
   cap_s: 400,
 };
 const inDiloco = suite === "diloco";
+/** The direct all-reduce's part: its own rows, scenarios and namespaces. */
+const DIRECT = {
+  models: "mnist,charlm",
+  rates: "100mbit",
+  rtts: "50,100",
+  systems: "nimble-ring,nimble-direct,nimble-psgd4-ring,nimble-psgd4-direct,nimble-psgd4-auto",
+  prefix: "ndir-",
+};
+const parts = inDiloco ? ["diloco"] : list("parts", "matrix");
+for (const p of parts) if (!inDiloco && !["matrix", "direct"].includes(p)) throw new Error(`--parts: expected matrix and/or direct, found ${p}`);
+const onlyDirect = !inDiloco && parts.length === 1 && parts[0] === "direct";
 const RATES = { "1gbit": 1e9, "100mbit": 100e6, "20mbit": 20e6 };
-const models = inDiloco ? [SUITE.model] : list("models", "mnist,charlm");
-const rates = list("rates", inDiloco ? SUITE.rates : quick ? "100mbit" : "1gbit,100mbit,20mbit");
-const rtts = list("rtts", inDiloco ? SUITE.rtts : quick ? "0" : "0,50,100").map(Number);
-const systems = list("systems", inDiloco ? SUITE.systems : MATRIX_SYSTEMS.join(","));
+const models = inDiloco ? [SUITE.model] : list("models", onlyDirect ? DIRECT.models : "mnist,charlm");
+const rates = list("rates", inDiloco ? SUITE.rates : onlyDirect ? DIRECT.rates : quick ? "100mbit" : "1gbit,100mbit,20mbit");
+const rtts = list("rtts", inDiloco ? SUITE.rtts : onlyDirect ? DIRECT.rtts : quick ? "0" : "0,50,100").map(Number);
+const systems = list("systems", inDiloco ? SUITE.systems : onlyDirect ? DIRECT.systems : MATRIX_SYSTEMS.join(","));
 for (const m of models) if (!MODELS[m]) throw new Error(`--models: unknown model ${m} (known: ${Object.keys(MODELS).join(", ")})`);
 for (const r of rates) if (!RATES[r]) throw new Error(`--rates: unknown rate ${r} (known: ${Object.keys(RATES).join(", ")})`);
 for (const s of systems) if (!SYSTEMS[s]) throw new Error(`--systems: unknown system ${s} (known: ${Object.keys(SYSTEMS).join(", ")})`);
@@ -126,7 +158,7 @@ const log = (line) => process.stderr.write(`${line}\n`);
 const whyNot = cannotMakeNamespaces();
 const shaping = whyNot ? "transport" : "netns+tbf";
 if (whyNot) log(`bench:wan: cannot make network namespaces (${whyNot}): shaping inside Nimble's transport instead (--link-rate); DDP runs UNSHAPED on loopback and its figures are not comparable`);
-const wan = whyNot ? null : makeWan(["c", ...Array.from({ length: WORKERS }, (_, i) => `p${i}`)]);
+const wan = whyNot ? null : makeWan(["c", ...Array.from({ length: WORKERS }, (_, i) => `p${i}`)], parts.includes("direct") ? { prefix: DIRECT.prefix } : {});
 const coordHost = wan?.hosts[0];
 const providerHosts = wan ? wan.hosts.slice(1) : Array.from({ length: WORKERS }, () => null);
 const inHost = (host, cmd) => (host ? [...wan.exec(host), ...cmd] : cmd);
@@ -242,6 +274,7 @@ async function runNimble(name, m, system, providers, steps) {
     leave_out_slow: false, // all links are equal here; keep all 4 workers, as DDP does
     ...(strategy ? { strategy } : { compression: SYSTEMS[system].compression }),
     ...(SYSTEMS[system].ordersAhead ? { strategy: { name: "sync", orders_ahead: SYSTEMS[system].ordersAhead } } : {}),
+    ...(SYSTEMS[system].collective ? { collective: SYSTEMS[system].collective } : {}),
     providers: providers.map((p) => ({ address: p.address, token: p.token })),
     output: path.join(tmp, "runs"),
   };
@@ -296,7 +329,14 @@ async function runNimble(name, m, system, providers, steps) {
     ...(r.diloco ? { inner_steps: r.step - (i === 0 ? -1 : metrics[i - 1].step), sync_comm_s: r.diloco.comm_s, hidden_s: r.diloco.hidden_s, round: r.diloco.round, fragment: r.diloco.fragment } : {}),
   }));
   const stepsDone = metrics[metrics.length - 1].step + 1;
-  return { series, capped: capped.at !== null && stepsDone < steps, strategy };
+  // The all-reduces' algorithm: what the coordinator chose and saw (summary.json's `collective`).
+  let collective = null;
+  try {
+    collective = JSON.parse(readFileSync(path.join(runDir, "summary.json"), "utf8")).collective ?? null;
+  } catch {
+    // a capped run may have none
+  }
+  return { series, capped: capped.at !== null && stepsDone < steps, strategy, collective };
 }
 
 async function runDdp(name, m, system, rttMs, steps) {
@@ -398,6 +438,28 @@ const results = {
   runs: [],
 };
 mkdirSync(outDir, { recursive: true });
+// A part's runs replace the same scenarios' runs of an earlier results file; the others stay.
+const earlier = (() => {
+  const file = path.join(outDir, `${outBase}.json`);
+  if (inDiloco || !existsSync(file)) return null;
+  try {
+    return JSON.parse(readFileSync(file, "utf8"));
+  } catch {
+    return null;
+  }
+})();
+const runKey = (r) => `${r.model}|${r.system}|${r.rate}|${r.rtt_ms}`;
+const planned = new Set(rtts.flatMap((rtt) => rates.flatMap((rate) => models.flatMap((model) => systems.map((system) => runKey({ model, system, rate, rtt_ms: rtt }))))));
+const thisPart = { date: results.date, load_avg_start: results.load_avg_start };
+if (earlier) {
+  results.runs = (earlier.runs ?? []).filter((r) => !planned.has(runKey(r)));
+  // Without the matrix, the file's heading (its date, machine, load) stays the matrix's.
+  if (!parts.includes("matrix")) for (const k of ["date", "machine", "load_avg_start", "load_avg_end", "total_min"]) if (earlier[k] !== undefined) results[k] = earlier[k];
+}
+if (!inDiloco) {
+  const before = earlier?.parts && !Array.isArray(earlier.parts) ? earlier.parts : {};
+  results.parts = { ...before, ...Object.fromEntries(parts.map((p) => [p, thisPart])) };
+}
 const report = inDiloco ? dilocoMarkdown : markdownTable;
 const save = () => {
   writeFileSync(path.join(outDir, `${outBase}.json`), JSON.stringify(results, null, 2) + "\n");
@@ -441,7 +503,13 @@ try {
               continue;
             }
             const wire = before === null ? null : wireBytes() - before;
-            const extra = out.strategy ? { strategy: out.strategy, ...(SYSTEMS[system].reference ? { reference: true } : {}) } : {};
+            const extra = {
+              ...(out.strategy ? { strategy: out.strategy, ...(SYSTEMS[system].reference ? { reference: true } : {}) } : {}),
+              ...(SYSTEMS[system].collective ? { collective_config: SYSTEMS[system].collective.algorithm } : {}),
+              ...(out.collective ? { collective: out.collective } : {}),
+              part: parts.join(","),
+              measured_at: new Date().toISOString(),
+            };
             const capped = out.capped ? { capped: true, cap_s: capS } : {};
             const run = summarise({ model, system, rate, rate_bits: RATES[rate], rtt_ms: rtt, steps, ...capped, ...extra, load_avg_1min: load, wall_s: (Date.now() - started) / 1000, wire_bytes: wire, series: out.series, batch: m.batch, target: m.target_val_loss, compressed_from: SYSTEMS[system].compression?.start_step ?? 0 });
             results.runs.push(run);
@@ -463,8 +531,10 @@ try {
   killChildren();
   wan?.close();
 }
-results.total_min = Math.round((Date.now() - t0) / 6000) / 10;
-results.load_avg_end = os.loadavg().map((x) => Math.round(x * 100) / 100);
+Object.assign(parts.includes("matrix") || inDiloco ? results : thisPart, {
+  total_min: Math.round((Date.now() - t0) / 6000) / 10,
+  load_avg_end: os.loadavg().map((x) => Math.round(x * 100) / 100),
+});
 save();
 process.stdout.write(report(results));
 log(`wrote ${path.relative(root, path.join(outDir, `${outBase}.json`))}, ${outBase}.md, ${outBase}.svg (${((Date.now() - t0) / 60000).toFixed(1)} min)`);

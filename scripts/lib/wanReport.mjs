@@ -178,6 +178,54 @@ export function compactTable(results) {
   return lines.join("\n") + "\n";
 }
 
+const DIRECT_SYSTEMS = ["nimble-direct", "nimble-psgd4-direct", "nimble-psgd4-auto"];
+/** The ring rows the direct ones are held to: run beside them (`--parts direct`), else the matrix's. */
+const RING_OF = { "nimble-direct": ["nimble-ring", "nimble"], "nimble-psgd4-direct": ["nimble-psgd4-ring", "nimble-psgd4"] };
+
+/**
+ * The direct all-reduce against the ring, per scenario that has its rows: steps/s of each
+ * (uncompressed, and PowerSGD r4 with ring, direct and auto), the ratios, and what the
+ * coordinator's cost model predicted for one gradient all-reduce against what it saw
+ * (summary.json's `collective`: the least-waiting member's mean all-reduce time).
+ */
+export function directTable(results) {
+  const groups = scenarios(results).filter((g) => DIRECT_SYSTEMS.some((s) => g.runs[s]));
+  if (groups.length === 0) return "";
+  const ok = (g, s) => (g.runs[s] && !g.runs[s].error ? g.runs[s] : null);
+  const ringOf = (g, s) => RING_OF[s].find((r) => ok(g, r)) ?? RING_OF[s][0];
+  const sps = (g, s) => (ok(g, s) ? fixed(ok(g, s).steps_per_s) : "—");
+  const x = (g, a, b) => {
+    const r = ratio(ok(g, a)?.steps_per_s, ok(g, b)?.steps_per_s);
+    return r === null ? "—" : `${r.toFixed(2)}x`;
+  };
+  const lines = [
+    "Direct (butterfly) all-reduce against the ring (`collective.algorithm`; 4 providers):",
+    "",
+    "| model | link | RTT | ring steps/s | direct steps/s | direct / ring | PowerSGD r4: ring | direct | auto | direct / ring | auto / ring | auto chose |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+  ];
+  for (const g of groups) {
+    const auto = ok(g, "nimble-psgd4-auto")?.collective;
+    const chose = auto ? `${auto.algorithm}${auto.direct_max_bytes === null ? " (any size)" : auto.direct_max_bytes > 0 ? ` (up to ${(auto.direct_max_bytes / 1e6).toFixed(2)} MB)` : ""}` : "—";
+    lines.push(
+      `| ${g.model} | ${rateName(g.rate_bits)} | ${g.rtt_ms} ms | ${sps(g, ringOf(g, "nimble-direct"))} | ${sps(g, "nimble-direct")} | ${x(g, "nimble-direct", ringOf(g, "nimble-direct"))} | ${sps(g, ringOf(g, "nimble-psgd4-direct"))} | ${sps(g, "nimble-psgd4-direct")} | ${sps(g, "nimble-psgd4-auto")} | ${x(g, "nimble-psgd4-direct", ringOf(g, "nimble-psgd4-direct"))} | ${x(g, "nimble-psgd4-auto", ringOf(g, "nimble-psgd4-direct"))} | ${chose} |`,
+    );
+  }
+  const ms = (v) => (v === null || v === undefined ? "—" : `${(v * 1000).toFixed(1)}`);
+  lines.push("", "| model | RTT | system | all-reduces (ring / direct) | mean all-reduce ms, measured | gradient all-reduce | predicted ring / direct ms | model's link |", "| --- | --- | --- | --- | --- | --- | --- | --- |");
+  for (const g of groups) {
+    for (const s of ["nimble-ring", "nimble", "nimble-direct", "nimble-psgd4-ring", "nimble-psgd4", ...DIRECT_SYSTEMS.slice(1)]) {
+      const c = ok(g, s)?.collective;
+      if (!c) continue;
+      const o = c.observed;
+      const measured = [o.ring.count ? `ring ${ms(o.ring.mean_s)}` : null, o.direct.count ? `direct ${ms(o.direct.mean_s)}` : null].filter(Boolean).join(", ") || "—";
+      const link = c.link.source === "measured" ? `rtt ${c.link.rtt_ms.toFixed(0)} ms, ${((c.link.rate_bytes_per_s * 8) / 1e6).toFixed(0)} Mbit/s${c.refined_alpha_s !== null ? `, alpha refined to ${ms(c.refined_alpha_s)} ms` : ""}` : "not measured (loopback assumed)";
+      lines.push(`| ${g.model} | ${g.rtt_ms} ms | ${s} | ${o.ring.count} / ${o.direct.count} | ${measured} | ${(c.bytes / 1e6).toFixed(2)} MB: ${c.algorithm} | ${ms(c.predicted_s.ring)} / ${ms(c.predicted_s.direct)} | ${link} |`);
+    }
+  }
+  return lines.join("\n") + "\n";
+}
+
 /** The results as markdown: one table of every run, then the targets. */
 export function markdownTable(results) {
   const lines = [
@@ -211,6 +259,8 @@ export function markdownTable(results) {
       lines.push(`${head} | ${fixed(run.steps_per_s)} | ${vsDdp} | ${pct(run.compute_utilisation)} | ${unshaped ? "—" : pct(run.busbw_fraction)} | ${run.wire_bytes_per_step === null ? "—" : (run.wire_bytes_per_step / 1e6).toFixed(2)} | ${ttt} | ${tttVs} | ${fixed(run.final_val_loss, 3)} |`);
     }
   }
+  const direct = directTable(results);
+  if (direct) lines.push("", direct);
   const t = targets(results);
   if (t.length) {
     lines.push("", "| target | where | measured | met |", "| --- | --- | --- | --- |");
@@ -224,6 +274,7 @@ export function markdownTable(results) {
 
 const COLOURS = {
   nimble: "#1f77b4", "nimble-psgd1": "#2ca02c", "nimble-psgd4": "#17becf", ddp: "#d62728", "ddp-psgd4": "#ff7f0e",
+  "nimble-direct": "#393b79", "nimble-psgd4-direct": "#637939", "nimble-psgd4-auto": "#8c6d31", "nimble-ring": "#6baed6", "nimble-psgd4-ring": "#9edae5",
   "diloco-h50-int8": "#9467bd", "diloco-h50-int4": "#8c564b", "diloco-h100-int8": "#e377c2", "diloco-h100-int8-f4t2": "#bcbd22",
 };
 

@@ -1,4 +1,4 @@
-import type { FrameLink, LinkOptions, RingHello } from "../net/link.js";
+import { CLOSE_ABORTED, type FrameLink, type LinkOptions, type RingHello } from "../net/link.js";
 import { CLOSE_REFORM, Mesh, RING_CONNECT_TIMEOUT_MS, type IncomingLink, type RingPeer } from "./mesh.js";
 import { PipeChannel } from "./pipe.js";
 import { RingAllReduce } from "./ring.js";
@@ -8,11 +8,35 @@ import { RingAllReduce } from "./ring.js";
  * a stage's replicas all-reducing that stage's gradient (`ring`, id `stage:S`), or two
  * consecutive stages' workers exchanging activations and their gradients (`pipe`, id
  * `pipe:A:B`, members [A, B]). The coordinator names them; they re-form with the ring.
+ * A `pair` (id `direct:A:B`, members [A, B]) is just the two one-way links between two
+ * ranks, for the direct all-reduce (src/collective/directMesh.ts derives them from the
+ * ring's members: every pair of them).
  */
 export interface GroupSpec {
   id: string;
   kind: "ring" | "pipe";
   members: number[];
+}
+
+/** What a host's GroupMeshes holds: the coordinator's groups, or pairs it derives itself (never on the wire). */
+export interface HostGroupSpec extends Omit<GroupSpec, "kind"> {
+  kind: GroupSpec["kind"] | "pair";
+}
+
+/** A pair group's links, as its mesh hands them over: to the other rank (`next`) and from it (`prev`). */
+export class PairLinks {
+  constructor(
+    readonly rank: number,
+    readonly peer: number,
+    readonly next: FrameLink | null,
+    readonly prev: FrameLink | null,
+  ) {}
+
+  /** Close both links (what uses them fails, naming the peer). */
+  abort(reason: string): void {
+    this.next?.close(CLOSE_ABORTED, reason);
+    this.prev?.close(CLOSE_ABORTED, reason);
+  }
 }
 
 export interface GroupEvents {
@@ -32,10 +56,10 @@ export interface GroupOptions {
   link?: LinkOptions;
 }
 
-type Channel = RingAllReduce | PipeChannel;
+type Channel = RingAllReduce | PipeChannel | PairLinks;
 
 interface Group {
-  spec: GroupSpec;
+  spec: HostGroupSpec;
   mesh: Mesh<Channel>;
 }
 
@@ -52,7 +76,7 @@ export class GroupMeshes {
     private readonly opts: GroupOptions,
     private readonly events: GroupEvents,
     /** The groups of the first epoch (none for a host joining a running job: its `ring` names them). */
-    initial: readonly GroupSpec[] = [],
+    initial: readonly HostGroupSpec[] = [],
   ) {
     this.#peers = new Map(opts.peers);
     // Made now, so that a peer's hello arriving before `start` finds its group.
@@ -92,8 +116,17 @@ export class GroupMeshes {
     return null;
   }
 
+  /** The links between `rank` and `peer` of their pair group (null: none, or not linked in this epoch). */
+  pair(rank: number, peer: number): PairLinks | null {
+    for (const g of this.#groups.values()) {
+      const m = g.spec.members;
+      if (g.spec.kind === "pair" && m.includes(rank) && m.includes(peer)) return g.mesh.isLinked(rank) ? (g.mesh.ringOf(rank) as PairLinks | null) : null;
+    }
+    return null;
+  }
+
   /** A new epoch: groups gone are closed, the others re-form with their members now. */
-  reform(epoch: number, specs: readonly GroupSpec[], peers: readonly ({ rank: number } & RingPeer)[]): void {
+  reform(epoch: number, specs: readonly HostGroupSpec[], peers: readonly ({ rank: number } & RingPeer)[]): void {
     if (epoch <= this.#epoch) throw new Error(`group epoch ${epoch} is not after ${this.#epoch}`);
     this.#epoch = epoch;
     for (const p of peers) this.#peers.set(p.rank, { url: p.url, key: p.key });
@@ -155,11 +188,11 @@ export class GroupMeshes {
     this.#early = [];
   }
 
-  #mine(specs: readonly GroupSpec[]): GroupSpec[] {
+  #mine(specs: readonly HostGroupSpec[]): HostGroupSpec[] {
     return specs.filter((s) => s.members.length > 1 && s.members.some((r) => this.opts.local.includes(r)));
   }
 
-  #make(spec: GroupSpec, members: readonly number[]): Group {
+  #make(spec: HostGroupSpec, members: readonly number[]): Group {
     const local = this.opts.local.filter((r) => spec.members.includes(r));
     const id = spec.id;
     const mesh = new Mesh<Channel>(
@@ -181,7 +214,9 @@ export class GroupMeshes {
       (l) =>
         spec.kind === "pipe"
           ? new PipeChannel({ rank: l.rank, peer: l.nextRank, next: l.next, prev: l.prev })
-          : new RingAllReduce({ rank: l.position, size: l.size, next: l.next, prev: l.prev }),
+          : spec.kind === "pair"
+            ? new PairLinks(l.rank, l.nextRank, l.next, l.prev)
+            : new RingAllReduce({ rank: l.position, size: l.size, next: l.next, prev: l.prev }),
     );
     const group = { spec, mesh };
     this.#groups.set(id, group);

@@ -204,6 +204,16 @@ export const parallelSchema = z
   })
   .strict();
 
+/**
+ * How the job's all-reduces run: `ring` (2(N-1) hops, each member sends to the next),
+ * `direct` (2 hops: every member sends each slice straight to its owner, which sends the
+ * sum back to all: src/collective/direct.ts), or `auto`: the coordinator chooses per
+ * all-reduce from an alpha-beta cost model of the links it measured in the job
+ * (src/job/coordinator/collective.ts).
+ */
+export const COLLECTIVE_ALGORITHMS = ["auto", "ring", "direct"] as const;
+export const collectiveSchema = z.object({ algorithm: z.enum(COLLECTIVE_ALGORITHMS).default("auto") }).strict();
+
 export const providerSchema = z
   .object({
     address: z.string().regex(ADDRESS_PATTERN),
@@ -236,6 +246,8 @@ export const jobConfigSchema = z
     strategy: defaultName("sync", strategySchema.default({ name: "sync" })),
     /** Pipeline parallelism; absent (no pipeline) when not given, so the parsed config has no key. */
     parallel: nullAsAbsent(parallelSchema.optional()),
+    /** How all-reduces run: ring, direct, or chosen per all-reduce from the links (auto). */
+    collective: nullAsAbsent(collectiveSchema.default({})),
     /** How each step's batch is split: by measured worker speed (default) or equally. */
     balance: z.enum(["measured", "equal"]).default("measured"),
     /**
@@ -305,6 +317,7 @@ export type CompressionConfig = JobConfig["compression"];
 export type LrScheduleConfig = JobConfig["lr_schedule"];
 export type StrategyConfig = JobConfig["strategy"];
 export type ParallelConfig = NonNullable<JobConfig["parallel"]>;
+export type CollectiveConfig = JobConfig["collective"];
 export type ProviderConfig = JobConfig["providers"][number];
 
 export interface RawIssue {
@@ -350,6 +363,14 @@ export function crossFieldIssues(raw: unknown, opts: { localWorkers?: number } =
         message: `expected an integer < ${horizon === raw.steps ? "steps" : "decay_steps"} (${horizon}), found ${sched.warmup_steps}`,
       });
     }
+  }
+
+  const collective = raw.collective;
+  if (isRecord(collective) && collective.algorithm === "direct" && raw.parallel !== undefined && raw.parallel !== null) {
+    issues.push({
+      path: ["collective", "algorithm"],
+      message: "direct is not available with parallel (pipeline stages all-reduce on their stage rings); use ring or auto",
+    });
   }
 
   issues.push(...dilocoIssues(raw));

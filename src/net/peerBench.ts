@@ -3,7 +3,7 @@ import { z } from "zod";
 import { ProtocolError, UserError, errorMessage } from "../errors.js";
 import { KEY_PATTERN } from "../identity/identity.js";
 import type { BenchHello } from "./auth.js";
-import { keyProblem } from "./link.js";
+import { afterLatency, keyProblem } from "./link.js";
 import { sessionBinding, TLS_CLIENT_OPTIONS } from "./tls.js";
 
 /**
@@ -79,14 +79,20 @@ function parse(data: WebSocket.RawData, isBinary: boolean): BenchMessage {
   return m as BenchMessage;
 }
 
-/** Provider side of `/bench`: authenticate, answer pings, count a bulk upload. */
-export function servePeerBench(ws: WebSocket, accepts: (hello: BenchHello, binding: Buffer | null) => boolean): void {
+/**
+ * Provider side of `/bench`: authenticate, answer pings, count a bulk upload. `latencyMs`
+ * (the --latency testing aid): each message is handled that long after it arrived, as on
+ * ring and control links.
+ */
+export function servePeerBench(ws: WebSocket, accepts: (hello: BenchHello, binding: Buffer | null) => boolean, latencyMs?: number): void {
   let authed = false;
   let expecting = 0;
   let received = 0;
   const fail = (code: number, why: string) => ws.close(code, why);
   const timer = setTimeout(() => fail(4003, "no hello"), 10_000);
-  ws.on("message", (data, isBinary) => {
+  ws.on("message", (data, isBinary) => afterLatency(latencyMs, () => handle(data, isBinary)));
+  const handle = (data: WebSocket.RawData, isBinary: boolean) => {
+    if (ws.readyState !== WebSocket.OPEN) return;
     if (isBinary) {
       if (!authed || expecting === 0) return fail(4000, "unexpected data");
       received += (data as Buffer).length;
@@ -116,7 +122,7 @@ export function servePeerBench(ws: WebSocket, accepts: (hello: BenchHello, bindi
       expecting = m.bytes;
       received = 0;
     } else fail(4000, "invalid message");
-  });
+  };
   ws.on("close", () => clearTimeout(timer));
   ws.on("error", () => {});
 }
@@ -125,7 +131,7 @@ export function servePeerBench(ws: WebSocket, accepts: (hello: BenchHello, bindi
 export async function measurePeer(
   address: string,
   makeHello: (binding: Buffer) => BenchHello,
-  opts: { pings?: number; bytes?: number; throttle?: (bytes: number) => Promise<void>; expectKey?: string } = {},
+  opts: { pings?: number; bytes?: number; throttle?: (bytes: number) => Promise<void>; expectKey?: string; latencyMs?: number } = {},
 ): Promise<PeerMeasurement> {
   const withScheme = /^wss?:\/\//.test(address) ? address : `wss://${address}`;
   const url = new URL(withScheme);
@@ -151,18 +157,20 @@ export async function measurePeer(
     });
     ws.once("error", (err) => reject(new UserError(`Cannot reach ${address}: ${errorMessage(err)}`, "Is `nimble provide` running there?")));
   });
-  ws.on("message", (data, isBinary) => {
-    let m: BenchMessage;
-    try {
-      m = parse(data, isBinary);
-    } catch {
-      ws.terminate();
-      return;
-    }
-    const w = waiters.shift();
-    if (w) w.resolve(m);
-    else inbox.push(m);
-  });
+  ws.on("message", (data, isBinary) =>
+    afterLatency(opts.latencyMs, () => {
+      let m: BenchMessage;
+      try {
+        m = parse(data, isBinary);
+      } catch {
+        ws.terminate();
+        return;
+      }
+      const w = waiters.shift();
+      if (w) w.resolve(m);
+      else inbox.push(m);
+    }),
+  );
   ws.on("close", (code, reason) => {
     closed = new UserError(
       code === 4001 ? `${address} refused the bench: wrong token or key` : `${address} closed the bench connection (${code} ${reason})`,

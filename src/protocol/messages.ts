@@ -11,8 +11,10 @@ import { credentialSchema, keySchema, proofFields } from "./proofs.js";
  * 2: explicit round decisions. 3: worker orders and reports travel in `order` / `report`
  * envelopes that providers pass on without reading (src/protocol/workerOps.ts).
  * 4: TLS links; identities and session-bound proofs instead of tokens and secrets.
+ * 5: orders ahead (two live attempts, quiet decisions), the direct all-reduce's pair
+ * links and per-round choice, warm spares' `started`.
  */
-export const PROTOCOL_VERSION = 4;
+export const PROTOCOL_VERSION = 5;
 /** The largest task package a provider takes (its chunks travel one MiB at a time). */
 export const MAX_PACKAGE_BYTES = 256 * 1024 * 1024;
 /** Control messages carry the task file and checkpoints; bound them all the same. */
@@ -38,6 +40,14 @@ export const pipelineSpecSchema = z.object({
   groups: z.array(groupSpecSchema).max(16384),
 });
 export type PipelineSpec = z.infer<typeof pipelineSpecSchema>;
+
+/** How a round's all-reduces are run (the coordinator's choice, src/job/coordinator/collective.ts). */
+export const collectiveChoiceSchema = z.object({ direct_max_bytes: count.nullable() });
+export type CollectiveChoice = z.infer<typeof collectiveChoiceSchema>;
+
+/** One all-reduce a provider ran for a rank: how, its wire bytes (the buffer's, in its codec), and its seconds. */
+export const collectiveTimingSchema = z.object({ algorithm: z.enum(["ring", "direct"]), bytes: count, seconds: z.number().finite().nonnegative() });
+export type CollectiveTiming = z.infer<typeof collectiveTimingSchema>;
 
 export const deviceSchema = z.object({
   id: z.string().max(64),
@@ -162,6 +172,12 @@ export const toProviderSchema = z.discriminatedUnion("t", [
     requirements: z.object({ hash: z.string().regex(/^[0-9a-f]{64}$/), lock: z.string().max(64 * 1024) }).optional(),
     /** Pipeline parallelism (config `parallel`): the stages, and the groups each rank links into. */
     pipeline: pipelineSpecSchema.optional(),
+    /**
+     * The direct all-reduce (config `collective`): every rank also links to every other (pair
+     * groups `direct:A:B`, src/collective/directMesh.ts) while the ring has at least
+     * `direct_min_members` members (and at most `direct_max_members`). Absent: the ring only.
+     */
+    collective: z.object({ direct_min_members: z.number().int().min(2).max(4096), direct_max_members: z.number().int().min(2).max(4096).optional() }).optional(),
   }),
   /** Part of the package a provider asked for, in order: `offset` is the bytes sent before it. */
   z.object({ t: z.literal("package_chunk"), hash: z.string().regex(/^[0-9a-f]{64}$/), offset: count, data: bytes }),
@@ -171,7 +187,18 @@ export const toProviderSchema = z.discriminatedUnion("t", [
    * src/protocol/workerOps.ts) and its payload. The provider validates the order and acts
    * only on its attempts (round orders start one; an abort decision ends it).
    */
-  z.object({ t: z.literal("order"), ranks: z.array(count).min(1).max(4096), order: z.record(z.string(), z.unknown()), payload: bytes.optional() }),
+  z.object({
+    t: z.literal("order"),
+    ranks: z.array(count).min(1).max(4096),
+    order: z.record(z.string(), z.unknown()),
+    payload: bytes.optional(),
+    /**
+     * On a round order: how the round's all-reduces on the job's ring run. An all-reduce of at
+     * most `direct_max_bytes` wire bytes (null: any) takes the direct all-reduce when its links
+     * are up; the others, and every all-reduce of a round without it, take the ring.
+     */
+    collective: collectiveChoiceSchema.optional(),
+  }),
   /** Re-form the ring with only `members` (in ring order); local ranks left out stop. */
   z.object({
     t: z.literal("ring"),
@@ -255,7 +282,15 @@ export const toCoordinatorSchema = z.discriminatedUnion("t", [
    * A worker's report, passed on as it came (validated against src/protocol/workerOps.ts),
    * with the ring bytes this rank sent since its previous report.
    */
-  z.object({ t: z.literal("report"), rank: count, bytes_sent: count, report: z.record(z.string(), z.unknown()), payload: bytes.optional() }),
+  z.object({
+    t: z.literal("report"),
+    rank: count,
+    bytes_sent: count,
+    report: z.record(z.string(), z.unknown()),
+    payload: bytes.optional(),
+    /** The all-reduces this rank ran on the job's ring since its previous report, in order (the coordinator refines its cost model with them). */
+    collectives: z.array(collectiveTimingSchema).max(4096).optional(),
+  }),
   /** Upload from this rank's provider to its ring successor's; nulls when both are on one host. */
   z.object({
     t: z.literal("link"),

@@ -70,6 +70,7 @@ describe("parseConfigText", () => {
       prefetch: 2,
       compression: { method: "powersgd", rank: 4, start_step: 10, min_compression_rate: 2, error_feedback: true, warm_start: true, seed: 0 },
       strategy: { name: "sync", orders_ahead: "auto" },
+      collective: { algorithm: "auto" },
       balance: "measured",
       leave_out_slow: true,
       faults: { heartbeat_s: 10, min_workers: 1, max_restarts: 3, wait_s: 300 },
@@ -157,7 +158,7 @@ providers:
     expect(issues[0]).toMatchObject({ line: 5, col: 1, field: "stpes" });
     expect(issues[0]!.message).toContain('unknown key "stpes"');
     expect(issues[0]!.message).toContain(
-      "allowed keys: name, task, task_args, steps, batch_size, seed, optimizer, lr_schedule, grad_clip, precision, prefetch, compression, strategy, parallel, balance, leave_out_slow, eval, checkpoint, faults, providers, local_workers, output, package_limit_mb, requirements",
+      "allowed keys: name, task, task_args, steps, batch_size, seed, optimizer, lr_schedule, grad_clip, precision, prefetch, compression, strategy, parallel, collective, balance, leave_out_slow, eval, checkpoint, faults, providers, local_workers, output, package_limit_mb, requirements",
     );
   });
 
@@ -387,6 +388,41 @@ describe("compression section", () => {
     }
     expect(message).toContain(`${file}:7:9: compression.rank: expected an integer >= 1`);
     expect(message).toMatch(new RegExp(`${file}:8:\\d+: compression.ratio: unknown key "ratio"`));
+  });
+});
+
+describe("collective section", () => {
+  const file = "/tmp/nimble-collective-test/nimble.yaml";
+  const body = (section: string) => `name: c\ntask: ${PY_TASK}\nsteps: 10\nbatch_size: 8\n${section}`;
+  const message = (text: string) => {
+    try {
+      parseConfigText(text, file);
+    } catch (err) {
+      return (err as Error).message;
+    }
+    return "";
+  };
+
+  it("defaults to auto, also when the section is empty; takes ring and direct", () => {
+    expect(parseConfigText(body(""), file).config.collective).toEqual({ algorithm: "auto" });
+    expect(parseConfigText(body("collective:\n"), file).config.collective).toEqual({ algorithm: "auto" });
+    expect(parseConfigText(body("collective: {}\n"), file).config.collective).toEqual({ algorithm: "auto" });
+    expect(parseConfigText(body("collective: {algorithm: ring}\n"), file).config.collective).toEqual({ algorithm: "ring" });
+    expect(parseConfigText(body("collective:\n  algorithm: direct\n"), file).config.collective).toEqual({ algorithm: "direct" });
+  });
+
+  it("names a bad algorithm or key with its line and what is allowed", () => {
+    expect(message(body("collective:\n  algorithm: butterfly\n"))).toContain(`${file}:6:14: collective.algorithm: expected one of auto | ring | direct, found "butterfly"`);
+    expect(message(body("collective: {algorithm: 3}\n"))).toContain(`${file}:5:25: collective.algorithm: expected 'auto' | 'ring' | 'direct', found 3`);
+    expect(message(body("collective:\n  algoritm: ring\n"))).toContain(`${file}:6:3: collective.algoritm: unknown key "algoritm" in collective; allowed keys: algorithm`);
+    expect(message(body("collective: direct\n"))).toMatch(new RegExp(`${file}:5:13: collective: expected a mapping`));
+  });
+
+  it("direct is not available with parallel (stage rings)", () => {
+    expect(message(body("local_workers: 2\nparallel: {pipeline_stages: 2}\ncollective:\n  algorithm: direct\n"))).toContain(
+      `${file}:8:14: collective.algorithm: direct is not available with parallel (pipeline stages all-reduce on their stage rings); use ring or auto`,
+    );
+    expect(parseConfigText(body("local_workers: 2\nparallel: {pipeline_stages: 2}\ncompression: {method: none}\ncollective: {algorithm: auto}\n"), file).config.collective.algorithm).toBe("auto");
   });
 });
 

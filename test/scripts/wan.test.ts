@@ -4,7 +4,7 @@ import { describe, expect, it } from "vitest";
 // @ts-expect-error plain ES module without types (a benchmark helper)
 import { cannotMakeNamespaces, leftoverNamespaces, setupCommands, shapeCommand, wanHosts } from "../../scripts/lib/netns.mjs";
 // @ts-expect-error plain ES module without types (a benchmark helper)
-import { dilocoFigures, dilocoMarkdown, dilocoTargets, lossChartSvg, markdownTable, summarise, targets } from "../../scripts/lib/wanReport.mjs";
+import { dilocoFigures, dilocoMarkdown, dilocoTargets, directTable, lossChartSvg, markdownTable, summarise, targets } from "../../scripts/lib/wanReport.mjs";
 import { REPO_ROOT } from "../helpers/processes.js";
 
 type Row = { step: number; loss: number; step_s: number; compute_s: number[]; comm_s: number[]; allreduce_bytes: number[]; val_loss?: number };
@@ -78,6 +78,40 @@ describe("WAN benchmark figures", () => {
     expect(md).toContain("**no namespaces.**");
     expect(md).toContain("| m | 100 Mbit/s | 0 ms | ddp | 10.00 | unshaped |");
     expect(md).not.toMatch(/nimble \| 1\.67 \| 0\.\d+x/);
+  });
+});
+
+describe("WAN benchmark, the direct all-reduce's rows", () => {
+  it("tables direct against ring per scenario, with the auto choice and the model's predictions against what was measured", () => {
+    const rtt = { ...base, rtt_ms: 100, compressed_from: 0 };
+    const collective = (algorithm: string, ring: number, direct: number) => ({
+      config: algorithm === "ring" ? "ring" : "auto",
+      algorithm,
+      members: 4,
+      bytes: 2e5,
+      predicted_s: { ring: 0.32, direct: 0.11 },
+      direct_max_bytes: 5e6,
+      link: { rtt_ms: 100, rate_bytes_per_s: 12.5e6, source: "measured", alpha_s: 0.05, beta_s_per_byte: 8e-8, hop_s: 1e-4 },
+      refined_alpha_s: 0.052,
+      observed: { ring: { count: ring, mean_s: ring ? 0.33 : null }, direct: { count: direct, mean_s: direct ? 0.12 : null } },
+    });
+    const runs = [
+      summarise({ ...rtt, system: "nimble-ring", steps: 20, series: series(20, 1.0, [0.9, 0.9]), collective: collective("ring", 20, 0) }),
+      summarise({ ...rtt, system: "nimble-direct", steps: 20, series: series(20, 0.5, [0.4, 0.4]), collective: collective("direct", 0, 20) }),
+      summarise({ ...rtt, system: "nimble-psgd4-ring", steps: 20, series: series(20, 0.8, [0.7, 0.7]) }),
+      summarise({ ...rtt, system: "nimble-psgd4-direct", steps: 20, series: series(20, 0.4, [0.3, 0.3]) }),
+      summarise({ ...rtt, system: "nimble-psgd4-auto", steps: 20, series: series(20, 0.4, [0.3, 0.3]), collective: collective("direct", 0, 60) }),
+    ];
+    const results = { date: "2026-12-01T00:00:00Z", machine: { cpu: "cpu", cores: 2 }, workers: 4, shaping: "netns+tbf", latency: "none", runs };
+    const table = directTable(results);
+    expect(table).toContain("| m | 100 Mbit/s | 100 ms | 1.00 | 2.00 | 2.00x | 1.25 | 2.50 | 2.50 | 2.00x | 2.00x | direct (up to 5.00 MB) |");
+    expect(table).toContain("| m | 100 ms | nimble-psgd4-auto | 0 / 60 | direct 120.0 | 0.20 MB: direct | 320.0 / 110.0 | rtt 100 ms, 100 Mbit/s, alpha refined to 52.0 ms |");
+    expect(markdownTable(results)).toContain("Direct (butterfly) all-reduce against the ring");
+    expect(directTable(results)).toContain("| m | 100 ms | nimble-ring | 20 / 0 | ring 330.0 |");
+    expect(directTable({ ...results, runs: runs.slice(0, 1) })).toBe("");
+    // Without rows of its own part, the ring figures are the matrix's.
+    const matrix = [{ ...runs[0], system: "nimble" }, runs[1]];
+    expect(directTable({ ...results, runs: matrix })).toContain("| m | 100 Mbit/s | 100 ms | 1.00 | 2.00 | 2.00x |");
   });
 });
 

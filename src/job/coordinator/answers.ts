@@ -1,9 +1,9 @@
 import { ProtocolError } from "../../errors.js";
 import { cleanText, MAX_PEER_TEXT } from "../../protocol/text.js";
-import type { ToCoordinator } from "../../protocol/messages.js";
+import type { CollectiveTiming, ToCoordinator } from "../../protocol/messages.js";
 import { parseFromWorker, providerHandles, type FromWorker, type ReportOp } from "../../protocol/workerOps.js";
 
-type Reported<K extends ReportOp> = Omit<Extract<FromWorker, { op: K }>, "op"> & { t: K; rank: number; bytes_sent: number };
+type Reported<K extends ReportOp> = Omit<Extract<FromWorker, { op: K }>, "op"> & { t: K; rank: number; bytes_sent: number; collectives?: CollectiveTiming[] };
 type StateReport = Omit<Reported<"state">, "files"> & { files: { name: string; data: Uint8Array }[] };
 
 /** A worker's report as the coordinator takes it: its own fields, its rank, and the ring bytes its provider counted. */
@@ -26,7 +26,7 @@ export function unpack(m: ToCoordinator, from: string): Incoming {
   const r = parseFromWorker({ header: m.report, payload }, `rank ${m.rank} (${from})`);
   if (providerHandles.has(r.op)) throw new ProtocolError(`${from} passed on a worker's ${r.op}, which it should have acted on`);
   const { op, ...fields } = r;
-  if (op !== "state") return { ...fields, t: op, rank: m.rank, bytes_sent: m.bytes_sent } as Report;
+  if (op !== "state") return { ...fields, t: op, rank: m.rank, bytes_sent: m.bytes_sent, ...(m.collectives ? { collectives: m.collectives } : {}) } as Report;
   const state = fields as Omit<Extract<FromWorker, { op: "state" }>, "op">;
   let at = 0;
   const files = state.files.map((f) => {

@@ -11,6 +11,7 @@ import type { Reporter, StatusLevel } from "../events.js";
 import type { ProviderClient } from "../providerClient.js";
 import type { RunDir } from "../runDir.js";
 import type { Incoming } from "./answers.js";
+import { CollectivePlanner, estimateGradientBytes } from "./collective.js";
 import { Commits } from "./commit.js";
 import { FaultError, JobFailed, TaskFailed, taskErrorHint, type Fault } from "./errors.js";
 import { Exchanges } from "./exchanges.js";
@@ -66,6 +67,7 @@ class Job {
   readonly commits = new Commits();
   readonly tally = new Tally();
   readonly providers: Providers;
+  readonly collective: CollectivePlanner;
   membership = new Membership([]);
   #phase: Phase = "connecting";
   #dir: RunDir | null = null;
@@ -76,6 +78,7 @@ class Job {
 
   constructor(private readonly opts: TrainOptions) {
     this.config = opts.loaded.config;
+    this.collective = new CollectivePlanner(this.config);
     this.providers = new Providers(opts, {
       message: (client, m) => this.#onMessage(client, m),
       lost: (client, reason) => this.#onLost(client, reason),
@@ -112,7 +115,14 @@ class Job {
     else await syncWeights(run);
     this.tally.startup.mark("sync");
     const mayLeaveOut = this.config.balance === "measured" && this.config.leave_out_slow && this.providers.clients.length > 1;
-    if (mayLeaveOut) await probeLinks(run);
+    // Leaving out slow workers, and choosing ring or direct all-reduces, weigh the links measured here.
+    const members = this.membership.active.length;
+    if (mayLeaveOut || (this.collective.wantsLinks(members) && this.providers.clients.length > 1)) await probeLinks(run);
+    if (this.collective.tracked) {
+      this.collective.setLinks(this.tally.links);
+      this.collective.gradientBytes = estimateGradientBytes(this.config, info.param_bytes);
+      if (members > 1) this.status(this.collective.describe(members));
+    }
     this.#enter("training");
     const finalFiles = await trainRounds(run, { first: checkpoint?.step ?? 0, verifyFirst: Boolean(checkpoint) || Boolean(pipeline), valSize: info.val_size, mayLeaveOut, stopRequested: () => this.stopRequested });
     this.#enter("ended");
@@ -139,6 +149,7 @@ class Job {
       tally: this.tally,
       strategy: this.#strategy(pipeline),
       dir,
+      ...(this.collective.tracked ? { collective: this.collective } : {}),
       ...(pipeline ? { pipelineBounds: pipeline.bounds } : {}),
       phase: () => this.#phase,
       enter: (phase) => this.#enter(phase),
@@ -254,7 +265,8 @@ class Job {
 
   #summary(status: TrainSummary["status"], error?: string): TrainSummary {
     const workers = this.providers.ranks.map((r) => ({ id: r.row.id, rank: r.rank, provider: r.row.provider, device: r.device, samples: r.row.samples }));
-    return this.tally.summary(this.config, status, workers, this.#dir?.dir ?? "", error);
+    const summary = this.tally.summary(this.config, status, workers, this.#dir?.dir ?? "", error);
+    return this.collective.tracked ? { ...summary, collective: this.collective.summary(this.membership.active.length) } : summary;
   }
 
   /** The error to rethrow: the run directory keeps a summary, and the hint says where it is. */

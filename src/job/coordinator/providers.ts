@@ -1,4 +1,5 @@
 import { randomUUID } from "node:crypto";
+import { directLinksSpec } from "./collective.js";
 import { statSync } from "node:fs";
 import { readFile } from "node:fs/promises";
 import os from "node:os";
@@ -276,6 +277,7 @@ export class Providers {
       ring: this.ringPeers(),
       ...(join ? { join: true } : {}),
       ...(this.pipeline ? { pipeline: this.pipeline } : {}),
+      ...(directLinksSpec(this.config) ? { collective: directLinksSpec(this.config)! } : {}),
     });
   }
 

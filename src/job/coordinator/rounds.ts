@@ -5,6 +5,7 @@ import type { SyncPlan, SyncResult } from "../../strategy/sync.js";
 import type { PipelineResult } from "../../strategy/pipeline.js";
 import type { DilocoFigures, PipelineStageRow } from "../events.js";
 import type { RoundReport } from "../../strategy/types.js";
+import type { CollectiveTiming } from "../../protocol/messages.js";
 import { FaultError, JobFailed } from "./errors.js";
 import { checkHashes, checkpointFiles, evaluate, finalWeights } from "./phases.js";
 import { admit, leaveOutSlow, recover, type FaultedAt } from "./recovery.js";
@@ -135,6 +136,7 @@ async function runRound(run: Run, opts: RoundsOptions, step: number, verify: boo
   }
   setVerify(false);
   const result = fold(run, attempt.plan, attempt.reports);
+  run.collective?.observe(attempt.reports.values() as Iterable<{ collectives?: CollectiveTiming[] }>, attempt.plan.members.length);
   run.commits.decide(step, "reported");
   recordRound(run, result);
   const end = result.round; // the round's last step
@@ -172,7 +174,7 @@ function orderRound(run: Run, step: number, verify: boolean, ahead: boolean): Se
   const timeout = ahead ? 2 * STEP_TIMEOUT_MS : STEP_TIMEOUT_MS;
   const reports = run.exchanges.expect(run.strategy.reportOp, what, plan.members, timeout, (m) => m.step === step) as Promise<ReadonlyMap<number, RoundReport>>;
   const decision = run.commits.ride();
-  sendOrder(providers, plan.members, { ...run.strategy.order(plan), ...decision, ...(ahead ? { ahead: true } : {}) });
+  sendOrder(providers, plan.members, { ...run.strategy.order(plan), ...decision, ...(ahead ? { ahead: true } : {}) }, undefined, run.collective?.orderField(plan.members.length));
   return { step, plan, wantHash, sentAt: Date.now(), reports };
 }
 

@@ -2,6 +2,7 @@ import type { JobConfig } from "../../config/schema.js";
 import type { SyncStrategy } from "../../strategy/sync.js";
 import type { StatusLevel, TrainEvent } from "../events.js";
 import type { RunDir } from "../runDir.js";
+import type { CollectivePlanner } from "./collective.js";
 import type { Commits } from "./commit.js";
 import type { Exchanges } from "./exchanges.js";
 import type { Membership } from "./membership.js";
@@ -23,6 +24,8 @@ export interface Run {
   readonly tally: Tally;
   readonly strategy: SyncStrategy;
   readonly dir: RunDir;
+  /** Ring or direct for each round's all-reduces (absent: the ring). */
+  readonly collective?: CollectivePlanner;
   /** Pipeline parallelism: where each stage's layers start (null: the task's build_stages; undefined: no pipeline). */
   readonly pipelineBounds?: number[] | null;
   /** The phase now, and the one transition into another. */

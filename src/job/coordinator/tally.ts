@@ -3,6 +3,7 @@ import type { SyncResult } from "../../strategy/sync.js";
 import type { PipelineResult, StageFigures } from "../../strategy/pipeline.js";
 import type { StepMetrics } from "../runDir.js";
 import type { DilocoFigures } from "../events.js";
+import type { CollectiveSummary } from "./collective.js";
 import type { Fault } from "./errors.js";
 import { StartupClock, type StartupSummary } from "./startup.js";
 
@@ -67,6 +68,8 @@ export interface TrainSummary {
   steps_redone: number[];
   /** Pipeline: steps training went back to after a sole-held stage was taken over from its mirror. */
   rolled_back_to?: number[];
+  /** How the all-reduces ran: the cost model's choice for the gradient all-reduce, its inputs and what was seen. */
+  collective?: CollectiveSummary;
   /** Each provider's measured upload to its ring successor (none for a single host). */
   links: { rank: number; to: number; rtt_ms: number | null; upload_bytes_per_s: number | null }[];
   workers: { id: string; rank: number; provider: string; device: string; samples: number; share: number }[];

@@ -2,6 +2,7 @@ import { mkdir, rm, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import type { WebSocket } from "ws";
+import { DirectMeshes, isDirectGroup } from "../../collective/directMesh.js";
 import { GroupMeshes, type GroupSpec } from "../../collective/groups.js";
 import { Mesh } from "../../collective/mesh.js";
 import { errorMessage } from "../../errors.js";
@@ -38,6 +39,8 @@ export class ProviderJob {
   readonly mesh: Mesh;
   /** Pipeline parallelism: the stage rings and pipes this host's ranks belong to (none otherwise). */
   readonly groups: GroupMeshes;
+  /** The direct all-reduce's links (config `collective`): from each local rank to every other member; null: ring only. */
+  readonly direct: DirectMeshes | null;
   readonly #stats: JobStats;
   readonly #relay: Relay;
   readonly #speed: SpeedAid;
@@ -118,10 +121,28 @@ export class ProviderJob {
       linkEvents,
       spec.join ? [] : (spec.pipeline?.groups ?? []),
     );
+    const direct = spec.collective;
+    this.direct =
+      direct && !spec.pipeline
+        ? new DirectMeshes(
+            {
+              local: spec.ranks.map((r) => r.rank),
+              members: spec.join ? [] : [...Array(spec.world_size).keys()],
+              minMembers: direct.direct_min_members,
+              maxMembers: direct.direct_max_members,
+              peers: new Map(spec.ring.map((r) => [r.rank, { url: r.url, key: r.key }])),
+              hello: (group, from, to, epoch, binding) => auth.ringHello(spec, from, to, epoch, binding, group),
+              heartbeatMs: this.#heartbeatMs,
+              link: linkOptions,
+            },
+            linkEvents,
+          )
+        : null;
     this.#relay = new Relay({
       rank: (rank) => this.#local(rank),
       inRing: (rank) => this.mesh.inRing(rank) && !!this.#local(rank)?.loaded,
       ringOf: (rank) => (this.#ended ? null : this.mesh.ringOf(rank)),
+      directOf: (rank) => (this.#ended ? null : (this.direct?.reducerOf(rank) ?? null)),
       stageRingOf: (rank) => (this.#ended ? null : this.groups.hasStageRing(rank) ? this.groups.stageRing(rank) : "lone"),
       pipeOf: (rank, peer) => (this.#ended ? null : this.groups.pipe(rank, peer)),
       abortAttempts: (step) => this.#abortAttempts(step),
@@ -167,6 +188,7 @@ export class ProviderJob {
     }
     this.mesh.start();
     this.groups.start();
+    this.direct?.start();
     const hours = this.opts.maxJobHours;
     if (hours) {
       this.#deadline = setTimeout(() => this.fail(`the job ran for ${hours} h, this provider's limit (--max-job-hours): its owner ends it here`, "internal"), hours * 3600_000);
@@ -209,7 +231,7 @@ export class ProviderJob {
     else if (message.t === "ring") this.#reform(message.epoch, message.members, message.urls ?? [], message.groups ?? []);
     else if (message.t === "mirror_take") void this.#mirrorTake(message.rank, message.from, message.stage, message.tag);
     else if (message.t === "mirror_give") void this.#mirrorGive(message.rank, message.to, message.stage, message.tag);
-    else if (message.t === "probe_links") void probeLinks(this, message.bytes, (binding) => this.auth.benchHello(this.spec, binding), this.linkOptions.throttle);
+    else if (message.t === "probe_links") void probeLinks(this, message.bytes, (binding) => this.auth.benchHello(this.spec, binding), this.linkOptions.throttle, this.linkOptions.latencyMs);
   }
 
   /** An incoming ring connection's hello: admitted by the Authorizer (reading resumes), then the mesh's. */
@@ -218,7 +240,8 @@ export class ProviderJob {
     try {
       const hello = admitRingHello(arrived, (h, binding) => this.auth.admitRingPeer(h, binding, this.ringJob(ranks)));
       limitMessages(arrived.link.ws, MAX_FRAME_BYTES);
-      if (hello.group !== undefined) this.groups.accept({ ...hello, group: hello.group });
+      if (hello.group !== undefined && isDirectGroup(hello.group) && this.direct) this.direct.accept({ ...hello, group: hello.group });
+      else if (hello.group !== undefined) this.groups.accept({ ...hello, group: hello.group });
       else this.mesh.accept(hello);
     } catch (err) {
       const line = this.#warnings.pass("ring refused", `refused a ring connection: ${cleanText(errorMessage(err), 1000)}`);
@@ -304,6 +327,7 @@ export class ProviderJob {
       const why = `worker for rank ${local.rank} on ${os.hostname()} ${exit.fault}, so it leaves the job`;
       this.mesh.leave(local.rank, why);
       this.groups.leave(local.rank, why);
+      this.direct?.leave(local.rank, why);
       this.hostLog(why, "error");
       local.on("left", exit.fault);
       this.send({ t: "failed", rank: local.rank, message: why, kind: "worker" });
@@ -315,6 +339,7 @@ export class ProviderJob {
     if (local.state !== "restarting" && local.state !== "left") {
       this.mesh.leave(local.rank, what);
       this.groups.leave(local.rank, what);
+      this.direct?.leave(local.rank, what);
       this.hostLog(what, "warn");
       this.send({ t: "failed", rank: local.rank, message: what, kind: "worker" });
     }
@@ -344,7 +369,7 @@ export class ProviderJob {
 
   /** Linked into the ring and every group it belongs to, in this epoch. */
   #fullyLinked(rank: number): boolean {
-    return this.mesh.isLinked(rank) && this.groups.allLinked(rank);
+    return this.mesh.isLinked(rank) && this.groups.allLinked(rank) && (this.direct?.allLinked(rank) ?? true);
   }
 
   #linked(rank: number) {
@@ -367,6 +392,7 @@ export class ProviderJob {
     try {
       leftOut = this.mesh.reform(epoch, members, urls);
       this.groups.reform(epoch, groups, urls);
+      this.direct?.reform(epoch, members, urls);
     } catch (err) {
       return this.fail(errorMessage(err), "internal");
     }
@@ -392,6 +418,7 @@ export class ProviderJob {
     this.#stats.aborted(step);
     this.mesh.abortRounds(`step ${step} abandoned`);
     this.groups.abortRounds(`step ${step} abandoned`);
+    this.direct?.abortRounds(`step ${step} abandoned`);
     for (const r of this.ranks) {
       if (!this.mesh.inRing(r.rank)) continue;
       r.attempt += 1;
@@ -419,6 +446,7 @@ export class ProviderJob {
     this.#speed.stop();
     this.mesh.close(reason);
     this.groups.close(reason);
+    this.direct?.close(reason);
     await Promise.all(this.ranks.map((r) => r.worker?.stop()));
     if (this.#dir) await rm(this.#dir, { recursive: true, force: true });
     for (const r of this.ranks) if (r.state !== "left") r.on("stopped");

@@ -8,7 +8,7 @@ import type { ProviderJob } from "./job.js";
  * (`/bench`, with the job's credential). One measurement per peer host, one at a time:
  * they share this host's uplink. Nulls when the successor runs on this host.
  */
-export async function probeLinks(job: ProviderJob, bytes: number, hello: (binding: Buffer) => BenchHello, throttle?: (bytes: number) => Promise<void>): Promise<void> {
+export async function probeLinks(job: ProviderJob, bytes: number, hello: (binding: Buffer) => BenchHello, throttle?: (bytes: number) => Promise<void>, latencyMs?: number): Promise<void> {
   const { mesh } = job;
   const results = new Map<string, Promise<{ rtt_ms: number; upload_bytes_per_s: number }>>();
   for (const local of job.ranks.filter((r) => !r.gone && mesh.inRing(r.rank))) {
@@ -24,7 +24,7 @@ export async function probeLinks(job: ProviderJob, bytes: number, hello: (bindin
       results.set(
         base,
         previous.then(async () => {
-          const m = await measurePeer(base, hello, { pings: 5, bytes, throttle, expectKey: peer.key });
+          const m = await measurePeer(base, hello, { pings: 5, bytes, throttle, expectKey: peer.key, latencyMs });
           return { rtt_ms: m.rtt_ms.median, upload_bytes_per_s: m.upload_bytes_per_s };
         }),
       );

@@ -1,4 +1,4 @@
-import type { WorkerInfo, WorkerStartup } from "../../protocol/messages.js";
+import type { CollectiveChoice, CollectiveTiming, WorkerInfo, WorkerStartup } from "../../protocol/messages.js";
 import type { WorkerProcess } from "../../runtime/worker.js";
 import { isGone, isLoaded, transition, viewState, type RankEvent, type RankState } from "./lifecycle.js";
 import type { WorkerEvent } from "./types.js";
@@ -20,6 +20,10 @@ export class LocalRank {
   liveFrom = 0;
   /** Ring bytes sent since its last report. */
   bytesSinceReport = 0;
+  /** How each live round's all-reduces run (its order's choice; null: the ring), by attempt: with orders ahead, two rounds may be live. */
+  collective = new Map<number, CollectiveChoice | null>();
+  /** The all-reduces it ran since its last report. */
+  collectives: CollectiveTiming[] = [];
   /** Its collectives, served one at a time in order; reports wait for them. */
   queue: Promise<void> = Promise.resolve();
   /** Why it left, for a `left` state. */
@@ -80,6 +84,8 @@ export class LocalRank {
     this.info = null;
     this.attempt = 0;
     this.liveFrom = 0;
+    this.collective.clear();
+    this.collectives = [];
     this.queue = Promise.resolve();
     this.#state = transition(this.#state, "crashed");
   }

@@ -1,5 +1,7 @@
+import type { DirectAllReduce } from "../../collective/direct.js";
 import type { PipeChannel } from "../../collective/pipe.js";
 import type { RingAllReduce, WireCodec } from "../../collective/ring.js";
+import { wirePayloadBytes } from "../../protocol/frames.js";
 import { errorMessage } from "../../errors.js";
 import type { ToCoordinator, ToProvider } from "../../protocol/messages.js";
 import { isRoundOrder, parseOrder, type FromWorker, type ToWorker } from "../../protocol/workerOps.js";
@@ -13,6 +15,8 @@ export interface RelayHost {
   /** In the current ring and loaded. */
   inRing(rank: number): boolean;
   ringOf(rank: number): RingAllReduce | null;
+  /** The rank's direct all-reduce, when its links to every member are up (null: none). */
+  directOf(rank: number): DirectAllReduce | null;
   /** Pipeline: the ring of the rank's stage replicas; `lone` when it holds its stage alone (collectives of one). */
   stageRingOf(rank: number): RingAllReduce | "lone" | null;
   /** Pipeline: the pipe between the rank and `peer` (a neighbouring stage's worker). */
@@ -66,6 +70,8 @@ export class Relay {
       let header: ToWorker = order;
       if (round) {
         local.attempt += 1;
+        local.collective.set(local.attempt, message.collective ?? null);
+        for (const a of local.collective.keys()) if (a < local.attempt - 1) local.collective.delete(a); // at most two rounds are live
         header = { ...order, attempt: local.attempt } as ToWorker;
         local.on("round");
       } else if (order.op === "decide" && order.verdict === "abort") {
@@ -104,7 +110,8 @@ export class Relay {
         const report = m as Record<string, unknown>;
         void local.queue.then(() => {
           this.host.observe(local.rank, report);
-          this.host.send({ t: "report", rank: local.rank, bytes_sent: local.bytesSinceReport, report, ...(payload.byteLength > 0 ? { payload } : {}) });
+          const collectives = local.collectives.splice(0);
+          this.host.send({ t: "report", rank: local.rank, bytes_sent: local.bytesSinceReport, report, ...(payload.byteLength > 0 ? { payload } : {}), ...(collectives.length ? { collectives } : {}) });
           local.bytesSinceReport = 0;
         });
       }
@@ -155,8 +162,22 @@ export class Relay {
     }
   }
 
+  /**
+   * What an all-reduce runs on: a stage's ring, or on the job's links the direct all-reduce
+   * when the round's order chose it for an all-reduce of this size and its links are up,
+   * else the job's ring.
+   */
+  #reducerFor(local: LocalRank, group: "stage" | undefined, count: number, codec: WireCodec, attempt: number): RingAllReduce | DirectAllReduce | "lone" | null {
+    const choice = local.collective.get(attempt) ?? null;
+    if (group === undefined && choice && (choice.direct_max_bytes === null || wirePayloadBytes(codec, count) <= choice.direct_max_bytes)) {
+      const direct = this.host.directOf(local.rank);
+      if (direct) return direct;
+    }
+    return this.#ringFor(local, group);
+  }
+
   async #allReduce(local: LocalRank, id: number, count: number, codec: WireCodec, payload: Buffer, attempt: number, group?: "stage") {
-    const ring = this.#ringFor(local, group);
+    const ring = this.#reducerFor(local, group, count, codec, attempt);
     if (!ring || !local.worker || !live(local, attempt)) return;
     if (ring === "lone") return local.worker.send({ op: "allreduce_result", id, dtype: "float32", count, codec }, payload);
     // Float32Array needs 4-byte alignment; the link decoder's slices need not have it.
@@ -167,9 +188,10 @@ export class Relay {
     try {
       const stats = await ring.allReduce(data, { codec });
       local.bytesSinceReport += stats.bytesSent;
+      if (group === undefined && local.collectives.length < 4096) local.collectives.push({ algorithm: "algorithm" in ring ? ring.algorithm : "ring", bytes: wirePayloadBytes(codec, count), seconds: stats.seconds });
     } catch (err) {
       // The worker stays blocked in its collective until the coordinator's abort decision.
-      this.host.ringLost(local, `ring all-reduce failed on rank ${local.rank}: ${errorMessage(err)}`);
+      this.host.ringLost(local, `${"algorithm" in ring ? "direct" : "ring"} all-reduce failed on rank ${local.rank}: ${errorMessage(err)}`);
       return;
     }
     if (!live(local, attempt)) return;

@@ -103,7 +103,7 @@ export class Provider {
       if (pathname === "/bench") {
         // The provider's token, or the credential of the job it runs (ring members measuring their links).
         const accepts = (hello: Parameters<Authorizer["admitBench"]>[0], binding: Buffer | null) => this.auth.admitBench(hello, binding, this.job?.ringJob() ?? null);
-        this.benchServer.handleUpgrade(req, socket, head, (ws) => servePeerBench(ws, accepts));
+        this.benchServer.handleUpgrade(req, socket, head, (ws) => servePeerBench(ws, accepts, this.opts.latencyMs));
         return;
       }
       const target = pathname === "/control" ? this.controlServer : pathname === "/ring" ? this.ringServer : null;
