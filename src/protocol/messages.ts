@@ -12,11 +12,17 @@ import { credentialSchema, keySchema, proofFields } from "./proofs.js";
  * envelopes that providers pass on without reading (src/protocol/workerOps.ts).
  * 4: TLS links; identities and session-bound proofs instead of tokens and secrets.
  */
-export const PROTOCOL_VERSION = 4;
+export const PROTOCOL_VERSION = 5;
 /** The largest task package a provider takes (its chunks travel one MiB at a time). */
 export const MAX_PACKAGE_BYTES = 256 * 1024 * 1024;
 /** Control messages carry the task file and checkpoints; bound them all the same. */
 export const MAX_CONTROL_BYTES = 512 * 1024 * 1024;
+/**
+ * A report's payload larger than this goes in pieces of at most this size (`report_part`),
+ * each sent once the link has taken the one before: neither side holds the payload more
+ * than once, nor its encoding or its encryption whole.
+ */
+export const REPORT_PART_BYTES = 8 * 1024 * 1024;
 
 const finite = z.number().finite();
 const count = z.number().int().min(0);
@@ -251,7 +257,17 @@ export const toCoordinatorSchema = z.discriminatedUnion("t", [
    * A worker's report, passed on as it came (validated against src/protocol/workerOps.ts),
    * with the ring bytes this rank sent since its previous report.
    */
-  z.object({ t: z.literal("report"), rank: count, bytes_sent: count, report: z.record(z.string(), z.unknown()), payload: bytes.optional() }),
+  z.object({
+    t: z.literal("report"),
+    rank: count,
+    bytes_sent: count,
+    report: z.record(z.string(), z.unknown()),
+    payload: bytes.optional(),
+    /** A large payload (a state's files) follows in `report_part`s of this rank, `payload_bytes` in all, instead of `payload`. */
+    payload_bytes: count.max(MAX_CONTROL_BYTES).optional(),
+  }),
+  /** The next piece of the payload of this rank's last `report` (at most REPORT_PART_BYTES). */
+  z.object({ t: z.literal("report_part"), rank: count, payload: bytes }),
   /** Upload from this rank's provider to its ring successor's; nulls when both are on one host. */
   z.object({
     t: z.literal("link"),
