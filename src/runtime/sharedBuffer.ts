@@ -15,6 +15,7 @@ import { createRequire } from "node:module";
 import path from "node:path";
 import { ProtocolError } from "../errors.js";
 import { PACKAGE_ROOT } from "./paths.js";
+import { MAX_PAYLOAD_BYTES } from "./workerLink.js";
 
 interface Addon {
   create(name: string): number;
@@ -86,6 +87,8 @@ export class SharedBuffer {
   floats(count: number): Float32Array {
     if (this.#closed) throw new ProtocolError("the worker's shared buffer is closed");
     const bytes = count * 4;
+    // No more than a payload could carry: pages the worker never wrote are the provider's to fill.
+    if (bytes > MAX_PAYLOAD_BYTES) throw new ProtocolError(`an all-reduce of ${count} float32 elements, more than the ${MAX_PAYLOAD_BYTES} bytes one may cover`);
     if (!this.#map || this.#map.byteLength < bytes) {
       const size = this.lib.size(this.fd);
       if (size < bytes) throw new ProtocolError(`an all-reduce of ${count} float32 elements in a shared buffer of ${size} bytes`);

@@ -7,7 +7,8 @@ export interface WorkerMessage {
 }
 
 const MAX_HEADER_BYTES = 1 << 20;
-const MAX_PAYLOAD_BYTES = 2 ** 31;
+/** The most one frame may carry, and the most a shared-buffer all-reduce may cover. */
+export const MAX_PAYLOAD_BYTES = 2 ** 31;
 
 export function encodeWorkerFrame(header: Record<string, unknown>, payload?: Uint8Array): Buffer[] {
   const headerBytes = Buffer.from(JSON.stringify(header), "utf8");

@@ -22,6 +22,7 @@ describe.skipIf(!support.available)("the buffer a provider shares with its worke
     const big = shared.floats(1 << 18);
     expect(big.length).toBe(1 << 18);
     expect(big[1]).toBe(10);
+    expect(() => shared.floats(2 ** 29 + 1)).toThrow(/more than the 2147483648 bytes/);
     shared.close();
     expect(() => shared.floats(1)).toThrow(/closed/);
   });
