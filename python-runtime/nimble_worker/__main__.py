@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .checkpoint import load_checkpoint, state_files
+from .checkpoint import final_weight_parts, load_checkpoint, state_files
 from .comm import LinkComm, StepAborted, Stop, TimedComm
 from .config import ConfigError, JobConfig
 from .handoff import load_mirror, mirror_state, sync_params, sync_state
@@ -25,6 +25,7 @@ from .limits import apply_limits
 from .link import Link, LinkClosed, LinkError
 from .pipeline.stage_replica import build_replica
 from .replica import Replica
+from .shared import SharedBuffer
 from .strategies import STRATEGIES, Strategy, build_strategy
 from .task import Task, TaskError
 
@@ -90,6 +91,8 @@ class Worker:
         task = Task(h["task_path"], cfg.task_args, h.get("package_dir"), h.get("site_dirs") or ())
         self.comm.world_size = int(h["world_size"])
         self.comm.round_ops = frozenset(STRATEGIES[cfg.strategy.name].orders) if cfg.strategy.name in STRATEGIES else frozenset()
+        if h.get("shared_fd") is not None:  # all-reduces go through memory shared with the provider
+            self.comm.shared = SharedBuffer(int(h["shared_fd"]))
         self._replica = build_replica(cfg, task, int(h["rank"]), int(h["world_size"]),
                                       str(h.get("device") or "cpu"), pipeline=h.get("pipeline"),
                                       max_micro_batch=h.get("max_micro_batch"),
@@ -177,6 +180,17 @@ class Worker:
 
     def state(self, h: dict, _: bytearray) -> Reply:
         self.require_decided("state")
+        if h["kind"] == "final":
+            # Sent straight from the parameters, while they are the ones evaluated (DiLoCo's
+            # global ones): no copy of the weights is made.
+            with self.strategy.evaluation_params():
+                parts = final_weight_parts(self.replica)
+                self.comm.flush()
+                self.link.send({"op": "state", "kind": "final", "step": self.replica.next_step,
+                                "files": [{"name": "model.safetensors",
+                                           "size": sum(len(memoryview(p).cast("B")) for p in parts)}]},
+                               parts)
+            return None
         files = state_files(self.replica, self.strategy, h["kind"])
         return ({"op": "state", "kind": h["kind"], "step": self.replica.next_step,
                  "files": [{"name": n, "size": len(b)} for n, b in files]},

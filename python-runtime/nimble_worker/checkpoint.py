@@ -44,6 +44,18 @@ def final_weights(replica: Replica) -> bytes:
     `format: pt` metadata, and tied weights (tensors sharing storage) stored once, the
     others named in `tied` metadata. Tensors of dtypes safetensors lacks are named in
     `dropped` and in the worker's log, not left out silently."""
+    parts = final_weight_parts(replica)
+    out = bytearray(sum(len(p) for p in parts))
+    view, at = memoryview(out), 0
+    for p in parts:
+        view[at:at + len(p)] = p
+        at += len(p)
+    return out
+
+
+def final_weight_parts(replica: Replica) -> list:
+    """final_weights as parts (its header, then each tensor's bytes, viewed in place where
+    they can be: safetensors.dump_parts), valid while the parameters stay as they are."""
     tensors, tied, dropped, seen = {}, {}, [], {}
     for name, t in replica.weights_state_dict().items():
         if t.dtype not in safetensors.DTYPES:
@@ -63,7 +75,7 @@ def final_weights(replica: Replica) -> bytes:
         meta["dropped"] = ", ".join(dropped)
         print(f"nimble_worker: model.safetensors leaves out {', '.join(dropped)}: safetensors "
               "has no such dtype", file=sys.stderr, flush=True)
-    return safetensors.dumps(tensors, meta)
+    return safetensors.dump_parts(tensors, meta)
 
 
 def state_files(replica: Replica, strategy: Strategy, kind: str) -> list[tuple[str, bytes]]:

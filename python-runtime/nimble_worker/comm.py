@@ -5,7 +5,9 @@ hand-offs) goes through a `Comm`:
 
 - `allreduce(buf, codec="f32")`: elementwise sum of a flat float32 CPU tensor over all
   workers (lossy on the wire for codec f16 / bf16 / int8 / int4); bitwise identical
-  everywhere, and non-finite wherever any input was.
+  everywhere, and non-finite wherever any input was. A new tensor the caller owns, `buf`
+  left as it was, except for a buffer from `staging(comm, n)`: that one is summed in place
+  where the Comm can (the returned tensor may be `buf` itself).
 - `allgather(blob) -> [blob of rank 0, rank 1, ...]`.
 - `world_size`: the members of the ring now (fewer than the job's ranks once some left).
 
@@ -28,6 +30,36 @@ from typing import Callable, Protocol
 import torch
 
 from .link import Link, LinkError
+from .shared import SharedBuffer, SharedBufferError
+
+
+def staging(comm, count: int) -> torch.Tensor:
+    """A flat float32 CPU buffer of `count` elements for the caller to fill and then pass
+    to `comm.allreduce`: where the Comm shares memory with its provider (LinkComm with a
+    shared buffer), a view of it, summed in place without a copy on either side (the sum is
+    valid until the Comm's next collective: copy it out); else a fresh tensor."""
+    get = getattr(comm, "staging", None)
+    buf = get(count) if get is not None else None
+    return buf if buf is not None else torch.empty(count, dtype=torch.float32)
+
+
+def pack_into(buf: torch.Tensor, tensors) -> None:
+    """`tensors` (any device, any float dtype) one after another into flat `buf`."""
+    at = 0
+    for t in tensors:
+        n = t.numel()
+        buf[at:at + n].copy_(t.detach().reshape(-1))
+        at += n
+
+
+def unpack_from(buf: torch.Tensor, tensors) -> None:
+    """The inverse of pack_into: each of `tensors` takes its part of `buf`, in place."""
+    at = 0
+    with torch.no_grad():
+        for t in tensors:
+            n = t.numel()
+            t.copy_(buf[at:at + n].view(t.shape))
+            at += n
 
 
 class Comm(Protocol):
@@ -70,6 +102,10 @@ class GroupComm:
 
     def allreduce(self, buf: torch.Tensor, codec: str = "f32") -> torch.Tensor:
         return self.inner.allreduce(buf, codec, group=self.group)
+
+    def staging(self, count: int) -> torch.Tensor | None:
+        get = getattr(self.inner, "staging", None)
+        return get(count) if get is not None else None
 
     def allgather(self, blob: bytes) -> list[bytes]:
         return self.inner.allgather(blob, group=self.group)
@@ -144,6 +180,10 @@ class TimedComm:
     def world_size(self) -> int:
         return self.inner.world_size
 
+    def staging(self, count: int) -> torch.Tensor | None:
+        get = getattr(self.inner, "staging", None)
+        return get(count) if get is not None else None
+
     def allreduce(self, buf: torch.Tensor, codec: str = "f32", group: str | None = None) -> torch.Tensor:
         t0 = time.perf_counter()
         try:  # a Comm without groups is called as before
@@ -180,8 +220,11 @@ class LinkComm:
     is handed to `on_set_speed`, `stop` raises Stop and an abort decision (`decide` with
     verdict `abort`) raises StepAborted."""
 
-    def __init__(self, link: Link, world_size: int, on_set_speed: Callable[[dict], None]):
+    def __init__(self, link: Link, world_size: int, on_set_speed: Callable[[dict], None],
+                 shared: SharedBuffer | None = None):
         self.link, self.world_size, self.on_set_speed = link, world_size, on_set_speed
+        self.shared = shared
+        """The buffer shared with the provider (every all-reduce goes through it), or None."""
         self.next_id = 0
         self._unacked: list[int] = []
         """Ids of sends not yet acknowledged, oldest first."""
@@ -242,6 +285,16 @@ class LinkComm:
         self.next_id += 1
         return rid
 
+    def staging(self, count: int) -> torch.Tensor | None:
+        """The shared buffer's first `count` elements (see `staging` above), or None when
+        there is none (or it cannot grow to that size)."""
+        if self.shared is None or count == 0:
+            return None
+        try:
+            return self.shared.floats(count)
+        except SharedBufferError:
+            return None  # it could not grow: this one goes over the socket
+
     def allreduce(self, buf: torch.Tensor, codec: str = "f32", group: str | None = None) -> torch.Tensor:
         _check_group(group)
         rid, count = self._id(), buf.numel()
@@ -249,15 +302,28 @@ class LinkComm:
                   "codec": codec, "attempt": self.attempt}
         if group is not None:
             header["group"] = group
-        # The tensor's own memory goes to the socket (no bytes copy of the gradient).
-        self.link.send(header, buf.detach().contiguous().numpy())
+        staged = self.shared is not None and count > 0 and self.shared.owns(buf)
+        view = buf if staged else self.staging(count)
+        if view is not None:
+            if not staged:  # the caller keeps its buffer: a copy goes in, a copy comes out
+                view.copy_(buf.detach().reshape(-1))
+            header["shared"] = True
+            self.link.send(header)
+        else:
+            # The tensor's own memory goes to the socket (no bytes copy of the gradient).
+            self.link.send(header, buf.detach().contiguous().numpy())
         header, payload = self._reply("allreduce_result", rid)
+        want = 0 if view is not None else 4 * count
         if header.get("dtype") != "float32" or header.get("count") != count \
-                or header.get("codec", codec) != codec or len(payload) != 4 * count:
+                or header.get("codec", codec) != codec or len(payload) != want \
+                or bool(header.get("shared")) != (view is not None):
             raise LinkError(f"allreduce_result {rid}: expected {count} float32 "
-                            f"({4 * count} bytes), got dtype={header.get('dtype')} "
-                            f"count={header.get('count')} codec={header.get('codec')} "
+                            f"({'in the shared buffer' if view is not None else f'{want} bytes'}), "
+                            f"got dtype={header.get('dtype')} count={header.get('count')} "
+                            f"codec={header.get('codec')} shared={header.get('shared')} "
                             f"and {len(payload)} bytes")
+        if view is not None:
+            return view if staged else view.clone()
         if count == 0:
             return torch.zeros(0, dtype=torch.float32)
         return torch.frombuffer(payload, dtype=torch.float32)  # payload: ours, writable

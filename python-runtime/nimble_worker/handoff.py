@@ -4,17 +4,18 @@
 from __future__ import annotations
 
 from .checkpoint import load_state_blob, state_blob
-from .comm import Comm
+from .comm import Comm, pack_into, staging
 from .replica import Replica
 from .strategies import Strategy
-from .tensors import flat_cpu
 
 
 def sync_params(replica: Replica, comm: Comm, source: int = 0) -> str:
     """Everyone ends with rank `source`'s parameters (one all-reduce of source-or-zeros).
     Returns the parameter hash."""
-    buf = flat_cpu(replica.params)
-    if replica.rank != source:
+    buf = staging(comm, sum(p.numel() for p in replica.params))
+    if replica.rank == source:
+        pack_into(buf, replica.params)
+    else:
         buf.zero_()
     replica.load_params(comm.allreduce(buf))
     return replica.hash()

@@ -22,10 +22,10 @@ DTYPES = {
 FROM_NAME = {v: k for k, v in DTYPES.items()}
 
 
-def dumps(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytearray:
-    """The file's bytes, written into one buffer: the tensors' bytes are copied once (not
-    per tensor, then joined, then prefixed: three copies of a stage's weights at the end
-    of a run, past a --max-memory the stage was planned within)."""
+def dump_parts(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> list:
+    """The file as parts to write (or send) one after another: its header, then each
+    tensor's bytes, viewed where the tensor is a contiguous CPU tensor (no copy at all:
+    a worker sends its final weights straight from its parameters)."""
     header: dict = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -40,14 +40,24 @@ def dumps(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | Non
         offset += size
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
     head += b" " * (-len(head) % 8)
-    base = 8 + len(head)
-    out = bytearray(base + offset)
-    out[:base] = struct.pack("<Q", len(head)) + head
-    view = memoryview(out)
+    parts: list = [struct.pack("<Q", len(head)) + head]
     for name in names:
         b, e = header[name]["data_offsets"]
         if e > b:
-            view[base + b:base + e] = _bytes_view(tensors[name])
+            parts.append(_bytes_view(tensors[name]))
+    return parts
+
+
+def dumps(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytearray:
+    """The file's bytes, written into one buffer: the tensors' bytes are copied once (not
+    per tensor, then joined, then prefixed: three copies of a stage's weights at the end
+    of a run, past a --max-memory the stage was planned within)."""
+    parts = dump_parts(tensors, metadata)
+    out = bytearray(sum(len(p) for p in parts))
+    view, at = memoryview(out), 0
+    for p in parts:
+        view[at:at + len(p)] = p
+        at += len(p)
     return out
 
 

@@ -174,11 +174,13 @@ def test_steps_before_start_step_are_one_plain_allreduce():
     gen = torch.Generator().manual_seed(6)
     for t in range(3):
         grads = rand_grads(gen, 2)
+        want = [grads[0][i] + grads[1][i] for i in range(len(SHAPES))]
         group.log.clear()
         res = run_step(group, comps, t, grads, [0.5, 0.5])
         assert group.log == [("allreduce", sum(math.prod(s) for _, s in SHAPES), "f32")]
         for i in range(len(SHAPES)):
-            assert torch.equal(res[0].grads[i], grads[0][i] + grads[1][i])
+            assert torch.equal(res[0].grads[i], want[i])
+            assert res[0].grads[i] is grads[0][i]  # summed in place: no third copy of the gradient
         assert all(c.memory == {} and c.q == {} for c in comps)
     group.log.clear()
     run_step(group, comps, 3, rand_grads(gen, 2), [0.5, 0.5])
@@ -190,10 +192,10 @@ def test_steps_before_start_step_are_one_plain_allreduce():
 def test_dense_codecs_use_one_allreduce_with_their_codec(method, codec):
     group, comps = group_of(2, cfg(method=method))
     grads = rand_grads(torch.Generator().manual_seed(7), 2)
+    flat = [torch.cat([g.reshape(-1) for g in w]) for w in grads]  # (summed in place below)
     res = run_step(group, comps, 0, grads, [0.5, 0.5])
     numel = sum(math.prod(s) for _, s in SHAPES)
     assert group.log == [("allreduce", numel, codec)]
-    flat = [torch.cat([g.reshape(-1) for g in w]) for w in grads]
     expect = encode(flat[0], codec) + encode(flat[1], codec)
     assert torch.equal(torch.cat([g.reshape(-1) for g in res[0].grads]), expect)
     assert torch.allclose(expect, flat[0] + flat[1], atol=0.1)

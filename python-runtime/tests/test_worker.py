@@ -23,14 +23,18 @@ class FakeProvider:
     """Starts `python -m nimble_worker` with a socketpair on fd 3; world_size 1, so an
     all-reduce is answered with the same bytes."""
 
-    def __init__(self, cwd):
+    def __init__(self, cwd, shared=False):
         ours, theirs = socket.socketpair()
         env = {**os.environ, "PYTHONPATH": ROOT, "NIMBLE_HOME": str(cwd)}
+        # shared: a memfd on the worker's fd 4, as a provider with the native addon gives it
+        self.shared = os.memfd_create("test", os.MFD_ALLOW_SEALING) if shared else None
+        fds = (theirs.fileno(),) + ((self.shared,) if shared else ())
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "import os, sys; os.dup2(int(sys.argv[1]), 3); "
+             "len(sys.argv) > 2 and os.dup2(int(sys.argv[2]), 4); "
              "import runpy; runpy.run_module('nimble_worker', run_name='__main__')",
-             str(theirs.fileno())],
-            pass_fds=(theirs.fileno(),), cwd=cwd, env=env,
+             *[str(fd) for fd in fds]],
+            pass_fds=fds, cwd=cwd, env=env,
             stdout=None, stderr=None)
         theirs.close()
         self.sock = ours
@@ -58,16 +62,24 @@ class FakeProvider:
                 continue
             if h["op"] != "allreduce":
                 return h, p
-            assert h["dtype"] == "float32" and len(p) == 4 * h["count"] and h["codec"] in CODECS
             self.allreduces.append(h)
-            self.link.send({"op": "allreduce_result", "id": h["id"], "dtype": "float32",
-                            "count": h["count"], "codec": h["codec"]}, p)
+            reply = {"op": "allreduce_result", "id": h["id"], "dtype": "float32",
+                     "count": h["count"], "codec": h["codec"]}
+            assert h["dtype"] == "float32" and h["codec"] in CODECS
+            if h.get("shared"):  # one worker: the sum is already where it wrote it
+                assert self.shared is not None and len(p) == 0
+                assert os.fstat(self.shared).st_size >= 4 * h["count"]
+                self.link.send({**reply, "shared": True})
+                continue
+            assert len(p) == 4 * h["count"]
+            self.link.send(reply, p)
 
     def init(self, task_path, **over):
         over.setdefault("compression", PSGD)
         return self.request({"op": "init", "task_path": task_path,
                              "config": {**TINY_CONFIG, **over}, "rank": 0, "world_size": 1,
-                             "device": "cpu", "threads": 1})
+                             "device": "cpu", "threads": 1,
+                             **({"shared_fd": 4} if self.shared is not None else {})})
 
     def stop(self):
         self.link.send({"op": "stop"})
@@ -295,3 +307,20 @@ def test_a_sync_from_a_rank_the_job_does_not_have_is_refused(tiny_task, tmp_path
     h, _ = w.request({"op": "sync", "source": 5})
     assert h["op"] == "error" and "source rank 5 is not a rank of this job (world size 1)" in h["message"]
     assert w.proc.wait(timeout=30) == 3
+
+
+def test_all_reduces_through_the_shared_buffer_train_the_same(tiny_task, tmp_path):
+    runs = []
+    for shared in (False, True):
+        w = FakeProvider(tmp_path, shared=shared)
+        w.init(tiny_task, compression={"method": "none"})
+        w.request({"op": "sync"})
+        runs.append([r["hash"] for r in steps(w, 0, 3)])
+        h, p = w.request({"op": "state", "kind": "final"})
+        assert h["op"] == "state" and h["files"][0]["size"] == len(p)
+        tensors, meta = safetensors.loads(bytes(p))
+        assert meta["format"] == "pt" and "weight" in " ".join(tensors)
+        # every all-reduce (the sync, the gradient) went through the file, none as a payload
+        assert all(bool(a.get("shared")) == shared for a in w.allreduces if a["op"] == "allreduce")
+        assert w.stop() == 0
+    assert runs[0] == runs[1]

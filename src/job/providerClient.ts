@@ -7,7 +7,7 @@ import { fingerprint, type Identity } from "../identity/identity.js";
 import { keyProblem } from "../net/link.js";
 import { checkProof, prove } from "../identity/proof.js";
 import { peerKey, sessionBinding, TLS_CLIENT_OPTIONS } from "../net/tls.js";
-import { unpack, type Incoming } from "./coordinator/answers.js";
+import { ReportParts, unpack, type Incoming } from "./coordinator/answers.js";
 import {
   decodeToCoordinator,
   encodeMessage,
@@ -59,10 +59,13 @@ export class ProviderClient extends EventEmitter<{ message: [Incoming]; lost: [s
     readonly key: string,
   ) {
     super();
+    const parts = new ReportParts();
     ws.on("message", (data, isBinary) => {
       let message: Incoming;
       try {
-        message = unpack(decodeToCoordinator(isBinary ? data : String(data), `provider ${address}`), `provider ${address}`);
+        const whole = parts.take(decodeToCoordinator(isBinary ? data : String(data), `provider ${address}`), `provider ${address}`);
+        if (!whole) return; // a report's parts are still coming
+        message = unpack(whole, `provider ${address}`);
       } catch (err) {
         this.emit("lost", errorMessage(err));
         ws.terminate();
@@ -120,7 +123,9 @@ export class ProviderClient extends EventEmitter<{ message: [Incoming]; lost: [s
       ws.on("close", (code) => done(new UserError(`Provider ${address} closed the connection during the handshake (code ${code})`)));
       ws.on("message", (data, isBinary) => {
         try {
-          const m = unpack(decodeToCoordinator(isBinary ? data : String(data), `provider ${address}`), `provider ${address}`);
+          const raw = decodeToCoordinator(isBinary ? data : String(data), `provider ${address}`);
+          if (raw.t === "report_part") throw new UserError(`Provider ${address} sent ${raw.t} before its welcome`);
+          const m = unpack(raw, `provider ${address}`);
           if (m.t === "welcome") {
             if (m.version !== PROTOCOL_VERSION) {
               ws.close();

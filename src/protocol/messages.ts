@@ -19,6 +19,12 @@ export const PROTOCOL_VERSION = 5;
 export const MAX_PACKAGE_BYTES = 256 * 1024 * 1024;
 /** Control messages carry the task file and checkpoints; bound them all the same. */
 export const MAX_CONTROL_BYTES = 512 * 1024 * 1024;
+/**
+ * A report's payload larger than this goes in pieces of at most this size (`report_part`),
+ * each sent once the link has taken the one before: neither side holds the payload more
+ * than once, nor its encoding or its encryption whole.
+ */
+export const REPORT_PART_BYTES = 8 * 1024 * 1024;
 
 const finite = z.number().finite();
 const count = z.number().int().min(0);
@@ -290,7 +296,11 @@ export const toCoordinatorSchema = z.discriminatedUnion("t", [
     payload: bytes.optional(),
     /** The all-reduces this rank ran on the job's ring since its previous report, in order (the coordinator refines its cost model with them). */
     collectives: z.array(collectiveTimingSchema).max(4096).optional(),
+    /** A large payload (a state's files) follows in `report_part`s of this rank, `payload_bytes` in all, instead of `payload`. */
+    payload_bytes: count.max(MAX_CONTROL_BYTES).optional(),
   }),
+  /** The next piece of the payload of this rank's last `report` (at most REPORT_PART_BYTES). */
+  z.object({ t: z.literal("report_part"), rank: count, payload: bytes }),
   /** Upload from this rank's provider to its ring successor's; nulls when both are on one host. */
   z.object({
     t: z.literal("link"),

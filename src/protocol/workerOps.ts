@@ -75,6 +75,8 @@ export const sharedOrders = {
     pipeline: z.object({ stage: count, stages: z.number().int().min(1), bounds: z.array(count).max(4097).nullable() }).optional(),
     /** The job's variables (NIMBLE_RANK, ...), set before the task loads: a warm spare was started without them. */
     env: z.record(z.string().regex(/^[A-Z_][A-Z0-9_]{0,63}$/), z.string().max(4096)).optional(),
+    /** The worker's descriptor of the buffer it shares with its provider (its all-reduces: `shared`); absent: none. */
+    shared_fd: z.number().int().min(3).max(1023).optional(),
   }),
   /** Rank `source` contributes its parameters to one all-reduce, the others zeros. */
   sync: z.object({ op: z.literal("sync"), source: count.optional() }),
@@ -102,8 +104,8 @@ export const sharedOrders = {
   /** No reply; also while the worker waits for a collective's result. */
   set_speed: z.object({ op: z.literal("set_speed"), speed }),
   stop: z.object({ op: z.literal("stop") }),
-  /** Payload: `count` float32 elements, the sum over the ring. */
-  allreduce_result: z.object({ op: z.literal("allreduce_result"), id: count, dtype: z.literal("float32"), count, codec: codec.optional() }),
+  /** Payload: `count` float32 elements, the sum over the ring; `shared`: none, the sum is in the shared buffer. */
+  allreduce_result: z.object({ op: z.literal("allreduce_result"), id: count, dtype: z.literal("float32"), count, codec: codec.optional(), shared: z.literal(true).optional() }),
   /** Payload: every member's blob, concatenated in ring order. */
   allgather_result: z.object({ op: z.literal("allgather_result"), id: count, sizes: z.array(count).max(4096) }),
   /** A pipe_send's bytes are on their way (handed to the link). */
@@ -160,6 +162,8 @@ export const fromWorker = {
     /** The step attempt it belongs to (from the `step` message); stale ones are dropped. */
     attempt: count.default(0),
     group,
+    /** The `count` elements are the first of the shared buffer (no payload), and the sum goes there. */
+    shared: z.literal(true).optional(),
   }),
   allgather: z.object({ op: z.literal("allgather"), id: count, size: count, attempt: count.default(0), group }),
   /** Payload: `size` bytes for rank `to` (a neighbouring stage's worker), under `tag`. */
@@ -241,7 +245,7 @@ export const replies: Record<OrderOp, readonly FromWorkerOp[]> = {
 
 /** Payload bytes each message from the worker must carry (none unless listed). */
 const payloadBytes: { [K in FromWorkerOp]?: (m: z.output<(typeof fromWorker)[K]>) => number } = {
-  allreduce: (m) => m.count * 4,
+  allreduce: (m) => (m.shared ? 0 : m.count * 4),
   allgather: (m) => m.size,
   pipe_send: (m) => m.size,
   state: (m) => m.files.reduce((sum, f) => sum + f.size, 0),
@@ -250,7 +254,7 @@ const payloadBytes: { [K in FromWorkerOp]?: (m: z.output<(typeof fromWorker)[K]>
 function payloadProblem(m: FromWorker, bytes: number): string | null {
   const want = (payloadBytes[m.op] as ((m: FromWorker) => number) | undefined)?.(m) ?? 0;
   if (bytes === want) return null;
-  if (m.op === "allreduce") return `an allreduce of ${bytes} bytes for ${m.count} float32 elements`;
+  if (m.op === "allreduce") return m.shared ? `a shared-buffer allreduce with a ${bytes}-byte payload (it carries none)` : `an allreduce of ${bytes} bytes for ${m.count} float32 elements`;
   if (m.op === "allgather") return `an allgather of ${bytes} bytes announced as ${m.size}`;
   if (m.op === "state") return `state files totalling ${want} bytes in a ${bytes}-byte payload`;
   return `a ${m.op} message with a ${bytes}-byte payload (it carries none)`;

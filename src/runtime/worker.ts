@@ -8,6 +8,7 @@ import { makeWorkerCgroup, memoryFault, watchMemory, type WorkerCgroup, type Wor
 import { forEachLine } from "./lines.js";
 import { PACKAGE_ROOT, PYTHON_RUNTIME_DIR, packageReadOnly } from "./paths.js";
 import { bwrapArgs, type SandboxSupport } from "./sandbox.js";
+import { SharedBuffer, WORKER_SHARED_FD } from "./sharedBuffer.js";
 import { encodeWorkerFrame, WorkerFrameDecoder, type WorkerMessage } from "./workerLink.js";
 
 export interface WorkerStartOptions {
@@ -24,6 +25,11 @@ export interface WorkerStartOptions {
   /** The owner's limits; a cgroup named `cgroup` enforces them where one is writable. */
   limits?: WorkerLimits;
   cgroup?: string;
+  /**
+   * Share a buffer with the worker for its all-reduces (fd 4; src/runtime/sharedBuffer.ts),
+   * where the native addon is built (default true; false: everything over the socket).
+   */
+  sharedBuffer?: boolean;
 }
 
 /** What every worker gets, and nothing of the provider's environment (no token, no secrets). */
@@ -65,13 +71,15 @@ function workerCommand(opts: WorkerStartOptions, cgroup: WorkerCgroup | null): {
   return { file: command[0]!, args: command.slice(1), env: outerEnv };
 }
 
-function startWorkerProcess(opts: WorkerStartOptions, cgroup: WorkerCgroup | null) {
+function startWorkerProcess(opts: WorkerStartOptions, cgroup: WorkerCgroup | null, shared: SharedBuffer | null) {
   const { file, args, env } = workerCommand(opts, cgroup);
   return execa(file, args, {
     cwd: opts.cwd,
     env,
     extendEnv: false,
-    stdio: ["ignore", "pipe", "pipe", "pipe"],
+    // fd 3: the worker link; fd 4: the shared buffer (inherited through sh and bwrap as is).
+    // (execa's types leave out a descriptor number past fd 2; it passes it to spawn as is.)
+    stdio: (shared ? ["ignore", "pipe", "pipe", "pipe", shared.fd] : ["ignore", "pipe", "pipe", "pipe"]) as ["ignore", "pipe", "pipe", "pipe"],
     buffer: false,
     reject: false,
     detached: true,
@@ -112,6 +120,10 @@ export class WorkerProcess extends EventEmitter<{ message: [WorkerMessage]; star
   onLog: (line: string) => void;
   /** performance.now() when it said `started` (torch imported, waiting for `init`); null before. */
   startedAt: number | null = null;
+  /** The memory it shares for its all-reduces (its fd 4), or null: all over the socket. */
+  readonly shared: SharedBuffer | null;
+  /** The worker's descriptor of `shared` (the init order tells it), when there is one. */
+  readonly sharedFd: number | undefined;
 
   constructor(opts: WorkerStartOptions) {
     super();
@@ -119,7 +131,10 @@ export class WorkerProcess extends EventEmitter<{ message: [WorkerMessage]; star
     this.onLog = opts.onLog;
     const cgroup = opts.limits && opts.cgroup ? makeWorkerCgroup(opts.cgroup, opts.limits) : null;
     this.enforcedBy = cgroup ? cgroup.enforces.map((c) => `${c} cgroup`) : [];
-    this.child = startWorkerProcess(opts, cgroup);
+    // A new file for every worker process: nothing a dead worker's collectives still touch is shared with its successor.
+    this.shared = opts.sharedBuffer === false ? null : SharedBuffer.create(`nimble-${opts.label}`);
+    this.sharedFd = this.shared ? WORKER_SHARED_FD : undefined;
+    this.child = startWorkerProcess(opts, cgroup, this.shared);
     this.link = this.child.stdio[3] as Socket;
     const maxMemory = opts.limits?.maxMemoryBytes ?? null;
     const confined = Boolean(opts.sandbox);
@@ -153,6 +168,7 @@ export class WorkerProcess extends EventEmitter<{ message: [WorkerMessage]; star
     });
     void this.child.then(async (result) => {
       stopWatch();
+      this.shared?.close();
       // The kernel may have ended it first, at the cgroup's memory limit (under bwrap the
       // SIGKILL shows as exit code 137, not as a signal).
       if (!this.fault && maxMemory !== null && !this.stopping && (await cgroup?.oomKilled())) this.fault = memoryFault(maxMemory, null);

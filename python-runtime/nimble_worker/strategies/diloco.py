@@ -33,7 +33,7 @@ from typing import Iterator, Sequence
 import torch
 
 from ..comm import StepAborted
-from ..compress import local_nonfinite
+from ..compress import finite as is_finite, local_nonfinite
 from ..compress.fake import encode
 from ..link import LinkError
 from ..tensors import flat_cpu, params_hash, unflat
@@ -198,8 +198,7 @@ class DiLoCo(Strategy):
         if replica.loss_form == "mean":  # scaled by share / batch_size for a global sum
             for g in grads:
                 g.mul_(self.cfg.batch_size / share)
-        finite = math.isfinite(loss) and (not grads or bool(torch.stack(
-            [torch.isfinite(g).all() for g in grads]).all()))
+        finite = math.isfinite(loss) and all(is_finite(g) for g in grads)
         if not finite:
             replica.apply(t, None)
             return
@@ -226,7 +225,7 @@ class DiLoCo(Strategy):
                 hidden_s: float, hash_before: str | None) -> dict:
         """Pend the round (its commit applies it) and report it."""
         st, k = rnd.stats, rnd.fragment
-        finite = bool(torch.isfinite(summed).all()) if summed.numel() else True
+        finite = is_finite(summed)
         memory = None
         if finite and self.codec != "f32":  # what the wire dropped goes into the next round
             assert rnd.wire is not None

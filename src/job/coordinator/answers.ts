@@ -9,8 +9,45 @@ type StateReport = Omit<Reported<"state">, "files"> & { files: { name: string; d
 /** A worker's report as the coordinator takes it: its own fields, its rank, and the ring bytes its provider counted. */
 export type Report = { [K in Exclude<ReportOp, "state">]: Reported<K> }[Exclude<ReportOp, "state">] | StateReport;
 
-/** What a provider sends, with each worker report unpacked and validated. */
-export type Incoming = Exclude<ToCoordinator, { t: "report" }> | Report;
+/** What a provider sends, with each worker report unpacked and validated (its parts put together). */
+export type Incoming = Exclude<ToCoordinator, { t: "report" } | { t: "report_part" }> | Report;
+
+type ReportEnvelope = Extract<ToCoordinator, { t: "report" }>;
+
+/**
+ * Puts back together the reports whose payload a provider sent in pieces: a `report` with
+ * `payload_bytes`, then `report_part`s of that rank until they add up. The payload is
+ * copied once, into a buffer of the announced size. `take` gives each message once it is
+ * whole (a report with its payload), null while a report's parts are still coming.
+ */
+export class ReportParts {
+  #open = new Map<number, { m: ReportEnvelope; payload: Uint8Array; filled: number }>();
+
+  take(m: ToCoordinator, from: string): Exclude<ToCoordinator, { t: "report_part" }> | null {
+    if (m.t === "report" && m.payload_bytes !== undefined) {
+      if (m.payload !== undefined) throw new ProtocolError(`${from} sent a report of rank ${m.rank} with both a payload and payload_bytes`);
+      if (this.#open.has(m.rank)) throw new ProtocolError(`${from} sent a report of rank ${m.rank} before the parts of its last one`);
+      const { payload_bytes: size, ...rest } = m;
+      if (size === 0) return rest;
+      this.#open.set(m.rank, { m: rest, payload: new Uint8Array(size), filled: 0 });
+      return null;
+    }
+    if (m.t !== "report_part") {
+      if (m.t === "report" && this.#open.has(m.rank)) throw new ProtocolError(`${from} sent a report of rank ${m.rank} before the parts of its last one`);
+      return m;
+    }
+    const open = this.#open.get(m.rank);
+    if (!open) throw new ProtocolError(`${from} sent a report part of rank ${m.rank} with no report announcing it`);
+    if (open.filled + m.payload.byteLength > open.payload.byteLength) {
+      throw new ProtocolError(`${from} sent report parts of rank ${m.rank} beyond the ${open.payload.byteLength} bytes announced`);
+    }
+    open.payload.set(m.payload, open.filled);
+    open.filled += m.payload.byteLength;
+    if (open.filled < open.payload.byteLength) return null;
+    this.#open.delete(m.rank);
+    return { ...open.m, payload: open.payload };
+  }
+}
 
 /** What exchanges collect: per-rank provider messages and worker reports. */
 export type Answer = Extract<Incoming, { rank: number }>;
@@ -20,7 +57,7 @@ export type AnswerKind = Answer["t"];
  * Unpacks a provider's message: a `report` envelope is validated against the worker's own
  * schema (src/protocol/workerOps.ts) and becomes a typed report; the rest pass as they are.
  */
-export function unpack(m: ToCoordinator, from: string): Incoming {
+export function unpack(m: Exclude<ToCoordinator, { t: "report_part" }>, from: string): Incoming {
   if (m.t !== "report") return cleanProviderText(m);
   const payload = m.payload ?? new Uint8Array(0);
   const r = parseFromWorker({ header: m.report, payload }, `rank ${m.rank} (${from})`);
@@ -41,7 +78,7 @@ export function unpack(m: ToCoordinator, from: string): Incoming {
  * A provider's words are printed (status lines, errors, the workers table): at this one
  * intake they lose terminal control characters and are cut to a printable length.
  */
-function cleanProviderText(m: Exclude<ToCoordinator, { t: "report" }>): Exclude<ToCoordinator, { t: "report" }> {
+function cleanProviderText(m: Exclude<ToCoordinator, { t: "report" } | { t: "report_part" }>): Exclude<ToCoordinator, { t: "report" } | { t: "report_part" }> {
   const line = (s: string, max = 256) => cleanText(s, max);
   const block = (s: string) => cleanText(s, MAX_PEER_TEXT, { multiline: true });
   switch (m.t) {

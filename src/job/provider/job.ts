@@ -12,7 +12,7 @@ import { limitMessages, WarningLimiter } from "../../net/bounds.js";
 import { admitRingHello, type ArrivedHello, type FrameLink, type LinkOptions } from "../../net/link.js";
 import { MAX_FRAME_BYTES } from "../../protocol/frames.js";
 import { cleanText, MAX_PEER_TEXT } from "../../protocol/text.js";
-import type { LogLevel, ToCoordinator, ToProvider } from "../../protocol/messages.js";
+import { REPORT_PART_BYTES, type LogLevel, type ToCoordinator, type ToProvider } from "../../protocol/messages.js";
 import { parseFromWorker, type FromWorker } from "../../protocol/workerOps.js";
 import type { WorkerProcess, WorkerExit } from "../../runtime/worker.js";
 import { handOffLine, jobFolder, launchWorker, workerSetup, type Spares } from "./spares.js";
@@ -147,6 +147,7 @@ export class ProviderJob {
       pipeOf: (rank, peer) => (this.#ended ? null : this.groups.pipe(rank, peer)),
       abortAttempts: (step) => this.#abortAttempts(step),
       send: (m) => this.send(m),
+      sendInParts: (report, payload) => this.#sendInParts(report, payload),
       loaded: (local, m) => this.#loaded(local, m),
       workerError: (local, m) => this.#workerError(local, m),
       ringLost: (local, reason) => this.#ringLost(local.rank, this.mesh.epoch, reason),
@@ -307,6 +308,7 @@ export class ProviderJob {
       ...(this.#packageDir ? { package_dir: this.#packageDir } : {}),
       ...(this.prepared.requirementsDir ? { site_dirs: [this.prepared.requirementsDir] } : {}),
       ...(this.spec.pipeline ? { pipeline: { stage: this.spec.pipeline.stage_of[local.rank] ?? 0, stages: this.spec.pipeline.stages, bounds: this.spec.pipeline.bounds } } : {}),
+      ...(worker.sharedFd !== undefined ? { shared_fd: worker.sharedFd } : {}),
     });
   }
 
@@ -414,6 +416,16 @@ export class ProviderJob {
   }
 
   /** An abort decision: every local member's attempt ends, its collectives in flight and queued are dropped. */
+  async #sendInParts(report: Extract<ToCoordinator, { t: "report" }>, payload: Uint8Array) {
+    this.send({ ...report, payload_bytes: payload.byteLength });
+    for (let at = 0; at < payload.byteLength; at += REPORT_PART_BYTES) {
+      // The link takes a part before the next is encoded: the payload is never held twice.
+      while (this.control.readyState === this.control.OPEN && this.control.bufferedAmount > REPORT_PART_BYTES) await new Promise((r) => setTimeout(r, 5));
+      if (this.control.readyState !== this.control.OPEN || this.#ended) return;
+      this.send({ t: "report_part", rank: report.rank, payload: payload.subarray(at, at + REPORT_PART_BYTES) });
+    }
+  }
+
   #abortAttempts(step: number) {
     this.#stats.aborted(step);
     this.mesh.abortRounds(`step ${step} abandoned`);

@@ -3,7 +3,7 @@ import type { PipeChannel } from "../../collective/pipe.js";
 import type { RingAllReduce, WireCodec } from "../../collective/ring.js";
 import { wirePayloadBytes } from "../../protocol/frames.js";
 import { errorMessage } from "../../errors.js";
-import type { ToCoordinator, ToProvider } from "../../protocol/messages.js";
+import { REPORT_PART_BYTES, type ToCoordinator, type ToProvider } from "../../protocol/messages.js";
 import { isRoundOrder, parseOrder, type FromWorker, type ToWorker } from "../../protocol/workerOps.js";
 import type { LocalRank } from "./rank.js";
 
@@ -24,6 +24,8 @@ export interface RelayHost {
   /** Every local member's round attempt ends (an abort decision): collectives in flight are dropped. */
   abortAttempts(step: number): void;
   send(message: ToCoordinator): void;
+  /** A report whose payload goes in `report_part`s, each once the link took the one before (resolves when all are out). */
+  sendInParts(report: Extract<ToCoordinator, { t: "report" }>, payload: Uint8Array): Promise<void>;
   loaded(local: LocalRank, m: Extract<FromWorker, { op: "ready" }>): void;
   workerError(local: LocalRank, m: Extract<FromWorker, { op: "error" }>): void;
   /** The rank's ring broke during a collective. */
@@ -88,11 +90,23 @@ export class Relay {
         return this.host.loaded(local, m);
       case "error":
         return this.host.workerError(local, m);
-      case "allreduce":
+      case "allreduce": {
         // A request of an abandoned attempt is never served (its worker reads the abort next).
         if (!live(local, m.attempt)) return;
-        local.queue = local.queue.then(() => this.#allReduce(local, m.id, m.count, m.codec, payload, m.attempt, m.group));
+        // Its elements: the payload, or the first of the buffer the sending worker shares.
+        let data: Float32Array | Buffer = payload;
+        if (m.shared) {
+          const shared = local.worker?.shared;
+          if (!shared) return this.host.fail(`rank ${local.rank} asked for a shared-buffer all-reduce but shares no buffer`, "internal", local.rank);
+          try {
+            data = shared.floats(m.count);
+          } catch (err) {
+            return this.host.fail(`rank ${local.rank}: ${errorMessage(err)}`, "internal", local.rank);
+          }
+        }
+        local.queue = local.queue.then(() => this.#allReduce(local, m.id, m.count, m.codec, data, m.attempt, m.group));
         return;
+      }
       case "allgather":
         if (!live(local, m.attempt)) return;
         local.queue = local.queue.then(() => this.#allGather(local, m.id, payload, m.attempt, m.group));
@@ -108,12 +122,18 @@ export class Relay {
       default: {
         // A report: passed on once the collectives it queued have counted their bytes.
         const report = m as Record<string, unknown>;
-        void local.queue.then(() => {
+        const large = payload.byteLength > REPORT_PART_BYTES;
+        const pass = () => {
           this.host.observe(local.rank, report);
           const collectives = local.collectives.splice(0);
-          this.host.send({ t: "report", rank: local.rank, bytes_sent: local.bytesSinceReport, report, ...(payload.byteLength > 0 ? { payload } : {}), ...(collectives.length ? { collectives } : {}) });
+          const envelope = { t: "report", rank: local.rank, bytes_sent: local.bytesSinceReport, report, ...(collectives.length ? { collectives } : {}) } as const;
           local.bytesSinceReport = 0;
-        });
+          if (large) return this.host.sendInParts(envelope, payload);
+          this.host.send({ ...envelope, ...(payload.byteLength > 0 ? { payload } : {}) });
+        };
+        // A large one (a state) goes out in parts, which nothing of this rank overtakes.
+        if (large) local.queue = local.queue.then(pass).catch((err: unknown) => this.host.fail(`passing on rank ${local.rank}'s ${String(report.op)}: ${errorMessage(err)}`, "internal", local.rank));
+        else void local.queue.then(pass);
       }
     }
   }
@@ -176,15 +196,18 @@ export class Relay {
     return this.#ringFor(local, group);
   }
 
-  async #allReduce(local: LocalRank, id: number, count: number, codec: WireCodec, payload: Buffer, attempt: number, group?: "stage") {
+  async #allReduce(local: LocalRank, id: number, count: number, codec: WireCodec, input: Float32Array | Buffer, attempt: number, group?: "stage") {
     const ring = this.#reducerFor(local, group, count, codec, attempt);
     if (!ring || !local.worker || !live(local, attempt)) return;
-    if (ring === "lone") return local.worker.send({ op: "allreduce_result", id, dtype: "float32", count, codec }, payload);
+    const shared = input instanceof Float32Array;
+    const reply: ToWorker = shared ? { op: "allreduce_result", id, dtype: "float32", count, codec, shared: true } : { op: "allreduce_result", id, dtype: "float32", count, codec };
+    if (ring === "lone") return local.worker.send(reply, shared ? undefined : input);
     // Float32Array needs 4-byte alignment; the link decoder's slices need not have it.
-    const data =
-      payload.byteOffset % 4 === 0
-        ? new Float32Array(payload.buffer, payload.byteOffset, count)
-        : new Float32Array(payload.buffer.slice(payload.byteOffset, payload.byteOffset + count * 4));
+    const data = shared
+      ? input
+      : input.byteOffset % 4 === 0
+        ? new Float32Array(input.buffer, input.byteOffset, count)
+        : new Float32Array(input.buffer.slice(input.byteOffset, input.byteOffset + count * 4));
     try {
       const stats = await ring.allReduce(data, { codec });
       local.bytesSinceReport += stats.bytesSent;
@@ -195,6 +218,6 @@ export class Relay {
       return;
     }
     if (!live(local, attempt)) return;
-    local.worker.send({ op: "allreduce_result", id, dtype: "float32", count, codec }, new Uint8Array(data.buffer, data.byteOffset, data.byteLength));
+    local.worker.send(reply, shared ? undefined : new Uint8Array(data.buffer, data.byteOffset, data.byteLength));
   }
 }
