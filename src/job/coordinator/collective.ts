@@ -73,6 +73,9 @@ export function directLinksSpec(config: JobConfig): { direct_min_members: number
   return config.collective.algorithm === "auto" ? { direct_min_members: min, direct_max_members: AUTO_MAX_MEMBERS } : { direct_min_members: min };
 }
 
+/** Observations of each algorithm at one size before what was measured decides between them. */
+const MIN_SEEN = 3;
+
 /** Seconds of `algorithm` on `n` members, solving for the alpha that predicts `seconds` (bisection: predictions grow with alpha). */
 function alphaFor(algorithm: Algorithm, n: number, bytes: number, seconds: number, link: LinkCosts): number {
   const at = (alphaS: number) => predictAllReduceS(algorithm, n, bytes, { ...link, alphaS });
@@ -150,7 +153,24 @@ export class CollectivePlanner {
     const link = this.costs;
     const predictedS = { ring: predictAllReduceS("ring", members, bytes, link), direct: predictAllReduceS("direct", members, bytes, link) };
     const { algorithm } = chooseAllReduce(members, bytes, link, this.#available(members));
-    return { algorithm: algorithm as Algorithm, predictedS };
+    const faster = this.#available(members).length > 1 ? this.#observedFaster(members, bytes) : null;
+    return { algorithm: faster ?? (algorithm as Algorithm), predictedS };
+  }
+
+  /**
+   * Which of ring and direct ran all-reduces of `bytes` among `members` faster, once each was
+   * seen MIN_SEEN times (null: not known). What was measured overrules the model, whose rate
+   * comes from a short probe that can underrate a link.
+   */
+  #observedFaster(members: number, bytes: number): Algorithm | null {
+    const seen = (a: Algorithm) => {
+      const xs = this.#observations.filter((o) => o.algorithm === a && o.members === members && o.bytes === bytes).map((o) => o.seconds);
+      return xs.length >= MIN_SEEN ? median(xs) : null;
+    };
+    const ring = seen("ring");
+    const direct = seen("direct");
+    if (ring === null || direct === null) return null;
+    return direct < ring ? "direct" : "ring";
   }
 
   /**
@@ -159,6 +179,17 @@ export class CollectivePlanner {
    * and the first size where the ring is no slower is narrowed down by bisection.
    */
   directMaxBytes(members: number): number | null {
+    const max = this.#modelDirectMaxBytes(members);
+    const g = this.gradientBytes;
+    if (this.#available(members).length < 2 || g <= 0) return max;
+    // The gradient all-reduce goes the way that was measured faster, whatever the model says.
+    const faster = this.#observedFaster(members, g);
+    if (faster === "direct" && max !== null && max < g) return g;
+    if (faster === "ring" && (max === null || max >= g)) return g - 1;
+    return max;
+  }
+
+  #modelDirectMaxBytes(members: number): number | null {
     const available = this.#available(members);
     if (!available.includes("direct")) return 0;
     if (available.length === 1) return null;

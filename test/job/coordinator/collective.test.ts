@@ -85,6 +85,25 @@ describe("the coordinator's choice of ring or direct", () => {
     expect(s.predicted_s.direct).toBeGreaterThan(0);
   });
 
+  it("once both were seen at the gradient's size, the one measured faster carries it, whatever the model predicts", () => {
+    // As in bench:wan's char-LM rows: the probe underrated the link, the refined latency fell to
+    // 0, the model tied the two, and the tie went to the ring, measured 50% slower.
+    const p = new CollectivePlanner(config());
+    p.setLinks(WAN);
+    const bytes = 3_757_440;
+    const seen = (algorithm: "ring" | "direct", seconds: number) =>
+      p.observe([0, 1, 2, 3].map(() => ({ collectives: [{ algorithm, bytes, seconds }] })), 4);
+    for (let i = 0; i < 3; i++) seen("ring", 0.31);
+    for (let i = 0; i < 2; i++) seen("direct", 0.2);
+    seen("direct", 0.2);
+    expect(p.choose(4, bytes).algorithm).toBe("direct");
+    const max = p.directMaxBytes(4);
+    expect(max === null || max >= bytes).toBe(true);
+    for (let i = 0; i < 6; i++) seen("ring", 0.1); // the ring got faster: the median moves
+    expect(p.choose(4, bytes).algorithm).toBe("ring");
+    expect(p.directMaxBytes(4)).toBeLessThan(bytes);
+  });
+
   it("refines to the latency that explains the observations exactly", () => {
     const p = new CollectivePlanner(config());
     p.setLinks(WAN);
