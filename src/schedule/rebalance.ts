@@ -49,10 +49,12 @@ const CONFIRM = 3;
  * a row off in the same direction are a level shift (throttling, a co-tenant), and the rate
  * starts afresh from them. A smaller change shows as the median of the latest RECENT
  * measurements drifting from the older ones' (by DRIFT, or DRIFT_Z standard errors, whichever
- * is more): the rate starts afresh from the latest. The spread is that of the step-to-step
- * changes of the logarithm (a rate that halves and one that doubles are as far off), over
- * restarts too: a busy host stays as noisy. Until the first measurement the rate is the prior
- * (a profile, in whatever unit).
+ * is more): the rate starts afresh from the latest. A measurement under a share more than
+ * SHARE_CHANGE off the one the rate was measured under starts it afresh too, as news of a
+ * change only if the next one agrees and both are a level shift off the rate before. The
+ * spread is that of the step-to-step changes of the logarithm (a rate that halves and one
+ * that doubles are as far off), over restarts too: a busy host stays as noisy. Until the
+ * first measurement the rate is the prior (a profile, in whatever unit).
  */
 export class RateEstimate {
   readonly #window: number;
@@ -171,12 +173,13 @@ export class RateEstimate {
  * Keeps batch shares proportional to each worker's measured throughput as it drifts (thermal
  * throttling, a neighbour on the same GPU), without letting measurement noise move shares.
  *
- * Each observation is of a step's reports: the samples a worker computed (the shares that
- * step ran with, whatever was decided since) and its seconds. Rates are per-sample, so they
- * do not depend on which shares were in effect, and the rebalancer holds no state about past
- * decisions but the shares last decided: when orders go out ahead of reports (shares decided
- * after step t first run at step t + 2), the step between reports the old shares and tells
- * the same rates, and shares do not move twice for one change.
+ * Each observation is of a step's reports: the samples each worker computed (the shares that
+ * step ran with, whatever was decided since) and its seconds. Rates are per sample of what a
+ * worker ran (a share moved by more than SHARE_CHANGE restarts its rate), and the rebalancer
+ * keeps no state of past decisions but the shares last decided, which a move is weighed
+ * against: when orders go out ahead of reports (shares decided after step t first run at
+ * step t + 2), the step between reports the old shares, tells the same rates, and does not
+ * move shares twice for one change.
  */
 export class Rebalancer {
   readonly #batchSize: number;
@@ -186,6 +189,8 @@ export class Rebalancer {
   #shares: number[];
   /** Consecutive observations so far in which a new split would have paid off. */
   #pending = 0;
+  /** The latest observations' common levels (see observe). */
+  #levels: number[] = [];
 
   constructor(batchSize: number, initialRates: number[], opts: RebalancerOptions = {}) {
     const window = opts.window ?? 30;
@@ -209,14 +214,13 @@ export class Rebalancer {
   }
 
   /**
-   * Estimated samples/s per worker. A worker not measured yet keeps its initial rate, scaled
-   * by how the measured workers' rates compare with theirs (a profile's unit is not samples/s).
+   * Estimated samples/s per worker: its rate against the others' (what the split follows),
+   * at the host's recent common level. A worker not measured yet keeps its initial rate
+   * against the others' (a profile's unit is not samples/s).
    */
   get rates(): number[] {
-    const measured = this.#estimates.filter((e) => e.count > 0);
-    if (measured.length === 0 || measured.length === this.#estimates.length) return this.#estimates.map((e) => e.value);
-    const scale = Math.exp(measured.reduce((a, e) => a + Math.log(e.value / e.prior), 0) / measured.length);
-    return this.#estimates.map((e) => (e.count > 0 ? e.value : e.prior * scale));
+    const level = this.#levels.length > 0 ? median(this.#levels) : 1;
+    return this.#estimates.map((e) => e.value * level);
   }
 
   /**
@@ -229,13 +233,22 @@ export class Rebalancer {
   observe(samples: number[], computeS: number[]): number[] {
     const n = this.#estimates.length;
     if (samples.length !== n || computeS.length !== n) throw new Error(`expected ${n} measurements, got ${samples.length} samples and ${computeS.length} times`);
+    // A worker that computed nothing (or reported no time) tells us nothing about its speed.
+    const measured = samples.map((x, i) => x > 0 && computeS[i] > 0 && Number.isFinite(x / computeS[i]));
+    const offs = this.#estimates.flatMap((e, i) => (measured[i] ? [Math.log(samples[i] / computeS[i] / e.value)] : []));
+    if (offs.length === 0) return this.shares;
+    // Rates are kept against each other: each measurement is divided by the step's common
+    // level, the median of how far each worker's measurement is off its rate. A load that
+    // slows every worker alike (a busy host) then moves no rate and adds nothing to their
+    // spread, and one worker's change (n >= 3) does not move the others'.
+    const level = Math.exp(median(offs));
+    this.#levels.push(level);
+    if (this.#levels.length > RECENT) this.#levels.shift();
     let started = false;
     let changed = false;
     this.#estimates.forEach((e, i) => {
-      // A worker that computed nothing (or reported no time) tells us nothing about its speed.
-      const m = samples[i] / computeS[i];
-      if (!(samples[i] > 0 && computeS[i] > 0) || !Number.isFinite(m)) return;
-      const news = e.add(samples[i], computeS[i]);
+      if (!measured[i]) return;
+      const news = e.add(samples[i], computeS[i] * level);
       if (news === "started") started = true;
       if (news === "changed") changed = true;
     });

@@ -262,7 +262,7 @@ describe("Rebalancer", () => {
     }
   });
 
-  it("on ±20% noise (a shared host) shares settle near the best split and rarely move, with or without lag", () => {
+  it("on ±20% noise of each worker's own, shares settle near the best split and rarely move, with or without lag", () => {
     for (const lag of [0, 1] as const) {
       for (const seed of [1, 2, 3]) {
         const rand = seededRandom(seed);
@@ -271,8 +271,28 @@ describe("Rebalancer", () => {
         expect(changes(ran, 20)).toBeLessThanOrEqual(20); // about one move per 100 steps at most
         // Noise-free step time of the shares each step ran with, against the best.
         const off = ran.slice(20).map((s) => stepS(s.shares, truth.rates) / bestS(1024, truth));
-        expect(Math.max(...off)).toBeLessThan(1.15);
-        expect(off.reduce((a, b) => a + b, 0) / off.length).toBeLessThan(1.04);
+        expect(Math.max(...off)).toBeLessThan(1.3);
+        expect(off.reduce((a, b) => a + b, 0) / off.length).toBeLessThan(1.05);
+      }
+    }
+  });
+
+  it("a load that slows every worker alike (a busy host) moves no share, however much it swings", () => {
+    for (const lag of [0, 1] as const) {
+      for (const seed of [1, 2, 3]) {
+        const rand = seededRandom(seed);
+        const truth = { rates: [1000, 2000, 1000] };
+        // ±50% common to all workers from step to step, ±5% each worker's own.
+        let common = 1;
+        const ran = simulate({
+          batch: 1024, initial: [1, 1, 1], steps: 1000, lag, truthAt: () => truth,
+          noise: (i) => {
+            if (i === 0) common = 0.5 + rand();
+            return common * (0.95 + 0.1 * rand());
+          },
+        });
+        expect(changes(ran, 5)).toBe(0);
+        expect(stepS(ran[999].shares, truth.rates) / bestS(1024, truth)).toBeLessThan(1.06); // within the hysteresis
       }
     }
   });
