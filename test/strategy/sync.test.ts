@@ -96,6 +96,25 @@ describe("sync strategy: folding", () => {
     expect(moved!.shares[1]).toBeGreaterThan(moved!.shares[0]);
     expect(s.shares).toEqual(moved!.shares);
   });
+
+  it("with orders a step ahead of reports, a slowdown moves shares once, from the reports' own samples", () => {
+    const s = new SyncStrategy([0, 1, 2], opts({ batchSize: 1024, initialRates: [0, 0, 0] }));
+    const speed = (step: number) => (step < 20 ? [4000, 2000, 1000] : [1000, 2000, 1000]);
+    const plans = [s.plan(0, [0, 1, 2], 3, { wantHash: false })];
+    const moves: number[] = [];
+    for (let step = 0; step < 40; step++) {
+      // Step step+1 is ordered before step's reports are in: it runs the shares decided after step-1.
+      plans.push(s.plan(step + 1, [0, 1, 2], 3, { wantHash: false }));
+      const plan = plans[step];
+      const reps = new Map([0, 1, 2].map((rank) => [rank, report(rank, step, plan.shares[rank], { forward_backward_s: plan.shares[rank] / speed(step)[rank] })]));
+      if (s.fold(plan, reps).sharesChanged) moves.push(step);
+    }
+    // Measured after step 1, first run at step 3; the slowdown seen at steps 20 and 21, its shares run from step 23.
+    expect(moves).toEqual([1, 21]);
+    expect(plans[22].shares).toEqual(plans[19].shares);
+    expect(plans[23].shares).toEqual([256, 512, 256]);
+    expect(plans[40].shares).toEqual([256, 512, 256]);
+  });
 });
 
 describe("sync strategy: members changing", () => {
