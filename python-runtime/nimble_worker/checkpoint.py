@@ -44,13 +44,7 @@ def final_weights(replica: Replica) -> bytes:
     `format: pt` metadata, and tied weights (tensors sharing storage) stored once, the
     others named in `tied` metadata. Tensors of dtypes safetensors lacks are named in
     `dropped` and in the worker's log, not left out silently."""
-    parts = final_weight_parts(replica)
-    out = bytearray(sum(len(p) for p in parts))
-    view, at = memoryview(out), 0
-    for p in parts:
-        view[at:at + len(p)] = p
-        at += len(p)
-    return out
+    return safetensors.joined(final_weight_parts(replica))
 
 
 def final_weight_parts(replica: Replica) -> list:

@@ -52,7 +52,11 @@ def dumps(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | Non
     """The file's bytes, written into one buffer: the tensors' bytes are copied once (not
     per tensor, then joined, then prefixed: three copies of a stage's weights at the end
     of a run, past a --max-memory the stage was planned within)."""
-    parts = dump_parts(tensors, metadata)
+    return joined(dump_parts(tensors, metadata))
+
+
+def joined(parts) -> bytearray:
+    """Byte strings joined into one buffer, each copied once."""
     out = bytearray(sum(len(p) for p in parts))
     view, at = memoryview(out), 0
     for p in parts:

@@ -3,7 +3,7 @@ import path from "node:path";
 import { describe, expect, it } from "vitest";
 import { nimble, REPO_ROOT, type TempDir, useE2E } from "../helpers/processes.js";
 import { maxWeightDifference } from "../helpers/safetensors.js";
-import { tinyTask } from "../helpers/tasks.js";
+import { mlpTask } from "../helpers/tasks.js";
 
 const MNIST_TASK = path.join(REPO_ROOT, "examples", "mnist", "task.py");
 
@@ -73,12 +73,7 @@ describe("the direct all-reduce in a job", () => {
   }, 600_000);
 
   it("collective direct survives a worker killed mid-step: the step is redone on re-formed pair links, the worker rejoins, replicas agree", async () => {
-    const task = tinyTask({
-      features: 8,
-      model: "torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2))",
-      train: 512,
-      val: 128,
-      extra: `
+    const task = mlpTask(`
 import signal
 _calls = 0
 def compute_loss(model, batch):
@@ -91,8 +86,7 @@ def compute_loss(model, batch):
         os.kill(os.getpid(), signal.SIGKILL)
     x, y = batch
     return torch.nn.functional.cross_entropy(model(x), y)
-`,
-    });
+`);
     const file = path.join(tmp.dir, "direct-kill.py");
     await writeFile(file, task);
     const run = await train("direct-kill", [

@@ -5,7 +5,7 @@ import { describe, expect, it } from "vitest";
 import { forEachLine } from "../../src/runtime/lines.js";
 import { nimble, startProvider, type TempDir, useE2E } from "../helpers/processes.js";
 import { maxWeightDifference } from "../helpers/safetensors.js";
-import { tinyTask } from "../helpers/tasks.js";
+import { mlpTask } from "../helpers/tasks.js";
 
 // Chaos tests: real providers, workers and sockets; faults injected by killing, stopping and
 // resuming processes. Each job must finish with replicas identical (the coordinator compares
@@ -17,12 +17,7 @@ let tmp: TempDir;
 useE2E((env) => ({ python, tmp } = env));
 
 const STEPS = 30;
-const TASK = tinyTask({
-  features: 8,
-  model: "torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2))",
-  train: 512,
-  val: 128,
-  extra: `
+const TASK = mlpTask(`
 import signal
 _calls = 0
 # task_args.chaos (workers see only their own environment): slow_s, kill_rank, kill_at, once.
@@ -45,8 +40,7 @@ def compute_loss(model, batch):
             os.kill(os.getpid(), signal.SIGKILL)
     x, y = batch
     return torch.nn.functional.cross_entropy(model(x), y)
-`,
-});
+`);
 
 async function writeConfig(name: string, lines: string[], faults = "faults: {heartbeat_s: 2}", strategy: string | null = null): Promise<string> {
   const dir = path.join(tmp.dir, name);

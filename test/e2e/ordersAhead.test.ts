@@ -3,7 +3,7 @@ import path from "node:path";
 import { describe, expect, it } from "vitest";
 import { nimble, type TempDir, useE2E } from "../helpers/processes.js";
 import { maxWeightDifference } from "../helpers/safetensors.js";
-import { tinyTask } from "../helpers/tasks.js";
+import { mlpTask } from "../helpers/tasks.js";
 
 // Orders ahead (README, "Orders ahead"): real local providers, workers and sockets. With
 // step t+1 ordered before t's reports are in, a worker applies t before its decision; a
@@ -16,12 +16,7 @@ useE2E((env) => ({ python, tmp } = env));
 
 const STEPS = 24;
 const KILL_AT = 14; // rank 2 dies in its 14th forward pass: always in step 13
-const TASK = tinyTask({
-  features: 8,
-  model: "torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2))",
-  train: 512,
-  val: 128,
-  extra: `
+const TASK = mlpTask(`
 import signal
 _calls = 0
 def compute_loss(model, batch):
@@ -31,8 +26,7 @@ def compute_loss(model, batch):
         os.kill(os.getpid(), signal.SIGKILL)
     x, y = batch
     return torch.nn.functional.cross_entropy(model(x), y)
-`,
-});
+`);
 
 async function run(name: string, ahead: "on" | "off") {
   const dir = path.join(tmp.dir, name);

@@ -25,3 +25,13 @@ def build_dataset(split, args):
     return Items(${opts.train ?? 256} if split == "train" else ${opts.val ?? 64})
 ${opts.extra ?? ""}`;
 }
+
+/** The chaos tests' task: 8 features, a small MLP, 512 training and 128 validation items (`extra` overrides compute_loss). */
+export const mlpTask = (extra: string): string =>
+  tinyTask({
+    features: 8,
+    model: "torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2))",
+    train: 512,
+    val: 128,
+    extra,
+  });
